@@ -1,0 +1,35 @@
+# The two commands that matter: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m orchestrator demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check orchestrator tests bench
+	$(VENV)/bin/mypy orchestrator
+
+# Regenerates orchestrator/_proto/ from protos/ (a test fails if it is stale).
+proto: $(STAMP)
+	$(PY) -m orchestrator._proto.generate
+
+bench: $(STAMP)
+	$(PY) bench/encrypt_throughput.py --size 256M
+	$(PY) bench/replace_mek.py
+	$(PY) bench/decrypt_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

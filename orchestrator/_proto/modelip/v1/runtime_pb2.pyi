@@ -1,0 +1,177 @@
+from orchestrator._proto.modelip.v1 import evidence_pb2 as _evidence_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEVICE_STATE_UNSPECIFIED: _ClassVar[DeviceState]
+    DEVICE_STATE_ONLINE: _ClassVar[DeviceState]
+    DEVICE_STATE_OFFLINE: _ClassVar[DeviceState]
+    DEVICE_STATE_LOADED: _ClassVar[DeviceState]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_ONLINE: _ClassVar[EventKind]
+    EVENT_KIND_OFFLINE: _ClassVar[EventKind]
+    EVENT_KIND_RESET: _ClassVar[EventKind]
+    EVENT_KIND_LOADED: _ClassVar[EventKind]
+    EVENT_KIND_UNLOADED: _ClassVar[EventKind]
+DEVICE_STATE_UNSPECIFIED: DeviceState
+DEVICE_STATE_ONLINE: DeviceState
+DEVICE_STATE_OFFLINE: DeviceState
+DEVICE_STATE_LOADED: DeviceState
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_ONLINE: EventKind
+EVENT_KIND_OFFLINE: EventKind
+EVENT_KIND_RESET: EventKind
+EVENT_KIND_LOADED: EventKind
+EVENT_KIND_UNLOADED: EventKind
+
+class AttestationRequest(_message.Message):
+    __slots__ = ("device", "request")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    request: bytes
+    def __init__(self, device: _Optional[int] = ..., request: _Optional[bytes] = ...) -> None: ...
+
+class DeviceRef(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    def __init__(self, device: _Optional[int] = ...) -> None: ...
+
+class ListDevicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CARD_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    card_id: str
+    state: DeviceState
+    boot_counter: int
+    session_fingerprint: bytes
+    program_id: str
+    partition: int
+    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ...) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceEvent(_message.Message):
+    __slots__ = ("device", "kind", "boot_counter", "time_ns")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BOOT_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    kind: EventKind
+    boot_counter: int
+    time_ns: int
+    def __init__(self, device: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., boot_counter: _Optional[int] = ..., time_ns: _Optional[int] = ...) -> None: ...
+
+class ResetDeviceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageChunk(_message.Message):
+    __slots__ = ("program_id", "total_size", "data")
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    program_id: str
+    total_size: int
+    data: bytes
+    def __init__(self, program_id: _Optional[str] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StageProgramResponse(_message.Message):
+    __slots__ = ("program_id", "already_staged")
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_STAGED_FIELD_NUMBER: _ClassVar[int]
+    program_id: str
+    already_staged: bool
+    def __init__(self, program_id: _Optional[str] = ..., already_staged: _Optional[bool] = ...) -> None: ...
+
+class LoadProgramRequest(_message.Message):
+    __slots__ = ("device", "program_id", "partition", "key_slots")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    KEY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    program_id: str
+    partition: int
+    key_slots: _evidence_pb2.KeySlotTable
+    def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ...) -> None: ...
+
+class LoadProgramResponse(_message.Message):
+    __slots__ = ("segments",)
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, segments: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("devices", "inputs")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedScalarFieldContainer[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, devices: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class ExecuteResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class UnloadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HostStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HostStatsResponse(_message.Message):
+    __slots__ = ("stage_count", "load_count", "staged_programs")
+    STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STAGED_PROGRAMS_FIELD_NUMBER: _ClassVar[int]
+    stage_count: int
+    load_count: int
+    staged_programs: int
+    def __init__(self, stage_count: _Optional[int] = ..., load_count: _Optional[int] = ..., staged_programs: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,364 @@
+"""Encrypted containers: sealing a plaintext container, opening a sealed one.
+
+Layout (docs/formats.md, "Encrypted container"): the same container format;
+first the ``modelip_encinfo`` segment (EncryptionInfo bytes + a 16-byte tag that
+authenticates them under the MEK), then the original segments in order
+(model-bearing ones as streamed-AEAD ciphertext, allow-listed descriptors in
+plaintext with their digests in the info, MDP partitions as nested encrypted
+containers), then ``modelip_keyslots`` LAST, outside every chunk's associated
+data, so replacing key slots never touches the model body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from orchestrator._proto.modelip.v1 import evidence_pb2
+from orchestrator.crypto import stream
+from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.wrap import Kem, KeySlot
+from orchestrator.errors import FormatError, IntegrityError, WrongMEKError
+from orchestrator.qpc.container import (
+    Container,
+    MemorySource,
+    SegmentSpec,
+    SliceSource,
+    bytes_segment,
+    container_pieces,
+    container_size,
+)
+from orchestrator.qpc.mdp import MDP_META, read_mdp_meta
+
+FORMAT_VERSION = 1
+ENCINFO = "modelip_encinfo"
+KEYSLOTS = "modelip_keyslots"
+RESERVED = frozenset({ENCINFO, KEYSLOTS})
+# Segments that stay readable by the host: descriptors it needs to set up
+# buffers, and our own plaintext metadata. Everything else is encrypted.
+PLAINTEXT_ALLOWLIST = frozenset({"networkdesc.bin", "constantsdesc.bin", MDP_META, "io_desc.json"})
+MAX_INFO_BYTES = 1 << 20
+MAX_SLOTS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPolicy:
+    """Policy the card enforces before decrypting (bound into the encryption info)."""
+
+    not_after: int = 0
+    min_firmware: str = ""
+    rollback_floor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SealSettings:
+    model_id: str
+    model_version: int = 1
+    policy: ContentPolicy = field(default_factory=ContentPolicy)
+    chunk_size: int = stream.DEFAULT_CHUNK
+
+    def __post_init__(self) -> None:
+        if not stream.MIN_CHUNK <= self.chunk_size <= stream.MAX_CHUNK:
+            raise FormatError("chunk size", f"must be between {stream.MIN_CHUNK} and "
+                              f"{stream.MAX_CHUNK} bytes")
+        if not self.model_id or len(self.model_id) > 256:
+            raise FormatError("model id", "must be 1-256 characters")
+
+
+# --- key slots ------------------------------------------------------------------
+
+
+def encode_key_slots(slots: Sequence[KeySlot]) -> bytes:
+    table = evidence_pb2.KeySlotTable(format_version=FORMAT_VERSION)
+    for slot in slots:
+        table.slots.add(slot=slot.slot, card_id=slot.card_id, session_id=slot.session_id,
+                        kem=slot.kem.value, enc=slot.enc, wrapped_mek=slot.wrapped_mek)
+    return table.SerializeToString(deterministic=True)
+
+
+def key_slots_from_proto(table: evidence_pb2.KeySlotTable, *, source: str) -> list[KeySlot]:
+    if table.format_version != FORMAT_VERSION:
+        raise FormatError(source, f"unsupported key-slot table version {table.format_version}")
+    if len(table.slots) > MAX_SLOTS:
+        raise FormatError(source, "too many key slots")
+    return [
+        KeySlot(s.slot, s.card_id, s.session_id, Kem.parse(s.kem), s.enc, s.wrapped_mek)
+        for s in table.slots
+    ]
+
+
+def decode_key_slots(raw: bytes, *, source: str) -> list[KeySlot]:
+    try:
+        table = evidence_pb2.KeySlotTable.FromString(raw)
+    except DecodeError:
+        raise FormatError(source, "key-slot segment is malformed") from None
+    return key_slots_from_proto(table, source=source)
+
+
+# --- sealing ----------------------------------------------------------------------
+
+
+def seal_specs(
+    source: Container,
+    mek: MEK,
+    settings: SealSettings,
+    *,
+    key_slots: Sequence[KeySlot] | None,
+    partition: int = 0,
+    partition_count: int = 0,
+    parent_salt: bytes = b"",
+) -> list[SegmentSpec]:
+    """The segments of the encrypted form of ``source`` (streamed producers).
+
+    ``key_slots`` None makes a nested container (no key-slot segment); a list
+    (possibly empty) makes a top-level one. Raises FormatError for containers
+    that cannot be sealed (reserved names, nothing to encrypt).
+    """
+    for name in source.names():
+        if name in RESERVED:
+            raise FormatError(source.label, f"is already encrypted (has {name!r})")
+    meta = read_mdp_meta(source)
+    nested_names = {p.segment: p.index for p in meta.partitions} if meta else {}
+    salt = secrets.token_bytes(stream.SALT_BYTES)
+    info = evidence_pb2.EncryptionInfo(
+        format_version=FORMAT_VERSION,
+        aead="AES-128-GCM",
+        kdf="HKDF-SHA256",
+        salt=salt,
+        chunk_size=settings.chunk_size,
+        model_id=settings.model_id,
+        model_version=settings.model_version,
+        mek_check=stream.derive_mek_check(mek, salt),
+        policy=evidence_pb2.Policy(
+            not_after=settings.policy.not_after,
+            min_firmware=settings.policy.min_firmware,
+            rollback_floor=settings.policy.rollback_floor,
+        ),
+        partition=partition,
+        partition_count=partition_count,
+        parent_salt=parent_salt,
+    )
+    body: list[tuple[SegmentSpec, evidence_pb2.SegmentInfo]] = []
+    stream_index = 0
+    for segment in source.segments:
+        entry = evidence_pb2.SegmentInfo(name=segment.name, plaintext_size=segment.size)
+        if segment.name in nested_names:
+            inner = Container(
+                SliceSource(source.source, segment.file_offset, segment.size),
+                label=f"{source.label}:{segment.name}",
+            )
+            inner_specs = seal_specs(
+                inner, mek, settings, key_slots=None, partition=nested_names[segment.name],
+                partition_count=len(nested_names), parent_salt=salt,
+            )
+            entry.nested = True
+            body.append((SegmentSpec(segment.name, container_size(inner_specs),
+                                     lambda specs=inner_specs: container_pieces(specs),
+                                     segment.offset), entry))
+        elif segment.name in PLAINTEXT_ALLOWLIST:
+            data = source.read(segment.name)
+            entry.plaintext_sha256 = hashlib.sha256(data).digest()
+            body.append((bytes_segment(segment.name, data, offset=segment.offset), entry))
+        else:
+            entry.encrypted = True
+            entry.stream_index = stream_index
+            stream_index += 1
+            body.append((SegmentSpec(segment.name, 0, lambda: (), segment.offset), entry))
+        info.segments.append(entry)
+    if stream_index == 0 and not nested_names:
+        raise FormatError(source.label, "has no model-bearing segment to encrypt")
+    info_bytes = info.SerializeToString(deterministic=True)
+    aead = stream.derive_content_key(mek, salt, settings.model_id)
+    digest = stream.info_digest(info_bytes)
+    specs = [bytes_segment(ENCINFO, info_bytes + stream.seal_info(aead, info_bytes))]
+    for (spec, entry), segment in zip(body, source.segments, strict=True):
+        if entry.encrypted:
+            spec = SegmentSpec(
+                segment.name,
+                stream.ciphertext_size(segment.size, settings.chunk_size),
+                _encrypting_producer(source, segment.index, entry.stream_index,
+                                     stream.chunk_aad(digest, segment.name), aead,
+                                     settings.chunk_size),
+                segment.offset,
+            )
+        specs.append(spec)
+    if key_slots is not None:
+        specs.append(bytes_segment(KEYSLOTS, encode_key_slots(key_slots)))
+    return specs
+
+
+def _encrypting_producer(source: Container, index: int, stream_index: int, aad: bytes,
+                         aead: stream.AESGCM, chunk_size: int):  # type: ignore[no-untyped-def]
+    segment = source.segments[index]
+
+    def produce() -> Iterator[bytes]:
+        return stream.encrypt_stream(
+            aead, stream_index, aad, source.iter_chunks(segment, chunk_size), segment.size,
+            chunk_size,
+        )
+
+    return produce
+
+
+# --- opening ------------------------------------------------------------------------
+
+
+class SealedContainer:
+    """An encrypted container, parsed and checked for shape (no key needed).
+
+    ``open(mek)`` authenticates the encryption info; ``decrypt_*`` then verify
+    every chunk. Nothing here trusts the file: sizes come from the info, which
+    is authenticated before any of them is used for decryption.
+    """
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.label = container.label
+        if not container.has(ENCINFO):
+            raise FormatError(self.label, "is not an encrypted container (no encryption info)")
+        raw = container.read(ENCINFO)
+        if len(raw) > MAX_INFO_BYTES or len(raw) <= stream.TAG_BYTES:
+            raise FormatError(self.label, "encryption info has an impossible size")
+        self.info_bytes, self.info_tag = raw[: -stream.TAG_BYTES], raw[-stream.TAG_BYTES :]
+        try:
+            self.info = evidence_pb2.EncryptionInfo.FromString(self.info_bytes)
+        except DecodeError:
+            raise FormatError(self.label, "encryption info is malformed") from None
+        if self.info.format_version != FORMAT_VERSION:
+            raise FormatError(self.label,
+                              f"unsupported encryption format {self.info.format_version}")
+        if not stream.MIN_CHUNK <= self.info.chunk_size <= stream.MAX_CHUNK:
+            raise FormatError(self.label, "encryption info has an impossible chunk size")
+        if len(self.info.salt) != stream.SALT_BYTES:
+            raise FormatError(self.label, "encryption info has a bad salt")
+        self.key_slots: list[KeySlot] = (
+            decode_key_slots(container.read(KEYSLOTS), source=self.label)
+            if container.has(KEYSLOTS) else []
+        )
+        self.has_key_slot_segment = container.has(KEYSLOTS)
+        if self.has_key_slot_segment and container.segments[-1].name != KEYSLOTS:
+            raise FormatError(self.label, "key-slot segment is not the last segment")
+        self._aead: stream.AESGCM | None = None
+
+    @property
+    def segment_infos(self) -> list[evidence_pb2.SegmentInfo]:
+        return list(self.info.segments)
+
+    def check_mek(self, mek: MEK) -> None:
+        """WrongMEKError if ``mek`` is not this container's key."""
+        expected = stream.derive_mek_check(mek, self.info.salt)
+        if not secrets.compare_digest(expected, self.info.mek_check):
+            raise WrongMEKError(f"{self.label}: the MEK given is not the one this model was "
+                                "encrypted with")
+
+    def open(self, mek: MEK) -> SealedContainer:
+        """Authenticate the encryption info with ``mek``; returns self.
+
+        Raises WrongMEKError or IntegrityError.
+        """
+        self.check_mek(mek)
+        aead = stream.derive_content_key(mek, self.info.salt, self.info.model_id)
+        stream.open_info(aead, self.info_bytes, self.info_tag)
+        self._check_table()
+        self._aead = aead
+        return self
+
+    def _check_table(self) -> None:
+        names = [s.name for s in self.container.segments]
+        expected = [ENCINFO, *[entry.name for entry in self.info.segments]]
+        if self.has_key_slot_segment:
+            expected.append(KEYSLOTS)
+        if names != expected:
+            raise IntegrityError(f"{self.label}: segment table does not match the encryption "
+                                 "info (segments added, removed, renamed or reordered)")
+        for entry in self.info.segments:
+            segment = self.container.segment(entry.name)
+            if entry.encrypted:
+                want = stream.ciphertext_size(entry.plaintext_size, self.info.chunk_size)
+                if segment.size != want:
+                    raise IntegrityError(f"{self.label}: segment {entry.name!r} has "
+                                         f"{segment.size} bytes, expected {want} (truncated?)")
+            elif not entry.nested and segment.size != entry.plaintext_size:
+                raise IntegrityError(f"{self.label}: segment {entry.name!r} changed size")
+
+    def _require_open(self) -> stream.AESGCM:
+        if self._aead is None:
+            raise RuntimeError("SealedContainer.open(mek) must be called first")
+        return self._aead
+
+    def nested(self, name: str, mek: MEK) -> SealedContainer:
+        """Open the nested encrypted container (an MDP partition) called ``name``."""
+        self._require_open()
+        entry = self._entry(name)
+        if not entry.nested:
+            raise FormatError(self.label, f"segment {name!r} is not a nested container")
+        segment = self.container.segment(name)
+        inner = SealedContainer(Container(
+            SliceSource(self.container.source, segment.file_offset, segment.size),
+            label=f"{self.label}:{name}",
+        )).open(mek)
+        if inner.info.parent_salt != self.info.salt:
+            raise IntegrityError(f"{self.label}: partition {name!r} belongs to another model")
+        return inner
+
+    def _entry(self, name: str) -> evidence_pb2.SegmentInfo:
+        for entry in self.info.segments:
+            if entry.name == name:
+                return entry
+        raise FormatError(self.label, f"has no segment {name!r}")
+
+    def decrypt_segment(self, name: str) -> bytearray:
+        """Decrypt (or check the digest of) one segment into a new buffer."""
+        aead = self._require_open()
+        entry = self._entry(name)
+        segment = self.container.segment(name)
+        if entry.nested:
+            raise FormatError(self.label, f"segment {name!r} is a nested container")
+        if not entry.encrypted:
+            data = bytearray(self.container.read(name))
+            if hashlib.sha256(data).digest() != entry.plaintext_sha256:
+                raise IntegrityError(f"{self.label}: plaintext segment {name!r} was altered")
+            return data
+        out = bytearray(entry.plaintext_size)
+        source = self.container.source
+        aad = stream.chunk_aad(stream.info_digest(self.info_bytes), name)
+        if isinstance(source, MemorySource):
+            ciphertext = source.view(segment.file_offset, segment.size)
+            stream.decrypt_stream_into(aead, entry.stream_index, aad, ciphertext,
+                                       entry.plaintext_size, self.info.chunk_size,
+                                       memoryview(out), segment_name=name)
+            return out
+        position = 0
+        pieces = self.container.iter_chunks(segment, self.info.chunk_size + stream.TAG_BYTES)
+        for plain in stream.decrypt_stream(aead, entry.stream_index, aad, pieces,
+                                           entry.plaintext_size, self.info.chunk_size,
+                                           segment_name=name):
+            out[position : position + len(plain)] = plain
+            position += len(plain)
+        return out
+
+    def iter_decrypted(self, name: str) -> Iterator[bytes]:
+        """Stream the plaintext of an encrypted segment (constant memory)."""
+        aead = self._require_open()
+        entry = self._entry(name)
+        if not entry.encrypted:
+            yield bytes(self.decrypt_segment(name))
+            return
+        segment = self.container.segment(name)
+        aad = stream.chunk_aad(stream.info_digest(self.info_bytes), name)
+        pieces = self.container.iter_chunks(segment, self.info.chunk_size + stream.TAG_BYTES)
+        yield from stream.decrypt_stream(aead, entry.stream_index, aad, pieces,
+                                         entry.plaintext_size, self.info.chunk_size,
+                                         segment_name=name)
+
+    def decrypt_all(self) -> dict[str, bytearray]:
+        """Every non-nested segment, decrypted and verified (card memory)."""
+        return {
+            entry.name: self.decrypt_segment(entry.name)
+            for entry in self.info.segments
+            if not entry.nested
+        }

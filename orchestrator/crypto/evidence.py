@@ -1,0 +1,263 @@
+"""Attestation evidence: signing (card side) and verification (owner side).
+
+Verification is the gate in front of every MEK wrap: a report whose chain,
+signature, request digest, age or policy does not check out raises, and no
+MEK is ever wrapped to its key. docs/protocol.md ("Attestation") is the spec.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
+
+from orchestrator._proto.modelip.v1 import evidence_pb2
+from orchestrator.crypto.wrap import Kem, decode_session_public_key
+from orchestrator.errors import AttestationError, FileInputError, FormatError, PolicyError
+
+REPORT_VERSION = 1
+SIGNATURE_CONTEXT = b"modelip/v1 attestation report\0"
+MAX_EVIDENCE_BYTES = 1 << 20
+MAX_CHAIN = 4
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """"1.12.3" -> (1, 12, 3); FormatError if not dotted integers."""
+    try:
+        parts = tuple(int(part) for part in text.split("."))
+    except ValueError:
+        raise FormatError("firmware version", f"{text!r} is not dotted numbers") from None
+    if not parts or any(part < 0 for part in parts):
+        raise FormatError("firmware version", f"{text!r} is not dotted numbers")
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class TrustPolicy:
+    """What the owner accepts from a card, beyond a valid chain and signature.
+
+    Empty collections mean "no restriction". ``max_age`` bounds how old a report
+    may be; ``clock_skew`` how far in the future its time may be.
+    """
+
+    allowed_firmware: frozenset[str] = frozenset()
+    min_firmware: str = ""
+    allowed_measurements: Mapping[str, frozenset[bytes]] = field(default_factory=dict)
+    card_allowlist: frozenset[str] = frozenset()
+    allowed_kems: frozenset[Kem] = frozenset({Kem.P256, Kem.MLKEM768_X25519})
+    max_age: float = 300.0
+    clock_skew: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedReport:
+    """A report that passed every check: the only input wrap_mek takes keys from."""
+
+    card_id: str
+    serial: str
+    sku: str
+    firmware_version: str
+    measurements: Mapping[str, bytes]
+    boot_counter: int
+    session_id: bytes
+    kem: Kem
+    session_public_key: bytes
+    issued_at: int
+    root_fingerprint: str
+
+    @property
+    def session_fingerprint(self) -> str:
+        return hashlib.sha256(self.session_public_key).hexdigest()[:16]
+
+
+def sign_report(body: evidence_pb2.ReportBody, key: ec.EllipticCurvePrivateKey,
+                chain: Sequence[x509.Certificate]) -> bytes:
+    """Card side: serialize, sign and package a report as AttestationEvidence bytes."""
+    body_bytes = body.SerializeToString(deterministic=True)
+    signature = key.sign(SIGNATURE_CONTEXT + body_bytes, ec.ECDSA(hashes.SHA256()))
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    evidence = evidence_pb2.AttestationEvidence(
+        body=body_bytes,
+        signature=signature,
+        certificate_chain=[cert.public_bytes(Encoding.DER) for cert in chain],
+    )
+    return evidence.SerializeToString(deterministic=True)
+
+
+def load_roots(pem_bytes: bytes, *, source: str) -> list[x509.Certificate]:
+    """Trust roots from PEM; FormatError if there is no certificate in it."""
+    try:
+        roots = x509.load_pem_x509_certificates(pem_bytes)
+    except ValueError:
+        raise FormatError(source, "no PEM certificate in the trust root file") from None
+    return roots
+
+
+def load_roots_file(path: str) -> list[x509.Certificate]:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_EVIDENCE_BYTES)
+    except FileNotFoundError:
+        raise FileInputError(path, "trust root file not found") from None
+    except OSError as exc:
+        raise FileInputError(path, f"cannot read trust root: {exc.strerror}") from None
+    return load_roots(data, source=path)
+
+
+def parse_evidence(data: bytes, *, source: str) -> tuple[evidence_pb2.AttestationEvidence,
+                                                         evidence_pb2.ReportBody]:
+    """Decode evidence and its body; FormatError if either is not what it should be."""
+    if len(data) > MAX_EVIDENCE_BYTES:
+        raise FormatError(source, "evidence is larger than 1 MiB")
+    try:
+        evidence = evidence_pb2.AttestationEvidence.FromString(data)
+        body = evidence_pb2.ReportBody.FromString(evidence.body)
+    except DecodeError:
+        raise FormatError(source, "not attestation evidence (protobuf decode failed)") from None
+    if not evidence.body or not evidence.signature or not evidence.certificate_chain:
+        raise FormatError(source, "not attestation evidence (body, signature or chain missing)")
+    return evidence, body
+
+
+def verify_evidence(
+    data: bytes,
+    *,
+    roots: Sequence[x509.Certificate],
+    policy: TrustPolicy,
+    request: bytes | None,
+    source: str = "evidence",
+    now: float | None = None,
+) -> VerifiedReport:
+    """Check evidence end to end and return what it proves.
+
+    ``request`` is the exact bytes sent to the card; None skips the freshness
+    digest (file-level flows where the request is not at hand) and leaves
+    freshness to ``policy.max_age``.
+    Raises FormatError (malformed), AttestationError (chain, signature, nonce,
+    age) or PolicyError (firmware, measurements, allow-list, KEM).
+    """
+    current = time.time() if now is None else now
+    evidence, body = parse_evidence(data, source=source)
+    if body.report_version != REPORT_VERSION:
+        raise FormatError(source, f"unsupported report version {body.report_version}")
+    leaf, root = _verify_chain(list(evidence.certificate_chain), roots, current, source)
+    try:
+        public = leaf.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise AttestationError(f"{source}: card certificate key is not ECDSA")
+        public.verify(evidence.signature, SIGNATURE_CONTEXT + evidence.body,
+                      ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise AttestationError(f"{source}: report signature does not verify") from None
+    cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not cn or cn[0].value != body.card_id:
+        raise AttestationError(f"{source}: report card id {body.card_id!r} is not the "
+                               "certificate's")
+    if format(leaf.serial_number, "x") != body.serial:
+        raise AttestationError(f"{source}: report serial is not the certificate's")
+    if request is not None and body.request_digest != hashlib.sha256(request).digest():
+        raise AttestationError(f"{source}: report does not answer our request (nonce mismatch: "
+                               "replayed or forged)")
+    if body.issued_at > current + policy.clock_skew:
+        raise AttestationError(f"{source}: report is dated in the future")
+    if current - body.issued_at > policy.max_age:
+        raise AttestationError(f"{source}: report is {int(current - body.issued_at)} s old "
+                               f"(limit {int(policy.max_age)} s)")
+    kem = Kem.parse(body.session_kem)
+    decode_session_public_key(kem, body.session_public_key)
+    if len(body.session_id) != 16:
+        raise FormatError(source, "session id must be 16 bytes")
+    measurements = {m.name: m.digest for m in body.measurements}
+    _check_policy(body, measurements, kem, policy, source)
+    return VerifiedReport(
+        card_id=body.card_id,
+        serial=body.serial,
+        sku=body.sku,
+        firmware_version=body.firmware_version,
+        measurements=measurements,
+        boot_counter=body.boot_counter,
+        session_id=body.session_id,
+        kem=kem,
+        session_public_key=body.session_public_key,
+        issued_at=body.issued_at,
+        root_fingerprint=root.fingerprint(hashes.SHA256()).hex()[:16],
+    )
+
+
+def _verify_chain(
+    chain_der: list[bytes], roots: Sequence[x509.Certificate], now: float, source: str
+) -> tuple[x509.Certificate, x509.Certificate]:
+    if len(chain_der) > MAX_CHAIN:
+        raise AttestationError(f"{source}: certificate chain is longer than {MAX_CHAIN}")
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+    except ValueError:
+        raise FormatError(source, "certificate chain holds a malformed certificate") from None
+    moment = dt.datetime.fromtimestamp(now, tz=dt.UTC)
+    for cert in chain:
+        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
+            subject = cert.subject.rfc4514_string()
+            raise AttestationError(f"{source}: certificate {subject} is expired or not yet valid")
+    for child, parent in zip(chain, chain[1:], strict=False):
+        _check_issued(child, parent, source)
+    top = chain[-1]
+    for root in roots:
+        if top == root:
+            return chain[0], root
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if root.not_valid_before_utc <= moment <= root.not_valid_after_utc:
+            _require_ca(root, source)
+            return chain[0], root
+    raise AttestationError(f"{source}: certificate chain does not lead to a trusted vendor root")
+
+
+def _check_issued(child: x509.Certificate, parent: x509.Certificate, source: str) -> None:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        raise AttestationError(f"{source}: certificate chain is broken") from None
+    _require_ca(parent, source)
+
+
+def _require_ca(cert: x509.Certificate, source: str) -> None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise AttestationError(f"{source}: an issuing certificate is not a CA")
+
+
+def _check_policy(
+    body: evidence_pb2.ReportBody,
+    measurements: Mapping[str, bytes],
+    kem: Kem,
+    policy: TrustPolicy,
+    source: str,
+) -> None:
+    if policy.card_allowlist and body.card_id not in policy.card_allowlist:
+        raise PolicyError(f"{source}: card {body.card_id!r} is not on the allow-list")
+    if policy.allowed_firmware and body.firmware_version not in policy.allowed_firmware:
+        raise PolicyError(f"{source}: firmware {body.firmware_version} is not allowed")
+    if policy.min_firmware and (
+        parse_version(body.firmware_version) < parse_version(policy.min_firmware)
+    ):
+        raise PolicyError(f"{source}: firmware {body.firmware_version} is older than "
+                          f"{policy.min_firmware}")
+    for name, allowed in policy.allowed_measurements.items():
+        if measurements.get(name) not in allowed:
+            raise PolicyError(f"{source}: measurement {name!r} is not an allowed value")
+    if kem not in policy.allowed_kems:
+        raise PolicyError(f"{source}: session KEM {kem.value} is not allowed by policy")

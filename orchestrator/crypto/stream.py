@@ -1,0 +1,176 @@
+"""Streamed segment AEAD (docs/formats.md, "Segment encryption").
+
+In the manner of Tink's AES-GCM-HKDF streaming: a content key derived from the
+MEK and a fresh salt, AES-128-GCM per chunk, a nonce made of the segment's
+stream index, the chunk counter and a last-chunk flag (truncation, reordering
+and chunk swaps all fail authentication), and associated data binding the
+encryption info. Memory use is a few chunks, whatever the segment size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from orchestrator.crypto.mek import MEK
+from orchestrator.errors import IntegrityError
+
+TAG_BYTES = 16
+SALT_BYTES = 32
+DEFAULT_CHUNK = 1 << 20
+MIN_CHUNK = 1 << 10
+MAX_CHUNK = 64 << 20
+MAX_COUNTER = (1 << 56) - 1
+INFO_TAG_STREAM = 0xFFFFFFFF  # stream index reserved for the encryption-info tag
+
+
+def derive_content_key(mek: MEK, salt: bytes, model_id: str) -> AESGCM:
+    """HKDF-SHA256(MEK, salt, "modelip/v1 content key" || model id) -> AES-128-GCM."""
+    info = b"modelip/v1 content key\0" + model_id.encode("utf-8")
+    key = HKDF(algorithm=hashes.SHA256(), length=16, salt=salt, info=info).derive(mek.key)
+    return AESGCM(key)
+
+
+def derive_mek_check(mek: MEK, salt: bytes) -> bytes:
+    """A 16-byte key commitment: tells a wrong MEK apart from tampering."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=16, salt=salt, info=b"modelip/v1 key check"
+    ).derive(mek.key)
+
+
+def chunk_nonce(stream_index: int, counter: int, last: bool) -> bytes:
+    """u32 stream index || u56 chunk counter || u8 last flag, big-endian (12 bytes)."""
+    if counter > MAX_COUNTER:
+        raise IntegrityError("segment has more chunks than the nonce can count")
+    return struct.pack(">I", stream_index) + counter.to_bytes(7, "big") + bytes((int(last),))
+
+
+def chunk_aad(info_digest: bytes, segment_name: str) -> bytes:
+    """Associated data of every chunk of a segment: SHA-256(info) || name."""
+    return info_digest + segment_name.encode("ascii")
+
+
+def chunk_count(plaintext_size: int, chunk_size: int) -> int:
+    """Chunks of a segment; an empty segment still has one (empty, final) chunk."""
+    return max(1, -(-plaintext_size // chunk_size))
+
+
+def ciphertext_size(plaintext_size: int, chunk_size: int) -> int:
+    return plaintext_size + TAG_BYTES * chunk_count(plaintext_size, chunk_size)
+
+
+def info_digest(info_bytes: bytes) -> bytes:
+    return hashlib.sha256(info_bytes).digest()
+
+
+def seal_info(aead: AESGCM, info_bytes: bytes) -> bytes:
+    """The tag that authenticates the encryption info on its own (empty plaintext)."""
+    return aead.encrypt(chunk_nonce(INFO_TAG_STREAM, 0, True), b"", info_bytes)
+
+
+def open_info(aead: AESGCM, info_bytes: bytes, tag: bytes) -> None:
+    """Raise IntegrityError unless ``tag`` authenticates ``info_bytes``."""
+    try:
+        aead.decrypt(chunk_nonce(INFO_TAG_STREAM, 0, True), tag, info_bytes)
+    except InvalidTag:
+        raise IntegrityError("encryption info was altered (authentication failed)") from None
+
+
+def encrypt_stream(
+    aead: AESGCM,
+    stream_index: int,
+    aad: bytes,
+    chunks: Iterable[bytes | memoryview],
+    plaintext_size: int,
+    chunk_size: int,
+) -> Iterator[bytes]:
+    """Encrypt a segment given as consecutive plaintext chunks of ``chunk_size``.
+
+    ``chunks`` must yield exactly ``plaintext_size`` bytes in full chunks (the last
+    may be shorter). Yields one ciphertext chunk (data + tag) per chunk.
+    """
+    total = chunk_count(plaintext_size, chunk_size)
+    counter = 0
+    seen = 0
+    for piece in chunks:
+        if len(piece) != min(chunk_size, plaintext_size - seen):
+            raise ValueError("plaintext chunks do not match the declared chunk size")
+        seen += len(piece)
+        yield aead.encrypt(chunk_nonce(stream_index, counter, counter == total - 1), piece, aad)
+        counter += 1
+    if plaintext_size == 0:
+        yield aead.encrypt(chunk_nonce(stream_index, 0, True), b"", aad)
+        counter = 1
+    if counter != total or seen != plaintext_size:
+        raise ValueError("plaintext ended before its declared size")
+
+
+def decrypt_stream_into(
+    aead: AESGCM,
+    stream_index: int,
+    aad: bytes,
+    ciphertext: memoryview,
+    plaintext_size: int,
+    chunk_size: int,
+    out: memoryview,
+    *,
+    segment_name: str,
+) -> None:
+    """Decrypt a whole segment held in memory into ``out`` (len == plaintext_size).
+
+    Raises IntegrityError naming the segment and chunk on any failure.
+    """
+    total = chunk_count(plaintext_size, chunk_size)
+    if len(ciphertext) != plaintext_size + TAG_BYTES * total or len(out) != plaintext_size:
+        raise IntegrityError(f"segment {segment_name!r}: ciphertext has the wrong length")
+    for counter in range(total):
+        start = counter * chunk_size
+        take = min(chunk_size, plaintext_size - start)
+        where = start + counter * TAG_BYTES
+        nonce = chunk_nonce(stream_index, counter, counter == total - 1)
+        try:
+            if take:
+                aead.decrypt_into(
+                    nonce, ciphertext[where : where + take + TAG_BYTES], aad,
+                    out[start : start + take],
+                )
+            else:
+                aead.decrypt(nonce, ciphertext[where : where + TAG_BYTES], aad)
+        except InvalidTag:
+            raise IntegrityError(
+                f"segment {segment_name!r}: chunk {counter} failed authentication"
+            ) from None
+
+
+def decrypt_stream(
+    aead: AESGCM,
+    stream_index: int,
+    aad: bytes,
+    ciphertext_chunks: Iterable[bytes],
+    plaintext_size: int,
+    chunk_size: int,
+    *,
+    segment_name: str,
+) -> Iterator[bytes]:
+    """Decrypt a segment given as ciphertext chunks (each chunk + tag); streamed."""
+    total = chunk_count(plaintext_size, chunk_size)
+    counter = 0
+    for piece in ciphertext_chunks:
+        if counter >= total:
+            raise IntegrityError(f"segment {segment_name!r}: more chunks than declared")
+        nonce = chunk_nonce(stream_index, counter, counter == total - 1)
+        try:
+            yield aead.decrypt(nonce, piece, aad)
+        except InvalidTag:
+            raise IntegrityError(
+                f"segment {segment_name!r}: chunk {counter} failed authentication"
+            ) from None
+        counter += 1
+    if counter != total:
+        raise IntegrityError(f"segment {segment_name!r}: truncated ({counter} of {total} chunks)")

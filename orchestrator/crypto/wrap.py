@@ -1,0 +1,149 @@
+"""MEK wrapping to a card's session key with HPKE (RFC 9180), docs/formats.md.
+
+The HPKE ``info`` binds the format version, the KEM, the slot number, the card
+identity and the session id, so a wrapped MEK opens on no other card, in no
+other slot, and not after the card's next boot.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from orchestrator.crypto.mek import MEK, MEK_BYTES
+from orchestrator.errors import FormatError, IntegrityError, SessionInvalidError
+
+WRAP_FORMAT_VERSION = 1
+_MLKEM768_PUBLIC = 1184
+_X25519_PUBLIC = 32
+
+
+class Kem(enum.Enum):
+    """Session KEMs a card may offer."""
+
+    P256 = "P256"
+    MLKEM768_X25519 = "MLKEM768_X25519"
+
+    @classmethod
+    def parse(cls, name: str) -> Kem:
+        aliases = {"p256": cls.P256, "hybrid": cls.MLKEM768_X25519}
+        try:
+            return aliases.get(name.lower()) or cls(name)
+        except ValueError:
+            raise FormatError("KEM", f"unknown KEM {name!r} (P256 or MLKEM768_X25519)") from None
+
+    @property
+    def suite(self) -> hpke.Suite:
+        kem = hpke.KEM.P256 if self is Kem.P256 else hpke.KEM.MLKEM768_X25519
+        return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+
+    @property
+    def enc_bytes(self) -> int:
+        """Length of the HPKE encapsulated key for this KEM."""
+        return 65 if self is Kem.P256 else 1088 + 32
+
+
+SessionPrivateKey = ec.EllipticCurvePrivateKey | hpke.MLKEM768X25519PrivateKey
+SessionPublicKey = ec.EllipticCurvePublicKey | hpke.MLKEM768X25519PublicKey
+
+
+def generate_session_key(kem: Kem) -> tuple[SessionPrivateKey, bytes]:
+    """A fresh session key pair: the private key and the raw public key bytes."""
+    if kem is Kem.P256:
+        private = ec.generate_private_key(ec.SECP256R1())
+        raw = private.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        return private, raw
+    pq = mlkem.MLKEM768PrivateKey.generate()
+    classic = x25519.X25519PrivateKey.generate()
+    raw = pq.public_key().public_bytes_raw() + classic.public_key().public_bytes_raw()
+    return hpke.MLKEM768X25519PrivateKey(pq, classic), raw
+
+
+def decode_session_public_key(kem: Kem, raw: bytes) -> SessionPublicKey:
+    """Parse raw session public key bytes; FormatError if they are not a valid key."""
+    try:
+        if kem is Kem.P256:
+            return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+        if len(raw) != _MLKEM768_PUBLIC + _X25519_PUBLIC:
+            raise ValueError("wrong length")
+        return hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC]),
+            x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM768_PUBLIC:]),
+        )
+    except ValueError:
+        raise FormatError("session public key", f"not a valid {kem.value} public key") from None
+
+
+def wrap_info(kem: Kem, slot: int, card_id: str, session_id: bytes) -> bytes:
+    """The HPKE info string: what a wrapped MEK is bound to."""
+    card = card_id.encode("utf-8")
+    return (
+        b"modelip/v1 mek wrap\0"
+        + struct.pack(">HI", WRAP_FORMAT_VERSION, slot)
+        + kem.value.encode("ascii") + b"\0"
+        + struct.pack(">H", len(card)) + card
+        + struct.pack(">H", len(session_id)) + session_id
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlot:
+    """One wrapped MEK: for slot ``slot`` of a container, on one card's session."""
+
+    slot: int
+    card_id: str
+    session_id: bytes
+    kem: Kem
+    enc: bytes
+    wrapped_mek: bytes
+
+    def info(self) -> bytes:
+        return wrap_info(self.kem, self.slot, self.card_id, self.session_id)
+
+
+def wrap_mek(
+    mek: MEK, *, slot: int, card_id: str, session_id: bytes, kem: Kem, public_key: bytes
+) -> KeySlot:
+    """Wrap ``mek`` to a card's session public key (raw bytes) for ``slot``."""
+    recipient = decode_session_public_key(kem, public_key)
+    info = wrap_info(kem, slot, card_id, session_id)
+    sealed = kem.suite.encrypt(mek.key, recipient, info=info)
+    enc, wrapped = sealed[: kem.enc_bytes], sealed[kem.enc_bytes :]
+    return KeySlot(slot, card_id, session_id, kem, enc, wrapped)
+
+
+def unwrap_mek(
+    key_slot: KeySlot, private_key: SessionPrivateKey, *, card_id: str, session_id: bytes
+) -> MEK:
+    """Open a key slot with a card's session private key (card side).
+
+    Raises SessionInvalidError if the slot names another card or session,
+    IntegrityError if it was altered or moved to another slot.
+    """
+    if key_slot.card_id != card_id:
+        raise SessionInvalidError(f"key slot {key_slot.slot} is for card {key_slot.card_id!r}")
+    if key_slot.session_id != session_id:
+        raise SessionInvalidError(
+            f"key slot {key_slot.slot} is for session {key_slot.session_id.hex()[:16]}, "
+            f"not the card's current session {session_id.hex()[:16]} (stale after a reset?)"
+        )
+    if len(key_slot.enc) != key_slot.kem.enc_bytes:
+        raise IntegrityError(f"key slot {key_slot.slot}: encapsulated key has the wrong length")
+    try:
+        key = key_slot.kem.suite.decrypt(
+            key_slot.enc + key_slot.wrapped_mek, private_key, info=key_slot.info()
+        )
+    except (InvalidTag, ValueError, TypeError):
+        raise IntegrityError(
+            f"key slot {key_slot.slot}: wrapped MEK does not open (altered, or moved from "
+            "another card, session or slot)"
+        ) from None
+    if len(key) != MEK_BYTES:
+        raise IntegrityError(f"key slot {key_slot.slot}: wrapped key is not a 128-bit MEK")
+    return MEK(key)

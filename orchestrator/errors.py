@@ -1,0 +1,139 @@
+"""The one exception tree of modelip.
+
+Every error a user can cause ends in one of these; the CLI prints ``str(err)``
+(one line naming the thing and the problem) and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class ModelIPError(Exception):
+    """Root of every error modelip raises on purpose."""
+
+    exit_code = 1
+
+
+# --- bad input -------------------------------------------------------------
+
+
+class InputError(ModelIPError):
+    """The user gave us something we cannot use (file, flag, plan, format)."""
+
+    exit_code = 2
+
+
+class UsageError(InputError):
+    """Flags that do not fit together."""
+
+
+class FileInputError(InputError):
+    """A named file is missing, unreadable, or would be overwritten."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+class MEKError(InputError):
+    """A model encryption key file is not a 128-bit key."""
+
+
+class FormatError(InputError):
+    """A container, evidence or wrapped-MEK file is malformed."""
+
+    def __init__(self, what: str, problem: str) -> None:
+        super().__init__(f"{what}: {problem}")
+        self.what = what
+        self.problem = problem
+
+
+class PlanError(InputError):
+    """A deployment plan is invalid; says file, line and field."""
+
+    def __init__(self, file: str, line: int | None, field: str, problem: str) -> None:
+        where = f"{file}:{line}" if line is not None else file
+        prefix = f"{where}: {field}: " if field else f"{where}: "
+        super().__init__(prefix + problem)
+        self.file = file
+        self.line = line
+        self.field = field
+        self.problem = problem
+
+
+# --- verification (security verdicts) --------------------------------------
+
+
+class VerificationError(ModelIPError):
+    """Something failed a cryptographic or policy check: never retried."""
+
+    exit_code = 3
+
+
+class AttestationError(VerificationError):
+    """Evidence does not prove what it claims (chain, signature, nonce, age)."""
+
+
+class PolicyError(VerificationError):
+    """Evidence is genuine but the card or model is outside policy."""
+
+
+class IntegrityError(VerificationError):
+    """Ciphertext, encryption info or a key slot was altered or truncated."""
+
+
+class SessionInvalidError(VerificationError):
+    """A key slot is not for this card's current session (stale or foreign)."""
+
+
+class WrongMEKError(VerificationError):
+    """The MEK given is not the one the container was encrypted with."""
+
+
+# --- transport --------------------------------------------------------------
+
+
+class TransportError(ModelIPError):
+    """Talking to a host failed; may be retried."""
+
+    exit_code = 4
+
+    def __init__(self, target: str, problem: str) -> None:
+        super().__init__(f"{target}: {problem}")
+        self.target = target
+        self.problem = problem
+
+
+class UnreachableError(TransportError):
+    """The host does not answer (connection refused, DNS, TLS)."""
+
+
+class DeadlineError(TransportError):
+    """A call did not finish within its deadline."""
+
+
+class RemoteError(TransportError):
+    """The host answered with an error we do not map more precisely."""
+
+
+class NotFoundError(InputError):
+    """A named card, program or group does not exist on the host."""
+
+
+# --- state ------------------------------------------------------------------
+
+
+class StateError(ModelIPError):
+    """An impossible state change was attempted."""
+
+    exit_code = 5
+
+
+class InvalidTransition(StateError):
+    """A card state machine was asked for a move its table does not allow."""
+
+    def __init__(self, card: str, current: str, target: str) -> None:
+        super().__init__(f"card {card}: cannot move from {current} to {target}")
+        self.card = card
+        self.current = current
+        self.target = target

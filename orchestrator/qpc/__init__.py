@@ -1,0 +1,1 @@
+"""Program containers (QPC): the real layout, MDP containers, ONNX packaging."""

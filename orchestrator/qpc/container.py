@@ -1,0 +1,474 @@
+"""The program container (QPC): reading and writing its real layout.
+
+The layout is documented in docs/formats.md. The reader trusts nothing in the
+file: every count, size, pointer and name is checked against the file's real
+length before anything is allocated or read, so a malformed container ends in
+FormatError, never in a crash, a hang or a read past the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from orchestrator.errors import FileInputError, FormatError
+
+MAGIC = 0x00A1CD7C
+VERSION_MAJOR = 0
+VERSION_MINOR = 1
+COMPRESSION_FASTPATH = 0
+COMPRESSION_SLOWPATH = 1
+
+HEADER = struct.Struct("<IBBHQQQQ")  # magic, major, minor, compression, size, base, n, table
+ENTRY = struct.Struct("<QQQQ")  # size, offset, name pointer, start pointer
+ALIGN = 8
+MAX_SEGMENTS = 4096
+MAX_NAME_BYTES = 255
+_NAME_RE = re.compile(rb"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,254}")
+
+assert HEADER.size == 40 and ENTRY.size == 32  # noqa: S101 - layout facts
+
+
+def align_up(value: int) -> int:
+    """Round ``value`` up to the container's 8-byte alignment."""
+    return (value + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def check_segment_name(name: str) -> bytes:
+    """Return ``name`` as bytes if it is a valid segment name, else raise FormatError."""
+    raw = name.encode("ascii", "replace")
+    if not _NAME_RE.fullmatch(raw):
+        raise FormatError(f"segment name {name!r}", "must be 1-255 of A-Z a-z 0-9 . _ + -")
+    return raw
+
+
+class ByteSource(Protocol):
+    """Random-access bytes: a file on disk or a buffer in (card) memory."""
+
+    @property
+    def length(self) -> int: ...
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
+
+
+class FileSource:
+    """A ByteSource over an open file descriptor (pread: no shared position)."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd = fd
+        self._length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self._length:
+            raise FormatError("container", f"read of {size} bytes at {offset} is past the end")
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise FormatError("container", "file shrank while being read")
+        return data
+
+
+class MemorySource:
+    """A ByteSource over bytes already in memory."""
+
+    def __init__(self, buffer: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(buffer).cast("B")
+
+    @property
+    def length(self) -> int:
+        return len(self._view)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > len(self._view):
+            raise FormatError("container", f"read of {size} bytes at {offset} is past the end")
+        return bytes(self._view[offset : offset + size])
+
+    def view(self, offset: int, size: int) -> memoryview:
+        """Zero-copy view of a range (bounds-checked)."""
+        if offset < 0 or size < 0 or offset + size > len(self._view):
+            raise FormatError("container", f"range of {size} bytes at {offset} is past the end")
+        return self._view[offset : offset + size]
+
+
+class SliceSource:
+    """A ByteSource over a range of another (a container nested in a segment)."""
+
+    def __init__(self, parent: ByteSource, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > parent.length:
+            raise FormatError("container", "nested range is past the end")
+        self._parent = parent
+        self._offset = offset
+        self._length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self._length:
+            raise FormatError("container", f"read of {size} bytes at {offset} is past the end")
+        return self._parent.read_at(self._offset + offset, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One entry of the segment table, with its data's position in the file."""
+
+    index: int
+    name: str
+    size: int
+    offset: int  # the table's `offset` field (meaningful for constants.bin only)
+    file_offset: int  # where the data starts in the file
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    major: int
+    minor: int
+    compression: int
+    size: int
+    base: int
+    count: int
+    table_pointer: int
+
+
+class Container:
+    """A parsed, validated container over a ByteSource. Segment data is read lazily."""
+
+    def __init__(self, source: ByteSource, *, label: str = "container") -> None:
+        self.source = source
+        self.label = label
+        self.header = _parse_header(source, label)
+        self.segments: tuple[Segment, ...] = _parse_table(source, self.header, label)
+        self._by_name = {segment.name: segment for segment in self.segments}
+
+    def names(self) -> list[str]:
+        return [segment.name for segment in self.segments]
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def segment(self, name: str) -> Segment:
+        """The segment called ``name``; FormatError if there is none."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise FormatError(self.label, f"has no segment {name!r}") from None
+
+    def read(self, name: str) -> bytes:
+        """The whole data of one segment (use only for small segments)."""
+        segment = self.segment(name)
+        return self.source.read_at(segment.file_offset, segment.size)
+
+    def iter_chunks(self, segment: Segment, chunk_size: int) -> Iterator[bytes]:
+        """Stream a segment's data in pieces of at most ``chunk_size`` bytes."""
+        position = 0
+        while position < segment.size:
+            take = min(chunk_size, segment.size - position)
+            yield self.source.read_at(segment.file_offset + position, take)
+            position += take
+
+
+def _parse_header(source: ByteSource, label: str) -> Header:
+    if source.length < HEADER.size:
+        raise FormatError(label, f"too short for a container header ({source.length} bytes)")
+    magic, major, minor, compression, size, base, count, table = HEADER.unpack(
+        source.read_at(0, HEADER.size)
+    )
+    if magic != MAGIC:
+        raise FormatError(label, f"not a program container (magic {magic:#010x})")
+    if major != VERSION_MAJOR:
+        raise FormatError(label, f"unsupported container version {major}.{minor}")
+    if compression not in (COMPRESSION_FASTPATH, COMPRESSION_SLOWPATH):
+        raise FormatError(label, f"unknown compression type {compression}")
+    if size > source.length:
+        raise FormatError(label, f"header says {size} bytes but the file has {source.length}")
+    if size < HEADER.size:
+        raise FormatError(label, f"header size {size} is smaller than the header")
+    if count > MAX_SEGMENTS or count * ENTRY.size > size:
+        raise FormatError(label, f"absurd segment count {count}")
+    return Header(major, minor, compression, size, base, count, table)
+
+
+def _relative(pointer: int, header: Header, label: str, what: str) -> int:
+    offset = pointer - header.base
+    if offset < 0 or offset > header.size:
+        raise FormatError(label, f"{what} pointer {pointer:#x} is outside the container")
+    return offset
+
+
+def _parse_table(source: ByteSource, header: Header, label: str) -> tuple[Segment, ...]:
+    table = _relative(header.table_pointer, header, label, "segment table")
+    if table % ALIGN:
+        raise FormatError(label, "segment table is not 8-byte aligned")
+    table_end = table + header.count * ENTRY.size
+    if table < HEADER.size or table_end > header.size:
+        raise FormatError(label, "segment table is out of bounds")
+    raw_table = source.read_at(table, table_end - table)
+    regions: list[tuple[int, int, str]] = [(0, HEADER.size, "header"), (table, table_end, "table")]
+    segments: list[Segment] = []
+    seen: set[str] = set()
+    for index in range(header.count):
+        size, field_offset, name_pointer, start_pointer = ENTRY.unpack_from(
+            raw_table, index * ENTRY.size
+        )
+        name_at = _relative(name_pointer, header, label, f"segment {index} name")
+        name = _read_name(source, name_at, header.size, label, index)
+        if name in seen:
+            raise FormatError(label, f"segment name {name!r} appears twice")
+        seen.add(name)
+        start = _relative(start_pointer, header, label, f"segment {name!r} data")
+        if start % ALIGN:
+            raise FormatError(label, f"segment {name!r} data is not 8-byte aligned")
+        if size > header.size - start:
+            raise FormatError(label, f"segment {name!r} ({size} bytes) runs past the end")
+        if field_offset > size:
+            raise FormatError(label, f"segment {name!r} offset field exceeds its size")
+        regions.append((name_at, name_at + len(name) + 1, f"name of {name!r}"))
+        if size:
+            regions.append((start, start + size, f"segment {name!r}"))
+        segments.append(Segment(index, name, size, field_offset, start))
+    regions.sort()
+    for (_, end_a, what_a), (start_b, _, what_b) in zip(regions, regions[1:], strict=False):
+        if start_b < end_a:
+            raise FormatError(label, f"{what_a} overlaps {what_b}")
+    return tuple(segments)
+
+
+def _read_name(source: ByteSource, at: int, limit: int, label: str, index: int) -> str:
+    window = source.read_at(at, min(MAX_NAME_BYTES + 1, limit - at))
+    end = window.find(b"\0")
+    if end <= 0:
+        raise FormatError(label, f"segment {index} name is empty or not NUL-terminated")
+    raw = window[:end]
+    if not _NAME_RE.fullmatch(raw):
+        raise FormatError(label, f"segment {index} has an invalid name {raw[:40]!r}")
+    return raw.decode("ascii")
+
+
+# --- writing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSpec:
+    """A segment to write: its name, exact size and a producer of its bytes."""
+
+    name: str
+    size: int
+    chunks: Callable[[], Iterable[bytes | memoryview]]
+    offset: int = 0
+
+
+def bytes_segment(name: str, data: bytes, *, offset: int = 0) -> SegmentSpec:
+    """A SegmentSpec for data already in memory (small segments)."""
+    return SegmentSpec(name, len(data), lambda: (data,), offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where everything goes in a container with base 0."""
+
+    table: int
+    name_offsets: tuple[int, ...]
+    starts: tuple[int, ...]
+    total: int
+
+
+def plan_layout(names: Sequence[str], sizes: Sequence[int]) -> Layout:
+    """Place header, table, names and data, each 8-byte aligned."""
+    if len(names) > MAX_SEGMENTS:
+        raise FormatError("container", f"too many segments ({len(names)})")
+    table = HEADER.size
+    cursor = table + len(names) * ENTRY.size
+    name_offsets = []
+    for name in names:
+        cursor = align_up(cursor)
+        name_offsets.append(cursor)
+        cursor += len(check_segment_name(name)) + 1
+    starts = []
+    for size in sizes:
+        cursor = align_up(cursor)
+        starts.append(cursor)
+        cursor += size
+    return Layout(table, tuple(name_offsets), tuple(starts), cursor)
+
+
+def encode_metadata(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    offsets: Sequence[int],
+    layout: Layout,
+    *,
+    compression: int = COMPRESSION_FASTPATH,
+) -> bytes:
+    """Header + table + names, up to the first data byte (base 0)."""
+    head = bytearray(
+        HEADER.pack(
+            MAGIC, VERSION_MAJOR, VERSION_MINOR, compression, layout.total, 0, len(names),
+            layout.table,
+        )
+    )
+    for size, offset, name_at, start in zip(
+        sizes, offsets, layout.name_offsets, layout.starts, strict=True
+    ):
+        head += ENTRY.pack(size, offset, name_at, start)
+    for name, name_at in zip(names, layout.name_offsets, strict=True):
+        head += b"\0" * (name_at - len(head))
+        head += name.encode("ascii") + b"\0"
+    return bytes(head)
+
+
+def container_size(segments: Sequence[SegmentSpec]) -> int:
+    """Total size of the container ``segments`` would make."""
+    return plan_layout([s.name for s in segments], [s.size for s in segments]).total
+
+
+def container_pieces(
+    segments: Sequence[SegmentSpec], *, compression: int = COMPRESSION_FASTPATH
+) -> Iterator[bytes | memoryview]:
+    """The bytes of a container, streamed: metadata, padding, each segment's data.
+
+    Raises FormatError if a producer yields more or fewer bytes than its size.
+    """
+    names = [segment.name for segment in segments]
+    if len(set(names)) != len(names):
+        raise FormatError("container", "duplicate segment names")
+    sizes = [segment.size for segment in segments]
+    layout = plan_layout(names, sizes)
+    head = encode_metadata(
+        names, sizes, [s.offset for s in segments], layout, compression=compression
+    )
+    yield head
+    written = len(head)
+    for segment, start in zip(segments, layout.starts, strict=True):
+        if start > written:
+            yield bytes(start - written)
+        written = start
+        for piece in segment.chunks():
+            written += len(piece)
+            if written > start + segment.size:
+                break
+            yield piece
+        if written != start + segment.size:
+            raise FormatError(
+                f"segment {segment.name!r}",
+                f"produced {written - start} bytes, declared {segment.size}",
+            )
+
+
+def write_container(
+    handle: BinaryIO, segments: Sequence[SegmentSpec], *, compression: int = COMPRESSION_FASTPATH
+) -> int:
+    """Stream a container to ``handle``; returns its total size."""
+    total = 0
+    for piece in container_pieces(segments, compression=compression):
+        handle.write(piece)
+        total += len(piece)
+    return total
+
+
+def rewrite_last_segment(fd: int, container: Container, data: bytes) -> None:
+    """Replace the data of the container's last segment, in place and crash-safe.
+
+    The new data goes where it overlaps nothing live (right after the other
+    segments, or after the current copy), is fsynced, and only then does one
+    write of the header and table (the commit point, a few hundred bytes at the
+    start of the file) switch to it; the file is then trimmed. A kill at any
+    instant leaves a container that reads with either the old or the new data.
+    """
+    if not container.segments:
+        raise FormatError(container.label, "has no segments")
+    last = container.segments[-1]
+    if container.header.base != 0:
+        raise FormatError(container.label, "in-place rewrite needs a container with base 0")
+    others_end = max(
+        [container.header.table_pointer + container.header.count * ENTRY.size]
+        + [s.file_offset + s.size for s in container.segments[:-1]]
+    )
+    home = align_up(others_end)
+    names_end = max(
+        _name_end(container, segment) for segment in container.segments
+    )
+    home = max(home, align_up(names_end))
+    if home + len(data) <= last.file_offset:
+        start = home
+    else:
+        start = align_up(max(home, last.file_offset + last.size))
+    total = start + len(data)
+    os.pwrite(fd, data, start)
+    os.fsync(fd)
+    sizes = [s.size for s in container.segments[:-1]] + [len(data)]
+    head = bytearray(source_head(container))
+    HEADER.pack_into(
+        head, 0, MAGIC, container.header.major, container.header.minor,
+        container.header.compression, total, 0, container.header.count,
+        container.header.table_pointer,
+    )
+    table = container.header.table_pointer
+    entry_at = table + last.index * ENTRY.size
+    ENTRY.pack_into(head, entry_at, sizes[-1], last.offset,
+                    _name_pointer(container, last), start)
+    os.pwrite(fd, bytes(head), 0)  # the commit point
+    os.fsync(fd)
+    os.ftruncate(fd, total)
+    os.fsync(fd)
+
+
+def source_head(container: Container) -> bytes:
+    """Header and segment table bytes, as they are in the file."""
+    end = container.header.table_pointer + container.header.count * ENTRY.size
+    return container.source.read_at(0, end)
+
+
+def _name_pointer(container: Container, segment: Segment) -> int:
+    raw = container.source.read_at(
+        container.header.table_pointer + segment.index * ENTRY.size, ENTRY.size
+    )
+    return int(ENTRY.unpack(raw)[2])
+
+
+def _name_end(container: Container, segment: Segment) -> int:
+    return _name_pointer(container, segment) + len(segment.name) + 1
+
+
+def open_container(path: str | os.PathLike[str], *, label: str | None = None) -> OpenContainer:
+    """Open and validate a container file; use as a context manager."""
+    return OpenContainer(path, label=label)
+
+
+class OpenContainer:
+    """Context manager that owns the file descriptor behind a Container."""
+
+    def __init__(self, path: str | os.PathLike[str], *, label: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.label = label or self.path
+        self._fd: int | None = None
+
+    def __enter__(self) -> Container:
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileInputError(self.path, "no such file") from None
+        except IsADirectoryError:
+            raise FileInputError(self.path, "is a directory, not a container file") from None
+        except OSError as exc:
+            raise FileInputError(self.path, exc.strerror or "cannot open") from None
+        try:
+            length = os.fstat(self._fd).st_size
+            return Container(FileSource(self._fd, length), label=self.label)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
