@@ -53,16 +53,43 @@ SessionPrivateKey = ec.EllipticCurvePrivateKey | hpke.MLKEM768X25519PrivateKey
 SessionPublicKey = ec.EllipticCurvePublicKey | hpke.MLKEM768X25519PublicKey
 
 
-def generate_session_key(kem: Kem) -> tuple[SessionPrivateKey, bytes]:
-    """A fresh session key pair: the private key and the raw public key bytes."""
-    if kem is Kem.P256:
-        private = ec.generate_private_key(ec.SECP256R1())
-        raw = private.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-        return private, raw
-    pq = mlkem.MLKEM768PrivateKey.generate()
-    classic = x25519.X25519PrivateKey.generate()
-    raw = pq.public_key().public_bytes_raw() + classic.public_key().public_bytes_raw()
-    return hpke.MLKEM768X25519PrivateKey(pq, classic), raw
+@dataclass(frozen=True, slots=True, repr=False)
+class SessionKeyPair:
+    """A card's session key pair for one boot. ``repr`` shows only the public part."""
+
+    kem: Kem
+    private: SessionPrivateKey
+    public_raw: bytes
+    secret: bytes  # the private key's own bytes, for the card's persistent store only
+
+    def __repr__(self) -> str:
+        return f"SessionKeyPair({self.kem.value}, public={self.public_raw[:8].hex()}...)"
+
+    @classmethod
+    def generate(cls, kem: Kem) -> SessionKeyPair:
+        if kem is Kem.P256:
+            return cls.from_secret(kem, ec.generate_private_key(ec.SECP256R1())
+                                   .private_numbers().private_value.to_bytes(32, "big"))
+        pq = mlkem.MLKEM768PrivateKey.generate()
+        classic = x25519.X25519PrivateKey.generate()
+        return cls.from_secret(kem, pq.private_bytes_raw() + classic.private_bytes_raw())
+
+    @classmethod
+    def from_secret(cls, kem: Kem, secret: bytes) -> SessionKeyPair:
+        """Rebuild a key pair from ``secret``; FormatError if it is not one."""
+        try:
+            if kem is Kem.P256:
+                private: SessionPrivateKey = ec.derive_private_key(
+                    int.from_bytes(secret, "big"), ec.SECP256R1())
+                raw = private.public_key().public_bytes(
+                    Encoding.X962, PublicFormat.UncompressedPoint)
+                return cls(kem, private, raw, secret)
+            pq = mlkem.MLKEM768PrivateKey.from_seed_bytes(secret[:64])
+            classic = x25519.X25519PrivateKey.from_private_bytes(secret[64:])
+        except ValueError:
+            raise FormatError("session key", f"not a valid {kem.value} private key") from None
+        raw = pq.public_key().public_bytes_raw() + classic.public_key().public_bytes_raw()
+        return cls(kem, hpke.MLKEM768X25519PrivateKey(pq, classic), raw, secret)
 
 
 def decode_session_public_key(kem: Kem, raw: bytes) -> SessionPublicKey:

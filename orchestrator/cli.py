@@ -1,0 +1,402 @@
+"""Command-line front end: parses flags and calls into the product. Thin.
+
+Every ModelIPError becomes one line on stderr and the error family's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator import __version__
+from orchestrator.errors import FileInputError, ModelIPError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+# --- file-level commands ----------------------------------------------------------
+
+
+def cmd_generate_mek(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.mek import MEK, write_mek
+
+    mek = MEK.generate()
+    write_mek(args.output, mek, hex_form=args.hex)
+    print(f"wrote {args.output} (128-bit MEK, mode 0600, fingerprint {mek.fingerprint()})")
+    return 0
+
+
+def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
+    from orchestrator.crypto.container import ContentPolicy, SealSettings
+
+    expires = 0
+    if args.expires:
+        try:
+            moment = dt.datetime.fromisoformat(args.expires)
+        except ValueError:
+            raise UsageError(f"--expires: {args.expires!r} is not an ISO date/time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        expires = int(moment.timestamp())
+    if args.min_firmware:
+        from orchestrator.crypto.evidence import parse_version
+
+        parse_version(args.min_firmware)
+    return SealSettings(
+        model_id=args.model_id or default_id,
+        model_version=args.model_version,
+        policy=ContentPolicy(not_after=expires, min_firmware=args.min_firmware or "",
+                             rollback_floor=args.rollback_floor),
+        chunk_size=args.chunk_size,
+    )
+
+
+def _targets(args: argparse.Namespace) -> Any:
+    from orchestrator.encrypt import load_session_targets
+
+    return load_session_targets(args.pub_keys, trust_root=args.trust_root,
+                                insecure=args.insecure_unverified_key, warn=_err)
+
+
+def cmd_encrypt_model(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.mek import load_mek
+    from orchestrator.encrypt import encrypt_model
+
+    mek = load_mek(args.mek)
+    settings = _seal_settings(args, Path(args.qpc).stem)
+    targets = _targets(args) if args.pub_keys else ()
+    for path in encrypt_model(args.qpc, mek, args.output_dir, settings, targets=targets):
+        print(f"wrote {path}")
+    mek.wipe()
+    return 0
+
+
+def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.mek import load_mek
+    from orchestrator.encrypt import encrypt_with_session_keys
+
+    mek = load_mek(args.mek)
+    path = encrypt_with_session_keys(args.input_dir, mek, _targets(args),
+                                     out_dir=args.output_dir)
+    mek.wipe()
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_wrap_mek(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.mek import load_mek
+    from orchestrator.encrypt import wrap_mek_to_dir
+
+    mek = load_mek(args.mek)
+    for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir):
+        print(f"wrote {path}")
+    mek.wipe()
+    return 0
+
+
+def cmd_replace_mek(args: argparse.Namespace) -> int:
+    from orchestrator.encrypt import replace_mek
+
+    path = replace_mek(args.encrypted_qpc, args.wrapped_meks, out_dir=args.output_dir,
+                       in_place=args.in_place)
+    print(f"{'patched' if args.in_place else 'wrote'} {path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.mek import load_mek
+    from orchestrator.encrypt import verify_program
+
+    mek = load_mek(args.mek)
+    summary = verify_program(args.qpc, mek, extract=args.extract)
+    mek.wipe()
+    for segment in summary["segments"]:
+        print(f"ok  {segment['name']}  {segment['size']} bytes")
+    print(f"{args.qpc}: every segment decrypts and authenticates "
+          f"(model {summary['model_id']!r})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.encrypt import inspect_container
+
+    document = inspect_container(args.file)
+    if args.json:
+        _print_json(document)
+        return 0
+    print(f"{document['file']}: container {document['version']}, {document['size']} bytes, "
+          f"{'encrypted' if document['encrypted'] else 'plaintext'}")
+    for segment in document["segments"]:
+        flag = "enc" if segment["encrypted"] else "   "
+        print(f"  {flag} {segment['name']:<28} {segment['size']:>14,} bytes")
+    if "encryption" in document:
+        info = document["encryption"]
+        print(f"  model {info['model_id']!r} version {info['model_version']}, "
+              f"{info['aead']} chunks of {info['chunk_size']} bytes")
+        policy = info["policy"]
+        print(f"  policy: expires {policy['not_after'] or 'never'}, min firmware "
+              f"{policy['min_firmware'] or 'any'}, rollback floor {policy['rollback_floor']}")
+    for slot in document.get("key_slots", []):
+        print(f"  key slot {slot['slot']}: card {slot['card_id']!r} session "
+              f"{slot['session_id'][:16]} ({slot['kem']})")
+    if "mdp" in document:
+        for part in document["mdp"]["partitions"]:
+            print(f"  partition {part['index']}: {part['segment']} cost "
+                  f"{part['cost_share']:.1%}, {part['crossing_bytes']:,} bytes to next")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from orchestrator.qpc.build import pack_files, pack_mdp
+
+    if args.partition and args.segment:
+        raise UsageError("pack: give --segment (plain) or --partition (MDP), not both")
+    if args.partition:
+        size = pack_mdp(args.output, args.partition)
+    else:
+        pairs = []
+        for item in args.segment or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--segment {item!r}: expected NAME=FILE")
+            pairs.append((name, path))
+        size = pack_files(args.output, pairs)
+    print(f"wrote {args.output} ({size} bytes)")
+    return 0
+
+
+# --- files-only emulated cards ------------------------------------------------------
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from orchestrator.emulator.pki import ROOT_KEY, VendorPKI
+
+    if (Path(args.dir) / ROOT_KEY).exists():
+        raise FileInputError(args.dir, "already holds a vendor PKI; refusing to overwrite")
+    path = VendorPKI.create().save(args.dir)
+    print(f"wrote {path} (trust this root) and {Path(args.dir) / ROOT_KEY} (0600)")
+    return 0
+
+
+def _load_card(path: str) -> Any:
+    from orchestrator.emulator.card import EmulatedCard
+    from orchestrator.encrypt import read_file
+
+    raw = read_file(path, "card file")
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        from orchestrator.errors import FormatError
+
+        raise FormatError(path, "not an emulated card file")
+    return EmulatedCard.from_state(state, source=path)
+
+
+def _save_card(card: Any, path: str, *, overwrite: bool = True) -> None:
+    from orchestrator.atomicfile import write_bytes_atomic
+
+    data = (json.dumps(card.to_state(), indent=1) + "\n").encode()
+    write_bytes_atomic(path, data, mode=0o600, overwrite=overwrite)
+
+
+def cmd_card_init(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.wrap import Kem
+    from orchestrator.emulator.card import CardConfig, EmulatedCard
+    from orchestrator.emulator.pki import VendorPKI
+
+    pki = VendorPKI.load(args.pki)
+    card = EmulatedCard(pki.issue_card(args.id),
+                        CardConfig(firmware_version=args.firmware, kem=Kem.parse(args.kem)))
+    _save_card(card, args.output, overwrite=False)
+    print(f"wrote {args.output}: card {card.card_id!r}, boot {card.boot_counter}, "
+          f"session {card.session_fingerprint.hex()}")
+    return 0
+
+
+def cmd_card_attest(args: argparse.Namespace) -> int:
+    from orchestrator.atomicfile import write_bytes_atomic
+    from orchestrator.encrypt import read_file
+
+    card = _load_card(args.card)
+    request = read_file(args.input, "request file") if args.input else os.urandom(32)
+    write_bytes_atomic(args.output, card.attest(request))
+    print(f"wrote {args.output}: evidence of card {card.card_id!r} boot {card.boot_counter}")
+    return 0
+
+
+def cmd_card_reset(args: argparse.Namespace) -> int:
+    card = _load_card(args.card)
+    card.reset()
+    _save_card(card, args.card)
+    print(f"card {card.card_id!r} reset: boot {card.boot_counter}, new session "
+          f"{card.session_fingerprint.hex()}")
+    return 0
+
+
+def cmd_card_load(args: argparse.Namespace) -> int:
+    from orchestrator.qpc.container import open_container
+
+    card = _load_card(args.card)
+    with open_container(args.qpc) as container:
+        names = card.load(container, program_id=Path(args.qpc).name, partition=args.partition)
+    for name in names:
+        print(f"loaded {name}  {len(card.program.segments[name])} bytes")
+    _save_card(card, args.card)  # rollback floors are the card's persistent state
+    card.unload()
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def _add_seal_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-id", help="model identity bound into the encryption "
+                        "(default: the QPC file name)")
+    parser.add_argument("--model-version", type=int, default=1)
+    parser.add_argument("--expires", help="ISO date/time after which cards refuse the model")
+    parser.add_argument("--min-firmware", help="cards with older firmware refuse the model")
+    parser.add_argument("--rollback-floor", type=int, default=0,
+                        help="cards that load this refuse versions below it afterwards")
+    parser.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
+
+
+def _add_key_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--pub-keys", nargs="+", action="extend", required=required,
+                        metavar="FILE", help="attestation evidence files, one per card/slot")
+    parser.add_argument("--trust-root", metavar="PEM", help="vendor root to verify evidence")
+    parser.add_argument("--insecure-unverified-key", action="store_true",
+                        help="wrap to keys whose evidence is not verified (prints a warning)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelip", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"modelip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate-mek", help="write a fresh 128-bit MEK (mode 0600)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--hex", action="store_true", help="write 32 hex digits instead of raw")
+    p.set_defaults(handler=cmd_generate_mek)
+
+    p = sub.add_parser("encrypt-model", help="encrypt a QPC (and wrap to cards)")
+    p.add_argument("--qpc", required=True)
+    p.add_argument("--mek", required=True)
+    p.add_argument("--output-dir", required=True)
+    _add_key_flags(p, required=False)
+    _add_seal_flags(p)
+    p.set_defaults(handler=cmd_encrypt_model)
+
+    p = sub.add_parser("encrypt-with-session-keys", help="fully encrypted QPC from a body")
+    p.add_argument("--input-dir", required=True)
+    p.add_argument("--mek", required=True)
+    p.add_argument("--output-dir")
+    _add_key_flags(p, required=True)
+    p.set_defaults(handler=cmd_encrypt_with_session_keys)
+
+    p = sub.add_parser("wrap-mek", help="wrap the MEK to each card's session key")
+    p.add_argument("--mek", required=True)
+    p.add_argument("--output-dir", required=True)
+    _add_key_flags(p, required=True)
+    p.set_defaults(handler=cmd_wrap_mek)
+
+    p = sub.add_parser("replace-mek", help="swap key slots of an encrypted QPC")
+    p.add_argument("--encrypted-qpc", required=True, metavar="FILE|DIR")
+    p.add_argument("--wrapped-meks", required=True, nargs="+", action="extend", metavar="DIR")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--output-dir")
+    group.add_argument("--in-place", action="store_true")
+    p.set_defaults(handler=cmd_replace_mek)
+
+    p = sub.add_parser("verify", help="owner check: the encrypted QPC decrypts")
+    p.add_argument("--qpc", required=True)
+    p.add_argument("--mek", required=True)
+    p.add_argument("--extract", metavar="DIR", help="write the decrypted segments here")
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("pack", help="build a plaintext QPC from files (or an MDP QPC)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--segment", action="append", metavar="NAME=FILE")
+    p.add_argument("--partition", action="append", metavar="QPC",
+                   help="partition containers in pipeline order (makes an MDP container)")
+    p.set_defaults(handler=cmd_pack)
+
+    p = sub.add_parser("inspect", help="show a container's structure")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_inspect)
+
+    pki = sub.add_parser("pki", help="emulated card vendor PKI").add_subparsers(
+        dest="pki_command", required=True, metavar="COMMAND")
+    p = pki.add_parser("init", help="create an emulated vendor root in DIR")
+    p.add_argument("dir")
+    p.set_defaults(handler=cmd_pki_init)
+
+    card = sub.add_parser("card", help="files-only emulated cards").add_subparsers(
+        dest="card_command", required=True, metavar="COMMAND")
+    p = card.add_parser("init", help="create an emulated card")
+    p.add_argument("--pki", required=True, metavar="DIR")
+    p.add_argument("--id", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--firmware", default="1.12.0")
+    p.add_argument("--kem", default="P256", help="P256 or hybrid (ML-KEM-768+X25519)")
+    p.set_defaults(handler=cmd_card_init)
+    p = card.add_parser("attest", help="write the card's attestation evidence")
+    p.add_argument("card")
+    p.add_argument("-i", "--input", metavar="REQUEST")
+    p.add_argument("-o", "--output", default="report.dat")
+    p.set_defaults(handler=cmd_card_attest)
+    p = card.add_parser("reset", help="reboot the card: its session ends")
+    p.add_argument("card")
+    p.set_defaults(handler=cmd_card_reset)
+    p = card.add_parser("load", help="load an encrypted QPC into the card's memory")
+    p.add_argument("card")
+    p.add_argument("qpc")
+    p.add_argument("--partition", type=int, default=0)
+    p.set_defaults(handler=cmd_card_load)
+
+    p = sub.add_parser("demo", help="run the demo end to end")
+    p.add_argument("--workdir", default="demo-out")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_file_demo
+
+    return run_file_demo(args.workdir, echo=print)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ModelIPError as err:
+        _err(f"modelip: error: {err}")
+        return err.exit_code
+    except KeyboardInterrupt:
+        _err("modelip: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

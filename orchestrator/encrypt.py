@@ -1,0 +1,488 @@
+"""The file-level operations (the ``qaic-encrypt``-style commands).
+
+Each function takes paths, validates everything before writing anything, and
+writes its outputs atomically (docs/formats.md documents every file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from orchestrator.atomicfile import atomic_output, write_bytes_atomic
+from orchestrator.crypto.container import (
+    KEYSLOTS,
+    SealedContainer,
+    SealSettings,
+    encode_key_slots,
+    seal_specs,
+)
+from orchestrator.crypto.evidence import (
+    TrustPolicy,
+    VerifiedReport,
+    load_roots_file,
+    parse_evidence,
+    verify_evidence,
+)
+from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.wrap import Kem, KeySlot, decode_session_public_key, wrap_info, wrap_mek
+from orchestrator.errors import FileInputError, FormatError, UsageError
+from orchestrator.qpc.container import (
+    Container,
+    FileSource,
+    open_container,
+    rewrite_last_segment,
+    write_container,
+)
+from orchestrator.qpc.mdp import read_mdp_meta
+
+BODY_NAME = "encrypted_model.qpc"
+PROGRAM_NAME = "programqpc.bin"
+WRAPPED_FORMAT = "modelip-wrapped-mek/1"
+# File-level flows cannot check a nonce they never sent: a report may be at most
+# this old (attest, then wrap within the day). The engine uses fresh nonces.
+FILE_EVIDENCE_MAX_AGE = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTarget:
+    """Where one wrapped MEK goes: a card's session key, verified or explicitly not."""
+
+    card_id: str
+    session_id: bytes
+    kem: Kem
+    public_key: bytes
+    verified: bool
+    source: str
+    boot_counter: int = 0
+
+    @classmethod
+    def from_report(cls, report: VerifiedReport, source: str) -> SessionTarget:
+        return cls(report.card_id, report.session_id, report.kem, report.session_public_key,
+                   True, source, report.boot_counter)
+
+
+def read_file(path: str | os.PathLike[str], what: str, *, limit: int = 1 << 20) -> bytes:
+    """Read a small input file; FileInputError naming ``what`` if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise FileInputError(path, f"{what} not found") from None
+    except IsADirectoryError:
+        raise FileInputError(path, f"is a directory, not a {what}") from None
+    except OSError as exc:
+        raise FileInputError(path, f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise FileInputError(path, f"{what} is larger than {limit} bytes")
+    return data
+
+
+def load_session_targets(
+    paths: Sequence[str], *, trust_root: str | None, insecure: bool,
+    policy: TrustPolicy | None = None, warn: Any = None,
+) -> list[SessionTarget]:
+    """Turn ``--pub-keys`` files into wrap targets, verifying evidence first.
+
+    Evidence is verified against ``trust_root``; bare public keys (and evidence
+    without a trust root) are refused unless ``insecure``. Raises the
+    verifier's errors, FormatError or UsageError.
+    """
+    if not paths:
+        raise UsageError("--pub-keys: at least one evidence file is needed")
+    roots = load_roots_file(trust_root) if trust_root else None
+    policy = policy or TrustPolicy(max_age=FILE_EVIDENCE_MAX_AGE)
+    targets = []
+    for path in paths:
+        data = read_file(path, "evidence file")
+        try:
+            _, body = parse_evidence(data, source=path)
+        except FormatError:
+            bare = _parse_bare_key(data)
+            if bare is None:
+                raise
+            if not insecure:
+                raise UsageError(f"{path}: is a bare public key, not attestation evidence; "
+                                 "refusing to wrap without --insecure-unverified-key") from None
+            if warn:
+                warn(f"WARNING: {path}: wrapping to an UNVERIFIED bare key; no card "
+                     "identity or session is bound")
+            targets.append(SessionTarget("", b"", Kem.P256, bare, False, path))
+            continue
+        if roots is not None:
+            report = verify_evidence(data, roots=roots, policy=policy, request=None, source=path)
+            targets.append(SessionTarget.from_report(report, path))
+        elif insecure:
+            if warn:
+                warn(f"WARNING: {path}: evidence NOT verified (no --trust-root); wrapping to "
+                     "an unverified key")
+            kem = Kem.parse(body.session_kem)
+            decode_session_public_key(kem, body.session_public_key)
+            targets.append(SessionTarget(body.card_id, body.session_id, kem,
+                                         body.session_public_key, False, path,
+                                         body.boot_counter))
+        else:
+            raise UsageError("--trust-root is required to verify evidence before wrapping "
+                             "(or --insecure-unverified-key)")
+    return targets
+
+
+def _parse_bare_key(data: bytes) -> bytes | None:
+    try:
+        key = serialization.load_pem_public_key(data)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            return key.public_bytes(serialization.Encoding.X962,
+                                    serialization.PublicFormat.UncompressedPoint)
+    except (ValueError, TypeError):
+        pass
+    if len(data) == 65 and data[0] == 4:
+        try:
+            decode_session_public_key(Kem.P256, data)
+            return data
+        except FormatError:
+            return None
+    return None
+
+
+def wrap_to_targets(mek: MEK, targets: Sequence[SessionTarget]) -> list[KeySlot]:
+    """Slot k for target k."""
+    return [
+        wrap_mek(mek, slot=index, card_id=t.card_id, session_id=t.session_id, kem=t.kem,
+                 public_key=t.public_key)
+        for index, t in enumerate(targets)
+    ]
+
+
+def _check_slot_count(container: Container, count: int) -> None:
+    meta = read_mdp_meta(container)
+    if meta is not None and count != len(meta.partitions):
+        raise UsageError(f"{container.label}: MDP container has {len(meta.partitions)} "
+                         f"partitions; give one key per partition in order (got {count})")
+
+
+def output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output directory if needed; FileInputError if it cannot be."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileInputError(target, "exists and is not a directory") from None
+    except OSError as exc:
+        raise FileInputError(target, f"cannot create output directory: {exc.strerror}") from None
+    return target
+
+
+# --- encrypt-model / encrypt-with-session-keys ---------------------------------------
+
+
+def encrypt_model(qpc: str, mek: MEK, out_dir: str, settings: SealSettings, *,
+                  targets: Sequence[SessionTarget] = ()) -> list[Path]:
+    """Encrypt a container once; with targets, also the fully encrypted program.
+
+    Writes OUT/encrypted_model.qpc (no key slots); with ``targets`` also
+    OUT/programqpc.bin (slot k wrapped to target k). Returns the paths written.
+    """
+    with open_container(qpc) as source:
+        if targets:
+            _check_slot_count(source, len(targets))
+        specs = seal_specs(source, mek, settings, key_slots=[])
+        directory = output_dir(out_dir)
+        written = [directory / BODY_NAME]
+        with atomic_output(written[0]) as handle:
+            write_container(handle, specs)
+    if targets:
+        written.append(encrypt_with_session_keys(str(directory), mek, targets,
+                                                 out_dir=str(directory)))
+    return written
+
+
+def encrypt_with_session_keys(in_dir: str, mek: MEK, targets: Sequence[SessionTarget], *,
+                              out_dir: str | None = None) -> Path:
+    """Wrap the MEK to each target and write OUT/programqpc.bin from IN/encrypted_model.qpc."""
+    body = Path(in_dir) / BODY_NAME
+    with open_container(body) as container:
+        sealed = SealedContainer(container)
+        sealed.check_mek(mek)
+        _check_slot_count(container, len(targets))
+    slots = wrap_to_targets(mek, targets)
+    target = output_dir(out_dir or in_dir) / PROGRAM_NAME
+    write_with_slots(body, target, slots)
+    return target
+
+
+def write_with_slots(body: Path, target: Path, slots: Sequence[KeySlot]) -> None:
+    """Copy an encrypted container and give the copy new key slots (atomic)."""
+    with atomic_output(target) as handle:
+        _copy_file_into(body, handle)
+        _rewrite_slots(handle.fileno(), str(target), slots)
+
+
+def _copy_file_into(source: Path, handle: BinaryIO) -> None:
+    with open(source, "rb") as src:
+        _fast_copy(src, handle)
+
+
+def _fast_copy(src: BinaryIO, dst: BinaryIO) -> None:
+    dst.flush()
+    remaining = os.fstat(src.fileno()).st_size
+    offset = 0
+    while remaining:
+        try:
+            copied = os.copy_file_range(src.fileno(), dst.fileno(), remaining, offset, offset)
+        except OSError:
+            copied = 0
+        if copied == 0:  # not supported here: fall back to user-space copy
+            src.seek(offset)
+            dst.seek(offset)
+            shutil.copyfileobj(src, dst, 8 << 20)
+            dst.flush()
+            return
+        offset += copied
+        remaining -= copied
+
+
+def _rewrite_slots(fd: int, label: str, slots: Sequence[KeySlot]) -> None:
+    container = Container(FileSource(fd, os.fstat(fd).st_size), label=label)
+    sealed = SealedContainer(container)
+    if not sealed.has_key_slot_segment:
+        raise FormatError(label, "has no key-slot segment (not a top-level encrypted program)")
+    rewrite_last_segment(fd, container, encode_key_slots(slots))
+
+
+# --- wrap-mek / replace-mek -----------------------------------------------------------
+
+
+def wrap_mek_to_dir(mek: MEK, targets: Sequence[SessionTarget], out_dir: str) -> list[Path]:
+    """One sub-directory per target: MEK.encrypt, MEK.pub, MEK.nonce, config.json."""
+    directory = output_dir(out_dir)
+    slots = wrap_to_targets(mek, targets)
+    written = []
+    summary = []
+    for target, slot in zip(targets, slots, strict=True):
+        slot_dir = directory / f"slot_{slot.slot}"
+        slot_dir.mkdir(exist_ok=True)
+        config = _slot_config(slot, target)
+        write_bytes_atomic(slot_dir / "MEK.encrypt", slot.wrapped_mek)
+        write_bytes_atomic(slot_dir / "MEK.pub", slot.enc)
+        write_bytes_atomic(slot_dir / "MEK.nonce", slot.info())
+        write_bytes_atomic(slot_dir / "config.json", _json(config))
+        summary.append({**config, "dir": slot_dir.name})
+        written.append(slot_dir)
+    write_bytes_atomic(directory / "config.json", _json({
+        "format": WRAPPED_FORMAT, "mek_fingerprint": mek.fingerprint(), "slots": summary}))
+    return written
+
+
+def _slot_config(slot: KeySlot, target: SessionTarget) -> dict[str, Any]:
+    return {
+        "format": WRAPPED_FORMAT,
+        "slot": slot.slot,
+        "card_id": slot.card_id,
+        "session_id": slot.session_id.hex(),
+        "kem": slot.kem.value,
+        "boot_counter": target.boot_counter,
+        "verified": target.verified,
+        "evidence": target.source,
+    }
+
+
+def _json(document: Any) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def load_wrapped_dirs(paths: Sequence[str]) -> list[KeySlot]:
+    """Key slots from wrap-mek output: slot directories, or directories holding them."""
+    slots: list[KeySlot] = []
+    for path in paths:
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileInputError(directory, "wrapped-MEK directory not found")
+        if (directory / "MEK.encrypt").exists():
+            slots.append(_load_slot_dir(directory))
+            continue
+        children = sorted((p for p in directory.iterdir() if (p / "MEK.encrypt").exists()),
+                          key=lambda p: p.name)
+        if not children:
+            raise FileInputError(directory, "holds no wrapped MEK (MEK.encrypt)")
+        slots.extend(_load_slot_dir(child) for child in children)
+    numbers = [slot.slot for slot in slots]
+    if len(set(numbers)) != len(numbers):
+        raise UsageError("--wrapped-meks: two wrapped MEKs are for the same slot")
+    return slots
+
+
+def _load_slot_dir(directory: Path) -> KeySlot:
+    where = str(directory)
+    try:
+        config = json.loads(read_file(directory / "config.json", "wrapped-MEK config"))
+        if config.get("format") != WRAPPED_FORMAT:
+            raise ValueError("format")
+        slot = KeySlot(
+            slot=int(config["slot"]),
+            card_id=str(config["card_id"]),
+            session_id=bytes.fromhex(config["session_id"]),
+            kem=Kem.parse(config["kem"]),
+            enc=read_file(directory / "MEK.pub", "MEK.pub"),
+            wrapped_mek=read_file(directory / "MEK.encrypt", "MEK.encrypt"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FormatError(where, "wrapped-MEK directory has a malformed config.json") from None
+    nonce = read_file(directory / "MEK.nonce", "MEK.nonce")
+    if nonce != wrap_info(slot.kem, slot.slot, slot.card_id, slot.session_id):
+        raise FormatError(where, "MEK.nonce does not match config.json (mixed directories?)")
+    if len(slot.enc) != slot.kem.enc_bytes:
+        raise FormatError(where, "MEK.pub has the wrong length for its KEM")
+    return slot
+
+
+def merge_slots(current: Sequence[KeySlot], new: Sequence[KeySlot]) -> list[KeySlot]:
+    """New slots replace the ones with the same number; the rest are kept."""
+    merged = {slot.slot: slot for slot in current}
+    merged.update({slot.slot: slot for slot in new})
+    return [merged[number] for number in sorted(merged)]
+
+
+def resolve_program(path: str) -> Path:
+    """--encrypted-qpc FILE or DIR (then DIR/programqpc.bin)."""
+    target = Path(path)
+    if target.is_dir():
+        target = target / PROGRAM_NAME
+    if not target.is_file():
+        raise FileInputError(target, "encrypted program not found")
+    return target
+
+
+def replace_mek(encrypted: str, wrapped_dirs: Sequence[str], *, out_dir: str | None,
+                in_place: bool) -> Path:
+    """Swap key slots only; never re-encrypts. Returns the file written."""
+    if in_place == (out_dir is not None):
+        raise UsageError("replace-mek: give exactly one of --output-dir or --in-place")
+    program = resolve_program(encrypted)
+    new_slots = load_wrapped_dirs(wrapped_dirs)
+    with open_container(program) as container:
+        sealed = SealedContainer(container)
+        if not sealed.has_key_slot_segment:
+            raise FormatError(str(program), "has no key-slot segment")
+        slots = merge_slots(sealed.key_slots, new_slots)
+        meta = read_mdp_meta(container)
+        if meta is not None and any(s.slot >= len(meta.partitions) for s in slots):
+            raise UsageError(f"{program}: MDP container has {len(meta.partitions)} partitions; "
+                             "a wrapped MEK names a slot beyond them")
+    if in_place:
+        fd = os.open(program, os.O_RDWR)
+        try:
+            _rewrite_slots(fd, str(program), slots)
+        finally:
+            os.close(fd)
+        return program
+    assert out_dir is not None  # noqa: S101 - checked above
+    target = output_dir(out_dir) / PROGRAM_NAME
+    if target.resolve() == program.resolve():
+        raise UsageError("replace-mek: --output-dir is the input's directory; use --in-place")
+    write_with_slots(program, target, slots)
+    return target
+
+
+# --- verify / inspect -------------------------------------------------------------------
+
+
+def verify_program(path: str, mek: MEK, *, extract: str | None = None) -> dict[str, Any]:
+    """Decrypt and authenticate every segment with the owner's MEK.
+
+    Nothing plaintext is written unless ``extract`` names a directory.
+    Returns a summary (segments and sizes). Raises WrongMEKError/IntegrityError.
+    """
+    program = Path(path)
+    with open_container(program) as container:
+        sealed = SealedContainer(container).open(mek)
+        summary: dict[str, Any] = {"file": str(program), "model_id": sealed.info.model_id,
+                                   "segments": []}
+        plan = _collect(sealed, mek, prefix="")
+        if extract:
+            directory = output_dir(extract)
+            for name, container_sealed, entry_name in plan:
+                target = directory / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(target, mode=0o600) as handle:
+                    size = 0
+                    for piece in container_sealed.iter_decrypted(entry_name):
+                        handle.write(piece)
+                        size += len(piece)
+                summary["segments"].append({"name": name, "size": size})
+        else:
+            for name, container_sealed, entry_name in plan:
+                size = sum(len(p) for p in container_sealed.iter_decrypted(entry_name))
+                summary["segments"].append({"name": name, "size": size})
+    return summary
+
+
+def _collect(sealed: SealedContainer, mek: MEK, *, prefix: str) -> list[tuple[str, Any, str]]:
+    plan: list[tuple[str, Any, str]] = []
+    for entry in sealed.info.segments:
+        if entry.nested:
+            inner = sealed.nested(entry.name, mek)
+            plan.extend(_collect(inner, mek, prefix=f"{prefix}{entry.name}/"))
+        else:
+            plan.append((prefix + entry.name, sealed, entry.name))
+    return plan
+
+
+def inspect_container(path: str) -> dict[str, Any]:
+    """Everything a container shows without a key, as a JSON-able dict."""
+    with open_container(path) as container:
+        return _describe(container)
+
+
+def _describe(container: Container) -> dict[str, Any]:
+    header = container.header
+    document: dict[str, Any] = {
+        "file": container.label,
+        "version": f"{header.major}.{header.minor}",
+        "compression": header.compression,
+        "size": header.size,
+        "segments": [],
+        "encrypted": False,
+    }
+    sealed = None
+    try:
+        sealed = SealedContainer(container)
+    except FormatError:
+        if container.has("modelip_encinfo"):
+            raise
+    entries = {e.name: e for e in sealed.info.segments} if sealed else {}
+    for segment in container.segments:
+        entry = entries.get(segment.name)
+        document["segments"].append({
+            "name": segment.name, "size": segment.size, "offset": segment.offset,
+            "file_offset": segment.file_offset,
+            "encrypted": bool(entry and (entry.encrypted or entry.nested)),
+        })
+    meta = read_mdp_meta(container)
+    if meta is not None:
+        document["mdp"] = json.loads(meta.encode())
+    if sealed is not None:
+        info = sealed.info
+        document["encrypted"] = True
+        document["encryption"] = {
+            "format_version": info.format_version, "aead": info.aead, "kdf": info.kdf,
+            "chunk_size": info.chunk_size, "model_id": info.model_id,
+            "model_version": info.model_version,
+            "policy": {"not_after": info.policy.not_after,
+                       "min_firmware": info.policy.min_firmware,
+                       "rollback_floor": info.policy.rollback_floor},
+        }
+        document["key_slots"] = [
+            {"slot": s.slot, "card_id": s.card_id, "session_id": s.session_id.hex(),
+             "kem": s.kem.value} for s in sealed.key_slots
+        ]
+        if container.has(KEYSLOTS) is False and sealed.info.partition_count:
+            document["encryption"]["partition"] = info.partition
+    return document
