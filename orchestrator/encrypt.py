@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,21 +408,37 @@ def verify_program(path: str, mek: MEK, *, extract: str | None = None) -> dict[s
                                    "segments": []}
         plan = _collect(sealed, mek, prefix="")
         if extract:
-            directory = output_dir(extract)
-            for name, container_sealed, entry_name in plan:
-                target = directory / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_output(target, mode=0o600) as handle:
-                    size = 0
-                    for piece in container_sealed.iter_decrypted(entry_name):
-                        handle.write(piece)
-                        size += len(piece)
-                summary["segments"].append({"name": name, "size": size})
+            summary["segments"] = _extract(plan, output_dir(extract))
         else:
             for name, container_sealed, entry_name in plan:
                 size = sum(len(p) for p in container_sealed.iter_decrypted(entry_name))
                 summary["segments"].append({"name": name, "size": size})
     return summary
+
+
+def _extract(plan: list[tuple[str, Any, str]], directory: Path) -> list[dict[str, Any]]:
+    """Decrypt into a private staging directory; move into place only when all verified."""
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=directory))
+    try:
+        written = []
+        for name, sealed, entry_name in plan:
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            size = 0
+            with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                           "wb") as handle:
+                for piece in sealed.iter_decrypted(entry_name):
+                    handle.write(piece)
+                    size += len(piece)
+                os.fsync(handle.fileno())
+            written.append({"name": name, "size": size})
+        for item in written:
+            final = directory / item["name"]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / item["name"], final)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _collect(sealed: SealedContainer, mek: MEK, *, prefix: str) -> list[tuple[str, Any, str]]:

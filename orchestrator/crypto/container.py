@@ -253,16 +253,21 @@ class SealedContainer:
         expected = stream.derive_mek_check(mek, self.info.salt)
         if not secrets.compare_digest(expected, self.info.mek_check):
             raise WrongMEKError(f"{self.label}: the MEK given is not the one this model was "
-                                "encrypted with")
+                                "encrypted with (or its encryption info was altered)")
 
     def open(self, mek: MEK) -> SealedContainer:
         """Authenticate the encryption info with ``mek``; returns self.
 
         Raises WrongMEKError or IntegrityError.
         """
-        self.check_mek(mek)
         aead = stream.derive_content_key(mek, self.info.salt, self.info.model_id)
-        stream.open_info(aead, self.info_bytes, self.info_tag)
+        try:
+            stream.open_info(aead, self.info_bytes, self.info_tag)
+        except IntegrityError:
+            # Tell a wrong key from tampering where the key commitment can.
+            self.check_mek(mek)
+            raise IntegrityError(f"{self.label}: encryption info was altered "
+                                 "(authentication failed)") from None
         self._check_table()
         self._aead = aead
         return self

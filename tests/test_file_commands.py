@@ -1,0 +1,363 @@
+"""The file-level commands, driven through the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.crypto.container import SealedContainer, encode_key_slots
+from orchestrator.emulator.card import EmulatedCard
+from orchestrator.errors import IntegrityError, SessionInvalidError
+from orchestrator.qpc.container import open_container, rewrite_last_segment
+from tests.conftest import SHAPES
+
+SMALL_CHUNK = "1024"
+
+
+def run(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def load_card(path: Path) -> EmulatedCard:
+    return EmulatedCard.from_state(json.loads(path.read_text()), source=str(path))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, pki_dir: Path):  # type: ignore[no-untyped-def]
+    """Three files-only cards with fresh evidence, and a MEK."""
+    cards, evidence = [], []
+    for index in range(3):
+        card = tmp_path / f"card{index}.json"
+        assert run("card", "init", "--pki", pki_dir, "--id", f"card-{index}", "-o", card) == 0
+        report = tmp_path / f"card{index}.dat"
+        assert run("card", "attest", card, "-o", report) == 0
+        cards.append(card)
+        evidence.append(report)
+    mek = tmp_path / "mek.dat"
+    assert run("generate-mek", "-o", mek) == 0
+    return {"cards": cards, "evidence": evidence, "mek": mek, "root": pki_dir / "root.pem"}
+
+
+def encrypt(qpc: Path, fleet, out: Path, n: int) -> Path:  # type: ignore[no-untyped-def]
+    code = run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir", out,
+               "--chunk-size", SMALL_CHUNK, "--trust-root", fleet["root"],
+               "--pub-keys", *fleet["evidence"][:n])
+    assert code == 0
+    return out / "programqpc.bin"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_shape_round_trips_to_the_exact_bytes(tmp_path: Path, fleet, make_qpc,  # type: ignore[no-untyped-def]
+                                                    shape: str) -> None:
+    qpc, contents = make_qpc(SHAPES[shape])
+    program = encrypt(qpc, fleet, tmp_path / "out", 2)
+    for index in range(2):  # the same model on two cards: one slot each
+        card = load_card(fleet["cards"][index])
+        with open_container(program) as container:
+            card.load(container, program_id="p")
+        assert card.program is not None
+        assert {k: bytes(v) for k, v in card.program.segments.items()} == contents
+    extract = tmp_path / "plain"
+    assert run("verify", "--qpc", program, "--mek", fleet["mek"], "--extract", extract) == 0
+    assert {p.name: p.read_bytes() for p in extract.iterdir()} == contents
+    body = (tmp_path / "out" / "encrypted_model.qpc").read_bytes()
+    for name, data in contents.items():
+        if len(data) >= 16 and name not in ("networkdesc.bin", "constantsdesc.bin"):
+            assert data not in body  # model bytes never appear in clear
+
+
+def test_mdp_container_one_partition_per_card(tmp_path: Path, fleet, make_mdp) -> None:  # type: ignore[no-untyped-def]
+    mdp, parts = make_mdp(3)
+    program = encrypt(mdp, fleet, tmp_path / "out", 3)
+    for index in range(3):
+        card = load_card(fleet["cards"][index])
+        with open_container(program) as container:
+            card.load(container, program_id="p", partition=index)
+        assert card.program is not None
+        assert {k: bytes(v) for k, v in card.program.segments.items()} == parts[index]
+    # a card cannot load a partition its slot is not for
+    card = load_card(fleet["cards"][0])
+    with open_container(program) as container, pytest.raises(IntegrityError, match="partition"):
+        card.load(container, program_id="p", partition=1)
+
+
+def test_mdp_needs_one_key_per_partition(tmp_path: Path, fleet, make_mdp, capsys) -> None:  # type: ignore[no-untyped-def]
+    mdp, _ = make_mdp(3)
+    code = run("encrypt-model", "--qpc", mdp, "--mek", fleet["mek"], "--output-dir",
+               tmp_path / "out", "--trust-root", fleet["root"], "--pub-keys",
+               *fleet["evidence"][:2])
+    assert code == 2
+    assert "3 partitions" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- tampering: each its own clear error, no output -------------------------------------
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _segment_offset(path: Path, name: str) -> tuple[int, int]:
+    with open_container(path) as container:
+        segment = container.segment(name)
+        return segment.file_offset, segment.size
+
+
+def _load_error(card_path: Path, program: Path, partition: int = 0) -> Exception:
+    card = load_card(card_path)
+    with pytest.raises(Exception) as info:  # noqa: B017,PT011 - callers check the message
+        with open_container(program) as container:
+            card.load(container, program_id="p", partition=partition)
+    assert card.program is None
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("ciphertext", "chunk 0 failed authentication"),
+        ("encinfo", "encryption info was altered"),
+        ("wrapped_mek", "wrapped MEK does not open"),
+        ("plaintext_desc", "plaintext segment 'networkdesc.bin' was altered"),
+    ],
+)
+def test_flipped_bits_are_detected(tmp_path: Path, fleet, make_qpc, capsys,  # type: ignore[no-untyped-def]
+                                   target: str, expected: str) -> None:
+    qpc, _ = make_qpc(SHAPES["many-segments"])
+    program = encrypt(qpc, fleet, tmp_path / "out", 1)
+    if target == "ciphertext":
+        start, _ = _segment_offset(program, "network.elf")
+        _flip(program, start + 7)
+    elif target == "encinfo":
+        start, size = _segment_offset(program, "modelip_encinfo")
+        _flip(program, start + size - 16 - 3)  # the segment list, not salt or key check
+    elif target == "wrapped_mek":
+        start, size = _segment_offset(program, "modelip_keyslots")
+        _flip(program, start + size - 3)
+    else:
+        start, _ = _segment_offset(program, "networkdesc.bin")
+        _flip(program, start)
+    error = _load_error(fleet["cards"][0], program)
+    assert expected in str(error)
+    extract = tmp_path / "plain"
+    if target != "wrapped_mek":  # the owner's check does not use the slots
+        assert run("verify", "--qpc", program, "--mek", fleet["mek"], "--extract", extract) == 3
+        assert expected in capsys.readouterr().err
+        assert not extract.exists() or not [p for p in extract.rglob("*") if p.is_file()]
+
+
+def test_truncation_and_swapped_chunks(tmp_path: Path, fleet, make_qpc) -> None:  # type: ignore[no-untyped-def]
+    qpc, _ = make_qpc({"network.elf": 4 * 1024})
+    program = encrypt(qpc, fleet, tmp_path / "out", 1)
+    data = program.read_bytes()
+    start, size = _segment_offset(program, "network.elf")
+    chunk = 1024 + 16
+    swapped = bytearray(data)
+    swapped[start : start + chunk] = data[start + chunk : start + 2 * chunk]
+    swapped[start + chunk : start + 2 * chunk] = data[start : start + chunk]
+    program.write_bytes(bytes(swapped))
+    assert "chunk 0 failed authentication" in str(_load_error(fleet["cards"][0], program))
+    program.write_bytes(data[: start + size - 5])
+    assert "header says" in str(_load_error(fleet["cards"][0], program))
+
+
+def _rewrite_slots(program: Path, mutate) -> None:  # type: ignore[no-untyped-def]
+    with open_container(program) as container:
+        slots = SealedContainer(container).key_slots
+    fd = os.open(program, os.O_RDWR)
+    try:
+        with open_container(program) as container:
+            rewrite_last_segment(fd, container, encode_key_slots(mutate(slots)))
+    finally:
+        os.close(fd)
+
+
+def test_slot_moved_to_another_card_session_or_partition(tmp_path: Path, fleet, make_mdp  # type: ignore[no-untyped-def]
+                                                         ) -> None:
+    mdp, _ = make_mdp(2)
+    program = encrypt(mdp, fleet, tmp_path / "out", 2)
+    card1 = load_card(fleet["cards"][1])
+    # another card: slot 0 (card-0's) relabelled for card-1 and put in card-1's place
+    _rewrite_slots(program, lambda s: [s[0], replace(s[0], slot=1, card_id="card-1",
+                                                     session_id=card1.session_id)])
+    assert "does not open" in str(_load_error(fleet["cards"][1], program, partition=1))
+    # another partition: card-0's slot renumbered to partition 1
+    program = encrypt(mdp, fleet, tmp_path / "out2", 2)
+    _rewrite_slots(program, lambda s: [replace(s[0], slot=1), replace(s[1], slot=0)])
+    assert "does not open" in str(_load_error(fleet["cards"][0], program, partition=1))
+    # another session: the card was reset
+    program = encrypt(mdp, fleet, tmp_path / "out3", 2)
+    assert run("card", "reset", fleet["cards"][0]) == 0
+    error = _load_error(fleet["cards"][0], program)
+    assert isinstance(error, SessionInvalidError) and "earlier session" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "expected"),
+    [
+        ("wrong_root", "does not lead to a trusted vendor root"),
+        ("bare_key", "bare public key"),
+        ("garbage", "not attestation evidence"),
+    ],
+)
+def test_bad_evidence_is_refused_and_nothing_is_written(tmp_path: Path, fleet, make_qpc,  # type: ignore[no-untyped-def]
+                                                        capsys, make_bad, expected) -> None:
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    evidence = fleet["evidence"][0]
+    root = fleet["root"]
+    if make_bad == "wrong_root":
+        assert run("pki", "init", tmp_path / "other") == 0
+        root = tmp_path / "other" / "root.pem"
+    elif make_bad == "bare_key":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        evidence = tmp_path / "bare.pem"
+        evidence.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    else:
+        evidence = tmp_path / "garbage.dat"
+        evidence.write_bytes(b"\xff\x00not evidence" * 5)
+    out = tmp_path / "out"
+    code = run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir", out,
+               "--trust-root", root, "--pub-keys", evidence)
+    assert code in (2, 3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_card_enforces_the_models_minimum_firmware(tmp_path: Path, fleet, make_qpc, pki_dir,  # type: ignore[no-untyped-def]
+                                                   capsys) -> None:
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    card = tmp_path / "old.json"
+    assert run("card", "init", "--pki", pki_dir, "--id", "old", "-o", card,
+               "--firmware", "0.9.0") == 0
+    assert run("card", "attest", card, "-o", tmp_path / "old.dat") == 0
+    code = run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir",
+               tmp_path / "out", "--trust-root", fleet["root"], "--pub-keys",
+               tmp_path / "old.dat", "--min-firmware", "1.10")
+    assert code == 0
+    capsys.readouterr()
+    assert run("card", "load", card, tmp_path / "out" / "programqpc.bin") == 3
+    assert "needs firmware >= 1.10, card has 0.9.0" in capsys.readouterr().err
+
+
+def test_bare_key_is_accepted_only_when_insecure(tmp_path: Path, fleet, make_qpc, capsys  # type: ignore[no-untyped-def]
+                                                 ) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    bare = tmp_path / "bare.pem"
+    bare.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert run("wrap-mek", "--mek", fleet["mek"], "--pub-keys", bare, "--output-dir",
+               tmp_path / "w", "--insecure-unverified-key") == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert (tmp_path / "w" / "slot_0" / "MEK.encrypt").stat().st_size == 32
+
+
+# --- reset and replace-mek --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["in-place", "output-dir"])
+def test_reset_then_replace_mek_makes_the_same_body_load(tmp_path: Path, fleet, make_qpc,  # type: ignore[no-untyped-def]
+                                                         mode: str) -> None:
+    qpc, contents = make_qpc(SHAPES["multi-chunk"])
+    program = encrypt(qpc, fleet, tmp_path / "out", 2)
+    card = fleet["cards"][1]
+    assert run("card", "reset", card) == 0
+    assert isinstance(_load_error(card, program), SessionInvalidError)
+    fresh = tmp_path / "fresh.dat"
+    assert run("card", "attest", card, "-o", fresh) == 0
+    # wrap for slot 1 only: wrap-mek numbers slots in --pub-keys order
+    assert run("wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
+               "--pub-keys", fleet["evidence"][0], fresh, "--output-dir", tmp_path / "w") == 0
+    start, size = _segment_offset(program, "network.elf")
+    body_before = program.read_bytes()[start : start + size]
+    if mode == "in-place":
+        assert run("replace-mek", "--encrypted-qpc", program, "--wrapped-meks",
+                   tmp_path / "w" / "slot_1", "--in-place") == 0
+        result = program
+    else:
+        assert run("replace-mek", "--encrypted-qpc", program, "--wrapped-meks",
+                   tmp_path / "w" / "slot_1", "--output-dir", tmp_path / "new") == 0
+        result = tmp_path / "new" / "programqpc.bin"
+    start2, size2 = _segment_offset(result, "network.elf")
+    assert result.read_bytes()[start2 : start2 + size2] == body_before  # never re-encrypted
+    for index in (0, 1):  # card 0's slot kept, card 1's replaced
+        loaded = load_card(fleet["cards"][index])
+        with open_container(result) as container:
+            loaded.load(container, program_id="p")
+        assert loaded.program is not None
+        assert {k: bytes(v) for k, v in loaded.program.segments.items()} == contents
+
+
+def test_replace_mek_in_place_survives_repeated_swaps(tmp_path: Path, fleet, make_qpc  # type: ignore[no-untyped-def]
+                                                      ) -> None:
+    """Each swap writes the slots beside the live copy; the file does not grow."""
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    program = encrypt(qpc, fleet, tmp_path / "out", 1)
+    sizes = set()
+    for round_ in range(4):
+        evidence = tmp_path / f"e{round_}.dat"
+        assert run("card", "reset", fleet["cards"][0]) == 0
+        assert run("card", "attest", fleet["cards"][0], "-o", evidence) == 0
+        wrapped = tmp_path / f"w{round_}"
+        assert run("wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
+                   "--pub-keys", evidence, "--output-dir", wrapped) == 0
+        assert run("replace-mek", "--encrypted-qpc", program, "--wrapped-meks", wrapped,
+                   "--in-place") == 0
+        assert run("card", "load", fleet["cards"][0], program) == 0
+        sizes.add(program.stat().st_size)
+    _, slot_size = _segment_offset(program, "modelip_keyslots")
+    assert max(sizes) - min(sizes) <= slot_size + 16  # ping-pong, no growth per swap
+
+
+def test_verify_with_the_wrong_mek(tmp_path: Path, fleet, make_qpc, capsys) -> None:  # type: ignore[no-untyped-def]
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    program = encrypt(qpc, fleet, tmp_path / "out", 1)
+    other = tmp_path / "other.dat"
+    assert run("generate-mek", "-o", other) == 0
+    assert run("verify", "--qpc", program, "--mek", other) == 3
+    assert "not the one this model was encrypted with" in capsys.readouterr().err
+
+
+def test_inspect_shows_structure_without_a_key(tmp_path: Path, fleet, make_mdp, capsys  # type: ignore[no-untyped-def]
+                                               ) -> None:
+    mdp, _ = make_mdp(2)
+    program = encrypt(mdp, fleet, tmp_path / "out", 2)
+    capsys.readouterr()
+    assert run("inspect", program, "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["encrypted"] is True
+    assert [s["card_id"] for s in document["key_slots"]] == ["card-0", "card-1"]
+    assert [p["segment"] for p in document["mdp"]["partitions"]] == ["partition_0.qpc",
+                                                                     "partition_1.qpc"]
+    names = [s["name"] for s in document["segments"]]
+    assert names[0] == "modelip_encinfo" and names[-1] == "modelip_keyslots"
+    assert run("inspect", program) == 0
+    assert "key slot 1: card 'card-1'" in capsys.readouterr().out
+
+
+def test_seed_style_flow_as_a_shell_script(tmp_path: Path) -> None:
+    script = Path(__file__).parent / "flows" / "seed_flow.sh"
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    assert shutil.which("modelip", path=env["PATH"]), "the modelip console script is installed"
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SEED FLOW OK" in result.stdout
