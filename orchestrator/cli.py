@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_file_demo
 
-    return run_file_demo(args.workdir, echo=print)
+    return int(run_file_demo(args.workdir, echo=print))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

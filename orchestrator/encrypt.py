@@ -433,9 +433,10 @@ def _extract(plan: list[tuple[str, Any, str]], directory: Path) -> list[dict[str
                 os.fsync(handle.fileno())
             written.append({"name": name, "size": size})
         for item in written:
-            final = directory / item["name"]
+            name = str(item["name"])
+            final = directory / name
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / item["name"], final)
+            os.replace(staging / name, final)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
@@ -157,8 +158,7 @@ def seal_specs(
             )
             entry.nested = True
             body.append((SegmentSpec(segment.name, container_size(inner_specs),
-                                     lambda specs=inner_specs: container_pieces(specs),
-                                     segment.offset), entry))
+                                     _nested_producer(inner_specs), segment.offset), entry))
         elif segment.name in PLAINTEXT_ALLOWLIST:
             data = source.read(segment.name)
             entry.plaintext_sha256 = hashlib.sha256(data).digest()
@@ -191,8 +191,12 @@ def seal_specs(
     return specs
 
 
+def _nested_producer(specs: list[SegmentSpec]) -> Callable[[], Iterator[bytes | memoryview]]:
+    return lambda: container_pieces(specs)
+
+
 def _encrypting_producer(source: Container, index: int, stream_index: int, aad: bytes,
-                         aead: stream.AESGCM, chunk_size: int):  # type: ignore[no-untyped-def]
+                         aead: AESGCM, chunk_size: int) -> Callable[[], Iterator[bytes]]:
     segment = source.segments[index]
 
     def produce() -> Iterator[bytes]:
@@ -242,7 +246,7 @@ class SealedContainer:
         self.has_key_slot_segment = container.has(KEYSLOTS)
         if self.has_key_slot_segment and container.segments[-1].name != KEYSLOTS:
             raise FormatError(self.label, "key-slot segment is not the last segment")
-        self._aead: stream.AESGCM | None = None
+        self._aead: AESGCM | None = None
 
     @property
     def segment_infos(self) -> list[evidence_pb2.SegmentInfo]:
@@ -290,7 +294,7 @@ class SealedContainer:
             elif not entry.nested and segment.size != entry.plaintext_size:
                 raise IntegrityError(f"{self.label}: segment {entry.name!r} changed size")
 
-    def _require_open(self) -> stream.AESGCM:
+    def _require_open(self) -> AESGCM:
         if self._aead is None:
             raise RuntimeError("SealedContainer.open(mek) must be called first")
         return self._aead

@@ -78,7 +78,8 @@ def load_mek(path: str | os.PathLike[str]) -> MEK:
     if len(text) == 2 * MEK_BYTES and all(chr(c) in _HEX for c in text):
         return MEK(bytes.fromhex(text.decode("ascii")))
     raise MEKError(
-        f"{target}: MEK must be 16 raw bytes or 32 hex digits (128 bits), got a {len(raw)}-byte file"
+        f"{target}: MEK must be 16 raw bytes or 32 hex digits (128 bits), "
+        f"got a {len(raw)}-byte file"
     )
 
 

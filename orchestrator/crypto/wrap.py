@@ -79,11 +79,10 @@ class SessionKeyPair:
         """Rebuild a key pair from ``secret``; FormatError if it is not one."""
         try:
             if kem is Kem.P256:
-                private: SessionPrivateKey = ec.derive_private_key(
-                    int.from_bytes(secret, "big"), ec.SECP256R1())
-                raw = private.public_key().public_bytes(
+                ec_private = ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP256R1())
+                raw = ec_private.public_key().public_bytes(
                     Encoding.X962, PublicFormat.UncompressedPoint)
-                return cls(kem, private, raw, secret)
+                return cls(kem, ec_private, raw, secret)
             pq = mlkem.MLKEM768PrivateKey.from_seed_bytes(secret[:64])
             classic = x25519.X25519PrivateKey.from_private_bytes(secret[64:])
         except ValueError:

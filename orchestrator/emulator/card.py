@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto.container import SealedContainer
 from orchestrator.crypto.evidence import REPORT_VERSION, parse_version, sign_report
-from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek
 from orchestrator.emulator.pki import CardIdentity
 from orchestrator.errors import (
