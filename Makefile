@@ -27,7 +27,7 @@ proto: $(STAMP)
 	$(PY) -m orchestrator._proto.generate
 
 bench: $(STAMP)
-	$(PY) bench/encrypt_throughput.py --size 256M
+	$(PY) bench/encrypt_throughput.py --size 1G
 	$(PY) bench/replace_mek.py
 	$(PY) bench/decrypt_throughput.py
 

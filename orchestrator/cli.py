@@ -62,6 +62,7 @@ def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
         policy=ContentPolicy(not_after=expires, min_firmware=args.min_firmware or "",
                              rollback_floor=args.rollback_floor),
         chunk_size=args.chunk_size,
+        workers=os.cpu_count() or 1,
     )
 
 

@@ -189,3 +189,19 @@ def genuine_cert(evidence: evidence_pb2.AttestationEvidence):  # type: ignore[no
     from cryptography import x509
 
     return x509.load_der_x509_certificate(evidence.certificate_chain[0])
+
+
+def test_parallel_encryption_matches_the_format(tmp_path: Path, mek: MEK) -> None:
+    """The forked-worker path writes chunks where the sequential reader expects them."""
+    from orchestrator.crypto.container import SealedContainer, SealSettings, seal_specs
+    from orchestrator.qpc.build import pack_files
+    from orchestrator.qpc.container import open_container, write_container
+
+    data = os.urandom(70 * 1024 + 5)  # 71 chunks of 1 KiB: more than two worker blocks
+    (tmp_path / "elf").write_bytes(data)
+    pack_files(tmp_path / "m.qpc", [("network.elf", str(tmp_path / "elf"))])
+    with open_container(tmp_path / "m.qpc") as source, open(tmp_path / "e.qpc", "w+b") as out:
+        write_container(out, seal_specs(source, mek, SealSettings("m", chunk_size=1024,
+                                                                  workers=2), key_slots=[]))
+    with open_container(tmp_path / "e.qpc") as sealed:
+        assert bytes(SealedContainer(sealed).open(mek).decrypt_segment("network.elf")) == data

@@ -61,6 +61,8 @@ class SealSettings:
     model_version: int = 1
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     chunk_size: int = stream.DEFAULT_CHUNK
+    # Processes for large segments; >1 only where forking is safe (the CLI).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not stream.MIN_CHUNK <= self.chunk_size <= stream.MAX_CHUNK:
@@ -177,13 +179,15 @@ def seal_specs(
     specs = [bytes_segment(ENCINFO, info_bytes + stream.seal_info(aead, info_bytes))]
     for (spec, entry), segment in zip(body, source.segments, strict=True):
         if entry.encrypted:
+            aad = stream.chunk_aad(digest, segment.name)
             spec = SegmentSpec(
                 segment.name,
                 stream.ciphertext_size(segment.size, settings.chunk_size),
-                _encrypting_producer(source, segment.index, entry.stream_index,
-                                     stream.chunk_aad(digest, segment.name), aead,
+                _encrypting_producer(source, segment.index, entry.stream_index, aad, aead,
                                      settings.chunk_size),
                 segment.offset,
+                _encrypting_writer(source, segment.index, entry.stream_index, aad, aead,
+                                   settings.chunk_size, settings.workers),
             )
         specs.append(spec)
     if key_slots is not None:
@@ -193,6 +197,22 @@ def seal_specs(
 
 def _nested_producer(specs: list[SegmentSpec]) -> Callable[[], Iterator[bytes | memoryview]]:
     return lambda: container_pieces(specs)
+
+
+def _encrypting_writer(source: Container, index: int, stream_index: int, aad: bytes,
+                       aead: AESGCM, chunk_size: int, workers: int
+                       ) -> Callable[[int, int], None] | None:
+    segment = source.segments[index]
+    origin = source.source.fd_at(segment.file_offset)
+    if origin is None:
+        return None
+    position = origin
+
+    def write_at(fd: int, offset: int) -> None:
+        stream.encrypt_file_range_parallel(aead, stream_index, aad, position, segment.size,
+                                           chunk_size, (fd, offset), workers=workers)
+
+    return write_at
 
 
 def _encrypting_producer(source: Container, index: int, stream_index: int, aad: bytes,
@@ -320,8 +340,12 @@ class SealedContainer:
                 return entry
         raise FormatError(self.label, f"has no segment {name!r}")
 
-    def decrypt_segment(self, name: str) -> bytearray:
-        """Decrypt (or check the digest of) one segment into a new buffer."""
+    def decrypt_segment(self, name: str, *, into: bytearray | None = None) -> bytearray:
+        """Decrypt (or check the digest of) one segment.
+
+        The plaintext goes into ``into`` when given (card memory allocated once,
+        exactly the plaintext size), else into a new buffer.
+        """
         aead = self._require_open()
         entry = self._entry(name)
         segment = self.container.segment(name)
@@ -332,7 +356,9 @@ class SealedContainer:
             if hashlib.sha256(data).digest() != entry.plaintext_sha256:
                 raise IntegrityError(f"{self.label}: plaintext segment {name!r} was altered")
             return data
-        out = bytearray(entry.plaintext_size)
+        if into is not None and len(into) != entry.plaintext_size:
+            raise ValueError("output buffer is not the segment's plaintext size")
+        out = bytearray(entry.plaintext_size) if into is None else into
         source = self.container.source
         aad = stream.chunk_aad(stream.info_digest(self.info_bytes), name)
         if isinstance(source, MemorySource):

@@ -10,6 +10,8 @@ encryption info. Memory use is a few chunks, whatever the segment size.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import struct
 from collections.abc import Iterable, Iterator
 
@@ -109,6 +111,104 @@ def encrypt_stream(
         counter = 1
     if counter != total or seen != plaintext_size:
         raise ValueError("plaintext ended before its declared size")
+
+
+def encrypt_file_range(
+    aead: AESGCM,
+    stream_index: int,
+    aad: bytes,
+    source: tuple[int, int],
+    plaintext_size: int,
+    chunk_size: int,
+    target: tuple[int, int],
+    *,
+    chunks: Iterable[int] | None = None,
+) -> None:
+    """Encrypt a segment file-to-file with positioned I/O and reused buffers.
+
+    ``source`` and ``target`` are (fd, offset) of the plaintext and of where the
+    ciphertext goes. ``chunks`` restricts the work to some chunk numbers (each
+    chunk's place is known in advance, so workers can share a segment).
+    Raises IntegrityError if the source is shorter than declared.
+    """
+    total = chunk_count(plaintext_size, chunk_size)
+    plain = memoryview(bytearray(chunk_size))
+    sealed = memoryview(bytearray(chunk_size + TAG_BYTES))
+    src_fd, src_offset = source
+    dst_fd, dst_offset = target
+    for counter in chunks if chunks is not None else range(total):
+        start = counter * chunk_size
+        take = min(chunk_size, plaintext_size - start)
+        if take and os.preadv(src_fd, [plain[:take]], src_offset + start) != take:
+            raise IntegrityError("plaintext segment is shorter than declared (file changed?)")
+        nonce = chunk_nonce(stream_index, counter, counter == total - 1)
+        aead.encrypt_into(nonce, plain[:take], aad, sealed[: take + TAG_BYTES])
+        out = sealed[: take + TAG_BYTES]
+        position = dst_offset + start + counter * TAG_BYTES
+        while out:
+            written = os.pwrite(dst_fd, out, position)
+            out = out[written:]
+            position += written
+
+
+PARALLEL_BLOCK = 16  # chunks a worker takes at a time (interleaved between workers)
+
+
+def encrypt_file_range_parallel(
+    aead: AESGCM,
+    stream_index: int,
+    aad: bytes,
+    source: tuple[int, int],
+    plaintext_size: int,
+    chunk_size: int,
+    target: tuple[int, int],
+    *,
+    workers: int,
+) -> None:
+    """encrypt_file_range split over ``workers`` forked processes.
+
+    AES-GCM here holds the GIL, so threads do not scale; processes do, and
+    every chunk's place is known, so each writes its own chunks in place. Only
+    for callers with no other threads (the CLI): forking a threaded process is
+    unsafe. Raises IntegrityError if a worker fails.
+    """
+    total = chunk_count(plaintext_size, chunk_size)
+    if workers <= 1 or total < 2 * PARALLEL_BLOCK:
+        encrypt_file_range(aead, stream_index, aad, source, plaintext_size, chunk_size, target)
+        return
+    context = multiprocessing.get_context("fork")
+    blocks = range(0, total, PARALLEL_BLOCK)
+    processes = []
+    try:
+        for worker in range(workers):
+            mine = [c for b in blocks[worker::workers]
+                    for c in range(b, min(b + PARALLEL_BLOCK, total))]
+            process = context.Process(
+                target=_encrypt_worker,
+                args=(aead, stream_index, aad, source, plaintext_size, chunk_size, target, mine),
+                daemon=True,
+            )
+            process.start()
+            processes.append(process)
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    if any(process.exitcode != 0 for process in processes):
+        raise IntegrityError("an encryption worker failed (source changed or disk full?)")
+
+
+def _encrypt_worker(aead: AESGCM, stream_index: int, aad: bytes, source: tuple[int, int],
+                    plaintext_size: int, chunk_size: int, target: tuple[int, int],
+                    chunks: list[int]) -> None:
+    try:
+        encrypt_file_range(aead, stream_index, aad, source, plaintext_size, chunk_size, target,
+                           chunks=chunks)
+    except BaseException:  # noqa: BLE001 - reported by exit code, never a child traceback
+        os._exit(3)
 
 
 def decrypt_stream_into(

@@ -54,6 +54,9 @@ class ByteSource(Protocol):
 
     def read_at(self, offset: int, size: int) -> bytes: ...
 
+    def fd_at(self, offset: int) -> tuple[int, int] | None:
+        """(file descriptor, absolute offset) for positioned I/O, if file-backed."""
+
 
 class FileSource:
     """A ByteSource over an open file descriptor (pread: no shared position)."""
@@ -74,6 +77,9 @@ class FileSource:
             raise FormatError("container", "file shrank while being read")
         return data
 
+    def fd_at(self, offset: int) -> tuple[int, int] | None:
+        return self._fd, offset
+
 
 class MemorySource:
     """A ByteSource over bytes already in memory."""
@@ -89,6 +95,9 @@ class MemorySource:
         if offset < 0 or size < 0 or offset + size > len(self._view):
             raise FormatError("container", f"read of {size} bytes at {offset} is past the end")
         return bytes(self._view[offset : offset + size])
+
+    def fd_at(self, offset: int) -> tuple[int, int] | None:
+        return None
 
     def view(self, offset: int, size: int) -> memoryview:
         """Zero-copy view of a range (bounds-checked)."""
@@ -115,6 +124,9 @@ class SliceSource:
         if offset < 0 or size < 0 or offset + size > self._length:
             raise FormatError("container", f"read of {size} bytes at {offset} is past the end")
         return self._parent.read_at(self._offset + offset, size)
+
+    def fd_at(self, offset: int) -> tuple[int, int] | None:
+        return self._parent.fd_at(self._offset + offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +276,9 @@ class SegmentSpec:
     size: int
     chunks: Callable[[], Iterable[bytes | memoryview]]
     offset: int = 0
+    # Optional fast path for real files: write the data at (fd, file offset)
+    # with positioned I/O instead of streaming it through ``chunks``.
+    write_at: Callable[[int, int], None] | None = None
 
 
 def bytes_segment(name: str, data: bytes, *, offset: int = 0) -> SegmentSpec:
@@ -285,6 +300,8 @@ def plan_layout(names: Sequence[str], sizes: Sequence[int]) -> Layout:
     """Place header, table, names and data, each 8-byte aligned."""
     if len(names) > MAX_SEGMENTS:
         raise FormatError("container", f"too many segments ({len(names)})")
+    if len(set(names)) != len(names):
+        raise FormatError("container", "duplicate segment names")
     table = HEADER.size
     cursor = table + len(names) * ENTRY.size
     name_offsets = []
@@ -338,8 +355,6 @@ def container_pieces(
     Raises FormatError if a producer yields more or fewer bytes than its size.
     """
     names = [segment.name for segment in segments]
-    if len(set(names)) != len(names):
-        raise FormatError("container", "duplicate segment names")
     sizes = [segment.size for segment in segments]
     layout = plan_layout(names, sizes)
     head = encode_metadata(
@@ -366,12 +381,38 @@ def container_pieces(
 def write_container(
     handle: BinaryIO, segments: Sequence[SegmentSpec], *, compression: int = COMPRESSION_FASTPATH
 ) -> int:
-    """Stream a container to ``handle``; returns its total size."""
-    total = 0
-    for piece in container_pieces(segments, compression=compression):
-        handle.write(piece)
-        total += len(piece)
-    return total
+    """Write a container to ``handle``; returns its total size.
+
+    Segments with a ``write_at`` fast path are written with positioned I/O on
+    the handle's file descriptor; the others are streamed.
+    """
+    if not any(segment.write_at for segment in segments):
+        total = 0
+        for piece in container_pieces(segments, compression=compression):
+            handle.write(piece)
+            total += len(piece)
+        return total
+    names = [segment.name for segment in segments]
+    layout = plan_layout(names, [segment.size for segment in segments])
+    handle.write(encode_metadata(names, [s.size for s in segments], [s.offset for s in segments],
+                                 layout, compression=compression))
+    handle.truncate(layout.total)  # sized up front: positioned writes fill it in
+    for segment, start in zip(segments, layout.starts, strict=True):
+        if segment.write_at is not None:
+            handle.flush()
+            segment.write_at(handle.fileno(), start)
+        else:
+            handle.seek(start)
+            written = 0
+            for piece in segment.chunks():
+                handle.write(piece)
+                written += len(piece)
+            if written != segment.size:
+                raise FormatError(f"segment {segment.name!r}",
+                                  f"produced {written} bytes, declared {segment.size}")
+    handle.seek(layout.total)
+    handle.truncate(layout.total)
+    return layout.total
 
 
 def rewrite_last_segment(fd: int, container: Container, data: bytes) -> None:

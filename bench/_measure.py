@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmarks: run a command, time it, read its peak RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def run_measured(argv: Sequence[str], **kwargs: object) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process; raises if it fails."""
+    start = time.perf_counter()
+    process = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed with exit code {process.returncode}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def write_random(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as handle:
+        remaining = size
+        while remaining:
+            take = min(remaining, len(block))
+            handle.write(block[:take])
+            remaining -= take
+            block = block[1:] + block[:1]  # not one repeated block: no dedup shortcuts
