@@ -137,3 +137,11 @@ class InvalidTransition(StateError):
         self.card = card
         self.current = current
         self.target = target
+
+
+class ProgramNotLoaded(StateError):
+    """Execute or unload on a card that holds no program."""
+
+
+class DeviceOffline(TransportError):
+    """The card is rebooting; try again after it is back online."""

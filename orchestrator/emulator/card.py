@@ -12,6 +12,7 @@ never leave this object (the files-only mode persists the card, see
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -33,10 +34,12 @@ from orchestrator.errors import (
     IntegrityError,
     ModelIPError,
     PolicyError,
+    ProgramNotLoaded,
     SessionInvalidError,
 )
 from orchestrator.qpc.container import Container
 from orchestrator.qpc.mdp import read_mdp_meta
+from orchestrator.qpc.onnx_package import IO_DESC, NETWORK_ONNX
 
 DEFAULT_FIRMWARE = "1.12.0"
 DEFAULT_SKU = "AIC100-EMU"
@@ -217,10 +220,8 @@ class EmulatedCard:
             self._floors[model_id] = max(self._floors.get(model_id, 0),
                                          sealed.info.policy.rollback_floor)
             io_desc = None
-            if "io_desc.json" in segments:
-                import json
-
-                io_desc = json.loads(bytes(segments["io_desc.json"]))
+            if IO_DESC in segments:
+                io_desc = json.loads(bytes(segments[IO_DESC]))
             self.program = LoadedProgram(program_id, model_id, sealed.info.model_version,
                                          partition, segments, io_desc)
             return sorted(segments)
@@ -253,6 +254,42 @@ class EmulatedCard:
             raise PolicyError(f"model {sealed.info.model_id!r} version "
                               f"{sealed.info.model_version} is below this card's rollback "
                               f"floor {floor}")
+
+    # --- execution ----------------------------------------------------------------
+
+    def execute(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the loaded ONNX stage on named numpy arrays; outputs by name.
+
+        The model is handed to onnxruntime from card memory; it never touches
+        disk. Raises ProgramNotLoaded, FormatError (no ONNX stage, or inputs
+        missing).
+        """
+        with self._lock:
+            self._require_session()
+            program = self.program
+            if program is None:
+                raise ProgramNotLoaded(f"card {self.card_id}: no program loaded")
+            if program.session is None:
+                if NETWORK_ONNX not in program.segments:
+                    raise FormatError(f"card {self.card_id}", "the loaded program has no "
+                                      "network.onnx stage; emulated cards execute only "
+                                      "programs packaged from ONNX")
+                import onnxruntime
+
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = 1
+                options.inter_op_num_threads = 1
+                program.session = onnxruntime.InferenceSession(
+                    bytes(program.segments[NETWORK_ONNX]), options,
+                    providers=["CPUExecutionProvider"])
+            session = program.session
+        names = [node.name for node in session.get_inputs()]
+        missing = [name for name in names if name not in inputs]
+        if missing:
+            raise FormatError(f"card {self.card_id}", f"missing input tensors {missing}")
+        results = session.run(None, {name: inputs[name] for name in names})
+        return {node.name: value for node, value in zip(session.get_outputs(), results,
+                                                         strict=True)}
 
     # --- persistence (files-only mode) ------------------------------------------------
 

@@ -1,0 +1,516 @@
+"""An emulated host: the (untrusted) remote proxy in front of its cards, over gRPC.
+
+Serves RemoteAttestation, DeviceRuntime and grpc health on loopback. Card work
+that costs CPU (attestation signatures, decryption, inference) runs in worker
+threads so the server keeps answering. Fault knobs make it slow or flaky;
+adversary modes make it hostile (docs/protocol.md, "Adversary modes").
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import grpc
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator.crypto.container import key_slots_from_proto
+from orchestrator.emulator.card import CardOffline, EmulatedCard
+from orchestrator.errors import (
+    FormatError,
+    IntegrityError,
+    ModelIPError,
+    PolicyError,
+    ProgramNotLoaded,
+    SessionInvalidError,
+)
+from orchestrator.qpc.container import Container, MemorySource
+from orchestrator.tensors import from_wire, to_wire
+
+DEFAULT_PORT = 62473
+REASON_KEY = "modelip-reason"
+MAX_MESSAGE = 64 << 20
+STAGE_LIMIT = 16 << 30
+
+
+class Adversary(enum.Enum):
+    """Attacks an untrusted host can mount; each must be caught end to end."""
+
+    NONE = "none"
+    SUBSTITUTE_KEY = "substitute-key"    # put the host's own key into reports
+    REPLAY_REPORT = "replay-report"      # answer every request with an old report
+    IGNORE_NONCE = "ignore-nonce"        # attest with the host's own request bytes
+    RESET_STORM = "reset-storm"          # forge a flood of reset events
+    SUPPRESS_RESETS = "suppress-resets"  # hide reset/offline/online events
+    TAMPER_BODY = "tamper-body"          # flip a byte of the staged encrypted body
+    SWAP_SLOTS = "swap-slots"            # give a card another card's key slot
+    OLD_VERSION = "old-version"          # load an older staged program instead
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Knobs that make a host slow or flaky (not hostile)."""
+
+    reset_rate: float = 0.0        # spontaneous resets per card per second
+    reboot_time: float = 0.2       # seconds a card stays OFFLINE after a reset
+    attest_latency: float = 0.0    # seconds added to every attestation
+    stage_bandwidth: float = 0.0   # bytes per second when staging; 0 = unlimited
+    drop_events: float = 0.0       # probability that an event is not delivered
+    delay_events: float = 0.0      # seconds every event is held back
+
+
+@dataclass(frozen=True, slots=True)
+class TLSServerConfig:
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None = None  # set: clients must present a cert (mTLS)
+
+
+@dataclass(slots=True)
+class HostStats:
+    stage_count: int = 0
+    load_count: int = 0
+
+
+@dataclass(slots=True)
+class _Staged:
+    body: bytes
+    order: int
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+def _status_for(err: ModelIPError) -> _Abort:
+    """Our errors -> a gRPC status plus a machine-readable reason (docs/protocol.md)."""
+    if isinstance(err, SessionInvalidError):
+        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, "session-invalid", str(err))
+    if isinstance(err, IntegrityError):
+        return _Abort(grpc.StatusCode.DATA_LOSS, "integrity", str(err))
+    if isinstance(err, PolicyError):
+        return _Abort(grpc.StatusCode.PERMISSION_DENIED, "policy", str(err))
+    if isinstance(err, ProgramNotLoaded):
+        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, "not-loaded", str(err))
+    if isinstance(err, CardOffline):
+        return _Abort(grpc.StatusCode.UNAVAILABLE, "offline", str(err))
+    if isinstance(err, FormatError):
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format", str(err))
+    return _Abort(grpc.StatusCode.INTERNAL, "internal", str(err))
+
+
+class EmulatedHost:
+    """One host with its cards. ``serve`` runs it until cancelled."""
+
+    def __init__(self, name: str, cards: Sequence[EmulatedCard], *,
+                 faults: FaultConfig | None = None, adversary: Adversary = Adversary.NONE,
+                 adversary_devices: frozenset[int] | None = None, seed: int | None = None
+                 ) -> None:
+        self.name = name
+        self.cards = list(cards)
+        self.faults = faults or FaultConfig()
+        self.adversary = adversary
+        self.adversary_devices = adversary_devices
+        self.stats = HostStats()
+        self.address = ""
+        self._rng = random.Random(seed)  # noqa: S311 - fault timing, not security
+        self._programs: dict[str, _Staged] = {}
+        self._watchers: set[MemoryObjectSendStream[runtime_pb2.DeviceEvent]] = set()
+        self._first_reports: dict[int, bytes] = {}
+        self._host_key = ec.generate_private_key(ec.SECP256R1())
+        self._rebooting: set[int] = set()
+        self._tg: TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"EmulatedHost({self.name!r}, {len(self.cards)} cards, {self.address or 'idle'})"
+
+    def hostile(self, device: int) -> bool:
+        if self.adversary is Adversary.NONE:
+            return False
+        return self.adversary_devices is None or device in self.adversary_devices
+
+    # --- life cycle ---------------------------------------------------------------
+
+    async def serve(self, *, bind: str = "127.0.0.1", port: int = 0,
+                    tls: TLSServerConfig | None = None, grace: float = 1.0,
+                    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen, report the address through ``task_status``, serve until cancelled."""
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                          ("grpc.max_send_message_length", MAX_MESSAGE),
+                                          ("grpc.so_reuseport", 0)])
+        runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(_Attestation(self), server)
+        runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(_Runtime(self), server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        target = f"{bind}:{port}"
+        if tls is None:
+            bound = server.add_insecure_port(target)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)], root_certificates=tls.client_ca_pem,
+                require_client_auth=tls.client_ca_pem is not None)
+            bound = server.add_secure_port(target, credentials)
+        if bound == 0:
+            raise OSError(f"cannot listen on {target}")
+        self.address = f"{bind}:{bound}"
+        await server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if self.faults.reset_rate > 0:
+                    tg.start_soon(self._spontaneous_resets)
+                if self.adversary is Adversary.RESET_STORM:
+                    tg.start_soon(self._reset_storm)
+                task_status.started(self.address)
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await health.enter_graceful_shutdown()
+                await server.stop(grace)
+
+    def card(self, device: int) -> EmulatedCard:
+        if not 0 <= device < len(self.cards):
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown-device",
+                         f"host {self.name}: no device {device} (has 0..{len(self.cards) - 1})")
+        return self.cards[device]
+
+    # --- resets and events ----------------------------------------------------------
+
+    async def reset(self, device: int) -> None:
+        """Reset a card: memory zeroed, session gone; back online after reboot_time."""
+        card = self.card(device)
+        if device in self._rebooting:
+            return
+        self._rebooting.add(device)
+        await anyio.to_thread.run_sync(card.power_off)
+        self.emit(device, runtime_pb2.EVENT_KIND_RESET, card.boot_counter)
+        self.emit(device, runtime_pb2.EVENT_KIND_OFFLINE, card.boot_counter)
+        if self._tg is not None:
+            self._tg.start_soon(self._reboot, device)
+        else:
+            await self._reboot(device)
+
+    async def _reboot(self, device: int) -> None:
+        card = self.cards[device]
+        try:
+            await anyio.sleep(self.faults.reboot_time)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(card.boot)
+                self._rebooting.discard(device)
+        self.emit(device, runtime_pb2.EVENT_KIND_ONLINE, card.boot_counter)
+
+    async def _spontaneous_resets(self) -> None:
+        rate = self.faults.reset_rate * len(self.cards)
+        while True:
+            await anyio.sleep(self._rng.expovariate(rate))
+            await self.reset(self._rng.randrange(len(self.cards)))
+
+    async def _reset_storm(self) -> None:
+        while True:
+            await anyio.sleep(0.005)
+            for device in range(len(self.cards)):
+                if self.hostile(device):
+                    self.emit(device, runtime_pb2.EVENT_KIND_RESET,
+                              self.cards[device].boot_counter, forged=True)
+
+    def emit(self, device: int, kind: int, boot_counter: int, *, forged: bool = False) -> None:
+        lifecycle = (runtime_pb2.EVENT_KIND_RESET, runtime_pb2.EVENT_KIND_OFFLINE,
+                     runtime_pb2.EVENT_KIND_ONLINE)
+        if self.adversary is Adversary.SUPPRESS_RESETS and self.hostile(device) \
+                and kind in lifecycle and not forged:
+            return
+        if self.faults.drop_events and self._rng.random() < self.faults.drop_events:
+            return
+        event = runtime_pb2.DeviceEvent(device=device, kind=kind,  # type: ignore[arg-type]
+                                        boot_counter=boot_counter, time_ns=time.time_ns())
+        if self.faults.delay_events and self._tg is not None:
+            self._tg.start_soon(self._deliver_later, event)
+        else:
+            self._deliver(event)
+
+    async def _deliver_later(self, event: runtime_pb2.DeviceEvent) -> None:
+        await anyio.sleep(self.faults.delay_events)
+        self._deliver(event)
+
+    def _deliver(self, event: runtime_pb2.DeviceEvent) -> None:
+        for stream in list(self._watchers):
+            try:
+                stream.send_nowait(event)
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # a slow or gone watcher loses hints, never blocks the host
+
+    async def events(self) -> AsyncIterator[runtime_pb2.DeviceEvent]:
+        send, receive = anyio.create_memory_object_stream[runtime_pb2.DeviceEvent](1024)
+        self._watchers.add(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    yield event
+        finally:
+            self._watchers.discard(send)
+            send.close()
+
+    # --- attestation ------------------------------------------------------------------
+
+    async def attest(self, device: int, request: bytes) -> bytes:
+        card = self.card(device)
+        if self.faults.attest_latency:
+            await anyio.sleep(self.faults.attest_latency)
+        hostile = self.hostile(device)
+        if hostile and self.adversary is Adversary.IGNORE_NONCE:
+            request = os.urandom(32)
+        evidence = await anyio.to_thread.run_sync(card.attest, request)
+        if not hostile:
+            return evidence
+        if self.adversary is Adversary.REPLAY_REPORT:
+            return self._first_reports.setdefault(device, evidence)
+        if self.adversary is Adversary.SUBSTITUTE_KEY:
+            parsed = evidence_pb2.AttestationEvidence.FromString(evidence)
+            body = evidence_pb2.ReportBody.FromString(parsed.body)
+            body.session_kem = "P256"
+            body.session_public_key = self._host_key.public_key().public_bytes(
+                Encoding.X962, PublicFormat.UncompressedPoint)
+            parsed.body = body.SerializeToString(deterministic=True)
+            return parsed.SerializeToString(deterministic=True)
+        return evidence
+
+    # --- programs -------------------------------------------------------------------------
+
+    def store_program(self, program_id: str, body: bytes) -> bool:
+        """Keep a staged body (content addressed); False if it was already here."""
+        if program_id in self._programs:
+            return False
+        if hashlib.sha256(body).hexdigest() != program_id:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                         "program id is not the SHA-256 of the body received")
+        if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is None:
+            body = _flip_middle(body)
+        self._programs[program_id] = _Staged(body, len(self._programs))
+        self.stats.stage_count += 1
+        return True
+
+    async def load(self, device: int, program_id: str, partition: int,
+                   slots: evidence_pb2.KeySlotTable | None) -> list[str]:
+        card = self.card(device)
+        staged = self._programs.get(program_id)
+        if staged is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown-program",
+                         f"host {self.name}: program {program_id[:16]} is not staged")
+        body = staged.body
+        key_slots = key_slots_from_proto(slots, source="key slots") if slots else None
+        if self.hostile(device):
+            if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is not None:
+                body = _flip_middle(body)
+            elif self.adversary is Adversary.OLD_VERSION:
+                older = min(self._programs.values(), key=lambda s: s.order)
+                body = older.body
+            elif self.adversary is Adversary.SWAP_SLOTS:
+                key_slots = _swap_slots(key_slots, card, body)
+        self.stats.load_count += 1
+        names: list[str] = await anyio.to_thread.run_sync(
+            lambda: card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
+                              program_id=program_id, partition=partition, key_slots=key_slots))
+        self.emit(device, runtime_pb2.EVENT_KIND_LOADED, card.boot_counter)
+        return names
+
+    async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run one card, or an MDP group in partition order relaying activations."""
+        cards = [self.card(device) for device in devices]
+        if not cards:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format", "no device named")
+        tensors = dict(inputs)
+        results: dict[str, Any] = {}
+        for position, card in enumerate(cards):
+            program = card.program
+            if program is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "not-loaded",
+                             f"card {card.card_id}: no program loaded")
+            if len(cards) > 1 and program.partition != position:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                             f"card {card.card_id} holds partition {program.partition}, "
+                             f"named in position {position}")
+            outputs = await anyio.to_thread.run_sync(card.execute, tensors)
+            tensors.update(outputs)
+            final = (program.io_desc or {}).get("model_outputs")
+            if final is not None:  # this stage says which of its outputs the model returns
+                results.update({name: outputs[name] for name in final if name in outputs})
+            elif position == len(cards) - 1:
+                results.update(outputs)
+        return results
+
+
+def _flip_middle(body: bytes) -> bytes:
+    tampered = bytearray(body)
+    tampered[len(tampered) // 2] ^= 0x01
+    return bytes(tampered)
+
+
+def _swap_slots(key_slots: Any, card: EmulatedCard, body: bytes) -> Any:
+    """Hand the card another card's slot relabelled as its own (the strongest swap)."""
+    from orchestrator.crypto.container import SealedContainer
+
+    slots = key_slots if key_slots is not None else SealedContainer(
+        Container(MemorySource(body))).key_slots
+    others = [s for s in slots if s.card_id != card.card_id]
+    mine = [s for s in slots if s.card_id == card.card_id]
+    if not others or not mine:
+        return slots
+    return [replace(others[0], slot=mine[0].slot, card_id=card.card_id,
+                    session_id=card.session_id)]
+
+
+# --- gRPC servicers: translate between messages and EmulatedHost -------------------------
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: _Abort) -> None:
+    await context.abort(error.code, str(error), trailing_metadata=((REASON_KEY, error.reason),))
+
+
+class _Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
+    def __init__(self, host: EmulatedHost) -> None:
+        self.host = host
+
+    async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
+                                   context: grpc.aio.ServicerContext[Any, Any]
+                                   ) -> evidence_pb2.AttestationEvidence:
+        try:
+            evidence = await self.host.attest(request.device, request.request)
+        except _Abort as error:
+            await _abort(context, error)
+        except ModelIPError as err:
+            await _abort(context, _status_for(err))
+        return evidence_pb2.AttestationEvidence.FromString(evidence)
+
+
+class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
+    def __init__(self, host: EmulatedHost) -> None:
+        self.host = host
+
+    async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.ListDevicesResponse:
+        response = runtime_pb2.ListDevicesResponse()
+        for index, card in enumerate(self.host.cards):
+            info = response.devices.add(device=index, card_id=card.card_id,
+                                        boot_counter=card.boot_counter)
+            if not card.online:
+                info.state = runtime_pb2.DEVICE_STATE_OFFLINE
+                continue
+            info.session_fingerprint = card.session_fingerprint
+            program = card.program
+            if program is None:
+                info.state = runtime_pb2.DEVICE_STATE_ONLINE
+            else:
+                info.state = runtime_pb2.DEVICE_STATE_LOADED
+                info.program_id = program.program_id
+                info.partition = program.partition
+        return response
+
+    async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
+        async for event in self.host.events():
+            yield event
+
+    async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.ResetDeviceResponse:
+        try:
+            await self.host.reset(request.device)
+        except _Abort as error:
+            await _abort(context, error)
+        return runtime_pb2.ResetDeviceResponse()
+
+    async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> runtime_pb2.StageProgramResponse:
+        program_id = ""
+        total = 0
+        body = bytearray()
+        bandwidth = self.host.faults.stage_bandwidth
+        try:
+            async for chunk in request_iterator:
+                if not program_id:
+                    program_id, total = chunk.program_id, chunk.total_size
+                    if not program_id or total > STAGE_LIMIT:
+                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                                     "first stage message must name the program and its size")
+                    if program_id in self.host._programs:  # noqa: SLF001
+                        return runtime_pb2.StageProgramResponse(program_id=program_id,
+                                                                already_staged=True)
+                body += chunk.data
+                if len(body) > total:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                                 "more program bytes than announced")
+                if bandwidth:
+                    await anyio.sleep(len(chunk.data) / bandwidth)
+            if len(body) != total or not program_id:
+                # a cancelled or cut upload: nothing half-staged is kept
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                             f"stage ended after {len(body)} of {total} bytes")
+            stored = self.host.store_program(program_id, bytes(body))
+        except _Abort as error:
+            await _abort(context, error)
+        return runtime_pb2.StageProgramResponse(program_id=program_id, already_staged=not stored)
+
+    async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.LoadProgramResponse:
+        slots = request.key_slots if request.HasField("key_slots") else None
+        try:
+            names = await self.host.load(request.device, request.program_id, request.partition,
+                                         slots)
+        except _Abort as error:
+            await _abort(context, error)
+        except ModelIPError as err:
+            await _abort(context, _status_for(err))
+        return runtime_pb2.LoadProgramResponse(segments=names)
+
+    async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.ExecuteResponse:
+        try:
+            outputs = await self.host.execute(list(request.devices), from_wire(request.inputs))
+        except _Abort as error:
+            await _abort(context, error)
+        except ModelIPError as err:
+            await _abort(context, _status_for(err))
+        return runtime_pb2.ExecuteResponse(outputs=to_wire(outputs))
+
+    async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
+                     context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
+        try:
+            card = self.host.card(request.device)
+            await anyio.to_thread.run_sync(card.unload)
+        except _Abort as error:
+            await _abort(context, error)
+        self.host.emit(request.device, runtime_pb2.EVENT_KIND_UNLOADED, card.boot_counter)
+        return runtime_pb2.UnloadResponse()
+
+    async def HostStats(self, request: runtime_pb2.HostStatsRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[Any, Any]
+                        ) -> runtime_pb2.HostStatsResponse:
+        stats = self.host.stats
+        return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
+                                             load_count=stats.load_count,
+                                             staged_programs=len(self.host._programs))  # noqa: SLF001
+
+

@@ -1,0 +1,286 @@
+"""grpc.aio client of a host's remote proxy (docs/protocol.md).
+
+Every call has a deadline. Every gRPC failure becomes one of our exceptions in
+``_translate``, so callers reason in our words: a refused load says whether
+the session was stale, the program tampered with, or the policy violated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator.crypto.container import encode_key_slots
+from orchestrator.crypto.wrap import KeySlot
+from orchestrator.errors import (
+    DeadlineError,
+    DeviceOffline,
+    FileInputError,
+    FormatError,
+    IntegrityError,
+    ModelIPError,
+    NotFoundError,
+    PolicyError,
+    ProgramNotLoaded,
+    RemoteError,
+    SessionInvalidError,
+    UnreachableError,
+)
+from orchestrator.tensors import from_wire, to_wire
+
+DEFAULT_PORT = 62473
+REASON_KEY = "modelip-reason"
+STAGE_CHUNK = 1 << 20
+MAX_MESSAGE = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Seconds each kind of call may take."""
+
+    attest: float = 10.0
+    control: float = 10.0
+    stage: float = 600.0
+    load: float = 120.0
+    execute: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TLSClientConfig:
+    """Server verification (``ca_pem``) and, for mTLS, our client certificate."""
+
+    ca_pem: bytes | None = None
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+
+    @classmethod
+    def from_paths(cls, ca: str | None, cert: str | None = None,
+                   key: str | None = None) -> TLSClientConfig:
+        if (cert is None) != (key is None):
+            from orchestrator.errors import UsageError
+
+            raise UsageError("--tls-cert and --tls-key go together")
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError:
+                raise FileInputError(path, f"cannot read {what}") from None
+
+        return cls(read(ca, "TLS CA"), read(cert, "TLS certificate"), read(key, "TLS key"))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    device: int
+    card_id: str
+    state: str            # ONLINE, OFFLINE, LOADED
+    boot_counter: int
+    session_fingerprint: str
+    program_id: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """A hint from the host (never a fact: verify with a fresh attestation)."""
+
+    device: int
+    kind: str             # ONLINE, OFFLINE, RESET, LOADED, UNLOADED
+    boot_counter: int
+    time_ns: int
+
+
+def _state_name(value: int) -> str:
+    return str(runtime_pb2.DeviceState.Name(value)).removeprefix("DEVICE_STATE_")
+
+
+def _event_name(value: int) -> str:
+    return str(runtime_pb2.EventKind.Name(value)).removeprefix("EVENT_KIND_")
+
+
+def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPError:
+    """The one place where gRPC failures become our exceptions."""
+    reason = ""
+    for key, value in err.trailing_metadata() or ():
+        if key == REASON_KEY:
+            reason = str(value)
+    details = err.details() or err.code().name
+    by_reason: dict[str, type[ModelIPError]] = {
+        "session-invalid": SessionInvalidError,
+        "integrity": IntegrityError,
+        "policy": PolicyError,
+        "not-loaded": ProgramNotLoaded,
+    }
+    if reason in by_reason:
+        return by_reason[reason](f"{target}: {what}: {details}")
+    if reason == "offline":
+        return DeviceOffline(target, f"{what}: {details}")
+    if reason in ("unknown-device", "unknown-program") or err.code() == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"{target}: {details}")
+    if reason == "format" or err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return FormatError(f"{target}: {what}", details)
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return UnreachableError(target, f"{what}: host unreachable ({details})")
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineError(target, f"{what}: no answer within the deadline")
+    return RemoteError(target, f"{what}: {err.code().name}: {details}")
+
+
+class HostClient:
+    """Talks to one host. Use as ``async with HostClient(address) as host:``."""
+
+    def __init__(self, address: str, *, tls: TLSClientConfig | None = None,
+                 deadlines: Deadlines | None = None) -> None:
+        if ":" not in address:
+            address = f"{address}:{DEFAULT_PORT}"
+        self.address = address
+        self.deadlines = deadlines or Deadlines()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.enable_retries", 0)]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca_pem, private_key=tls.key_pem,
+                certificate_chain=tls.cert_pem)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._attestation = runtime_pb2_grpc.RemoteAttestationStub(self._channel)
+        self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"HostClient({self.address!r})"
+
+    async def __aenter__(self) -> HostClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, what: str, method: Any, request: Any, deadline: float) -> Any:
+        try:
+            return await method(request, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, self.address, what) from err
+
+    # --- attestation --------------------------------------------------------------
+
+    async def attest(self, device: int, request: bytes) -> bytes:
+        """The card's evidence for ``request``, as bytes (verify before use!)."""
+        evidence: evidence_pb2.AttestationEvidence = await self._call(
+            f"attest device {device}", self._attestation.GetAttestationReport,
+            runtime_pb2.AttestationRequest(device=device, request=request),
+            self.deadlines.attest)
+        return evidence.SerializeToString(deterministic=True)
+
+    # --- devices --------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        response = await self._call("health check", self._health.Check,
+                                    health_pb2.HealthCheckRequest(service=""),
+                                    self.deadlines.control)
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def list_devices(self) -> list[DeviceStatus]:
+        response = await self._call("list devices", self._runtime.ListDevices,
+                                    runtime_pb2.ListDevicesRequest(), self.deadlines.control)
+        return [DeviceStatus(d.device, d.card_id, _state_name(d.state), d.boot_counter,
+                             d.session_fingerprint.hex(), d.program_id, d.partition)
+                for d in response.devices]
+
+    async def watch_events(self) -> AsyncIterator[DeviceEvent]:
+        """Stream host events until the host or the caller ends it (no deadline: a stream)."""
+        call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest())
+        try:
+            async for event in call:
+                yield DeviceEvent(event.device, _event_name(event.kind), event.boot_counter,
+                                  event.time_ns)
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, self.address, "watch events") from err
+        finally:
+            call.cancel()
+
+    async def reset(self, device: int) -> None:
+        await self._call(f"reset device {device}", self._runtime.ResetDevice,
+                         runtime_pb2.DeviceRef(device=device), self.deadlines.control)
+
+    async def unload(self, device: int) -> None:
+        await self._call(f"unload device {device}", self._runtime.Unload,
+                         runtime_pb2.DeviceRef(device=device), self.deadlines.control)
+
+    async def stats(self) -> dict[str, int]:
+        response = await self._call("host stats", self._runtime.HostStats,
+                                    runtime_pb2.HostStatsRequest(), self.deadlines.control)
+        return {"stage_count": response.stage_count, "load_count": response.load_count,
+                "staged_programs": response.staged_programs}
+
+    # --- programs -------------------------------------------------------------------
+
+    async def stage(self, path: str | os.PathLike[str], *, program_id: str | None = None
+                    ) -> tuple[str, bool]:
+        """Upload an encrypted program (content addressed); (program id, was already there)."""
+        source = Path(path)
+        try:
+            size = (await anyio.to_thread.run_sync(source.stat)).st_size
+        except OSError:
+            raise FileInputError(source, "encrypted program not found") from None
+        if program_id is None:
+            program_id = await anyio.to_thread.run_sync(program_digest, source)
+        announced = program_id
+
+        async def chunks() -> AsyncIterator[runtime_pb2.StageChunk]:
+            handle = await anyio.open_file(source, "rb")
+            async with handle:
+                yield runtime_pb2.StageChunk(program_id=announced, total_size=size,
+                                             data=await handle.read(STAGE_CHUNK))
+                while data := await handle.read(STAGE_CHUNK):
+                    yield runtime_pb2.StageChunk(data=data)
+
+        try:
+            response = await self._runtime.StageProgram(chunks(), timeout=self.deadlines.stage)
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, self.address, "stage program") from err
+        return str(response.program_id), bool(response.already_staged)
+
+    async def load(self, device: int, program_id: str, *, partition: int = 0,
+                   key_slots: Sequence[KeySlot] | None = None) -> list[str]:
+        """Have the card open its slot and decrypt the program; segment names loaded."""
+        request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
+                                                 partition=partition)
+        if key_slots is not None:
+            request.key_slots.ParseFromString(encode_key_slots(key_slots))
+        response = await self._call(f"load device {device}", self._runtime.LoadProgram,
+                                    request, self.deadlines.load)
+        return list(response.segments)
+
+    async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run one card, or an MDP group in partition order, on named numpy arrays."""
+        request = runtime_pb2.ExecuteRequest(devices=list(devices), inputs=to_wire(inputs))
+        response = await self._call(f"execute on devices {list(devices)}",
+                                    self._runtime.Execute, request, self.deadlines.execute)
+        return from_wire(response.outputs)
+
+
+def program_digest(path: str | os.PathLike[str]) -> str:
+    """The content address of a program: hex SHA-256 of the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(8 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
