@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=int, default=0)
     p.set_defaults(handler=cmd_card_load)
 
+    from orchestrator import hostcli
+
+    hostcli.register(sub)
+
     p = sub.add_parser("demo", help="run the demo end to end")
     p.add_argument("--workdir", default="demo-out")
     p.set_defaults(handler=cmd_demo)

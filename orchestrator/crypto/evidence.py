@@ -17,6 +17,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 from google.protobuf.message import DecodeError
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
@@ -25,6 +30,7 @@ from orchestrator.errors import AttestationError, FileInputError, FormatError, P
 
 REPORT_VERSION = 1
 SIGNATURE_CONTEXT = b"modelip/v1 attestation report\0"
+RECEIPT_CONTEXT = b"modelip/v1 load receipt\0"
 MAX_EVIDENCE_BYTES = 1 << 20
 MAX_CHAIN = 4
 
@@ -72,6 +78,7 @@ class VerifiedReport:
     session_public_key: bytes
     issued_at: int
     root_fingerprint: str
+    card_public_key: bytes  # DER SubjectPublicKeyInfo of the certified identity key
 
     @property
     def session_fingerprint(self) -> str:
@@ -83,8 +90,6 @@ def sign_report(body: evidence_pb2.ReportBody, key: ec.EllipticCurvePrivateKey,
     """Card side: serialize, sign and package a report as AttestationEvidence bytes."""
     body_bytes = body.SerializeToString(deterministic=True)
     signature = key.sign(SIGNATURE_CONTEXT + body_bytes, ec.ECDSA(hashes.SHA256()))
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     evidence = evidence_pb2.AttestationEvidence(
         body=body_bytes,
         signature=signature,
@@ -190,6 +195,8 @@ def verify_evidence(
         session_public_key=body.session_public_key,
         issued_at=body.issued_at,
         root_fingerprint=root.fingerprint(hashes.SHA256()).hex()[:16],
+        card_public_key=leaf.public_key().public_bytes(Encoding.DER,
+                                                       PublicFormat.SubjectPublicKeyInfo),
     )
 
 
@@ -261,3 +268,40 @@ def _check_policy(
             raise PolicyError(f"{source}: measurement {name!r} is not an allowed value")
     if kem not in policy.allowed_kems:
         raise PolicyError(f"{source}: session KEM {kem.value} is not allowed by policy")
+
+
+def sign_receipt(receipt: evidence_pb2.LoadReceipt,
+                 key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+    """Card side: the receipt bytes and their signature."""
+    body = receipt.SerializeToString(deterministic=True)
+    return body, key.sign(RECEIPT_CONTEXT + body, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_load_receipt(
+    receipt: bytes, signature: bytes, *, report: VerifiedReport, program_info_digest: bytes,
+    partition: int, source: str,
+) -> evidence_pb2.LoadReceipt:
+    """Check that the card itself says it loaded exactly our program, in this session.
+
+    ``report`` is the verified attestation of the same card session. Raises
+    AttestationError (bad signature, wrong card or session) or IntegrityError
+    (another program or partition was loaded: a substituting host).
+    """
+    from orchestrator.errors import IntegrityError
+
+    try:
+        public = load_der_public_key(report.card_public_key)
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise AttestationError(f"{source}: card key is not ECDSA")
+        public.verify(signature, RECEIPT_CONTEXT + receipt, ec.ECDSA(hashes.SHA256()))
+        parsed = evidence_pb2.LoadReceipt.FromString(receipt)
+    except (InvalidSignature, ValueError, DecodeError):
+        raise AttestationError(f"{source}: load receipt is not signed by the card") from None
+    if parsed.card_id != report.card_id or parsed.session_id != report.session_id:
+        raise AttestationError(f"{source}: load receipt is for another card or session")
+    if parsed.program_info_digest != program_info_digest or parsed.partition != partition:
+        raise IntegrityError(f"{source}: the card loaded a different program (model "
+                             f"{parsed.model_id!r} version {parsed.model_version}, partition "
+                             f"{parsed.partition}) than the one requested: substituted by the "
+                             "host")
+    return parsed

@@ -26,7 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto.container import SealedContainer
-from orchestrator.crypto.evidence import REPORT_VERSION, parse_version, sign_report
+from orchestrator.crypto.evidence import (
+    REPORT_VERSION,
+    parse_version,
+    sign_receipt,
+    sign_report,
+)
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek
 from orchestrator.emulator.pki import CardIdentity
 from orchestrator.errors import (
@@ -71,6 +76,7 @@ class LoadedProgram:
     model_version: int
     partition: int
     segments: dict[str, bytearray]
+    info_digest: bytes = b""
     io_desc: dict[str, Any] | None = None
     session: Any = None  # onnxruntime session, built lazily from card memory
 
@@ -223,8 +229,22 @@ class EmulatedCard:
             if IO_DESC in segments:
                 io_desc = json.loads(bytes(segments[IO_DESC]))
             self.program = LoadedProgram(program_id, model_id, sealed.info.model_version,
-                                         partition, segments, io_desc)
+                                         partition, segments,
+                                         hashlib.sha256(sealed.info_bytes).digest(), io_desc)
             return sorted(segments)
+
+    def load_receipt(self) -> tuple[bytes, bytes]:
+        """A signed statement of what this card holds now (the owner checks it)."""
+        with self._lock:
+            program = self.program
+            if program is None:
+                raise ProgramNotLoaded(f"card {self.card_id}: no program loaded")
+            receipt = evidence_pb2.LoadReceipt(
+                card_id=self.card_id, session_id=self.session_id,
+                boot_counter=self.boot_counter, program_info_digest=program.info_digest,
+                partition=program.partition, model_id=program.model_id,
+                model_version=program.model_version)
+            return sign_receipt(receipt, self._identity.key)
 
     def _pick_slot(self, slots: list[KeySlot], partition: int | None) -> KeySlot:
         mine = [slot for slot in slots if slot.card_id == self.card_id]
@@ -284,6 +304,8 @@ class EmulatedCard:
                     providers=["CPUExecutionProvider"])
             session = program.session
         names = [node.name for node in session.get_inputs()]
+        if "" in inputs and len(names) == 1:  # one unnamed tensor for a one-input stage
+            inputs = {names[0]: inputs[""]}
         missing = [name for name in names if name not in inputs]
         if missing:
             raise FormatError(f"card {self.card_id}", f"missing input tensors {missing}")

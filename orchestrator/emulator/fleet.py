@@ -74,14 +74,22 @@ async def run_fleet(config: FleetConfig, *, pki: VendorPKI | None = None,
     """Start every host (each in the same task group) and stop them all on exit."""
     pki = pki or VendorPKI.create()
     fleet = EmulatedFleet(config, pki, build_hosts(config, pki))
-    async with anyio.create_task_group() as tg:
-        for index, host in enumerate(fleet.hosts):
-            port = config.base_port + index if config.base_port else 0
-            await tg.start(lambda h=host, p=port, task_status=anyio.TASK_STATUS_IGNORED:
-                           h.serve(bind=config.bind, port=p, tls=tls, task_status=task_status))
-        if on_ready:
-            on_ready(fleet)
-        try:
-            yield fleet
-        finally:
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            for index, host in enumerate(fleet.hosts):
+                port = config.base_port + index if config.base_port else 0
+                await tg.start(lambda h=host, p=port, task_status=anyio.TASK_STATUS_IGNORED:
+                               h.serve(bind=config.bind, port=p, tls=tls,
+                                       task_status=task_status))
+            if on_ready:
+                on_ready(fleet)
+            try:
+                yield fleet
+            finally:
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's own error surfaced through our task group: give it back
+        # unwrapped, so `async with run_fleet(...)` behaves like any context.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -309,7 +309,7 @@ class EmulatedHost:
         return True
 
     async def load(self, device: int, program_id: str, partition: int,
-                   slots: evidence_pb2.KeySlotTable | None) -> list[str]:
+                   slots: evidence_pb2.KeySlotTable | None) -> tuple[list[str], bytes, bytes]:
         card = self.card(device)
         staged = self._programs.get(program_id)
         if staged is None:
@@ -326,11 +326,15 @@ class EmulatedHost:
             elif self.adversary is Adversary.SWAP_SLOTS:
                 key_slots = _swap_slots(key_slots, card, body)
         self.stats.load_count += 1
-        names: list[str] = await anyio.to_thread.run_sync(
-            lambda: card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
-                              program_id=program_id, partition=partition, key_slots=key_slots))
+
+        def load() -> tuple[list[str], bytes, bytes]:
+            names = card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
+                              program_id=program_id, partition=partition, key_slots=key_slots)
+            return (names, *card.load_receipt())
+
+        result = await anyio.to_thread.run_sync(load)
         self.emit(device, runtime_pb2.EVENT_KIND_LOADED, card.boot_counter)
-        return names
+        return result
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order relaying activations."""
@@ -477,13 +481,14 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
                           ) -> runtime_pb2.LoadProgramResponse:
         slots = request.key_slots if request.HasField("key_slots") else None
         try:
-            names = await self.host.load(request.device, request.program_id, request.partition,
-                                         slots)
+            names, receipt, signature = await self.host.load(
+                request.device, request.program_id, request.partition, slots)
         except _Abort as error:
             await _abort(context, error)
         except ModelIPError as err:
             await _abort(context, _status_for(err))
-        return runtime_pb2.LoadProgramResponse(segments=names)
+        return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
+                                               receipt_signature=signature)
 
     async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.ExecuteResponse:

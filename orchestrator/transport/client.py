@@ -93,6 +93,15 @@ class DeviceStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What a card reports after loading: segment names and its signed receipt."""
+
+    segments: list[str]
+    receipt: bytes
+    receipt_signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceEvent:
     """A hint from the host (never a fact: verify with a fresh attestation)."""
 
@@ -259,15 +268,15 @@ class HostClient:
         return str(response.program_id), bool(response.already_staged)
 
     async def load(self, device: int, program_id: str, *, partition: int = 0,
-                   key_slots: Sequence[KeySlot] | None = None) -> list[str]:
-        """Have the card open its slot and decrypt the program; segment names loaded."""
+                   key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
+        """Have the card open its slot and decrypt the program (check the receipt!)."""
         request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
                                                  partition=partition)
         if key_slots is not None:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,
                                     request, self.deadlines.load)
-        return list(response.segments)
+        return LoadResult(list(response.segments), response.receipt, response.receipt_signature)
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order, on named numpy arrays."""

@@ -131,3 +131,21 @@ class KeySlotTable(_message.Message):
     format_version: int
     slots: _containers.RepeatedCompositeFieldContainer[KeySlot]
     def __init__(self, format_version: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[KeySlot, _Mapping]]] = ...) -> None: ...
+
+class LoadReceipt(_message.Message):
+    __slots__ = ("card_id", "session_id", "boot_counter", "program_info_digest", "partition", "model_id", "model_version")
+    CARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BOOT_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_INFO_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    card_id: str
+    session_id: bytes
+    boot_counter: int
+    program_info_digest: bytes
+    partition: int
+    model_id: str
+    model_version: int
+    def __init__(self, card_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., boot_counter: _Optional[int] = ..., program_info_digest: _Optional[bytes] = ..., partition: _Optional[int] = ..., model_id: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -127,10 +127,14 @@ class LoadProgramRequest(_message.Message):
     def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ...) -> None: ...
 
 class LoadProgramResponse(_message.Message):
-    __slots__ = ("segments",)
+    __slots__ = ("segments", "receipt", "receipt_signature")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, segments: _Optional[_Iterable[str]] = ...) -> None: ...
+    receipt: bytes
+    receipt_signature: bytes
+    def __init__(self, segments: _Optional[_Iterable[str]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")

@@ -1,0 +1,289 @@
+"""Emulated hosts over real loopback gRPC: attestation, loading, execution, resets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+from orchestrator.crypto.container import ContentPolicy, SealedContainer, SealSettings
+from orchestrator.crypto.evidence import (
+    TrustPolicy,
+    VerifiedReport,
+    verify_evidence,
+    verify_load_receipt,
+)
+from orchestrator.crypto.mek import MEK
+from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
+from orchestrator.emulator.host import Adversary, FaultConfig
+from orchestrator.encrypt import SessionTarget, encrypt_model, wrap_to_targets
+from orchestrator.errors import (
+    AttestationError,
+    DeviceOffline,
+    IntegrityError,
+    NotFoundError,
+    PolicyError,
+    ProgramNotLoaded,
+    SessionInvalidError,
+    UnreachableError,
+)
+from orchestrator.qpc.container import open_container
+from orchestrator.transport.client import HostClient
+from tests.models import pack_onnx_stage, reference_output, tiny_mlp
+
+@dataclass
+class Deployment:
+    program: Path
+    program_id: str
+    reports: list[VerifiedReport]
+    mek: MEK
+
+
+async def attest_all(host: HostClient, fleet: EmulatedFleet, devices: range
+                     ) -> list[VerifiedReport]:
+    reports = []
+    for device in devices:
+        request = os.urandom(32)
+        evidence = await host.attest(device, request)
+        reports.append(verify_evidence(evidence, roots=[fleet.pki.root], policy=TrustPolicy(),
+                                       request=request))
+    return reports
+
+
+def encrypt_for(tmp_path: Path, reports: list[VerifiedReport], mek: MEK, *, version: int = 1,
+                floor: int = 0, name: str = "out") -> Path:
+    qpc = pack_onnx_stage(tiny_mlp(), tmp_path / f"{name}.qpc")
+    targets = [SessionTarget.from_report(r, r.card_id) for r in reports]
+    return encrypt_model(str(qpc), mek, str(tmp_path / name),
+                         SealSettings("tiny", model_version=version,
+                                      policy=ContentPolicy(rollback_floor=floor)),
+                         targets=targets)[-1]
+
+
+def info_digest(program: Path) -> bytes:
+    import hashlib
+
+    with open_container(program) as container:
+        return hashlib.sha256(SealedContainer(container).info_bytes).digest()
+
+
+async def deploy(tmp_path: Path, host: HostClient, fleet: EmulatedFleet, devices: range
+                 ) -> Deployment:
+    reports = await attest_all(host, fleet, devices)
+    mek = MEK.generate()
+    program = encrypt_for(tmp_path, reports, mek)
+    program_id, already = await host.stage(program)
+    assert not already
+    return Deployment(program, program_id, reports, mek)
+
+
+async def test_attest_load_execute_over_grpc(tmp_path: Path) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=4)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        assert await host.health()
+        d = await deploy(tmp_path, host, fleet, range(4))
+        x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
+        for device, report in enumerate(d.reports):
+            result = await host.load(device, d.program_id)
+            assert result.segments == ["io_desc.json", "network.onnx"]
+            receipt = verify_load_receipt(result.receipt, result.receipt_signature,
+                                          report=report, program_info_digest=info_digest(
+                                              d.program), partition=0, source="test")
+            assert receipt.model_id == "tiny"
+            outputs = await host.execute([device], {"x": x})
+            np.testing.assert_allclose(outputs["y"], reference_output(tiny_mlp(), x),
+                                       rtol=1e-5)
+        listed = await host.list_devices()
+        assert {d.state for d in listed} == {"LOADED"}
+        # staging is content addressed: the same body is not stored twice
+        assert (await host.stage(d.program))[1] is True
+        assert (await host.stats())["stage_count"] == 1
+
+
+async def test_reset_invalidates_the_session_and_rekey_restores_it(tmp_path: Path) -> None:
+    faults = FaultConfig(reboot_time=0.05)
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=2, faults=faults)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(2))
+        for device in range(2):
+            await host.load(device, d.program_id)
+        events: list[str] = []
+
+        async def watch() -> None:
+            async for event in host.watch_events():
+                if event.device == 1:
+                    events.append(event.kind)
+                if event.kind == "ONLINE":
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await anyio.sleep(0.05)
+            await host.reset(1)
+            with pytest.raises(DeviceOffline):
+                await host.load(1, d.program_id)
+        assert events == ["RESET", "OFFLINE", "ONLINE"]
+        with pytest.raises(ProgramNotLoaded):  # the reset wiped the card's memory
+            await host.execute([1], {"x": np.zeros((1, 8), np.float32)})
+        with pytest.raises(SessionInvalidError, match="earlier session"):
+            await host.load(1, d.program_id)  # the stale slot is refused, by name
+        fresh = await attest_all(host, fleet, range(1, 2))
+        assert fresh[0].boot_counter == d.reports[1].boot_counter + 1
+        slots = wrap_to_targets(d.mek, [SessionTarget.from_report(d.reports[0], "0"),
+                                        SessionTarget.from_report(fresh[0], "1")])
+        await host.load(1, d.program_id, key_slots=slots)  # no re-upload, no re-encryption
+        assert (await host.stats())["stage_count"] == 1
+        await host.execute([1], {"x": np.zeros((1, 8), np.float32)})
+
+
+async def test_clear_errors_for_unknown_device_program_and_unreachable_host(tmp_path: Path
+                                                                            ) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        with pytest.raises(NotFoundError, match="no device 7"):
+            await host.attest(7, b"x")
+        with pytest.raises(NotFoundError, match="not staged"):
+            await host.load(0, "ab" * 32)
+    async with HostClient("127.0.0.1:1") as host:
+        with pytest.raises(UnreachableError, match="unreachable"):
+            await host.list_devices()
+
+
+async def test_cancelled_stage_leaves_nothing_staged(tmp_path: Path) -> None:
+    faults = FaultConfig(stage_bandwidth=4 << 20)  # 4 MiB/s: an 8 MiB stage takes ~2 s
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1, faults=faults)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(8 << 20))
+        with anyio.move_on_after(0.5) as scope:
+            await host.stage(big)
+        assert scope.cancelled_caught
+        await anyio.sleep(0.3)
+        assert (await host.stats())["staged_programs"] == 0
+        from orchestrator.transport.client import program_digest
+
+        with pytest.raises(NotFoundError):
+            await host.load(0, program_digest(big))
+        listed = await host.list_devices()
+        assert listed[0].state == "ONLINE" and listed[0].program_id == ""
+
+
+async def test_server_stops_within_its_grace_period() -> None:
+    with anyio.fail_after(10):  # liveness bound, generous: grace is 1 s
+        async with run_fleet(FleetConfig(hosts=2, devices_per_host=1)) as fleet:
+            address = fleet.addresses[0]
+            async with HostClient(address) as host:
+                assert await host.health()
+    async with HostClient(address) as host:
+        with pytest.raises(UnreachableError):
+            await host.list_devices()
+
+
+# --- adversary modes: each detected, each with its own error ----------------------------
+
+
+async def _hostile(mode: Adversary) -> FleetConfig:
+    return FleetConfig(hosts=1, devices_per_host=2, adversary=mode,
+                       adversary_devices=frozenset({0}), faults=FaultConfig(reboot_time=0.05))
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (Adversary.SUBSTITUTE_KEY, "signature does not verify"),
+        (Adversary.REPLAY_REPORT, "nonce mismatch"),
+        (Adversary.IGNORE_NONCE, "nonce mismatch"),
+    ],
+)
+async def test_attestation_attacks_are_caught_by_the_verifier(mode: Adversary,
+                                                              expected: str) -> None:
+    async with run_fleet(await _hostile(mode)) as fleet, HostClient(fleet.addresses[0]) as host:
+        await attest_all(host, fleet, range(1, 2))  # the honest card passes
+        if mode is Adversary.REPLAY_REPORT:
+            await host.attest(0, os.urandom(32))  # the host records a report to replay
+        request = os.urandom(32)
+        evidence = await host.attest(0, request)
+        with pytest.raises(AttestationError, match=expected):
+            verify_evidence(evidence, roots=[fleet.pki.root], policy=TrustPolicy(),
+                            request=request)
+
+
+async def test_tampered_body_is_refused_by_the_card(tmp_path: Path) -> None:
+    async with run_fleet(await _hostile(Adversary.TAMPER_BODY)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(2))
+        with pytest.raises(IntegrityError, match="failed authentication|was altered"):
+            await host.load(0, d.program_id)
+        await host.load(1, d.program_id)  # the untouched card loads
+
+
+async def test_swapped_key_slots_do_not_open(tmp_path: Path) -> None:
+    async with run_fleet(await _hostile(Adversary.SWAP_SLOTS)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(2))
+        with pytest.raises(IntegrityError, match="wrapped MEK does not open"):
+            await host.load(0, d.program_id)
+
+
+async def test_older_model_version_is_caught(tmp_path: Path) -> None:
+    async with run_fleet(await _hostile(Adversary.OLD_VERSION)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        reports = await attest_all(host, fleet, range(2))
+        mek = MEK.generate()  # the owner reuses the MEK across releases
+        old = encrypt_for(tmp_path, reports, mek, version=1, name="v1")
+        new = encrypt_for(tmp_path, reports, mek, version=2, floor=2, name="v2")
+        await host.stage(old)
+        new_id, _ = await host.stage(new)
+        # the host loads v1 instead of v2: the card's signed receipt gives it away
+        result = await host.load(0, new_id)
+        with pytest.raises(IntegrityError, match="substituted by the host"):
+            verify_load_receipt(result.receipt, result.receipt_signature, report=reports[0],
+                                program_info_digest=info_digest(new), partition=0,
+                                source="card 0")
+        # and a card that has seen v2 refuses v1 outright (rollback floor)
+        fleet.hosts[0].adversary = Adversary.NONE
+        await host.load(0, new_id)
+        fleet.hosts[0].adversary = Adversary.OLD_VERSION
+        with pytest.raises(PolicyError, match="below this card's rollback floor 2"):
+            await host.load(0, new_id)
+
+
+async def test_forged_reset_storm_is_disproved_by_attestation() -> None:
+    async with run_fleet(await _hostile(Adversary.RESET_STORM)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        before = await attest_all(host, fleet, range(1))
+        resets = 0
+        with anyio.move_on_after(0.3):
+            async for event in host.watch_events():
+                resets += event.kind == "RESET" and event.device == 0
+        assert resets >= 10  # a flood of hints...
+        after = await attest_all(host, fleet, range(1))
+        # ...that a fresh attestation disproves: same boot, same session
+        assert (after[0].boot_counter, after[0].session_id) == (before[0].boot_counter,
+                                                                 before[0].session_id)
+
+
+async def test_suppressed_resets_are_caught_by_a_fresh_attestation() -> None:
+    async with run_fleet(await _hostile(Adversary.SUPPRESS_RESETS)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        before = await attest_all(host, fleet, range(1))
+        seen: list[str] = []
+
+        async def watch() -> None:
+            async for event in host.watch_events():
+                seen.append(event.kind)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await anyio.sleep(0.05)
+            await host.reset(0)
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+        assert seen == []  # the host said nothing...
+        after = await attest_all(host, fleet, range(1))
+        assert after[0].boot_counter == before[0].boot_counter + 1  # ...the card did
+        assert after[0].session_id != before[0].session_id
