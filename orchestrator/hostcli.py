@@ -13,9 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import anyio
-import numpy as np
-
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
 from orchestrator.errors import FileInputError, FormatError, UsageError
 
@@ -33,6 +30,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
+    import anyio
+
     from orchestrator.emulator.card import CardConfig
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
     from orchestrator.emulator.host import Adversary, FaultConfig, TLSServerConfig
@@ -94,6 +93,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
+    import anyio
+
     from orchestrator.crypto.evidence import (
         TrustPolicy,
         load_roots_file,
@@ -139,6 +140,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
+    import anyio
+
     action = args.device_command
     devices: list[int] = args.device or []
     if action in ("reset", "unload", "load", "exec") and not devices:
@@ -185,6 +188,8 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(path: str | None) -> dict[str, Any]:
+    import numpy as np
+
     if not path:
         raise UsageError("device exec: --input x.npy (or .npz keyed by input name) is required")
     try:
@@ -200,6 +205,8 @@ def _read_inputs(path: str | None) -> dict[str, Any]:
 
 
 def _write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
+    import numpy as np
+
     if not path:
         return
     buffer = io.BytesIO()

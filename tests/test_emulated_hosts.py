@@ -35,6 +35,7 @@ from orchestrator.qpc.container import open_container
 from orchestrator.transport.client import HostClient
 from tests.models import pack_onnx_stage, reference_output, tiny_mlp
 
+
 @dataclass
 class Deployment:
     program: Path

@@ -352,12 +352,17 @@ def test_inspect_shows_structure_without_a_key(tmp_path: Path, fleet, make_mdp, 
     assert "key slot 1: card 'card-1'" in capsys.readouterr().out
 
 
-def test_seed_style_flow_as_a_shell_script(tmp_path: Path) -> None:
-    script = Path(__file__).parent / "flows" / "seed_flow.sh"
+@pytest.mark.parametrize(("script", "marker"), [("seed_flow.sh", "SEED FLOW OK"),
+                                                ("reference_flow.sh", "REFERENCE FLOW OK")])
+def test_flow_as_a_shell_script(tmp_path: Path, script: str, marker: str) -> None:
+    """seed_flow: files only. reference_flow: against a live `modelip emulate`."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHON"] = sys.executable
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     assert shutil.which("modelip", path=env["PATH"]), "the modelip console script is installed"
-    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(["bash", str(Path(__file__).parent / "flows" / script)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110,
+                            check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SEED FLOW OK" in result.stdout
+    assert marker in result.stdout

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The reference manual flow against a live `modelip emulate`, step by step:
+# attest 4 cards -> encrypt-model with 4 evidence files -> stage + load on 4
+# cards -> execute -> reset one card -> its load fails -> attest again ->
+# wrap-mek -> replace-mek -> load works again. Run in an empty directory;
+# $PYTHON is the interpreter with modelip installed.
+set -euo pipefail
+PY=${PYTHON:-python3}
+
+modelip emulate --hosts 1 --devices-per-host 4 --base-port 0 --reboot-time 0.1 \
+    --pki-dir pki > emulate.log 2>&1 &
+EMU=$!
+trap 'kill -INT $EMU 2>/dev/null; wait $EMU 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q READY emulate.log && break; sleep 0.1; done
+grep -q READY emulate.log
+PORT=$(sed -n 's/^host0 listening on 127.0.0.1:\([0-9]*\).*/\1/p' emulate.log)
+HOST=(--ip 127.0.0.1 --port "$PORT")
+
+"$PY" - <<'PYEOF'
+import json, numpy as np
+from tests.models import tiny_mlp, reference_output
+m = tiny_mlp()
+open("network.onnx", "wb").write(m.SerializeToString())
+json.dump({"format": "modelip-io/1", "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 8]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4]}],
+           "model_outputs": ["y"]}, open("io_desc.json", "w"))
+x = np.random.default_rng(5).standard_normal((1, 8)).astype(np.float32)
+np.save("x.npy", x)
+np.save("expected.npy", reference_output(m, x))
+PYEOF
+modelip pack -o model.qpc --segment network.onnx=network.onnx --segment io_desc.json=io_desc.json
+modelip generate-mek -o MEK.dat
+
+for d in 0 1 2 3; do
+    modelip attest "${HOST[@]}" -d $d -o pub$d.dat --trust-root pki/root.pem
+done
+modelip encrypt-model --qpc model.qpc --mek MEK.dat --output-dir enc \
+    --pub-keys pub0.dat pub1.dat pub2.dat pub3.dat --trust-root pki/root.pem
+
+for d in 0 1 2 3; do
+    modelip device load "${HOST[@]}" -d $d --qpc enc/programqpc.bin
+done
+modelip device exec "${HOST[@]}" -d 2 --input x.npy --output y.npy
+"$PY" -c "import numpy as np; np.testing.assert_allclose(np.load('y.npy'), np.load('expected.npy'), rtol=1e-5)"
+
+modelip device reset "${HOST[@]}" -d 2
+sleep 0.3
+if modelip device load "${HOST[@]}" -d 2 --qpc enc/programqpc.bin 2>err.txt; then
+    echo "a reset card must refuse its stale slot" >&2; exit 1
+fi
+grep -q "earlier session" err.txt
+
+modelip attest "${HOST[@]}" -d 2 -o pub2-new.dat --trust-root pki/root.pem
+modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1.dat pub2-new.dat pub3.dat \
+    --trust-root pki/root.pem --output-dir wrapped
+modelip replace-mek --encrypted-qpc enc --wrapped-meks wrapped/slot_2 --in-place
+modelip device load "${HOST[@]}" -d 2 --qpc enc/programqpc.bin
+modelip device exec "${HOST[@]}" -d 2 --input x.npy --output y2.npy
+"$PY" -c "import numpy as np; np.testing.assert_allclose(np.load('y2.npy'), np.load('expected.npy'), rtol=1e-5)"
+modelip device list "${HOST[@]}"
+echo "REFERENCE FLOW OK"
