@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/encrypt_throughput.py --size 1G
 	$(PY) bench/replace_mek.py
 	$(PY) bench/decrypt_throughput.py
+	$(PY) bench/attest_rate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
