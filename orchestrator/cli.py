@@ -180,6 +180,18 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from orchestrator.qpc.partition import describe, package_onnx
+
+    plan = package_onnx(args.model, args.output, partitions=args.partitions,
+                        balance=args.balance)
+    kind = "MDP container" if args.partitions > 1 else "container"
+    print(f"wrote {args.output}: {kind} of {len(plan.stages)} stage(s)")
+    for line in describe(plan):
+        print(f"  {line}")
+    return 0
+
+
 # --- files-only emulated cards ------------------------------------------------------
 
 
@@ -336,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", action="append", metavar="QPC",
                    help="partition containers in pipeline order (makes an MDP container)")
     p.set_defaults(handler=cmd_pack)
+
+    p = sub.add_parser("package", help="ONNX model -> program container (N pipeline stages)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--partitions", type=int, default=1)
+    p.add_argument("-o", "--output", default="programqpc.bin")
+    p.add_argument("--balance", choices=["params", "flops"], default="params")
+    p.set_defaults(handler=cmd_package)
 
     p = sub.add_parser("inspect", help="show a container's structure")
     p.add_argument("file")

@@ -1,0 +1,150 @@
+"""ONNX -> partitioned, encrypted program -> emulated cards -> same output as the original."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from orchestrator.crypto.container import SealSettings
+from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
+from orchestrator.crypto.mek import MEK
+from orchestrator.emulator.fleet import FleetConfig, run_fleet
+from orchestrator.encrypt import SessionTarget, encrypt_model
+from orchestrator.errors import FileInputError, FormatError, UsageError
+from orchestrator.qpc.container import open_container
+from orchestrator.qpc.mdp import read_mdp_meta
+from orchestrator.qpc.partition import load_onnx, package_onnx, plan_partitions, stage_models
+from orchestrator.transport.client import HostClient
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+# (model, rtol, atol) as the onnx backend test data states them
+MODELS = {"resnet50": (1e-3, 1e-7), "squeezenet": (1e-3, 1e-7), "vgg19": (1e-3, 1e-7)}
+
+
+def dummy_input(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The input the onnx backend tests use for the light models (arange / n)."""
+    initializers = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
+        n = int(np.prod(shape))
+        feeds[value.name] = (np.arange(n).reshape(shape) / n).astype(np.float32)
+    return feeds
+
+
+def original_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "squeezenet", "vgg19"])
+def test_every_stage_is_valid_and_the_cuts_are_balanced(name: str) -> None:
+    model = load_onnx(LIGHT / f"light_{name}.onnx")
+    for n in (2, 4, 8):
+        plan = plan_partitions(model, n, balance="params")
+        assert len(plan.stages) == n
+        assert sum(len(s.nodes) for s in plan.stages) > 0
+        covered = sorted(i for s in plan.stages for i in s.nodes)
+        assert covered == sorted(set(covered))  # each computing node in exactly one stage
+        for staged in stage_models(model, plan):
+            onnx.checker.check_model(staged)
+            for init in staged.graph.initializer:  # constants never cross: copied in
+                assert init.name not in {i.name for i in staged.graph.input}
+        # no stage carries more than its share plus the largest single node
+        shares = [s.cost / plan.total_cost for s in plan.stages]
+        assert max(shares) < 1.0 if n > 1 else shares == [1.0]
+
+
+def test_resnet50_cuts_stay_near_balance_and_cross_small_tensors() -> None:
+    model = load_onnx(LIGHT / "light_resnet50.onnx")
+    plan = plan_partitions(model, 4, balance="params")
+    shares = [s.cost / plan.total_cost for s in plan.stages]
+    assert all(0.15 < share < 0.35 for share in shares), shares
+    # every cut passes at most a few activations of one block, not the weights
+    assert all(s.crossing_bytes <= 2 << 20 for s in plan.stages)
+    flops = plan_partitions(model, 4, balance="flops")
+    assert [s.nodes for s in flops.stages] != [s.nodes for s in plan.stages]
+
+
+@pytest.mark.parametrize("name", ["resnet50", "squeezenet"])
+@pytest.mark.parametrize("partitions", [1, 2, 4, 8])
+async def test_encrypted_pipeline_computes_what_the_original_computes(
+        tmp_path: Path, name: str, partitions: int) -> None:
+    source = LIGHT / f"light_{name}.onnx"
+    model = onnx.load(source)
+    feeds = dummy_input(model)
+    expected = original_outputs(model, feeds)
+    stored = numpy_helper.to_array(onnx.load_tensor(str(LIGHT / f"light_{name}_output_0.pb")))
+    rtol, atol = MODELS[name]
+    np.testing.assert_allclose(expected[0], stored, rtol=rtol, atol=atol)
+
+    program = tmp_path / "program.qpc"
+    package_onnx(source, program, partitions=partitions)
+    with open_container(program) as container:
+        meta = read_mdp_meta(container)
+        assert (meta is None) == (partitions == 1)
+        assert meta is None or len(meta.partitions) == partitions
+
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=partitions)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        targets = []
+        for device in range(partitions):
+            request = os.urandom(32)
+            report = verify_evidence(await host.attest(device, request), roots=[fleet.pki.root],
+                                     policy=TrustPolicy(), request=request)
+            targets.append(SessionTarget.from_report(report, str(device)))
+        mek = MEK.generate()
+        encrypted = encrypt_model(str(program), mek, str(tmp_path / "enc"),
+                                  SealSettings(name), targets=targets)[-1]
+        plain_stage = (tmp_path / "enc" / "programqpc.bin").read_bytes()
+        weights = [i.raw_data for i in model.graph.initializer if len(i.raw_data) >= 64]
+        assert not any(w in plain_stage for w in weights)  # no weight bytes in clear
+        program_id, _ = await host.stage(encrypted)
+        for device in range(partitions):
+            await host.load(device, program_id, partition=device)
+        outputs = await host.execute(list(range(partitions)), feeds)
+    got = outputs[model.graph.output[0].name]
+    np.testing.assert_allclose(got, expected[0], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got, stored, rtol=rtol, atol=atol)
+
+
+def test_bad_models_get_one_clear_error(tmp_path: Path) -> None:
+    text = tmp_path / "not.onnx"
+    text.write_text("this is not a model")
+    with pytest.raises(FormatError, match="not an ONNX model"):
+        load_onnx(text)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]),
+                               helper.make_node("Relu", ["y"], ["x"])], "cycle",
+                              [], [helper.make_tensor_value_info("y", 1, [1])])
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "broken.onnx").write_bytes(broken.SerializeToString())
+    with pytest.raises(FormatError, match="fails the ONNX checker"):
+        load_onnx(tmp_path / "broken.onnx")
+    with pytest.raises(UsageError, match="at most that many stages"):
+        plan_partitions(load_onnx(LIGHT / "light_squeezenet.onnx"), 1000)
+    with pytest.raises(FileInputError, match="model file not found"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_a_graph_that_cannot_be_cut_is_refused(tmp_path: Path) -> None:
+    """Every cut would pass a tensor whose shape is unknown: refused, by name."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("NonZero", ["a"], ["nz"]),  # data-dependent shape
+             helper.make_node("Cast", ["nz"], ["b"], to=1),
+             helper.make_node("ReduceSum", ["b"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "uncuttable",
+                              [helper.make_tensor_value_info("x", 1, [4])],
+                              [helper.make_tensor_value_info("y", 1, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(FormatError, match="cannot cut stage 2 from 3"):
+        plan_partitions(model, 3)
