@@ -353,7 +353,8 @@ def test_inspect_shows_structure_without_a_key(tmp_path: Path, fleet, make_mdp, 
 
 
 @pytest.mark.parametrize(("script", "marker"), [("seed_flow.sh", "SEED FLOW OK"),
-                                                ("reference_flow.sh", "REFERENCE FLOW OK")])
+                                                ("reference_flow.sh", "REFERENCE FLOW OK"),
+                                                ("mdp_flow.sh", "MDP FLOW OK")])
 def test_flow_as_a_shell_script(tmp_path: Path, script: str, marker: str) -> None:
     """seed_flow: files only. reference_flow: against a live `modelip emulate`."""
     env = dict(os.environ)

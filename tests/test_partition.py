@@ -148,3 +148,30 @@ def test_a_graph_that_cannot_be_cut_is_refused(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(FormatError, match="cannot cut stage 2 from 3"):
         plan_partitions(model, 3)
+
+
+def test_stages_of_a_real_weight_model_compose_to_the_original() -> None:
+    """The synthetic benchmark model (random weights, residuals), run stage by stage."""
+    import importlib.util
+
+    import onnxruntime
+
+    spec = importlib.util.spec_from_file_location(
+        "make_model", Path(__file__).resolve().parent.parent / "bench" / "make_model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.make_mlp(64 * 64 * 12, 64, seed=3)
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    expected = original_outputs(model, {"x": x})[0]
+    for n in (2, 3, 5):
+        plan = plan_partitions(model, n, balance="flops")
+        env = {"x": x}
+        for staged in stage_models(model, plan):
+            session = onnxruntime.InferenceSession(staged.SerializeToString(),
+                                                   providers=["CPUExecutionProvider"])
+            names = [i.name for i in session.get_inputs()]
+            results = session.run(None, {name: env[name] for name in names})
+            env.update({o.name: r for o, r in zip(session.get_outputs(), results, strict=True)})
+        np.testing.assert_allclose(env["y"], expected, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(expected, 0)  # real weights: a result worth comparing
