@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestrator demo
+	$(PY) -m orchestrator watch plans/demo.yaml --duration 20
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -390,20 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=int, default=0)
     p.set_defaults(handler=cmd_card_load)
 
-    from orchestrator import hostcli
+    from orchestrator import fleetcli, hostcli
 
     hostcli.register(sub)
+    fleetcli.register(sub)
 
-    p = sub.add_parser("demo", help="run the demo end to end")
-    p.add_argument("--workdir", default="demo-out")
+    p = sub.add_parser("demo", help="watch plans/demo.yaml for a while (make demo)")
+    p.add_argument("--plan", default=str(Path(__file__).resolve().parent.parent / "plans"
+                                         / "demo.yaml"))
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
     return parser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import run_file_demo
+    from orchestrator import fleetcli
 
-    return int(run_file_demo(args.workdir, echo=print))
+    args.metrics_port = None
+    args.retry_quarantined = False
+    return fleetcli.cmd_watch(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

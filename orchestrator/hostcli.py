@@ -148,7 +148,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         raise UsageError(f"device {action}: name the card with -d N")
     if action in ("reset", "unload") and len(devices) != 1:
         raise UsageError(f"device {action}: name exactly one card")
-    inputs = _read_inputs(args.input) if action == "exec" else None
+    inputs = read_inputs(args.input) if action == "exec" else None
 
     async def run() -> Any:
         async with _client(args) as host:
@@ -179,7 +179,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         for device, loaded in zip(devices, result, strict=True):
             print(f"device {device}: loaded {', '.join(loaded.segments)}")
     elif action == "exec":
-        _write_outputs(args.output, result)
+        write_outputs(args.output, result)
         for name, value in result.items():
             print(f"{name}: {value.dtype} {list(value.shape)}")
     else:
@@ -187,7 +187,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_inputs(path: str | None) -> dict[str, Any]:
+def read_inputs(path: str | None) -> dict[str, Any]:
     import numpy as np
 
     if not path:
@@ -204,7 +204,7 @@ def _read_inputs(path: str | None) -> dict[str, Any]:
         raise FormatError(path, f"not a numpy .npy/.npz file ({err})") from None
 
 
-def _write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
+def write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
     import numpy as np
 
     if not path:

@@ -1,0 +1,1 @@
+"""The orchestrator: plan, per-card state machines, fleet supervisor, journal."""

@@ -1,0 +1,63 @@
+"""Prometheus text exposition of an engine snapshot, served on request (--metrics-port)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import SocketStream, TaskStatus
+
+from orchestrator.engine.state import CardState
+from orchestrator.engine.supervisor import EngineStats, Snapshot
+
+
+def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
+    lines = ["# HELP modelip_cards Cards per state.", "# TYPE modelip_cards gauge"]
+    for state in CardState:
+        count = snapshot.counts.get(state.value, 0)
+        lines.append(f'modelip_cards{{state="{state.value}"}} {count}')
+    lines += ["# HELP modelip_groups_serving MDP groups whose cards all serve.",
+              "# TYPE modelip_groups_serving gauge",
+              f"modelip_groups_serving {snapshot.groups_serving}",
+              "# TYPE modelip_rekeys_total counter", f"modelip_rekeys_total {stats.rekeys}",
+              "# TYPE modelip_attestations_total counter",
+              f"modelip_attestations_total {stats.attestations}",
+              "# TYPE modelip_loads_total counter", f"modelip_loads_total {stats.loads}",
+              "# TYPE modelip_hints_disproved_total counter",
+              f"modelip_hints_disproved_total {stats.disproved_hints}",
+              "# HELP modelip_rekey_latency_seconds Reset (card back online) to serving.",
+              "# TYPE modelip_rekey_latency_seconds summary"]
+    for quantile, value in (("0.5", snapshot.rekey_p50), ("0.99", snapshot.rekey_p99)):
+        if value is not None:
+            lines.append(f'modelip_rekey_latency_seconds{{quantile="{quantile}"}} {value:.6f}')
+    lines += [f"modelip_rekey_latency_seconds_sum {sum(stats.rekey_latencies):.6f}",
+              f"modelip_rekey_latency_seconds_count {len(stats.rekey_latencies)}",
+              "# TYPE modelip_verification_failures_total counter"]
+    for reason, count in sorted(stats.verification_failures.items()):
+        lines.append(f'modelip_verification_failures_total{{kind="{reason}"}} {count}')
+    if stats.deployed_after is not None:
+        lines.append(f"modelip_deploy_seconds {stats.deployed_after:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(port: int, text: Callable[[], str], *, bind: str = "127.0.0.1",
+                        task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    """A minimal HTTP/1.0 endpoint: any GET returns the metrics text."""
+    listener = await anyio.create_tcp_listener(local_host=bind, local_port=port)
+
+    async def handle(stream: SocketStream) -> None:
+        async with stream:
+            with anyio.move_on_after(5):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    request += await stream.receive(4096)
+                body = text().encode()
+                ok = request.startswith(b"GET ")
+                status = b"200 OK" if ok else b"405 Method Not Allowed"
+                head = (b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
+                        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                await stream.send(head + body)
+
+    async with listener:
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610 - anyio, not Django
+        await listener.serve(handle)

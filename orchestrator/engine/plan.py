@@ -1,0 +1,505 @@
+"""Deployment plans (YAML): one frozen configuration, built and validated once.
+
+Every validation error names the file, the line and the field, e.g.
+``plans/x.yaml:12: fleet.hosts[1].devices: must be a list of card numbers``.
+docs/plans.md documents every key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import PlanError
+
+PACKAGE_SCHEME = "package:"
+
+
+class _Node:
+    """A YAML value with the line it came from."""
+
+    __slots__ = ("line", "value")
+
+    def __init__(self, value: Any, line: int) -> None:
+        self.value = value
+        self.line = line
+
+
+def _annotate(node: yaml.Node) -> _Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        mapping: dict[str, tuple[_Node, int]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in mapping:
+                raise _Problem(key_node.start_mark.line + 1, str(key), "appears twice")
+            mapping[key] = (_annotate(value_node), key_node.start_mark.line + 1)
+        return _Node(mapping, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Node([_annotate(item) for item in node.value], line)
+    return _Node(_scalar(node), line)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+class _Problem(Exception):
+    def __init__(self, line: int | None, field_name: str, problem: str) -> None:
+        super().__init__(problem)
+        self.line = line
+        self.field_name = field_name
+        self.problem = problem
+
+
+class _Reader:
+    """Walks one mapping, remembering what was read so unknown keys can be named."""
+
+    def __init__(self, node: _Node, path: str) -> None:
+        if not isinstance(node.value, dict):
+            raise _Problem(node.line, path, "must be a mapping")
+        self.node = node
+        self.items: dict[str, tuple[_Node, int]] = node.value
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return key in self.items
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
+            required: bool = False, check: Callable[[Any], str | None] | None = None) -> Any:
+        self.seen.add(key)
+        if key not in self.items:
+            if required:
+                raise _Problem(self.node.line, self._field(key), "is required")
+            return default
+        value_node, line = self.items[key]
+        value = value_node.value
+        if isinstance(value, dict | list) or not isinstance(value, kind) or (
+                isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                         else (kind,))):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(
+                k.__name__ for k in kind)
+            raise _Problem(line, self._field(key),
+                           f"must be {_article(names)}, got {_describe(value)}")
+        if check is not None and (problem := check(value)):
+            raise _Problem(line, self._field(key), problem)
+        return value
+
+    def child(self, key: str, *, required: bool = False) -> _Reader | None:
+        self.seen.add(key)
+        if key not in self.items:
+            if required:
+                raise _Problem(self.node.line, self._field(key), "is required")
+            return None
+        return _Reader(self.items[key][0], self._field(key))
+
+    def list_of(self, key: str, kind: type, *, default: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        self.seen.add(key)
+        if key not in self.items:
+            return default
+        value_node, line = self.items[key]
+        if not isinstance(value_node.value, list):
+            raise _Problem(line, self._field(key), f"must be a list of {_plural(kind)}")
+        result = []
+        for index, item in enumerate(value_node.value):
+            if isinstance(item.value, dict | list) or not isinstance(item.value, kind) or (
+                    isinstance(item.value, bool) and kind is not bool):
+                raise _Problem(item.line, f"{self._field(key)}[{index}]",
+                               f"must be {_article(kind.__name__)}, got {_describe(item.value)}")
+            result.append(item.value)
+        return tuple(result)
+
+    def nodes(self, key: str) -> list[tuple[_Node, int]]:
+        self.seen.add(key)
+        if key not in self.items:
+            return []
+        value_node, line = self.items[key]
+        if not isinstance(value_node.value, list):
+            raise _Problem(line, self._field(key), "must be a list")
+        return [(item, item.line) for item in value_node.value]
+
+    def done(self) -> None:
+        for key, (_, line) in self.items.items():
+            if key not in self.seen:
+                raise _Problem(line, self._field(key), "is not a known key")
+
+
+def _article(name: str) -> str:
+    return ("an " if name[:1] in "aeiou" else "a ") + name.replace("str", "string").replace(
+        "int", "integer").replace("float", "number").replace("bool", "boolean")
+
+
+def _plural(kind: type) -> str:
+    return {int: "integers", str: "strings", float: "numbers"}.get(kind, kind.__name__)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
+# --- the configuration ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    qpc: Path | None
+    onnx: Path | None
+    partitions: int
+    balance: str
+    model_id: str
+    version: int
+    rollback_floor: int
+    expires: int
+    min_firmware: str
+
+
+@dataclass(frozen=True, slots=True)
+class MEKSpec:
+    file: Path | None
+    generate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSpec:
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    address: str
+    devices: tuple[int, ...]
+    tls: TLSSpec | None
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedSpec:
+    hosts: int
+    devices_per_host: int
+    reset_rate: float = 0.0
+    reboot_time: float = 0.2
+    attest_latency: float = 0.0
+    drop_events: float = 0.0
+    firmware: str = "1.12.0"
+    kem: str = "P256"
+    adversary: str = "none"
+    adversary_hosts: tuple[int, ...] = ()
+    adversary_devices: tuple[int, ...] = ()
+    old_firmware_cards: tuple[str, ...] = ()  # "h/d" cards given firmware 0.9.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    firmware: tuple[str, ...] = ()
+    min_firmware: str = ""
+    measurements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cards: tuple[str, ...] = ()
+    kems: tuple[str, ...] = ("P256", "MLKEM768_X25519")
+    max_age: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySpec:
+    attempts: int = 5
+    backoff: float = 0.2
+    max_backoff: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RekeySpec:
+    auto: bool = True
+    min_interval: float = 1.0     # per card: at most one re-key this often (storms)
+    check_interval: float = 5.0   # periodic re-attestation of serving cards; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutSpec:
+    rpc: float = 10.0
+    load: float = 120.0
+    card: float = 300.0           # outer limit for one card's attest-wrap-load
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated deployment plan. Paths are absolute (relative to the plan file)."""
+
+    source: Path
+    model: ModelSpec
+    mek: MEKSpec
+    hosts: tuple[HostSpec, ...]
+    emulated: EmulatedSpec | None
+    trust_roots: tuple[Path, ...]
+    policy: PolicySpec
+    group_size: int
+    concurrency: int
+    retry: RetrySpec
+    rekey: RekeySpec
+    timeouts: TimeoutSpec
+    state_dir: Path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read and validate a plan; PlanError (file:line: field: problem) if invalid."""
+        source = Path(path)
+        try:
+            text = source.read_text()
+        except FileNotFoundError:
+            raise PlanError(str(source), None, "", "plan file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(str(source), None, "", f"cannot read plan: {exc}") from None
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            line = mark.line + 1 if mark else None
+            raise PlanError(str(source), line, "", f"not valid YAML: {exc.problem}") from None
+        if root is None:
+            raise PlanError(str(source), None, "", "plan is empty")
+        try:
+            return cls.from_dict(_annotate(root), source)
+        except _Problem as problem:
+            raise PlanError(str(source), problem.line, problem.field_name,
+                            problem.problem) from None
+
+    @classmethod
+    def from_dict(cls, node: _Node, source: Path) -> Plan:
+        base = source.resolve().parent
+        top = _Reader(node, "")
+        model = _model(top.child("model", required=True), base)  # type: ignore[arg-type]
+        mek = _mek(top.child("mek", required=True), base)  # type: ignore[arg-type]
+        fleet = top.child("fleet", required=True)
+        assert fleet is not None  # noqa: S101 - required above
+        hosts, emulated = _fleet(fleet, base)
+        trust = top.child("trust")
+        roots: tuple[Path, ...] = ()
+        policy = PolicySpec()
+        if trust is not None:
+            roots = tuple(_path(base, p, trust, "roots") for p in trust.list_of("roots", str))
+            policy_reader = trust.child("policy")
+            if policy_reader is not None:
+                policy = _policy(policy_reader)
+            trust.done()
+        if emulated is None and not roots:
+            raise _Problem(fleet.node.line, "trust.roots",
+                           "real hosts need at least one vendor root certificate")
+        group_size = model.partitions
+        groups = top.child("groups")
+        if groups is not None:
+            group_size = groups.get("size", int, model.partitions, check=_positive)
+            groups.done()
+            if group_size != model.partitions:
+                raise _Problem(groups.node.line, "groups.size",
+                               f"must equal model.partitions ({model.partitions}): one card "
+                               "per partition")
+        concurrency = top.get("concurrency", int, 64, check=_positive)
+        retry = RetrySpec()
+        if (reader := top.child("retry")) is not None:
+            retry = RetrySpec(reader.get("attempts", int, 5, check=_positive),
+                              float(reader.get("backoff", (int, float), 0.2, check=_positive)),
+                              float(reader.get("max_backoff", (int, float), 5.0,
+                                               check=_positive)))
+            reader.done()
+        rekey = RekeySpec()
+        if (reader := top.child("rekey")) is not None:
+            rekey = RekeySpec(reader.get("auto", bool, True),
+                              float(reader.get("min_interval", (int, float), 1.0,
+                                               check=_non_negative)),
+                              float(reader.get("check_interval", (int, float), 5.0,
+                                               check=_non_negative)))
+            reader.done()
+        timeouts = TimeoutSpec()
+        if (reader := top.child("timeouts")) is not None:
+            timeouts = TimeoutSpec(
+                float(reader.get("rpc", (int, float), 10.0, check=_positive)),
+                float(reader.get("load", (int, float), 120.0, check=_positive)),
+                float(reader.get("card", (int, float), 300.0, check=_positive)))
+            reader.done()
+        state_dir = _path(base, top.get("state_dir", str, f"state/{source.stem}"), top,
+                          "state_dir", must_exist=False)
+        top.done()
+        plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
+                   retry, rekey, timeouts, state_dir)
+        plan._check_groups(fleet)
+        return plan
+
+    def _check_groups(self, fleet: _Reader) -> None:
+        for index, host in enumerate(self.hosts):
+            if len(host.devices) % self.group_size:
+                raise _Problem(fleet.node.line, f"fleet.hosts[{index}].devices",
+                               f"{len(host.devices)} cards do not split into MDP groups of "
+                               f"{self.group_size} (groups stay on one host)")
+        if self.emulated and self.emulated.devices_per_host % self.group_size:
+            raise _Problem(fleet.node.line, "fleet.emulated.devices_per_host",
+                           f"{self.emulated.devices_per_host} cards do not split into MDP "
+                           f"groups of {self.group_size}")
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite"
+
+
+def _path(base: Path, text: str, reader: _Reader, key: str, *, must_exist: bool = True
+          ) -> Path:
+    line = reader.items[key][1] if key in reader.items else reader.node.line
+    if text.startswith(PACKAGE_SCHEME):
+        # package:onnx/backend/test/data/light/light_resnet50.onnx: a file that
+        # ships inside an installed Python package.
+        package, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise _Problem(line, reader._field(key), f"no installed package {package!r}")  # noqa: SLF001
+        path = Path(next(iter(spec.submodule_search_locations))) / inner
+    else:
+        path = (base / text).resolve()
+    if must_exist and not path.exists():
+        raise _Problem(line, reader._field(key), f"{text}: file not found")  # noqa: SLF001
+    return path
+
+
+def _model(reader: _Reader, base: Path) -> ModelSpec:
+    qpc = reader.get("qpc", str)
+    onnx_path = reader.get("onnx", str)
+    if (qpc is None) == (onnx_path is None):
+        raise _Problem(reader.node.line, "model", "give exactly one of qpc or onnx")
+    partitions = reader.get("partitions", int, 1, check=_positive)
+    if qpc is not None and reader.has("partitions"):
+        raise _Problem(reader.items["partitions"][1], "model.partitions",
+                       "only for onnx models (a QPC's partitions are in the file)")
+    balance = reader.get("balance", str, "params",
+                         check=lambda v: None if v in ("params", "flops")
+                         else "must be params or flops")
+    expires = reader.get("expires", (str, dt.date, dt.datetime))
+    expiry = 0
+    if expires is not None:
+        try:
+            moment = expires if isinstance(expires, dt.datetime) else (
+                dt.datetime.combine(expires, dt.time()) if isinstance(expires, dt.date)
+                else dt.datetime.fromisoformat(expires))
+        except ValueError:
+            raise _Problem(reader.items["expires"][1], "model.expires",
+                           "must be an ISO date or date-time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        expiry = int(moment.timestamp())
+    qpc_path = _path(base, qpc, reader, "qpc") if qpc else None
+    onnx_file = _path(base, onnx_path, reader, "onnx") if onnx_path else None
+    default_id = (qpc_path or onnx_file or Path("model")).stem
+    spec = ModelSpec(
+        qpc=qpc_path, onnx=onnx_file, partitions=partitions, balance=balance,
+        model_id=reader.get("id", str, default_id),
+        version=reader.get("version", int, 1, check=_non_negative),
+        rollback_floor=reader.get("rollback_floor", int, 0, check=_non_negative),
+        expires=expiry,
+        min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
+    )
+    reader.done()
+    return spec
+
+
+def _mek(reader: _Reader, base: Path) -> MEKSpec:
+    file = reader.get("file", str)
+    generate = reader.get("generate", bool, False)
+    if (file is not None) == generate:
+        raise _Problem(reader.node.line, "mek", "give exactly one of file or generate: true")
+    spec = MEKSpec(_path(base, file, reader, "file") if file else None, generate)
+    reader.done()
+    return spec
+
+
+def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSpec | None]:
+    emulated_reader = reader.child("emulated")
+    host_nodes = reader.nodes("hosts")
+    if (emulated_reader is None) == (not host_nodes):
+        raise _Problem(reader.node.line, "fleet", "give exactly one of emulated or hosts")
+    hosts = []
+    for index, (node, _) in enumerate(host_nodes):
+        host = _Reader(node, f"fleet.hosts[{index}]")
+        devices = host.list_of("devices", int)
+        if not devices:
+            raise _Problem(node.line, f"fleet.hosts[{index}].devices",
+                           "must be a non-empty list of card numbers")
+        if len(set(devices)) != len(devices) or min(devices) < 0:
+            raise _Problem(node.line, f"fleet.hosts[{index}].devices",
+                           "card numbers must be distinct and not negative")
+        tls = None
+        if (tls_reader := host.child("tls")) is not None:
+            tls = TLSSpec(*(_path(base, v, tls_reader, k) if (v := tls_reader.get(k, str))
+                            else None for k in ("ca", "cert", "key")))
+            tls_reader.done()
+        hosts.append(HostSpec(host.get("address", str, required=True), devices, tls))
+        host.done()
+    emulated = None
+    if emulated_reader is not None:
+        r = emulated_reader
+        emulated = EmulatedSpec(
+            hosts=r.get("hosts", int, 1, check=_positive),
+            devices_per_host=r.get("devices_per_host", int, 4, check=_positive),
+            reset_rate=float(r.get("reset_rate", (int, float), 0.0, check=_non_negative)),
+            reboot_time=float(r.get("reboot_time", (int, float), 0.2, check=_non_negative)),
+            attest_latency=float(r.get("attest_latency", (int, float), 0.0,
+                                       check=_non_negative)),
+            drop_events=float(r.get("drop_events", (int, float), 0.0, check=_probability)),
+            firmware=str(r.get("firmware", (str, int, float), "1.12.0")),
+            kem=r.get("kem", str, "P256", check=lambda v: None if v.lower() in (
+                "p256", "hybrid", "mlkem768_x25519") else "must be P256 or hybrid"),
+            adversary=r.get("adversary", str, "none"),
+            adversary_hosts=r.list_of("adversary_hosts", int),
+            adversary_devices=r.list_of("adversary_devices", int),
+            old_firmware_cards=r.list_of("old_firmware_cards", str),
+            seed=r.get("seed", int),
+        )
+        r.done()
+    reader.done()
+    return tuple(hosts), emulated
+
+
+def _policy(reader: _Reader) -> PolicySpec:
+    measurements: dict[str, tuple[str, ...]] = {}
+    if (m := reader.child("measurements")) is not None:
+        for name in list(m.items):
+            measurements[name] = m.list_of(name, str)
+        m.done()
+    spec = PolicySpec(
+        firmware=tuple(str(v) for v in reader.list_of("firmware", str)),
+        min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
+        measurements=measurements,
+        cards=reader.list_of("cards", str),
+        kems=reader.list_of("kems", str, default=("P256", "MLKEM768_X25519")),
+        max_age=float(reader.get("max_age", (int, float), 120.0, check=_positive)),
+    )
+    reader.done()
+    return spec

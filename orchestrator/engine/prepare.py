@@ -1,0 +1,111 @@
+"""Once per plan: the MEK, the packaged model, the encrypted body (cached).
+
+The encrypted body is cached in the state directory by the content of the
+source container, the MEK fingerprint and the sealing settings, so a restart
+reuses it (same program id: hosts that already staged it are not sent it again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.atomicfile import atomic_output, write_bytes_atomic
+from orchestrator.crypto.container import ContentPolicy, SealedContainer, SealSettings, seal_specs
+from orchestrator.crypto.mek import MEK, load_mek, write_mek
+from orchestrator.engine.plan import Plan
+from orchestrator.errors import FormatError, UsageError
+from orchestrator.qpc.container import open_container, write_container
+from orchestrator.qpc.mdp import read_mdp_meta
+from orchestrator.qpc.onnx_package import IO_DESC
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedProgram:
+    body: Path                 # encrypted container, no key slots
+    program_id: str            # hex SHA-256 of the body (its content address on hosts)
+    info_digest: bytes         # SHA-256 of the top-level encryption info (load receipts)
+    partitions: int            # 1 for a plain container
+    model_inputs: tuple[str, ...]   # names, when the container says (ONNX-packaged)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(8 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def obtain_mek(plan: Plan) -> MEK:
+    """The plan's MEK: its file, or one generated once into the state dir (0600)."""
+    if plan.mek.file is not None:
+        return load_mek(plan.mek.file)
+    path = plan.state_dir / "mek.dat"
+    if path.exists():
+        return load_mek(path)
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    mek = MEK.generate()
+    write_mek(path, mek)
+    return mek
+
+
+def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
+    cache = plan.state_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if plan.model.onnx is not None:
+        from orchestrator.qpc.partition import package_onnx
+
+        key = hashlib.sha256(f"{file_digest(plan.model.onnx)}:{plan.model.partitions}:"
+                             f"{plan.model.balance}".encode()).hexdigest()[:16]
+        source = cache / f"packaged-{key}.qpc"
+        if not source.exists():
+            package_onnx(plan.model.onnx, source, partitions=plan.model.partitions,
+                         balance=plan.model.balance)
+    else:
+        assert plan.model.qpc is not None  # noqa: S101 - the plan has exactly one
+        source = plan.model.qpc
+    settings = SealSettings(
+        model_id=plan.model.model_id, model_version=plan.model.version,
+        policy=ContentPolicy(not_after=plan.model.expires, min_firmware=plan.model.min_firmware,
+                             rollback_floor=plan.model.rollback_floor))
+    key = hashlib.sha256(json.dumps([file_digest(source), mek.fingerprint(),
+                                     settings.model_id, settings.model_version,
+                                     plan.model.expires, plan.model.min_firmware,
+                                     plan.model.rollback_floor]).encode()).hexdigest()[:16]
+    body = cache / f"encrypted-{key}.qpc"
+    digest_file = body.with_suffix(".sha256")
+    if not (body.exists() and digest_file.exists()):
+        with open_container(source) as container:
+            meta = read_mdp_meta(container)
+            partitions = len(meta.partitions) if meta else 1
+            if partitions != plan.group_size:
+                raise UsageError(f"{source}: the program has {partitions} partition(s) but "
+                                 f"the plan groups {plan.group_size} card(s)")
+            specs = seal_specs(container, mek, settings, key_slots=[])
+            with atomic_output(body) as handle:
+                write_container(handle, specs)
+        write_bytes_atomic(digest_file, file_digest(body).encode())
+    program_id = digest_file.read_text().strip()
+    with open_container(body) as container:
+        sealed = SealedContainer(container)
+        sealed.check_mek(mek)
+        meta = read_mdp_meta(container)
+        partitions = len(meta.partitions) if meta else 1
+        if meta is not None:
+            inputs = tuple(t.name for t in meta.model_inputs)
+        elif container.has(IO_DESC):
+            try:
+                inputs = tuple(str(t["name"]) for t in json.loads(container.read(IO_DESC))
+                               ["inputs"])
+            except (ValueError, KeyError, TypeError):
+                raise FormatError(str(body), "io_desc.json is malformed") from None
+        else:
+            inputs = ()
+        if partitions != plan.group_size:
+            raise FormatError(str(body), f"has {partitions} partitions, the plan groups "
+                              f"{plan.group_size} cards")
+        return PreparedProgram(body, program_id, hashlib.sha256(sealed.info_bytes).digest(),
+                               partitions, inputs)
