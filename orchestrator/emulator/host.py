@@ -135,6 +135,7 @@ class EmulatedHost:
         self._first_reports: dict[int, bytes] = {}
         self._host_key = ec.generate_private_key(ec.SECP256R1())
         self._rebooting: set[int] = set()
+        self._seen_slots: list[Any] = []  # every slot relayed: material for swap-slots
         self._tg: TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -324,7 +325,9 @@ class EmulatedHost:
                 older = min(self._programs.values(), key=lambda s: s.order)
                 body = older.body
             elif self.adversary is Adversary.SWAP_SLOTS:
-                key_slots = _swap_slots(key_slots, card, body)
+                key_slots = _swap_slots(key_slots, card, body, self._seen_slots)
+        if key_slots:
+            self._seen_slots.extend(key_slots)
         self.stats.load_count += 1
 
         def load() -> tuple[list[str], bytes, bytes]:
@@ -368,13 +371,17 @@ def _flip_middle(body: bytes) -> bytes:
     return bytes(tampered)
 
 
-def _swap_slots(key_slots: Any, card: EmulatedCard, body: bytes) -> Any:
-    """Hand the card another card's slot relabelled as its own (the strongest swap)."""
+def _swap_slots(key_slots: Any, card: EmulatedCard, body: bytes, seen: list[Any]) -> Any:
+    """Hand the card another card's slot relabelled as its own (the strongest swap).
+
+    The slot comes from this request, the body, or any earlier request the host
+    relayed (an orchestrator sends each card only its own slot).
+    """
     from orchestrator.crypto.container import SealedContainer
 
     slots = key_slots if key_slots is not None else SealedContainer(
         Container(MemorySource(body))).key_slots
-    others = [s for s in slots if s.card_id != card.card_id]
+    others = [s for s in [*slots, *seen] if s.card_id != card.card_id]
     mine = [s for s in slots if s.card_id == card.card_id]
     if not others or not mine:
         return slots

@@ -76,6 +76,7 @@ class CardMachine:
     trigger: str = ""
     triggered_at: float = 0.0
     online_at: float = 0.0
+    checked_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.since = time.monotonic()

@@ -353,28 +353,35 @@ class Engine:
         rekey = self.plan.rekey
         started = card.triggered_at or time.monotonic()
         card.triggered_at = 0.0
-        wait = card.since + rekey.min_interval - time.monotonic()
+        wait = card.checked_at + rekey.min_interval - time.monotonic()
         if "hint" in trigger and wait > 0:
             await anyio.sleep(wait)  # rate limit per card: storms cannot starve the fleet
-        if card.online_at == 0.0 and "hint" in trigger:
-            with anyio.move_on_after(REBOOT_WAIT):
-                while card.online_at == 0.0:
-                    assert card.wake is not None  # noqa: S101
-                    await card.wake.wait()
-                    card.wake = anyio.Event()
+        card.checked_at = time.monotonic()
+        # Every hint so far is answered by the attestation we are about to make.
+        card.trigger = ""
+        card.wake = anyio.Event()
         fresh: VerifiedReport | None = None
-        try:
-            async with self._limiter:
-                fresh = await self._attest(card)
-        except (TransportError, SessionInvalidError, TimeoutError) as err:
-            if "hint" not in trigger:
-                return  # a missed periodic check is retried at the next one
-            reason = f"{trigger}: {err}"
-        except VerificationError as err:
-            self.stats.verification_failures[type(err).__name__] += 1
-            card.move(S.REKEYING, reason=trigger)
-            card.move(S.QUARANTINED, reason=str(err))
-            return
+        reason = trigger
+        for _ in range(2):
+            try:
+                async with self._limiter:
+                    fresh = await self._attest(card)
+                break
+            except DeviceOffline as err:
+                # Really rebooting (a forged hint would find the card answering):
+                # wait for it to come back, then attest once more.
+                reason = f"{trigger}: {err}"
+                await self._wait_online(card)
+            except (TransportError, SessionInvalidError, TimeoutError) as err:
+                if "hint" not in trigger:
+                    return  # a missed periodic check is retried at the next one
+                reason = f"{trigger}: {err}"
+                break
+            except VerificationError as err:
+                self.stats.verification_failures[type(err).__name__] += 1
+                card.move(S.REKEYING, reason=trigger)
+                card.move(S.QUARANTINED, reason=str(err))
+                return
         if fresh is not None:
             if fresh.session_id == card.session_id:
                 if "hint" in trigger:
@@ -387,6 +394,8 @@ class Engine:
         card.move(S.REKEYING, reason=reason)
         rekey_from = max(started, card.online_at or started)
         await self._bring_up(card, rekey=True, report=fresh)
+        card.trigger = ""  # hints that arrived meanwhile are answered by this re-key
+        card.wake = anyio.Event()
         if card.state is S.SERVING:
             self.stats.rekeys += 1
             latency = time.monotonic() - rekey_from
@@ -395,6 +404,17 @@ class Engine:
             self._emit({"event": "rekeyed", "host": card.host, "device": card.device,
                         "latency_ms": round(latency * 1e3, 2), "group": card.group,
                         "group_serving": self.group_serving(card.group)})
+
+    async def _wait_online(self, card: CardMachine) -> None:
+        """Until the host says the card is back (bounded: the hint may be suppressed)."""
+        with anyio.move_on_after(REBOOT_WAIT):
+            while card.online_at == 0.0:
+                await self.changed_for(card)
+
+    async def changed_for(self, card: CardMachine) -> None:
+        assert card.wake is not None  # noqa: S101 - set by the machine
+        await card.wake.wait()
+        card.wake = anyio.Event()
 
     async def _attest(self, card: CardMachine) -> VerifiedReport:
         request = os.urandom(32)

@@ -1,0 +1,237 @@
+"""The orchestrator end to end on embedded emulated fleets (real gRPC, real crypto)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import onnx
+import pytest
+
+from orchestrator.crypto.container import SealSettings
+from orchestrator.crypto.mek import load_mek
+from orchestrator.encrypt import encrypt_model
+from orchestrator.engine.journal import Journal
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.prepare import obtain_mek, prepare_program
+from orchestrator.engine.supervisor import Engine
+from orchestrator.fleetcli import fleet_for, orchestrate
+from orchestrator.transport.client import HostClient
+from tests.models import tiny_mlp
+from tests.test_partition import LIGHT, dummy_input, original_outputs
+
+
+def write_plan(tmp_path: Path, *, model: str = "tiny", partitions: int = 1, hosts: int = 1,
+               devices: int = 2, extra_fleet: str = "", extra: str = "") -> Path:
+    if model == "tiny":
+        (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+        source = "tiny.onnx"
+    else:
+        source = f"package:onnx/backend/test/data/light/light_{model}.onnx"
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"""
+model:
+  onnx: {source}
+  partitions: {partitions}
+mek:
+  generate: true
+fleet:
+  emulated:
+    hosts: {hosts}
+    devices_per_host: {devices}
+    reboot_time: 0.05
+{extra_fleet}
+retry:
+  attempts: 3
+  backoff: 0.05
+rekey:
+  min_interval: 0.05
+  check_interval: 0.3
+state_dir: state
+{extra}
+""")
+    return path
+
+
+@asynccontextmanager
+async def running(plan: Plan) -> AsyncIterator[tuple[Engine, list[HostClient]]]:
+    mek = obtain_mek(plan)
+    program = await anyio.to_thread.run_sync(prepare_program, plan, mek)
+    with Journal(plan.journal_path) as journal:
+        async with fleet_for(plan) as (hosts, roots):
+            engine = Engine(plan, hosts, roots, mek, program, journal)
+            clients = [HostClient(h.address) for h in hosts]
+            async with anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: engine.run(keep_serving=True,
+                                                              task_status=task_status))
+                with anyio.fail_after(60):
+                    await engine.deployed.wait()
+                try:
+                    yield engine, clients
+                finally:
+                    for client in clients:
+                        await client.close()
+                    tg.cancel_scope.cancel()
+
+
+async def wait_until(engine: Engine, condition: Any, limit: float = 20) -> None:
+    with anyio.fail_after(limit):
+        while not condition():
+            await engine.changed()
+
+
+def transitions_of(engine: Engine) -> list[tuple[str, int, str, str]]:
+    return [(h, d, f, t) for _, h, d, f, t, _ in engine.journal.transitions(limit=100000)]
+
+
+async def test_resnet50_on_two_hosts_in_groups_of_four(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    plan = Plan.load(write_plan(tmp_path, model="resnet50", partitions=4, hosts=2, devices=4))
+    model = onnx.load(LIGHT / "light_resnet50.onnx")
+    feeds = dummy_input(model)
+    code, outputs = await orchestrate(plan, keep_serving=False, duration=None,
+                                      json_events=True, inputs=feeds)
+    assert code == 0 and outputs is not None
+    np.testing.assert_allclose(outputs[model.graph.output[0].name],
+                               original_outputs(model, feeds)[0], rtol=1e-3, atol=1e-7)
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    deployed = next(e for e in events if e["event"] == "deployed")
+    assert deployed["serving"] == 8 and deployed["groups_serving"] == 2
+    assert sum(e["event"] == "staged" for e in events) == 2  # once per host
+    assert not (plan.state_dir / "journal.sqlite").read_bytes().count(
+        load_mek(plan.state_dir / "mek.dat").key)  # the MEK is never in the journal
+
+
+async def test_resets_are_rekeyed_without_reupload_and_others_keep_serving(tmp_path: Path
+                                                                           ) -> None:
+    plan = Plan.load(write_plan(tmp_path, partitions=2, hosts=2, devices=4))
+    async with running(plan) as (engine, hosts):
+        stages_before = [(await h.stats())["stage_count"] for h in hosts]
+        victim = engine.groups[1][1]  # host0, second group, partition 1
+        before = victim.boot_counter
+        await hosts[0].reset(victim.device)
+        await wait_until(engine, lambda: victim.boot_counter > before
+                         and victim.state.value == "SERVING" and engine.group_serving(1))
+        assert [(await h.stats())["stage_count"] for h in hosts] == stages_before
+        assert engine.stats.rekeys == 1
+        x = np.ones((1, 8), np.float32)
+        result = await engine.execute({"x": x}, group=victim.group)
+        assert result["y"].shape == (1, 4)
+        moved = {(h, d) for h, d, f, t in transitions_of(engine) if t == "REKEYING"}
+        assert moved == {(victim.host, victim.device)}  # nobody else was interrupted
+
+
+async def test_reset_during_deploy_still_ends_serving(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=4,
+                                extra_fleet="    attest_latency: 0.05"))
+    mek = obtain_mek(plan)
+    program = prepare_program(plan, mek)
+    with Journal(plan.journal_path) as journal:
+        async with fleet_for(plan) as (hosts, roots):
+            engine = Engine(plan, hosts, roots, mek, program, journal)
+            async with HostClient(hosts[0].address) as client, anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run(keep_serving=True))
+                await anyio.sleep(0.02)
+                await client.reset(2)  # while the engine is attesting it
+                with anyio.fail_after(30):
+                    await engine.deployed.wait()
+                await wait_until(engine, lambda: all(c.state.value == "SERVING"
+                                                     for c in engine.cards))
+                assert engine.cards[2].boot_counter == 2
+                assert (await client.stats())["stage_count"] == 1
+                tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("substitute-key", "signature does not verify"),
+        ("ignore-nonce", "nonce mismatch"),
+        ("replay-report", "nonce mismatch"),
+        ("tamper-body", "failed authentication"),
+        ("swap-slots", "wrapped MEK does not open"),
+    ],
+)
+async def test_each_attack_quarantines_only_the_attacked_card(tmp_path: Path, mode: str,
+                                                              expected: str) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=2, devices=2, extra_fleet=(
+        f"    adversary: {mode}\n    adversary_hosts: [1]\n    adversary_devices: [1]")))
+    async with running(plan) as (engine, _):
+        victim = next(c for c in engine.cards if c.host == "host1" and c.device == 1)
+        if mode == "replay-report":  # the first report is fresh; the replay comes later
+            await wait_until(engine, lambda: victim.state.value == "QUARANTINED")
+        assert victim.state.value == "QUARANTINED"
+        assert expected in victim.reason
+        others = [c for c in engine.cards if c is not victim]
+        assert all(c.state.value == "SERVING" for c in others)
+        code, quarantined, failed = engine.outcome()
+        assert (code, [c.name for c in quarantined], failed) == (3, ["host1/1"], [])
+
+
+async def test_old_version_substitution_is_caught_by_the_receipt(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2, extra=(
+        "\n".join(["", ""])), extra_fleet="    adversary: old-version\n"
+        "    adversary_devices: [0]\n    seed: 1"))
+    plan = Plan.load(plan.source)
+    mek = obtain_mek(plan)
+    # the host already holds an older release of this model under the same MEK
+    old = tmp_path / "old"
+    from orchestrator.qpc.partition import package_onnx
+
+    package_onnx(tmp_path / "tiny.onnx", tmp_path / "old.qpc")
+    program = encrypt_model(str(tmp_path / "old.qpc"), mek, str(old),
+                            SealSettings("tiny", model_version=0))[0]
+    prepared = prepare_program(plan, mek)
+    with Journal(plan.journal_path) as journal:
+        async with fleet_for(plan) as (hosts, roots):
+            async with HostClient(hosts[0].address) as client:
+                await client.stage(program)
+            engine = Engine(plan, hosts, roots, mek, prepared, journal)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run(keep_serving=False))
+                with anyio.fail_after(30):
+                    await engine.deployed.wait()
+    assert engine.cards[0].state.value == "QUARANTINED"
+    assert "substituted by the host" in engine.cards[0].reason
+    assert engine.cards[1].state.value == "SERVING"
+
+
+async def test_reset_storm_is_rate_limited_and_disproved(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=2, devices=2, extra_fleet=(
+        "    adversary: reset-storm\n    adversary_hosts: [0]")))
+    async with running(plan) as (engine, hosts):
+        await anyio.sleep(1.0)
+        assert engine.stats.disproved_hints >= 2
+        assert engine.stats.rekeys == 0
+        assert all(c.state.value == "SERVING" for c in engine.cards)
+        # rate limited: the 2 stormed cards re-check at most once per min_interval
+        # (0.05 s); plus the first attestations and the periodic checks (0.3 s)
+        assert engine.stats.attestations <= 4 + 2 * (1.0 / 0.05 + 4) + 4 * (1.0 / 0.3 + 2)
+        # the honest host's cards still re-key promptly
+        honest = next(c for c in engine.cards if c.host == "host1")
+        await hosts[1].reset(honest.device)
+        await wait_until(engine, lambda: engine.stats.rekeys == 1, limit=10)
+
+
+async def test_suppressed_resets_are_caught_by_the_periodic_check(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2, extra_fleet=(
+        "    adversary: suppress-resets")))
+    async with running(plan) as (engine, hosts):
+        victim = engine.cards[0]
+        await hosts[0].reset(victim.device)
+        await wait_until(engine, lambda: engine.stats.rekeys == 1
+                         and victim.state.value == "SERVING", limit=10)
+        assert victim.boot_counter == 2
+
+
+async def test_policy_rejects_old_firmware_cards(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2, extra_fleet=(
+        '    old_firmware_cards: ["0/1"]'), extra="trust:\n  policy:\n    min_firmware: '1.10'"))
+    async with running(plan) as (engine, _):
+        assert engine.cards[1].state.value == "QUARANTINED"
+        assert "firmware 0.9.0 is older than 1.10" in engine.cards[1].reason
+        assert engine.cards[0].state.value == "SERVING"
