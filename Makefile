@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(PY) bench/replace_mek.py
 	$(PY) bench/decrypt_throughput.py
 	$(PY) bench/attest_rate.py
+	$(PY) bench/fleet.py
+	$(PY) bench/rekey.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
