@@ -173,24 +173,21 @@ def _json_mode(args: argparse.Namespace) -> bool:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    import anyio
-
-    plan = Plan.load(args.plan)
-    code, _ = anyio.run(lambda: orchestrate(plan, keep_serving=False, duration=None,
-                                            json_events=_json_mode(args),
-                                            metrics_port=args.metrics_port,
-                                            retry_quarantined=args.retry_quarantined))
-    return code
+    return _deploy(args, keep_serving=False)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    return _deploy(args, keep_serving=True)
+
+
+def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
     import anyio
 
     plan = Plan.load(args.plan)
-    code, _ = anyio.run(lambda: orchestrate(plan, keep_serving=True, duration=args.duration,
-                                            json_events=_json_mode(args),
-                                            metrics_port=args.metrics_port,
-                                            retry_quarantined=args.retry_quarantined))
+    code, _ = anyio.run(lambda: orchestrate(
+        plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
+        json_events=_json_mode(args), metrics_port=args.metrics_port,
+        retry_quarantined=args.retry_quarantined))
     return code
 
 

@@ -209,8 +209,8 @@ def _encrypting_writer(source: Container, index: int, stream_index: int, aad: by
     position = origin
 
     def write_at(fd: int, offset: int) -> None:
-        stream.encrypt_file_range_parallel(aead, stream_index, aad, position, segment.size,
-                                           chunk_size, (fd, offset), workers=workers)
+        stream.encrypt_file_range(aead, stream_index, aad, position, segment.size, chunk_size,
+                                  (fd, offset), workers=workers)
 
     return write_at
 

@@ -29,6 +29,7 @@ DEFAULT_CHUNK = 1 << 20
 MIN_CHUNK = 1 << 10
 MAX_CHUNK = 64 << 20
 MAX_COUNTER = (1 << 56) - 1
+PARALLEL_BLOCK = 16  # chunks a worker takes at a time (interleaved between workers)
 INFO_TAG_STREAM = 0xFFFFFFFF  # stream index reserved for the encryption-info tag
 
 
@@ -123,15 +124,23 @@ def encrypt_file_range(
     target: tuple[int, int],
     *,
     chunks: Iterable[int] | None = None,
+    workers: int = 1,
 ) -> None:
     """Encrypt a segment file-to-file with positioned I/O and reused buffers.
 
     ``source`` and ``target`` are (fd, offset) of the plaintext and of where the
     ciphertext goes. ``chunks`` restricts the work to some chunk numbers (each
     chunk's place is known in advance, so workers can share a segment).
-    Raises IntegrityError if the source is shorter than declared.
+    ``workers`` > 1 splits large segments over forked processes: AES-GCM here
+    holds the GIL, so threads do not scale; processes do. Only for callers with
+    no other threads (the CLI): forking a threaded process is unsafe.
+    Raises IntegrityError if the source is shorter than declared or a worker fails.
     """
     total = chunk_count(plaintext_size, chunk_size)
+    if workers > 1 and chunks is None and total >= 2 * PARALLEL_BLOCK:
+        _encrypt_in_workers(aead, stream_index, aad, source, plaintext_size, chunk_size,
+                            target, workers)
+        return
     plain = memoryview(bytearray(chunk_size))
     sealed = memoryview(bytearray(chunk_size + TAG_BYTES))
     src_fd, src_offset = source
@@ -151,31 +160,10 @@ def encrypt_file_range(
             position += written
 
 
-PARALLEL_BLOCK = 16  # chunks a worker takes at a time (interleaved between workers)
-
-
-def encrypt_file_range_parallel(
-    aead: AESGCM,
-    stream_index: int,
-    aad: bytes,
-    source: tuple[int, int],
-    plaintext_size: int,
-    chunk_size: int,
-    target: tuple[int, int],
-    *,
-    workers: int,
-) -> None:
-    """encrypt_file_range split over ``workers`` forked processes.
-
-    AES-GCM here holds the GIL, so threads do not scale; processes do, and
-    every chunk's place is known, so each writes its own chunks in place. Only
-    for callers with no other threads (the CLI): forking a threaded process is
-    unsafe. Raises IntegrityError if a worker fails.
-    """
+def _encrypt_in_workers(aead: AESGCM, stream_index: int, aad: bytes, source: tuple[int, int],
+                        plaintext_size: int, chunk_size: int, target: tuple[int, int],
+                        workers: int) -> None:
     total = chunk_count(plaintext_size, chunk_size)
-    if workers <= 1 or total < 2 * PARALLEL_BLOCK:
-        encrypt_file_range(aead, stream_index, aad, source, plaintext_size, chunk_size, target)
-        return
     context = multiprocessing.get_context("fork")
     blocks = range(0, total, PARALLEL_BLOCK)
     processes = []
