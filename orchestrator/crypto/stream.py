@@ -13,7 +13,7 @@ import hashlib
 import multiprocessing
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -209,10 +209,12 @@ def decrypt_stream_into(
     out: memoryview,
     *,
     segment_name: str,
+    between_chunks: Callable[[], None] | None = None,
 ) -> None:
     """Decrypt a whole segment held in memory into ``out`` (len == plaintext_size).
 
-    Raises IntegrityError naming the segment and chunk on any failure.
+    ``between_chunks`` runs after every chunk (a background decryption yields
+    the interpreter there). Raises IntegrityError naming the segment and chunk.
     """
     total = chunk_count(plaintext_size, chunk_size)
     if len(ciphertext) != plaintext_size + TAG_BYTES * total or len(out) != plaintext_size:
@@ -234,6 +236,8 @@ def decrypt_stream_into(
             raise IntegrityError(
                 f"segment {segment_name!r}: chunk {counter} failed authentication"
             ) from None
+        if between_chunks is not None:
+            between_chunks()
 
 
 def decrypt_stream(

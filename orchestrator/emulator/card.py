@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
-from orchestrator.crypto.container import SealedContainer
+from orchestrator.crypto.container import PlainBuffer, SealedContainer, wipe_plaintext
 from orchestrator.crypto.evidence import (
     REPORT_VERSION,
     parse_version,
@@ -48,6 +48,11 @@ from orchestrator.qpc.onnx_package import IO_DESC, NETWORK_ONNX
 
 DEFAULT_FIRMWARE = "1.12.0"
 DEFAULT_SKU = "AIC100-EMU"
+READY_WAIT = 600.0  # seconds execute waits for background decryption
+
+
+def _yield_interpreter() -> None:
+    time.sleep(0)
 
 
 class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host reports it
@@ -75,10 +80,12 @@ class LoadedProgram:
     model_id: str
     model_version: int
     partition: int
-    segments: dict[str, bytearray]
+    segments: dict[str, PlainBuffer]
     info_digest: bytes = b""
     io_desc: dict[str, Any] | None = None
     session: Any = None  # onnxruntime session, built lazily from card memory
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: str = ""      # set if background verification failed
 
 
 class EmulatedCard:
@@ -155,8 +162,9 @@ class EmulatedCard:
 
     def _wipe_program(self) -> None:
         if self.program is not None:
+            self.program.ready.set()  # wake any execute waiting on it: it sees the unload
             for buffer in self.program.segments.values():
-                buffer[:] = bytes(len(buffer))
+                wipe_plaintext(buffer)
             self.program.session = None
             self.program = None
 
@@ -186,13 +194,17 @@ class EmulatedCard:
     # --- loading --------------------------------------------------------------------
 
     def load(self, container: Container, *, program_id: str, partition: int = 0,
-             key_slots: list[KeySlot] | None = None) -> list[str]:
+             key_slots: list[KeySlot] | None = None, verify_later: bool = False) -> list[str]:
         """Open our key slot, decrypt and verify the program into card memory.
 
         ``key_slots`` replaces the container's own slots (the host passes fresh
-        ones at re-key). Raises SessionInvalidError (no slot for this session),
-        IntegrityError (tampered), PolicyError (expired, firmware, rollback),
-        FormatError (not an encrypted program). Returns the segment names loaded.
+        ones at re-key). With ``verify_later`` the card returns once its key is
+        installed and the encryption info authenticated, and decrypts and
+        verifies the segments in the background (as an inline decryption engine
+        would); ``execute`` waits for that and fails if it failed. Raises
+        SessionInvalidError (no slot for this session), IntegrityError
+        (tampered), PolicyError (expired, firmware, rollback), FormatError (not
+        an encrypted program). Returns the names of the segments loaded.
         """
         with self._lock:
             session = self._require_session()
@@ -205,33 +217,58 @@ class EmulatedCard:
             try:
                 sealed.open(mek)
                 self._enforce_policy(sealed)
+                target = sealed
                 if meta is not None:
                     if partition >= len(meta.partitions):
                         raise FormatError(container.label, f"has no partition {partition}")
                     sealed.decrypt_segment("mdp_meta_info")  # authenticates the meta
-                    inner = sealed.nested(meta.partitions[partition].segment, mek)
-                    if inner.info.partition != partition:
+                    target = sealed.nested(meta.partitions[partition].segment, mek)
+                    if target.info.partition != partition:
                         raise IntegrityError(f"{container.label}: partition {partition} "
                                              "holds another partition's program")
-                    segments = inner.decrypt_all()
                 elif partition != 0:
                     raise FormatError(container.label, "is not an MDP container; "
                                       "only partition 0 exists")
-                else:
-                    segments = sealed.decrypt_all()
             finally:
-                mek.wipe()
+                mek.wipe()  # the content key stays inside `target`, in card memory
             self._wipe_program()
             model_id = sealed.info.model_id
             self._floors[model_id] = max(self._floors.get(model_id, 0),
                                          sealed.info.policy.rollback_floor)
-            io_desc = None
-            if IO_DESC in segments:
-                io_desc = json.loads(bytes(segments[IO_DESC]))
-            self.program = LoadedProgram(program_id, model_id, sealed.info.model_version,
-                                         partition, segments,
-                                         hashlib.sha256(sealed.info_bytes).digest(), io_desc)
-            return sorted(segments)
+            program = LoadedProgram(program_id, model_id, sealed.info.model_version, partition,
+                                    {}, hashlib.sha256(sealed.info_bytes).digest())
+            names = sorted(e.name for e in target.info.segments if not e.nested)
+            if verify_later:
+                self.program = program
+                threading.Thread(target=self._verify_in_background, args=(program, target),
+                                 name=f"{self.card_id}-decrypt", daemon=True).start()
+                return names
+            self._install(program, target.decrypt_all())
+            return names
+
+    def _install(self, program: LoadedProgram, segments: dict[str, PlainBuffer]) -> None:
+        program.segments = segments
+        if IO_DESC in segments:
+            program.io_desc = json.loads(bytes(segments[IO_DESC]))
+        program.ready.set()
+        self.program = program
+
+    def _verify_in_background(self, program: LoadedProgram, target: SealedContainer) -> None:
+        try:
+            # Outside the lock, giving up the interpreter after every chunk: the
+            # card (and the host around it) keep answering while it decrypts.
+            segments = target.decrypt_all(between_chunks=_yield_interpreter)
+        except ModelIPError as err:
+            with self._lock:
+                program.error = str(err)
+                program.ready.set()
+            return
+        with self._lock:
+            if self.program is not program:  # reset or unloaded meanwhile: drop it
+                for buffer in segments.values():
+                    wipe_plaintext(buffer)
+                return
+            self._install(program, segments)
 
     def load_receipt(self) -> tuple[bytes, bytes]:
         """A signed statement of what this card holds now (the owner checks it)."""
@@ -289,6 +326,13 @@ class EmulatedCard:
             program = self.program
             if program is None:
                 raise ProgramNotLoaded(f"card {self.card_id}: no program loaded")
+        if not program.ready.wait(READY_WAIT):
+            raise ProgramNotLoaded(f"card {self.card_id}: program still being decrypted")
+        with self._lock:
+            if self.program is not program:
+                raise ProgramNotLoaded(f"card {self.card_id}: program was unloaded")
+            if program.error:
+                raise IntegrityError(f"card {self.card_id}: {program.error}")
             if program.session is None:
                 if NETWORK_ONNX not in program.segments:
                     raise FormatError(f"card {self.card_id}", "the loaded program has no "

@@ -310,7 +310,8 @@ class EmulatedHost:
         return True
 
     async def load(self, device: int, program_id: str, partition: int,
-                   slots: evidence_pb2.KeySlotTable | None) -> tuple[list[str], bytes, bytes]:
+                   slots: evidence_pb2.KeySlotTable | None, *, verify_later: bool = False
+                   ) -> tuple[list[str], bytes, bytes]:
         card = self.card(device)
         staged = self._programs.get(program_id)
         if staged is None:
@@ -332,7 +333,8 @@ class EmulatedHost:
 
         def load() -> tuple[list[str], bytes, bytes]:
             names = card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
-                              program_id=program_id, partition=partition, key_slots=key_slots)
+                              program_id=program_id, partition=partition, key_slots=key_slots,
+                              verify_later=verify_later)
             return (names, *card.load_receipt())
 
         result = await anyio.to_thread.run_sync(load)
@@ -434,6 +436,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
                 info.state = runtime_pb2.DEVICE_STATE_LOADED
                 info.program_id = program.program_id
                 info.partition = program.partition
+                info.program_ready = program.ready.is_set() and not program.error
         return response
 
     async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
@@ -489,7 +492,8 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
         slots = request.key_slots if request.HasField("key_slots") else None
         try:
             names, receipt, signature = await self.host.load(
-                request.device, request.program_id, request.partition, slots)
+                request.device, request.program_id, request.partition, slots,
+                verify_later=request.verify_later)
         except _Abort as error:
             await _abort(context, error)
         except ModelIPError as err:

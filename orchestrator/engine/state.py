@@ -40,7 +40,7 @@ ALLOWED: dict[CardState, frozenset[CardState]] = {
                             S.PENDING}),
     S.KEYED: frozenset({S.LOADING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED, S.PENDING}),
     S.LOADING: frozenset({S.SERVING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED, S.PENDING}),
-    S.SERVING: frozenset({S.REKEYING, S.PENDING}),
+    S.SERVING: frozenset({S.REKEYING, S.QUARANTINED, S.PENDING}),
     S.REKEYING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED,
                            S.PENDING}),
     S.RETRY_WAIT: frozenset({S.ATTESTING, S.REKEYING, S.FAILED, S.PENDING}),

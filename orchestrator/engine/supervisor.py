@@ -38,6 +38,7 @@ from orchestrator.engine.state import TERMINAL, CardMachine, CardState
 from orchestrator.errors import (
     DeviceOffline,
     InputError,
+    IntegrityError,
     ModelIPError,
     ProgramNotLoaded,
     SessionInvalidError,
@@ -462,7 +463,9 @@ class Engine:
                             card.move(S.SERVING, reason="confirmed by a fresh attestation: "
                                       "same session, not reloaded")
                             return
-                        await self._wrap_and_load(card, report)
+                        # A re-key does not wait for the card to re-verify the whole
+                        # body: the first load of this deployment already did.
+                        await self._wrap_and_load(card, report, verify_later=rekey)
                         return
             except (SessionInvalidError, DeviceOffline, TransportError, TimeoutError,
                     ProgramNotLoaded) as err:
@@ -482,7 +485,8 @@ class Engine:
                 card.move(S.FAILED, reason=str(err))
                 return
 
-    async def _wrap_and_load(self, card: CardMachine, report: VerifiedReport) -> None:
+    async def _wrap_and_load(self, card: CardMachine, report: VerifiedReport, *,
+                             verify_later: bool) -> None:
         slot = wrap_mek(self.mek, slot=card.partition, card_id=report.card_id,
                         session_id=report.session_id, kem=report.kem,
                         public_key=report.session_public_key)
@@ -493,7 +497,8 @@ class Engine:
                                            program_id=self.program.program_id,
                                            partition=card.partition)
         result = await self._clients[card.host].load(
-            card.device, self.program.program_id, partition=card.partition, key_slots=[slot])
+            card.device, self.program.program_id, partition=card.partition, key_slots=[slot],
+            verify_later=verify_later)
         self.stats.loads += 1
         try:
             verify_load_receipt(result.receipt, result.receipt_signature, report=report,
@@ -519,6 +524,14 @@ class Engine:
             try:
                 return await self._clients[cards[0].host].execute(
                     [c.device for c in cards], inputs)
+            except IntegrityError as err:
+                # Found while decrypting in the background after a re-key: the
+                # body was altered. Quarantine the card named, else the group.
+                named = [c for c in cards if c.card_id and c.card_id in str(err)]
+                for card in named or cards:
+                    self.stats.verification_failures[type(err).__name__] += 1
+                    card.move(S.QUARANTINED, reason=str(err))
+                raise
             except (SessionInvalidError, ProgramNotLoaded):
                 if attempt:
                     raise

@@ -90,6 +90,7 @@ class DeviceStatus:
     session_fingerprint: str
     program_id: str
     partition: int
+    program_ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +211,8 @@ class HostClient:
         response = await self._call("list devices", self._runtime.ListDevices,
                                     runtime_pb2.ListDevicesRequest(), self.deadlines.control)
         return [DeviceStatus(d.device, d.card_id, _state_name(d.state), d.boot_counter,
-                             d.session_fingerprint.hex(), d.program_id, d.partition)
+                             d.session_fingerprint.hex(), d.program_id, d.partition,
+                             d.program_ready)
                 for d in response.devices]
 
     async def watch_events(self) -> AsyncIterator[DeviceEvent]:
@@ -268,10 +270,16 @@ class HostClient:
         return str(response.program_id), bool(response.already_staged)
 
     async def load(self, device: int, program_id: str, *, partition: int = 0,
-                   key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
-        """Have the card open its slot and decrypt the program (check the receipt!)."""
+                   key_slots: Sequence[KeySlot] | None = None,
+                   verify_later: bool = False) -> LoadResult:
+        """Have the card open its slot and decrypt the program (check the receipt!).
+
+        ``verify_later``: the card answers once keyed and verifies in the
+        background (docs/protocol.md); Execute waits for it.
+        """
         request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
-                                                 partition=partition)
+                                                 partition=partition,
+                                                 verify_later=verify_later)
         if key_slots is not None:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,

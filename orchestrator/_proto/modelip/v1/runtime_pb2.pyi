@@ -53,7 +53,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition")
+    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition", "program_ready")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CARD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class DeviceInfo(_message.Message):
     SESSION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_READY_FIELD_NUMBER: _ClassVar[int]
     device: int
     card_id: str
     state: DeviceState
@@ -68,7 +69,8 @@ class DeviceInfo(_message.Message):
     session_fingerprint: bytes
     program_id: str
     partition: int
-    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ...) -> None: ...
+    program_ready: bool
+    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., program_ready: _Optional[bool] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
@@ -115,16 +117,18 @@ class StageProgramResponse(_message.Message):
     def __init__(self, program_id: _Optional[str] = ..., already_staged: _Optional[bool] = ...) -> None: ...
 
 class LoadProgramRequest(_message.Message):
-    __slots__ = ("device", "program_id", "partition", "key_slots")
+    __slots__ = ("device", "program_id", "partition", "key_slots", "verify_later")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     KEY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_LATER_FIELD_NUMBER: _ClassVar[int]
     device: int
     program_id: str
     partition: int
     key_slots: _evidence_pb2.KeySlotTable
-    def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ...) -> None: ...
+    verify_later: bool
+    def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ..., verify_later: _Optional[bool] = ...) -> None: ...
 
 class LoadProgramResponse(_message.Message):
     __slots__ = ("segments", "receipt", "receipt_signature")
