@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
 from orchestrator.crypto.container import (
-    KEYSLOTS,
     SealedContainer,
     SealSettings,
     encode_key_slots,
@@ -501,6 +500,4 @@ def _describe(container: Container) -> dict[str, Any]:
             {"slot": s.slot, "card_id": s.card_id, "session_id": s.session_id.hex(),
              "kem": s.kem.value} for s in sealed.key_slots
         ]
-        if container.has(KEYSLOTS) is False and sealed.info.partition_count:
-            document["encryption"]["partition"] = info.partition
     return document
