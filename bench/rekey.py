@@ -25,11 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import parse_size, write_random  # noqa: E402
 
-from orchestrator.engine.journal import Journal  # noqa: E402
 from orchestrator.engine.plan import Plan  # noqa: E402
-from orchestrator.engine.prepare import obtain_mek, prepare_program  # noqa: E402
-from orchestrator.engine.supervisor import Engine, percentile  # noqa: E402
-from orchestrator.fleetcli import fleet_for  # noqa: E402
+from orchestrator.engine.supervisor import percentile  # noqa: E402
+from orchestrator.fleetcli import open_engine  # noqa: E402
 from orchestrator.qpc.build import pack_files  # noqa: E402
 from orchestrator.transport.client import HostClient  # noqa: E402
 
@@ -56,32 +54,27 @@ async def rekey_latencies(work: Path, size: int, resets: int
     (work / "network.elf").unlink()
     (work / "plan.yaml").write_text(PLAN)
     plan = Plan.load(work / "plan.yaml")
-    mek = obtain_mek(plan)
-    program = prepare_program(plan, mek)
-    with Journal(plan.journal_path) as journal:
-        async with fleet_for(plan) as (targets, roots):
-            engine = Engine(plan, targets, roots, mek, program, journal)
-            async with HostClient(targets[0].address) as host, anyio.create_task_group() as tg:
-                tg.start_soon(lambda: engine.run(keep_serving=True))
-                await engine.deployed.wait()
-                stages = (await host.stats())["stage_count"]
-                verified: list[float] = []
-                for index in range(resets):
-                    card = engine.cards[index % len(engine.cards)]
-                    done = engine.stats.rekeys
-                    await host.reset(card.device)
-                    with anyio.fail_after(120):
-                        while engine.stats.rekeys == done:
-                            await engine.changed()
-                    serving_at = time.monotonic()
-                    with anyio.fail_after(120):
-                        # polling the host over RPC: there is no event for "verified"
-                        while not (await host.list_devices())[card.device].program_ready:  # noqa: ASYNC110
-                            await anyio.sleep(0.002)
-                    verified.append(engine.stats.rekey_latencies[-1]
-                                    + time.monotonic() - serving_at)
-                assert (await host.stats())["stage_count"] == stages  # never re-uploaded
-                tg.cancel_scope.cancel()
+    async with open_engine(plan) as engine, \
+            HostClient(engine.hosts[0].address) as host, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: engine.run(keep_serving=True))
+        await engine.deployed.wait()
+        stages = (await host.stats())["stage_count"]
+        verified: list[float] = []
+        for index in range(resets):
+            card = engine.cards[index % len(engine.cards)]
+            done = engine.stats.rekeys
+            await host.reset(card.device)
+            with anyio.fail_after(120):
+                while engine.stats.rekeys == done:
+                    await engine.changed()
+            serving_at = time.monotonic()
+            with anyio.fail_after(120):
+                # polling the host over RPC: there is no event for "verified"
+                while not (await host.list_devices())[card.device].program_ready:  # noqa: ASYNC110
+                    await anyio.sleep(0.002)
+            verified.append(engine.stats.rekey_latencies[-1] + time.monotonic() - serving_at)
+        assert (await host.stats())["stage_count"] == stages  # never re-uploaded
+        tg.cancel_scope.cancel()
     return engine.stats.rekey_latencies, verified
 
 

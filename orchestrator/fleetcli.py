@@ -72,11 +72,12 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[Any], list[Any]]]:
         yield hosts, [pki.root, *roots]
 
 
-async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
-                      json_events: bool, metrics_port: int | None = None,
-                      inputs: dict[str, Any] | None = None,
-                      retry_quarantined: bool = False) -> tuple[int, dict[str, Any] | None]:
-    """Run the plan; returns (exit code, inference outputs if ``inputs``)."""
+@asynccontextmanager
+async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIterator[Any]:
+    """The plan's MEK, prepared program, journal and fleet, as an Engine ready to run.
+
+    The MEK is wiped from memory when the block ends.
+    """
     import anyio
 
     from orchestrator.engine.journal import Journal
@@ -84,68 +85,81 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     from orchestrator.engine.supervisor import Engine
 
     mek = obtain_mek(plan)
-    program = await anyio.to_thread.run_sync(prepare_program, plan, mek)
-    if inputs is not None and set(inputs) == {""} and len(program.model_inputs) == 1:
-        inputs = {program.model_inputs[0]: inputs[""]}
+    try:
+        program = await anyio.to_thread.run_sync(prepare_program, plan, mek)
+        with Journal(plan.journal_path) as journal:
+            async with fleet_for(plan) as (hosts, roots):
+                yield Engine(plan, hosts, roots, mek, program, journal,
+                             retry_quarantined=retry_quarantined)
+    finally:
+        mek.wipe()
+
+
+async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
+                      json_events: bool, metrics_port: int | None = None,
+                      inputs: dict[str, Any] | None = None,
+                      retry_quarantined: bool = False) -> tuple[int, dict[str, Any] | None]:
+    """Run the plan; returns (exit code, inference outputs if ``inputs``)."""
+    import anyio
+
     outputs: dict[str, Any] | None = None
     stopped_by: list[int] = []
     out = sys.stderr if inputs is not None else sys.stdout
-    with Journal(plan.journal_path) as journal:
-        async with fleet_for(plan) as (hosts, roots):
-            engine = Engine(plan, hosts, roots, mek, program, journal,
-                            retry_quarantined=retry_quarantined)
-            dashboard = None
-            if json_events:
-                engine.subscribe(lambda event: print(json.dumps(event), file=out, flush=True))
-            elif inputs is None:
-                from orchestrator.dashboard import LiveDashboard
+    async with open_engine(plan, retry_quarantined=retry_quarantined) as engine:
+        names = engine.program.model_inputs
+        if inputs is not None and set(inputs) == {""} and len(names) == 1:
+            inputs = {names[0]: inputs[""]}
+        dashboard = None
+        if json_events:
+            engine.subscribe(lambda event: print(json.dumps(event), file=out, flush=True))
+        elif inputs is None:
+            from orchestrator.dashboard import LiveDashboard
 
-                dashboard = LiveDashboard(engine.snapshot, title=f"modelip  {plan.source.name}")
-                engine.subscribe(dashboard.on_event)
-            try:
+            dashboard = LiveDashboard(engine.snapshot, title=f"modelip  {plan.source.name}")
+            engine.subscribe(dashboard.on_event)
+        try:
+            if dashboard is not None:
+                dashboard.__enter__()
+            async with anyio.create_task_group() as tg:
+
+                async def on_signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                        async for signum in sigs:
+                            stopped_by.append(signum)
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(on_signals)
+                if metrics_port is not None:
+                    from orchestrator.engine.metrics import render_metrics, serve_metrics
+
+                    await tg.start(serve_metrics, metrics_port,
+                                   lambda: render_metrics(engine.snapshot(), engine.stats))
                 if dashboard is not None:
-                    dashboard.__enter__()
-                async with anyio.create_task_group() as tg:
-
-                    async def on_signals() -> None:
-                        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-                            async for signum in sigs:
-                                stopped_by.append(signum)
-                                tg.cancel_scope.cancel()
-                                return
-
-                    tg.start_soon(on_signals)
-                    if metrics_port is not None:
-                        from orchestrator.engine.metrics import render_metrics, serve_metrics
-
-                        await tg.start(serve_metrics, metrics_port,
-                                       lambda: render_metrics(engine.snapshot(), engine.stats))
-                    if dashboard is not None:
-                        tg.start_soon(_tick, dashboard)
-                    await tg.start(lambda task_status: engine.run(
-                        keep_serving=True, task_status=task_status))
-                    await engine.deployed.wait()
-                    if inputs is not None:
-                        outputs = await engine.execute(inputs)
-                    if keep_serving:
-                        with anyio.move_on_after(duration if duration else float("inf")):
-                            await anyio.sleep_forever()
-                    tg.cancel_scope.cancel()
-            finally:
-                if dashboard is not None:
-                    dashboard.__exit__(None, None, None)
-            code, quarantined, failed = engine.outcome()
-            summary = {"event": "summary", "exit_code": code,
-                       "serving": sum(c.state.value == "SERVING" for c in engine.cards),
-                       "cards": len(engine.cards), "rekeys": engine.stats.rekeys,
-                       "quarantined": [{"card": c.name, "card_id": c.card_id,
-                                        "reason": c.reason} for c in quarantined],
-                       "failed": [{"card": c.name, "reason": c.reason} for c in failed]}
-            if json_events:
-                print(json.dumps(summary), file=out, flush=True)
-            else:
-                _print_summary(summary, out)
-    mek.wipe()
+                    tg.start_soon(_tick, dashboard)
+                await tg.start(lambda task_status: engine.run(
+                    keep_serving=True, task_status=task_status))
+                await engine.deployed.wait()
+                if inputs is not None:
+                    outputs = await engine.execute(inputs)
+                if keep_serving:
+                    with anyio.move_on_after(duration if duration else float("inf")):
+                        await anyio.sleep_forever()
+                tg.cancel_scope.cancel()
+        finally:
+            if dashboard is not None:
+                dashboard.__exit__(None, None, None)
+        code, quarantined, failed = engine.outcome()
+        summary = {"event": "summary", "exit_code": code,
+                   "serving": sum(c.state.value == "SERVING" for c in engine.cards),
+                   "cards": len(engine.cards), "rekeys": engine.stats.rekeys,
+                   "quarantined": [{"card": c.name, "card_id": c.card_id,
+                                    "reason": c.reason} for c in quarantined],
+                   "failed": [{"card": c.name, "reason": c.reason} for c in failed]}
+        if json_events:
+            print(json.dumps(summary), file=out, flush=True)
+        else:
+            _print_summary(summary, out)
     if stopped_by:
         return (130 if stopped_by[0] == signal.SIGINT else 0), outputs
     return code, outputs

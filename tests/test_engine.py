@@ -20,7 +20,7 @@ from orchestrator.engine.journal import Journal
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import obtain_mek, prepare_program
 from orchestrator.engine.supervisor import Engine
-from orchestrator.fleetcli import fleet_for, orchestrate
+from orchestrator.fleetcli import fleet_for, open_engine, orchestrate
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
 from tests.test_partition import LIGHT, dummy_input, original_outputs
@@ -60,23 +60,19 @@ state_dir: state
 
 @asynccontextmanager
 async def running(plan: Plan) -> AsyncIterator[tuple[Engine, list[HostClient]]]:
-    mek = obtain_mek(plan)
-    program = await anyio.to_thread.run_sync(prepare_program, plan, mek)
-    with Journal(plan.journal_path) as journal:
-        async with fleet_for(plan) as (hosts, roots):
-            engine = Engine(plan, hosts, roots, mek, program, journal)
-            clients = [HostClient(h.address) for h in hosts]
-            async with anyio.create_task_group() as tg:
-                await tg.start(lambda task_status: engine.run(keep_serving=True,
-                                                              task_status=task_status))
-                with anyio.fail_after(60):
-                    await engine.deployed.wait()
-                try:
-                    yield engine, clients
-                finally:
-                    for client in clients:
-                        await client.close()
-                    tg.cancel_scope.cancel()
+    async with open_engine(plan) as engine:
+        clients = [HostClient(h.address) for h in engine.hosts]
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: engine.run(keep_serving=True,
+                                                          task_status=task_status))
+            with anyio.fail_after(60):
+                await engine.deployed.wait()
+            try:
+                yield engine, clients
+            finally:
+                for client in clients:
+                    await client.close()
+                tg.cancel_scope.cancel()
 
 
 async def wait_until(engine: Engine, condition: Any, limit: float = 20) -> None:
@@ -128,22 +124,18 @@ async def test_resets_are_rekeyed_without_reupload_and_others_keep_serving(tmp_p
 async def test_reset_during_deploy_still_ends_serving(tmp_path: Path) -> None:
     plan = Plan.load(write_plan(tmp_path, hosts=1, devices=4,
                                 extra_fleet="    attest_latency: 0.05"))
-    mek = obtain_mek(plan)
-    program = prepare_program(plan, mek)
-    with Journal(plan.journal_path) as journal:
-        async with fleet_for(plan) as (hosts, roots):
-            engine = Engine(plan, hosts, roots, mek, program, journal)
-            async with HostClient(hosts[0].address) as client, anyio.create_task_group() as tg:
-                tg.start_soon(lambda: engine.run(keep_serving=True))
-                await anyio.sleep(0.02)
-                await client.reset(2)  # while the engine is attesting it
-                with anyio.fail_after(30):
-                    await engine.deployed.wait()
-                await wait_until(engine, lambda: all(c.state.value == "SERVING"
-                                                     for c in engine.cards))
-                assert engine.cards[2].boot_counter == 2
-                assert (await client.stats())["stage_count"] == 1
-                tg.cancel_scope.cancel()
+    async with open_engine(plan) as engine, \
+            HostClient(engine.hosts[0].address) as client, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: engine.run(keep_serving=True))
+        await anyio.sleep(0.02)
+        await client.reset(2)  # while the engine is attesting it
+        with anyio.fail_after(30):
+            await engine.deployed.wait()
+        await wait_until(engine, lambda: all(c.state.value == "SERVING"
+                                             for c in engine.cards))
+        assert engine.cards[2].boot_counter == 2
+        assert (await client.stats())["stage_count"] == 1
+        tg.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
