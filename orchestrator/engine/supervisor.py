@@ -149,6 +149,7 @@ class Engine:
         self._loaded_hint: dict[tuple[str, int], tuple[str, int]] = {}
         self._waiters: list[anyio.Event] = []
         self.cards: list[CardMachine] = []
+        self._unsettled = 0  # cards not SERVING, QUARANTINED or FAILED
         self.groups: dict[int, list[CardMachine]] = {}
         self._by_device: dict[tuple[str, int], CardMachine] = {}
         self._resume: dict[tuple[str, int], CardRecord] = {}
@@ -164,6 +165,7 @@ class Engine:
                     card = CardMachine(host.name, device, group, partition, journal, self._emit)
                     card.program_id = program.program_id
                     self.cards.append(card)
+                    self._unsettled += 1
                     self.groups.setdefault(group, []).append(card)
                     self._by_device[(host.name, device)] = card
                 group += 1
@@ -174,6 +176,8 @@ class Engine:
         self._listeners.append(listener)
 
     def _emit(self, event: dict[str, Any]) -> None:
+        if event["event"] == "transition":  # keep the count of unsettled cards current
+            self._unsettled += (S(event["from"]) in TERMINAL) - (S(event["to"]) in TERMINAL)
         event = {"ts": round(time.time(), 6), **event}
         self._events.append(event)
         for listener in self._listeners:
@@ -239,7 +243,7 @@ class Engine:
 
     async def _watch_deployed(self) -> None:
         while True:
-            if all(card.state in TERMINAL for card in self.cards):
+            if self._unsettled == 0:
                 if not self.deployed.is_set():
                     self.stats.deployed_after = time.monotonic() - self.stats.started
                     code, quarantined, failed = self.outcome()
