@@ -21,7 +21,6 @@ from pathlib import Path
 from orchestrator.errors import FileInputError
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cards (
     host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
     grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
@@ -81,16 +80,6 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- meta ---------------------------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
-                         "value = excluded.value", (key, value))
 
     # --- cards --------------------------------------------------------------------
 
@@ -160,10 +149,6 @@ class Journal:
                 in rows][::-1]
 
     # --- stages -------------------------------------------------------------------
-
-    def staged(self, host: str, program_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM stages WHERE host = ? AND program_id = ?",
-                                (host, program_id)).fetchone() is not None
 
     def record_stage(self, host: str, program_id: str) -> None:
         self._db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
