@@ -230,6 +230,31 @@ async def test_swapped_key_slots_do_not_open(tmp_path: Path) -> None:
             await host.load(0, d.program_id)
 
 
+async def test_swap_waits_for_another_cards_slot_when_each_card_gets_only_its_own(
+        tmp_path: Path) -> None:
+    """The engine's way (one slot per load): the victim's load comes first and the
+    host holds it until the other card's slot passes through, then swaps it in."""
+    async with run_fleet(await _hostile(Adversary.SWAP_SLOTS)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(2))
+        targets = [SessionTarget.from_report(r, r.card_id) for r in d.reports]
+        own = [wrap_to_targets(d.mek, [t])[0] for t in targets]
+        outcome: list[BaseException | None] = [None]
+
+        async def victim() -> None:
+            try:
+                await host.load(0, d.program_id, key_slots=[own[0]])
+            except IntegrityError as err:
+                outcome[0] = err
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(victim)
+            await anyio.sleep(0.3)  # the victim's load is held, not answered
+            assert outcome[0] is None and (await host.stats())["load_count"] == 0
+            await host.load(1, d.program_id, key_slots=[own[1]])
+        assert "wrapped MEK does not open" in str(outcome[0])
+
+
 async def test_older_model_version_is_caught(tmp_path: Path) -> None:
     async with run_fleet(await _hostile(Adversary.OLD_VERSION)) as fleet, \
             HostClient(fleet.addresses[0]) as host:

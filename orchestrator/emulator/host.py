@@ -136,6 +136,7 @@ class EmulatedHost:
         self._host_key = ec.generate_private_key(ec.SECP256R1())
         self._rebooting: set[int] = set()
         self._seen_slots: list[Any] = []  # every slot relayed: material for swap-slots
+        self._slot_relayed = anyio.Event()  # set (and renewed) each time slots are relayed
         self._tg: TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -326,9 +327,8 @@ class EmulatedHost:
                 older = min(self._programs.values(), key=lambda s: s.order)
                 body = older.body
             elif self.adversary is Adversary.SWAP_SLOTS:
-                key_slots = _swap_slots(key_slots, card, body, self._seen_slots)
-        if key_slots:
-            self._seen_slots.extend(key_slots)
+                key_slots = await self._swap_slots(key_slots, card, body)
+        self._relay(key_slots)
         self.stats.load_count += 1
 
         def load() -> tuple[list[str], bytes, bytes]:
@@ -340,6 +340,34 @@ class EmulatedHost:
         result = await anyio.to_thread.run_sync(load)
         self.emit(device, runtime_pb2.EVENT_KIND_LOADED, card.boot_counter)
         return result
+
+    def _relay(self, key_slots: Any) -> None:
+        if key_slots:
+            self._seen_slots.extend(key_slots)
+            self._slot_relayed.set()
+            self._slot_relayed = anyio.Event()
+
+    async def _swap_slots(self, key_slots: Any, card: EmulatedCard, body: bytes) -> Any:
+        """Hand the card another card's slot relabelled as its own (the strongest swap).
+
+        The slot comes from this request, the body, or any request the host relays
+        (an orchestrator sends each card only its own slot): the host holds this load
+        until another card's slot passes through it, as a patient attacker would. With
+        none in sight after a while, the card's own slot is corrupted instead.
+        """
+        slots = _slots_in(key_slots, body)
+        mine = [s for s in slots if s.card_id == card.card_id]
+        if not mine:
+            return slots
+        self._relay(mine)  # the genuine slot is material for the other cards' swaps
+        with anyio.move_on_after(10):
+            while not (others := [s for s in [*slots, *self._seen_slots]
+                                  if s.card_id != card.card_id]):
+                await self._slot_relayed.wait()
+        if not others:
+            return [replace(mine[0], wrapped_mek=_flip_middle(mine[0].wrapped_mek))]
+        return [replace(others[0], slot=mine[0].slot, card_id=card.card_id,
+                        session_id=card.session_id)]
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order relaying activations."""
@@ -373,22 +401,12 @@ def _flip_middle(body: bytes) -> bytes:
     return bytes(tampered)
 
 
-def _swap_slots(key_slots: Any, card: EmulatedCard, body: bytes, seen: list[Any]) -> Any:
-    """Hand the card another card's slot relabelled as its own (the strongest swap).
-
-    The slot comes from this request, the body, or any earlier request the host
-    relayed (an orchestrator sends each card only its own slot).
-    """
+def _slots_in(key_slots: Any, body: bytes) -> Any:
     from orchestrator.crypto.container import SealedContainer
 
-    slots = key_slots if key_slots is not None else SealedContainer(
-        Container(MemorySource(body))).key_slots
-    others = [s for s in [*slots, *seen] if s.card_id != card.card_id]
-    mine = [s for s in slots if s.card_id == card.card_id]
-    if not others or not mine:
-        return slots
-    return [replace(others[0], slot=mine[0].slot, card_id=card.card_id,
-                    session_id=card.session_id)]
+    if key_slots is not None:
+        return key_slots
+    return SealedContainer(Container(MemorySource(body))).key_slots
 
 
 # --- gRPC servicers: translate between messages and EmulatedHost -------------------------
