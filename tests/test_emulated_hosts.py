@@ -65,6 +65,13 @@ def encrypt_for(tmp_path: Path, reports: list[VerifiedReport], mek: MEK, *, vers
                          targets=targets)[-1]
 
 
+async def watching(fleet: EmulatedFleet) -> None:
+    """Return once the host has our event stream open (else a reset could go unseen)."""
+    with anyio.fail_after(10):
+        while not fleet.hosts[0].watchers:
+            await anyio.sleep(0.005)
+
+
 def info_digest(program: Path) -> bytes:
     import hashlib
 
@@ -123,7 +130,7 @@ async def test_reset_invalidates_the_session_and_rekey_restores_it(tmp_path: Pat
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            await anyio.sleep(0.05)
+            await watching(fleet)
             await host.reset(1)
             with pytest.raises(DeviceOffline):
                 await host.load(1, d.program_id)
@@ -305,7 +312,7 @@ async def test_suppressed_resets_are_caught_by_a_fresh_attestation() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            await anyio.sleep(0.05)
+            await watching(fleet)
             await host.reset(0)
             await anyio.sleep(0.3)
             tg.cancel_scope.cancel()

@@ -142,6 +142,11 @@ class EmulatedHost:
     def __repr__(self) -> str:
         return f"EmulatedHost({self.name!r}, {len(self.cards)} cards, {self.address or 'idle'})"
 
+    @property
+    def watchers(self) -> int:
+        """How many event streams are open (tests wait for theirs before a reset)."""
+        return len(self._watchers)
+
     def hostile(self, device: int) -> bool:
         if self.adversary is Adversary.NONE:
             return False
