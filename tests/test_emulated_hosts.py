@@ -68,8 +68,7 @@ def encrypt_for(tmp_path: Path, reports: list[VerifiedReport], mek: MEK, *, vers
 async def watching(fleet: EmulatedFleet) -> None:
     """Return once the host has our event stream open (else a reset could go unseen)."""
     with anyio.fail_after(10):
-        while not fleet.hosts[0].watchers:
-            await anyio.sleep(0.005)
+        await fleet.hosts[0].watched()
 
 
 def info_digest(program: Path) -> bytes:

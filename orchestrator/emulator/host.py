@@ -137,15 +137,16 @@ class EmulatedHost:
         self._rebooting: set[int] = set()
         self._seen_slots: list[Any] = []  # every slot relayed: material for swap-slots
         self._slot_relayed = anyio.Event()  # set (and renewed) each time slots are relayed
+        self._watcher_added = anyio.Event()  # likewise, each time an event stream opens
         self._tg: TaskGroup | None = None
 
     def __repr__(self) -> str:
         return f"EmulatedHost({self.name!r}, {len(self.cards)} cards, {self.address or 'idle'})"
 
-    @property
-    def watchers(self) -> int:
-        """How many event streams are open (tests wait for theirs before a reset)."""
-        return len(self._watchers)
+    async def watched(self) -> None:
+        """Return once an event stream is open (so a reset that follows is seen)."""
+        while not self._watchers:
+            await self._watcher_added.wait()
 
     def hostile(self, device: int) -> bool:
         if self.adversary is Adversary.NONE:
@@ -268,6 +269,8 @@ class EmulatedHost:
     async def events(self) -> AsyncIterator[runtime_pb2.DeviceEvent]:
         send, receive = anyio.create_memory_object_stream[runtime_pb2.DeviceEvent](1024)
         self._watchers.add(send)
+        self._watcher_added.set()
+        self._watcher_added = anyio.Event()
         try:
             async with receive:
                 async for event in receive:
