@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from orchestrator.app import open_engine  # noqa: E402
 from orchestrator.engine.plan import Plan  # noqa: E402
-from orchestrator.fleetcli import open_engine  # noqa: E402
 
 PLAN = """
 model:

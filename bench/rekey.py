@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import parse_size, write_random  # noqa: E402
 
+from orchestrator.app import open_engine  # noqa: E402
+from orchestrator.engine.context import percentile  # noqa: E402
 from orchestrator.engine.plan import Plan  # noqa: E402
-from orchestrator.engine.supervisor import percentile  # noqa: E402
-from orchestrator.fleetcli import open_engine  # noqa: E402
 from orchestrator.qpc.build import pack_files  # noqa: E402
 from orchestrator.transport.client import HostClient  # noqa: E402
 
@@ -72,10 +72,10 @@ async def rekey_latencies(work: Path, size: int, resets: int
                 # polling the host over RPC: there is no event for "verified"
                 while not (await host.list_devices())[card.device].program_ready:  # noqa: ASYNC110
                     await anyio.sleep(0.002)
-            verified.append(engine.stats.rekey_latencies[-1] + time.monotonic() - serving_at)
+            verified.append(engine.stats.outages[-1] + time.monotonic() - serving_at)
         assert (await host.stats())["stage_count"] == stages  # never re-uploaded
         tg.cancel_scope.cancel()
-    return engine.stats.rekey_latencies, verified
+    return engine.stats.outages, verified
 
 
 def main() -> None:

@@ -11,10 +11,23 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.engine.supervisor import Snapshot
+from orchestrator.engine.engine import Snapshot
+from orchestrator.engine.events import (
+    CardChanged,
+    Deployed,
+    Event,
+    HintDisproved,
+    HostChanged,
+    InternalError,
+    ProtocolViolation,
+    Rekeyed,
+    Staged,
+)
 
 STYLES = {"SERVING": "green", "QUARANTINED": "bold red", "FAILED": "red",
-          "RETRY_WAIT": "yellow", "REKEYING": "magenta", "PENDING": "dim"}
+          "RETRY_WAIT": "yellow", "REKEYING": "magenta", "PENDING": "dim",
+          "DISCONNECTED": "red", "UP": "green", "UNREACHABLE": "bold red",
+          "CONNECTING": "yellow"}
 MAX_ROWS = 48
 
 
@@ -22,24 +35,33 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 60 else f"{int(value // 60)}m{int(value % 60):02d}s"
 
 
-def _event_line(event: dict[str, Any]) -> str:
-    stamp = dt.datetime.fromtimestamp(event.get("ts", 0), dt.UTC).strftime("%H:%M:%S")
-    kind = event.get("event")
-    where = f"{event.get('host', '')}/{event.get('device', '')}".strip("/")
-    if kind == "transition":
-        reason = f" ({event['reason']})" if event.get("reason") else ""
-        return f"{stamp} {where} {event['from']} -> {event['to']}{reason}"
-    if kind == "rekeyed":
-        return f"{stamp} {where} re-keyed in {event['latency_ms']:.0f} ms"
-    if kind == "hint_disproved":
-        return f"{stamp} {where} {event['hint']} disproved (same session)"
-    if kind == "staged":
-        return (f"{stamp} {event['host']} program {event['program_id']} "
-                f"{'already staged' if event['already_staged'] else 'staged'}")
-    if kind == "deployed":
-        return (f"{stamp} deployed in {event['seconds']} s: {event['serving']} serving, "
-                f"{event['quarantined']} quarantined, {event['failed']} failed")
-    return f"{stamp} {kind} {where}"
+def _event_line(event: Event) -> str:
+    stamp = dt.datetime.fromtimestamp(event.ts, dt.UTC).strftime("%H:%M:%S")
+    match event:
+        case CardChanged():
+            reason = f" ({event.reason})" if event.reason else ""
+            return (f"{stamp} {event.host}/{event.device} {event.previous} -> "
+                    f"{event.state}{reason}")
+        case HostChanged():
+            reason = f" ({event.reason})" if event.reason else ""
+            return f"{stamp} host {event.host} {event.previous} -> {event.state}{reason}"
+        case Rekeyed():
+            return (f"{stamp} {event.host}/{event.device} serving again after "
+                    f"{event.outage_ms:.0f} ms")
+        case HintDisproved():
+            return f"{stamp} {event.host}/{event.device} {event.trigger} disproved (same session)"
+        case Staged():
+            return (f"{stamp} {event.host} program {event.program_id} "
+                    f"{'already staged' if event.already_staged else 'staged'}")
+        case ProtocolViolation():
+            return f"{stamp} host {event.host} protocol violation: {event.what} (x{event.count})"
+        case InternalError():
+            return f"{stamp} internal error in {event.where}: {event.error}"
+        case Deployed():
+            return (f"{stamp} settled in {event.seconds} s: {event.serving} serving, "
+                    f"{event.disconnected} disconnected, {event.quarantined} quarantined, "
+                    f"{event.failed} failed")
+    return f"{stamp} {event.KIND}"
 
 
 def render(snapshot: Snapshot, *, title: str = "modelip") -> Group:
@@ -57,24 +79,32 @@ def render(snapshot: Snapshot, *, title: str = "modelip") -> Group:
                       card.session or "-", str(card.boot_counter), str(card.attempts),
                       card.last_event or "-", _seconds(card.in_state),
                       card.reason[:60] if card.state in ("QUARANTINED", "FAILED",
-                                                         "RETRY_WAIT") else "")
+                                                         "RETRY_WAIT", "DISCONNECTED") else "")
     hidden = len(snapshot.cards) - MAX_ROWS
     counts = snapshot.counts
     serving = counts.get("SERVING", 0)
     bad = counts.get("QUARANTINED", 0) + counts.get("FAILED", 0)
-    progress = len(snapshot.cards) - serving - bad
-    p50 = "-" if snapshot.rekey_p50 is None else f"{snapshot.rekey_p50 * 1e3:.0f} ms"
-    p99 = "-" if snapshot.rekey_p99 is None else f"{snapshot.rekey_p99 * 1e3:.0f} ms"
+    progress = len(snapshot.cards) - serving - bad - counts.get("DISCONNECTED", 0)
+    p50 = "-" if snapshot.outage_p50 is None else f"{snapshot.outage_p50 * 1e3:.0f} ms"
+    p99 = "-" if snapshot.outage_p99 is None else f"{snapshot.outage_p99 * 1e3:.0f} ms"
+    hosts_up = sum(h.state == "UP" for h in snapshot.hosts)
     summary = Text.assemble(
         ("serving ", "bold"), (str(serving), "green"), "   in progress ", str(progress),
+        "   disconnected ", (str(counts.get("DISCONNECTED", 0)),
+                             "red" if counts.get("DISCONNECTED") else ""),
         "   quarantined ", (str(counts.get("QUARANTINED", 0)), "red" if bad else ""),
         "   failed ", (str(counts.get("FAILED", 0)), "red" if bad else ""),
+        f"   hosts up {hosts_up}/{len(snapshot.hosts)}",
         f"   groups serving {snapshot.groups_serving}/{snapshot.groups}",
-        f"   re-keys {snapshot.rekeys} (p50 {p50}, p99 {p99})",
+        f"   re-keys {snapshot.rekeys} (outage p50 {p50}, p99 {p99})",
         f"   hints disproved {snapshot.disproved_hints}",
         f"   elapsed {_seconds(snapshot.elapsed)}",
     )
+    down = [h for h in snapshot.hosts if h.state != "UP"]
     parts: list[Any] = [table]
+    for host in down:
+        parts.append(Text.assemble((f"host {host.name} {host.state}", STYLES.get(host.state, "")),
+                                   f" for {_seconds(host.in_state)}: {host.reason[:100]}"))
     if hidden > 0:
         parts.append(Text(f"... and {hidden} more cards", style="dim"))
     parts.append(summary)
@@ -102,8 +132,8 @@ class LiveDashboard:
         self.refresh(force=True)
         self.live.__exit__(None, None, None)
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        self.refresh(force=event.get("event") == "deployed")
+    def on_event(self, event: Event) -> None:
+        self.refresh(force=isinstance(event, Deployed))
 
     def refresh(self, *, force: bool = False) -> None:
         now = time.monotonic()

@@ -6,11 +6,28 @@ Every error a user can cause ends in one of these; the CLI prints ``str(err)``
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class ModelIPError(Exception):
-    """Root of every error modelip raises on purpose."""
+    """Root of every error modelip raises on purpose.
+
+    ``host``, ``device`` and ``card_id`` say where it happened when that is
+    known; decisions (which card to quarantine) use them, never the text.
+    """
 
     exit_code = 1
+    host: str | None = None
+    device: int | None = None
+    card_id: str | None = None
+
+    def located(self, *, host: str | None = None, device: int | None = None,
+                card_id: str | None = None) -> Self:
+        """Attach where the error happened (keeps what is already known)."""
+        self.host = self.host if host is None else host
+        self.device = self.device if device is None else device
+        self.card_id = self.card_id if card_id is None else card_id
+        return self
 
 
 # --- bad input -------------------------------------------------------------
@@ -120,6 +137,11 @@ class NotFoundError(InputError):
     """A named card, program or group does not exist on the host."""
 
 
+class ProgramNotStaged(NotFoundError):
+    """The host does not hold the encrypted body (say it restarted): stage it again.
+    The engine never takes this as final."""
+
+
 # --- state ------------------------------------------------------------------
 
 
@@ -143,5 +165,20 @@ class ProgramNotLoaded(StateError):
     """Execute or unload on a card that holds no program."""
 
 
+class StateDirError(StateError):
+    """The state directory (journal, caches, lock) cannot be used: read-only, full,
+    deleted under a running engine, or held by another orchestrator."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
 class DeviceOffline(TransportError):
     """The card is rebooting; try again after it is back online."""
+
+
+class ProtocolViolation(TransportError):
+    """A host sent something the protocol does not allow (an undefined enum value,
+    a card it does not have, an absurd counter): counted against that host."""

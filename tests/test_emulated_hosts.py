@@ -105,7 +105,7 @@ async def test_attest_load_execute_over_grpc(tmp_path: Path) -> None:
             np.testing.assert_allclose(outputs["y"], reference_output(tiny_mlp(), x),
                                        rtol=1e-5)
         listed = await host.list_devices()
-        assert {d.state for d in listed} == {"LOADED"}
+        assert {d.state.value for d in listed} == {"LOADED"}
         # staging is content addressed: the same body is not stored twice
         assert (await host.stage(d.program))[1] is True
         assert (await host.stats())["stage_count"] == 1
@@ -123,8 +123,8 @@ async def test_reset_invalidates_the_session_and_rekey_restores_it(tmp_path: Pat
         async def watch() -> None:
             async for event in host.watch_events():
                 if event.device == 1:
-                    events.append(event.kind)
-                if event.kind == "ONLINE":
+                    events.append(event.kind.value)
+                if event.kind.value == "ONLINE":
                     return
 
         async with anyio.create_task_group() as tg:
@@ -176,7 +176,7 @@ async def test_cancelled_stage_leaves_nothing_staged(tmp_path: Path) -> None:
         with pytest.raises(NotFoundError):
             await host.load(0, program_digest(big))
         listed = await host.list_devices()
-        assert listed[0].state == "ONLINE" and listed[0].program_id == ""
+        assert listed[0].state.value == "ONLINE" and listed[0].program_id == ""
 
 
 async def test_server_stops_within_its_grace_period() -> None:
@@ -291,7 +291,7 @@ async def test_forged_reset_storm_is_disproved_by_attestation() -> None:
         resets = 0
         with anyio.move_on_after(0.3):
             async for event in host.watch_events():
-                resets += event.kind == "RESET" and event.device == 0
+                resets += event.kind.value == "RESET" and event.device == 0
         assert resets >= 10  # a flood of hints...
         after = await attest_all(host, fleet, range(1))
         # ...that a fresh attestation disproves: same boot, same session
@@ -307,7 +307,7 @@ async def test_suppressed_resets_are_caught_by_a_fresh_attestation() -> None:
 
         async def watch() -> None:
             async for event in host.watch_events():
-                seen.append(event.kind)
+                seen.append(event.kind.value)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)

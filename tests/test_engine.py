@@ -16,11 +16,12 @@ import pytest
 from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.mek import load_mek
 from orchestrator.encrypt import encrypt_model
-from orchestrator.engine.journal import Journal
+from orchestrator.engine.store import SQLiteStore
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import obtain_mek, prepare_program
-from orchestrator.engine.supervisor import Engine
-from orchestrator.fleetcli import fleet_for, open_engine, orchestrate
+from orchestrator.engine.engine import Engine
+from orchestrator.app import fleet_for, open_engine
+from orchestrator.fleetcli import orchestrate
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
 from tests.test_partition import LIGHT, dummy_input, original_outputs
@@ -61,7 +62,7 @@ state_dir: state
 @asynccontextmanager
 async def running(plan: Plan) -> AsyncIterator[tuple[Engine, list[HostClient]]]:
     async with open_engine(plan) as engine:
-        clients = [HostClient(h.address) for h in engine.hosts]
+        clients = [HostClient(h.target.address) for h in engine.hosts]
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: engine.run(keep_serving=True,
                                                           task_status=task_status))
@@ -82,7 +83,8 @@ async def wait_until(engine: Engine, condition: Any, limit: float = 20) -> None:
 
 
 def transitions_of(engine: Engine) -> list[tuple[str, int, str, str]]:
-    return [(h, d, f, t) for _, h, d, f, t, _ in engine.journal.transitions(limit=100000)]
+    return [(r.host, r.device, r.previous, r.state)
+            for r in engine.store.transitions(limit=100000)]
 
 
 async def test_resnet50_on_two_hosts_in_groups_of_four(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +109,7 @@ async def test_resets_are_rekeyed_without_reupload_and_others_keep_serving(tmp_p
     plan = Plan.load(write_plan(tmp_path, partitions=2, hosts=2, devices=4))
     async with running(plan) as (engine, hosts):
         stages_before = [(await h.stats())["stage_count"] for h in hosts]
-        victim = engine.groups[1][1]  # host0, second group, partition 1
+        victim = engine.groups[1][1].machine  # host0, second group, partition 1
         before = victim.boot_counter
         await hosts[0].reset(victim.device)
         await wait_until(engine, lambda: victim.boot_counter > before
@@ -125,7 +127,7 @@ async def test_reset_during_deploy_still_ends_serving(tmp_path: Path) -> None:
     plan = Plan.load(write_plan(tmp_path, hosts=1, devices=4,
                                 extra_fleet="    attest_latency: 0.05"))
     async with open_engine(plan) as engine, \
-            HostClient(engine.hosts[0].address) as client, anyio.create_task_group() as tg:
+            HostClient(engine.hosts[0].target.address) as client, anyio.create_task_group() as tg:
         tg.start_soon(lambda: engine.run(keep_serving=True))
         await anyio.sleep(0.02)
         await client.reset(2)  # while the engine is attesting it
@@ -160,8 +162,9 @@ async def test_each_attack_quarantines_only_the_attacked_card(tmp_path: Path, mo
         assert expected in victim.reason
         others = [c for c in engine.cards if c is not victim]
         assert all(c.state.value == "SERVING" for c in others)
-        code, quarantined, failed = engine.outcome()
-        assert (code, [c.name for c in quarantined], failed) == (3, ["host1/1"], [])
+        code, not_serving = engine.outcome()
+        assert (code, [(c.name, c.state.value) for c in not_serving]) == (
+            3, [("host1/1", "QUARANTINED")])
 
 
 async def test_old_version_substitution_is_caught_by_the_receipt(tmp_path: Path) -> None:
@@ -176,7 +179,7 @@ async def test_old_version_substitution_is_caught_by_the_receipt(tmp_path: Path)
     program = encrypt_model(str(tmp_path / "old.qpc"), mek, str(old),
                             SealSettings("tiny", model_version=0))[0]
     prepared = prepare_program(plan, mek)
-    with Journal(plan.journal_path) as journal:
+    with SQLiteStore(plan.journal_path) as journal:
         async with fleet_for(plan) as (hosts, roots):
             async with HostClient(hosts[0].address) as client:
                 await client.stage(program)
@@ -230,13 +233,13 @@ async def test_rekey_defers_verification_and_a_tampered_body_is_caught_at_first_
         tmp_path: Path) -> None:
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
     from orchestrator.emulator.host import Adversary
-    from orchestrator.engine.supervisor import HostTarget
+    from orchestrator.engine.host import HostTarget
     from orchestrator.errors import IntegrityError
 
     plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2))
     mek = obtain_mek(plan)
     program = prepare_program(plan, mek)
-    with Journal(plan.journal_path) as journal:
+    with SQLiteStore(plan.journal_path) as journal:
         async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet:
             target = HostTarget("host0", fleet.addresses[0], (0, 1))
             engine = Engine(plan, [target], [fleet.pki.root], mek, program, journal)

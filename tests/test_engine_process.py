@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.journal import Journal
+from orchestrator.engine.store import SQLiteStore
 from tests.models import tiny_mlp
 
 MODELIP = [sys.executable, "-m", "orchestrator"]
@@ -78,7 +78,7 @@ def run_until(plan: Path, command: str, stop_when: str, count: int, sig: int
     for line in process.stdout:
         event = json.loads(line)
         events.append(event)
-        if stop_when in (event.get("event"), event.get("to")):
+        if stop_when in (event.get("event"), event.get("state")):
             seen += 1
             if seen == count:
                 process.send_signal(sig)
@@ -99,9 +99,10 @@ def test_sigkill_then_restart_resumes_without_duplicate_loads(
     result = subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
-    with Journal(tmp_path / "state" / "journal.sqlite") as journal:
+    with SQLiteStore(tmp_path / "state" / "journal.sqlite") as journal:
         assert {c.state for c in journal.cards()} == {"SERVING"}
-        ok_loads = [(h, d, s, p) for h, d, s, p, outcome in journal.loads() if outcome == "ok"]
+        ok_loads = [(r.host, r.device, r.session_id, r.program_id) for r in journal.loads()
+                    if r.outcome == "ok"]
         assert len(ok_loads) == len(set(ok_loads))  # never the same load twice
         # a card whose session did not change was confirmed, not reloaded
         per_session: dict[tuple[str, int, str], int] = {}
@@ -110,7 +111,7 @@ def test_sigkill_then_restart_resumes_without_duplicate_loads(
         assert all(n == 1 for n in per_session.values())
     events = [json.loads(line) for line in result.stdout.splitlines()]
     if stop_when == "deployed":  # everything was serving: nothing is loaded again
-        assert not [e for e in events if e.get("to") == "LOADING"]
+        assert not [e for e in events if e.get("state") == "LOADING"]
         assert sum("not reloaded" in str(e.get("reason")) for e in events) == 4
 
 
@@ -121,10 +122,10 @@ def test_graceful_stop_leaves_a_consistent_journal(tmp_path: Path, emulator: tup
     plan = real_plan(tmp_path, address, root)
     code, events = run_until(plan, "watch", "LOADING", 2, sig)
     assert code == expected
-    with Journal(tmp_path / "state" / "journal.sqlite") as journal:
+    with SQLiteStore(tmp_path / "state" / "journal.sqlite") as journal:
         states = {c.state for c in journal.cards()}
         assert states <= {"SERVING", "PENDING"}, states  # in-flight work finished or rolled back
-        assert not [o for *_, o in journal.loads() if o == "sent"] or "PENDING" in states
+        assert not [r for r in journal.loads() if r.outcome == "sent"] or "PENDING" in states
 
 
 def test_deploy_summary_and_exit_code_for_an_unreachable_host(tmp_path: Path) -> None:
@@ -138,8 +139,10 @@ def test_deploy_summary_and_exit_code_for_an_unreachable_host(tmp_path: Path) ->
                             text=True, timeout=120, check=False)
     assert result.returncode == 4
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["event"] == "summary" and len(summary["failed"]) == 4
-    assert "unreachable" in summary["failed"][0]["reason"]
+    assert summary["event"] == "summary" and summary["schema"] == 1
+    assert [c["state"] for c in summary["not_serving"]] == ["DISCONNECTED"] * 4
+    assert "unreachable" in summary["not_serving"][0]["reason"]
+    assert "(attempt 3)" in summary["not_serving"][0]["reason"]  # the plan's 3 attempts
 
 
 BAD_PLANS = {

@@ -7,14 +7,15 @@ MEK is ever wrapped to its key. docs/protocol.md ("Attestation") is the spec.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -26,7 +27,13 @@ from google.protobuf.message import DecodeError
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto.wrap import Kem, decode_session_public_key
-from orchestrator.errors import AttestationError, FileInputError, FormatError, PolicyError
+from orchestrator.errors import (
+    AttestationError,
+    FileInputError,
+    FormatError,
+    ModelIPError,
+    PolicyError,
+)
 
 REPORT_VERSION = 1
 SIGNATURE_CONTEXT = b"modelip/v1 attestation report\0"
@@ -155,15 +162,17 @@ def verify_evidence(
     if body.report_version != REPORT_VERSION:
         raise FormatError(source, f"unsupported report version {body.report_version}")
     leaf, root = _verify_chain(list(evidence.certificate_chain), roots, current, source)
-    try:
-        public = leaf.public_key()
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise AttestationError(f"{source}: card certificate key is not ECDSA")
-        public.verify(evidence.signature, SIGNATURE_CONTEXT + evidence.body,
-                      ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise AttestationError(f"{source}: report signature does not verify") from None
-    cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    with _hostile_certificates(source):
+        try:
+            public = leaf.public_key()
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise AttestationError(f"{source}: card certificate key is not ECDSA")
+            public.verify(evidence.signature, SIGNATURE_CONTEXT + evidence.body,
+                          ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise AttestationError(f"{source}: report signature does not verify") from None
+        cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        card_public_key = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     if not cn or cn[0].value != body.card_id:
         raise AttestationError(f"{source}: report card id {body.card_id!r} is not the "
                                "certificate's")
@@ -195,14 +204,21 @@ def verify_evidence(
         session_public_key=body.session_public_key,
         issued_at=body.issued_at,
         root_fingerprint=root.fingerprint(hashes.SHA256()).hex()[:16],
-        card_public_key=leaf.public_key().public_bytes(Encoding.DER,
-                                                       PublicFormat.SubjectPublicKeyInfo),
+        card_public_key=card_public_key,
     )
 
 
 def _verify_chain(
     chain_der: list[bytes], roots: Sequence[x509.Certificate], now: float, source: str
 ) -> tuple[x509.Certificate, x509.Certificate]:
+    """Leaf and root of a chain that leads to a trusted root.
+
+    Order matters: a host chooses every byte of the chain, and cryptography
+    parses extensions lazily. The top certificate is first tied to a trusted
+    root by signature, then each link downwards; only certificates whose
+    signature is thus vouched for by the vendor are inspected further
+    (validity, extensions). Any parsing failure is an AttestationError.
+    """
     if len(chain_der) > MAX_CHAIN:
         raise AttestationError(f"{source}: certificate chain is longer than {MAX_CHAIN}")
     try:
@@ -210,32 +226,49 @@ def _verify_chain(
     except ValueError:
         raise FormatError(source, "certificate chain holds a malformed certificate") from None
     moment = dt.datetime.fromtimestamp(now, tz=dt.UTC)
-    for cert in chain:
-        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
-            subject = cert.subject.rfc4514_string()
-            raise AttestationError(f"{source}: certificate {subject} is expired or not yet valid")
-    for child, parent in zip(chain, chain[1:], strict=False):
-        _check_issued(child, parent, source)
-    top = chain[-1]
+    with _hostile_certificates(source):
+        root = _trusted_issuer(chain[-1], roots, moment, source)
+        for parent, child in zip(chain[:0:-1], chain[-2::-1], strict=True):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature):
+                raise AttestationError(f"{source}: certificate chain is broken") from None
+        for cert in chain:
+            if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
+                subject = cert.subject.rfc4514_string()
+                raise AttestationError(f"{source}: certificate {subject} is expired or not "
+                                       "yet valid")
+        for parent in chain[1:]:
+            _require_ca(parent, source)
+    return chain[0], root
+
+
+def _trusted_issuer(top: x509.Certificate, roots: Sequence[x509.Certificate],
+                    moment: dt.datetime, source: str) -> x509.Certificate:
     for root in roots:
         if top == root:
-            return chain[0], root
+            return root
         try:
             top.verify_directly_issued_by(root)
         except (ValueError, TypeError, InvalidSignature):
             continue
         if root.not_valid_before_utc <= moment <= root.not_valid_after_utc:
             _require_ca(root, source)
-            return chain[0], root
+            return root
     raise AttestationError(f"{source}: certificate chain does not lead to a trusted vendor root")
 
 
-def _check_issued(child: x509.Certificate, parent: x509.Certificate, source: str) -> None:
+@contextlib.contextmanager
+def _hostile_certificates(source: str) -> Iterator[None]:
+    """Whatever a certificate's bytes make cryptography raise is an attestation failure."""
     try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        raise AttestationError(f"{source}: certificate chain is broken") from None
-    _require_ca(parent, source)
+        yield
+    except ModelIPError:
+        raise
+    except (ValueError, TypeError, OverflowError, UnsupportedAlgorithm,
+            x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise AttestationError(f"{source}: malformed certificate in the chain "
+                               f"({type(exc).__name__})") from None
 
 
 def _require_ca(cert: x509.Certificate, source: str) -> None:

@@ -42,6 +42,8 @@ from orchestrator.tensors import from_wire, to_wire
 
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
+DEVICE_KEY = "modelip-device"
+R = runtime_pb2
 MAX_MESSAGE = 64 << 20
 STAGE_LIMIT = 16 << 30
 
@@ -92,27 +94,37 @@ class _Staged:
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    """A call's failure: gRPC status, the shared ErrorReason, the card concerned."""
+
+    def __init__(self, code: grpc.StatusCode, reason: int, message: str,
+                 device: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.device = device
 
 
-def _status_for(err: ModelIPError) -> _Abort:
+def _status_for(err: ModelIPError, device: int | None = None) -> _Abort:
     """Our errors -> a gRPC status plus a machine-readable reason (docs/protocol.md)."""
+    abort = _classify(err)
+    abort.device = device
+    return abort
+
+
+def _classify(err: ModelIPError) -> _Abort:
     if isinstance(err, SessionInvalidError):
-        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, "session-invalid", str(err))
+        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_SESSION_INVALID, str(err))
     if isinstance(err, IntegrityError):
-        return _Abort(grpc.StatusCode.DATA_LOSS, "integrity", str(err))
+        return _Abort(grpc.StatusCode.DATA_LOSS, R.ERROR_REASON_INTEGRITY, str(err))
     if isinstance(err, PolicyError):
-        return _Abort(grpc.StatusCode.PERMISSION_DENIED, "policy", str(err))
+        return _Abort(grpc.StatusCode.PERMISSION_DENIED, R.ERROR_REASON_POLICY, str(err))
     if isinstance(err, ProgramNotLoaded):
-        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, "not-loaded", str(err))
+        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED, str(err))
     if isinstance(err, CardOffline):
-        return _Abort(grpc.StatusCode.UNAVAILABLE, "offline", str(err))
+        return _Abort(grpc.StatusCode.UNAVAILABLE, R.ERROR_REASON_OFFLINE, str(err))
     if isinstance(err, FormatError):
-        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format", str(err))
-    return _Abort(grpc.StatusCode.INTERNAL, "internal", str(err))
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, str(err))
+    return _Abort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL, str(err))
 
 
 class EmulatedHost:
@@ -196,7 +208,7 @@ class EmulatedHost:
 
     def card(self, device: int) -> EmulatedCard:
         if not 0 <= device < len(self.cards):
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown-device",
+            raise _Abort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_DEVICE,
                          f"host {self.name}: no device {device} (has 0..{len(self.cards) - 1})")
         return self.cards[device]
 
@@ -310,7 +322,7 @@ class EmulatedHost:
         if program_id in self._programs:
             return False
         if hashlib.sha256(body).hexdigest() != program_id:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                          "program id is not the SHA-256 of the body received")
         if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is None:
             body = _flip_middle(body)
@@ -324,7 +336,7 @@ class EmulatedHost:
         card = self.card(device)
         staged = self._programs.get(program_id)
         if staged is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown-program",
+            raise _Abort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_PROGRAM,
                          f"host {self.name}: program {program_id[:16]} is not staged")
         body = staged.body
         key_slots = key_slots_from_proto(slots, source="key slots") if slots else None
@@ -381,19 +393,22 @@ class EmulatedHost:
         """Run one card, or an MDP group in partition order relaying activations."""
         cards = [self.card(device) for device in devices]
         if not cards:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format", "no device named")
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, "no device named")
         tensors = dict(inputs)
         results: dict[str, Any] = {}
-        for position, card in enumerate(cards):
+        for position, (device, card) in enumerate(zip(devices, cards, strict=True)):
             program = card.program
             if program is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "not-loaded",
-                             f"card {card.card_id}: no program loaded")
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED,
+                             f"card {card.card_id}: no program loaded", device)
             if len(cards) > 1 and program.partition != position:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                              f"card {card.card_id} holds partition {program.partition}, "
-                             f"named in position {position}")
-            outputs = await anyio.to_thread.run_sync(card.execute, tensors)
+                             f"named in position {position}", device)
+            try:
+                outputs = await anyio.to_thread.run_sync(card.execute, tensors)
+            except ModelIPError as err:
+                raise _status_for(err, device) from err
             tensors.update(outputs)
             final = (program.io_desc or {}).get("model_outputs")
             if final is not None:  # this stage says which of its outputs the model returns
@@ -421,7 +436,10 @@ def _slots_in(key_slots: Any, body: bytes) -> Any:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: _Abort) -> None:
-    await context.abort(error.code, str(error), trailing_metadata=((REASON_KEY, error.reason),))
+    metadata = [(REASON_KEY, runtime_pb2.ErrorReason.Name(error.reason))]
+    if error.device is not None:
+        metadata.append((DEVICE_KEY, str(error.device)))
+    await context.abort(error.code, str(error), trailing_metadata=tuple(metadata))
 
 
 class _Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
@@ -436,7 +454,7 @@ class _Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[
         except _Abort as error:
             await _abort(context, error)
         except ModelIPError as err:
-            await _abort(context, _status_for(err))
+            await _abort(context, _status_for(err, request.device))
         return evidence_pb2.AttestationEvidence.FromString(evidence)
 
 
@@ -492,20 +510,20 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
                 if not program_id:
                     program_id, total = chunk.program_id, chunk.total_size
                     if not program_id or total > STAGE_LIMIT:
-                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                                      "first stage message must name the program and its size")
                     if program_id in self.host._programs:  # noqa: SLF001
                         return runtime_pb2.StageProgramResponse(program_id=program_id,
                                                                 already_staged=True)
                 body += chunk.data
                 if len(body) > total:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                                  "more program bytes than announced")
                 if bandwidth:
                     await anyio.sleep(len(chunk.data) / bandwidth)
             if len(body) != total or not program_id:
                 # a cancelled or cut upload: nothing half-staged is kept
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "format",
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                              f"stage ended after {len(body)} of {total} bytes")
             stored = self.host.store_program(program_id, bytes(body))
         except _Abort as error:
@@ -523,7 +541,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
         except _Abort as error:
             await _abort(context, error)
         except ModelIPError as err:
-            await _abort(context, _status_for(err))
+            await _abort(context, _status_for(err, request.device))
         return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
                                                receipt_signature=signature)
 

@@ -1,1 +1,1 @@
-"""The orchestrator: plan, per-card state machines, fleet supervisor, journal."""
+"""The orchestrator engine: plan, supervision tree (engine, hosts, cards), store, events."""

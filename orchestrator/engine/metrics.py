@@ -7,8 +7,9 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import SocketStream, TaskStatus
 
-from orchestrator.engine.state import CardState
-from orchestrator.engine.supervisor import EngineStats, Snapshot
+from orchestrator.engine.context import EngineStats
+from orchestrator.engine.engine import Snapshot
+from orchestrator.engine.state import CardState, HostState
 
 
 def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
@@ -25,19 +26,36 @@ def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
               "# TYPE modelip_loads_total counter", f"modelip_loads_total {stats.loads}",
               "# TYPE modelip_hints_disproved_total counter",
               f"modelip_hints_disproved_total {stats.disproved_hints}",
-              "# HELP modelip_rekey_latency_seconds Reset (card back online) to serving.",
-              "# TYPE modelip_rekey_latency_seconds summary"]
-    for quantile, value in (("0.5", snapshot.rekey_p50), ("0.99", snapshot.rekey_p99)):
+              "# HELP modelip_outage_seconds First sign of a lost session to serving again.",
+              "# TYPE modelip_outage_seconds summary"]
+    for quantile, value in (("0.5", snapshot.outage_p50), ("0.99", snapshot.outage_p99)):
         if value is not None:
-            lines.append(f'modelip_rekey_latency_seconds{{quantile="{quantile}"}} {value:.6f}')
-    lines += [f"modelip_rekey_latency_seconds_sum {sum(stats.rekey_latencies):.6f}",
-              f"modelip_rekey_latency_seconds_count {len(stats.rekey_latencies)}",
+            lines.append(f'modelip_outage_seconds{{quantile="{quantile}"}} {value:.6f}')
+    lines += [f"modelip_outage_seconds_sum {sum(stats.outages):.6f}",
+              f"modelip_outage_seconds_count {len(stats.outages)}",
+              "# HELP modelip_host_state 1 for the state each host is in.",
+              "# TYPE modelip_host_state gauge"]
+    for host in snapshot.hosts:
+        name = _label(host.name)
+        for each in HostState:
+            lines.append(f'modelip_host_state{{host="{name}",state="{each.value}"}} '
+                         f"{int(host.state == each.value)}")
+    lines += ["# HELP modelip_protocol_violations_total Messages outside the protocol, by host.",
+              "# TYPE modelip_protocol_violations_total counter"]
+    for name, count in sorted(stats.protocol_violations.items()):
+        lines.append(f'modelip_protocol_violations_total{{host="{_label(name)}"}} {count}')
+    lines += ["# TYPE modelip_internal_errors_total counter",
+              f"modelip_internal_errors_total {stats.internal_errors}",
               "# TYPE modelip_verification_failures_total counter"]
     for reason, count in sorted(stats.verification_failures.items()):
         lines.append(f'modelip_verification_failures_total{{kind="{reason}"}} {count}')
     if stats.deployed_after is not None:
         lines.append(f"modelip_deploy_seconds {stats.deployed_after:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 async def serve_metrics(port: int, text: Callable[[], str], *, bind: str = "127.0.0.1",

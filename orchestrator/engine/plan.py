@@ -244,6 +244,8 @@ class RekeySpec:
     auto: bool = True
     min_interval: float = 1.0     # per card: at most one re-key this often (storms)
     check_interval: float = 5.0   # periodic re-attestation of serving cards; 0 = off
+    resync_interval: float = 1.0  # per host: list its cards, wake drivers whose card differs
+    probe_timeout: float = 2.0    # deadline of that listing; two misses = host unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +341,11 @@ class Plan:
                               float(reader.get("min_interval", (int, float), 1.0,
                                                check=_non_negative)),
                               float(reader.get("check_interval", (int, float), 5.0,
-                                               check=_non_negative)))
+                                               check=_non_negative)),
+                              float(reader.get("resync_interval", (int, float), 1.0,
+                                               check=_positive)),
+                              float(reader.get("probe_timeout", (int, float), 2.0,
+                                               check=_positive)))
             reader.done()
         timeouts = TimeoutSpec()
         if (reader := top.child("timeouts")) is not None:

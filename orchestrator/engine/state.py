@@ -1,20 +1,18 @@
-"""The per-card state machine: one enum, one table of allowed moves, one place to move.
+"""The pure state machines: a card's and a host's. State, a table of allowed
+moves, and nothing else: no I/O, no clock reads but the one stamped on a move.
 
-Every move is journaled before it takes effect (write-ahead) and announced as
-an event; an impossible move raises InvalidTransition instead of being ignored.
+A driver asks its machine for a ``Transition`` (``propose``: raises
+InvalidTransition if the table forbids it), writes it to the store, and only
+then ``apply``s it: write-ahead, so a kill at any instant leaves the store
+saying at least as much as the process knew.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-import anyio
-
-from orchestrator.engine.journal import Journal
 from orchestrator.errors import InvalidTransition
 
 
@@ -26,61 +24,125 @@ class CardState(enum.Enum):
     SERVING = "SERVING"
     REKEYING = "REKEYING"
     RETRY_WAIT = "RETRY_WAIT"
-    QUARANTINED = "QUARANTINED"   # a security verdict: never retried automatically
-    FAILED = "FAILED"             # gave up (attempts exhausted, or a non-retryable error)
+    DISCONNECTED = "DISCONNECTED"  # its host does not answer: not serving, as far as we know
+    QUARANTINED = "QUARANTINED"    # a security verdict: never retried automatically
+    FAILED = "FAILED"              # gave up (attempts exhausted, non-retryable, internal error)
 
     def __repr__(self) -> str:
         return self.value
 
 
 S = CardState
-ALLOWED: dict[CardState, frozenset[CardState]] = {
-    S.PENDING: frozenset({S.ATTESTING, S.QUARANTINED, S.FAILED}),
-    S.ATTESTING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED,
-                            S.PENDING}),
-    S.KEYED: frozenset({S.LOADING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED, S.PENDING}),
-    S.LOADING: frozenset({S.SERVING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED, S.PENDING}),
-    S.SERVING: frozenset({S.REKEYING, S.QUARANTINED, S.PENDING}),
-    S.REKEYING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.QUARANTINED, S.FAILED,
-                           S.PENDING}),
-    S.RETRY_WAIT: frozenset({S.ATTESTING, S.REKEYING, S.FAILED, S.PENDING}),
+_WORKING = frozenset({S.ATTESTING, S.KEYED, S.LOADING, S.REKEYING, S.RETRY_WAIT})
+CARD_MOVES: dict[CardState, frozenset[CardState]] = {
+    S.PENDING: frozenset({S.ATTESTING, S.DISCONNECTED, S.QUARANTINED, S.FAILED}),
+    S.ATTESTING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED,
+                            S.FAILED, S.PENDING}),
+    S.KEYED: frozenset({S.LOADING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
+                        S.PENDING}),
+    S.LOADING: frozenset({S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
+                          S.PENDING}),
+    S.SERVING: frozenset({S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.PENDING}),
+    S.REKEYING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED,
+                           S.FAILED, S.PENDING}),
+    S.RETRY_WAIT: frozenset({S.ATTESTING, S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
+                             S.PENDING}),
+    S.DISCONNECTED: frozenset({S.ATTESTING, S.FAILED, S.PENDING}),
     S.QUARANTINED: frozenset(),
     S.FAILED: frozenset(),
 }
-TERMINAL = frozenset({S.SERVING, S.QUARANTINED, S.FAILED})
-IN_PROGRESS = frozenset(set(CardState) - TERMINAL)
+FINAL = frozenset({S.QUARANTINED, S.FAILED})
+# Settled: nothing more will happen without an outside change (a reset, the host
+# coming back). A deployment is over when every card has settled.
+SETTLED = frozenset({S.SERVING, S.DISCONNECTED, *FINAL})
+
+
+class HostState(enum.Enum):
+    CONNECTING = "CONNECTING"    # listing its cards, staging the body
+    UP = "UP"                    # staged, its event stream open, answering probes
+    UNREACHABLE = "UNREACHABLE"  # probes fail: its cards are DISCONNECTED; retried with backoff
+    FAILED = "FAILED"            # an internal error in its supervisor (a bug): given up
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+H = HostState
+HOST_MOVES: dict[HostState, frozenset[HostState]] = {
+    H.CONNECTING: frozenset({H.UP, H.UNREACHABLE, H.FAILED}),
+    H.UP: frozenset({H.CONNECTING, H.UNREACHABLE, H.FAILED}),
+    H.UNREACHABLE: frozenset({H.CONNECTING, H.FAILED}),
+    H.FAILED: frozenset(),
+}
+
+
+class Trigger(enum.Enum):
+    """Why a card driver looks at its card again. Hints come from the host and
+    are never facts; the driver attests and acts on what it observes."""
+
+    START = "start"
+    RESET_HINT = "reset hint"            # the host's event stream said RESET
+    OFFLINE_HINT = "offline hint"        # ... OFFLINE
+    ONLINE_HINT = "online hint"          # ... ONLINE (a rebooting card is back)
+    RESYNC = "host resync"               # the host's device list disagrees with what we know
+    PERIODIC = "periodic attestation"    # rekey.check_interval passed
+    REFUSED = "call refused"             # a load or execute said the session is gone
+    HOST_BACK = "host back"              # the host answers again after being unreachable
+
+    @property
+    def is_hint(self) -> bool:
+        """A claim that something changed (rate limited; a disproof is counted)."""
+        return self in (Trigger.RESET_HINT, Trigger.OFFLINE_HINT, Trigger.ONLINE_HINT,
+                        Trigger.RESYNC, Trigger.REFUSED)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownGood:
+    """What a card was last verified to serve: kept across restarts until a fresh
+    attestation confirms or disproves it (so resuming never reloads needlessly)."""
+
+    card_id: str
+    session_id: str    # hex
+    program_id: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class CardTransition:
+    """One move of one card, as written to the store before it takes effect."""
+
+    host: str
+    device: int
+    card_id: str
+    previous: CardState
+    state: CardState
+    reason: str
+    boot_counter: int
+    session_id: str        # hex; "" before the first attestation
+    program_id: str
+    attempts: int
+    known_good: KnownGood | None
+    at: float = field(default_factory=time.time)
 
 
 @dataclass(slots=True)
 class CardMachine:
-    """One card's state and what is known about it (verified facts only)."""
+    """One card's state and the verified facts about it. Pure: no I/O."""
 
     host: str
     device: int
     group: int
     partition: int
-    journal: Journal
-    emit: Callable[[dict[str, Any]], None]
+    program_id: str
     state: CardState = CardState.PENDING
     card_id: str = ""
     boot_counter: int = 0
     session_id: bytes = b""
     session_fingerprint: str = ""
-    program_id: str = ""
     attempts: int = 0
     reason: str = ""
-    last_event: str = ""
-    since: float = 0.0
-    rekeys: int = 0
-    wake: anyio.Event | None = None
-    trigger: str = ""
-    triggered_at: float = 0.0
-    online_at: float = 0.0
-    checked_at: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.since = time.monotonic()
-        self.wake = anyio.Event()
+    known_good: KnownGood | None = None
+    since: float = field(default_factory=time.monotonic)
 
     def __repr__(self) -> str:
         return f"CardMachine({self.host}/{self.device}, {self.state.value})"
@@ -89,29 +151,60 @@ class CardMachine:
     def name(self) -> str:
         return f"{self.host}/{self.device}"
 
-    def move(self, target: CardState, *, reason: str = "") -> None:
-        """Journal, then change state, then announce. InvalidTransition if not allowed."""
-        if target not in ALLOWED[self.state]:
-            raise InvalidTransition(self.name, self.state.value, target.value)
-        previous = self.state
-        self.journal.record_transition(
-            self.host, self.device, card_id=self.card_id, from_state=previous.value,
-            to_state=target.value, boot_counter=self.boot_counter,
-            session_id=self.session_id.hex(), program_id=self.program_id,
-            attempts=self.attempts, reason=reason)
-        self.state = target
-        self.reason = reason
-        self.since = time.monotonic()
-        self.emit({"event": "transition", "host": self.host, "device": self.device,
-                   "card_id": self.card_id, "group": self.group, "partition": self.partition,
-                   "from": previous.value, "to": target.value, "reason": reason,
-                   "boot_counter": self.boot_counter, "session": self.session_fingerprint,
-                   "attempts": self.attempts})
+    def propose(self, target: CardState, reason: str = "", *,
+                known_good: KnownGood | None | bool = True) -> CardTransition:
+        """The move to ``target``; InvalidTransition if the table forbids it.
 
-    def poke(self, trigger: str) -> None:
-        """Ask the card's task to re-check the card (a hint, not a fact)."""
-        if not self.trigger:
-            self.trigger = trigger
-            self.triggered_at = time.monotonic()
-        assert self.wake is not None  # noqa: S101 - set in __post_init__
-        self.wake.set()
+        ``known_good``: True keeps what was known good, None forgets it (a new
+        session was seen), a KnownGood records it (verified serving).
+        """
+        if target not in CARD_MOVES[self.state]:
+            raise InvalidTransition(self.name, self.state.value, target.value)
+        good = self.known_good if known_good is True else known_good
+        return CardTransition(self.host, self.device, self.card_id, self.state, target, reason,
+                              self.boot_counter, self.session_id.hex(), self.program_id,
+                              self.attempts, good if isinstance(good, KnownGood) else None)
+
+    def apply(self, transition: CardTransition) -> None:
+        if transition.previous is not self.state:
+            raise InvalidTransition(self.name, self.state.value, transition.state.value)
+        self.state = transition.state
+        self.reason = transition.reason
+        self.known_good = transition.known_good
+        self.since = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class HostTransition:
+    host: str
+    previous: HostState
+    state: HostState
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class HostMachine:
+    """One host's lifecycle. Pure: no I/O."""
+
+    name: str
+    address: str
+    state: HostState = HostState.CONNECTING
+    reason: str = ""
+    since: float = field(default_factory=time.monotonic)
+
+    def __repr__(self) -> str:
+        return f"HostMachine({self.name}, {self.state.value})"
+
+    def propose(self, target: HostState, reason: str = "") -> HostTransition:
+        if target not in HOST_MOVES[self.state]:
+            raise InvalidTransition(f"host {self.name}", self.state.value, target.value)
+        return HostTransition(self.name, self.state, target, reason)
+
+    def apply(self, transition: HostTransition) -> None:
+        if transition.previous is not self.state:
+            raise InvalidTransition(f"host {self.name}", self.state.value,
+                                    transition.state.value)
+        self.state = transition.state
+        self.reason = transition.reason
+        self.since = time.monotonic()

@@ -7,6 +7,7 @@ the session was stale, the program tampered with, or the policy violated.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ from orchestrator.errors import (
     NotFoundError,
     PolicyError,
     ProgramNotLoaded,
+    ProgramNotStaged,
     RemoteError,
     SessionInvalidError,
     UnreachableError,
@@ -39,6 +41,7 @@ from orchestrator.tensors import from_wire, to_wire
 
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
+DEVICE_KEY = "modelip-device"
 STAGE_CHUNK = 1 << 20
 MAX_MESSAGE = 64 << 20
 
@@ -81,11 +84,44 @@ class TLSClientConfig:
         return cls(read(ca, "TLS CA"), read(cert, "TLS certificate"), read(key, "TLS key"))
 
 
+class DeviceState(enum.Enum):
+    """A card's state as its host reports it (a hint). UNDEFINED: a value the
+    protocol does not define (a protocol violation of that host, never raised)."""
+
+    ONLINE = "ONLINE"
+    OFFLINE = "OFFLINE"
+    LOADED = "LOADED"
+    UNDEFINED = "UNDEFINED"
+
+
+class EventKind(enum.Enum):
+    """What a host says happened to a card (a hint). UNDEFINED as above."""
+
+    ONLINE = "ONLINE"
+    OFFLINE = "OFFLINE"
+    RESET = "RESET"
+    LOADED = "LOADED"
+    UNLOADED = "UNLOADED"
+    UNDEFINED = "UNDEFINED"
+
+
+_DEVICE_STATES = {runtime_pb2.DEVICE_STATE_ONLINE: DeviceState.ONLINE,
+                  runtime_pb2.DEVICE_STATE_OFFLINE: DeviceState.OFFLINE,
+                  runtime_pb2.DEVICE_STATE_LOADED: DeviceState.LOADED}
+_EVENT_KINDS = {runtime_pb2.EVENT_KIND_ONLINE: EventKind.ONLINE,
+                runtime_pb2.EVENT_KIND_OFFLINE: EventKind.OFFLINE,
+                runtime_pb2.EVENT_KIND_RESET: EventKind.RESET,
+                runtime_pb2.EVENT_KIND_LOADED: EventKind.LOADED,
+                runtime_pb2.EVENT_KIND_UNLOADED: EventKind.UNLOADED}
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceStatus:
+    """One row of ListDevices: what the host claims (check with an attestation)."""
+
     device: int
     card_id: str
-    state: str            # ONLINE, OFFLINE, LOADED
+    state: DeviceState
     boot_counter: int
     session_fingerprint: str
     program_id: str
@@ -107,45 +143,56 @@ class DeviceEvent:
     """A hint from the host (never a fact: verify with a fresh attestation)."""
 
     device: int
-    kind: str             # ONLINE, OFFLINE, RESET, LOADED, UNLOADED
+    kind: EventKind
     boot_counter: int
     time_ns: int
 
 
-def _state_name(value: int) -> str:
-    return str(runtime_pb2.DeviceState.Name(value)).removeprefix("DEVICE_STATE_")
+_BY_REASON: dict[int, type[ModelIPError]] = {
+    runtime_pb2.ERROR_REASON_SESSION_INVALID: SessionInvalidError,
+    runtime_pb2.ERROR_REASON_INTEGRITY: IntegrityError,
+    runtime_pb2.ERROR_REASON_POLICY: PolicyError,
+    runtime_pb2.ERROR_REASON_NOT_LOADED: ProgramNotLoaded,
+    runtime_pb2.ERROR_REASON_UNKNOWN_PROGRAM: ProgramNotStaged,
+}
 
 
-def _event_name(value: int) -> str:
-    return str(runtime_pb2.EventKind.Name(value)).removeprefix("EVENT_KIND_")
+def _reason_of(err: grpc.aio.AioRpcError) -> tuple[int, int | None]:
+    """(ErrorReason, device) from the trailing metadata; unknown values count as none."""
+    reason: int = runtime_pb2.ERROR_REASON_UNSPECIFIED
+    device: int | None = None
+    for key, value in err.trailing_metadata() or ():
+        if key == REASON_KEY:
+            try:
+                reason = runtime_pb2.ErrorReason.Value(str(value))
+            except ValueError:
+                reason = runtime_pb2.ERROR_REASON_UNSPECIFIED
+        elif key == DEVICE_KEY and str(value).isdigit() and len(str(value)) < 10:
+            device = int(str(value))
+    return reason, device
 
 
 def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPError:
     """The one place where gRPC failures become our exceptions."""
-    reason = ""
-    for key, value in err.trailing_metadata() or ():
-        if key == REASON_KEY:
-            reason = str(value)
-    details = err.details() or err.code().name
-    by_reason: dict[str, type[ModelIPError]] = {
-        "session-invalid": SessionInvalidError,
-        "integrity": IntegrityError,
-        "policy": PolicyError,
-        "not-loaded": ProgramNotLoaded,
-    }
-    if reason in by_reason:
-        return by_reason[reason](f"{target}: {what}: {details}")
-    if reason == "offline":
-        return DeviceOffline(target, f"{what}: {details}")
-    if reason in ("unknown-device", "unknown-program") or err.code() == grpc.StatusCode.NOT_FOUND:
-        return NotFoundError(f"{target}: {details}")
-    if reason == "format" or err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return FormatError(f"{target}: {what}", details)
-    if err.code() == grpc.StatusCode.UNAVAILABLE:
-        return UnreachableError(target, f"{what}: host unreachable ({details})")
-    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineError(target, f"{what}: no answer within the deadline")
-    return RemoteError(target, f"{what}: {err.code().name}: {details}")
+    reason, device = _reason_of(err)
+    details = (err.details() or err.code().name)[:500]  # host text: bounded, shown as is
+    code = err.code()
+    result: ModelIPError
+    if reason in _BY_REASON:
+        result = _BY_REASON[reason](f"{target}: {what}: {details}")
+    elif reason == runtime_pb2.ERROR_REASON_OFFLINE:
+        result = DeviceOffline(target, f"{what}: {details}")
+    elif reason == runtime_pb2.ERROR_REASON_UNKNOWN_DEVICE or code == grpc.StatusCode.NOT_FOUND:
+        result = NotFoundError(f"{target}: {details}")
+    elif reason == runtime_pb2.ERROR_REASON_FORMAT or code == grpc.StatusCode.INVALID_ARGUMENT:
+        result = FormatError(f"{target}: {what}", details)
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        result = UnreachableError(target, f"{what}: host unreachable ({details})")
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        result = DeadlineError(target, f"{what}: no answer within the deadline")
+    else:
+        result = RemoteError(target, f"{what}: {code.name}: {details}")
+    return result.located(host=target, device=device)
 
 
 class HostClient:
@@ -183,11 +230,15 @@ class HostClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, what: str, method: Any, request: Any, deadline: float) -> Any:
+    async def _call(self, what: str, method: Any, request: Any, deadline: float, *,
+                    device: int | None = None) -> Any:
         try:
             return await method(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
-            raise _translate(err, self.address, what) from err
+            error = _translate(err, self.address, what)
+            if error.device is None:
+                error.device = device  # a call about one card: that card
+            raise error from err
 
     # --- attestation --------------------------------------------------------------
 
@@ -196,7 +247,7 @@ class HostClient:
         evidence: evidence_pb2.AttestationEvidence = await self._call(
             f"attest device {device}", self._attestation.GetAttestationReport,
             runtime_pb2.AttestationRequest(device=device, request=request),
-            self.deadlines.attest)
+            self.deadlines.attest, device=device)
         return evidence.SerializeToString(deterministic=True)
 
     # --- devices --------------------------------------------------------------------
@@ -207,11 +258,15 @@ class HostClient:
                                     self.deadlines.control)
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
-    async def list_devices(self) -> list[DeviceStatus]:
+    async def list_devices(self, *, deadline: float | None = None) -> list[DeviceStatus]:
+        """The host's claim about each card; values outside the protocol come back
+        as DeviceState.UNDEFINED (for the caller to count), never as an exception."""
         response = await self._call("list devices", self._runtime.ListDevices,
-                                    runtime_pb2.ListDevicesRequest(), self.deadlines.control)
-        return [DeviceStatus(d.device, d.card_id, _state_name(d.state), d.boot_counter,
-                             d.session_fingerprint.hex(), d.program_id, d.partition,
+                                    runtime_pb2.ListDevicesRequest(),
+                                    deadline or self.deadlines.control)
+        return [DeviceStatus(d.device, d.card_id[:256],
+                             _DEVICE_STATES.get(d.state, DeviceState.UNDEFINED), d.boot_counter,
+                             d.session_fingerprint[:32].hex(), d.program_id[:128], d.partition,
                              d.program_ready)
                 for d in response.devices]
 
@@ -220,8 +275,8 @@ class HostClient:
         call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest())
         try:
             async for event in call:
-                yield DeviceEvent(event.device, _event_name(event.kind), event.boot_counter,
-                                  event.time_ns)
+                yield DeviceEvent(event.device, _EVENT_KINDS.get(event.kind, EventKind.UNDEFINED),
+                                  event.boot_counter, event.time_ns)
         except grpc.aio.AioRpcError as err:
             raise _translate(err, self.address, "watch events") from err
         finally:
@@ -229,11 +284,13 @@ class HostClient:
 
     async def reset(self, device: int) -> None:
         await self._call(f"reset device {device}", self._runtime.ResetDevice,
-                         runtime_pb2.DeviceRef(device=device), self.deadlines.control)
+                         runtime_pb2.DeviceRef(device=device), self.deadlines.control,
+                         device=device)
 
     async def unload(self, device: int) -> None:
         await self._call(f"unload device {device}", self._runtime.Unload,
-                         runtime_pb2.DeviceRef(device=device), self.deadlines.control)
+                         runtime_pb2.DeviceRef(device=device), self.deadlines.control,
+                         device=device)
 
     async def stats(self) -> dict[str, int]:
         response = await self._call("host stats", self._runtime.HostStats,
@@ -283,7 +340,7 @@ class HostClient:
         if key_slots is not None:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,
-                                    request, self.deadlines.load)
+                                    request, self.deadlines.load, device=device)
         return LoadResult(list(response.segments), response.receipt, response.receipt_signature)
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_SESSION_INVALID: _ClassVar[ErrorReason]
+    ERROR_REASON_INTEGRITY: _ClassVar[ErrorReason]
+    ERROR_REASON_POLICY: _ClassVar[ErrorReason]
+    ERROR_REASON_NOT_LOADED: _ClassVar[ErrorReason]
+    ERROR_REASON_OFFLINE: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN_DEVICE: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN_PROGRAM: _ClassVar[ErrorReason]
+    ERROR_REASON_FORMAT: _ClassVar[ErrorReason]
+    ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+
 class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEVICE_STATE_UNSPECIFIED: _ClassVar[DeviceState]
@@ -23,6 +36,16 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_RESET: _ClassVar[EventKind]
     EVENT_KIND_LOADED: _ClassVar[EventKind]
     EVENT_KIND_UNLOADED: _ClassVar[EventKind]
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_SESSION_INVALID: ErrorReason
+ERROR_REASON_INTEGRITY: ErrorReason
+ERROR_REASON_POLICY: ErrorReason
+ERROR_REASON_NOT_LOADED: ErrorReason
+ERROR_REASON_OFFLINE: ErrorReason
+ERROR_REASON_UNKNOWN_DEVICE: ErrorReason
+ERROR_REASON_UNKNOWN_PROGRAM: ErrorReason
+ERROR_REASON_FORMAT: ErrorReason
+ERROR_REASON_INTERNAL: ErrorReason
 DEVICE_STATE_UNSPECIFIED: DeviceState
 DEVICE_STATE_ONLINE: DeviceState
 DEVICE_STATE_OFFLINE: DeviceState

@@ -1,0 +1,118 @@
+"""The composition root: the only place that turns a plan into running objects.
+
+The CLI, the tests and the benches all build a fleet and an engine here, so
+what is tested is what runs. This is also the one place outside the CLI that
+may wire in the embedded emulated fleet: the engine never imports the emulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+from cryptography import x509
+
+from orchestrator.crypto.evidence import load_roots_file
+from orchestrator.engine.engine import Engine
+from orchestrator.engine.host import HostTarget
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.prepare import obtain_mek, prepare_program
+from orchestrator.engine.store import SQLiteStore, StateDirLock
+from orchestrator.errors import FileInputError, StateDirError, UsageError
+from orchestrator.transport.client import TLSClientConfig
+
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x509.Certificate]]]:
+    """(host targets, trust roots): the plan's hosts, or an embedded emulated fleet."""
+    roots = [root for path in plan.trust_roots for root in load_roots_file(str(path))]
+    if plan.emulated is None:
+        hosts = []
+        for spec in plan.hosts:
+            tls = None
+            if spec.tls is not None:
+                tls = TLSClientConfig.from_paths(
+                    str(spec.tls.ca) if spec.tls.ca else None,
+                    str(spec.tls.cert) if spec.tls.cert else None,
+                    str(spec.tls.key) if spec.tls.key else None)
+            hosts.append(HostTarget(spec.address, spec.address, spec.devices, tls))
+        yield hosts, roots
+        return
+    from orchestrator.crypto.wrap import Kem
+    from orchestrator.emulator.card import CardConfig
+    from orchestrator.emulator.fleet import FleetConfig, run_fleet
+    from orchestrator.emulator.host import Adversary, FaultConfig
+    from orchestrator.emulator.pki import VendorPKI
+
+    emulated = plan.emulated
+    try:
+        adversary = Adversary(emulated.adversary)
+    except ValueError:
+        raise UsageError(f"{plan.source}: fleet.emulated.adversary: unknown mode "
+                         f"{emulated.adversary!r}") from None
+    card = CardConfig(firmware_version=emulated.firmware, kem=Kem.parse(emulated.kem))
+    config = FleetConfig(
+        hosts=emulated.hosts, devices_per_host=emulated.devices_per_host,
+        faults=FaultConfig(reset_rate=emulated.reset_rate, reboot_time=emulated.reboot_time,
+                           attest_latency=emulated.attest_latency,
+                           drop_events=emulated.drop_events),
+        card=card,
+        card_overrides={key: CardConfig(firmware_version="0.9.0", kem=card.kem)
+                        for key in emulated.old_firmware_cards},
+        adversary=adversary,
+        adversary_hosts=frozenset(emulated.adversary_hosts or ()) or None,
+        adversary_devices=frozenset(emulated.adversary_devices or ()) or None,
+        seed=emulated.seed)
+    pki = _in_state_dir(plan, lambda: VendorPKI.load_or_create(plan.state_dir / "emulated-pki"))
+    async with run_fleet(config, pki=pki) as fleet:
+        hosts = [HostTarget(host.name, host.address, tuple(range(len(host.cards))))
+                 for host in fleet.hosts]
+        yield hosts, [pki.root, *roots]
+
+
+@asynccontextmanager
+async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIterator[Engine]:
+    """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
+
+    Holds the state directory's lock for the whole block (a second orchestrator on
+    the same state directory gets StateDirError "in use by pid N"); the MEK is wiped
+    from memory when the block ends.
+    """
+    with _state_lock(plan):
+        mek = _in_state_dir(plan, lambda: obtain_mek(plan))
+        try:
+            program = await anyio.to_thread.run_sync(
+                lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
+            with SQLiteStore(plan.journal_path) as store:
+                async with fleet_for(plan) as (hosts, roots):
+                    yield Engine(plan, hosts, roots, mek, program, store,
+                                 retry_quarantined=retry_quarantined)
+        finally:
+            mek.wipe()
+
+
+@contextmanager
+def _state_lock(plan: Plan) -> Iterator[None]:
+    if plan.state_dir.exists() and not plan.state_dir.is_dir():
+        raise StateDirError(plan.state_dir, "the plan's state_dir is not a directory")
+    with StateDirLock(plan.state_dir):
+        yield
+
+
+def _in_state_dir(plan: Plan, work: Callable[[], T]) -> T:
+    """Run ``work``; an OS failure inside the state directory (full, read-only) is a
+    StateDirError, elsewhere a FileInputError naming the file."""
+    try:
+        return work()
+    except OSError as exc:
+        name = exc.filename or plan.state_dir
+        inside = Path(name).resolve().is_relative_to(plan.state_dir.resolve())
+        if inside:
+            raise StateDirError(plan.state_dir, f"cannot write {name}: "
+                                f"{exc.strerror or exc}") from None
+        raise FileInputError(name, exc.strerror or str(exc)) from None

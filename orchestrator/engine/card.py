@@ -1,0 +1,387 @@
+"""A card's driver: the only one that moves its CardMachine.
+
+Level-triggered (docs/engine.md): hints (host events, the host's device list,
+a refused call) and the periodic timer only wake the driver; it then asks the
+card what is true (a fresh attestation with our nonce) and acts on that. A
+lost, forged or duplicated hint costs at most one check interval, never a
+wrong verdict. Whatever the card's host does ends in this card's state with
+a reason; an unexpected exception (a bug) is logged and FAILS this card only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus
+
+from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify_load_receipt
+from orchestrator.crypto.wrap import wrap_mek
+from orchestrator.engine.context import EngineContext
+from orchestrator.engine.events import HintDisproved, Rekeyed
+from orchestrator.engine.state import FINAL, CardMachine, CardState, KnownGood, Trigger
+from orchestrator.engine.store import CardRecord
+from orchestrator.errors import (
+    DeviceOffline,
+    InputError,
+    ModelIPError,
+    ProgramNotLoaded,
+    ProgramNotStaged,
+    SessionInvalidError,
+    StateDirError,
+    TransportError,
+    VerificationError,
+)
+from orchestrator.transport.client import DeviceState, DeviceStatus
+
+if TYPE_CHECKING:
+    from orchestrator.engine.host import HostSupervisor
+
+S = CardState
+RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded,
+             ProgramNotStaged)
+
+
+class CardDriver:
+    def __init__(self, machine: CardMachine, host: HostSupervisor, ctx: EngineContext,
+                 resumed: CardRecord | None) -> None:
+        self.machine = machine
+        self.host = host
+        self.ctx = ctx
+        self.resumed = resumed
+        self.last_event = ""
+        self.rekeys = 0
+        self.reconciled = 0           # how many times the driver has looked at its card
+        self._wake = anyio.Event()
+        self._trigger: Trigger | None = None
+        self._first_sign = 0.0        # monotonic time something first looked wrong; 0 = nothing
+        self._checked_at = 0.0
+        self._work: anyio.CancelScope | None = None
+        self._verdict: VerificationError | None = None
+        if resumed is not None:
+            machine.known_good = resumed.known_good
+
+    def __repr__(self) -> str:
+        return f"CardDriver({self.machine!r})"
+
+    # --- what the rest of the tree may ask of a driver ------------------------------------
+
+    def hint(self, trigger: Trigger) -> None:
+        """Something may have changed: look again (a hint, never a fact)."""
+        if not self._first_sign and trigger is not Trigger.PERIODIC:
+            self._first_sign = time.monotonic()
+        if self._trigger is None:
+            self._trigger = trigger
+        self._wake.set()
+
+    def observe(self, status: DeviceStatus) -> None:
+        """The host's device list says this about the card: wake if it disagrees."""
+        m = self.machine
+        if m.state is S.SERVING and (
+                status.state is not DeviceState.LOADED or status.boot_counter != m.boot_counter
+                or status.program_id != m.program_id or status.partition != m.partition):
+            self.hint(Trigger.RESYNC)
+        elif m.state is S.RETRY_WAIT and status.state is not DeviceState.OFFLINE:
+            self.hint(Trigger.ONLINE_HINT)
+
+    def host_lost(self) -> None:
+        """The host stopped answering: abandon the work in flight (its RPCs would only
+        time out); the driver then shows the card DISCONNECTED until the host is back."""
+        if self._work is not None:
+            self._work.cancel()
+        self._wake.set()
+
+    def condemn(self, verdict: VerificationError) -> None:
+        """A security verdict found outside the driver (at Execute): quarantine."""
+        self._verdict = verdict
+        if self._work is not None:
+            self._work.cancel()
+        self._wake.set()
+
+    # --- moving the machine -----------------------------------------------------------------
+
+    def move(self, target: CardState, reason: str = "", *,
+             known_good: KnownGood | None | bool = True) -> None:
+        """Propose, write ahead to the store, apply, announce."""
+        transition = self.machine.propose(target, reason, known_good=known_good)
+        self.ctx.store.record_card(transition)
+        self.machine.apply(transition)
+        self.host.card_moved(self, transition)
+
+    # --- the task -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await self._drive()
+        except StateDirError as err:
+            self.ctx.escalate(err)
+        except Exception as exc:  # a bug: contained to this card  # noqa: BLE001
+            message = self.ctx.internal_error(f"card {self.machine.name}", exc)
+            with contextlib.suppress(StateDirError):
+                if self.machine.state not in FINAL:
+                    self.move(S.FAILED, f"internal error: {message}")
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
+                    contextlib.suppress(StateDirError):
+                await self._roll_back()
+
+    async def _drive(self) -> None:
+        m = self.machine
+        previous = self.resumed
+        if previous is not None and previous.state == S.QUARANTINED.value \
+                and not self.ctx.retry_quarantined:
+            m.card_id = previous.card_id
+            self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
+            return
+        trigger = Trigger.START
+        while m.state not in FINAL:
+            if not self.host.up:
+                await self._while_host_down()
+                if m.state is S.DISCONNECTED:
+                    trigger = Trigger.HOST_BACK
+                continue
+            with anyio.CancelScope() as self._work:
+                if self._verdict is None:
+                    if m.state is S.SERVING:
+                        trigger = await self._next_trigger()
+                    await self._reconcile(trigger)
+            self._work = None
+            self.reconciled += 1
+            self.host.card_checked()
+            if self._verdict is not None and m.state not in FINAL:
+                self.ctx.stats.verification_failures[type(self._verdict).__name__] += 1
+                self.move(S.QUARANTINED, str(self._verdict))
+
+    async def _while_host_down(self) -> None:
+        m = self.machine
+        while not self.host.up and m.state not in FINAL:
+            if self.host.down and m.state is not S.DISCONNECTED:
+                self.move(S.DISCONNECTED, f"host {self.host.name} {self.host.describe()}")
+            await self.host.changed()
+
+    async def _next_trigger(self) -> Trigger:
+        """Wait for a hint or the periodic check; rate-limit hints per card."""
+        check = self.ctx.plan.rekey.check_interval
+        with anyio.move_on_after(self.ctx.jittered(check) if check else float("inf")):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+        trigger, self._trigger = self._trigger or Trigger.PERIODIC, None
+        wait = self._checked_at + self.ctx.plan.rekey.min_interval - time.monotonic()
+        if trigger.is_hint and wait > 0:
+            await anyio.sleep(wait)  # storms cost one attestation per interval, no more
+        return trigger
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless a hint (the card is back online, say) comes first."""
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+        self._trigger = None
+
+    # --- reconcile: observe, compare, act --------------------------------------------------
+
+    async def _reconcile(self, trigger: Trigger) -> None:
+        m = self.machine
+        started = time.monotonic()
+        self._checked_at = started
+        self._trigger = None  # every hint so far is answered by what we are about to observe
+        self._wake = anyio.Event()
+        report: VerifiedReport | None = None
+        if m.state is S.SERVING:
+            try:
+                async with self.host.limiter:
+                    report = await self._attest()
+            except DeviceOffline:
+                self._first_sign = self._first_sign or started
+                self.move(S.REKEYING, f"{trigger.value}: the card is rebooting")
+            except RETRYABLE as err:
+                self.host.suspect()
+                if not trigger.is_hint and not self._first_sign:
+                    # one missed periodic check: look again soon, while the host is probed
+                    self._first_sign = started
+                    self.hint(Trigger.PERIODIC)
+                    return
+                self._first_sign = self._first_sign or started
+                self.move(S.REKEYING, f"{trigger.value}: {err}")
+            except VerificationError as err:
+                self.ctx.stats.verification_failures[type(err).__name__] += 1
+                self.move(S.QUARANTINED, str(err))
+                return
+            else:
+                if report.session_id == m.session_id:
+                    if trigger.is_hint or self._first_sign:
+                        self.ctx.stats.disproved_hints += 1
+                        self.ctx.emit(HintDisproved(host=m.host, device=m.device,
+                                                    trigger=trigger.value,
+                                                    boot_counter=report.boot_counter))
+                    self._first_sign = 0.0
+                    return
+                self._first_sign = self._first_sign or started
+                self.move(S.REKEYING, f"{trigger.value}: new session (boot "
+                          f"{report.boot_counter})", known_good=None)
+        await self._bring_up(trigger, report)
+
+    async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
+        """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
+        m = self.machine
+        rekey = m.state is S.REKEYING
+        first = S.REKEYING if rekey else S.ATTESTING
+        retry, timeouts = self.ctx.plan.retry, self.ctx.plan.timeouts
+        attempt = 0
+        offline_since = 0.0
+        while True:
+            attempt += 1
+            m.attempts = attempt
+            try:
+                with anyio.fail_after(timeouts.card):
+                    async with self.host.limiter:
+                        if m.state is not first:
+                            self.move(first, f"{trigger.value}, attempt {attempt}")
+                        if report is None:
+                            report = await self._attest()
+                        self._adopt(report)
+                        if self._still_serving(report):
+                            self.move(S.SERVING, "confirmed by a fresh attestation: same "
+                                      "session, not reloaded", known_good=self._good(report))
+                        else:
+                            await self._wrap_and_load(report, verify_later=rekey)
+                self._served(counted=trigger is not Trigger.START)
+                return
+            except DeviceOffline as err:
+                # Rebooting (a forged hint would have found it answering): probe again
+                # soon; an ONLINE hint ends the pause early. Bounded by timeouts.card.
+                report = None
+                offline_since = offline_since or time.monotonic()
+                attempt -= 1
+                if time.monotonic() - offline_since > timeouts.card:
+                    self.move(S.FAILED, f"offline for more than {timeouts.card:g} s: {err}")
+                    return
+                if m.state is not S.RETRY_WAIT:
+                    self.move(S.RETRY_WAIT, "the card is rebooting")
+                await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
+            except ProgramNotStaged as err:
+                report = None
+                if attempt >= retry.attempts:
+                    self.move(S.FAILED, f"gave up after {attempt} attempts: {err}")
+                    return
+                await self.host.restage()  # the host lost the body: never final
+            except RETRYABLE as err:
+                report = None
+                self.host.suspect()
+                message = str(err) or "timed out"
+                if attempt >= retry.attempts:
+                    self.move(S.FAILED, f"gave up after {attempt} attempts: {message}")
+                    return
+                self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
+                await anyio.sleep(self.ctx.backoff(attempt))
+            except VerificationError as err:
+                self.ctx.stats.verification_failures[type(err).__name__] += 1
+                self.move(S.QUARANTINED, str(err))
+                return
+            except InputError as err:
+                self.move(S.FAILED, str(err))
+                return
+
+    def _served(self, *, counted: bool) -> None:
+        """Just moved to SERVING: if something had gone wrong, that was an outage."""
+        m = self.machine
+        if self._first_sign and counted:
+            outage = time.monotonic() - self._first_sign
+            self.ctx.stats.outages.append(outage)
+            self.ctx.stats.rekeys += 1
+            self.rekeys += 1
+            self.ctx.emit(Rekeyed(host=m.host, device=m.device, group=m.group,
+                                  outage_ms=round(outage * 1e3, 2),
+                                  group_serving=self.host.group_serving(m.group)))
+        self._first_sign = 0.0
+
+    async def _attest(self) -> VerifiedReport:
+        m = self.machine
+        request = os.urandom(32)
+        evidence = await self.host.client.attest(m.device, request)
+        self.ctx.stats.attestations += 1
+        try:
+            return verify_evidence(evidence, roots=self.ctx.roots, policy=self.ctx.policy,
+                                   request=request, source=m.name)
+        except InputError as err:
+            # malformed evidence from a host is an attestation failure, not bad input
+            from orchestrator.errors import AttestationError
+
+            raise AttestationError(str(err)).located(host=m.host, device=m.device) from None
+
+    def _adopt(self, report: VerifiedReport) -> None:
+        m = self.machine
+        m.card_id = report.card_id
+        m.boot_counter = report.boot_counter
+        m.session_id = report.session_id
+        m.session_fingerprint = report.session_fingerprint
+
+    def _good(self, report: VerifiedReport) -> KnownGood:
+        return KnownGood(report.card_id, report.session_id.hex(), self.machine.program_id,
+                         self.machine.partition)
+
+    def _still_serving(self, report: VerifiedReport) -> bool:
+        """Resuming, or the host is back: is the card still on a session we loaded our
+        program in, and does its host show that program? Then there is nothing to redo."""
+        m = self.machine
+        mine = self._good(report)
+        candidates = set()
+        if m.known_good == mine:
+            candidates.add(mine.session_id)
+        last = self.ctx.store.last_load(m.host, m.device)
+        if last is not None and last.outcome in ("sent", "ok", "interrupted") \
+                and (last.program_id, last.partition) == (m.program_id, m.partition):
+            candidates.add(last.session_id)
+        listed = self.host.listed(m.device)
+        return (report.session_id.hex() in candidates and listed is not None
+                and listed.state is DeviceState.LOADED
+                and (listed.program_id, listed.partition) == (m.program_id, m.partition))
+
+    async def _wrap_and_load(self, report: VerifiedReport, *, verify_later: bool) -> None:
+        m = self.machine
+        program = self.ctx.program
+        slot = wrap_mek(self.ctx.mek, slot=m.partition, card_id=report.card_id,
+                        session_id=report.session_id, kem=report.kem,
+                        public_key=report.session_public_key)
+        same_session = m.known_good is not None \
+            and m.known_good.session_id == report.session_id.hex()
+        self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
+                  known_good=True if same_session else None)
+        self.move(S.LOADING)
+        store = self.ctx.store
+        load_id = store.record_load(m.host, m.device, card_id=m.card_id,
+                                    session_id=report.session_id.hex(),
+                                    program_id=program.program_id, partition=m.partition)
+        outcome = "interrupted"
+        try:
+            result = await self.host.client.load(
+                m.device, program.program_id, partition=m.partition, key_slots=[slot],
+                verify_later=verify_later)
+            self.ctx.stats.loads += 1
+            outcome = "refused receipt"
+            verify_load_receipt(result.receipt, result.receipt_signature, report=report,
+                                program_info_digest=program.info_digest,
+                                partition=m.partition, source=m.name)
+            outcome = "ok"
+        except ModelIPError:
+            outcome = "failed" if outcome == "interrupted" else outcome
+            raise
+        finally:
+            store.finish_load(load_id, outcome)
+        self.move(S.SERVING, f"loaded {len(result.segments)} segments",
+                  known_good=self._good(report))
+
+    async def _roll_back(self) -> None:
+        """Stopped mid-flight: unload a half-done load, leave the store consistent."""
+        m = self.machine
+        if m.state is S.LOADING:
+            if self.host.up:
+                with contextlib.suppress(ModelIPError):
+                    await self.host.client.unload(m.device)
+            self.move(S.PENDING, "interrupted: load rolled back")
+        elif m.state in (S.ATTESTING, S.KEYED, S.REKEYING, S.RETRY_WAIT):
+            self.move(S.PENDING, "interrupted")

@@ -1,0 +1,105 @@
+"""What every level of the supervision tree shares: settings, the store, the
+program and MEK, counters, and the two ways up the tree (announce an event;
+escalate a failure of the state directory, which no host can contain)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from orchestrator.crypto.evidence import TrustPolicy
+from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.wrap import Kem
+from orchestrator.engine.events import Event, InternalError
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.prepare import PreparedProgram
+from orchestrator.engine.store import Store
+from orchestrator.errors import StateDirError
+
+_jitter = random.Random()  # noqa: S311 - retry timing, not security
+
+
+@dataclass(slots=True)
+class EngineStats:
+    started: float = field(default_factory=time.monotonic)
+    deployed_after: float | None = None
+    attestations: int = 0
+    loads: int = 0
+    rekeys: int = 0
+    outages: list[float] = field(default_factory=list)   # first sign -> SERVING, seconds
+    disproved_hints: int = 0
+    verification_failures: Counter[str] = field(default_factory=Counter)
+    protocol_violations: Counter[str] = field(default_factory=Counter)  # by host
+    internal_errors: int = 0
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def policy_from_plan(plan: Plan) -> TrustPolicy:
+    return TrustPolicy(
+        allowed_firmware=frozenset(plan.policy.firmware),
+        min_firmware=plan.policy.min_firmware,
+        allowed_measurements={name: frozenset(bytes.fromhex(v) for v in values)
+                              for name, values in plan.policy.measurements.items()},
+        card_allowlist=frozenset(plan.policy.cards),
+        allowed_kems=frozenset(Kem.parse(k) for k in plan.policy.kems),
+        max_age=plan.policy.max_age,
+    )
+
+
+@dataclass
+class EngineContext:
+    plan: Plan
+    store: Store
+    program: PreparedProgram
+    mek: MEK
+    roots: list[x509.Certificate]
+    emit: Callable[[Event], None]
+    escalate: Callable[[StateDirError], None]
+    retry_quarantined: bool = False
+    stats: EngineStats = field(default_factory=EngineStats)
+    policy: TrustPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = policy_from_plan(self.plan)
+
+    @property
+    def log_path(self) -> Path:
+        return self.plan.state_dir / "engine.log"
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential, capped, with jitter (0.5-1.5x) so hosts are not hit in step."""
+        retry = self.plan.retry
+        base = min(retry.max_backoff, retry.backoff * 2.0 ** (max(attempt, 1) - 1))
+        return float(base * (0.5 + _jitter.random()))
+
+    def jittered(self, seconds: float) -> float:
+        return seconds * (0.75 + 0.5 * _jitter.random())
+
+    def internal_error(self, where: str, exc: BaseException) -> str:
+        """A bug reached a supervisor: log its traceback, announce it, return one line."""
+        self.stats.internal_errors += 1
+        line = f"{type(exc).__name__}: {exc}"[:300]
+        text = "".join(traceback.format_exception(exc))
+        try:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} internal error in "
+                          f"{where}\n{text}\n")
+        except OSError:
+            pass  # the state directory is failing too; the event still says it
+        self.emit(InternalError(where=where, error=line))
+        return f"{line} (traceback in {self.log_path})"

@@ -1,0 +1,301 @@
+"""The fleet: the root of the supervision tree (docs/engine.md).
+
+    Engine            composition, the settled watcher, snapshots, inference
+      HostSupervisor  one per host (tg.start): client, staging, events, liveness
+        CardDriver    one per card: the only driver of its CardMachine
+
+The engine contains nothing a host can break: each HostSupervisor contains
+its subtree. The one failure that goes to the top is the state directory's
+(the store cannot keep its write-ahead promise): the engine stops every task
+and ``run`` raises that StateDirError.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from cryptography import x509
+
+from orchestrator.crypto.mek import MEK
+from orchestrator.engine.card import CardDriver
+from orchestrator.engine.context import EngineContext, EngineStats, percentile
+from orchestrator.engine.events import CardOutcome, Deployed, Event, Summary
+from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.prepare import PreparedProgram
+from orchestrator.engine.state import (
+    SETTLED,
+    CardMachine,
+    CardState,
+    CardTransition,
+    Trigger,
+)
+from orchestrator.engine.store import Store
+from orchestrator.errors import (
+    IntegrityError,
+    ProgramNotLoaded,
+    SessionInvalidError,
+    StateDirError,
+)
+
+S = CardState
+
+
+@dataclass(frozen=True, slots=True)
+class CardView:
+    host: str
+    device: int
+    card_id: str
+    group: int
+    partition: int
+    state: str
+    session: str
+    boot_counter: int
+    attempts: int
+    last_event: str
+    reason: str
+    in_state: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    name: str
+    address: str
+    state: str
+    reason: str
+    cards: int
+    serving: int
+    violations: int
+    in_state: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the dashboard and metrics render: a pure value."""
+
+    cards: tuple[CardView, ...]
+    hosts: tuple[HostView, ...]
+    counts: dict[str, int]
+    groups_serving: int
+    groups: int
+    events: tuple[Event, ...]
+    rekeys: int
+    outage_p50: float | None
+    outage_p99: float | None
+    disproved_hints: int
+    elapsed: float
+    deployed_after: float | None
+
+
+class Engine:
+    """Deploys one prepared program to a fleet and keeps it serving."""
+
+    def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
+                 roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
+                 store: Store, *, retry_quarantined: bool = False) -> None:
+        self.plan = plan
+        self.program = program
+        self.store = store
+        self.ctx = EngineContext(plan, store, program, mek, list(roots), self._emit,
+                                 self._escalate, retry_quarantined=retry_quarantined)
+        self.deployed = anyio.Event()
+        self.fatal: StateDirError | None = None
+        self._listeners: list[Callable[[Event], None]] = []
+        self._events: deque[Event] = deque(maxlen=12)
+        self._waiters: list[anyio.Event] = []
+        self._root: anyio.CancelScope | None = None
+        self.hosts: list[HostSupervisor] = []
+        self.drivers: list[CardDriver] = []
+        self.groups: dict[int, list[CardDriver]] = {}
+        self._by_card: dict[tuple[str, int], CardDriver] = {}
+        total = sum(len(target.devices) for target in hosts) or 1
+        group = 0
+        for target in hosts:
+            share = max(1, round(plan.concurrency * len(target.devices) / total))
+            host = HostSupervisor(target, self.ctx, share=share,
+                                  on_card_moved=self._card_moved,
+                                  on_card_checked=self._wake_waiters,
+                                  group_serving=self.group_serving)
+            self.hosts.append(host)
+            devices = sorted(target.devices)
+            for start in range(0, len(devices), plan.group_size):
+                for partition, device in enumerate(devices[start:start + plan.group_size]):
+                    resumed = store.card(target.name, device)
+                    store.ensure_card(target.name, device, group, partition)
+                    machine = CardMachine(target.name, device, group, partition,
+                                          program.program_id)
+                    driver = CardDriver(machine, host, self.ctx, resumed)
+                    host.drivers[device] = driver
+                    self.drivers.append(driver)
+                    self.groups.setdefault(group, []).append(driver)
+                    self._by_card[(target.name, device)] = driver
+                group += 1
+        self._unsettled = len(self.drivers)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.ctx.stats
+
+    @property
+    def cards(self) -> list[CardMachine]:
+        return [driver.machine for driver in self.drivers]
+
+    # --- events -----------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+        for listener in self._listeners:
+            listener(event)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.set()
+
+    def _card_moved(self, driver: CardDriver, t: CardTransition) -> None:
+        self._unsettled += (t.previous in SETTLED) - (t.state in SETTLED)
+        self._emit(card_event(driver, t))
+
+    def _escalate(self, err: StateDirError) -> None:
+        if self.fatal is None:
+            self.fatal = err
+        if self._root is not None:
+            self._root.cancel()
+
+    async def changed(self) -> None:
+        """Wait until the next event or a card has looked at its card again."""
+        waiter = anyio.Event()
+        self._waiters.append(waiter)
+        await waiter.wait()
+
+    # --- views ------------------------------------------------------------------------
+
+    def group_serving(self, group: int) -> bool:
+        return all(d.machine.state is S.SERVING for d in self.groups[group])
+
+    def snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        counts = Counter(d.machine.state.value for d in self.drivers)
+        cards = tuple(
+            CardView(m.host, m.device, m.card_id, m.group, m.partition, m.state.value,
+                     m.session_fingerprint, m.boot_counter, m.attempts, d.last_event,
+                     m.reason, now - m.since)
+            for d in self.drivers for m in (d.machine,))
+        hosts = tuple(
+            HostView(h.name, h.target.address, h.machine.state.value, h.machine.reason,
+                     len(h.drivers),
+                     sum(d.machine.state is S.SERVING for d in h.drivers.values()),
+                     sum(h.violations.values()), now - h.machine.since)
+            for h in self.hosts)
+        outages = self.stats.outages
+        return Snapshot(cards, hosts, dict(counts), sum(map(self.group_serving, self.groups)),
+                        len(self.groups), tuple(self._events), self.stats.rekeys,
+                        percentile(outages, 0.5), percentile(outages, 0.99),
+                        self.stats.disproved_hints, now - self.stats.started,
+                        self.stats.deployed_after)
+
+    def outcome(self) -> tuple[int, list[CardMachine]]:
+        """(exit code, cards not serving): 0 all serving, 3 some quarantined, 4 some
+        failed or disconnected, 5 the state directory failed."""
+        if self.fatal is not None:
+            return self.fatal.exit_code, [c for c in self.cards if c.state is not S.SERVING]
+        not_serving = [c for c in self.cards if c.state is not S.SERVING]
+        if any(c.state is S.QUARANTINED for c in not_serving):
+            return 3, not_serving
+        return (4 if not_serving else 0), not_serving
+
+    def summary(self) -> Summary:
+        code, not_serving = self.outcome()
+        return Summary(exit_code=code, serving=len(self.cards) - len(not_serving),
+                       cards=len(self.cards), rekeys=self.stats.rekeys,
+                       hosts_up=sum(h.up for h in self.hosts), hosts=len(self.hosts),
+                       not_serving=tuple(CardOutcome(c.name, c.card_id, c.state.value,
+                                                     c.reason) for c in not_serving),
+                       error=str(self.fatal) if self.fatal else "")
+
+    # --- running ------------------------------------------------------------------------
+
+    async def run(self, *, keep_serving: bool,
+                  task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deploy; then return (``keep_serving`` false) or keep the fleet serving.
+
+        Raises StateDirError if the state directory fails (everything is stopped).
+        """
+        async with anyio.create_task_group() as tg:
+            self._root = tg.cancel_scope
+            for host in self.hosts:
+                await tg.start(host.run)
+            tg.start_soon(self._watch_settled)
+            task_status.started()
+            if not keep_serving:
+                await self.deployed.wait()
+                tg.cancel_scope.cancel()
+        self._root = None
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _watch_settled(self) -> None:
+        while True:
+            if self._unsettled == 0 and not self.deployed.is_set():
+                self.stats.deployed_after = time.monotonic() - self.stats.started
+                counts = Counter(c.state for c in self.cards)
+                self._emit(Deployed(
+                    seconds=round(self.stats.deployed_after, 3), serving=counts[S.SERVING],
+                    disconnected=counts[S.DISCONNECTED], quarantined=counts[S.QUARANTINED],
+                    failed=counts[S.FAILED],
+                    groups_serving=sum(map(self.group_serving, self.groups)),
+                    groups=len(self.groups)))
+                self.deployed.set()
+            await self.changed()
+
+    # --- inference ------------------------------------------------------------------------
+
+    async def execute(self, inputs: dict[str, Any], *, group: int | None = None
+                      ) -> dict[str, Any]:
+        """Run inference on a serving group (re-keying it first if a card lost its session).
+
+        An integrity failure found at execution quarantines the card it names (the
+        whole group if it names none) and is raised.
+        """
+        for attempt in range(2):
+            serving = [g for g in self.groups if self.group_serving(g)]
+            chosen = group if group is not None else (serving[0] if serving else None)
+            if chosen is None or not self.group_serving(chosen):
+                raise ProgramNotLoaded("no MDP group is serving")
+            drivers = sorted(self.groups[chosen], key=lambda d: d.machine.partition)
+            host = drivers[0].host
+            try:
+                return await host.client.execute([d.machine.device for d in drivers], inputs)
+            except IntegrityError as err:
+                named = [d for d in drivers if d.machine.device == err.device]
+                for driver in named or drivers:
+                    driver.condemn(err)
+                with anyio.fail_after(self.plan.timeouts.rpc):
+                    while not all(d.machine.state is S.QUARANTINED for d in named or drivers):
+                        await self.changed()
+                raise
+            except (SessionInvalidError, ProgramNotLoaded):
+                if attempt:
+                    raise
+                before = {d: d.reconciled for d in drivers}
+                for driver in drivers:
+                    driver.hint(Trigger.REFUSED)
+                with anyio.fail_after(self.plan.timeouts.card):
+                    # until every card has looked again, and the group serves
+                    while not self.group_serving(chosen) or any(
+                            d.reconciled == before[d] for d in drivers):
+                        await self.changed()
+        raise ProgramNotLoaded("no MDP group is serving")
+
+
+__all__ = ["CardView", "Engine", "HostTarget", "HostView", "Snapshot"]

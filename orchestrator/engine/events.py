@@ -1,0 +1,161 @@
+"""Everything the engine announces, as frozen dataclasses with one JSON encoding.
+
+The JSON-lines stream (`--json`) is a contract with automation: each line is
+one event, ``{"schema": 1, "event": KIND, "ts": unix seconds, ...fields}``,
+the fields being the dataclass's, in order. docs/events.md documents every
+kind; a new field is a compatible change, a renamed or removed one bumps
+SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    KIND: ClassVar[str] = ""
+    ts: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "ts"}
+        return {"schema": SCHEMA_VERSION, "event": self.KIND, "ts": round(self.ts, 6),
+                **fields}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CardChanged(Event):
+    """A card moved from ``previous`` to ``state`` (journaled before it took effect)."""
+
+    KIND: ClassVar[str] = "card"
+    host: str
+    device: int
+    card_id: str
+    group: int
+    partition: int
+    previous: str
+    state: str
+    reason: str
+    boot_counter: int
+    session: str          # the session's fingerprint (16 hex digits), "" if none yet
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostChanged(Event):
+    """A host moved from ``previous`` to ``state`` (CONNECTING, UP, UNREACHABLE, FAILED)."""
+
+    KIND: ClassVar[str] = "host"
+    host: str
+    address: str
+    previous: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Staged(Event):
+    """The encrypted body is on the host (``already_staged``: it had it)."""
+
+    KIND: ClassVar[str] = "staged"
+    host: str
+    program_id: str       # first 16 hex digits of the content address
+    already_staged: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HintDisproved(Event):
+    """A hint said a card changed; a fresh attestation showed the same session."""
+
+    KIND: ClassVar[str] = "hint_disproved"
+    host: str
+    device: int
+    trigger: str
+    boot_counter: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rekeyed(Event):
+    """A card serves again after losing its session. ``outage_ms``: from the first
+    sign that something was wrong (a hint, a resync, a failed check) to SERVING."""
+
+    KIND: ClassVar[str] = "rekeyed"
+    host: str
+    device: int
+    group: int
+    outage_ms: float
+    group_serving: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtocolViolation(Event):
+    """A host sent something the protocol does not allow; ``count`` so far of this kind."""
+
+    KIND: ClassVar[str] = "protocol_violation"
+    host: str
+    what: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InternalError(Event):
+    """A bug: the traceback is in STATE/engine.log; only ``where`` is affected."""
+
+    KIND: ClassVar[str] = "internal_error"
+    where: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deployed(Event):
+    """Every card has settled (serving, disconnected, quarantined or failed)."""
+
+    KIND: ClassVar[str] = "deployed"
+    seconds: float
+    serving: int
+    disconnected: int
+    quarantined: int
+    failed: int
+    groups_serving: int
+    groups: int
+
+
+@dataclass(frozen=True, slots=True)
+class CardOutcome:
+    card: str             # host/device
+    card_id: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Summary(Event):
+    """The last line of a run: what the exit code says, card by card where it is not 0."""
+
+    KIND: ClassVar[str] = "summary"
+    exit_code: int
+    serving: int
+    cards: int
+    rekeys: int
+    hosts_up: int
+    hosts: int
+    not_serving: tuple[CardOutcome, ...]
+    error: str = ""       # why the engine stopped early (state directory), if it did

@@ -1,0 +1,300 @@
+"""One host's supervisor: its client, staging, event stream, liveness, its cards.
+
+Started by the Engine with ``tg.start``; it starts a CardDriver per card in
+its own task group and contains every failure of its subtree. The host's
+lifecycle (CONNECTING -> UP -> UNREACHABLE -> CONNECTING ...) is journaled
+and announced; while it is not UP its cards are not SERVING. Everything the
+host sends is hostile input: values outside the protocol are counted as
+protocol violations of this host and ignored, never raised.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+
+from orchestrator.engine.card import CardDriver
+from orchestrator.engine.context import EngineContext
+from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
+from orchestrator.engine.state import (
+    CardState,
+    CardTransition,
+    HostMachine,
+    HostState,
+    Trigger,
+)
+from orchestrator.errors import ModelIPError, StateDirError
+from orchestrator.transport.client import (
+    Deadlines,
+    DeviceEvent,
+    DeviceState,
+    DeviceStatus,
+    EventKind,
+    HostClient,
+    TLSClientConfig,
+)
+
+H = HostState
+MAX_BOOT_COUNTER = 1 << 48   # a card that reboots every millisecond for 8,900 years
+_EVENT_TRIGGERS = {EventKind.RESET: Trigger.RESET_HINT, EventKind.OFFLINE: Trigger.OFFLINE_HINT,
+                   EventKind.ONLINE: Trigger.ONLINE_HINT, EventKind.UNLOADED: Trigger.RESYNC}
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    name: str                 # how the store and the dashboard name the host
+    address: str
+    devices: tuple[int, ...]
+    tls: TLSClientConfig | None = None
+
+
+class HostLost(Exception):  # noqa: N818 - a condition, not an error of ours
+    """Raised inside the supervisor when probes say the host is gone."""
+
+
+class HostSupervisor:
+    def __init__(self, target: HostTarget, ctx: EngineContext, *, share: int,
+                 on_card_moved: Callable[[CardDriver, CardTransition], None],
+                 on_card_checked: Callable[[], None],
+                 group_serving: Callable[[int], bool]) -> None:
+        self.target = target
+        self.name = target.name
+        self.ctx = ctx
+        self.machine = HostMachine(target.name, target.address)
+        self.limiter = anyio.CapacityLimiter(share)  # this host's share, and only its own
+        self.drivers: dict[int, CardDriver] = {}
+        self.violations: Counter[str] = Counter()
+        self.group_serving = group_serving
+        self._on_card_moved = on_card_moved
+        self._on_card_checked = on_card_checked
+        self._client: HostClient | None = None
+        self._listed: dict[int, DeviceStatus] = {}
+        self._changed = anyio.Event()
+        self._probe_now = anyio.Event()
+        self._stage_lock = anyio.Lock()
+        self._stream_open = False
+        self._alive = anyio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"HostSupervisor({self.name}, {self.machine.state.value})"
+
+    # --- what drivers may ask -----------------------------------------------------------------
+
+    @property
+    def client(self) -> HostClient:
+        assert self._client is not None  # noqa: S101 - drivers run inside run()
+        return self._client
+
+    @property
+    def up(self) -> bool:
+        return self.machine.state is H.UP
+
+    @property
+    def down(self) -> bool:
+        return self.machine.state in (H.UNREACHABLE, H.FAILED)
+
+    def describe(self) -> str:
+        state = self.machine.state.value.lower()
+        return f"{state}: {self.machine.reason}" if self.machine.reason else state
+
+    async def changed(self) -> None:
+        """Until the host's state changes."""
+        await self._changed.wait()
+
+    def listed(self, device: int) -> DeviceStatus | None:
+        """What the host last claimed about a card (a hint)."""
+        return self._listed.get(device)
+
+    def suspect(self) -> None:
+        """A call to this host failed: probe it now rather than at the next resync."""
+        self._probe_now.set()
+
+    def card_moved(self, driver: CardDriver, transition: CardTransition) -> None:
+        self._on_card_moved(driver, transition)
+
+    def card_checked(self) -> None:
+        self._on_card_checked()
+
+    async def restage(self) -> None:
+        """The host says it lacks the body: send it again (content addressed: cheap if
+        another card's driver already did)."""
+        async with self._stage_lock:
+            await self._stage()
+
+    # --- the task ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        plan = self.ctx.plan
+        deadlines = Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
+                              load=plan.timeouts.load)
+        async with HostClient(self.target.address, tls=self.target.tls,
+                              deadlines=deadlines) as client, \
+                anyio.create_task_group() as cards:
+            self._client = client
+            for driver in self.drivers.values():
+                await cards.start(driver.run)
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                self._alive = tg.cancel_scope
+                tg.start_soon(self._contained, self._watch_events)
+                tg.start_soon(self._contained, self._supervise)
+
+    async def _contained(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Nothing raises out of a host: a bug FAILS this host (its cards show it)."""
+        try:
+            await work()
+        except StateDirError as err:
+            self.ctx.escalate(err)
+        except Exception as exc:  # a bug: contained to this host  # noqa: BLE001
+            message = self.ctx.internal_error(f"host {self.name}", exc)
+            self._alive.cancel()
+            self._interrupt_cards()
+            try:
+                if self.machine.state is not H.FAILED:
+                    self._move(H.FAILED, f"internal error: {message}")
+            except StateDirError as err:
+                self.ctx.escalate(err)
+
+    async def _supervise(self) -> None:
+        attempts = self.ctx.plan.retry.attempts
+        failures = 0
+        was_up = False
+        while True:
+            try:
+                async with self._stage_lock:
+                    self._accept(await self.client.list_devices(deadline=self._probe_deadline))
+                    await self._stage()
+                failures = 0
+                was_up = True
+                self._move(H.UP)
+                await self._resync_until_lost()
+            except (ModelIPError, HostLost) as err:
+                failures += 1
+                if self.machine.state is H.CONNECTING and not was_up and failures < attempts:
+                    await anyio.sleep(self.ctx.backoff(failures))
+                    continue
+                reason = f"{err} (attempt {failures})" if not was_up else str(err)
+                self._interrupt_cards()
+                self._move(H.UNREACHABLE, reason)
+                await anyio.sleep(self.ctx.backoff(min(failures, 8)))
+                self._move(H.CONNECTING, "retrying")
+
+    @property
+    def _probe_deadline(self) -> float:
+        return min(self.ctx.plan.timeouts.rpc, self.ctx.plan.rekey.probe_timeout)
+
+    async def _stage(self) -> None:
+        program = self.ctx.program
+        _, already = await self.client.stage(program.body, program_id=program.program_id)
+        self.ctx.store.record_stage(self.name, program.program_id)
+        self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
+                             already_staged=already))
+
+    async def _resync_until_lost(self) -> None:
+        """Level-triggered resync: every resync_interval (sooner when a driver suspects
+        the host or the event stream broke), list the cards and wake every driver whose
+        card the host shows differently. Two failed probes in a row (one with the
+        stream down) and the host is lost."""
+        interval = self.ctx.plan.rekey.resync_interval
+        misses = 0
+        while True:
+            with anyio.move_on_after(self.ctx.jittered(interval)):
+                await self._probe_now.wait()
+            self._probe_now = anyio.Event()
+            try:
+                listing = await self.client.list_devices(deadline=self._probe_deadline)
+            except ModelIPError as err:
+                misses += 1
+                if misses >= 2 or not self._stream_open:
+                    raise HostLost(f"does not answer: {err}") from None
+                continue
+            misses = 0
+            self._accept(listing, wake=self.ctx.plan.rekey.auto)
+
+    def _accept(self, listing: list[DeviceStatus], *, wake: bool = False) -> None:
+        seen: set[int] = set()
+        for status in listing:
+            if status.device not in self.drivers:
+                self._violation("lists a card it was not asked about")
+            elif status.device in seen:
+                self._violation("lists a card twice")
+            elif status.state is DeviceState.UNDEFINED:
+                self._violation("undefined device state")
+            elif status.boot_counter > MAX_BOOT_COUNTER:
+                self._violation("absurd boot counter")
+            else:
+                seen.add(status.device)
+                self._listed[status.device] = status
+                if wake:
+                    self.drivers[status.device].observe(status)
+        for device in self.drivers.keys() - seen:
+            self._listed.pop(device, None)
+            if wake:
+                self.drivers[device].hint(Trigger.RESYNC)
+
+    async def _watch_events(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async for event in self.client.watch_events():
+                    self._stream_open = True
+                    failures = 0
+                    self._on_event(event)
+            except ModelIPError:
+                pass
+            self._stream_open = False
+            self._probe_now.set()  # the stream broke: is the host still there?
+            failures += 1
+            await anyio.sleep(self.ctx.backoff(min(failures, 6)))
+
+    def _on_event(self, event: DeviceEvent) -> None:
+        driver = self.drivers.get(event.device)
+        if driver is None:
+            self._violation("event for a card it does not have")
+            return
+        if event.kind is EventKind.UNDEFINED:
+            self._violation("undefined event kind")
+            return
+        if event.boot_counter > MAX_BOOT_COUNTER:
+            self._violation("absurd boot counter")
+            return
+        driver.last_event = event.kind.value
+        trigger = _EVENT_TRIGGERS.get(event.kind)
+        if trigger is not None and self.ctx.plan.rekey.auto:
+            driver.hint(trigger)
+
+    def _violation(self, what: str) -> None:
+        self.violations[what] += 1
+        self.ctx.stats.protocol_violations[self.name] += 1
+        count = self.violations[what]
+        if count & (count - 1) == 0:  # 1, 2, 4, 8...: visible, never a flood
+            self.ctx.emit(ProtocolViolation(host=self.name, what=what, count=count))
+
+    def _interrupt_cards(self) -> None:
+        for driver in self.drivers.values():
+            driver.host_lost()
+
+    def _move(self, target: HostState, reason: str = "") -> None:
+        transition = self.machine.propose(target, reason)
+        self.ctx.store.record_host(transition, self.target.address)
+        self.machine.apply(transition)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+        self.ctx.emit(HostChanged(host=self.name, address=self.target.address,
+                                  previous=transition.previous.value,
+                                  state=transition.state.value, reason=reason))
+
+
+def card_event(driver: CardDriver, t: CardTransition) -> CardChanged:
+    m = driver.machine
+    return CardChanged(host=m.host, device=m.device, card_id=m.card_id, group=m.group,
+                       partition=m.partition, previous=t.previous.value, state=t.state.value,
+                       reason=t.reason, boot_counter=m.boot_counter,
+                       session=m.session_fingerprint, attempts=m.attempts)
+
+
+__all__ = ["CardState", "HostSupervisor", "HostTarget", "card_event"]

@@ -1,0 +1,381 @@
+"""What the engine remembers, behind one interface (``Store``); the engine knows no SQL.
+
+Every card transition is committed before it takes effect, and every
+LoadProgram before it is sent, so an orchestrator killed at any instant and
+started again knows what it was doing. What a card was last *verified* to
+serve (``KnownGood``) is kept apart from its current state: it survives the
+moves of a resumed card until a fresh attestation confirms or disproves it.
+No MEK, key or plaintext is ever stored. docs/engine.md describes the tables.
+
+``SQLiteStore`` is the embedded implementation: one file in the state
+directory (WAL, synchronous=NORMAL: a commit survives the process being
+killed; power loss may lose the last commits, which resuming tolerates since
+it re-attests every card). Every failure of the state directory (read-only,
+full, the journal deleted under a running engine) is a StateDirError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
+from orchestrator.errors import StateDirError
+
+
+@dataclass(frozen=True, slots=True)
+class CardRecord:
+    host: str
+    device: int
+    card_id: str
+    group: int
+    partition: int
+    state: str
+    boot_counter: int
+    session_id: str
+    program_id: str
+    attempts: int
+    reason: str
+    updated: float
+    known_good: KnownGood | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    host: str
+    address: str
+    state: str
+    reason: str
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    host: str
+    device: int
+    session_id: str
+    program_id: str
+    partition: int
+    outcome: str          # sent, ok, refused receipt, failed, interrupted
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    ts: float
+    host: str
+    device: int
+    previous: str
+    state: str
+    reason: str
+
+
+class Store(Protocol):
+    """The engine's memory. Implementations raise StateDirError when they cannot
+    keep a promise (write-ahead: a failed write means the move did not happen)."""
+
+    def ensure_card(self, host: str, device: int, group: int, partition: int
+                    ) -> CardRecord: ...
+    def card(self, host: str, device: int) -> CardRecord | None: ...
+    def cards(self) -> list[CardRecord]: ...
+    def record_card(self, transition: CardTransition) -> None: ...
+    def record_host(self, transition: HostTransition, address: str) -> None: ...
+    def hosts(self) -> list[HostRecord]: ...
+    def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
+                    program_id: str, partition: int) -> int: ...
+    def finish_load(self, load_id: int, outcome: str) -> None: ...
+    def loads(self) -> list[LoadRecord]: ...
+    def last_load(self, host: str, device: int) -> LoadRecord | None: ...
+    def record_stage(self, host: str, program_id: str) -> None: ...
+    def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
+    def close(self) -> None: ...
+
+
+# Applied in order; PRAGMA user_version says how many a journal has had.
+MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS cards (
+        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
+        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
+        boot_counter INTEGER NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
+        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '', updated REAL NOT NULL,
+        PRIMARY KEY (host, device));
+    CREATE TABLE IF NOT EXISTS transitions (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
+        card_id TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL,
+        boot_counter INTEGER NOT NULL, session_id TEXT NOT NULL, reason TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS loads (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
+        card_id TEXT NOT NULL, session_id TEXT NOT NULL, program_id TEXT NOT NULL,
+        partition INTEGER NOT NULL, outcome TEXT NOT NULL DEFAULT 'sent');
+    CREATE TABLE IF NOT EXISTS stages (
+        host TEXT NOT NULL, program_id TEXT NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (host, program_id));
+    """,
+    """
+    ALTER TABLE cards ADD COLUMN good_card_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_session TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_program TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1;
+    CREATE TABLE hosts (
+        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE host_transitions (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL,
+        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL);
+    CREATE INDEX loads_by_card ON loads (host, device, id);
+    """,
+)
+
+_CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
+                 "program_id, attempts, reason, updated, good_card_id, good_session, "
+                 "good_program, good_partition")
+
+
+def _card(row: tuple[Any, ...]) -> CardRecord:
+    g_card, g_session, g_program, g_partition = row[12:]
+    good = KnownGood(g_card, g_session, g_program, g_partition) if g_session else None
+    host, device, card_id, group, partition, state, boot, session, program, attempts, \
+        reason, updated = row[:12]
+    return CardRecord(host, device, card_id, group, partition, state, boot, session, program,
+                      attempts, reason, updated, good)
+
+
+class SQLiteStore:
+    """The embedded Store: one SQLite connection, used from the event loop's thread."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        self._inode = 0
+        try:
+            if read_only:
+                self._db = _open_read_only(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None)
+                self._inode = os.stat(path).st_ino
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StateDirError(path, f"cannot open the journal: {_why(exc)}") from None
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self._transaction():
+                for statement in filter(str.strip, script.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- cards --------------------------------------------------------------------
+
+    def ensure_card(self, host: str, device: int, group: int, partition: int) -> CardRecord:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO cards (host, device, grp, partition, state, updated) "
+                "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
+                "grp = excluded.grp, partition = excluded.partition",
+                (host, device, group, partition, time.time()))
+        record = self.card(host, device)
+        assert record is not None  # noqa: S101 - just written
+        return record
+
+    def card(self, host: str, device: int) -> CardRecord | None:
+        row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
+                         (host, device)).fetchone()
+        return None if row is None else _card(row)
+
+    def cards(self) -> list[CardRecord]:
+        rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
+        return [_card(row) for row in rows]
+
+    def record_card(self, t: CardTransition) -> None:
+        """One transaction: the history row and the card's current row."""
+        good = t.known_good or KnownGood("", "", "", -1)
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
+                "boot_counter, session_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
+                 t.boot_counter, t.session_id, t.reason))
+            self._db.execute(
+                "UPDATE cards SET card_id = ?, state = ?, boot_counter = ?, session_id = ?, "
+                "program_id = ?, attempts = ?, reason = ?, updated = ?, good_card_id = ?, "
+                "good_session = ?, good_program = ?, good_partition = ? "
+                "WHERE host = ? AND device = ?",
+                (t.card_id, t.state.value, t.boot_counter, t.session_id, t.program_id,
+                 t.attempts, t.reason, t.at, good.card_id, good.session_id, good.program_id,
+                 good.partition, t.host, t.device))
+
+    # --- hosts --------------------------------------------------------------------
+
+    def record_host(self, t: HostTransition, address: str) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO host_transitions (ts, host, from_state, to_state, reason) "
+                "VALUES (?, ?, ?, ?, ?)", (t.at, t.host, t.previous.value, t.state.value,
+                                           t.reason))
+            self._db.execute(
+                "INSERT INTO hosts VALUES (?, ?, ?, ?, ?) ON CONFLICT(host) DO UPDATE SET "
+                "address = excluded.address, state = excluded.state, "
+                "reason = excluded.reason, updated = excluded.updated",
+                (t.host, address, t.state.value, t.reason, t.at))
+
+    def hosts(self) -> list[HostRecord]:
+        rows = self._read("SELECT host, address, state, reason, updated FROM hosts "
+                          "ORDER BY host")
+        return [HostRecord(*row) for row in rows]
+
+    # --- loads and stages ---------------------------------------------------------
+
+    def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
+                    program_id: str, partition: int) -> int:
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
+                "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), host, device, card_id, session_id, program_id, partition))
+        return int(cursor.lastrowid or 0)
+
+    def finish_load(self, load_id: int, outcome: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE loads SET outcome = ? WHERE id = ?", (outcome, load_id))
+
+    def loads(self) -> list[LoadRecord]:
+        """Every load sent, in order."""
+        rows = self._read("SELECT host, device, session_id, program_id, partition, outcome "
+                          "FROM loads ORDER BY id")
+        return [LoadRecord(*row) for row in rows]
+
+    def last_load(self, host: str, device: int) -> LoadRecord | None:
+        row = self._read("SELECT host, device, session_id, program_id, partition, outcome "
+                         "FROM loads WHERE host = ? AND device = ? ORDER BY id DESC LIMIT 1",
+                         (host, device)).fetchone()
+        return None if row is None else LoadRecord(*row)
+
+    def record_stage(self, host: str, program_id: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
+                             (host, program_id, time.time()))
+
+    def transitions(self, limit: int = 50) -> list[TransitionRecord]:
+        rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
+                          "transitions ORDER BY id DESC LIMIT ?", (limit,))
+        return [TransitionRecord(*row) for row in rows][::-1]
+
+    # --- plumbing -----------------------------------------------------------------
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StateDirError(self.path, f"cannot read the journal: {_why(exc)}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; any failure of the disk is a StateDirError."""
+        if self.read_only:
+            raise StateDirError(self.path, "the journal was opened read-only")
+        self._check_still_there()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            raise StateDirError(self.path, f"cannot write the journal: {_why(exc)}") from None
+
+    def _check_still_there(self) -> None:
+        # SQLite keeps writing to an unlinked file without a word: every later
+        # run would then start from nothing. One stat per commit is cheap.
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            inode = None
+        if inode != self._inode:
+            raise StateDirError(self.path, "the journal was deleted or replaced while the "
+                                "engine was running (its record of the fleet is gone)")
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """Read without writing anything, even on a read-only filesystem (`status`)."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        # A WAL journal on a read-only filesystem cannot get its shared-memory
+        # file: read it as an immutable snapshot instead.
+        db = sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+class StateDirLock:
+    """One orchestrator per SQLite state directory: an exclusive flock on STATE/lock,
+    which holds the owner's pid. Released by the kernel when the process dies."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> StateDirLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateDirError(self.path.parent, f"cannot use the state directory: "
+                                f"{_why(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirError(self.path.parent, f"in use by pid {owner} (another modelip "
+                                "deploy or watch on this state directory)") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise StateDirError(self.path.parent, f"cannot write the lock: {_why(exc)}"
+                                ) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
