@@ -10,10 +10,10 @@ from pathlib import Path
 from rich.console import Console
 
 from orchestrator.dashboard import LiveDashboard, render
-from orchestrator.engine.metrics import render_metrics
 from orchestrator.engine.context import EngineStats
 from orchestrator.engine.engine import CardView, HostView, Snapshot
 from orchestrator.engine.events import CardChanged, Deployed, HostChanged, Rekeyed
+from orchestrator.engine.metrics import render_metrics
 
 FIXED_TS = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 

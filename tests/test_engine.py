@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 import pytest
 
+from orchestrator.app import fleet_for, open_engine
 from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.mek import load_mek
 from orchestrator.encrypt import encrypt_model
-from orchestrator.engine.store import SQLiteStore
+from orchestrator.engine.engine import Engine
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import obtain_mek, prepare_program
-from orchestrator.engine.engine import Engine
-from orchestrator.app import fleet_for, open_engine
+from orchestrator.engine.store import SQLiteStore
 from orchestrator.fleetcli import orchestrate
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
