@@ -60,6 +60,8 @@ class Adversary(enum.Enum):
     TAMPER_BODY = "tamper-body"          # flip a byte of the staged encrypted body
     SWAP_SLOTS = "swap-slots"            # give a card another card's key slot
     OLD_VERSION = "old-version"          # load an older staged program instead
+    MALFORMED_CHAIN = "malformed-chain"  # put a certificate with a malformed extension in the chain
+    GARBAGE = "garbage"                  # undefined enum values, cards it lacks, absurd counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +307,11 @@ class EmulatedHost:
             return evidence
         if self.adversary is Adversary.REPLAY_REPORT:
             return self._first_reports.setdefault(device, evidence)
+        if self.adversary is Adversary.MALFORMED_CHAIN:
+            parsed = evidence_pb2.AttestationEvidence.FromString(evidence)
+            del parsed.certificate_chain[:]
+            parsed.certificate_chain.extend(malformed_chain(self._host_key, card.card_id))
+            return parsed.SerializeToString(deterministic=True)
         if self.adversary is Adversary.SUBSTITUTE_KEY:
             parsed = evidence_pb2.AttestationEvidence.FromString(evidence)
             body = evidence_pb2.ReportBody.FromString(parsed.body)
@@ -418,6 +425,31 @@ class EmulatedHost:
         return results
 
 
+def malformed_chain(key: ec.EllipticCurvePrivateKey, card_id: str) -> list[bytes]:
+    """[leaf, CA], both the host's own: the leaf names the card and is signed by a
+    "CA" whose basicConstraints extension is not DER, so cryptography raises
+    ValueError the moment anyone reads that CA's extensions."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a vendor CA")])
+    now = dt.datetime.now(dt.UTC)
+
+    def build(subject: x509.Name) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=1)))
+
+    ca = build(ca_name).add_extension(x509.UnrecognizedExtension(
+        ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01"), critical=True)
+    leaf = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, card_id)]))
+    return [cert.sign(key, hashes.SHA256()).public_bytes(Encoding.DER) for cert in (leaf, ca)]
+
+
 def _flip_middle(body: bytes) -> bytes:
     tampered = bytearray(body)
     tampered[len(tampered) // 2] ^= 0x01
@@ -466,6 +498,13 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.ListDevicesResponse:
         response = runtime_pb2.ListDevicesResponse()
+        if self.host.adversary is Adversary.GARBAGE:
+            # values the protocol does not define, a card it does not have, an absurd counter
+            response.devices.add(device=len(self.host.cards) + 1000, card_id="ghost",
+                                 state=runtime_pb2.DEVICE_STATE_ONLINE)
+            response.devices.add(device=0, card_id="?", state=77)  # type: ignore[arg-type]
+            response.devices.add(device=1, card_id="?", state=runtime_pb2.DEVICE_STATE_ONLINE,
+                                 boot_counter=(1 << 64) - 1)
         for index, card in enumerate(self.host.cards):
             info = response.devices.add(device=index, card_id=card.card_id,
                                         boot_counter=card.boot_counter)
@@ -486,6 +525,11 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
     async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
+        if self.host.adversary is Adversary.GARBAGE:
+            yield runtime_pb2.DeviceEvent(device=0, kind=99)  # type: ignore[arg-type]
+            yield runtime_pb2.DeviceEvent(device=4_000_000_000, kind=runtime_pb2.EVENT_KIND_RESET)
+            yield runtime_pb2.DeviceEvent(device=0, kind=runtime_pb2.EVENT_KIND_RESET,
+                                          boot_counter=(1 << 64) - 1)
         async for event in self.host.events():
             yield event
 

@@ -195,6 +195,25 @@ def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPErro
     return result.located(host=target, device=device)
 
 
+async def _finish(call: Any) -> Any:
+    """Await a unary-response call so that cancelling the caller cancels the RPC.
+
+    grpc.aio answers a cancellation of its awaiting task with a CancelledError
+    of its own, which anyio's cancel scopes do not recognise: the scope then
+    neither stops the call nor absorbs the error. So wait for completion on an
+    anyio event, and on cancellation cancel the RPC and let anyio's own
+    cancellation propagate.
+    """
+    done = anyio.Event()
+    call.add_done_callback(lambda _: done.set())
+    try:
+        await done.wait()
+    except BaseException:
+        call.cancel()
+        raise
+    return await call  # complete: the response, or its AioRpcError
+
+
 class HostClient:
     """Talks to one host. Use as ``async with HostClient(address) as host:``."""
 
@@ -233,7 +252,7 @@ class HostClient:
     async def _call(self, what: str, method: Any, request: Any, deadline: float, *,
                     device: int | None = None) -> Any:
         try:
-            return await method(request, timeout=deadline)
+            return await _finish(method(request, timeout=deadline))
         except grpc.aio.AioRpcError as err:
             error = _translate(err, self.address, what)
             if error.device is None:
@@ -321,7 +340,8 @@ class HostClient:
                     yield runtime_pb2.StageChunk(data=data)
 
         try:
-            response = await self._runtime.StageProgram(chunks(), timeout=self.deadlines.stage)
+            response = await _finish(self._runtime.StageProgram(chunks(),
+                                                                timeout=self.deadlines.stage))
         except grpc.aio.AioRpcError as err:
             raise _translate(err, self.address, "stage program") from err
         return str(response.program_id), bool(response.already_staged)

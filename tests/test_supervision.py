@@ -1,0 +1,476 @@
+"""The supervision tree: one host's faults stay with that host; the truth over hints.
+
+Faults are staged for real: hosts that answer garbage or hostile certificate
+chains (emulated hosts over gRPC), hosts frozen with SIGSTOP or killed with
+SIGKILL and started again empty (separate `modelip emulate` processes), every
+event lost, and state directories that are read-only, full, deleted or held
+by another orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from orchestrator.app import open_engine
+from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
+from orchestrator.emulator.host import malformed_chain
+from orchestrator.emulator.pki import VendorPKI
+from orchestrator.engine.engine import Engine
+from orchestrator.engine.events import ProtocolViolation
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.state import (
+    CARD_MOVES,
+    HOST_MOVES,
+    CardMachine,
+    CardState,
+    HostMachine,
+    HostState,
+)
+from orchestrator.engine.store import SQLiteStore
+from orchestrator.errors import AttestationError, InvalidTransition
+from orchestrator.transport.client import DeviceState, HostClient
+from tests.models import tiny_mlp
+from tests.test_engine import running, wait_until, write_plan
+
+MODELIP = [sys.executable, "-m", "orchestrator"]
+
+
+# --- the pure machines ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", list(CardState))
+def test_every_card_move_is_allowed_or_raises(source: CardState) -> None:
+    for target in CardState:
+        machine = CardMachine("h", 0, 0, 0, "p", state=source)
+        if target in CARD_MOVES[source]:
+            transition = machine.propose(target, "why")
+            assert machine.state is source  # proposing changes nothing
+            machine.apply(transition)
+            assert (machine.state, machine.reason) == (target, "why")
+            with pytest.raises(InvalidTransition):
+                machine.apply(transition)  # stale: written for another state
+        else:
+            with pytest.raises(InvalidTransition):
+                machine.propose(target)
+            assert machine.state is source
+
+
+@pytest.mark.parametrize("source", list(HostState))
+def test_every_host_move_is_allowed_or_raises(source: HostState) -> None:
+    for target in HostState:
+        machine = HostMachine("h", "a", state=source)
+        if target in HOST_MOVES[source]:
+            machine.apply(machine.propose(target, "why"))
+            assert machine.state is target
+        else:
+            with pytest.raises(InvalidTransition):
+                machine.propose(target)
+
+
+def test_known_good_is_kept_until_a_new_session_is_seen() -> None:
+    from orchestrator.engine.state import KnownGood
+
+    good = KnownGood("c", "aa", "p", 0)
+    machine = CardMachine("h", 0, 0, 0, "p", state=CardState.PENDING, known_good=good)
+    machine.apply(machine.propose(CardState.ATTESTING))  # a resumed card's first move
+    assert machine.known_good == good
+    machine.apply(machine.propose(CardState.KEYED, known_good=None))  # new session
+    assert machine.known_good is None
+
+
+# --- hostile hosts: their cards, never anyone else's ----------------------------------------
+
+
+def test_a_malformed_certificate_extension_is_an_attestation_failure(pki: VendorPKI) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf, ca = malformed_chain(key, "card-0")
+    with pytest.raises(ValueError):  # what cryptography does when the extension is read
+        _ = x509.load_der_x509_certificate(ca).extensions
+    card = pki.issue_card("card-0")
+    from orchestrator.emulator.card import CardConfig, EmulatedCard
+    from orchestrator.emulator.host import Adversary
+
+    evidence = EmulatedCard(card, CardConfig()).attest(b"r" * 32)
+    from orchestrator._proto.modelip.v1 import evidence_pb2
+
+    parsed = evidence_pb2.AttestationEvidence.FromString(evidence)
+    del parsed.certificate_chain[:]
+    parsed.certificate_chain.extend([leaf, ca])
+    with pytest.raises(AttestationError, match="does not lead to a trusted vendor root"):
+        verify_evidence(parsed.SerializeToString(), roots=[pki.root], policy=TrustPolicy(),
+                        request=b"r" * 32)
+    assert Adversary.MALFORMED_CHAIN.value == "malformed-chain"
+
+
+def test_wrap_mek_refuses_a_malformed_chain_with_one_line(tmp_path: Path, pki: VendorPKI
+                                                          ) -> None:
+    from orchestrator._proto.modelip.v1 import evidence_pb2
+    from orchestrator.emulator.card import CardConfig, EmulatedCard
+
+    pki.save(tmp_path / "pki")
+    parsed = evidence_pb2.AttestationEvidence.FromString(
+        EmulatedCard(pki.issue_card("card-0"), CardConfig()).attest(os.urandom(32)))
+    del parsed.certificate_chain[:]
+    parsed.certificate_chain.extend(malformed_chain(ec.generate_private_key(ec.SECP256R1()),
+                                                    "card-0"))
+    (tmp_path / "pub0.dat").write_bytes(parsed.SerializeToString())
+    subprocess.run([*MODELIP, "generate-mek", "-o", str(tmp_path / "MEK.dat")], check=True)
+    result = subprocess.run([*MODELIP, "wrap-mek", "--mek", str(tmp_path / "MEK.dat"),
+                             "--pub-keys", str(tmp_path / "pub0.dat"), "--trust-root",
+                             str(tmp_path / "pki" / "root.pem"), "--output-dir",
+                             str(tmp_path / "wrapped")], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 3, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "wrapped").exists()
+
+
+async def test_a_host_with_a_malformed_chain_quarantines_only_its_own_cards(tmp_path: Path
+                                                                            ) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=2, devices=2, extra_fleet=(
+        "    adversary: malformed-chain\n    adversary_hosts: [1]")))
+    async with running(plan) as (engine, _):
+        states = {c.name: c.state.value for c in engine.cards}
+        assert states == {"host0/0": "SERVING", "host0/1": "SERVING",
+                          "host1/0": "QUARANTINED", "host1/1": "QUARANTINED"}
+        assert all("trusted vendor root" in c.reason for c in engine.cards if c.host == "host1")
+        assert engine.stats.internal_errors == 0
+        assert engine.outcome()[0] == 3
+
+
+async def test_a_host_that_answers_garbage_is_counted_never_raised(tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=2, devices=2, extra_fleet=(
+        "    adversary: garbage\n    adversary_hosts: [1]")))
+    async with running(plan) as (engine, _):
+        violations: list[ProtocolViolation] = []
+        engine.subscribe(lambda e: violations.append(e) if isinstance(e, ProtocolViolation)
+                         else None)
+        await wait_until(engine, lambda: len(engine.hosts[1].violations) >= 4)
+        assert set(engine.hosts[1].violations) >= {
+            "lists a card it was not asked about", "undefined device state",
+            "absurd boot counter", "undefined event kind"}
+        assert not engine.hosts[0].violations
+        assert all(c.state.value == "SERVING" for c in engine.cards)  # the garbage is ignored
+        assert engine.stats.internal_errors == 0
+        assert {h.machine.state for h in engine.hosts} == {HostState.UP}
+
+
+# --- the truth over hints -----------------------------------------------------------------------
+
+
+async def test_every_event_lost_costs_latency_not_truth(tmp_path: Path) -> None:
+    """No event reaches the engine and periodic attestation is off: the host resync
+    (ListDevices) finds the reset, and what the engine calls SERVING is loaded."""
+    path = write_plan(tmp_path, hosts=1, devices=4, extra_fleet="    drop_events: 1.0")
+    path.write_text(path.read_text().replace("check_interval: 0.3", "check_interval: 0\n"
+                                             "  resync_interval: 0.2"))
+    plan = Plan.load(path)
+    async with running(plan) as (engine, hosts):
+        for device in (0, 2):
+            await hosts[0].reset(device)
+        await wait_until(engine, lambda: engine.stats.rekeys == 2
+                         and all(c.state.value == "SERVING" for c in engine.cards))
+        assert all(c.boot_counter == 2 for c in engine.cards if c.device in (0, 2))
+        listed = await hosts[0].list_devices()
+        engine_serving = {c.device for c in engine.cards if c.state.value == "SERVING"}
+        assert engine_serving == {d.device for d in listed if d.state is DeviceState.LOADED}
+        assert len(engine.stats.outages) == 2 and min(engine.stats.outages) > 0
+
+
+# --- real processes: a frozen host, a dead host, a host back empty ----------------------------
+
+
+class Emulator:
+    """A `modelip emulate` process of one host (kill, freeze, restart on its port)."""
+
+    def __init__(self, work: Path, name: str, *, port: int = 0) -> None:
+        self.work, self.name = work, name
+        self.log = work / f"{name}.log"
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(
+                [*MODELIP, "emulate", "--hosts", "1", "--devices-per-host", "4",
+                 "--base-port", str(port), "--pki-dir", str(work / "pki"),
+                 "--reboot-time", "0.05"], stdout=out, stderr=subprocess.STDOUT)
+        for _ in range(400):
+            if "READY" in self.log.read_text() or self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        text = self.log.read_text()
+        assert "READY" in text, text
+        self.address = text.split("listening on ", 1)[1].split()[0]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def two_hosts(tmp_path: Path) -> Iterator[list[Emulator]]:
+    hosts = [Emulator(tmp_path, "a")]
+    hosts.append(Emulator(tmp_path, "b"))
+    try:
+        yield hosts
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def two_host_plan(tmp_path: Path, hosts: list[Emulator]) -> Plan:
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"""
+model: {{onnx: tiny.onnx}}
+mek: {{generate: true}}
+fleet:
+  hosts:
+    - {{address: "{hosts[0].address}", devices: [0, 1, 2, 3]}}
+    - {{address: "{hosts[1].address}", devices: [0, 1, 2, 3]}}
+trust: {{roots: [pki/root.pem]}}
+concurrency: 2
+retry: {{attempts: 3, backoff: 0.05, max_backoff: 0.5}}
+rekey: {{min_interval: 0.05, check_interval: 0.5, resync_interval: 0.2, probe_timeout: 0.5}}
+timeouts: {{rpc: 30}}
+state_dir: state
+""")
+    return Plan.load(path)
+
+
+def cards_of(engine: Engine, address: str) -> list[CardMachine]:
+    return [d.machine for h in engine.hosts if h.target.address == address
+            for d in h.drivers.values()]
+
+
+async def test_a_frozen_host_holds_only_its_own_share(tmp_path: Path,
+                                                      two_hosts: list[Emulator]) -> None:
+    frozen, healthy = two_hosts
+    plan = two_host_plan(tmp_path, two_hosts)
+    async with open_engine(plan) as engine, HostClient(healthy.address) as client, \
+            HostClient(frozen.address) as frozen_client, anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: engine.run(keep_serving=True,
+                                                      task_status=task_status))
+        with anyio.fail_after(60):
+            await engine.deployed.wait()
+        loads_before = (await frozen_client.stats())["load_count"]
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            # The frozen host's periodic attestations now hang for up to 30 s (the RPC
+            # deadline) holding its share of the concurrency; the healthy host's cards
+            # re-key one after another all the same.
+            for device in range(4):
+                done = engine.stats.rekeys
+                await client.reset(device)
+                with anyio.fail_after(15):  # far below the 30 s a shared slot would cost
+                    await wait_until(engine, lambda d=done: engine.stats.rekeys > d, limit=15)
+            # Within a few probe intervals the frozen host is UNREACHABLE and its cards
+            # are not reported serving.
+            await wait_until(engine, lambda: all(
+                c.state is CardState.DISCONNECTED for c in cards_of(engine, frozen.address)))
+            assert engine.hosts[0].machine.state is HostState.UNREACHABLE
+            assert frozen.process.poll() is None  # still frozen, not dead
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        await wait_until(engine, lambda: all(c.state is CardState.SERVING
+                                             for c in engine.cards), limit=30)
+        # same sessions: confirmed by a fresh attestation, not loaded again
+        assert (await frozen_client.stats())["load_count"] == loads_before
+        assert all("not reloaded" in c.reason for c in cards_of(engine, frozen.address))
+        tg.cancel_scope.cancel()
+
+
+async def test_a_dead_host_comes_back_empty_and_is_restaged(tmp_path: Path,
+                                                            two_hosts: list[Emulator]) -> None:
+    dead, alive = two_hosts
+    plan = two_host_plan(tmp_path, two_hosts)
+    async with open_engine(plan) as engine, anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: engine.run(keep_serving=True,
+                                                      task_status=task_status))
+        with anyio.fail_after(60):
+            await engine.deployed.wait()
+        dead.process.kill()
+        dead.process.wait(timeout=20)
+        await wait_until(engine, lambda: all(
+            c.state is CardState.DISCONNECTED for c in cards_of(engine, dead.address)))
+        assert all(c.state is CardState.SERVING for c in cards_of(engine, alive.address))
+        hosts = {h.host: h.state for h in engine.store.hosts()}
+        assert hosts[dead.address] == "UNREACHABLE"  # journaled, so `status` shows it
+        port = int(dead.address.rsplit(":", 1)[1])
+        reborn = Emulator(tmp_path, "a2", port=port)  # new cards, nothing staged
+        two_hosts.append(reborn)
+        await wait_until(engine, lambda: all(c.state is CardState.SERVING
+                                             for c in engine.cards), limit=40)
+        async with HostClient(reborn.address) as client:
+            assert (await client.stats())["stage_count"] == 1  # staged again by itself
+            listed = await client.list_devices()
+        assert {d.state for d in listed} == {DeviceState.LOADED}
+        assert {h.host: h.state for h in engine.store.hosts()}[dead.address] == "UP"
+        tg.cancel_scope.cancel()
+
+
+# --- resuming ---------------------------------------------------------------------------------
+
+
+def _watch_until(plan: Path, predicate: object, sig: int = signal.SIGKILL) -> int:
+    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if predicate(json.loads(line)):  # type: ignore[operator]
+            process.send_signal(sig)
+            break
+    process.communicate(timeout=60)
+    return process.returncode
+
+
+def test_kills_while_resuming_never_reload_an_unchanged_session(
+        tmp_path: Path, two_hosts: list[Emulator]) -> None:
+    plan = two_host_plan(tmp_path, two_hosts).source
+    assert subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
+                          timeout=120, check=False).returncode == 0
+    # Killed twice right after resumed cards start attesting (the window in which the
+    # journal used to forget "serving on session X"), then once at random.
+    for _ in range(2):
+        assert _watch_until(plan, lambda e: e.get("state") == "ATTESTING") == -signal.SIGKILL
+    assert _watch_until(plan, lambda e: e.get("event") == "card" and e.get("device") == 2
+                        ) == -signal.SIGKILL
+    result = subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert not [e for e in events if e.get("state") == "LOADING"]
+    with SQLiteStore(tmp_path / "state" / "journal.sqlite", read_only=True) as store:
+        loads = store.loads()
+    assert len(loads) == 8  # the first deployment's, and not one more
+    assert len({(r.host, r.device, r.session_id) for r in loads}) == 8
+
+
+# --- the state directory -----------------------------------------------------------------------
+
+
+def _one_line_exit_5(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 5, result.stderr
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_second_orchestrator_on_the_same_state_dir_refuses(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, hosts=1, devices=2)
+    first = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:
+            if json.loads(line)["event"] == "deployed":
+                break
+        second = subprocess.run([*MODELIP, "deploy", str(plan), "--json"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        _one_line_exit_5(second, f"in use by pid {first.pid}")
+        assert second.stdout == ""  # it did not start anything
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+
+
+def test_the_journal_deleted_under_watch_stops_it_with_a_summary(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, hosts=1, devices=2, extra_fleet="    reset_rate: 2")
+    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "deployed":
+            break
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "state" / f"journal.sqlite{suffix}").unlink(missing_ok=True)
+    out, err = process.communicate(timeout=60)
+    _one_line_exit_5(subprocess.CompletedProcess([], process.returncode, out, err),
+                     "journal was deleted or replaced")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["event"] == "summary" and summary["exit_code"] == 5
+    assert "deleted" in summary["error"]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs of our own (root only: a real full or read-only filesystem)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    with open(directory / "ballast", "wb") as ballast:
+        try:
+            while True:
+                ballast.write(b"\0" * 65536)
+                ballast.flush()
+        except OSError:
+            pass
+
+
+def _plan_on(tmp_path: Path, state_dir: Path, extra_fleet: str = "") -> Path:
+    plan = write_plan(tmp_path, hosts=1, devices=2, extra_fleet=extra_fleet)
+    plan.write_text(plan.read_text().replace("state_dir: state", f"state_dir: {state_dir}"))
+    return plan
+
+
+def test_a_full_state_dir_at_start_is_one_line_and_exit_5(tmp_path: Path, small_fs: Path
+                                                           ) -> None:
+    _fill(small_fs)
+    plan = _plan_on(tmp_path, small_fs / "state")
+    result = subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    _one_line_exit_5(result, "No space left on device")
+
+
+def test_a_state_dir_that_fills_up_under_watch_stops_it_with_a_summary(
+        tmp_path: Path, small_fs: Path) -> None:
+    plan = _plan_on(tmp_path, small_fs / "state", extra_fleet="    reset_rate: 2")
+    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "deployed":
+            break
+    _fill(small_fs)
+    out, err = process.communicate(timeout=90)
+    _one_line_exit_5(subprocess.CompletedProcess([], process.returncode, out, err),
+                     "cannot write the journal")
+    assert json.loads(out.strip().splitlines()[-1])["exit_code"] == 5
+
+
+def test_read_only_state_dir_refuses_and_status_still_reads(tmp_path: Path, small_fs: Path
+                                                            ) -> None:
+    plan = _plan_on(tmp_path, small_fs / "state")
+    assert subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
+                          timeout=120, check=False).returncode == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    result = subprocess.run([*MODELIP, "deploy", str(plan), "--json"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    _one_line_exit_5(result, "Read-only file system")
+    status = subprocess.run([*MODELIP, "status", str(plan), "--json"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert status.returncode == 0, status.stderr
+    document = json.loads(status.stdout)
+    assert [c["state"] for c in document["cards"]] == ["SERVING", "SERVING"]
+    assert [h["state"] for h in document["hosts"]] == ["UP"]
