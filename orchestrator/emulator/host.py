@@ -502,7 +502,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
             # values the protocol does not define, a card it does not have, an absurd counter
             response.devices.add(device=len(self.host.cards) + 1000, card_id="ghost",
                                  state=runtime_pb2.DEVICE_STATE_ONLINE)
-            response.devices.add(device=0, card_id="?", state=77)  # type: ignore[arg-type]
+            response.devices.add(device=0, card_id="?", state=77)
             response.devices.add(device=1, card_id="?", state=runtime_pb2.DEVICE_STATE_ONLINE,
                                  boot_counter=(1 << 64) - 1)
         for index, card in enumerate(self.host.cards):
