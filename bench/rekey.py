@@ -55,7 +55,7 @@ async def rekey_latencies(work: Path, size: int, resets: int
     (work / "plan.yaml").write_text(PLAN)
     plan = Plan.load(work / "plan.yaml")
     async with open_engine(plan) as engine, \
-            HostClient(engine.hosts[0].address) as host, anyio.create_task_group() as tg:
+            HostClient(engine.hosts[0].target.address) as host, anyio.create_task_group() as tg:
         tg.start_soon(lambda: engine.run(keep_serving=True))
         await engine.deployed.wait()
         stages = (await host.stats())["stage_count"]

@@ -246,7 +246,8 @@ def register(sub: Any) -> None:
     p.add_argument("--delay-events", type=float, default=0.0, help="seconds")
     p.add_argument("--adversary", default="none", metavar="MODE",
                    help="substitute-key, replay-report, ignore-nonce, reset-storm, "
-                        "suppress-resets, tamper-body, swap-slots, old-version")
+                        "suppress-resets, tamper-body, swap-slots, old-version, "
+                        "malformed-chain, garbage")
     p.add_argument("--adversary-device", type=int, action="append", metavar="N",
                    help="only these cards are attacked (default: all)")
     p.add_argument("--tls-cert", metavar="PEM")
