@@ -360,6 +360,17 @@ def test_kills_while_resuming_never_reload_an_unchanged_session(
 # --- the state directory -----------------------------------------------------------------------
 
 
+def watch_deployed(plan: Path) -> subprocess.Popen[str]:
+    """`modelip watch PLAN --json` as a process, returned once its fleet is deployed."""
+    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "deployed":
+            return process
+    raise AssertionError(f"watch ended before deploying: {process.communicate()}")
+
+
 def _one_line_exit_5(result: subprocess.CompletedProcess[str], expected: str) -> None:
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 5, result.stderr
@@ -369,13 +380,8 @@ def _one_line_exit_5(result: subprocess.CompletedProcess[str], expected: str) ->
 
 def test_a_second_orchestrator_on_the_same_state_dir_refuses(tmp_path: Path) -> None:
     plan = write_plan(tmp_path, hosts=1, devices=2)
-    first = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = watch_deployed(plan)
     try:
-        assert first.stdout is not None
-        for line in first.stdout:
-            if json.loads(line)["event"] == "deployed":
-                break
         second = subprocess.run([*MODELIP, "deploy", str(plan), "--json"],
                                 capture_output=True, text=True, timeout=60, check=False)
         _one_line_exit_5(second, f"in use by pid {first.pid}")
@@ -388,12 +394,7 @@ def test_a_second_orchestrator_on_the_same_state_dir_refuses(tmp_path: Path) -> 
 
 def test_the_journal_deleted_under_watch_stops_it_with_a_summary(tmp_path: Path) -> None:
     plan = write_plan(tmp_path, hosts=1, devices=2, extra_fleet="    reset_rate: 2")
-    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if json.loads(line)["event"] == "deployed":
-            break
+    process = watch_deployed(plan)
     for suffix in ("", "-wal", "-shm"):
         (tmp_path / "state" / f"journal.sqlite{suffix}").unlink(missing_ok=True)
     out, err = process.communicate(timeout=60)
@@ -446,12 +447,7 @@ def test_a_full_state_dir_at_start_is_one_line_and_exit_5(tmp_path: Path, small_
 def test_a_state_dir_that_fills_up_under_watch_stops_it_with_a_summary(
         tmp_path: Path, small_fs: Path) -> None:
     plan = _plan_on(tmp_path, small_fs / "state", extra_fleet="    reset_rate: 2")
-    process = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if json.loads(line)["event"] == "deployed":
-            break
+    process = watch_deployed(plan)
     _fill(small_fs)
     out, err = process.communicate(timeout=90)
     _one_line_exit_5(subprocess.CompletedProcess([], process.returncode, out, err),
