@@ -239,10 +239,12 @@ class CardDriver:
             try:
                 with anyio.fail_after(timeouts.card):
                     async with self.host.limiter:
-                        if m.state is not first:
+                        if m.state is not first and not offline_since:
                             self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
                             report = await self._attest()
+                        if m.state is not first:  # a rebooting card answers again
+                            self.move(first, f"{trigger.value}: the card is back")
                         self._adopt(report)
                         if self._still_serving(report):
                             self.move(S.SERVING, "confirmed by a fresh attestation: same "
