@@ -33,7 +33,6 @@ class CardState(enum.Enum):
 
 
 S = CardState
-_WORKING = frozenset({S.ATTESTING, S.KEYED, S.LOADING, S.REKEYING, S.RETRY_WAIT})
 CARD_MOVES: dict[CardState, frozenset[CardState]] = {
     S.PENDING: frozenset({S.ATTESTING, S.DISCONNECTED, S.QUARANTINED, S.FAILED}),
     S.ATTESTING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED,
