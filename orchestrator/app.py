@@ -44,9 +44,10 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         yield hosts, roots
         return
     from orchestrator.crypto.wrap import Kem
+    from orchestrator.emulator.adversary import Adversary
     from orchestrator.emulator.card import CardConfig
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
-    from orchestrator.emulator.host import Adversary, FaultConfig
+    from orchestrator.emulator.host import FaultConfig
     from orchestrator.emulator.pki import VendorPKI
 
     emulated = plan.emulated

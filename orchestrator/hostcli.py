@@ -32,9 +32,10 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_emulate(args: argparse.Namespace) -> int:
     import anyio
 
+    from orchestrator.emulator.adversary import Adversary
     from orchestrator.emulator.card import CardConfig
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
-    from orchestrator.emulator.host import Adversary, FaultConfig, TLSServerConfig
+    from orchestrator.emulator.host import FaultConfig, TLSServerConfig
     from orchestrator.emulator.pki import VendorPKI
 
     try:

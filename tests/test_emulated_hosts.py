@@ -18,8 +18,9 @@ from orchestrator.crypto.evidence import (
     verify_load_receipt,
 )
 from orchestrator.crypto.mek import MEK
+from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
-from orchestrator.emulator.host import Adversary, FaultConfig
+from orchestrator.emulator.host import FaultConfig
 from orchestrator.encrypt import SessionTarget, encrypt_model, wrap_to_targets
 from orchestrator.errors import (
     AttestationError,

@@ -231,8 +231,8 @@ async def test_policy_rejects_old_firmware_cards(tmp_path: Path) -> None:
 
 async def test_rekey_defers_verification_and_a_tampered_body_is_caught_at_first_use(
         tmp_path: Path) -> None:
+    from orchestrator.emulator.adversary import Adversary
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
-    from orchestrator.emulator.host import Adversary
     from orchestrator.engine.host import HostTarget
     from orchestrator.errors import IntegrityError
 

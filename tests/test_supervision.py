@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from orchestrator.app import open_engine
 from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
-from orchestrator.emulator.host import malformed_chain
+from orchestrator.emulator.adversary import malformed_chain
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.events import ProtocolViolation
@@ -99,8 +99,8 @@ def test_a_malformed_certificate_extension_is_an_attestation_failure(pki: Vendor
     with pytest.raises(ValueError):  # what cryptography does when the extension is read
         _ = x509.load_der_x509_certificate(ca).extensions
     card = pki.issue_card("card-0")
+    from orchestrator.emulator.adversary import Adversary
     from orchestrator.emulator.card import CardConfig, EmulatedCard
-    from orchestrator.emulator.host import Adversary
 
     evidence = EmulatedCard(card, CardConfig()).attest(b"r" * 32)
     from orchestrator._proto.modelip.v1 import evidence_pb2

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.card import CardConfig, EmulatedCard
-from orchestrator.emulator.host import Adversary, EmulatedHost, FaultConfig, TLSServerConfig
+from orchestrator.emulator.host import EmulatedHost, FaultConfig, TLSServerConfig
 from orchestrator.emulator.pki import VendorPKI
 
 

@@ -8,7 +8,6 @@ adversary modes make it hostile (docs/protocol.md, "Adversary modes").
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 import random
@@ -28,6 +27,12 @@ from grpc_health.v1.health import aio as health_aio
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
 from orchestrator.crypto.container import key_slots_from_proto
+from orchestrator.emulator.adversary import (
+    Adversary,
+    flip_middle,
+    malformed_chain,
+    slots_in,
+)
 from orchestrator.emulator.card import CardOffline, EmulatedCard
 from orchestrator.errors import (
     FormatError,
@@ -46,22 +51,6 @@ DEVICE_KEY = "modelip-device"
 R = runtime_pb2
 MAX_MESSAGE = 64 << 20
 STAGE_LIMIT = 16 << 30
-
-
-class Adversary(enum.Enum):
-    """Attacks an untrusted host can mount; each must be caught end to end."""
-
-    NONE = "none"
-    SUBSTITUTE_KEY = "substitute-key"    # put the host's own key into reports
-    REPLAY_REPORT = "replay-report"      # answer every request with an old report
-    IGNORE_NONCE = "ignore-nonce"        # attest with the host's own request bytes
-    RESET_STORM = "reset-storm"          # forge a flood of reset events
-    SUPPRESS_RESETS = "suppress-resets"  # hide reset/offline/online events
-    TAMPER_BODY = "tamper-body"          # flip a byte of the staged encrypted body
-    SWAP_SLOTS = "swap-slots"            # give a card another card's key slot
-    OLD_VERSION = "old-version"          # load an older staged program instead
-    MALFORMED_CHAIN = "malformed-chain"  # put a certificate with a malformed extension in the chain
-    GARBAGE = "garbage"                  # undefined enum values, cards it lacks, absurd counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +321,7 @@ class EmulatedHost:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                          "program id is not the SHA-256 of the body received")
         if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is None:
-            body = _flip_middle(body)
+            body = flip_middle(body)
         self._programs[program_id] = _Staged(body, len(self._programs))
         self.stats.stage_count += 1
         return True
@@ -349,7 +338,7 @@ class EmulatedHost:
         key_slots = key_slots_from_proto(slots, source="key slots") if slots else None
         if self.hostile(device):
             if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is not None:
-                body = _flip_middle(body)
+                body = flip_middle(body)
             elif self.adversary is Adversary.OLD_VERSION:
                 older = min(self._programs.values(), key=lambda s: s.order)
                 body = older.body
@@ -382,7 +371,7 @@ class EmulatedHost:
         until another card's slot passes through it, as a patient attacker would. With
         none in sight after a while, the card's own slot is corrupted instead.
         """
-        slots = _slots_in(key_slots, body)
+        slots = slots_in(key_slots, body)
         mine = [s for s in slots if s.card_id == card.card_id]
         if not mine:
             return slots
@@ -392,7 +381,7 @@ class EmulatedHost:
                                   if s.card_id != card.card_id]):
                 await self._slot_relayed.wait()
         if not others:
-            return [replace(mine[0], wrapped_mek=_flip_middle(mine[0].wrapped_mek))]
+            return [replace(mine[0], wrapped_mek=flip_middle(mine[0].wrapped_mek))]
         return [replace(others[0], slot=mine[0].slot, card_id=card.card_id,
                         session_id=card.session_id)]
 
@@ -423,45 +412,6 @@ class EmulatedHost:
             elif position == len(cards) - 1:
                 results.update(outputs)
         return results
-
-
-def malformed_chain(key: ec.EllipticCurvePrivateKey, card_id: str) -> list[bytes]:
-    """[leaf, CA], both the host's own: the leaf names the card and is signed by a
-    "CA" whose basicConstraints extension is not DER, so cryptography raises
-    ValueError the moment anyone reads that CA's extensions."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtensionOID, NameOID
-
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a vendor CA")])
-    now = dt.datetime.now(dt.UTC)
-
-    def build(subject: x509.Name) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(days=1))
-                .not_valid_after(now + dt.timedelta(days=1)))
-
-    ca = build(ca_name).add_extension(x509.UnrecognizedExtension(
-        ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01"), critical=True)
-    leaf = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, card_id)]))
-    return [cert.sign(key, hashes.SHA256()).public_bytes(Encoding.DER) for cert in (leaf, ca)]
-
-
-def _flip_middle(body: bytes) -> bytes:
-    tampered = bytearray(body)
-    tampered[len(tampered) // 2] ^= 0x01
-    return bytes(tampered)
-
-
-def _slots_in(key_slots: Any, body: bytes) -> Any:
-    from orchestrator.crypto.container import SealedContainer
-
-    if key_slots is not None:
-        return key_slots
-    return SealedContainer(Container(MemorySource(body))).key_slots
 
 
 # --- gRPC servicers: translate between messages and EmulatedHost -------------------------
