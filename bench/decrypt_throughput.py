@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import parse_size  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from orchestrator.crypto.container import SealedContainer, SealSettings, seal_specs  # noqa: E402
+from orchestrator.crypto.container import SealedContainer, SealSettings, write_sealed  # noqa: E402
 from orchestrator.crypto.mek import MEK  # noqa: E402
 from orchestrator.qpc.container import (  # noqa: E402
     Container,
@@ -40,8 +40,8 @@ def main() -> None:
     source = io.BytesIO()
     write_container(source, [bytes_segment("network.elf", plain)])
     sealed = io.BytesIO()
-    write_container(sealed, seal_specs(Container(MemorySource(source.getbuffer())), mek,
-                                       SealSettings("bench"), key_slots=[]))
+    write_sealed(sealed, Container(MemorySource(source.getbuffer())), mek, SealSettings("bench"),
+                 key_slots=[])
     program = sealed.getvalue()
     del source, sealed
 

@@ -56,11 +56,15 @@ def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
         from orchestrator.crypto.evidence import parse_version
 
         parse_version(args.min_firmware)
+    floor = args.model_version if args.rollback_floor is None else args.rollback_floor
+    if floor < args.model_version:
+        print(f"WARNING: --rollback-floor {floor} is below --model-version "
+              f"{args.model_version}: cards will accept older versions", file=sys.stderr)
     return SealSettings(
         model_id=args.model_id or default_id,
         model_version=args.model_version,
         policy=ContentPolicy(not_after=expires, min_firmware=args.min_firmware or "",
-                             rollback_floor=args.rollback_floor),
+                             rollback_floor=floor),
         chunk_size=args.chunk_size,
         workers=os.cpu_count() or 1,
     )
@@ -100,10 +104,11 @@ def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
 
 def cmd_wrap_mek(args: argparse.Namespace) -> int:
     from orchestrator.crypto.mek import load_mek
-    from orchestrator.encrypt import wrap_mek_to_dir
+    from orchestrator.encrypt import program_for_wrap, wrap_mek_to_dir
 
     mek = load_mek(args.mek)
-    for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir):
+    program = program_for_wrap(args.encrypted_qpc, mek)
+    for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir, program=program):
         print(f"wrote {path}")
     mek.wipe()
     return 0
@@ -284,8 +289,9 @@ def _add_seal_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", type=int, default=1)
     parser.add_argument("--expires", help="ISO date/time after which cards refuse the model")
     parser.add_argument("--min-firmware", help="cards with older firmware refuse the model")
-    parser.add_argument("--rollback-floor", type=int, default=0,
-                        help="cards that load this refuse versions below it afterwards")
+    parser.add_argument("--rollback-floor", type=int, default=None,
+                        help="cards that load this refuse versions below it afterwards "
+                        "(default: --model-version; lower only on purpose, with a warning)")
     parser.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
 
 
@@ -324,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wrap-mek", help="wrap the MEK to each card's session key")
     p.add_argument("--mek", required=True)
+    p.add_argument("--encrypted-qpc", required=True, metavar="FILE|DIR",
+                   help="the encrypted program the wrapped MEK will open (and no other)")
     p.add_argument("--output-dir", required=True)
     _add_key_flags(p, required=True)
     p.set_defaults(handler=cmd_wrap_mek)

@@ -6,6 +6,7 @@ writes its outputs atomically (docs/formats.md documents every file).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from orchestrator.crypto.container import (
     SealedContainer,
     SealSettings,
     encode_key_slots,
-    seal_specs,
+    write_sealed,
 )
 from orchestrator.crypto.evidence import (
     TrustPolicy,
@@ -33,14 +34,13 @@ from orchestrator.crypto.evidence import (
     verify_evidence,
 )
 from orchestrator.crypto.mek import MEK
-from orchestrator.crypto.wrap import Kem, KeySlot, decode_session_public_key, wrap_info, wrap_mek
+from orchestrator.crypto.wrap import Kem, KeySlot, decode_session_public_key, wrap_mek
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.container import (
     Container,
     FileSource,
     open_container,
     rewrite_last_segment,
-    write_container,
 )
 from orchestrator.qpc.mdp import read_mdp_meta
 
@@ -152,13 +152,34 @@ def _parse_bare_key(data: bytes) -> bytes | None:
     return None
 
 
-def wrap_to_targets(mek: MEK, targets: Sequence[SessionTarget]) -> list[KeySlot]:
-    """Slot k for target k."""
+def wrap_to_targets(mek: MEK, targets: Sequence[SessionTarget], program: bytes
+                    ) -> list[KeySlot]:
+    """Slot k for target k, each opening only ``program`` (its encryption-info digest)."""
     return [
         wrap_mek(mek, slot=index, card_id=t.card_id, session_id=t.session_id, kem=t.kem,
-                 public_key=t.public_key)
+                 public_key=t.public_key, program=program)
         for index, t in enumerate(targets)
     ]
+
+
+def info_digest(sealed: SealedContainer) -> bytes:
+    """What a key slot is bound to: SHA-256 of the program's encryption info."""
+    return hashlib.sha256(sealed.info_bytes).digest()
+
+
+def program_for_wrap(path: str, mek: MEK) -> bytes:
+    """The encryption-info digest of the program at ``path`` (FILE, or DIR holding
+    programqpc.bin or encrypted_model.qpc), after checking it is sealed under ``mek``."""
+    target = Path(path)
+    if target.is_dir():
+        target = next((target / name for name in (PROGRAM_NAME, BODY_NAME)
+                       if (target / name).is_file()), target / PROGRAM_NAME)
+    if not target.is_file():
+        raise FileInputError(target, "encrypted program not found")
+    with open_container(target) as container:
+        sealed = SealedContainer(container)
+        sealed.check_mek(mek)
+        return info_digest(sealed)
 
 
 def _check_slot_count(container: Container, count: int) -> None:
@@ -193,11 +214,10 @@ def encrypt_model(qpc: str, mek: MEK, out_dir: str, settings: SealSettings, *,
     with open_container(qpc) as source:
         if targets:
             _check_slot_count(source, len(targets))
-        specs = seal_specs(source, mek, settings, key_slots=[])
         directory = output_dir(out_dir)
         written = [directory / BODY_NAME]
         with atomic_output(written[0]) as handle:
-            write_container(handle, specs)
+            write_sealed(handle, source, mek, settings, key_slots=[])
     if targets:
         written.append(encrypt_with_session_keys(str(directory), mek, targets,
                                                  out_dir=str(directory)))
@@ -212,7 +232,8 @@ def encrypt_with_session_keys(in_dir: str, mek: MEK, targets: Sequence[SessionTa
         sealed = SealedContainer(container)
         sealed.check_mek(mek)
         _check_slot_count(container, len(targets))
-    slots = wrap_to_targets(mek, targets)
+        program = info_digest(sealed)
+    slots = wrap_to_targets(mek, targets, program)
     target = output_dir(out_dir or in_dir) / PROGRAM_NAME
     write_with_slots(body, target, slots)
     return target
@@ -260,10 +281,14 @@ def _rewrite_slots(fd: int, label: str, slots: Sequence[KeySlot]) -> None:
 # --- wrap-mek / replace-mek -----------------------------------------------------------
 
 
-def wrap_mek_to_dir(mek: MEK, targets: Sequence[SessionTarget], out_dir: str) -> list[Path]:
-    """One sub-directory per target: MEK.encrypt, MEK.pub, MEK.nonce, config.json."""
+def wrap_mek_to_dir(mek: MEK, targets: Sequence[SessionTarget], out_dir: str, *,
+                    program: bytes) -> list[Path]:
+    """One sub-directory per target: MEK.encrypt, MEK.pub, MEK.nonce, config.json.
+
+    Every wrap opens only ``program`` (an encryption-info digest, program_for_wrap).
+    """
     directory = output_dir(out_dir)
-    slots = wrap_to_targets(mek, targets)
+    slots = wrap_to_targets(mek, targets, program)
     written = []
     summary = []
     for target, slot in zip(targets, slots, strict=True):
@@ -288,6 +313,7 @@ def _slot_config(slot: KeySlot, target: SessionTarget) -> dict[str, Any]:
         "card_id": slot.card_id,
         "session_id": slot.session_id.hex(),
         "kem": slot.kem.value,
+        "program": slot.program.hex(),
         "boot_counter": target.boot_counter,
         "verified": target.verified,
         "evidence": target.source,
@@ -332,11 +358,12 @@ def _load_slot_dir(directory: Path) -> KeySlot:
             kem=Kem.parse(config["kem"]),
             enc=read_file(directory / "MEK.pub", "MEK.pub"),
             wrapped_mek=read_file(directory / "MEK.encrypt", "MEK.encrypt"),
+            program=bytes.fromhex(config["program"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise FormatError(where, "wrapped-MEK directory has a malformed config.json") from None
     nonce = read_file(directory / "MEK.nonce", "MEK.nonce")
-    if nonce != wrap_info(slot.kem, slot.slot, slot.card_id, slot.session_id):
+    if nonce != slot.info():
         raise FormatError(where, "MEK.nonce does not match config.json (mixed directories?)")
     if len(slot.enc) != slot.kem.enc_bytes:
         raise FormatError(where, "MEK.pub has the wrong length for its KEM")
@@ -371,6 +398,13 @@ def replace_mek(encrypted: str, wrapped_dirs: Sequence[str], *, out_dir: str | N
         sealed = SealedContainer(container)
         if not sealed.has_key_slot_segment:
             raise FormatError(str(program), "has no key-slot segment")
+        program_digest = info_digest(sealed)
+        for slot in new_slots:
+            if slot.program != program_digest:
+                raise FormatError(str(program), f"the wrapped MEK for slot {slot.slot} was made "
+                                  f"for another program ({slot.program.hex()[:16]}, this one is "
+                                  f"{program_digest.hex()[:16]}); wrap-mek --encrypted-qpc "
+                                  "names the program")
         slots = merge_slots(sealed.key_slots, new_slots)
         meta = read_mdp_meta(container)
         if meta is not None and any(s.slot >= len(meta.partitions) for s in slots):
@@ -443,9 +477,12 @@ def _extract(plan: list[tuple[str, Any, str]], directory: Path) -> list[dict[str
 
 def _collect(sealed: SealedContainer, mek: MEK, *, prefix: str) -> list[tuple[str, Any, str]]:
     plan: list[tuple[str, Any, str]] = []
+    meta = sealed.mdp_meta()
+    index = {p.segment: p.index for p in meta.partitions} if meta else {}
     for entry in sealed.info.segments:
         if entry.nested:
-            inner = sealed.nested(entry.name, mek)
+            assert meta is not None  # noqa: S101 - mdp_meta is None only without partitions
+            inner = sealed.partition(index[entry.name], mek, meta)
             plan.extend(_collect(inner, mek, prefix=f"{prefix}{entry.name}/"))
         else:
             plan.append((prefix + entry.name, sealed, entry.name))
@@ -498,6 +535,6 @@ def _describe(container: Container) -> dict[str, Any]:
         }
         document["key_slots"] = [
             {"slot": s.slot, "card_id": s.card_id, "session_id": s.session_id.hex(),
-             "kem": s.kem.value} for s in sealed.key_slots
+             "kem": s.kem.value, "program": s.program.hex()} for s in sealed.key_slots
         ]
     return document

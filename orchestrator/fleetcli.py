@@ -120,10 +120,18 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return _deploy(args, keep_serving=True)
 
 
+def _load_plan(path: str) -> Plan:
+    """Read a plan and say aloud what it allows on purpose (stderr)."""
+    plan = Plan.load(path)
+    for warning in plan.warnings():
+        print(warning, file=sys.stderr)
+    return plan
+
+
 def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
     import anyio
 
-    plan = Plan.load(args.plan)
+    plan = _load_plan(args.plan)
     code, _ = anyio.run(lambda: orchestrate(
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
         json_events=_json_mode(args), metrics_port=args.metrics_port,
@@ -136,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from orchestrator.hostcli import read_inputs, write_outputs
 
-    plan = Plan.load(args.plan)
+    plan = _load_plan(args.plan)
     inputs = read_inputs(args.input)
     code, outputs = anyio.run(lambda: orchestrate(plan, keep_serving=False, duration=None,
                                                   json_events=bool(args.json), inputs=inputs))

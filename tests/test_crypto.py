@@ -13,7 +13,7 @@ from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto import stream
 from orchestrator.crypto.evidence import TrustPolicy, sign_report, verify_evidence
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
-from orchestrator.crypto.wrap import Kem, SessionKeyPair, unwrap_mek, wrap_mek
+from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek, wrap_mek
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.errors import (
     AttestationError,
@@ -91,31 +91,43 @@ def test_mek_file_rules(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kem", list(Kem))
-def test_wrapped_mek_is_bound_to_card_session_and_slot(mek: MEK, kem: Kem) -> None:
+def test_wrapped_mek_is_bound_to_card_session_slot_and_program(mek: MEK, kem: Kem) -> None:
     pair = SessionKeyPair.generate(kem)
     session = os.urandom(16)
+    program, older = os.urandom(32), os.urandom(32)
     slot = wrap_mek(mek, slot=2, card_id="card-7", session_id=session, kem=kem,
-                    public_key=pair.public_raw)
-    assert unwrap_mek(slot, pair.private, card_id="card-7", session_id=session).key == mek.key
+                    public_key=pair.public_raw, program=program)
+
+    def unwrap(key_slot: KeySlot, *, card: str = "card-7", session_id: bytes = session,
+               opens: bytes = program) -> MEK:
+        return unwrap_mek(key_slot, pair.private, card_id=card, session_id=session_id,
+                          program=opens)
+
+    assert unwrap(slot).key == mek.key
     with pytest.raises(SessionInvalidError, match="is for card"):
-        unwrap_mek(slot, pair.private, card_id="card-8", session_id=session)
+        unwrap(slot, card="card-8")
     with pytest.raises(SessionInvalidError, match="earlier session|not the card's"):
-        unwrap_mek(slot, pair.private, card_id="card-7", session_id=os.urandom(16))
+        unwrap(slot, session_id=os.urandom(16))
     from dataclasses import replace
 
     with pytest.raises(IntegrityError, match="does not open"):
-        unwrap_mek(replace(slot, slot=3), pair.private, card_id="card-7", session_id=session)
+        unwrap(replace(slot, slot=3))
     forged = replace(slot, card_id="card-8")  # relabelled for another card: info differs
     with pytest.raises(IntegrityError, match="does not open"):
-        unwrap_mek(forged, pair.private, card_id="card-8", session_id=session)
+        unwrap(forged, card="card-8")
+    # another program sealed under the same MEK (an older version): the card binds the
+    # digest of what it is loading, so neither the label nor a relabelling helps
+    with pytest.raises(IntegrityError, match="made for another program"):
+        unwrap(slot, opens=older)
+    with pytest.raises(IntegrityError, match="does not open"):
+        unwrap(replace(slot, program=older), opens=older)
     flipped = bytearray(slot.wrapped_mek)
     flipped[0] ^= 1
     with pytest.raises(IntegrityError):
-        unwrap_mek(replace(slot, wrapped_mek=bytes(flipped)), pair.private, card_id="card-7",
-                   session_id=session)
+        unwrap(replace(slot, wrapped_mek=bytes(flipped)))
     other = SessionKeyPair.generate(kem)  # after a reset: same ids, new key
     with pytest.raises(IntegrityError):
-        unwrap_mek(slot, other.private, card_id="card-7", session_id=session)
+        unwrap_mek(slot, other.private, card_id="card-7", session_id=session, program=program)
 
 
 # --- evidence ---------------------------------------------------------------------------
@@ -193,15 +205,15 @@ def genuine_cert(evidence: evidence_pb2.AttestationEvidence):  # type: ignore[no
 
 def test_parallel_encryption_matches_the_format(tmp_path: Path, mek: MEK) -> None:
     """The forked-worker path writes chunks where the sequential reader expects them."""
-    from orchestrator.crypto.container import SealedContainer, SealSettings, seal_specs
+    from orchestrator.crypto.container import SealedContainer, SealSettings, write_sealed
     from orchestrator.qpc.build import pack_files
-    from orchestrator.qpc.container import open_container, write_container
+    from orchestrator.qpc.container import open_container
 
     data = os.urandom(70 * 1024 + 5)  # 71 chunks of 1 KiB: more than two worker blocks
     (tmp_path / "elf").write_bytes(data)
     pack_files(tmp_path / "m.qpc", [("network.elf", str(tmp_path / "elf"))])
     with open_container(tmp_path / "m.qpc") as source, open(tmp_path / "e.qpc", "w+b") as out:
-        write_container(out, seal_specs(source, mek, SealSettings("m", chunk_size=1024,
-                                                                  workers=2), key_slots=[]))
+        write_sealed(out, source, mek, SealSettings("m", chunk_size=1024, workers=2),
+                     key_slots=[])
     with open_container(tmp_path / "e.qpc") as sealed:
         assert bytes(SealedContainer(sealed).open(mek).decrypt_segment("network.elf")) == data

@@ -57,7 +57,7 @@ async def attest_all(host: HostClient, fleet: EmulatedFleet, devices: range
 
 
 def encrypt_for(tmp_path: Path, reports: list[VerifiedReport], mek: MEK, *, version: int = 1,
-                floor: int = 0, name: str = "out") -> Path:
+                floor: int | None = None, name: str = "out") -> Path:
     qpc = pack_onnx_stage(tiny_mlp(), tmp_path / f"{name}.qpc")
     targets = [SessionTarget.from_report(r, r.card_id) for r in reports]
     return encrypt_model(str(qpc), mek, str(tmp_path / name),
@@ -142,7 +142,8 @@ async def test_reset_invalidates_the_session_and_rekey_restores_it(tmp_path: Pat
         fresh = await attest_all(host, fleet, range(1, 2))
         assert fresh[0].boot_counter == d.reports[1].boot_counter + 1
         slots = wrap_to_targets(d.mek, [SessionTarget.from_report(d.reports[0], "0"),
-                                        SessionTarget.from_report(fresh[0], "1")])
+                                        SessionTarget.from_report(fresh[0], "1")],
+                                info_digest(d.program))
         await host.load(1, d.program_id, key_slots=slots)  # no re-upload, no re-encryption
         assert (await host.stats())["stage_count"] == 1
         await host.execute([1], {"x": np.zeros((1, 8), np.float32)})
@@ -245,7 +246,7 @@ async def test_swap_waits_for_another_cards_slot_when_each_card_gets_only_its_ow
             HostClient(fleet.addresses[0]) as host:
         d = await deploy(tmp_path, host, fleet, range(2))
         targets = [SessionTarget.from_report(r, r.card_id) for r in d.reports]
-        own = [wrap_to_targets(d.mek, [t])[0] for t in targets]
+        own = [wrap_to_targets(d.mek, [t], info_digest(d.program))[0] for t in targets]
         outcome: list[BaseException | None] = [None]
 
         async def victim() -> None:
@@ -322,20 +323,48 @@ async def test_suppressed_resets_are_caught_by_a_fresh_attestation() -> None:
         assert after[0].session_id != before[0].session_id
 
 
-async def test_verify_later_loads_at_once_and_checks_before_first_use(tmp_path: Path) -> None:
+async def test_a_load_is_answered_only_once_the_body_is_verified(tmp_path: Path) -> None:
+    """The receipt says `verified` and the card's report names the program; a body the
+    host altered is refused by the load itself, and the card then holds nothing."""
     async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet, \
             HostClient(fleet.addresses[0]) as host:
         d = await deploy(tmp_path, host, fleet, range(2))
-        result = await host.load(0, d.program_id, verify_later=True)
-        assert result.segments == ["io_desc.json", "network.onnx"]
-        x = np.ones((1, 8), np.float32)
-        outputs = await host.execute([0], {"x": x})  # waits for the card's verification
-        np.testing.assert_allclose(outputs["y"], reference_output(tiny_mlp(), x), rtol=1e-5)
-        assert (await host.list_devices())[0].program_ready
-        # the host alters the body afterwards: a deferred load still catches it at first use
+        result = await host.load(0, d.program_id)
+        receipt = verify_load_receipt(result.receipt, result.receipt_signature,
+                                      report=d.reports[0],
+                                      program_info_digest=info_digest(d.program), partition=0,
+                                      source="card 0")
+        assert receipt.verified and receipt.rollback_floor == 1
+        held = (await attest_all(host, fleet, range(1)))[0].loaded
+        assert held is not None and held.info_digest == info_digest(d.program)
+        assert (held.model_id, held.model_version, held.partition) == ("tiny", 1, 0)
         fleet.hosts[0].adversary = Adversary.TAMPER_BODY
         fleet.hosts[0].adversary_devices = frozenset({1})
-        await host.load(1, d.program_id, verify_later=True)
         with pytest.raises(IntegrityError, match="failed authentication"):
-            await host.execute([1], {"x": x})
-        assert not (await host.list_devices())[1].program_ready
+            await host.load(1, d.program_id)
+        assert (await attest_all(host, fleet, range(1, 2)))[0].loaded is None
+        assert (await host.list_devices())[1].state.value == "ONLINE"
+
+
+async def test_a_relayed_slot_opens_no_other_version_of_the_model(tmp_path: Path) -> None:
+    """The host keeps the slot it relayed for v2 and loads v1 (same MEK) with it."""
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        reports = await attest_all(host, fleet, range(1))
+        mek = MEK.generate()
+        old = encrypt_for(tmp_path, [], mek, version=1, floor=1, name="v1")
+        new = encrypt_for(tmp_path, [], mek, version=2, floor=1, name="v2")
+        old_id, _ = await host.stage(old)
+        new_id, _ = await host.stage(new)
+        target = [SessionTarget.from_report(reports[0], "0")]
+        relayed = wrap_to_targets(mek, target, info_digest(new))
+        await host.load(0, new_id, key_slots=relayed)
+        with pytest.raises(IntegrityError, match="made for another program"):
+            await host.load(0, old_id, key_slots=relayed)
+        from dataclasses import replace
+
+        relabelled = [replace(relayed[0], program=info_digest(old))]
+        with pytest.raises(IntegrityError, match="does not open"):
+            await host.load(0, old_id, key_slots=relabelled)
+        held = (await attest_all(host, fleet, range(1)))[0].loaded
+        assert held is not None and held.model_version == 2  # still v2, nothing replaced

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -124,16 +125,18 @@ def _load_error(card_path: Path, program: Path, partition: int = 0) -> Exception
 
 
 @pytest.mark.parametrize(
-    ("target", "expected"),
+    ("target", "expected", "card_expected"),
     [
-        ("ciphertext", "chunk 0 failed authentication"),
-        ("encinfo", "encryption info was altered"),
-        ("wrapped_mek", "wrapped MEK does not open"),
-        ("plaintext_desc", "plaintext segment 'networkdesc.bin' was altered"),
+        ("ciphertext", "chunk 0 failed authentication", None),
+        # the card binds the info's digest into the slot: an altered info opens no slot
+        ("encinfo", "encryption info was altered", "made for another program"),
+        ("wrapped_mek", "wrapped MEK does not open", None),
+        ("plaintext_desc", "plaintext segment 'networkdesc.bin' was altered", None),
     ],
 )
 def test_flipped_bits_are_detected(tmp_path: Path, fleet, make_qpc, capsys,  # type: ignore[no-untyped-def]
-                                   target: str, expected: str) -> None:
+                                   target: str, expected: str, card_expected: str | None
+                                   ) -> None:
     qpc, _ = make_qpc(SHAPES["many-segments"])
     program = encrypt(qpc, fleet, tmp_path / "out", 1)
     if target == "ciphertext":
@@ -144,12 +147,14 @@ def test_flipped_bits_are_detected(tmp_path: Path, fleet, make_qpc, capsys,  # t
         _flip(program, start + size - 16 - 3)  # the segment list, not salt or key check
     elif target == "wrapped_mek":
         start, size = _segment_offset(program, "modelip_keyslots")
-        _flip(program, start + size - 3)
+        with open_container(program) as container:
+            wrapped = SealedContainer(container).key_slots[0].wrapped_mek
+        _flip(program, program.read_bytes().index(wrapped, start) + 3)
     else:
         start, _ = _segment_offset(program, "networkdesc.bin")
         _flip(program, start)
     error = _load_error(fleet["cards"][0], program)
-    assert expected in str(error)
+    assert (card_expected or expected) in str(error)
     extract = tmp_path / "plain"
     if target != "wrapped_mek":  # the owner's check does not use the slots
         assert run("verify", "--qpc", program, "--mek", fleet["mek"], "--extract", extract) == 3
@@ -260,11 +265,12 @@ def test_bare_key_is_accepted_only_when_insecure(tmp_path: Path, fleet, make_qpc
     from cryptography.hazmat.primitives.asymmetric import ec
 
     qpc, _ = make_qpc(SHAPES["one-segment"])
+    program = encrypt(qpc, fleet, tmp_path / "out", 1)
     bare = tmp_path / "bare.pem"
     bare.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    assert run("wrap-mek", "--mek", fleet["mek"], "--pub-keys", bare, "--output-dir",
-               tmp_path / "w", "--insecure-unverified-key") == 0
+    assert run("wrap-mek", "--mek", fleet["mek"], "--encrypted-qpc", program, "--pub-keys",
+               bare, "--output-dir", tmp_path / "w", "--insecure-unverified-key") == 0
     assert "WARNING" in capsys.readouterr().err
     assert (tmp_path / "w" / "slot_0" / "MEK.encrypt").stat().st_size == 32
 
@@ -283,8 +289,9 @@ def test_reset_then_replace_mek_makes_the_same_body_load(tmp_path: Path, fleet, 
     fresh = tmp_path / "fresh.dat"
     assert run("card", "attest", card, "-o", fresh) == 0
     # wrap for slot 1 only: wrap-mek numbers slots in --pub-keys order
-    assert run("wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
-               "--pub-keys", fleet["evidence"][0], fresh, "--output-dir", tmp_path / "w") == 0
+    assert run("wrap-mek", "--mek", fleet["mek"], "--encrypted-qpc", program, "--trust-root",
+               fleet["root"], "--pub-keys", fleet["evidence"][0], fresh, "--output-dir",
+               tmp_path / "w") == 0
     start, size = _segment_offset(program, "network.elf")
     body_before = program.read_bytes()[start : start + size]
     if mode == "in-place":
@@ -305,6 +312,28 @@ def test_reset_then_replace_mek_makes_the_same_body_load(tmp_path: Path, fleet, 
         assert {k: bytes(v) for k, v in loaded.program.segments.items()} == contents
 
 
+def test_a_wrapped_mek_goes_only_into_the_program_it_was_made_for(  # type: ignore[no-untyped-def]
+        tmp_path: Path, fleet, make_qpc, capsys) -> None:
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    first = encrypt(qpc, fleet, tmp_path / "a", 1)
+    second = encrypt(qpc, fleet, tmp_path / "b", 1)  # same model and MEK, new salt
+    assert run("wrap-mek", "--mek", fleet["mek"], "--encrypted-qpc", first, "--trust-root",
+               fleet["root"], "--pub-keys", fleet["evidence"][0], "--output-dir",
+               tmp_path / "w") == 0
+    config = json.loads((tmp_path / "w" / "slot_0" / "config.json").read_text())
+    with open_container(first) as container:
+        assert config["program"] == hashlib.sha256(
+            SealedContainer(container).info_bytes).hexdigest()
+    capsys.readouterr()
+    before = second.read_bytes()
+    assert run("replace-mek", "--encrypted-qpc", second, "--wrapped-meks", tmp_path / "w",
+               "--in-place") == 2
+    assert "was made for another program" in capsys.readouterr().err
+    assert second.read_bytes() == before
+    assert run("replace-mek", "--encrypted-qpc", first, "--wrapped-meks", tmp_path / "w",
+               "--in-place") == 0
+
+
 def test_replace_mek_in_place_survives_repeated_swaps(tmp_path: Path, fleet, make_qpc  # type: ignore[no-untyped-def]
                                                       ) -> None:
     """Each swap writes the slots beside the live copy; the file does not grow."""
@@ -316,8 +345,9 @@ def test_replace_mek_in_place_survives_repeated_swaps(tmp_path: Path, fleet, mak
         assert run("card", "reset", fleet["cards"][0]) == 0
         assert run("card", "attest", fleet["cards"][0], "-o", evidence) == 0
         wrapped = tmp_path / f"w{round_}"
-        assert run("wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
-                   "--pub-keys", evidence, "--output-dir", wrapped) == 0
+        assert run("wrap-mek", "--mek", fleet["mek"], "--encrypted-qpc", program,
+                   "--trust-root", fleet["root"], "--pub-keys", evidence, "--output-dir",
+                   wrapped) == 0
         assert run("replace-mek", "--encrypted-qpc", program, "--wrapped-meks", wrapped,
                    "--in-place") == 0
         assert run("card", "load", fleet["cards"][0], program) == 0

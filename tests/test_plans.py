@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import PlanError
-from tests.test_engine import running
+from tests.test_engine import running, write_plan
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 
@@ -33,8 +33,39 @@ def test_real_hosts_example_validates_once_its_files_exist(tmp_path: Path) -> No
     plan = Plan.load(tmp_path / "plans" / "real-hosts.yaml")
     assert [h.devices for h in plan.hosts] == [(0, 1, 2, 3), tuple(range(8))]
     assert plan.hosts[0].tls is not None and plan.hosts[1].tls is None
+    assert plan.hosts[1].insecure
     assert plan.policy.kems == ("P256",) and plan.model.rollback_floor == 7
     assert plan.model.expires > 0
+    [warning] = plan.warnings()
+    assert "10.0.0.12:62473: insecure: true, gRPC in plaintext" in warning
+    # without tls or insecure, a host across the network is refused, by line
+    text = (tmp_path / "plans" / "real-hosts.yaml").read_text()
+    (tmp_path / "plans" / "real-hosts.yaml").write_text(text.replace(
+        "      insecure: true", "      # insecure: true"))
+    with pytest.raises(PlanError, match=r"real-hosts.yaml:\d+: fleet.hosts\[1\]: "
+                       r"10.0.0.12:62473 is not loopback: give tls"):
+        Plan.load(tmp_path / "plans" / "real-hosts.yaml")
+
+
+@pytest.mark.parametrize(("address", "loopback"), [
+    ("127.0.0.1:62473", True), ("127.8.0.3:1", True), ("localhost:5", True),
+    ("[::1]:62473", True), ("unix:/run/modelip.sock", True), ("10.0.0.1:62473", False),
+    ("[fe80::1]:62473", False), ("host.example:62473", False), ("0.0.0.0:1", False)])
+def test_only_loopback_addresses_go_without_tls(address: str, loopback: bool) -> None:
+    from orchestrator.engine.plan import is_loopback
+
+    assert is_loopback(address) is loopback
+
+
+def test_the_rollback_floor_defaults_to_the_model_version_and_lowering_it_warns(
+        tmp_path: Path) -> None:
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=1, model_extra="  version: 4\n"))
+    assert plan.model.rollback_floor == 4 and plan.warnings() == []
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=1,
+                                model_extra="  version: 4\n  rollback_floor: 2\n"))
+    assert plan.model.rollback_floor == 2
+    assert ["model.rollback_floor 2 is below model.version 4" in w
+            for w in plan.warnings()] == [True]
 
 
 async def test_hybrid_plan_wraps_with_the_post_quantum_kem(tmp_path: Path) -> None:

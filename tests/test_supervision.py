@@ -126,8 +126,13 @@ def test_wrap_mek_refuses_a_malformed_chain_with_one_line(tmp_path: Path, pki: V
     parsed.certificate_chain.extend(malformed_chain(ec.generate_private_key(ec.SECP256R1()),
                                                     "card-0"))
     (tmp_path / "pub0.dat").write_bytes(parsed.SerializeToString())
-    subprocess.run([*MODELIP, "generate-mek", "-o", str(tmp_path / "MEK.dat")], check=True)
+    (tmp_path / "elf").write_bytes(os.urandom(1000))
+    for step in (["generate-mek", "-o", "MEK.dat"],
+                 ["pack", "-o", "m.qpc", "--segment", "network.elf=elf"],
+                 ["encrypt-model", "--qpc", "m.qpc", "--mek", "MEK.dat", "--output-dir", "enc"]):
+        subprocess.run([*MODELIP, *step], check=True, cwd=tmp_path, capture_output=True)
     result = subprocess.run([*MODELIP, "wrap-mek", "--mek", str(tmp_path / "MEK.dat"),
+                             "--encrypted-qpc", str(tmp_path / "enc"),
                              "--pub-keys", str(tmp_path / "pub0.dat"), "--trust-root",
                              str(tmp_path / "pki" / "root.pem"), "--output-dir",
                              str(tmp_path / "wrapped")], capture_output=True, text=True,

@@ -16,6 +16,7 @@ import mmap
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
@@ -26,6 +27,7 @@ from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem, KeySlot
 from orchestrator.errors import FormatError, IntegrityError, WrongMEKError
 from orchestrator.qpc.container import (
+    VERSION_MINOR,
     Container,
     MemorySource,
     SegmentSpec,
@@ -33,10 +35,11 @@ from orchestrator.qpc.container import (
     bytes_segment,
     container_pieces,
     container_size,
+    write_container,
 )
-from orchestrator.qpc.mdp import MDP_META, read_mdp_meta
+from orchestrator.qpc.mdp import MDP_META, MdpMeta, read_mdp_meta
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: header fields and offsets authenticated, slots bound to a program
 ENCINFO = "modelip_encinfo"
 KEYSLOTS = "modelip_keyslots"
 RESERVED = frozenset({ENCINFO, KEYSLOTS})
@@ -53,7 +56,7 @@ class ContentPolicy:
 
     not_after: int = 0
     min_firmware: str = ""
-    rollback_floor: int = 0
+    rollback_floor: int | None = None  # None: the model's version (no going back)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,8 @@ def encode_key_slots(slots: Sequence[KeySlot]) -> bytes:
     table = evidence_pb2.KeySlotTable(format_version=FORMAT_VERSION)
     for slot in slots:
         table.slots.add(slot=slot.slot, card_id=slot.card_id, session_id=slot.session_id,
-                        kem=slot.kem.value, enc=slot.enc, wrapped_mek=slot.wrapped_mek)
+                        kem=slot.kem.value, enc=slot.enc, wrapped_mek=slot.wrapped_mek,
+                        program_info_digest=slot.program)
     return table.SerializeToString(deterministic=True)
 
 
@@ -116,7 +120,8 @@ def key_slots_from_proto(table: evidence_pb2.KeySlotTable, *, source: str) -> li
     if len(table.slots) > MAX_SLOTS:
         raise FormatError(source, "too many key slots")
     return [
-        KeySlot(s.slot, s.card_id, s.session_id, Kem.parse(s.kem), s.enc, s.wrapped_mek)
+        KeySlot(s.slot, s.card_id, s.session_id, Kem.parse(s.kem), s.enc, s.wrapped_mek,
+                s.program_info_digest)
         for s in table.slots
     ]
 
@@ -166,16 +171,20 @@ def seal_specs(
         policy=evidence_pb2.Policy(
             not_after=settings.policy.not_after,
             min_firmware=settings.policy.min_firmware,
-            rollback_floor=settings.policy.rollback_floor,
+            rollback_floor=(settings.model_version if settings.policy.rollback_floor is None
+                            else settings.policy.rollback_floor),
         ),
         partition=partition,
         partition_count=partition_count,
         parent_salt=parent_salt,
+        container_minor=VERSION_MINOR,
+        compression=source.header.compression,
     )
     body: list[tuple[SegmentSpec, evidence_pb2.SegmentInfo]] = []
     stream_index = 0
     for segment in source.segments:
-        entry = evidence_pb2.SegmentInfo(name=segment.name, plaintext_size=segment.size)
+        entry = evidence_pb2.SegmentInfo(name=segment.name, plaintext_size=segment.size,
+                                         offset=segment.offset)
         if segment.name in nested_names:
             inner = Container(
                 SliceSource(source.source, segment.file_offset, segment.size),
@@ -187,7 +196,8 @@ def seal_specs(
             )
             entry.nested = True
             body.append((SegmentSpec(segment.name, container_size(inner_specs),
-                                     _nested_producer(inner_specs), segment.offset), entry))
+                                     _nested_producer(inner_specs, inner.header.compression),
+                                     segment.offset), entry))
         elif segment.name in PLAINTEXT_ALLOWLIST:
             data = source.read(segment.name)
             entry.plaintext_sha256 = hashlib.sha256(data).digest()
@@ -222,8 +232,20 @@ def seal_specs(
     return specs
 
 
-def _nested_producer(specs: list[SegmentSpec]) -> Callable[[], Iterator[bytes | memoryview]]:
-    return lambda: container_pieces(specs)
+def write_sealed(handle: BinaryIO, source: Container, mek: MEK, settings: SealSettings, *,
+                 key_slots: Sequence[KeySlot]) -> int:
+    """Write the encrypted form of ``source`` (with ``key_slots``); returns its size.
+
+    The header keeps the source's compression type, as the encryption info
+    records it (both are compared when the container is opened).
+    """
+    return write_container(handle, seal_specs(source, mek, settings, key_slots=key_slots),
+                           compression=source.header.compression)
+
+
+def _nested_producer(specs: list[SegmentSpec], compression: int
+                     ) -> Callable[[], Iterator[bytes | memoryview]]:
+    return lambda: container_pieces(specs, compression=compression)
 
 
 def _encrypting_writer(source: Container, index: int, stream_index: int, aad: bytes,
@@ -324,6 +346,15 @@ class SealedContainer:
         return self
 
     def _check_table(self) -> None:
+        """Everything in the plaintext header and table that changes how a card reads
+        the container must be what the (authenticated) encryption info says."""
+        header = self.container.header
+        if (header.minor, header.compression) != (self.info.container_minor,
+                                                   self.info.compression):
+            raise IntegrityError(f"{self.label}: container header was altered (version "
+                                 f"0.{header.minor}, compression {header.compression}; the "
+                                 f"encryption info says 0.{self.info.container_minor}, "
+                                 f"{self.info.compression})")
         names = [s.name for s in self.container.segments]
         expected = [ENCINFO, *[entry.name for entry in self.info.segments]]
         if self.has_key_slot_segment:
@@ -331,8 +362,14 @@ class SealedContainer:
         if names != expected:
             raise IntegrityError(f"{self.label}: segment table does not match the encryption "
                                  "info (segments added, removed, renamed or reordered)")
+        for reserved in (ENCINFO, KEYSLOTS):
+            if self.container.has(reserved) and self.container.segment(reserved).offset:
+                raise IntegrityError(f"{self.label}: segment {reserved!r} has an offset field")
         for entry in self.info.segments:
             segment = self.container.segment(entry.name)
+            if segment.offset != entry.offset:
+                raise IntegrityError(f"{self.label}: segment {entry.name!r} offset field was "
+                                     f"altered ({segment.offset}, sealed as {entry.offset})")
             if entry.encrypted:
                 want = stream.ciphertext_size(entry.plaintext_size, self.info.chunk_size)
                 if segment.size != want:
@@ -359,6 +396,30 @@ class SealedContainer:
         )).open(mek)
         if inner.info.parent_salt != self.info.salt:
             raise IntegrityError(f"{self.label}: partition {name!r} belongs to another model")
+        return inner
+
+    def mdp_meta(self) -> MdpMeta | None:
+        """The MDP metadata, authenticated before it is parsed; None if not MDP.
+
+        IntegrityError if a nested container is not one of its partitions."""
+        nested = {entry.name for entry in self.info.segments if entry.nested}
+        if not nested:
+            return None
+        meta = MdpMeta.decode(bytes(self.decrypt_segment(MDP_META)), source=self.label)
+        if {p.segment for p in meta.partitions} != nested:
+            raise IntegrityError(f"{self.label}: MDP metadata and nested partitions disagree")
+        return meta
+
+    def partition(self, index: int, mek: MEK, meta: MdpMeta) -> SealedContainer:
+        """Open partition ``index`` (``meta`` from mdp_meta), checking that the sealed
+        partition says it is that index of that many: swapped partitions refuse."""
+        if not 0 <= index < len(meta.partitions):
+            raise FormatError(self.label, f"has no partition {index}")
+        inner = self.nested(meta.partitions[index].segment, mek)
+        if (inner.info.partition, inner.info.partition_count) != (index, len(meta.partitions)):
+            raise IntegrityError(f"{self.label}: partition {index} holds partition "
+                                 f"{inner.info.partition} of {inner.info.partition_count} "
+                                 "(partitions swapped)")
         return inner
 
     def _entry(self, name: str) -> evidence_pb2.SegmentInfo:

@@ -71,6 +71,21 @@ class TrustPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldProgram:
+    """What a card's signed report says it holds in memory, decrypted and verified."""
+
+    info_digest: bytes
+    model_id: str
+    model_version: int
+    partition: int
+    program_id: str
+
+    def describe(self) -> str:
+        return (f"model {self.model_id!r} version {self.model_version}, partition "
+                f"{self.partition}, program {self.info_digest.hex()[:16]}")
+
+
+@dataclass(frozen=True, slots=True)
 class VerifiedReport:
     """A report that passed every check: the only input wrap_mek takes keys from."""
 
@@ -86,6 +101,7 @@ class VerifiedReport:
     issued_at: int
     root_fingerprint: str
     card_public_key: bytes  # DER SubjectPublicKeyInfo of the certified identity key
+    loaded: HeldProgram | None = None  # None: the card holds no program
 
     @property
     def session_fingerprint(self) -> str:
@@ -205,6 +221,9 @@ def verify_evidence(
         issued_at=body.issued_at,
         root_fingerprint=root.fingerprint(hashes.SHA256()).hex()[:16],
         card_public_key=card_public_key,
+        loaded=HeldProgram(body.loaded.program_info_digest, body.loaded.model_id,
+                           body.loaded.model_version, body.loaded.partition,
+                           body.loaded.program_id) if body.HasField("loaded") else None,
     )
 
 
@@ -314,11 +333,12 @@ def verify_load_receipt(
     receipt: bytes, signature: bytes, *, report: VerifiedReport, program_info_digest: bytes,
     partition: int, source: str,
 ) -> evidence_pb2.LoadReceipt:
-    """Check that the card itself says it loaded exactly our program, in this session.
+    """Check that the card itself says it loaded exactly our program, in this session,
+    and has decrypted and verified all of it (it can run it now).
 
     ``report`` is the verified attestation of the same card session. Raises
-    AttestationError (bad signature, wrong card or session) or IntegrityError
-    (another program or partition was loaded: a substituting host).
+    AttestationError (bad signature, wrong card or session, not verified) or
+    IntegrityError (another program or partition was loaded: a substituting host).
     """
     from orchestrator.errors import IntegrityError
 
@@ -332,6 +352,9 @@ def verify_load_receipt(
         raise AttestationError(f"{source}: load receipt is not signed by the card") from None
     if parsed.card_id != report.card_id or parsed.session_id != report.session_id:
         raise AttestationError(f"{source}: load receipt is for another card or session")
+    if not parsed.verified:
+        raise AttestationError(f"{source}: the card has not verified the program body "
+                               "(its receipt does not say so)")
     if parsed.program_info_digest != program_info_digest or parsed.partition != partition:
         raise IntegrityError(f"{source}: the card loaded a different program (model "
                              f"{parsed.model_id!r} version {parsed.model_version}, partition "

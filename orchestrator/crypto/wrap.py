@@ -1,8 +1,10 @@
 """MEK wrapping to a card's session key with HPKE (RFC 9180), docs/formats.md.
 
 The HPKE ``info`` binds the format version, the KEM, the slot number, the card
-identity and the session id, so a wrapped MEK opens on no other card, in no
-other slot, and not after the card's next boot.
+identity, the session id and the program (the SHA-256 of its encryption info),
+so a wrapped MEK opens on no other card, in no other slot (MDP: partition), not
+after the card's next boot, and for no other program sealed under the same MEK
+(an older version, say).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from orchestrator.crypto.mek import MEK, MEK_BYTES
 from orchestrator.errors import FormatError, IntegrityError, SessionInvalidError
 
-WRAP_FORMAT_VERSION = 1
+WRAP_FORMAT_VERSION = 2
+PROGRAM_DIGEST_BYTES = 32
 _MLKEM768_PUBLIC = 1184
 _X25519_PUBLIC = 32
 
@@ -106,8 +109,11 @@ def decode_session_public_key(kem: Kem, raw: bytes) -> SessionPublicKey:
         raise FormatError("session public key", f"not a valid {kem.value} public key") from None
 
 
-def wrap_info(kem: Kem, slot: int, card_id: str, session_id: bytes) -> bytes:
-    """The HPKE info string: what a wrapped MEK is bound to."""
+def wrap_info(kem: Kem, slot: int, card_id: str, session_id: bytes, program: bytes) -> bytes:
+    """The HPKE info string: what a wrapped MEK is bound to.
+
+    ``program`` is the SHA-256 of the program's (top-level) encryption info.
+    """
     card = card_id.encode("utf-8")
     return (
         b"modelip/v1 mek wrap\0"
@@ -115,12 +121,17 @@ def wrap_info(kem: Kem, slot: int, card_id: str, session_id: bytes) -> bytes:
         + kem.value.encode("ascii") + b"\0"
         + struct.pack(">H", len(card)) + card
         + struct.pack(">H", len(session_id)) + session_id
+        + struct.pack(">H", len(program)) + program
     )
 
 
 @dataclass(frozen=True, slots=True)
 class KeySlot:
-    """One wrapped MEK: for slot ``slot`` of a container, on one card's session."""
+    """One wrapped MEK: for slot ``slot`` of one program, on one card's session.
+
+    ``program`` is a label (the digest the wrap was made for); the card binds
+    the digest of the program it is loading, never this field.
+    """
 
     slot: int
     card_id: str
@@ -128,30 +139,42 @@ class KeySlot:
     kem: Kem
     enc: bytes
     wrapped_mek: bytes
+    program: bytes
 
     def info(self) -> bytes:
-        return wrap_info(self.kem, self.slot, self.card_id, self.session_id)
+        return wrap_info(self.kem, self.slot, self.card_id, self.session_id, self.program)
 
 
 def wrap_mek(
-    mek: MEK, *, slot: int, card_id: str, session_id: bytes, kem: Kem, public_key: bytes
+    mek: MEK, *, slot: int, card_id: str, session_id: bytes, kem: Kem, public_key: bytes,
+    program: bytes,
 ) -> KeySlot:
-    """Wrap ``mek`` to a card's session public key (raw bytes) for ``slot``."""
+    """Wrap ``mek`` to a card's session public key (raw bytes) for ``slot`` of ``program``
+    (the SHA-256 of the program's encryption info)."""
+    if len(program) != PROGRAM_DIGEST_BYTES:
+        raise ValueError("program must be the 32-byte digest of an encryption info")
     recipient = decode_session_public_key(kem, public_key)
-    info = wrap_info(kem, slot, card_id, session_id)
+    info = wrap_info(kem, slot, card_id, session_id, program)
     sealed = kem.suite.encrypt(mek.key, recipient, info=info)
     enc, wrapped = sealed[: kem.enc_bytes], sealed[kem.enc_bytes :]
-    return KeySlot(slot, card_id, session_id, kem, enc, wrapped)
+    return KeySlot(slot, card_id, session_id, kem, enc, wrapped, program)
 
 
 def unwrap_mek(
-    key_slot: KeySlot, private_key: SessionPrivateKey, *, card_id: str, session_id: bytes
+    key_slot: KeySlot, private_key: SessionPrivateKey, *, card_id: str, session_id: bytes,
+    program: bytes,
 ) -> MEK:
     """Open a key slot with a card's session private key (card side).
 
-    Raises SessionInvalidError if the slot names another card or session,
-    IntegrityError if it was altered or moved to another slot.
+    ``program`` is the digest of the encryption info the card is loading,
+    computed by the card. Raises SessionInvalidError if the slot names another
+    card or session, IntegrityError if it was made for another program, was
+    altered or moved to another slot.
     """
+    if key_slot.program != program:
+        raise IntegrityError(f"key slot {key_slot.slot} was made for another program "
+                             f"({key_slot.program.hex()[:16]}), not the one being loaded "
+                             f"({program.hex()[:16]})")
     if key_slot.card_id != card_id:
         raise SessionInvalidError(f"key slot {key_slot.slot} is for card {key_slot.card_id!r}")
     if key_slot.session_id != session_id:
@@ -163,12 +186,13 @@ def unwrap_mek(
         raise IntegrityError(f"key slot {key_slot.slot}: encapsulated key has the wrong length")
     try:
         key = key_slot.kem.suite.decrypt(
-            key_slot.enc + key_slot.wrapped_mek, private_key, info=key_slot.info()
+            key_slot.enc + key_slot.wrapped_mek, private_key,
+            info=wrap_info(key_slot.kem, key_slot.slot, card_id, session_id, program),
         )
     except (InvalidTag, ValueError, TypeError):
         raise IntegrityError(
             f"key slot {key_slot.slot}: wrapped MEK does not open (altered, or moved from "
-            "another card, session or slot)"
+            "another card, session, slot or program)"
         ) from None
     if len(key) != MEK_BYTES:
         raise IntegrityError(f"key slot {key_slot.slot}: wrapped key is not a 128-bit MEK")

@@ -43,16 +43,48 @@ from orchestrator.errors import (
     SessionInvalidError,
 )
 from orchestrator.qpc.container import Container
-from orchestrator.qpc.mdp import read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC, NETWORK_ONNX
 
 DEFAULT_FIRMWARE = "1.12.0"
 DEFAULT_SKU = "AIC100-EMU"
-READY_WAIT = 600.0  # seconds execute waits for background decryption
 
 
 def _yield_interpreter() -> None:
     time.sleep(0)
+
+
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
+               "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(int16)": "int16",
+               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
+               "tensor(uint16)": "uint16", "tensor(uint32)": "uint32",
+               "tensor(uint64)": "uint64", "tensor(bool)": "bool"}
+
+
+def _checked(stage: str, node: Any, value: Any) -> Any:
+    """``value`` if it has the dtype and shape the stage declares, else FormatError."""
+    want = _ONNX_TYPES.get(node.type)
+    if want is not None and value.dtype.name != want:
+        raise FormatError(stage, f"input {node.name!r} must be {want}, got {value.dtype.name}")
+    declared = list(node.shape)
+    shape = list(value.shape)
+    if len(declared) != len(shape) or any(
+            isinstance(d, int) and d != actual for d, actual in zip(declared, shape,
+                                                                     strict=True)):
+        wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in declared)
+        got = "x".join(map(str, shape)) or "scalar"
+        raise FormatError(stage, f"input {node.name!r} must have shape {wanted}, got {got}")
+    return value
+
+
+def _io_desc(raw: PlainBuffer, label: str) -> dict[str, Any]:
+    """The (authenticated) io_desc.json of a program; FormatError if it is not JSON."""
+    try:
+        document = json.loads(bytes(raw))
+    except (ValueError, RecursionError):
+        raise FormatError(label, "io_desc.json is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise FormatError(label, "io_desc.json is not an object")
+    return document
 
 
 class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host reports it
@@ -84,8 +116,6 @@ class LoadedProgram:
     info_digest: bytes = b""
     io_desc: dict[str, Any] | None = None
     session: Any = None  # onnxruntime session, built lazily from card memory
-    ready: threading.Event = field(default_factory=threading.Event)
-    error: str = ""      # set if background verification failed
 
 
 class EmulatedCard:
@@ -162,7 +192,6 @@ class EmulatedCard:
 
     def _wipe_program(self) -> None:
         if self.program is not None:
-            self.program.ready.set()  # wake any execute waiting on it: it sees the unload
             for buffer in self.program.segments.values():
                 wipe_plaintext(buffer)
             self.program.session = None
@@ -171,7 +200,8 @@ class EmulatedCard:
     # --- attestation ----------------------------------------------------------------
 
     def attest(self, request: bytes) -> bytes:
-        """A signed report binding SHA-256(request) and the current session key."""
+        """A signed report binding SHA-256(request), the current session key and the
+        program in card memory (if any)."""
         with self._lock:
             session = self._require_session()
             body = evidence_pb2.ReportBody(
@@ -189,89 +219,73 @@ class EmulatedCard:
             )
             for name, digest in sorted(self.config.all_measurements().items()):
                 body.measurements.add(name=name, digest=digest)
+            if self.program is not None:  # installed only once decrypted and verified
+                body.loaded.CopyFrom(evidence_pb2.LoadedProgram(
+                    program_info_digest=self.program.info_digest,
+                    model_id=self.program.model_id, model_version=self.program.model_version,
+                    partition=self.program.partition, program_id=self.program.program_id))
             return sign_report(body, self._identity.key, self._identity.chain)
 
     # --- loading --------------------------------------------------------------------
 
     def load(self, container: Container, *, program_id: str, partition: int = 0,
-             key_slots: list[KeySlot] | None = None, verify_later: bool = False) -> list[str]:
-        """Open our key slot, decrypt and verify the program into card memory.
+             key_slots: list[KeySlot] | None = None) -> list[str]:
+        """Open our key slot, decrypt and verify the whole program into card memory.
 
         ``key_slots`` replaces the container's own slots (the host passes fresh
-        ones at re-key). With ``verify_later`` the card returns once its key is
-        installed and the encryption info authenticated, and decrypts and
-        verifies the segments in the background (as an inline decryption engine
-        would); ``execute`` waits for that and fails if it failed. Raises
+        ones at re-key). The card authenticates before it parses: the encryption
+        info (with the MEK from a slot bound to that very info), then the MDP
+        metadata (by its authenticated digest), then every chunk; only then is
+        the program installed and a receipt signable. Raises
         SessionInvalidError (no slot for this session), IntegrityError
-        (tampered), PolicyError (expired, firmware, rollback), FormatError (not
-        an encrypted program). Returns the names of the segments loaded.
+        (tampered, or a slot made for another program), PolicyError (expired,
+        firmware, rollback), FormatError (not an encrypted program). Returns
+        the names of the segments loaded.
         """
         with self._lock:
             session = self._require_session()
-            sealed = SealedContainer(container)
-            slots = sealed.key_slots if key_slots is None else key_slots
-            meta = read_mdp_meta(container)
-            slot = self._pick_slot(slots, partition if meta else None)
-            mek = unwrap_mek(slot, session.private, card_id=self.card_id,
-                             session_id=self.session_id)
-            try:
-                sealed.open(mek)
-                self._enforce_policy(sealed)
-                target = sealed
-                if meta is not None:
-                    if partition >= len(meta.partitions):
-                        raise FormatError(container.label, f"has no partition {partition}")
-                    sealed.decrypt_segment("mdp_meta_info")  # authenticates the meta
-                    target = sealed.nested(meta.partitions[partition].segment, mek)
-                    if target.info.partition != partition:
-                        raise IntegrityError(f"{container.label}: partition {partition} "
-                                             "holds another partition's program")
-                elif partition != 0:
-                    raise FormatError(container.label, "is not an MDP container; "
-                                      "only partition 0 exists")
-            finally:
-                mek.wipe()  # the content key stays inside `target`, in card memory
+            session_id = self.session_id
+        sealed = SealedContainer(container)
+        slots = sealed.key_slots if key_slots is None else key_slots
+        info_digest = hashlib.sha256(sealed.info_bytes).digest()
+        mdp = any(entry.nested for entry in sealed.info.segments)
+        slot = self._pick_slot(slots, partition if mdp else None, session_id)
+        mek = unwrap_mek(slot, session.private, card_id=self.card_id, session_id=session_id,
+                         program=info_digest)
+        try:
+            sealed.open(mek)
+            self._enforce_policy(sealed)
+            target = sealed
+            if mdp:
+                meta = sealed.mdp_meta()  # authenticated, then parsed
+                assert meta is not None  # noqa: S101 - it has nested partitions
+                target = sealed.partition(partition, mek, meta)
+            elif partition != 0:
+                raise FormatError(container.label, "is not an MDP container; "
+                                  "only partition 0 exists")
+        finally:
+            mek.wipe()  # the content key stays inside `target`, in card memory
+        # Outside the lock, giving up the interpreter after every chunk: the card
+        # (and the host around it) keep answering while it decrypts.
+        segments = target.decrypt_all(between_chunks=_yield_interpreter)
+        with self._lock:
+            if self.session_id != session_id or not self.online:  # reset meanwhile
+                for buffer in segments.values():
+                    wipe_plaintext(buffer)
+                raise SessionInvalidError(f"card {self.card_id} was reset during the load")
             self._wipe_program()
             model_id = sealed.info.model_id
             self._floors[model_id] = max(self._floors.get(model_id, 0),
                                          sealed.info.policy.rollback_floor)
             program = LoadedProgram(program_id, model_id, sealed.info.model_version, partition,
-                                    {}, hashlib.sha256(sealed.info_bytes).digest())
-            names = sorted(e.name for e in target.info.segments if not e.nested)
-            if verify_later:
-                self.program = program
-                threading.Thread(target=self._verify_in_background, args=(program, target),
-                                 name=f"{self.card_id}-decrypt", daemon=True).start()
-                return names
-            self._install(program, target.decrypt_all())
-            return names
-
-    def _install(self, program: LoadedProgram, segments: dict[str, PlainBuffer]) -> None:
-        program.segments = segments
-        if IO_DESC in segments:
-            program.io_desc = json.loads(bytes(segments[IO_DESC]))
-        program.ready.set()
-        self.program = program
-
-    def _verify_in_background(self, program: LoadedProgram, target: SealedContainer) -> None:
-        try:
-            # Outside the lock, giving up the interpreter after every chunk: the
-            # card (and the host around it) keep answering while it decrypts.
-            segments = target.decrypt_all(between_chunks=_yield_interpreter)
-        except ModelIPError as err:
-            with self._lock:
-                program.error = str(err)
-                program.ready.set()
-            return
-        with self._lock:
-            if self.program is not program:  # reset or unloaded meanwhile: drop it
-                for buffer in segments.values():
-                    wipe_plaintext(buffer)
-                return
-            self._install(program, segments)
+                                    segments, info_digest)
+            if IO_DESC in segments:
+                program.io_desc = _io_desc(segments[IO_DESC], container.label)
+            self.program = program
+        return sorted(segments)
 
     def load_receipt(self) -> tuple[bytes, bytes]:
-        """A signed statement of what this card holds now (the owner checks it)."""
+        """A signed statement of what this card holds now, decrypted and verified."""
         with self._lock:
             program = self.program
             if program is None:
@@ -280,14 +294,16 @@ class EmulatedCard:
                 card_id=self.card_id, session_id=self.session_id,
                 boot_counter=self.boot_counter, program_info_digest=program.info_digest,
                 partition=program.partition, model_id=program.model_id,
-                model_version=program.model_version)
+                model_version=program.model_version, verified=True,
+                rollback_floor=self._floors.get(program.model_id, 0))
             return sign_receipt(receipt, self._identity.key)
 
-    def _pick_slot(self, slots: list[KeySlot], partition: int | None) -> KeySlot:
+    def _pick_slot(self, slots: list[KeySlot], partition: int | None,
+                   session_id: bytes) -> KeySlot:
         mine = [slot for slot in slots if slot.card_id == self.card_id]
         if not mine:
             raise SessionInvalidError(f"card {self.card_id}: no key slot for this card")
-        current = [slot for slot in mine if slot.session_id == self.session_id]
+        current = [slot for slot in mine if slot.session_id == session_id]
         if not current:
             raise SessionInvalidError(f"card {self.card_id}: key slot is for an earlier session "
                                       "(card was reset; re-attest and replace the key slots)")
@@ -318,44 +334,61 @@ class EmulatedCard:
         """Run the loaded ONNX stage on named numpy arrays; outputs by name.
 
         The model is handed to onnxruntime from card memory; it never touches
-        disk. Raises ProgramNotLoaded, FormatError (no ONNX stage, or inputs
-        missing).
+        disk. Inputs are matched by name and checked against the stage's
+        declared dtypes and shapes first; nothing of onnxruntime's own messages
+        leaves the card. Raises ProgramNotLoaded, FormatError (no ONNX stage,
+        inputs missing or of the wrong type or shape, the model cannot run them).
         """
         with self._lock:
             self._require_session()
             program = self.program
             if program is None:
                 raise ProgramNotLoaded(f"card {self.card_id}: no program loaded")
-        if not program.ready.wait(READY_WAIT):
-            raise ProgramNotLoaded(f"card {self.card_id}: program still being decrypted")
-        with self._lock:
-            if self.program is not program:
-                raise ProgramNotLoaded(f"card {self.card_id}: program was unloaded")
-            if program.error:
-                raise IntegrityError(f"card {self.card_id}: {program.error}")
             if program.session is None:
-                if NETWORK_ONNX not in program.segments:
-                    raise FormatError(f"card {self.card_id}", "the loaded program has no "
-                                      "network.onnx stage; emulated cards execute only "
-                                      "programs packaged from ONNX")
-                import onnxruntime
-
-                options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = 1
-                options.inter_op_num_threads = 1
-                program.session = onnxruntime.InferenceSession(
-                    bytes(program.segments[NETWORK_ONNX]), options,
-                    providers=["CPUExecutionProvider"])
+                program.session = self._runtime(program)
             session = program.session
-        names = [node.name for node in session.get_inputs()]
-        if "" in inputs and len(names) == 1:  # one unnamed tensor for a one-input stage
-            inputs = {names[0]: inputs[""]}
-        missing = [name for name in names if name not in inputs]
-        if missing:
-            raise FormatError(f"card {self.card_id}", f"missing input tensors {missing}")
-        results = session.run(None, {name: inputs[name] for name in names})
+        stage = f"card {self.card_id}"
+        feed = {}
+        for node in session.get_inputs():
+            if node.name not in inputs:
+                expected = ", ".join(repr(n.name) for n in session.get_inputs())
+                raise FormatError(stage, f"missing input tensor {node.name!r} (this stage "
+                                  f"takes {expected})")
+            feed[node.name] = _checked(stage, node, inputs[node.name])
+        try:
+            results = session.run(None, feed)
+        except Exception:  # onnxruntime's text names its internals: say only what failed
+            raise FormatError(stage, "the model could not run on these inputs (values out "
+                              "of the model's range?)") from None
         return {node.name: value for node, value in zip(session.get_outputs(), results,
                                                          strict=True)}
+
+    def input_names(self) -> list[str]:
+        """The names the loaded stage takes (ProgramNotLoaded if none)."""
+        with self._lock:
+            program = self.program
+            if program is None:
+                raise ProgramNotLoaded(f"card {self.card_id}: no program loaded")
+            if program.session is None:
+                program.session = self._runtime(program)
+            return [node.name for node in program.session.get_inputs()]
+
+    def _runtime(self, program: LoadedProgram) -> Any:
+        if NETWORK_ONNX not in program.segments:
+            raise FormatError(f"card {self.card_id}", "the loaded program has no "
+                              "network.onnx stage; emulated cards execute only "
+                              "programs packaged from ONNX")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        try:
+            return onnxruntime.InferenceSession(bytes(program.segments[NETWORK_ONNX]),
+                                                options, providers=["CPUExecutionProvider"])
+        except Exception:  # authenticated bytes the runtime still refuses
+            raise FormatError(f"card {self.card_id}", "the loaded network.onnx is not a "
+                              "model this runtime can run") from None
 
     # --- persistence (files-only mode) ------------------------------------------------
 

@@ -327,8 +327,7 @@ class EmulatedHost:
         return True
 
     async def load(self, device: int, program_id: str, partition: int,
-                   slots: evidence_pb2.KeySlotTable | None, *, verify_later: bool = False
-                   ) -> tuple[list[str], bytes, bytes]:
+                   slots: evidence_pb2.KeySlotTable | None) -> tuple[list[str], bytes, bytes]:
         card = self.card(device)
         staged = self._programs.get(program_id)
         if staged is None:
@@ -349,8 +348,7 @@ class EmulatedHost:
 
         def load() -> tuple[list[str], bytes, bytes]:
             names = card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
-                              program_id=program_id, partition=partition, key_slots=key_slots,
-                              verify_later=verify_later)
+                              program_id=program_id, partition=partition, key_slots=key_slots)
             return (names, *card.load_receipt())
 
         result = await anyio.to_thread.run_sync(load)
@@ -386,7 +384,11 @@ class EmulatedHost:
                         session_id=card.session_id)]
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
-        """Run one card, or an MDP group in partition order relaying activations."""
+        """Run one card, or an MDP group in partition order relaying activations.
+
+        Tensors go to stages by name; one unnamed tensor feeds the first stage
+        only, and only if that stage takes exactly one input.
+        """
         cards = [self.card(device) for device in devices]
         if not cards:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, "no device named")
@@ -402,13 +404,20 @@ class EmulatedHost:
                              f"card {card.card_id} holds partition {program.partition}, "
                              f"named in position {position}", device)
             try:
+                if position == 0 and "" in tensors:
+                    names = await anyio.to_thread.run_sync(card.input_names)
+                    if len(names) != 1:
+                        raise FormatError("input", f"an unnamed tensor needs a first stage "
+                                          f"with one input; it takes {names}")
+                    tensors[names[0]] = tensors.pop("")
                 outputs = await anyio.to_thread.run_sync(card.execute, tensors)
             except ModelIPError as err:
                 raise _status_for(err, device) from err
             tensors.update(outputs)
             final = (program.io_desc or {}).get("model_outputs")
-            if final is not None:  # this stage says which of its outputs the model returns
-                results.update({name: outputs[name] for name in final if name in outputs})
+            if isinstance(final, list):  # this stage says which of its outputs the model returns
+                results.update({name: outputs[name] for name in final
+                                if isinstance(name, str) and name in outputs})
             elif position == len(cards) - 1:
                 results.update(outputs)
         return results
@@ -469,7 +478,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
                 info.state = runtime_pb2.DEVICE_STATE_LOADED
                 info.program_id = program.program_id
                 info.partition = program.partition
-                info.program_ready = program.ready.is_set() and not program.error
+                info.program_ready = True  # installed only once verified
         return response
 
     async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
@@ -530,8 +539,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
         slots = request.key_slots if request.HasField("key_slots") else None
         try:
             names, receipt, signature = await self.host.load(
-                request.device, request.program_id, request.partition, slots,
-                verify_later=request.verify_later)
+                request.device, request.program_id, request.partition, slots)
         except _Abort as error:
             await _abort(context, error)
         except ModelIPError as err:

@@ -213,6 +213,17 @@ class CardDriver:
                 return
             else:
                 if report.session_id == m.session_id:
+                    if not self._holds_ours(report):
+                        if report.loaded is not None:
+                            self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
+                            self.move(S.QUARANTINED, f"runs another program: "
+                                      f"{report.loaded.describe()} (its own signed report)")
+                            return
+                        self._first_sign = self._first_sign or started
+                        self.move(S.REKEYING, f"{trigger.value}: the card no longer holds "
+                                  "the program (same session)", known_good=None)
+                        await self._bring_up(trigger, report)
+                        return
                     if trigger.is_hint or self._first_sign:
                         self.ctx.stats.disproved_hints += 1
                         self.ctx.emit(HintDisproved(host=m.host, device=m.device,
@@ -246,11 +257,12 @@ class CardDriver:
                         if m.state is not first:  # a rebooting card answers again
                             self.move(first, f"{trigger.value}: the card is back")
                         self._adopt(report)
-                        if self._still_serving(report):
-                            self.move(S.SERVING, "confirmed by a fresh attestation: same "
-                                      "session, not reloaded", known_good=self._good(report))
+                        if self._holds_ours(report):
+                            self.move(S.SERVING, "confirmed by a fresh attestation: the card "
+                                      "holds the program, verified, not reloaded",
+                                      known_good=self._good(report))
                         else:
-                            await self._wrap_and_load(report, verify_later=rekey)
+                            await self._wrap_and_load(report)
                 self._served(counted=trigger is not Trigger.START)
                 return
             except DeviceOffline as err:
@@ -326,29 +338,19 @@ class CardDriver:
         return KnownGood(report.card_id, report.session_id.hex(), self.machine.program_id,
                          self.machine.partition)
 
-    def _still_serving(self, report: VerifiedReport) -> bool:
-        """Resuming, or the host is back: is the card still on a session we loaded our
-        program in, and does its host show that program? Then there is nothing to redo."""
-        m = self.machine
-        mine = self._good(report)
-        candidates = set()
-        if m.known_good == mine:
-            candidates.add(mine.session_id)
-        last = self.ctx.store.last_load(m.host, m.device)
-        if last is not None and last.outcome in ("sent", "ok", "interrupted") \
-                and (last.program_id, last.partition) == (m.program_id, m.partition):
-            candidates.add(last.session_id)
-        listed = self.host.listed(m.device)
-        return (report.session_id.hex() in candidates and listed is not None
-                and listed.state is DeviceState.LOADED
-                and (listed.program_id, listed.partition) == (m.program_id, m.partition))
+    def _holds_ours(self, report: VerifiedReport) -> bool:
+        """Does the card's own signed report say it holds our program, verified, as this
+        card's partition? (Only the MEK's holder can have made the slot that opens it.)"""
+        held = report.loaded
+        return held is not None and held.info_digest == self.ctx.program.info_digest \
+            and held.partition == self.machine.partition
 
-    async def _wrap_and_load(self, report: VerifiedReport, *, verify_later: bool) -> None:
+    async def _wrap_and_load(self, report: VerifiedReport) -> None:
         m = self.machine
         program = self.ctx.program
         slot = wrap_mek(self.ctx.mek, slot=m.partition, card_id=report.card_id,
                         session_id=report.session_id, kem=report.kem,
-                        public_key=report.session_public_key)
+                        public_key=report.session_public_key, program=program.info_digest)
         same_session = m.known_good is not None \
             and m.known_good.session_id == report.session_id.hex()
         self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
@@ -361,8 +363,7 @@ class CardDriver:
         outcome = "interrupted"
         try:
             result = await self.host.client.load(
-                m.device, program.program_id, partition=m.partition, key_slots=[slot],
-                verify_later=verify_later)
+                m.device, program.program_id, partition=m.partition, key_slots=[slot])
             self.ctx.stats.loads += 1
             outcome = "refused receipt"
             verify_load_receipt(result.receipt, result.receipt_signature, report=report,
@@ -374,7 +375,7 @@ class CardDriver:
             raise
         finally:
             store.finish_load(load_id, outcome)
-        self.move(S.SERVING, f"loaded {len(result.segments)} segments",
+        self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card",
                   known_good=self._good(report))
 
     async def _roll_back(self) -> None:

@@ -72,7 +72,6 @@ class HostSupervisor:
         self._on_card_moved = on_card_moved
         self._on_card_checked = on_card_checked
         self._client: HostClient | None = None
-        self._listed: dict[int, DeviceStatus] = {}
         self._changed = anyio.Event()
         self._probe_now = anyio.Event()
         self._stage_lock = anyio.Lock()
@@ -104,10 +103,6 @@ class HostSupervisor:
     async def changed(self) -> None:
         """Until the host's state changes."""
         await self._changed.wait()
-
-    def listed(self, device: int) -> DeviceStatus | None:
-        """What the host last claimed about a card (a hint)."""
-        return self._listed.get(device)
 
     def suspect(self) -> None:
         """A call to this host failed: probe it now rather than at the next resync."""
@@ -228,11 +223,9 @@ class HostSupervisor:
                 self._violation("absurd boot counter")
             else:
                 seen.add(status.device)
-                self._listed[status.device] = status
                 if wake:
                     self.drivers[status.device].observe(status)
         for device in self.drivers.keys() - seen:
-            self._listed.pop(device, None)
             if wake:
                 self.drivers[device].hint(Trigger.RESYNC)
 

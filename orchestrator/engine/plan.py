@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,26 @@ class HostSpec:
     address: str
     devices: tuple[int, ...]
     tls: TLSSpec | None
+    insecure: bool = False  # plaintext gRPC to a host that is not loopback, on purpose
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.address)
+
+
+def is_loopback(address: str) -> bool:
+    """Does ``address`` (host:port, [v6]:port, unix:PATH) stay on this machine?"""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") \
+        else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +293,18 @@ class Plan:
     rekey: RekeySpec
     timeouts: TimeoutSpec
     state_dir: Path
+
+    def warnings(self) -> list[str]:
+        """What the plan allows on purpose but an operator should see said aloud."""
+        said = [f"WARNING: {self.source}: host {h.address}: insecure: true, gRPC in "
+                "plaintext across the network (the host's network sees every request)"
+                for h in self.hosts if h.insecure and not h.loopback]
+        if self.model.rollback_floor < self.model.version:
+            said.append(f"WARNING: {self.source}: model.rollback_floor "
+                        f"{self.model.rollback_floor} is below model.version "
+                        f"{self.model.version}: cards will accept older versions of "
+                        f"{self.model.model_id!r}")
+        return said
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -424,11 +457,12 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
     qpc_path = _path(base, qpc, reader, "qpc") if qpc else None
     onnx_file = _path(base, onnx_path, reader, "onnx") if onnx_path else None
     default_id = (qpc_path or onnx_file or Path("model")).stem
+    version = reader.get("version", int, 1, check=_non_negative)
     spec = ModelSpec(
         qpc=qpc_path, onnx=onnx_file, partitions=partitions, balance=balance,
         model_id=reader.get("id", str, default_id),
-        version=reader.get("version", int, 1, check=_non_negative),
-        rollback_floor=reader.get("rollback_floor", int, 0, check=_non_negative),
+        version=version,
+        rollback_floor=reader.get("rollback_floor", int, version, check=_non_negative),
         expires=expiry,
         min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
     )
@@ -466,7 +500,16 @@ def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedS
             tls = TLSSpec(*(_path(base, v, tls_reader, k) if (v := tls_reader.get(k, str))
                             else None for k in ("ca", "cert", "key")))
             tls_reader.done()
-        hosts.append(HostSpec(host.get("address", str, required=True), devices, tls))
+        address = host.get("address", str, required=True)
+        insecure = host.get("insecure", bool, False)
+        if tls is not None and insecure:
+            raise _Problem(node.line, f"fleet.hosts[{index}]", "give tls or insecure: true, "
+                           "not both")
+        if tls is None and not insecure and not is_loopback(address):
+            raise _Problem(node.line, f"fleet.hosts[{index}]",
+                           f"{address} is not loopback: give tls: {{ca: ...}} (or "
+                           "insecure: true to send gRPC in plaintext across the network)")
+        hosts.append(HostSpec(address, devices, tls, insecure))
         host.done()
     emulated = None
     if emulated_reader is not None:

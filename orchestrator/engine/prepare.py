@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
-from orchestrator.crypto.container import ContentPolicy, SealedContainer, SealSettings, seal_specs
+from orchestrator.crypto.container import (
+    FORMAT_VERSION,
+    ContentPolicy,
+    SealedContainer,
+    SealSettings,
+    write_sealed,
+)
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
-from orchestrator.qpc.container import open_container, write_container
+from orchestrator.qpc.container import open_container
 from orchestrator.qpc.mdp import read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC
 
@@ -71,7 +77,8 @@ def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
         model_id=plan.model.model_id, model_version=plan.model.version,
         policy=ContentPolicy(not_after=plan.model.expires, min_firmware=plan.model.min_firmware,
                              rollback_floor=plan.model.rollback_floor))
-    key = hashlib.sha256(json.dumps([file_digest(source), mek.fingerprint(),
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, file_digest(source),
+                                     mek.fingerprint(),
                                      settings.model_id, settings.model_version,
                                      plan.model.expires, plan.model.min_firmware,
                                      plan.model.rollback_floor]).encode()).hexdigest()[:16]
@@ -84,9 +91,8 @@ def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
             if partitions != plan.group_size:
                 raise UsageError(f"{source}: the program has {partitions} partition(s) but "
                                  f"the plan groups {plan.group_size} card(s)")
-            specs = seal_specs(container, mek, settings, key_slots=[])
             with atomic_output(body) as handle:
-                write_container(handle, specs)
+                write_sealed(handle, container, mek, settings, key_slots=[])
         write_bytes_atomic(digest_file, file_digest(body).encode())
     program_id = digest_file.read_text().strip()
     with open_container(body) as container:

@@ -17,6 +17,9 @@ from orchestrator.qpc.container import Container, check_segment_name
 MDP_META = "mdp_meta_info"
 MDP_FORMAT = "modelip-mdp/1"
 MAX_META_BYTES = 4 << 20
+MAX_PARTITIONS = 256
+MAX_TENSORS = 4096
+MAX_DEPTH = 16  # the format nests 4 deep; JSON deeper than this is refused unparsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class MdpMeta:
         """Parse and check an mdp_meta_info segment; FormatError if malformed."""
         if len(raw) > MAX_META_BYTES:
             raise FormatError(source, "mdp_meta_info is larger than 4 MiB")
+        if _nesting(raw) > MAX_DEPTH:
+            raise FormatError(source, f"mdp_meta_info nests deeper than {MAX_DEPTH} levels")
         try:
             document = json.loads(raw.decode("utf-8"))
             if document.get("format") != MDP_FORMAT:
@@ -97,10 +102,14 @@ class MdpMeta:
             )
         except FormatError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+                OverflowError, RecursionError):
             raise FormatError(source, "mdp_meta_info is not valid MDP metadata") from None
         if not partitions:
             raise FormatError(source, "mdp_meta_info lists no partitions")
+        if len(partitions) > MAX_PARTITIONS:
+            raise FormatError(source, f"mdp_meta_info lists more than {MAX_PARTITIONS} "
+                              "partitions")
         for position, partition in enumerate(partitions):
             if partition.index != position:
                 raise FormatError(source, "mdp_meta_info partitions are not in order")
@@ -110,10 +119,41 @@ class MdpMeta:
         return meta
 
 
+def _nesting(raw: bytes) -> int:
+    """The deepest bracket nesting of a JSON text (brackets inside strings ignored)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    if len(items) > MAX_TENSORS:
+        raise ValueError("too many tensors")
     return tuple(
-        TensorSpec(str(t["name"]), str(t["dtype"]), tuple(t.get("shape", []))) for t in items
+        TensorSpec(str(t["name"]), str(t["dtype"]), _shape(t.get("shape", []))) for t in items
     )
+
+
+def _shape(dims: list[Any]) -> tuple[int | str, ...]:
+    if not isinstance(dims, list) or len(dims) > 32:
+        raise ValueError("shape")
+    return tuple(d if isinstance(d, int | str) and not isinstance(d, bool) else str(d)
+                 for d in dims)
 
 
 def read_mdp_meta(container: Container) -> MdpMeta | None:

@@ -347,16 +347,11 @@ class HostClient:
         return str(response.program_id), bool(response.already_staged)
 
     async def load(self, device: int, program_id: str, *, partition: int = 0,
-                   key_slots: Sequence[KeySlot] | None = None,
-                   verify_later: bool = False) -> LoadResult:
-        """Have the card open its slot and decrypt the program (check the receipt!).
-
-        ``verify_later``: the card answers once keyed and verifies in the
-        background (docs/protocol.md); Execute waits for it.
-        """
+                   key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
+        """Have the card open its slot, decrypt and verify the program (check the
+        receipt!). Answered once the body is verified in card memory."""
         request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
-                                                 partition=partition,
-                                                 verify_later=verify_later)
+                                                 partition=partition)
         if key_slots is not None:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,

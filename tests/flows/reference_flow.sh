@@ -51,7 +51,7 @@ fi
 grep -q "earlier session" err.txt
 
 modelip attest "${HOST[@]}" -d 2 -o pub2-new.dat --trust-root pki/root.pem
-modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1.dat pub2-new.dat pub3.dat \
+modelip wrap-mek --mek MEK.dat --encrypted-qpc enc --pub-keys pub0.dat pub1.dat pub2-new.dat pub3.dat \
     --trust-root pki/root.pem --output-dir wrapped
 modelip replace-mek --encrypted-qpc enc --wrapped-meks wrapped/slot_2 --in-place
 modelip device load "${HOST[@]}" -d 2 --qpc enc/programqpc.bin

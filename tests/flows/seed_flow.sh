@@ -18,7 +18,7 @@ head -c 32 /dev/urandom > request.bin
 modelip card attest card0.json -i request.bin -o pub0.dat
 modelip card attest card1.json -o pub1.dat
 
-modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1.dat --trust-root pki/root.pem --output-dir wrapped
+modelip wrap-mek --mek MEK.dat --encrypted-qpc enc --pub-keys pub0.dat pub1.dat --trust-root pki/root.pem --output-dir wrapped
 test -s wrapped/slot_0/MEK.encrypt && test -s wrapped/slot_1/MEK.pub && test -s wrapped/config.json
 modelip encrypt-with-session-keys --input-dir enc --mek MEK.dat --pub-keys pub0.dat pub1.dat \
     --trust-root pki/root.pem --output-dir final
@@ -32,7 +32,7 @@ fi
 grep -q "earlier session" err.txt
 
 modelip card attest card1.json -o pub1-new.dat
-modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1-new.dat --trust-root pki/root.pem --output-dir wrapped2
+modelip wrap-mek --mek MEK.dat --encrypted-qpc final --pub-keys pub0.dat pub1-new.dat --trust-root pki/root.pem --output-dir wrapped2
 modelip replace-mek --encrypted-qpc final --wrapped-meks wrapped2/slot_1 --in-place
 modelip card load card1.json final/programqpc.bin
 modelip verify --qpc final/programqpc.bin --mek MEK.dat --extract plain

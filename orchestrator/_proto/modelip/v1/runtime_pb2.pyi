@@ -140,18 +140,16 @@ class StageProgramResponse(_message.Message):
     def __init__(self, program_id: _Optional[str] = ..., already_staged: _Optional[bool] = ...) -> None: ...
 
 class LoadProgramRequest(_message.Message):
-    __slots__ = ("device", "program_id", "partition", "key_slots", "verify_later")
+    __slots__ = ("device", "program_id", "partition", "key_slots")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     KEY_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    VERIFY_LATER_FIELD_NUMBER: _ClassVar[int]
     device: int
     program_id: str
     partition: int
     key_slots: _evidence_pb2.KeySlotTable
-    verify_later: bool
-    def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ..., verify_later: _Optional[bool] = ...) -> None: ...
+    def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ...) -> None: ...
 
 class LoadProgramResponse(_message.Message):
     __slots__ = ("segments", "receipt", "receipt_signature")
