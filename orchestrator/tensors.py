@@ -11,6 +11,10 @@ from orchestrator._proto.modelip.v1 import runtime_pb2
 from orchestrator.errors import FormatError
 
 MAX_TENSOR_BYTES = 1 << 30
+MAX_TENSORS = 1024
+MAX_DIMS = 32
+DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                    "uint64", "float16", "float32", "float64"})
 
 
 def to_wire(tensors: Mapping[str, Any]) -> list[runtime_pb2.Tensor]:
@@ -25,16 +29,21 @@ def to_wire(tensors: Mapping[str, Any]) -> list[runtime_pb2.Tensor]:
 
 
 def from_wire(tensors: Iterable[runtime_pb2.Tensor]) -> dict[str, np.ndarray[Any, Any]]:
-    """Decode tensors; FormatError for an unknown dtype or a size that does not match."""
+    """Decode tensors; FormatError for an unknown dtype, a size that does not match,
+    a name given twice or more tensors or dimensions than any model takes."""
     result: dict[str, np.ndarray[Any, Any]] = {}
     for tensor in tensors:
-        try:
-            dtype = np.dtype(tensor.dtype).newbyteorder("<")
-        except TypeError:
-            raise FormatError(f"tensor {tensor.name!r}",
-                              f"unknown dtype {tensor.dtype!r}") from None
-        if dtype.hasobject:
-            raise FormatError(f"tensor {tensor.name!r}", "object tensors are not supported")
+        if len(result) >= MAX_TENSORS:
+            raise FormatError("tensors", f"more than {MAX_TENSORS} in one request")
+        if tensor.name in result:
+            raise FormatError(f"tensor {tensor.name[:64]!r}", "given twice")
+        if tensor.dtype not in DTYPES:
+            raise FormatError(f"tensor {tensor.name[:64]!r}",
+                              f"unknown dtype {tensor.dtype[:32]!r} (one of "
+                              f"{', '.join(sorted(DTYPES))})")
+        if len(tensor.shape) > MAX_DIMS:
+            raise FormatError(f"tensor {tensor.name[:64]!r}", f"more than {MAX_DIMS} dimensions")
+        dtype = np.dtype(tensor.dtype).newbyteorder("<")
         count = 1
         for dim in tensor.shape:
             if dim < 0:

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
 from orchestrator.crypto.mek import MEK
-from orchestrator.emulator.fleet import FleetConfig, run_fleet
+from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
 from orchestrator.encrypt import SessionTarget, encrypt_model
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.container import open_container
@@ -76,6 +76,24 @@ def test_resnet50_cuts_stay_near_balance_and_cross_small_tensors() -> None:
     assert [s.nodes for s in flops.stages] != [s.nodes for s in plan.stages]
 
 
+async def load_pipeline(tmp_path: Path, host: HostClient, fleet: EmulatedFleet, program: Path,
+                        partitions: int, name: str) -> Path:
+    """Attest cards 0..partitions-1, encrypt ``program`` to them, stage, load each
+    card with its partition. Returns the encrypted program."""
+    targets = []
+    for device in range(partitions):
+        request = os.urandom(32)
+        report = verify_evidence(await host.attest(device, request), roots=[fleet.pki.root],
+                                 policy=TrustPolicy(), request=request)
+        targets.append(SessionTarget.from_report(report, str(device)))
+    encrypted = encrypt_model(str(program), MEK.generate(), str(tmp_path / "enc"),
+                              SealSettings(name), targets=targets)[-1]
+    program_id, _ = await host.stage(encrypted)
+    for device in range(partitions):
+        await host.load(device, program_id, partition=device)
+    return encrypted
+
+
 @pytest.mark.parametrize("name", ["resnet50", "squeezenet"])
 @pytest.mark.parametrize("partitions", [1, 2, 4, 8])
 async def test_encrypted_pipeline_computes_what_the_original_computes(
@@ -97,25 +115,43 @@ async def test_encrypted_pipeline_computes_what_the_original_computes(
 
     async with run_fleet(FleetConfig(hosts=1, devices_per_host=partitions)) as fleet, \
             HostClient(fleet.addresses[0]) as host:
-        targets = []
-        for device in range(partitions):
-            request = os.urandom(32)
-            report = verify_evidence(await host.attest(device, request), roots=[fleet.pki.root],
-                                     policy=TrustPolicy(), request=request)
-            targets.append(SessionTarget.from_report(report, str(device)))
-        mek = MEK.generate()
-        encrypted = encrypt_model(str(program), mek, str(tmp_path / "enc"),
-                                  SealSettings(name), targets=targets)[-1]
-        plain_stage = (tmp_path / "enc" / "programqpc.bin").read_bytes()
+        encrypted = await load_pipeline(tmp_path, host, fleet, program, partitions, name)
+        plain_stage = encrypted.read_bytes()
         weights = [i.raw_data for i in model.graph.initializer if len(i.raw_data) >= 64]
         assert not any(w in plain_stage for w in weights)  # no weight bytes in clear
-        program_id, _ = await host.stage(encrypted)
-        for device in range(partitions):
-            await host.load(device, program_id, partition=device)
         outputs = await host.execute(list(range(partitions)), feeds)
     got = outputs[model.graph.output[0].name]
     np.testing.assert_allclose(got, expected[0], rtol=rtol, atol=atol)
     np.testing.assert_allclose(got, stored, rtol=rtol, atol=atol)
+
+
+async def test_tensors_reach_stages_by_name_and_bad_inputs_get_a_clean_answer(
+        tmp_path: Path) -> None:
+    """ShuffleNet in 5 stages fed one unnamed tensor (a bare .npy): it goes to the first
+    stage only. Wrong shapes, dtypes and names are refused by name, as bad input, and
+    nothing of the runtime's own messages reaches the client."""
+    source = LIGHT / "light_shufflenet.onnx"
+    model = onnx.load(source)
+    [(input_name, x)] = dummy_input(model).items()
+    stored = numpy_helper.to_array(onnx.load_tensor(str(LIGHT / "light_shufflenet_output_0.pb")))
+    package_onnx(source, tmp_path / "program.qpc", partitions=5)
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=5)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        await load_pipeline(tmp_path, host, fleet, tmp_path / "program.qpc", 5, "shufflenet")
+        group = list(range(5))
+        outputs = await host.execute(group, {"": x})
+        np.testing.assert_allclose(outputs[model.graph.output[0].name], stored, rtol=1e-3,
+                                   atol=1e-7)
+        bad = {
+            "shape": ({input_name: x[..., :7]}, f"input {input_name!r} must have shape"),
+            "dtype": ({input_name: x.astype(np.float64)}, "must be float32, got float64"),
+            "name": ({"nope": x}, f"missing input tensor {input_name!r}"),
+        }
+        for feeds, expected in bad.values():
+            with pytest.raises(FormatError) as info:
+                await host.execute(group, feeds)
+            assert expected in str(info.value) and info.value.exit_code == 2
+            assert "onnxruntime" not in str(info.value) and "Got invalid" not in str(info.value)
 
 
 def test_bad_models_get_one_clear_error(tmp_path: Path) -> None:

@@ -8,11 +8,13 @@ adversary modes make it hostile (docs/protocol.md, "Adversary modes").
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,6 +53,7 @@ DEVICE_KEY = "modelip-device"
 R = runtime_pb2
 MAX_MESSAGE = 64 << 20
 STAGE_LIMIT = 16 << 30
+_log = logging.getLogger("modelip.emulator")
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,19 +436,43 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: _Abort) -> 
     await context.abort(error.code, str(error), trailing_metadata=tuple(metadata))
 
 
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def _answers(method: _Handler) -> _Handler:
+    """A unary handler whose every failure is a status with a reason: our errors by
+    kind, anything else INTERNAL with a fixed text (the traceback stays in this
+    process's log; nothing of a library's internals goes to the client)."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+                      ) -> Any:
+        device = getattr(request, "device", None)
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except _Abort as error:
+            await _abort(context, error)
+        except ModelIPError as err:
+            await _abort(context, _status_for(err, device if isinstance(device, int) else None))
+        except Exception:
+            _log.exception("%s failed", method.__name__)
+            await _abort(context, _Abort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL,
+                                         "internal error on the emulated host"))
+
+    return handler
+
+
 class _Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
     def __init__(self, host: EmulatedHost) -> None:
         self.host = host
 
+    @_answers
     async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
                                    context: grpc.aio.ServicerContext[Any, Any]
                                    ) -> evidence_pb2.AttestationEvidence:
-        try:
-            evidence = await self.host.attest(request.device, request.request)
-        except _Abort as error:
-            await _abort(context, error)
-        except ModelIPError as err:
-            await _abort(context, _status_for(err, request.device))
+        evidence = await self.host.attest(request.device, request.request)
         return evidence_pb2.AttestationEvidence.FromString(evidence)
 
 
@@ -453,6 +480,7 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
     def __init__(self, host: EmulatedHost) -> None:
         self.host = host
 
+    @_answers
     async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.ListDevicesResponse:
@@ -492,15 +520,14 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
         async for event in self.host.events():
             yield event
 
+    @_answers
     async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.ResetDeviceResponse:
-        try:
-            await self.host.reset(request.device)
-        except _Abort as error:
-            await _abort(context, error)
+        await self.host.reset(request.device)
         return runtime_pb2.ResetDeviceResponse()
 
+    @_answers
     async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
                            context: grpc.aio.ServicerContext[Any, Any]
                            ) -> runtime_pb2.StageProgramResponse:
@@ -508,65 +535,53 @@ class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
         total = 0
         body = bytearray()
         bandwidth = self.host.faults.stage_bandwidth
-        try:
-            async for chunk in request_iterator:
-                if not program_id:
-                    program_id, total = chunk.program_id, chunk.total_size
-                    if not program_id or total > STAGE_LIMIT:
-                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                     "first stage message must name the program and its size")
-                    if program_id in self.host._programs:  # noqa: SLF001
-                        return runtime_pb2.StageProgramResponse(program_id=program_id,
-                                                                already_staged=True)
-                body += chunk.data
-                if len(body) > total:
+        async for chunk in request_iterator:
+            if not program_id:
+                program_id, total = chunk.program_id, chunk.total_size
+                if not program_id or total > STAGE_LIMIT:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                 "more program bytes than announced")
-                if bandwidth:
-                    await anyio.sleep(len(chunk.data) / bandwidth)
-            if len(body) != total or not program_id:
-                # a cancelled or cut upload: nothing half-staged is kept
+                                 "first stage message must name the program and its size")
+                if program_id in self.host._programs:  # noqa: SLF001
+                    return runtime_pb2.StageProgramResponse(program_id=program_id,
+                                                            already_staged=True)
+            body += chunk.data
+            if len(body) > total:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                             f"stage ended after {len(body)} of {total} bytes")
-            stored = self.host.store_program(program_id, bytes(body))
-        except _Abort as error:
-            await _abort(context, error)
+                             "more program bytes than announced")
+            if bandwidth:
+                await anyio.sleep(len(chunk.data) / bandwidth)
+        if len(body) != total or not program_id:
+            # a cancelled or cut upload: nothing half-staged is kept
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                         f"stage ended after {len(body)} of {total} bytes")
+        stored = self.host.store_program(program_id, bytes(body))
         return runtime_pb2.StageProgramResponse(program_id=program_id, already_staged=not stored)
 
+    @_answers
     async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.LoadProgramResponse:
         slots = request.key_slots if request.HasField("key_slots") else None
-        try:
-            names, receipt, signature = await self.host.load(
-                request.device, request.program_id, request.partition, slots)
-        except _Abort as error:
-            await _abort(context, error)
-        except ModelIPError as err:
-            await _abort(context, _status_for(err, request.device))
+        names, receipt, signature = await self.host.load(
+            request.device, request.program_id, request.partition, slots)
         return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
                                                receipt_signature=signature)
 
+    @_answers
     async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.ExecuteResponse:
-        try:
-            outputs = await self.host.execute(list(request.devices), from_wire(request.inputs))
-        except _Abort as error:
-            await _abort(context, error)
-        except ModelIPError as err:
-            await _abort(context, _status_for(err))
+        outputs = await self.host.execute(list(request.devices), from_wire(request.inputs))
         return runtime_pb2.ExecuteResponse(outputs=to_wire(outputs))
 
+    @_answers
     async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
-        try:
-            card = self.host.card(request.device)
-            await anyio.to_thread.run_sync(card.unload)
-        except _Abort as error:
-            await _abort(context, error)
+        card = self.host.card(request.device)
+        await anyio.to_thread.run_sync(card.unload)
         self.host.emit(request.device, runtime_pb2.EVENT_KIND_UNLOADED, card.boot_counter)
         return runtime_pb2.UnloadResponse()
 
+    @_answers
     async def HostStats(self, request: runtime_pb2.HostStatsRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext[Any, Any]
                         ) -> runtime_pb2.HostStatsResponse:

@@ -33,6 +33,7 @@ from orchestrator.errors import (
     PolicyError,
     ProgramNotLoaded,
     ProgramNotStaged,
+    ProtocolViolation,
     RemoteError,
     SessionInvalidError,
     UnreachableError,
@@ -363,7 +364,11 @@ class HostClient:
         request = runtime_pb2.ExecuteRequest(devices=list(devices), inputs=to_wire(inputs))
         response = await self._call(f"execute on devices {list(devices)}",
                                     self._runtime.Execute, request, self.deadlines.execute)
-        return from_wire(response.outputs)
+        try:
+            return from_wire(response.outputs)
+        except FormatError as err:  # the host's answer, not the caller's input
+            raise ProtocolViolation(f"host {self.address}",
+                                    f"answered execute with a malformed output: {err}") from None
 
 
 def program_digest(path: str | os.PathLike[str]) -> str:
