@@ -15,6 +15,7 @@ from typing import TypeVar
 import anyio
 from cryptography import x509
 
+from orchestrator.atomicfile import private_tree
 from orchestrator.crypto.evidence import load_roots_file
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.host import HostTarget
@@ -91,6 +92,8 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIt
                 lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
             with SQLiteStore(plan.journal_path) as store:
                 async with fleet_for(plan) as (hosts, roots):
+                    # everything is in place: the journal's WAL, the caches, the PKI
+                    _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
                                  retry_quarantined=retry_quarantined)
         finally:
@@ -101,6 +104,8 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIt
 def _state_lock(plan: Plan) -> Iterator[None]:
     if plan.state_dir.exists() and not plan.state_dir.is_dir():
         raise StateDirError(plan.state_dir, "the plan's state_dir is not a directory")
+    # owner-only before anything is written into it (the plaintext package cache is)
+    _in_state_dir(plan, lambda: private_tree(plan.state_dir))
     with StateDirLock(plan.state_dir):
         yield
 

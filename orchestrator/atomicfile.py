@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,22 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_tree(root: Path) -> None:
+    """Make ``root`` (created if missing) and everything under it owner-only:
+    directories 0700, files without group or other bits. Raises OSError."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _owner_only(str(root))
+    for directory, subdirs, files in os.walk(root):
+        for name in [*subdirs, *files]:
+            _owner_only(os.path.join(directory, name))
+
+
+def _owner_only(path: str) -> None:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return
+    want = 0o700 if stat.S_ISDIR(mode) else mode & 0o700
+    if stat.S_IMODE(mode) != want:  # no chmod when nothing changes (read-only media)
+        os.chmod(path, want)

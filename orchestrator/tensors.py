@@ -44,12 +44,16 @@ def from_wire(tensors: Iterable[runtime_pb2.Tensor]) -> dict[str, np.ndarray[Any
         if len(tensor.shape) > MAX_DIMS:
             raise FormatError(f"tensor {tensor.name[:64]!r}", f"more than {MAX_DIMS} dimensions")
         dtype = np.dtype(tensor.dtype).newbyteorder("<")
-        count = 1
+        count = extent = 1
         for dim in tensor.shape:
             if dim < 0:
-                raise FormatError(f"tensor {tensor.name!r}", "negative dimension")
+                raise FormatError(f"tensor {tensor.name[:64]!r}", "negative dimension")
             count *= dim
+            extent *= max(dim, 1)  # an empty tensor may still not be absurdly wide
+        if extent > MAX_TENSOR_BYTES:
+            raise FormatError(f"tensor {tensor.name[:64]!r}", "shape is larger than any tensor")
         if count * dtype.itemsize != len(tensor.data) or len(tensor.data) > MAX_TENSOR_BYTES:
-            raise FormatError(f"tensor {tensor.name!r}", "data does not match dtype and shape")
+            raise FormatError(f"tensor {tensor.name[:64]!r}",
+                              "data does not match dtype and shape")
         result[tensor.name] = np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
     return result

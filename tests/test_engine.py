@@ -195,6 +195,26 @@ async def test_old_version_substitution_is_refused_by_the_card(tmp_path: Path) -
     assert engine.cards[1].state.value == "SERVING"
 
 
+async def test_everything_under_the_state_dir_is_owner_only(tmp_path: Path) -> None:
+    """The packaged plaintext model, the encrypted cache, the journal and its WAL, the
+    generated MEK, the emulated PKI: 0600 files in 0700 directories, even in a state
+    directory an older version left readable."""
+    import stat
+
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=1))
+    (plan.state_dir / "cache").mkdir(parents=True, mode=0o755)
+    (plan.state_dir / "cache" / "left-over").write_bytes(b"x")
+    (plan.state_dir / "cache" / "left-over").chmod(0o644)
+    async with running(plan):
+        seen = {path.name: stat.S_IMODE(path.stat().st_mode)
+                for path in [plan.state_dir, *plan.state_dir.rglob("*")]}
+    assert {"mek.dat", plan.journal_path.name, plan.journal_path.name + "-wal", "root.pem",
+            "left-over", "lock"} <= set(seen)
+    assert any(name.startswith("packaged-") for name in seen)
+    loose = {name: oct(mode) for name, mode in seen.items() if mode & 0o077}
+    assert loose == {}
+
+
 async def test_reset_storm_is_rate_limited_and_disproved(tmp_path: Path) -> None:
     plan = Plan.load(write_plan(tmp_path, hosts=2, devices=2, extra_fleet=(
         "    adversary: reset-storm\n    adversary_hosts: [0]")))
