@@ -242,6 +242,46 @@ async def test_suppressed_resets_are_caught_by_the_periodic_check(tmp_path: Path
         assert victim.boot_counter == 2
 
 
+async def test_every_attestation_checks_what_the_card_holds(tmp_path: Path) -> None:
+    """Same session throughout: a card the host unloads is reloaded; a card the host
+    loads with another program (one the owner once keyed to this very session) is
+    quarantined on its own signed report, with that reason."""
+    import hashlib
+    import os
+
+    from orchestrator.crypto.container import SealedContainer
+    from orchestrator.crypto.evidence import verify_evidence
+    from orchestrator.encrypt import SessionTarget, wrap_to_targets
+    from orchestrator.qpc.container import open_container
+    from orchestrator.qpc.partition import package_onnx
+
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2))
+    async with running(plan) as (engine, hosts):
+        unloaded, victim = engine.cards
+        loads = engine.stats.loads
+        await hosts[0].unload(unloaded.device)
+        await wait_until(engine, lambda: engine.stats.loads == loads + 1
+                         and unloaded.state.value == "SERVING")
+        assert unloaded.boot_counter == 1  # the same session: reloaded, not reset
+        # another program the owner keyed to this card's session earlier
+        package_onnx(tmp_path / "tiny.onnx", tmp_path / "other.qpc")
+        other = encrypt_model(str(tmp_path / "other.qpc"), engine.ctx.mek, str(tmp_path / "o"),
+                              SealSettings("other-model"))[0]
+        request = os.urandom(32)
+        report = verify_evidence(await hosts[0].attest(victim.device, request),
+                                 roots=engine.ctx.roots, policy=engine.ctx.policy,
+                                 request=request)
+        with open_container(other) as container:
+            digest = hashlib.sha256(SealedContainer(container).info_bytes).digest()
+        slots = wrap_to_targets(engine.ctx.mek, [SessionTarget.from_report(report, "0")],
+                                digest)
+        other_id, _ = await hosts[0].stage(other)
+        await hosts[0].load(victim.device, other_id, key_slots=slots)
+        await wait_until(engine, lambda: victim.state.value == "QUARANTINED")
+        assert "runs another program: model 'other-model' version 1" in victim.reason
+        assert unloaded.state.value == "SERVING"
+
+
 async def test_policy_rejects_old_firmware_cards(tmp_path: Path) -> None:
     plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2, extra_fleet=(
         '    old_firmware_cards: ["0/1"]'), extra="trust:\n  policy:\n    min_firmware: '1.10'"))
