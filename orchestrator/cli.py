@@ -158,7 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{policy['min_firmware'] or 'any'}, rollback floor {policy['rollback_floor']}")
     for slot in document.get("key_slots", []):
         print(f"  key slot {slot['slot']}: card {slot['card_id']!r} session "
-              f"{slot['session_id'][:16]} ({slot['kem']})")
+              f"{slot['session_id'][:16]} ({slot['kem']}), for program {slot['program'][:16]}")
     if "mdp" in document:
         for part in document["mdp"]["partitions"]:
             print(f"  partition {part['index']}: {part['segment']} cost "

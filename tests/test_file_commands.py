@@ -17,7 +17,12 @@ from orchestrator.cli import main
 from orchestrator.crypto.container import SealedContainer, encode_key_slots
 from orchestrator.emulator.card import EmulatedCard
 from orchestrator.errors import IntegrityError, SessionInvalidError
-from orchestrator.qpc.container import open_container, rewrite_last_segment
+from orchestrator.qpc.container import (
+    bytes_segment,
+    open_container,
+    rewrite_last_segment,
+    write_container,
+)
 from tests.conftest import SHAPES
 
 SMALL_CHUNK = "1024"
@@ -88,6 +93,28 @@ def test_mdp_container_one_partition_per_card(tmp_path: Path, fleet, make_mdp) -
     card = load_card(fleet["cards"][0])
     with open_container(program) as container, pytest.raises(IntegrityError, match="partition"):
         card.load(container, program_id="p", partition=1)
+
+
+def test_swapped_partitions_are_refused_by_verify_and_the_card(  # type: ignore[no-untyped-def]
+        tmp_path: Path, fleet, make_mdp, capsys) -> None:
+    """The host swaps the nested containers of partitions 0 and 1 (each still a valid
+    container of this model, under this MEK) and fixes up the segment table."""
+    mdp, _ = make_mdp(3)
+    program = encrypt(mdp, fleet, tmp_path / "out", 3)
+    with open_container(program) as container:
+        names = container.names()
+        data = {name: container.read(name) for name in names}
+        offsets = {s.name: s.offset for s in container.segments}
+    data["partition_0.qpc"], data["partition_1.qpc"] = (data["partition_1.qpc"],
+                                                        data["partition_0.qpc"])
+    swapped = tmp_path / "swapped.qpc"
+    with open(swapped, "wb") as handle:
+        write_container(handle, [bytes_segment(n, data[n], offset=offsets[n]) for n in names])
+    capsys.readouterr()
+    assert run("verify", "--qpc", swapped, "--mek", fleet["mek"]) == 3
+    assert "partitions swapped" in capsys.readouterr().err
+    error = _load_error(fleet["cards"][0], swapped, partition=0)
+    assert isinstance(error, IntegrityError) and "partitions swapped" in str(error)
 
 
 def test_mdp_needs_one_key_per_partition(tmp_path: Path, fleet, make_mdp, capsys) -> None:  # type: ignore[no-untyped-def]
