@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m orchestrator watch plans/demo.yaml --duration 20
 
-test: $(STAMP)
+# The tests use a real PKCS#11 token: SoftHSM2 from the distribution (installed
+# here when missing; needs root or sudo).
+SOFTHSM := /usr/lib/softhsm/libsofthsm2.so
+
+$(SOFTHSM):
+	@command -v apt-get >/dev/null || { echo "install SoftHSM2 (package softhsm2)"; exit 1; }
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2
+
+test: $(STAMP) $(SOFTHSM)
 	$(PY) -m pytest
 
 lint: $(STAMP)

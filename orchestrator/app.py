@@ -7,6 +7,8 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -91,6 +93,10 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIt
             program = await anyio.to_thread.run_sync(
                 lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
             with SQLiteStore(plan.journal_path) as store:
+                if plan.mek.sealed is not None and plan.mek.pkcs11 is not None:
+                    store.record_unseal(f"{socket.gethostname()}:{os.getpid()}",
+                                        plan.mek.pkcs11.token, plan.mek.pkcs11.kek,
+                                        str(plan.mek.sealed))
                 async with fleet_for(plan) as (hosts, roots):
                     # everything is in place: the journal's WAL, the caches, the PKI
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))

@@ -103,6 +103,11 @@ class SessionInvalidError(VerificationError):
     """A key slot is not for this card's current session (stale or foreign)."""
 
 
+class CustodyError(VerificationError):
+    """The key's custodian refused: wrong PIN, no such token or KEK, a blob sealed by
+    another KEK or altered."""
+
+
 class WrongMEKError(VerificationError):
     """The MEK given is not the one the container was encrypted with."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.crypto.custody import DEFAULT_PIN_ENV, TokenSpec
 from orchestrator.errors import PlanError
 
 PACKAGE_SCHEME = "package:"
@@ -190,6 +191,8 @@ class ModelSpec:
 class MEKSpec:
     file: Path | None
     generate: bool
+    sealed: Path | None = None
+    pkcs11: TokenSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,9 +476,26 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
 def _mek(reader: _Reader, base: Path) -> MEKSpec:
     file = reader.get("file", str)
     generate = reader.get("generate", bool, False)
-    if (file is not None) == generate:
-        raise _Problem(reader.node.line, "mek", "give exactly one of file or generate: true")
-    spec = MEKSpec(_path(base, file, reader, "file") if file else None, generate)
+    sealed = reader.get("sealed", str)
+    if [file is not None, generate, sealed is not None].count(True) != 1:
+        raise _Problem(reader.node.line, "mek",
+                       "give exactly one of file, generate: true or sealed (with pkcs11)")
+    token = None
+    if (p11 := reader.child("pkcs11")) is not None:
+        module = p11.get("module", str, required=True)
+        _path(base, module, p11, "module")  # must exist
+        # as written, not resolved: a PKCS#11 library is loaded once per path, and a
+        # resolved symlink would be a second load of the same library
+        token = TokenSpec(module=str(base / module),
+                          token=p11.get("token", str, required=True),
+                          kek=p11.get("kek", str, required=True),
+                          pin_env=p11.get("pin_env", str, DEFAULT_PIN_ENV))
+        p11.done()
+    if (sealed is None) != (token is None):
+        raise _Problem(reader.node.line, "mek.pkcs11" if sealed else "mek.sealed",
+                       "a sealed MEK and its pkcs11 token go together")
+    spec = MEKSpec(_path(base, file, reader, "file") if file else None, generate,
+                   _path(base, sealed, reader, "sealed") if sealed else None, token)
     reader.done()
     return spec
 

@@ -46,7 +46,12 @@ def file_digest(path: Path) -> str:
 
 
 def obtain_mek(plan: Plan) -> MEK:
-    """The plan's MEK: its file, or one generated once into the state dir (0600)."""
+    """The plan's MEK: its file, unsealed by its PKCS#11 token, or one generated once
+    into the state dir (0600)."""
+    if plan.mek.sealed is not None and plan.mek.pkcs11 is not None:
+        from orchestrator.crypto.custody import unseal
+
+        return unseal(plan.mek.sealed, plan.mek.pkcs11)
     if plan.mek.file is not None:
         return load_mek(plan.mek.file)
     path = plan.state_dir / "mek.dat"

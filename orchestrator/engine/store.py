@@ -92,6 +92,8 @@ class Store(Protocol):
     def finish_load(self, load_id: int, outcome: str) -> None: ...
     def loads(self) -> list[LoadRecord]: ...
     def record_stage(self, host: str, program_id: str) -> None: ...
+    def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None: ...
+    def unseals(self) -> list[tuple[float, str, str, str, str]]: ...
     def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
     def close(self) -> None: ...
 
@@ -130,6 +132,11 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL,
         from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL);
     CREATE INDEX loads_by_card ON loads (host, device, id);
+    """,
+    """
+    CREATE TABLE unseals (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, replica TEXT NOT NULL,
+        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
     """,
 )
 
@@ -268,6 +275,16 @@ class SQLiteStore:
         with self._transaction():
             self._db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
                              (host, program_id, time.time()))
+
+    def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None:
+        """The MEK was unsealed by a token (who, which KEK, which blob; never key bytes)."""
+        with self._transaction():
+            self._db.execute("INSERT INTO unseals (ts, replica, token, kek, blob) "
+                             "VALUES (?, ?, ?, ?, ?)", (time.time(), replica, token, kek, blob))
+
+    def unseals(self) -> list[tuple[float, str, str, str, str]]:
+        rows = self._read("SELECT ts, replica, token, kek, blob FROM unseals ORDER BY id")
+        return [tuple(row) for row in rows]
 
     def transitions(self, limit: int = 50) -> list[TransitionRecord]:
         rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
