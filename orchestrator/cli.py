@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__
+from orchestrator import __version__, keycli
 from orchestrator.errors import FileInputError, ModelIPError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -29,90 +29,6 @@ def _print_json(document: Any) -> None:
 
 
 # --- file-level commands ----------------------------------------------------------
-
-
-def cmd_generate_mek(args: argparse.Namespace) -> int:
-    from orchestrator.crypto.mek import MEK, write_mek
-
-    token = _token(args)
-    if token is not None:
-        from orchestrator.crypto.custody import seal, write_sealed_mek
-
-        if args.hex:
-            raise UsageError("generate-mek: --hex is for MEK files, not sealed MEKs")
-        _refuse_existing(args.output)
-        blob, mek = seal(token)
-        write_sealed_mek(args.output, blob)
-        print(f"wrote {args.output} (128-bit MEK from the token's generator, sealed under "
-              f"{token.describe()}, fingerprint {mek.fingerprint()})")
-        mek.wipe()
-        return 0
-    mek = MEK.generate()
-    write_mek(args.output, mek, hex_form=args.hex)
-    print(f"wrote {args.output} (128-bit MEK, mode 0600, fingerprint {mek.fingerprint()})")
-    return 0
-
-
-def cmd_hsm_init_kek(args: argparse.Namespace) -> int:
-    from orchestrator.crypto.custody import init_kek
-
-    token = _token(args, required=True)
-    assert token is not None  # noqa: S101 - required
-    init_kek(token)
-    print(f"created {token.describe()}: AES-256, sensitive, not extractable")
-    return 0
-
-
-def cmd_hsm_wrap_existing(args: argparse.Namespace) -> int:
-    from orchestrator.crypto.custody import seal, write_sealed_mek
-    from orchestrator.crypto.mek import load_mek
-
-    token = _token(args, required=True)
-    assert token is not None  # noqa: S101 - required
-    mek = load_mek(args.mek)
-    _refuse_existing(args.output)
-    blob, _ = seal(token, mek)
-    write_sealed_mek(args.output, blob)
-    print(f"wrote {args.output}: MEK {mek.fingerprint()} sealed under {token.describe()} "
-          f"(the plaintext file {args.mek} is still there: remove it when you are ready)")
-    mek.wipe()
-    return 0
-
-
-def _refuse_existing(path: str) -> None:
-    if os.path.lexists(path):
-        raise UsageError(f"{path}: exists already; refusing to overwrite a key")
-
-
-def _token(args: argparse.Namespace, *, required: bool = False) -> Any:
-    """The token options, all or none (``required``: all)."""
-    from orchestrator.crypto.custody import TokenSpec
-
-    given = [args.pkcs11_module, args.token, args.kek]
-    if not any(given) and not required:
-        return None
-    if not all(given):
-        raise UsageError("give --pkcs11-module, --token and --kek together")
-    return TokenSpec(args.pkcs11_module, args.token, args.kek, args.pin_env)
-
-
-def _mek(args: argparse.Namespace) -> Any:
-    """--mek FILE: a MEK file, or a sealed MEK opened by the token named by the flags."""
-    from orchestrator.crypto.custody import is_sealed, unseal
-    from orchestrator.crypto.mek import load_mek
-
-    try:
-        with open(args.mek, "rb") as handle:
-            head = handle.read(4096)
-    except OSError:
-        head = b""  # load_mek says what is wrong with the path
-    if not is_sealed(head):
-        return load_mek(args.mek)
-    token = _token(args)
-    if token is None:
-        raise UsageError(f"{args.mek}: is a sealed MEK; give --pkcs11-module, --token and "
-                         "--kek (PIN in $MODELIP_PKCS11_PIN or --pin-env)")
-    return unseal(args.mek, token)
 
 
 def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
@@ -155,7 +71,7 @@ def _targets(args: argparse.Namespace) -> Any:
 def cmd_encrypt_model(args: argparse.Namespace) -> int:
     from orchestrator.encrypt import encrypt_model
 
-    mek = _mek(args)
+    mek = keycli.mek_from_args(args)
     settings = _seal_settings(args, Path(args.qpc).stem)
     targets = _targets(args) if args.pub_keys else ()
     for path in encrypt_model(args.qpc, mek, args.output_dir, settings, targets=targets):
@@ -167,7 +83,7 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
 def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
     from orchestrator.encrypt import encrypt_with_session_keys
 
-    mek = _mek(args)
+    mek = keycli.mek_from_args(args)
     path = encrypt_with_session_keys(args.input_dir, mek, _targets(args),
                                      out_dir=args.output_dir)
     mek.wipe()
@@ -178,7 +94,7 @@ def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
 def cmd_wrap_mek(args: argparse.Namespace) -> int:
     from orchestrator.encrypt import program_for_wrap, wrap_mek_to_dir
 
-    mek = _mek(args)
+    mek = keycli.mek_from_args(args)
     program = program_for_wrap(args.encrypted_qpc, mek)
     for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir, program=program):
         print(f"wrote {path}")
@@ -198,7 +114,7 @@ def cmd_replace_mek(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from orchestrator.encrypt import verify_program
 
-    mek = _mek(args)
+    mek = keycli.mek_from_args(args)
     summary = verify_program(args.qpc, mek, extract=args.extract)
     mek.wipe()
     for segment in summary["segments"]:
@@ -374,45 +290,18 @@ def _add_key_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
                         help="wrap to keys whose evidence is not verified (prints a warning)")
 
 
-def _add_token_flags(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
-    group = parser.add_argument_group("PKCS#11 key custody (docs/keys.md)")
-    group.add_argument("--pkcs11-module", metavar="PATH", required=required,
-                       help="the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
-    group.add_argument("--token", metavar="LABEL", required=required, help="token label")
-    group.add_argument("--kek", metavar="LABEL", required=required,
-                       help="label of the key-encryption key in the token")
-    group.add_argument("--pin-env", metavar="VAR", default="MODELIP_PKCS11_PIN",
-                       help="environment variable holding the user PIN "
-                       "(default MODELIP_PKCS11_PIN; never a flag value)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelip", description=__doc__)
     parser.add_argument("--version", action="version", version=f"modelip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate-mek", help="write a fresh 128-bit MEK (mode 0600)")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--hex", action="store_true", help="write 32 hex digits instead of raw")
-    _add_token_flags(p)
-    p.set_defaults(handler=cmd_generate_mek)
-
-    hsm = sub.add_parser("hsm", help="key custody in a PKCS#11 token").add_subparsers(
-        dest="hsm_command", required=True, metavar="COMMAND")
-    p = hsm.add_parser("init-kek", help="create the key-encryption key in the token")
-    _add_token_flags(p, required=True)
-    p.set_defaults(handler=cmd_hsm_init_kek)
-    p = hsm.add_parser("wrap-existing", help="bring an existing MEK file into custody")
-    p.add_argument("--mek", required=True, metavar="FILE")
-    p.add_argument("-o", "--output", required=True, metavar="SEALED")
-    _add_token_flags(p, required=True)
-    p.set_defaults(handler=cmd_hsm_wrap_existing)
+    keycli.register(sub)
 
     p = sub.add_parser("encrypt-model", help="encrypt a QPC (and wrap to cards)")
     p.add_argument("--qpc", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    _add_token_flags(p)
+    keycli.add_token_flags(p)
     p.add_argument("--output-dir", required=True)
     _add_key_flags(p, required=False)
     _add_seal_flags(p)
@@ -422,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dir", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    _add_token_flags(p)
+    keycli.add_token_flags(p)
     p.add_argument("--output-dir")
     _add_key_flags(p, required=True)
     p.set_defaults(handler=cmd_encrypt_with_session_keys)
@@ -430,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wrap-mek", help="wrap the MEK to each card's session key")
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    _add_token_flags(p)
+    keycli.add_token_flags(p)
     p.add_argument("--encrypted-qpc", required=True, metavar="FILE|DIR",
                    help="the encrypted program the wrapped MEK will open (and no other)")
     p.add_argument("--output-dir", required=True)
@@ -449,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qpc", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    _add_token_flags(p)
+    keycli.add_token_flags(p)
     p.add_argument("--extract", metavar="DIR", help="write the decrypted segments here")
     p.set_defaults(handler=cmd_verify)
 
