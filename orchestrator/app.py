@@ -94,7 +94,7 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIt
                 lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
             with SQLiteStore(plan.journal_path) as store:
                 if plan.mek.sealed is not None and plan.mek.pkcs11 is not None:
-                    store.record_unseal(f"{socket.gethostname()}:{os.getpid()}",
+                    await store.record_unseal(f"{socket.gethostname()}:{os.getpid()}",
                                         plan.mek.pkcs11.token, plan.mek.pkcs11.kek,
                                         str(plan.mek.sealed))
                 async with fleet_for(plan) as (hosts, roots):

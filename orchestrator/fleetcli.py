@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Any
 
+import anyio
+
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import UsageError
 
@@ -157,14 +159,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.engine.store import SQLiteStore
+    from orchestrator.engine.store import CardRecord, HostRecord, LoadRecord, SQLiteStore
 
     plan = Plan.load(args.plan)
     if not plan.journal_path.exists():
         raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
                          "(run `modelip deploy` first)")
-    with SQLiteStore(plan.journal_path, read_only=True) as store:
-        cards, hosts, loads = store.cards(), store.hosts(), store.loads()
+    async def read() -> tuple[list[CardRecord], list[HostRecord], list[LoadRecord]]:
+        with SQLiteStore(plan.journal_path, read_only=True) as store:
+            return await store.cards(), await store.hosts(), await store.loads()
+
+    cards, hosts, loads = anyio.run(read)
     if args.json:
         print(json.dumps({"hosts": [dataclasses.asdict(h) for h in hosts],
                           "cards": [dataclasses.asdict(c) for c in cards],

@@ -173,7 +173,7 @@ async def test_the_demo_fleet_deploys_with_a_sealed_mek_and_the_unseal_is_journa
     async with running(plan) as (engine, _):
         assert all(c.state.value == "SERVING" for c in engine.cards)
         key = engine.ctx.mek.key
-        unseals = engine.ctx.store.unseals()  # type: ignore[attr-defined]
+        unseals = await engine.ctx.store.unseals()
     assert [(u[2], u[3]) for u in unseals] == [("modelip", "kek")]
     assert files_holding(tmp_path, key) == []
     assert not (plan.state_dir / "mek.dat").exists()

@@ -83,9 +83,9 @@ async def wait_until(engine: Engine, condition: Any, limit: float = 20) -> None:
             await engine.changed()
 
 
-def transitions_of(engine: Engine) -> list[tuple[str, int, str, str]]:
+async def transitions_of(engine: Engine) -> list[tuple[str, int, str, str]]:
     return [(r.host, r.device, r.previous, r.state)
-            for r in engine.store.transitions(limit=100000)]
+            for r in await engine.store.transitions(limit=100000)]
 
 
 async def test_resnet50_on_two_hosts_in_groups_of_four(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +120,7 @@ async def test_resets_are_rekeyed_without_reupload_and_others_keep_serving(tmp_p
         x = np.ones((1, 8), np.float32)
         result = await engine.execute({"x": x}, group=victim.group)
         assert result["y"].shape == (1, 4)
-        moved = {(h, d) for h, d, f, t in transitions_of(engine) if t == "REKEYING"}
+        moved = {(h, d) for h, d, f, t in await transitions_of(engine) if t == "REKEYING"}
         assert moved == {(victim.host, victim.device)}  # nobody else was interrupted
 
 
@@ -312,12 +312,12 @@ async def test_a_rekeyed_card_serves_only_once_its_body_is_verified(tmp_path: Pa
                     await engine.deployed.wait()
                 fleet.hosts[0].adversary = Adversary.TAMPER_BODY  # from now on
                 fleet.hosts[0].adversary_devices = frozenset({1})
-                served_before = len([t for t in journal.transitions(1000)
+                served_before = len([t for t in await journal.transitions(1000)
                                      if t.device == 1 and t.state == "SERVING"])
                 await client.reset(1)
                 await wait_until(engine, lambda: engine.cards[1].state.value == "QUARANTINED")
                 assert "failed authentication" in engine.cards[1].reason
-                served = [t for t in journal.transitions(1000)
+                served = [t for t in await journal.transitions(1000)
                           if t.device == 1 and t.state == "SERVING"]
                 assert len(served) == served_before == 1 and engine.stats.rekeys == 0
                 result = await engine.execute({"x": np.ones((1, 8), np.float32)}, group=0)

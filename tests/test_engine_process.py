@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from orchestrator.engine.store import SQLiteStore
@@ -100,8 +101,8 @@ def test_sigkill_then_restart_resumes_without_duplicate_loads(
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     with SQLiteStore(tmp_path / "state" / "journal.sqlite") as journal:
-        assert {c.state for c in journal.cards()} == {"SERVING"}
-        ok_loads = [(r.host, r.device, r.session_id, r.program_id) for r in journal.loads()
+        assert {c.state for c in anyio.run(journal.cards)} == {"SERVING"}
+        ok_loads = [(r.host, r.device, r.session_id, r.program_id) for r in anyio.run(journal.loads)
                     if r.outcome == "ok"]
         assert len(ok_loads) == len(set(ok_loads))  # never the same load twice
         # a card whose session did not change was confirmed, not reloaded
@@ -123,9 +124,9 @@ def test_graceful_stop_leaves_a_consistent_journal(tmp_path: Path, emulator: tup
     code, events = run_until(plan, "watch", "LOADING", 2, sig)
     assert code == expected
     with SQLiteStore(tmp_path / "state" / "journal.sqlite") as journal:
-        states = {c.state for c in journal.cards()}
+        states = {c.state for c in anyio.run(journal.cards)}
         assert states <= {"SERVING", "PENDING"}, states  # in-flight work finished or rolled back
-        assert not [r for r in journal.loads() if r.outcome == "sent"] or "PENDING" in states
+        assert not [r for r in anyio.run(journal.loads) if r.outcome == "sent"] or "PENDING" in states
 
 
 def test_deploy_summary_and_exit_code_for_an_unreachable_host(tmp_path: Path) -> None:

@@ -310,7 +310,7 @@ async def test_a_dead_host_comes_back_empty_and_is_restaged(tmp_path: Path,
         await wait_until(engine, lambda: all(
             c.state is CardState.DISCONNECTED for c in cards_of(engine, dead.address)))
         assert all(c.state is CardState.SERVING for c in cards_of(engine, alive.address))
-        hosts = {h.host: h.state for h in engine.store.hosts()}
+        hosts = {h.host: h.state for h in await engine.store.hosts()}
         assert hosts[dead.address] == "UNREACHABLE"  # journaled, so `status` shows it
         port = int(dead.address.rsplit(":", 1)[1])
         reborn = Emulator(tmp_path, "a2", port=port)  # new cards, nothing staged
@@ -321,7 +321,7 @@ async def test_a_dead_host_comes_back_empty_and_is_restaged(tmp_path: Path,
             assert (await client.stats())["stage_count"] == 1  # staged again by itself
             listed = await client.list_devices()
         assert {d.state for d in listed} == {DeviceState.LOADED}
-        assert {h.host: h.state for h in engine.store.hosts()}[dead.address] == "UP"
+        assert {h.host: h.state for h in await engine.store.hosts()}[dead.address] == "UP"
         tg.cancel_scope.cancel()
 
 
@@ -357,7 +357,7 @@ def test_kills_while_resuming_never_reload_an_unchanged_session(
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert not [e for e in events if e.get("state") == "LOADING"]
     with SQLiteStore(tmp_path / "state" / "journal.sqlite", read_only=True) as store:
-        loads = store.loads()
+        loads = anyio.run(store.loads)
     assert len(loads) == 8  # the first deployment's, and not one more
     assert len({(r.host, r.device, r.session_id) for r in loads}) == 8
 

@@ -46,12 +46,12 @@ RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded
 
 
 class CardDriver:
-    def __init__(self, machine: CardMachine, host: HostSupervisor, ctx: EngineContext,
-                 resumed: CardRecord | None) -> None:
+    def __init__(self, machine: CardMachine, host: HostSupervisor, ctx: EngineContext
+                 ) -> None:
         self.machine = machine
         self.host = host
         self.ctx = ctx
-        self.resumed = resumed
+        self.resumed: CardRecord | None = None
         self.last_event = ""
         self.rekeys = 0
         self.reconciled = 0           # how many times the driver has looked at its card
@@ -61,8 +61,14 @@ class CardDriver:
         self._checked_at = 0.0
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
-        if resumed is not None:
-            machine.known_good = resumed.known_good
+
+    async def resume(self) -> None:
+        """Read what the store remembers of this card (before ``run``)."""
+        m = self.machine
+        self.resumed = await self.ctx.store.card(m.host, m.device)
+        await self.ctx.store.ensure_card(m.host, m.device, m.group, m.partition)
+        if self.resumed is not None:
+            m.known_good = self.resumed.known_good
 
     def __repr__(self) -> str:
         return f"CardDriver({self.machine!r})"
@@ -103,11 +109,11 @@ class CardDriver:
 
     # --- moving the machine -----------------------------------------------------------------
 
-    def move(self, target: CardState, reason: str = "", *,
-             known_good: KnownGood | None | bool = True) -> None:
+    async def move(self, target: CardState, reason: str = "", *,
+                   known_good: KnownGood | None | bool = True) -> None:
         """Propose, write ahead to the store, apply, announce."""
         transition = self.machine.propose(target, reason, known_good=known_good)
-        self.ctx.store.record_card(transition)
+        await self.ctx.store.record_card(transition)
         self.machine.apply(transition)
         self.host.card_moved(self, transition)
 
@@ -123,7 +129,7 @@ class CardDriver:
             message = self.ctx.internal_error(f"card {self.machine.name}", exc)
             with contextlib.suppress(StateDirError):
                 if self.machine.state not in FINAL:
-                    self.move(S.FAILED, f"internal error: {message}")
+                    await self.move(S.FAILED, f"internal error: {message}")
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
                     contextlib.suppress(StateDirError):
@@ -135,7 +141,7 @@ class CardDriver:
         if previous is not None and previous.state == S.QUARANTINED.value \
                 and not self.ctx.retry_quarantined:
             m.card_id = previous.card_id
-            self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
+            await self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
             return
         trigger = Trigger.START
         while m.state not in FINAL:
@@ -154,13 +160,13 @@ class CardDriver:
             self.host.card_checked()
             if self._verdict is not None and m.state not in FINAL:
                 self.ctx.stats.verification_failures[type(self._verdict).__name__] += 1
-                self.move(S.QUARANTINED, str(self._verdict))
+                await self.move(S.QUARANTINED, str(self._verdict))
 
     async def _while_host_down(self) -> None:
         m = self.machine
         while not self.host.up and m.state not in FINAL:
             if self.host.down and m.state is not S.DISCONNECTED:
-                self.move(S.DISCONNECTED, f"host {self.host.name} {self.host.describe()}")
+                await self.move(S.DISCONNECTED, f"host {self.host.name} {self.host.describe()}")
             await self.host.changed()
 
     async def _next_trigger(self) -> Trigger:
@@ -197,7 +203,7 @@ class CardDriver:
                     report = await self._attest()
             except DeviceOffline:
                 self._first_sign = self._first_sign or started
-                self.move(S.REKEYING, f"{trigger.value}: the card is rebooting")
+                await self.move(S.REKEYING, f"{trigger.value}: the card is rebooting")
             except RETRYABLE as err:
                 self.host.suspect()
                 if not trigger.is_hint and not self._first_sign:
@@ -206,21 +212,21 @@ class CardDriver:
                     self.hint(Trigger.PERIODIC)
                     return
                 self._first_sign = self._first_sign or started
-                self.move(S.REKEYING, f"{trigger.value}: {err}")
+                await self.move(S.REKEYING, f"{trigger.value}: {err}")
             except VerificationError as err:
                 self.ctx.stats.verification_failures[type(err).__name__] += 1
-                self.move(S.QUARANTINED, str(err))
+                await self.move(S.QUARANTINED, str(err))
                 return
             else:
                 if report.session_id == m.session_id:
                     if not self._holds_ours(report):
                         if report.loaded is not None:
                             self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
-                            self.move(S.QUARANTINED, f"runs another program: "
+                            await self.move(S.QUARANTINED, f"runs another program: "
                                       f"{report.loaded.describe()} (its own signed report)")
                             return
                         self._first_sign = self._first_sign or started
-                        self.move(S.REKEYING, f"{trigger.value}: the card no longer holds "
+                        await self.move(S.REKEYING, f"{trigger.value}: the card no longer holds "
                                   "the program (same session)", known_good=None)
                         await self._bring_up(trigger, report)
                         return
@@ -232,7 +238,7 @@ class CardDriver:
                     self._first_sign = 0.0
                     return
                 self._first_sign = self._first_sign or started
-                self.move(S.REKEYING, f"{trigger.value}: new session (boot "
+                await self.move(S.REKEYING, f"{trigger.value}: new session (boot "
                           f"{report.boot_counter})", known_good=None)
         await self._bring_up(trigger, report)
 
@@ -251,14 +257,14 @@ class CardDriver:
                 with anyio.fail_after(timeouts.card):
                     async with self.host.limiter:
                         if m.state is not first and not offline_since:
-                            self.move(first, f"{trigger.value}, attempt {attempt}")
+                            await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
                             report = await self._attest()
                         if m.state is not first:  # a rebooting card answers again
-                            self.move(first, f"{trigger.value}: the card is back")
+                            await self.move(first, f"{trigger.value}: the card is back")
                         self._adopt(report)
                         if self._holds_ours(report):
-                            self.move(S.SERVING, "confirmed by a fresh attestation: the card "
+                            await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
                                       known_good=self._good(report))
                         else:
@@ -272,15 +278,15 @@ class CardDriver:
                 offline_since = offline_since or time.monotonic()
                 attempt -= 1
                 if time.monotonic() - offline_since > timeouts.card:
-                    self.move(S.FAILED, f"offline for more than {timeouts.card:g} s: {err}")
+                    await self.move(S.FAILED, f"offline for more than {timeouts.card:g} s: {err}")
                     return
                 if m.state is not S.RETRY_WAIT:
-                    self.move(S.RETRY_WAIT, "the card is rebooting")
+                    await self.move(S.RETRY_WAIT, "the card is rebooting")
                 await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
             except ProgramNotStaged as err:
                 report = None
                 if attempt >= retry.attempts:
-                    self.move(S.FAILED, f"gave up after {attempt} attempts: {err}")
+                    await self.move(S.FAILED, f"gave up after {attempt} attempts: {err}")
                     return
                 await self.host.restage()  # the host lost the body: never final
             except RETRYABLE as err:
@@ -288,16 +294,16 @@ class CardDriver:
                 self.host.suspect()
                 message = str(err) or "timed out"
                 if attempt >= retry.attempts:
-                    self.move(S.FAILED, f"gave up after {attempt} attempts: {message}")
+                    await self.move(S.FAILED, f"gave up after {attempt} attempts: {message}")
                     return
-                self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
+                await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
                 await anyio.sleep(self.ctx.backoff(attempt))
             except VerificationError as err:
                 self.ctx.stats.verification_failures[type(err).__name__] += 1
-                self.move(S.QUARANTINED, str(err))
+                await self.move(S.QUARANTINED, str(err))
                 return
             except InputError as err:
-                self.move(S.FAILED, str(err))
+                await self.move(S.FAILED, str(err))
                 return
 
     def _served(self, *, counted: bool) -> None:
@@ -353,11 +359,11 @@ class CardDriver:
                         public_key=report.session_public_key, program=program.info_digest)
         same_session = m.known_good is not None \
             and m.known_good.session_id == report.session_id.hex()
-        self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
+        await self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
                   known_good=True if same_session else None)
-        self.move(S.LOADING)
+        await self.move(S.LOADING)
         store = self.ctx.store
-        load_id = store.record_load(m.host, m.device, card_id=m.card_id,
+        load_id = await store.record_load(m.host, m.device, card_id=m.card_id,
                                     session_id=report.session_id.hex(),
                                     program_id=program.program_id, partition=m.partition)
         outcome = "interrupted"
@@ -374,8 +380,9 @@ class CardDriver:
             outcome = "failed" if outcome == "interrupted" else outcome
             raise
         finally:
-            store.finish_load(load_id, outcome)
-        self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card",
+            with anyio.CancelScope(shield=True):
+                await store.finish_load(load_id, outcome)
+        await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card",
                   known_good=self._good(report))
 
     async def _roll_back(self) -> None:
@@ -385,6 +392,6 @@ class CardDriver:
             if self.host.up:
                 with contextlib.suppress(ModelIPError):
                     await self.host.client.unload(m.device)
-            self.move(S.PENDING, "interrupted: load rolled back")
+            await self.move(S.PENDING, "interrupted: load rolled back")
         elif m.state in (S.ATTESTING, S.KEYED, S.REKEYING, S.RETRY_WAIT):
-            self.move(S.PENDING, "interrupted")
+            await self.move(S.PENDING, "interrupted")

@@ -126,11 +126,9 @@ class Engine:
             devices = sorted(target.devices)
             for start in range(0, len(devices), plan.group_size):
                 for partition, device in enumerate(devices[start:start + plan.group_size]):
-                    resumed = store.card(target.name, device)
-                    store.ensure_card(target.name, device, group, partition)
                     machine = CardMachine(target.name, device, group, partition,
                                           program.program_id)
-                    driver = CardDriver(machine, host, self.ctx, resumed)
+                    driver = CardDriver(machine, host, self.ctx)
                     host.drivers[device] = driver
                     self.drivers.append(driver)
                     self.groups.setdefault(group, []).append(driver)

@@ -131,6 +131,7 @@ class HostSupervisor:
                 anyio.create_task_group() as cards:
             self._client = client
             for driver in self.drivers.values():
+                await driver.resume()
                 await cards.start(driver.run)
             task_status.started()
             async with anyio.create_task_group() as tg:
@@ -150,7 +151,7 @@ class HostSupervisor:
             self._interrupt_cards()
             try:
                 if self.machine.state is not H.FAILED:
-                    self._move(H.FAILED, f"internal error: {message}")
+                    await self._move(H.FAILED, f"internal error: {message}")
             except StateDirError as err:
                 self.ctx.escalate(err)
 
@@ -165,7 +166,7 @@ class HostSupervisor:
                     await self._stage()
                 failures = 0
                 was_up = True
-                self._move(H.UP)
+                await self._move(H.UP)
                 await self._resync_until_lost()
             except (ModelIPError, HostLost) as err:
                 failures += 1
@@ -174,9 +175,9 @@ class HostSupervisor:
                     continue
                 reason = f"{err} (attempt {failures})" if not was_up else str(err)
                 self._interrupt_cards()
-                self._move(H.UNREACHABLE, reason)
+                await self._move(H.UNREACHABLE, reason)
                 await anyio.sleep(self.ctx.backoff(min(failures, 8)))
-                self._move(H.CONNECTING, "retrying")
+                await self._move(H.CONNECTING, "retrying")
 
     @property
     def _probe_deadline(self) -> float:
@@ -185,7 +186,7 @@ class HostSupervisor:
     async def _stage(self) -> None:
         program = self.ctx.program
         _, already = await self.client.stage(program.body, program_id=program.program_id)
-        self.ctx.store.record_stage(self.name, program.program_id)
+        await self.ctx.store.record_stage(self.name, program.program_id)
         self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
                              already_staged=already))
 
@@ -271,9 +272,9 @@ class HostSupervisor:
         for driver in self.drivers.values():
             driver.host_lost()
 
-    def _move(self, target: HostState, reason: str = "") -> None:
+    async def _move(self, target: HostState, reason: str = "") -> None:
         transition = self.machine.propose(target, reason)
-        self.ctx.store.record_host(transition, self.target.address)
+        await self.ctx.store.record_host(transition, self.target.address)
         self.machine.apply(transition)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()

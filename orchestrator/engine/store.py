@@ -80,22 +80,21 @@ class Store(Protocol):
     """The engine's memory. Implementations raise StateDirError when they cannot
     keep a promise (write-ahead: a failed write means the move did not happen)."""
 
-    def ensure_card(self, host: str, device: int, group: int, partition: int
+    async def ensure_card(self, host: str, device: int, group: int, partition: int
                     ) -> CardRecord: ...
-    def card(self, host: str, device: int) -> CardRecord | None: ...
-    def cards(self) -> list[CardRecord]: ...
-    def record_card(self, transition: CardTransition) -> None: ...
-    def record_host(self, transition: HostTransition, address: str) -> None: ...
-    def hosts(self) -> list[HostRecord]: ...
-    def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
+    async def card(self, host: str, device: int) -> CardRecord | None: ...
+    async def cards(self) -> list[CardRecord]: ...
+    async def record_card(self, transition: CardTransition) -> None: ...
+    async def record_host(self, transition: HostTransition, address: str) -> None: ...
+    async def hosts(self) -> list[HostRecord]: ...
+    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
                     program_id: str, partition: int) -> int: ...
-    def finish_load(self, load_id: int, outcome: str) -> None: ...
-    def loads(self) -> list[LoadRecord]: ...
-    def record_stage(self, host: str, program_id: str) -> None: ...
-    def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None: ...
-    def unseals(self) -> list[tuple[float, str, str, str, str]]: ...
-    def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
-    def close(self) -> None: ...
+    async def finish_load(self, load_id: int, outcome: str) -> None: ...
+    async def loads(self) -> list[LoadRecord]: ...
+    async def record_stage(self, host: str, program_id: str) -> None: ...
+    async def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None: ...
+    async def unseals(self) -> list[tuple[float, str, str, str, str]]: ...
+    async def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
 
 
 # Applied in order; PRAGMA user_version says how many a journal has had.
@@ -193,27 +192,27 @@ class SQLiteStore:
 
     # --- cards --------------------------------------------------------------------
 
-    def ensure_card(self, host: str, device: int, group: int, partition: int) -> CardRecord:
+    async def ensure_card(self, host: str, device: int, group: int, partition: int) -> CardRecord:
         with self._transaction():
             self._db.execute(
                 "INSERT INTO cards (host, device, grp, partition, state, updated) "
                 "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
                 "grp = excluded.grp, partition = excluded.partition",
                 (host, device, group, partition, time.time()))
-        record = self.card(host, device)
+        record = await self.card(host, device)
         assert record is not None  # noqa: S101 - just written
         return record
 
-    def card(self, host: str, device: int) -> CardRecord | None:
+    async def card(self, host: str, device: int) -> CardRecord | None:
         row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
                          (host, device)).fetchone()
         return None if row is None else _card(row)
 
-    def cards(self) -> list[CardRecord]:
+    async def cards(self) -> list[CardRecord]:
         rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
         return [_card(row) for row in rows]
 
-    def record_card(self, t: CardTransition) -> None:
+    async def record_card(self, t: CardTransition) -> None:
         """One transaction: the history row and the card's current row."""
         good = t.known_good or KnownGood("", "", "", -1)
         with self._transaction():
@@ -233,7 +232,7 @@ class SQLiteStore:
 
     # --- hosts --------------------------------------------------------------------
 
-    def record_host(self, t: HostTransition, address: str) -> None:
+    async def record_host(self, t: HostTransition, address: str) -> None:
         with self._transaction():
             self._db.execute(
                 "INSERT INTO host_transitions (ts, host, from_state, to_state, reason) "
@@ -245,14 +244,14 @@ class SQLiteStore:
                 "reason = excluded.reason, updated = excluded.updated",
                 (t.host, address, t.state.value, t.reason, t.at))
 
-    def hosts(self) -> list[HostRecord]:
+    async def hosts(self) -> list[HostRecord]:
         rows = self._read("SELECT host, address, state, reason, updated FROM hosts "
                           "ORDER BY host")
         return [HostRecord(*row) for row in rows]
 
     # --- loads and stages ---------------------------------------------------------
 
-    def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
+    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
                     program_id: str, partition: int) -> int:
         with self._transaction():
             cursor = self._db.execute(
@@ -261,32 +260,32 @@ class SQLiteStore:
                 (time.time(), host, device, card_id, session_id, program_id, partition))
         return int(cursor.lastrowid or 0)
 
-    def finish_load(self, load_id: int, outcome: str) -> None:
+    async def finish_load(self, load_id: int, outcome: str) -> None:
         with self._transaction():
             self._db.execute("UPDATE loads SET outcome = ? WHERE id = ?", (outcome, load_id))
 
-    def loads(self) -> list[LoadRecord]:
+    async def loads(self) -> list[LoadRecord]:
         """Every load sent, in order."""
         rows = self._read("SELECT host, device, session_id, program_id, partition, outcome "
                           "FROM loads ORDER BY id")
         return [LoadRecord(*row) for row in rows]
 
-    def record_stage(self, host: str, program_id: str) -> None:
+    async def record_stage(self, host: str, program_id: str) -> None:
         with self._transaction():
             self._db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
                              (host, program_id, time.time()))
 
-    def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None:
+    async def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None:
         """The MEK was unsealed by a token (who, which KEK, which blob; never key bytes)."""
         with self._transaction():
             self._db.execute("INSERT INTO unseals (ts, replica, token, kek, blob) "
                              "VALUES (?, ?, ?, ?, ?)", (time.time(), replica, token, kek, blob))
 
-    def unseals(self) -> list[tuple[float, str, str, str, str]]:
+    async def unseals(self) -> list[tuple[float, str, str, str, str]]:
         rows = self._read("SELECT ts, replica, token, kek, blob FROM unseals ORDER BY id")
         return [tuple(row) for row in rows]
 
-    def transitions(self, limit: int = 50) -> list[TransitionRecord]:
+    async def transitions(self, limit: int = 50) -> list[TransitionRecord]:
         rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
                           "transitions ORDER BY id DESC LIMIT ?", (limit,))
         return [TransitionRecord(*row) for row in rows][::-1]
