@@ -12,7 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from cryptography import x509
@@ -22,10 +22,19 @@ from orchestrator.crypto.evidence import load_roots_file
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.plan import Plan
-from orchestrator.engine.prepare import obtain_mek, prepare_program
-from orchestrator.engine.store import SQLiteStore, StateDirLock
+from orchestrator.engine.prepare import (
+    PreparedProgram,
+    obtain_mek,
+    prepare_program,
+    sealing_source,
+)
+from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.transport.client import TLSClientConfig
+
+if TYPE_CHECKING:
+    from orchestrator.crypto.mek import MEK
+    from orchestrator.engine.pgstore import PostgresStore
 
 T = TypeVar("T")
 
@@ -79,40 +88,87 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         yield hosts, [pki.root, *roots]
 
 
+def default_replica_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 @asynccontextmanager
-async def open_engine(plan: Plan, *, retry_quarantined: bool = False) -> AsyncIterator[Engine]:
+async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
+                      replica: str | None = None) -> AsyncIterator[Engine]:
     """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
 
     Holds the state directory's lock for the whole block (a second orchestrator on
     the same state directory gets StateDirError "in use by pid N"); the MEK is wiped
-    from memory when the block ends.
+    from memory when the block ends. With a shared store (``plan.store``) the engine
+    is the replica ``replica`` (default: host name and pid) of docs/replicas.md.
     """
-    with _state_lock(plan):
+    replica = replica or default_replica_name()
+    with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
         mek = _in_state_dir(plan, lambda: obtain_mek(plan))
         try:
-            program = await anyio.to_thread.run_sync(
-                lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
-            with SQLiteStore(plan.journal_path) as store:
+            async with _open_store(plan, replica) as (store, shared):
                 if plan.mek.sealed is not None and plan.mek.pkcs11 is not None:
-                    await store.record_unseal(f"{socket.gethostname()}:{os.getpid()}",
-                                        plan.mek.pkcs11.token, plan.mek.pkcs11.kek,
-                                        str(plan.mek.sealed))
+                    await store.record_unseal(replica, plan.mek.pkcs11.token,
+                                              plan.mek.pkcs11.kek, str(plan.mek.sealed))
+                program = await _prepare(plan, mek, shared)
                 async with fleet_for(plan) as (hosts, roots):
                     # everything is in place: the journal's WAL, the caches, the PKI
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
-                                 retry_quarantined=retry_quarantined)
+                                 retry_quarantined=retry_quarantined, shared=shared)
         finally:
             mek.wipe()
 
 
+@asynccontextmanager
+async def _open_store(plan: Plan, replica: str
+                      ) -> AsyncIterator[tuple[Store, PostgresStore | None]]:
+    if not plan.shared:
+        with SQLiteStore(plan.journal_path) as journal:
+            yield journal, None
+        return
+    from orchestrator.engine.pgstore import PostgresStore
+
+    store = PostgresStore(plan.store, replica, lease_ttl=plan.replicas.lease_ttl)
+    await store.open()
+    try:
+        yield store, store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> PreparedProgram:
+    """The encrypted body; with a shared store, the same body as every other replica's:
+    the first records its salt, the others encrypt with it (same source, same MEK)."""
+    def prepare(salt: bytes | None = None) -> PreparedProgram:
+        return _in_state_dir(plan, lambda: prepare_program(plan, mek, salt=salt))
+
+    if shared is None:
+        return await anyio.to_thread.run_sync(prepare)
+    _, _, key = await anyio.to_thread.run_sync(
+        lambda: _in_state_dir(plan, lambda: sealing_source(plan, mek)))
+    recorded = await shared.seal(key)
+    program = await anyio.to_thread.run_sync(prepare, recorded[0] if recorded else None)
+    if recorded is None:
+        recorded = await shared.offer_seal(key, program.salt, program.program_id)
+        if recorded[0] != program.salt:  # another replica was first
+            program = await anyio.to_thread.run_sync(prepare, recorded[0])
+    if program.program_id != recorded[1]:
+        raise UsageError(f"{plan.source}: this replica's encrypted body (program "
+                         f"{program.program_id[:16]}) differs from the one recorded in the "
+                         f"store (program {recorded[1][:16]}) for the same model, MEK and "
+                         "settings: run the same modelip version on every replica")
+    return program
+
+
 @contextmanager
-def _state_lock(plan: Plan) -> Iterator[None]:
+def _state_lock(plan: Plan, name: str) -> Iterator[None]:
     if plan.state_dir.exists() and not plan.state_dir.is_dir():
         raise StateDirError(plan.state_dir, "the plan's state_dir is not a directory")
     # owner-only before anything is written into it (the plaintext package cache is)
     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
-    with StateDirLock(plan.state_dir):
+    with StateDirLock(plan.state_dir, name):
         yield
 
 

@@ -180,6 +180,20 @@ class StateDirError(StateError):
         self.problem = problem
 
 
+class StoreUnavailable(StateDirError):
+    """The shared store (PostgreSQL) cannot be reached or refuses us."""
+
+
+class LeaseLost(Exception):  # noqa: N818 - a condition of a replica, not a user's error
+    """This replica no longer holds a host's lease (expired, or taken over): it must
+    not write about that host or call its cards. Contained to that host; never
+    reaches the command line."""
+
+    def __init__(self, host: str, why: str) -> None:
+        super().__init__(f"host {host}: lease lost ({why})")
+        self.host = host
+
+
 class DeviceOffline(TransportError):
     """The card is rebooting; try again after it is back online."""
 

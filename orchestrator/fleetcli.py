@@ -6,20 +6,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
 from typing import Any
 
 import anyio
 
-from orchestrator.engine.plan import Plan
+from orchestrator.engine.plan import Plan, store_url_problem
 from orchestrator.errors import UsageError
 
 
 async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       json_events: bool, metrics_port: int | None = None,
                       inputs: dict[str, Any] | None = None,
-                      retry_quarantined: bool = False) -> tuple[int, dict[str, Any] | None]:
+                      retry_quarantined: bool = False, replica: str | None = None
+                      ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
     A failing state directory stops the engine: the summary is still printed,
@@ -33,7 +35,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     outputs: dict[str, Any] | None = None
     stopped_by: list[int] = []
     out = sys.stderr if inputs is not None else sys.stdout
-    async with open_engine(plan, retry_quarantined=retry_quarantined) as engine:
+    async with open_engine(plan, retry_quarantined=retry_quarantined,
+                           replica=replica) as engine:
         names = engine.program.model_inputs
         if inputs is not None and set(inputs) == {""} and len(names) == 1:
             inputs = {names[0]: inputs[""]}
@@ -122,9 +125,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return _deploy(args, keep_serving=True)
 
 
-def _load_plan(path: str) -> Plan:
-    """Read a plan and say aloud what it allows on purpose (stderr)."""
-    plan = Plan.load(path)
+def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
+    """Read a plan (``--store`` replaces its store) and say aloud what it allows on
+    purpose (stderr)."""
+    plan = Plan.load(args.plan)
+    if getattr(args, "store", None):
+        problem = store_url_problem(args.store)
+        if problem:
+            raise UsageError(f"--store {args.store}: {problem}")
+        plan = dataclasses.replace(plan, store="" if args.store == "sqlite" else args.store)
+        if plan.shared and plan.emulated is not None:
+            raise UsageError(f"--store: {plan.source}: replicas share real hosts; an embedded "
+                             "emulated fleet is one process's own (run `modelip emulate` and "
+                             "list its hosts)")
+    if quiet:
+        return plan
     for warning in plan.warnings():
         print(warning, file=sys.stderr)
     return plan
@@ -133,11 +148,11 @@ def _load_plan(path: str) -> Plan:
 def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
     import anyio
 
-    plan = _load_plan(args.plan)
+    plan = _load_plan(args)
     code, _ = anyio.run(lambda: orchestrate(
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
         json_events=_json_mode(args), metrics_port=args.metrics_port,
-        retry_quarantined=args.retry_quarantined))
+        retry_quarantined=args.retry_quarantined, replica=_replica(args)))
     return code
 
 
@@ -146,10 +161,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from orchestrator.hostcli import read_inputs, write_outputs
 
-    plan = _load_plan(args.plan)
+    plan = _load_plan(args)
     inputs = read_inputs(args.input)
     code, outputs = anyio.run(lambda: orchestrate(plan, keep_serving=False, duration=None,
-                                                  json_events=bool(args.json), inputs=inputs))
+                                                  json_events=bool(args.json), inputs=inputs,
+                                                  replica=_replica(args)))
     if outputs is None:
         return code or 4
     write_outputs(args.output, outputs)
@@ -159,44 +175,104 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.engine.store import CardRecord, HostRecord, LoadRecord, SQLiteStore
-
-    plan = Plan.load(args.plan)
-    if not plan.journal_path.exists():
-        raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
-                         "(run `modelip deploy` first)")
-    async def read() -> tuple[list[CardRecord], list[HostRecord], list[LoadRecord]]:
-        with SQLiteStore(plan.journal_path, read_only=True) as store:
-            return await store.cards(), await store.hosts(), await store.loads()
-
-    cards, hosts, loads = anyio.run(read)
+    plan = _load_plan(args, quiet=True)
+    view = anyio.run(_read_status, plan)
     if args.json:
-        print(json.dumps({"hosts": [dataclasses.asdict(h) for h in hosts],
-                          "cards": [dataclasses.asdict(c) for c in cards],
-                          "loads": len(loads)}, indent=2))
+        print(json.dumps(view, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if hosts:
+    if view["hosts"]:
         table = Table(title=f"{plan.source.name}: hosts")
-        for column in ("host", "address", "state", "reason"):
+        columns = ["host", "address", "state", "reason"]
+        if plan.shared:
+            columns[3:3] = ["replica", "lease until"]
+        for column in columns:
             table.add_column(column)
-        for h in hosts:
-            table.add_row(h.host, h.address, h.state, h.reason[:80])
+        for h in view["hosts"]:
+            row = [h["host"], h["address"], h["state"], h["reason"][:80]]
+            if plan.shared:
+                row[3:3] = [h["owner"] or "-", (h["lease_expires"] or "-")[11:19]]
+            table.add_row(*row)
         console.print(table)
-    table = Table(title=f"{plan.source.name}: journal {plan.journal_path}")
+    table = Table(title=f"{plan.source.name}: {view['store']}")
     for column in ("host", "card", "card id", "group", "part", "state", "boot",
                    "session", "reason"):
         table.add_column(column)
-    for c in cards:
-        table.add_row(c.host, str(c.device), c.card_id, str(c.group), str(c.partition),
-                      c.state, str(c.boot_counter), c.session_id[:16], c.reason[:60])
+    for c in view["cards"]:
+        table.add_row(c["host"], str(c["device"]), c["card_id"], str(c["group"]),
+                      str(c["partition"]), c["state"], str(c["boot_counter"]),
+                      c["session_id"][:16], c["reason"][:60])
     console.print(table)
-    print(f"{sum(c.state == 'SERVING' for c in cards)}/{len(cards)} serving (as last "
-          f"recorded), {len(loads)} loads sent")
+    cards = view["cards"]
+    print(f"{sum(c['state'] == 'SERVING' for c in cards)}/{len(cards)} serving (as last "
+          f"recorded), {len(view['loads'])} loads sent")
+    for r in view.get("replicas", []):
+        print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, last heartbeat "
+              f"{r['heartbeat']}")
     return 0
+
+
+async def _read_status(plan: Plan) -> dict[str, Any]:
+    """What the store says, as plain values (times ISO 8601, UTC)."""
+    from orchestrator.engine.store import SQLiteStore
+
+    if plan.shared:
+        from orchestrator.engine.pgstore import PostgresStore
+
+        store = PostgresStore(plan.store, "status", lease_ttl=plan.replicas.lease_ttl)
+        await store.open(migrate=False)
+        try:
+            view = await _store_view(store, store.label)
+            view["replicas"] = [
+                {"name": r.name, "alive": r.alive, "started": _iso(r.started),
+                 "heartbeat": _iso(r.heartbeat)} for r in await store.replicas()]
+            return view
+        finally:
+            await store.close()
+    if not plan.journal_path.exists():
+        raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
+                         "(run `modelip deploy` first)")
+    with SQLiteStore(plan.journal_path, read_only=True) as journal:
+        return await _store_view(journal, f"journal {plan.journal_path}")
+
+
+async def _store_view(store: Any, label: str) -> dict[str, Any]:
+    hosts = [{**dataclasses.asdict(h), "updated": _iso(h.updated),
+              "lease_expires": _iso(h.lease_expires)} for h in await store.hosts()]
+    cards = [{**dataclasses.asdict(c), "updated": _iso(c.updated)} for c in await store.cards()]
+    loads = [dataclasses.asdict(r) for r in await store.loads()]
+    return {"store": label, "hosts": hosts, "cards": cards, "loads": loads}
+
+
+def _iso(ts: float | None) -> str | None:
+    import datetime
+
+    if not ts:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+_REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _replica(args: argparse.Namespace) -> str | None:
+    name: str | None = getattr(args, "replica", None)
+    if name is not None and not _REPLICA_NAME.fullmatch(name):
+        raise UsageError(f"--replica {name!r}: must be 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def _add_store_flags(p: Any, *, replica: bool = True) -> None:
+    p.add_argument("--store", metavar="URL",
+                   help="the store instead of the plan's: postgresql://... shared by replicas "
+                        "(docs/replicas.md), or sqlite (the embedded journal)")
+    if replica:
+        p.add_argument("--replica", metavar="NAME",
+                       help="this replica's name in a shared store (default: host name-pid)")
 
 
 def register(sub: Any) -> None:
@@ -210,14 +286,17 @@ def register(sub: Any) -> None:
                        help="try cards the journal quarantined again (an operator decision)")
         if name == "watch":
             p.add_argument("--duration", type=float, help="stop after this many seconds")
+        _add_store_flags(p)
         p.set_defaults(handler=handler)
     p = sub.add_parser("run", help="run inference on a serving group")
     p.add_argument("plan")
     p.add_argument("--input", required=True, metavar="x.npy|x.npz")
     p.add_argument("--output", metavar="y.npy|y.npz")
     p.add_argument("--json", action="store_true", help="JSON-lines events on stderr")
+    _add_store_flags(p)
     p.set_defaults(handler=cmd_run)
-    p = sub.add_parser("status", help="the journal's view of the fleet (no network)")
+    p = sub.add_parser("status", help="the store's view of the fleet (no host is called)")
     p.add_argument("plan")
     p.add_argument("--json", action="store_true")
+    _add_store_flags(p, replica=False)
     p.set_defaults(handler=cmd_status)

@@ -67,8 +67,14 @@ class SealSettings:
     chunk_size: int = stream.DEFAULT_CHUNK
     # Processes for large segments; >1 only where forking is safe (the CLI).
     workers: int = 1
+    # None: a fresh random salt (always, but to reproduce a recorded encryption of
+    # the same source under the same MEK bit for bit: the caller guarantees that,
+    # since one salt over two plaintexts would reuse (key, nonce) pairs).
+    salt: bytes | None = None
 
     def __post_init__(self) -> None:
+        if self.salt is not None and len(self.salt) != stream.SALT_BYTES:
+            raise FormatError("salt", f"must be {stream.SALT_BYTES} bytes")
         if not stream.MIN_CHUNK <= self.chunk_size <= stream.MAX_CHUNK:
             raise FormatError("chunk size", f"must be between {stream.MIN_CHUNK} and "
                               f"{stream.MAX_CHUNK} bytes")
@@ -158,7 +164,10 @@ def seal_specs(
             raise FormatError(source.label, f"is already encrypted (has {name!r})")
     meta = read_mdp_meta(source)
     nested_names = {p.segment: p.index for p in meta.partitions} if meta else {}
-    salt = secrets.token_bytes(stream.SALT_BYTES)
+    if parent_salt:
+        salt = nested_salt(parent_salt, partition)
+    else:
+        salt = settings.salt or secrets.token_bytes(stream.SALT_BYTES)
     info = evidence_pb2.EncryptionInfo(
         format_version=FORMAT_VERSION,
         aead="AES-128-GCM",
@@ -230,6 +239,13 @@ def seal_specs(
     if key_slots is not None:
         specs.append(bytes_segment(KEYSLOTS, encode_key_slots(key_slots)))
     return specs
+
+
+def nested_salt(parent_salt: bytes, partition: int) -> bytes:
+    """A partition's salt, derived from its container's (distinct per partition, as
+    unpredictable as the parent's): the top-level salt alone reproduces a body."""
+    return hashlib.sha256(b"modelip nested salt\0" + parent_salt
+                          + partition.to_bytes(4, "big")).digest()[:stream.SALT_BYTES]
 
 
 def write_sealed(handle: BinaryIO, source: Container, mek: MEK, settings: SealSettings, *,

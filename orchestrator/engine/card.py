@@ -27,11 +27,13 @@ from orchestrator.engine.store import CardRecord
 from orchestrator.errors import (
     DeviceOffline,
     InputError,
+    LeaseLost,
     ModelIPError,
     ProgramNotLoaded,
     ProgramNotStaged,
     SessionInvalidError,
     StateDirError,
+    StoreUnavailable,
     TransportError,
     VerificationError,
 )
@@ -61,6 +63,31 @@ class CardDriver:
         self._checked_at = 0.0
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
+
+    def reset(self) -> None:
+        """A fresh start (the host was taken over): nothing known but the store's word."""
+        m = self.machine
+        self.machine = CardMachine(m.host, m.device, m.group, m.partition, m.program_id)
+        self.resumed = None
+        self.last_event = ""
+        self._first_sign = 0.0
+        self._checked_at = 0.0
+        self._verdict = None
+        self._trigger = None
+        self._wake = anyio.Event()
+
+    def mirror(self, record: CardRecord) -> None:
+        """Show what another replica, which drives this card, last journaled."""
+        m = self.machine
+        state = CardState(record.state)
+        if state is not m.state:
+            m.state = state
+            m.since = time.monotonic()
+        m.reason, m.card_id, m.boot_counter = record.reason, record.card_id, record.boot_counter
+        m.attempts = record.attempts
+        if record.session_id != m.session_id.hex():
+            m.session_id = bytes.fromhex(record.session_id)
+            m.session_fingerprint = ""  # the journal keeps the id, not the key
 
     async def resume(self) -> None:
         """Read what the store remembers of this card (before ``run``)."""
@@ -123,17 +150,22 @@ class CardDriver:
         task_status.started()
         try:
             await self._drive()
+        except LeaseLost as lost:
+            self.host.fence(lost)
+        except StoreUnavailable as err:
+            self.host.fence(LeaseLost(self.machine.host, str(err)))
         except StateDirError as err:
             self.ctx.escalate(err)
         except Exception as exc:  # a bug: contained to this card  # noqa: BLE001
             message = self.ctx.internal_error(f"card {self.machine.name}", exc)
-            with contextlib.suppress(StateDirError):
+            with contextlib.suppress(StateDirError, LeaseLost):
                 if self.machine.state not in FINAL:
                     await self.move(S.FAILED, f"internal error: {message}")
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
-                    contextlib.suppress(StateDirError):
-                await self._roll_back()
+            if not self.host.fenced:  # fenced: not one more call or write about this card
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
+                        contextlib.suppress(StateDirError, LeaseLost):
+                    await self._roll_back()
 
     async def _drive(self) -> None:
         m = self.machine

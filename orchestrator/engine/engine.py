@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -43,6 +43,10 @@ from orchestrator.errors import (
     SessionInvalidError,
     StateDirError,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.engine.pgstore import PostgresStore
+    from orchestrator.engine.replicas import Replica
 
 S = CardState
 
@@ -73,6 +77,7 @@ class HostView:
     serving: int
     violations: int
     in_state: float
+    owner: str = ""       # the replica driving it (shared stores)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +103,10 @@ class Engine:
 
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
-                 store: Store, *, retry_quarantined: bool = False) -> None:
+                 store: Store, *, retry_quarantined: bool = False,
+                 shared: PostgresStore | None = None) -> None:
+        """``shared``: the store is shared by replicas (``store`` is it): drive only the
+        hosts this replica holds leases on (engine/replicas.py)."""
         self.plan = plan
         self.program = program
         self.store = store
@@ -135,6 +143,11 @@ class Engine:
                     self._by_card[(target.name, device)] = driver
                 group += 1
         self._unsettled = len(self.drivers)
+        self.replica: Replica | None = None
+        if shared is not None:
+            from orchestrator.engine.replicas import Replica
+
+            self.replica = Replica(self, shared)
 
     @property
     def stats(self) -> EngineStats:
@@ -159,6 +172,11 @@ class Engine:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.set()
+
+    def recount(self) -> None:
+        """Cards changed other than by a transition (taken over, shown from the store)."""
+        self._unsettled = sum(d.machine.state not in SETTLED for d in self.drivers)
+        self._wake_waiters()
 
     def _card_moved(self, driver: CardDriver, t: CardTransition) -> None:
         self._unsettled += (t.previous in SETTLED) - (t.state in SETTLED)
@@ -193,7 +211,7 @@ class Engine:
             HostView(h.name, h.target.address, h.machine.state.value, h.machine.reason,
                      len(h.drivers),
                      sum(d.machine.state is S.SERVING for d in h.drivers.values()),
-                     sum(h.violations.values()), now - h.machine.since)
+                     sum(h.violations.values()), now - h.machine.since, h.owner)
             for h in self.hosts)
         outages = self.stats.outages
         return Snapshot(cards, hosts, dict(counts), sum(map(self.group_serving, self.groups)),
@@ -231,8 +249,11 @@ class Engine:
         """
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
-            for host in self.hosts:
-                await tg.start(host.run)
+            if self.replica is not None:
+                await tg.start(self.replica.run)
+            else:
+                for host in self.hosts:
+                    await tg.start(host.run)
             tg.start_soon(self._watch_settled)
             task_status.started()
             if not keep_serving:

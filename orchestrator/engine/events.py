@@ -72,6 +72,32 @@ class HostChanged(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseChanged(Event):
+    """A replica (shared store) took a host's lease, handed it back or lost it.
+    ``action``: claimed, took over (from ``previous_owner``, whose lease had
+    expired), handed back (fair share or a clean stop), lost (fenced: expired
+    here or taken over; the replica stopped acting on the host at once)."""
+
+    KIND: ClassVar[str] = "lease"
+    host: str
+    replica: str
+    action: str
+    epoch: int
+    previous_owner: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreStatus(Event):
+    """The shared store stopped answering (``reachable`` false) or answers again."""
+
+    KIND: ClassVar[str] = "store"
+    replica: str
+    reachable: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Staged(Event):
     """The encrypted body is on the host (``already_staged``: it had it)."""
 

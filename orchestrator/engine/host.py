@@ -27,7 +27,7 @@ from orchestrator.engine.state import (
     HostState,
     Trigger,
 )
-from orchestrator.errors import ModelIPError, StateDirError
+from orchestrator.errors import LeaseLost, ModelIPError, StateDirError, StoreUnavailable
 from orchestrator.transport.client import (
     Deadlines,
     DeviceEvent,
@@ -77,6 +77,12 @@ class HostSupervisor:
         self._stage_lock = anyio.Lock()
         self._stream_open = False
         self._alive = anyio.CancelScope()
+        self._running = anyio.CancelScope()
+        # Shared stores: how long this replica may still act on the host (raises
+        # LeaseLost when it may not); None with the embedded store.
+        self.lease: Callable[[], float] | None = None
+        self.lease_lost: LeaseLost | None = None
+        self.owner = ""   # the replica driving this host (shared stores)
 
     def __repr__(self) -> str:
         return f"HostSupervisor({self.name}, {self.machine.state.value})"
@@ -122,27 +128,60 @@ class HostSupervisor:
 
     # --- the task ---------------------------------------------------------------------------
 
+    @property
+    def fenced(self) -> bool:
+        """This replica lost the host's lease: no more writes about it, no more calls."""
+        return self.lease_lost is not None
+
+    def fence(self, lost: LeaseLost) -> None:
+        """Stop everything on this host now, without a call to its cards (no roll back:
+        another replica may already drive them)."""
+        if self.lease_lost is None:
+            self.lease_lost = lost
+        self._running.cancel()
+
+    def reset(self) -> None:
+        """Forget what was known of the host and its cards (taken over afresh: the
+        store says what is true now)."""
+        self.machine = HostMachine(self.target.name, self.target.address)
+        self.lease_lost = None
+        self.violations.clear()
+        for driver in self.drivers.values():
+            driver.reset()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         plan = self.ctx.plan
         deadlines = Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
                               load=plan.timeouts.load)
-        async with HostClient(self.target.address, tls=self.target.tls,
-                              deadlines=deadlines) as client, \
-                anyio.create_task_group() as cards:
-            self._client = client
-            for driver in self.drivers.values():
-                await driver.resume()
-                await cards.start(driver.run)
+        started = False
+        with anyio.CancelScope() as self._running:
+            try:
+                async with HostClient(self.target.address, tls=self.target.tls,
+                                      deadlines=deadlines, gate=self.lease) as client, \
+                        anyio.create_task_group() as cards:
+                    self._client = client
+                    for driver in self.drivers.values():
+                        await driver.resume()
+                        await cards.start(driver.run)
+                    task_status.started()
+                    started = True
+                    async with anyio.create_task_group() as tg:
+                        self._alive = tg.cancel_scope
+                        tg.start_soon(self._contained, self._watch_events)
+                        tg.start_soon(self._contained, self._supervise)
+            except (LeaseLost, StoreUnavailable) as err:  # before the cards started
+                self.fence(err if isinstance(err, LeaseLost) else LeaseLost(self.name, str(err)))
+        if not started:
             task_status.started()
-            async with anyio.create_task_group() as tg:
-                self._alive = tg.cancel_scope
-                tg.start_soon(self._contained, self._watch_events)
-                tg.start_soon(self._contained, self._supervise)
 
     async def _contained(self, work: Callable[[], Awaitable[None]]) -> None:
         """Nothing raises out of a host: a bug FAILS this host (its cards show it)."""
         try:
             await work()
+        except LeaseLost as lost:
+            self.fence(lost)
+        except StoreUnavailable as err:
+            self.fence(LeaseLost(self.name, str(err)))
         except StateDirError as err:
             self.ctx.escalate(err)
         except Exception as exc:  # a bug: contained to this host  # noqa: BLE001
@@ -152,6 +191,8 @@ class HostSupervisor:
             try:
                 if self.machine.state is not H.FAILED:
                     await self._move(H.FAILED, f"internal error: {message}")
+            except (LeaseLost, StoreUnavailable):
+                self.fence(LeaseLost(self.name, "while failing the host"))
             except StateDirError as err:
                 self.ctx.escalate(err)
 

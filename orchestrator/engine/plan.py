@@ -167,6 +167,17 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def store_url_problem(value: str) -> str | None:
+    """Why ``value`` is not a store this version can use, or None."""
+    if value in ("", "sqlite") or value.startswith(("postgresql://", "postgres://")):
+        return None
+    return "must be postgresql://... (or omitted: the embedded journal)"
+
+
+def _lease_ttl(value: float) -> str | None:
+    return None if 1 <= value <= 3600 else "must be between 1 and 3600 seconds"
+
+
 def _probability(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be between 0 and 1"
 
@@ -280,6 +291,11 @@ class TimeoutSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    lease_ttl: float = 10.0       # seconds a host's lease lasts unless renewed (every ttl/3)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """A validated deployment plan. Paths are absolute (relative to the plan file)."""
 
@@ -296,6 +312,12 @@ class Plan:
     rekey: RekeySpec
     timeouts: TimeoutSpec
     state_dir: Path
+    store: str = ""               # "" the embedded SQLite journal; postgresql://... shared
+    replicas: ReplicaSpec = ReplicaSpec()
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.store)
 
     def warnings(self) -> list[str]:
         """What the plan allows on purpose but an operator should see said aloud."""
@@ -392,9 +414,20 @@ class Plan:
             reader.done()
         state_dir = _path(base, top.get("state_dir", str, f"state/{source.stem}"), top,
                           "state_dir", must_exist=False)
+        store = top.get("store", str, "", check=store_url_problem)
+        store = "" if store == "sqlite" else store
+        replicas = ReplicaSpec()
+        if (reader := top.child("replicas")) is not None:
+            replicas = ReplicaSpec(float(reader.get("lease_ttl", (int, float), 10.0,
+                                                    check=_lease_ttl)))
+            reader.done()
         top.done()
         plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
-                   retry, rekey, timeouts, state_dir)
+                   retry, rekey, timeouts, state_dir, store, replicas)
+        if store and emulated is not None:
+            raise _Problem(fleet.node.line, "fleet.emulated",
+                           "replicas share real hosts: an embedded emulated fleet is one "
+                           "process's own (run `modelip emulate` and list its hosts)")
         plan._check_groups(fleet)
         return plan
 

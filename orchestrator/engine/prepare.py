@@ -7,6 +7,7 @@ reuses it (same program id: hosts that already staged it are not sent it again).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class PreparedProgram:
     info_digest: bytes         # SHA-256 of the top-level encryption info (load receipts)
     partitions: int            # 1 for a plain container
     model_inputs: tuple[str, ...]   # names, when the container says (ONNX-packaged)
+    salt: bytes                # the encryption's salt: with source and MEK, the body
+    source_key: str            # what was sealed: source digest, MEK and settings
 
 
 def file_digest(path: Path) -> str:
@@ -63,7 +66,9 @@ def obtain_mek(plan: Plan) -> MEK:
     return mek
 
 
-def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
+def sealing_source(plan: Plan, mek: MEK) -> tuple[Path, SealSettings, str]:
+    """(the plaintext container to seal, its settings, the source key: a digest of
+    the container, the MEK's fingerprint and the settings, which names the body)."""
     cache = plan.state_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     if plan.model.onnx is not None:
@@ -82,13 +87,25 @@ def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
         model_id=plan.model.model_id, model_version=plan.model.version,
         policy=ContentPolicy(not_after=plan.model.expires, min_firmware=plan.model.min_firmware,
                              rollback_floor=plan.model.rollback_floor))
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, file_digest(source),
-                                     mek.fingerprint(),
-                                     settings.model_id, settings.model_version,
-                                     plan.model.expires, plan.model.min_firmware,
-                                     plan.model.rollback_floor]).encode()).hexdigest()[:16]
-    body = cache / f"encrypted-{key}.qpc"
+    source_key = hashlib.sha256(json.dumps([
+        FORMAT_VERSION, file_digest(source), mek.fingerprint(), settings.model_id,
+        settings.model_version, plan.model.expires, plan.model.min_firmware,
+        plan.model.rollback_floor]).encode()).hexdigest()
+    return source, settings, source_key
+
+
+def prepare_program(plan: Plan, mek: MEK, *, salt: bytes | None = None) -> PreparedProgram:
+    """The plan's encrypted body (from the cache when it is there).
+
+    ``salt``: reproduce the encryption another replica recorded for the same
+    source key (same source, MEK and settings: so the same body, bit for bit).
+    """
+    source, settings, source_key = sealing_source(plan, mek)
+    settings = dataclasses.replace(settings, salt=salt)
+    body = plan.state_dir / "cache" / f"encrypted-{source_key[:16]}.qpc"
     digest_file = body.with_suffix(".sha256")
+    if salt is not None and body.exists() and _salt_of(body) != salt:
+        body.unlink()  # sealed here before; the recorded encryption wins
     if not (body.exists() and digest_file.exists()):
         with open_container(source) as container:
             meta = read_mdp_meta(container)
@@ -119,4 +136,9 @@ def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
             raise FormatError(str(body), f"has {partitions} partitions, the plan groups "
                               f"{plan.group_size} cards")
         return PreparedProgram(body, program_id, hashlib.sha256(sealed.info_bytes).digest(),
-                               partitions, inputs)
+                               partitions, inputs, sealed.info.salt, source_key)
+
+
+def _salt_of(body: Path) -> bytes:
+    with open_container(body) as container:
+        return SealedContainer(container).info.salt

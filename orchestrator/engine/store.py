@@ -54,6 +54,8 @@ class HostRecord:
     state: str
     reason: str
     updated: float
+    owner: str = ""                    # the replica holding its lease (shared stores)
+    lease_expires: float | None = None  # unix seconds, by the database's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class LoadRecord:
     program_id: str
     partition: int
     outcome: str          # sent, ok, refused receipt, failed, interrupted
+    replica: str = ""     # who sent it (shared stores)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +147,8 @@ _CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, se
                  "good_program, good_partition")
 
 
-def _card(row: tuple[Any, ...]) -> CardRecord:
+def card_record(row: tuple[Any, ...]) -> CardRecord:
+    """A CardRecord from a row of the cards table (columns as _CARD_COLUMNS)."""
     g_card, g_session, g_program, g_partition = row[12:]
     good = KnownGood(g_card, g_session, g_program, g_partition) if g_session else None
     host, device, card_id, group, partition, state, boot, session, program, attempts, \
@@ -206,11 +210,11 @@ class SQLiteStore:
     async def card(self, host: str, device: int) -> CardRecord | None:
         row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
                          (host, device)).fetchone()
-        return None if row is None else _card(row)
+        return None if row is None else card_record(row)
 
     async def cards(self) -> list[CardRecord]:
         rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
-        return [_card(row) for row in rows]
+        return [card_record(row) for row in rows]
 
     async def record_card(self, t: CardTransition) -> None:
         """One transaction: the history row and the card's current row."""
@@ -354,10 +358,12 @@ def _why(exc: BaseException) -> str:
 
 class StateDirLock:
     """One orchestrator per SQLite state directory: an exclusive flock on STATE/lock,
-    which holds the owner's pid. Released by the kernel when the process dies."""
+    which holds the owner's pid. Released by the kernel when the process dies.
+    Replicas of a shared store may share a state directory (its caches are written
+    atomically): each locks STATE/lock-REPLICA."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "lock"
+    def __init__(self, state_dir: Path, name: str = "lock") -> None:
+        self.path = state_dir / name
         self._fd: int | None = None
 
     def __enter__(self) -> StateDirLock:
@@ -373,7 +379,9 @@ class StateDirLock:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StateDirError(self.path.parent, f"in use by pid {owner} (another modelip "
-                                "deploy or watch on this state directory)") from None
+                                f"deploy or watch on this state directory"
+                                f"{'' if self.path.name == 'lock' else ' as this replica'})"
+                                ) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

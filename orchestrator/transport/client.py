@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +219,11 @@ class HostClient:
     """Talks to one host. Use as ``async with HostClient(address) as host:``."""
 
     def __init__(self, address: str, *, tls: TLSClientConfig | None = None,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None,
+                 gate: Callable[[], float] | None = None) -> None:
+        """``gate``, if given, is asked before every call: it returns how many seconds
+        the caller may still act (no deadline goes past it) or raises to forbid it."""
+        self.gate = gate
         if ":" not in address:
             address = f"{address}:{DEFAULT_PORT}"
         self.address = address
@@ -250,8 +254,12 @@ class HostClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    def _allowed(self, deadline: float) -> float:
+        return deadline if self.gate is None else min(deadline, self.gate())
+
     async def _call(self, what: str, method: Any, request: Any, deadline: float, *,
                     device: int | None = None) -> Any:
+        deadline = self._allowed(deadline)
         try:
             return await _finish(method(request, timeout=deadline))
         except grpc.aio.AioRpcError as err:
@@ -292,6 +300,8 @@ class HostClient:
 
     async def watch_events(self) -> AsyncIterator[DeviceEvent]:
         """Stream host events until the host or the caller ends it (no deadline: a stream)."""
+        if self.gate is not None:
+            self.gate()
         call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest())
         try:
             async for event in call:
@@ -341,8 +351,8 @@ class HostClient:
                     yield runtime_pb2.StageChunk(data=data)
 
         try:
-            response = await _finish(self._runtime.StageProgram(chunks(),
-                                                                timeout=self.deadlines.stage))
+            response = await _finish(self._runtime.StageProgram(
+                chunks(), timeout=self._allowed(self.deadlines.stage)))
         except grpc.aio.AioRpcError as err:
             raise _translate(err, self.address, "stage program") from err
         return str(response.program_id), bool(response.already_staged)

@@ -1,0 +1,498 @@
+"""The shared Store: PostgreSQL through psycopg 3 (async, a connection pool).
+
+Several replicas of the orchestrator share one fleet through it. Besides the
+journal's tables it keeps ``leases`` (which replica drives which host, and the
+lease's epoch), ``replicas`` (heartbeats) and ``seals`` (the salt each body
+was encrypted with, so every replica produces the same body). docs/replicas.md
+describes the protocol; times that decide anything are the database's own
+clock (``now()``), never a replica's.
+
+Fencing: a write about a host runs in a transaction that first locks that
+host's lease row (FOR SHARE) and checks owner, epoch and expiry; otherwise it
+is LeaseLost and nothing is written. A claim needs the row exclusively, so
+no write of an old holder can commit after a new holder's claim.
+
+The store rides out a restart of the database: a failed statement is retried
+(new connection, backoff) as long as the lease it serves is still valid here,
+then it is LeaseLost (host writes) or StoreUnavailable (the rest).
+No MEK, key or plaintext is ever written here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
+from orchestrator.engine.store import (
+    CardRecord,
+    HostRecord,
+    LoadRecord,
+    TransitionRecord,
+    card_record,
+)
+from orchestrator.errors import LeaseLost, StoreUnavailable
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+_MIGRATION_LOCK = 0x6D6F64656C6970  # "modelip": pg_advisory_lock key for migrations
+
+MIGRATIONS = (
+    """
+    CREATE TABLE cards (
+        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
+        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
+        boot_counter BIGINT NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
+        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '', updated DOUBLE PRECISION NOT NULL,
+        good_card_id TEXT NOT NULL DEFAULT '', good_session TEXT NOT NULL DEFAULT '',
+        good_program TEXT NOT NULL DEFAULT '', good_partition INTEGER NOT NULL DEFAULT -1,
+        replica TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (host, device));
+    CREATE TABLE transitions (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        device INTEGER NOT NULL, card_id TEXT NOT NULL, from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL, boot_counter BIGINT NOT NULL, session_id TEXT NOT NULL,
+        reason TEXT NOT NULL, replica TEXT NOT NULL, epoch BIGINT NOT NULL);
+    CREATE TABLE loads (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        device INTEGER NOT NULL, card_id TEXT NOT NULL, session_id TEXT NOT NULL,
+        program_id TEXT NOT NULL, partition INTEGER NOT NULL,
+        outcome TEXT NOT NULL DEFAULT 'sent', replica TEXT NOT NULL, epoch BIGINT NOT NULL);
+    CREATE INDEX loads_by_card ON loads (host, device, id);
+    CREATE TABLE stages (
+        host TEXT NOT NULL, program_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host, program_id));
+    CREATE TABLE hosts (
+        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT NOT NULL, updated DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL);
+    CREATE TABLE host_transitions (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL,
+        replica TEXT NOT NULL);
+    CREATE TABLE unseals (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL,
+        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
+    CREATE TABLE leases (
+        host TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '',
+        epoch BIGINT NOT NULL DEFAULT 0,
+        expires TIMESTAMPTZ NOT NULL DEFAULT '-infinity');
+    CREATE TABLE replicas (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, started TIMESTAMPTZ NOT NULL,
+        heartbeat TIMESTAMPTZ NOT NULL, stopped BOOLEAN NOT NULL DEFAULT false);
+    CREATE TABLE seals (
+        source_key TEXT PRIMARY KEY, salt BYTEA NOT NULL, program_id TEXT NOT NULL,
+        replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
+    """,
+)
+
+_CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
+                 "program_id, attempts, reason, updated, good_card_id, good_session, "
+                 "good_program, good_partition")
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and status)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+@dataclass(slots=True)
+class Fence:
+    """This replica's hold on one host: the lease's epoch, and until when (here,
+    monotonic) it may act on it. Ends before the database's expiry: it is counted
+    from before the renewal was sent, and cut short by a safety margin."""
+
+    epoch: int
+    valid_until: float
+
+    def remaining(self) -> float:
+        return self.valid_until - time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    host: str
+    epoch: int
+    previous_owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    name: str
+    started: float
+    heartbeat: float
+    alive: bool
+
+
+class PostgresStore:
+    """A Store shared by replicas; also the leases' ledger (``claim``/``renew``/...)."""
+
+    def __init__(self, url: str, replica: str, *, lease_ttl: float) -> None:
+        self.url = url
+        self.label = redact(url)
+        self.replica = replica
+        self.lease_ttl = lease_ttl
+        self.fences: dict[str, Fence] = {}
+        self.instance = f"{replica}:{time.time_ns()}"
+        self._pool = AsyncConnectionPool(
+            url, min_size=1, max_size=8, open=False, timeout=lease_ttl,
+            kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(lease_ttl / 2))},
+            check=AsyncConnectionPool.check_connection, reconnect_timeout=0,
+            name=f"modelip-{replica}")
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect; create or migrate the schema (``migrate``), or check it is there."""
+        try:
+            await self._pool.open(wait=True, timeout=max(5.0, self.lease_ttl))
+        except (psycopg.Error, PoolTimeout) as exc:
+            await self._pool.close()
+            raise StoreUnavailable(self.label, f"cannot connect: {_why(exc)}") from None
+        try:
+            await self._unfenced(self._migrate if migrate else self._check_schema)
+        except BaseException:
+            await self._pool.close()
+            raise
+
+    async def _check_schema(self, conn: Conn) -> None:
+        row = await (await conn.execute("SELECT to_regclass('modelip_schema')")).fetchone()
+        if row is None or row[0] is None:
+            raise StoreUnavailable(self.label, "holds no modelip fleet yet (start a replica "
+                                   "with `modelip watch PLAN --store URL` first)")
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _migrate(self, conn: Conn) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS modelip_schema (version INTEGER)")
+        row = await (await conn.execute("SELECT max(version) FROM modelip_schema")).fetchone()
+        version = int(row[0] or 0) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreUnavailable(self.label, f"schema version {version} is newer than "
+                                   f"this modelip knows ({len(MIGRATIONS)}): upgrade modelip")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                await conn.execute(statement.encode())
+            await conn.execute("INSERT INTO modelip_schema VALUES (%s)", (number,))
+
+    # --- running statements -------------------------------------------------------------
+
+    async def _attempt(self, work: Callable[[Conn], Awaitable[T]], limit: float,
+                       on_give_up: Callable[[str], Exception]) -> T:
+        delay = 0.05
+        while True:
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                if time.monotonic() + delay > limit:
+                    raise on_give_up(_why(exc)) from None
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _unfenced(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """One transaction, retried for up to a lease TTL while the database is away."""
+        return await self._attempt(
+            work, time.monotonic() + self.lease_ttl,
+            lambda why: StoreUnavailable(self.label, f"unreachable: {why}"))
+
+    async def _fenced(self, host: str, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """One transaction about ``host``, committed only under this replica's lease."""
+        fence = self.fences.get(host)
+        if fence is None or fence.remaining() <= 0:
+            self.fences.pop(host, None)
+            raise LeaseLost(host, "expired here" if fence else "not held")
+        epoch = fence.epoch
+
+        async def checked(conn: Conn) -> T:
+            row = await (await conn.execute(
+                "SELECT owner, epoch, expires > now() FROM leases WHERE host = %s FOR SHARE",
+                (host,))).fetchone()
+            if row is None or row[0] != self.replica or row[1] != epoch or not row[2]:
+                self.fences.pop(host, None)
+                owner = row[0] if row else ""
+                raise LeaseLost(host, f"held by {owner} now" if owner and owner != self.replica
+                                else "expired")
+            return await work(conn)
+
+        def give_up(why: str) -> Exception:
+            self.fences.pop(host, None)
+            return LeaseLost(host, f"the store is unreachable: {why}")
+
+        return await self._attempt(checked, fence.valid_until, give_up)
+
+    async def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        async def read(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(sql.encode(), args)).fetchall()
+        return await self._unfenced(read)
+
+    # --- leases -------------------------------------------------------------------------
+
+    async def heartbeat(self, hosts: list[str]) -> int:
+        """Say this replica is alive, make sure every host has a lease row; returns how
+        many replicas are alive (this one included). StoreUnavailable if another
+        live process uses this replica's name."""
+        ttl = self.lease_ttl
+
+        async def beat(conn: Conn) -> int:
+            row = await (await conn.execute(
+                "INSERT INTO replicas (name, instance, started, heartbeat) "
+                "VALUES (%s, %s, now(), now()) ON CONFLICT (name) DO UPDATE SET "
+                "instance = excluded.instance, heartbeat = now(), stopped = false, "
+                "started = CASE WHEN replicas.instance = excluded.instance "
+                "THEN replicas.started ELSE now() END "
+                "WHERE replicas.instance = excluded.instance OR replicas.stopped "
+                "OR replicas.heartbeat < now() - make_interval(secs => %s) "
+                "RETURNING name", (self.replica, self.instance, ttl))).fetchone()
+            if row is None:
+                raise StoreUnavailable(self.label, f"replica name {self.replica!r} is in use "
+                                       "by another running replica (--replica NAME)")
+            await conn.execute("INSERT INTO leases (host) SELECT unnest(%s::text[]) "
+                               "ON CONFLICT DO NOTHING", (hosts,))
+            alive = await (await conn.execute(
+                "SELECT count(*) FROM replicas WHERE NOT stopped AND "
+                "heartbeat > now() - make_interval(secs => %s)", (ttl,))).fetchone()
+            return int(alive[0]) if alive else 1
+        return await self._unfenced(beat)
+
+    def _fence_from(self, sent_at: float) -> float:
+        # 80% of the TTL, counted from before the request left: ends well before the
+        # database's expiry (now() + ttl at the database, which is later).
+        return sent_at + 0.8 * self.lease_ttl
+
+    async def renew(self) -> set[str]:
+        """Renew every lease held; returns the hosts lost (taken over or expired)."""
+        if not self.fences:
+            return set()
+        sent_at = time.monotonic()
+        held = {host: fence.epoch for host, fence in self.fences.items()}
+
+        async def renew(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(
+                "UPDATE leases SET expires = now() + make_interval(secs => %s) "
+                "WHERE owner = %s AND expires > now() AND host = ANY(%s) "
+                "RETURNING host, epoch", (self.lease_ttl, self.replica, list(held)))).fetchall()
+        kept = {host for host, epoch in await self._unfenced(renew) if held.get(host) == epoch}
+        for host in kept:
+            if host in self.fences:
+                self.fences[host].valid_until = self._fence_from(sent_at)
+        lost = set(held) - kept
+        for host in lost:
+            self.fences.pop(host, None)
+        return lost
+
+    async def claim(self, hosts: list[str], count: int) -> list[Claimed]:
+        """Take up to ``count`` of ``hosts`` whose lease is free or expired (epoch + 1)."""
+        if count <= 0:
+            return []
+        sent_at = time.monotonic()
+
+        async def claim(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(
+                "WITH free AS (SELECT host, owner FROM leases WHERE host = ANY(%s) "
+                "AND (owner = '' OR expires <= now()) ORDER BY host LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) "
+                "UPDATE leases SET owner = %s, epoch = leases.epoch + 1, "
+                "expires = now() + make_interval(secs => %s) FROM free "
+                "WHERE leases.host = free.host RETURNING leases.host, leases.epoch, free.owner",
+                (hosts, count, self.replica, self.lease_ttl))).fetchall()
+        rows = await self._unfenced(claim)
+        claimed = [Claimed(host, epoch, owner) for host, epoch, owner in rows]
+        for c in claimed:
+            self.fences[c.host] = Fence(c.epoch, self._fence_from(sent_at))
+        return claimed
+
+    async def release(self, host: str) -> None:
+        """Hand a host back (its supervisor has stopped): free at once for another."""
+        fence = self.fences.pop(host, None)
+        if fence is None:
+            return
+
+        async def release(conn: Conn) -> None:
+            await conn.execute("UPDATE leases SET owner = '', expires = now() "
+                               "WHERE host = %s AND owner = %s AND epoch = %s",
+                               (host, self.replica, fence.epoch))
+        await self._unfenced(release)
+
+    async def stop(self) -> None:
+        """A clean stop: this replica is no longer counted for fair shares."""
+        async def stop(conn: Conn) -> None:
+            await conn.execute("UPDATE replicas SET stopped = true WHERE name = %s AND "
+                               "instance = %s", (self.replica, self.instance))
+        await self._unfenced(stop)
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        rows = await self._rows(
+            "SELECT name, extract(epoch FROM started), extract(epoch FROM heartbeat), "
+            "NOT stopped AND heartbeat > now() - make_interval(secs => %s) FROM replicas "
+            "ORDER BY name", (self.lease_ttl,))
+        return [ReplicaRecord(name, float(started), float(beat), bool(alive))
+                for name, started, beat, alive in rows]
+
+    # --- seals: one body for every replica ----------------------------------------------
+
+    async def seal(self, source_key: str) -> tuple[bytes, str] | None:
+        """(salt, program id) recorded for this source, MEK and settings, if any."""
+        rows = await self._rows("SELECT salt, program_id FROM seals WHERE source_key = %s",
+                                (source_key,))
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
+
+    async def offer_seal(self, source_key: str, salt: bytes, program_id: str
+                         ) -> tuple[bytes, str]:
+        """Record this replica's encryption unless another was first; returns the winner."""
+        async def offer(conn: Conn) -> None:
+            await conn.execute("INSERT INTO seals VALUES (%s, %s, %s, %s, %s) "
+                               "ON CONFLICT DO NOTHING",
+                               (source_key, salt, program_id, self.replica, time.time()))
+        await self._unfenced(offer)
+        recorded = await self.seal(source_key)
+        assert recorded is not None  # noqa: S101 - inserted or there already
+        return recorded
+
+    # --- the Store interface ------------------------------------------------------------
+
+    async def ensure_card(self, host: str, device: int, group: int, partition: int
+                          ) -> CardRecord:
+        async def ensure(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO cards (host, device, grp, partition, state, updated) "
+                "VALUES (%s, %s, %s, %s, 'PENDING', %s) ON CONFLICT (host, device) DO UPDATE "
+                "SET grp = excluded.grp, partition = excluded.partition",
+                (host, device, group, partition, time.time()))
+        await self._unfenced(ensure)
+        record = await self.card(host, device)
+        assert record is not None  # noqa: S101 - just written
+        return record
+
+    async def card(self, host: str, device: int) -> CardRecord | None:
+        rows = await self._rows(f"SELECT {_CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
+                                "WHERE host = %s AND device = %s", (host, device))
+        return card_record(rows[0]) if rows else None
+
+    async def cards(self) -> list[CardRecord]:
+        rows = await self._rows(f"SELECT {_CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
+                                "ORDER BY host, device")
+        return [card_record(row) for row in rows]
+
+    async def record_card(self, t: CardTransition) -> None:
+        good = t.known_good or KnownGood("", "", "", -1)
+        epoch = self._epoch(t.host)
+
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
+                "boot_counter, session_id, reason, replica, epoch) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
+                 t.boot_counter, t.session_id, t.reason, self.replica, epoch))
+            await conn.execute(
+                "UPDATE cards SET card_id = %s, state = %s, boot_counter = %s, "
+                "session_id = %s, program_id = %s, attempts = %s, reason = %s, updated = %s, "
+                "good_card_id = %s, good_session = %s, good_program = %s, "
+                "good_partition = %s, replica = %s WHERE host = %s AND device = %s",
+                (t.card_id, t.state.value, t.boot_counter, t.session_id, t.program_id,
+                 t.attempts, t.reason, t.at, good.card_id, good.session_id, good.program_id,
+                 good.partition, self.replica, t.host, t.device))
+        await self._fenced(t.host, write)
+
+    async def record_host(self, t: HostTransition, address: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO host_transitions (ts, host, from_state, to_state, reason, "
+                "replica) VALUES (%s, %s, %s, %s, %s, %s)",
+                (t.at, t.host, t.previous.value, t.state.value, t.reason, self.replica))
+            await conn.execute(
+                "INSERT INTO hosts VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (host) "
+                "DO UPDATE SET address = excluded.address, state = excluded.state, "
+                "reason = excluded.reason, updated = excluded.updated, "
+                "replica = excluded.replica",
+                (t.host, address, t.state.value, t.reason, t.at, self.replica))
+        await self._fenced(t.host, write)
+
+    async def hosts(self) -> list[HostRecord]:
+        rows = await self._rows(
+            "SELECT l.host, coalesce(h.address, ''), coalesce(h.state, 'PENDING'), "
+            "coalesce(h.reason, ''), coalesce(h.updated, 0), "
+            "CASE WHEN l.expires > now() THEN l.owner ELSE '' END, "
+            "CASE WHEN l.expires > now() THEN extract(epoch FROM l.expires) END "
+            "FROM leases l LEFT JOIN hosts h ON h.host = l.host ORDER BY l.host")
+        return [HostRecord(host, address, state, reason, float(updated), owner,
+                           None if expires is None else float(expires))
+                for host, address, state, reason, updated, owner, expires in rows]
+
+    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
+                          program_id: str, partition: int) -> int:
+        epoch = self._epoch(host)
+
+        async def write(conn: Conn) -> int:
+            row = await (await conn.execute(
+                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
+                "partition, replica, epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING id", (time.time(), host, device, card_id, session_id, program_id,
+                                 partition, self.replica, epoch))).fetchone()
+            assert row is not None  # noqa: S101 - RETURNING
+            return int(row[0])
+        return await self._fenced(host, write)
+
+    async def finish_load(self, load_id: int, outcome: str) -> None:
+        # The load was sent under the lease; its outcome is a fact whoever holds it now.
+        async def write(conn: Conn) -> None:
+            await conn.execute("UPDATE loads SET outcome = %s WHERE id = %s",
+                               (outcome, load_id))
+        await self._unfenced(write)
+
+    async def loads(self) -> list[LoadRecord]:
+        rows = await self._rows("SELECT host, device, session_id, program_id, partition, "
+                                "outcome, replica FROM loads ORDER BY id")
+        return [LoadRecord(*row) for row in rows]
+
+    async def record_stage(self, host: str, program_id: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute("INSERT INTO stages VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                               (host, program_id, time.time()))
+        await self._fenced(host, write)
+
+    async def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute("INSERT INTO unseals (ts, replica, token, kek, blob) "
+                               "VALUES (%s, %s, %s, %s, %s)",
+                               (time.time(), replica, token, kek, blob))
+        await self._unfenced(write)
+
+    async def unseals(self) -> list[tuple[float, str, str, str, str]]:
+        rows = await self._rows("SELECT ts, replica, token, kek, blob FROM unseals ORDER BY id")
+        return [(float(ts), r, token, kek, blob) for ts, r, token, kek, blob in rows]
+
+    async def transitions(self, limit: int = 50) -> list[TransitionRecord]:
+        rows = await self._rows("SELECT ts, host, device, from_state, to_state, reason FROM "
+                                "transitions ORDER BY id DESC LIMIT %s", (limit,))
+        return [TransitionRecord(*row) for row in rows][::-1]
+
+    def _epoch(self, host: str) -> int:
+        fence = self.fences.get(host)
+        if fence is None:
+            raise LeaseLost(host, "not held")
+        return fence.epoch
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,180 @@
+"""One replica among several sharing a fleet through PostgreSQL (docs/replicas.md).
+
+The ``Replica`` sits between the Engine and its HostSupervisors: every lease
+period (a third of the lease TTL) it heartbeats, renews the leases it holds,
+drops at once any host whose lease it lost, claims free or expired hosts up
+to its fair share (hosts / live replicas, rounded up) and hands back what is
+above it. A host it holds runs a HostSupervisor exactly as with the embedded
+store; a host another replica holds is shown from the store (``mirror``).
+
+A supervisor whose lease is lost (expired here, refused by the database,
+taken over) is fenced: cancelled without one more write or call to its cards.
+Every RPC to a card asks the lease first (``HostClient`` gate) and carries a
+deadline that ends before the lease does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from orchestrator.engine.events import LeaseChanged, StoreStatus
+from orchestrator.engine.host import HostSupervisor
+from orchestrator.engine.pgstore import Claimed, PostgresStore
+from orchestrator.engine.state import HostState
+from orchestrator.errors import LeaseLost, StoreUnavailable
+
+if TYPE_CHECKING:
+    from orchestrator.engine.engine import Engine
+
+
+class Replica:
+    def __init__(self, engine: Engine, store: PostgresStore) -> None:
+        self.engine = engine
+        self.store = store
+        self.name = store.replica
+        self.period = store.lease_ttl / 3
+        self.hosts = {host.name: host for host in engine.hosts}
+        self.running: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
+        self.reachable = True
+        self.alive = 1
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._cycle()
+                task_status.started()
+                while True:
+                    await anyio.sleep(self.period)
+                    await self._cycle()
+        finally:
+            # A clean stop: every supervisor has stopped (rolled back what was in
+            # flight) with this task group; now hand their hosts back at once.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.store.lease_ttl):
+                for name in list(self.store.fences):
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.release(name)
+                        self._announce(name, "handed back", reason="clean stop")
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.stop()
+
+    async def _cycle(self) -> None:
+        names = sorted(self.hosts)
+        try:
+            self.alive = await self.store.heartbeat(names)
+            for name in await self.store.renew():
+                self._drop(name, LeaseLost(name, "not renewed: expired or taken over"))
+            share = math.ceil(len(names) / max(1, self.alive))
+            held = [name for name in names if name in self.running]
+            for name in held[share:]:
+                await self._hand_back(name)
+            if len(held) < share:
+                free = [name for name in names if name not in self.running]
+                for claimed in await self.store.claim(free, share - len(held)):
+                    self._start(claimed)
+            await self._mirror()
+            if not self.reachable:
+                self.reachable = True
+                self.engine.ctx.emit(StoreStatus(replica=self.name, reachable=True))
+        except StoreUnavailable as err:
+            if self.reachable:
+                self.reachable = False
+                self.engine.ctx.emit(StoreStatus(replica=self.name, reachable=False,
+                                                 reason=err.problem))
+            # Leases lapse here before they do in the database: stop what has lapsed.
+            for name, fence in list(self.store.fences.items()):
+                if fence.remaining() <= 0:
+                    self._drop(name, LeaseLost(name, f"expired: {err.problem}"))
+
+    # --- starting and stopping supervisors --------------------------------------------
+
+    def _start(self, claimed: Claimed) -> None:
+        host = self.hosts[claimed.host]
+        host.reset()
+        host.owner = self.name
+        host.lease = self._gate(claimed.host)
+        self.engine.recount()
+        action = "took over" if claimed.previous_owner not in ("", self.name) else "claimed"
+        self._announce(claimed.host, action, epoch=claimed.epoch,
+                       previous_owner=claimed.previous_owner)
+        scope, done = anyio.CancelScope(), anyio.Event()
+        self.running[claimed.host] = (scope, done)
+        assert self._tg is not None  # noqa: S101 - started inside run()
+        self._tg.start_soon(self._hold, host, scope, done)
+
+    async def _hold(self, host: HostSupervisor, scope: anyio.CancelScope,
+                    done: anyio.Event) -> None:
+        try:
+            with scope:
+                await host.run()
+        finally:
+            self.running.pop(host.name, None)
+            done.set()
+            if host.lease_lost is not None:
+                self.store.fences.pop(host.name, None)
+                host.owner = ""
+                self._announce(host.name, "lost", reason=str(host.lease_lost))
+            self.engine.recount()
+
+    def _drop(self, name: str, lost: LeaseLost) -> None:
+        """Fenced: stop at once, without a call to the host's cards."""
+        if name in self.running:
+            self.hosts[name].fence(lost)
+
+    async def _hand_back(self, name: str) -> None:
+        """Above the fair share: stop cleanly (in-flight work rolled back), then free it."""
+        scope, done = self.running[name]
+        scope.cancel()
+        await done.wait()
+        await self.store.release(name)
+        self.hosts[name].owner = ""
+        self._announce(name, "handed back", reason=f"fair share of {self.alive} replicas")
+
+    def _gate(self, name: str) -> Callable[[], float]:
+        fences = self.store.fences
+
+        def remaining() -> float:
+            fence = fences.get(name)
+            left = fence.remaining() if fence is not None else 0.0
+            if left <= 0:
+                raise LeaseLost(name, "expired here" if fence else "not held")
+            return left
+        return remaining
+
+    # --- what others drive -------------------------------------------------------------
+
+    async def _mirror(self) -> None:
+        others = {name for name in self.hosts if name not in self.running}
+        if not others:
+            return
+        for record in await self.store.hosts():
+            host = self.hosts.get(record.host)
+            if host is not None and record.host in others:
+                host.owner = record.owner
+                with contextlib.suppress(ValueError):
+                    host.machine.state = HostState(record.state)
+                host.machine.reason = record.reason
+        for card in await self.store.cards():
+            host = self.hosts.get(card.host)
+            if host is not None and card.host in others and card.device in host.drivers:
+                with contextlib.suppress(ValueError):
+                    host.drivers[card.device].mirror(card)
+        self.engine.recount()
+
+    def _announce(self, host: str, action: str, *, epoch: int = 0, previous_owner: str = "",
+                  reason: str = "") -> None:
+        fence = self.store.fences.get(host)
+        self.engine.ctx.emit(LeaseChanged(
+            host=host, replica=self.name, action=action,
+            epoch=epoch or (fence.epoch if fence else 0), previous_owner=previous_owner,
+            reason=reason))
+
+
+__all__ = ["Replica"]
