@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from orchestrator.crypto.container import (
     write_sealed,
 )
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
+from orchestrator.crypto.stream import SALT_BYTES
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
 from orchestrator.qpc.container import open_container
@@ -101,11 +103,16 @@ def prepare_program(plan: Plan, mek: MEK, *, salt: bytes | None = None) -> Prepa
     source key (same source, MEK and settings: so the same body, bit for bit).
     """
     source, settings, source_key = sealing_source(plan, mek)
+    cache = plan.state_dir / "cache"
+    if salt is None:  # any body sealed here before for this source, or a fresh salt
+        done = [body for body in sorted(cache.glob(f"encrypted-{source_key[:16]}-*.qpc"))
+                if body.with_suffix(".sha256").exists()]
+        salt = _salt_of(done[0]) if done else secrets.token_bytes(SALT_BYTES)
+    # Named by source and salt: replicas sharing a state directory never overwrite
+    # each other's body (nor pair one's body with another's digest).
     settings = dataclasses.replace(settings, salt=salt)
-    body = plan.state_dir / "cache" / f"encrypted-{source_key[:16]}.qpc"
+    body = cache / f"encrypted-{source_key[:16]}-{salt[:8].hex()}.qpc"
     digest_file = body.with_suffix(".sha256")
-    if salt is not None and body.exists() and _salt_of(body) != salt:
-        body.unlink()  # sealed here before; the recorded encryption wins
     if not (body.exists() and digest_file.exists()):
         with open_container(source) as container:
             meta = read_mdp_meta(container)

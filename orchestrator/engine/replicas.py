@@ -41,6 +41,7 @@ class Replica:
         self.period = store.lease_ttl / 3
         self.hosts = {host.name: host for host in engine.hosts}
         self.running: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
+        self.epochs: dict[str, int] = {}   # the epoch each host was last claimed at
         self.reachable = True
         self.alive = 1
         self._tg: TaskGroup | None = None
@@ -100,6 +101,7 @@ class Replica:
         host.reset()
         host.owner = self.name
         host.lease = self._gate(claimed.host)
+        self.epochs[claimed.host] = claimed.epoch
         self.engine.recount()
         action = "took over" if claimed.previous_owner not in ("", self.name) else "claimed"
         self._announce(claimed.host, action, epoch=claimed.epoch,
@@ -170,10 +172,9 @@ class Replica:
 
     def _announce(self, host: str, action: str, *, epoch: int = 0, previous_owner: str = "",
                   reason: str = "") -> None:
-        fence = self.store.fences.get(host)
         self.engine.ctx.emit(LeaseChanged(
             host=host, replica=self.name, action=action,
-            epoch=epoch or (fence.epoch if fence else 0), previous_owner=previous_owner,
+            epoch=epoch or self.epochs.get(host, 0), previous_owner=previous_owner,
             reason=reason))
 
 

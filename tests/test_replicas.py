@@ -1,0 +1,403 @@
+"""Replicas sharing one fleet through a real PostgreSQL server (docs/replicas.md).
+
+The server is the distribution's, started per test session in a temporary
+directory (unix socket only); each test gets a fresh database. Replicas are
+real `modelip watch` processes against a real `modelip emulate`; kills, stops
+and the database's restart are done for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from orchestrator.crypto.mek import MEK, write_mek
+from orchestrator.engine.pgstore import MIGRATIONS, PostgresStore
+from orchestrator.engine.plan import Plan
+from orchestrator.engine.prepare import prepare_program
+from orchestrator.engine.state import CardState, CardTransition
+from orchestrator.errors import LeaseLost, StoreUnavailable
+from orchestrator.transport.client import HostClient
+from tests.models import tiny_mlp
+from tests.pg import PostgresServer
+
+MODELIP = [sys.executable, "-m", "orchestrator"]
+TTL = 2.0
+HOSTS = 6
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def database(postgres: PostgresServer) -> str:
+    postgres.start() if not _answers(postgres) else None
+    return postgres.new_database()
+
+
+def _answers(server: PostgresServer) -> bool:
+    try:
+        with psycopg.connect(server.url("postgres"), connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def rows(url: str, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql.encode(), args).fetchall()
+
+
+def wait_for(what: str, condition: Callable[[], bool], limit: float = 60.0) -> float:
+    """Poll until ``condition``; returns the seconds it took (fails after ``limit``)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"not within {limit} s: {what}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+# --- the store on its own ------------------------------------------------------------------
+
+
+def transition(host: str) -> CardTransition:
+    return CardTransition(host, 0, "card", CardState.PENDING, CardState.ATTESTING, "test", 1,
+                          "ab", "prog", 1, None)
+
+
+async def test_the_database_refuses_a_write_under_a_stale_epoch(database: str) -> None:
+    a = PostgresStore(database, "a", lease_ttl=1.0)
+    b = PostgresStore(database, "b", lease_ttl=1.0)
+    await a.open()
+    await b.open()
+    try:
+        await a.heartbeat(["h"])
+        await b.heartbeat(["h"])
+        [claimed] = await a.claim(["h"], 1)
+        assert (claimed.host, claimed.epoch) == ("h", 1)
+        assert await b.claim(["h"], 1) == []          # held: not free for b
+        await a.ensure_card("h", 0, 0, 0)
+        await a.record_card(transition("h"))          # under its lease: written
+        await anyio.sleep(1.2)                         # a stalls past its TTL ...
+        [taken] = await b.claim(["h"], 1)
+        assert (taken.epoch, taken.previous_owner) == (2, "a")
+        # ... and still believes it holds the lease: the database alone must refuse
+        a.fences["h"].valid_until = time.monotonic() + 60
+        with pytest.raises(LeaseLost, match="held by b"):
+            await a.record_card(transition("h"))
+        with pytest.raises(LeaseLost):
+            await a.record_load("h", 0, card_id="c", session_id="s", program_id="p",
+                                partition=0)
+        assert "h" not in a.fences
+        written = rows(database, "SELECT replica, epoch FROM transitions")
+        assert written == [("a", 1)]                  # nothing of the stale write
+        assert rows(database, "SELECT count(*) FROM loads") == [(0,)]
+        await b.record_card(transition("h"))
+        assert rows(database, "SELECT replica, epoch FROM transitions ORDER BY id")[-1] \
+            == ("b", 2)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_replica_name_in_use_is_refused(database: str) -> None:
+    first = PostgresStore(database, "same", lease_ttl=5.0)
+    second = PostgresStore(database, "same", lease_ttl=5.0)
+    await first.open()
+    await second.open()
+    try:
+        assert await first.heartbeat([]) == 1
+        with pytest.raises(StoreUnavailable, match="in use by another running replica"):
+            await second.heartbeat([])
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_migrations_run_once_when_replicas_start_together(database: str) -> None:
+    stores = [PostgresStore(database, f"r{i}", lease_ttl=5.0) for i in range(4)]
+    async with anyio.create_task_group() as tg:
+        for store in stores:
+            tg.start_soon(store.open)
+    for store in stores:
+        await store.close()
+    assert rows(database, "SELECT version FROM modelip_schema ORDER BY version") == \
+        [(n,) for n in range(1, len(MIGRATIONS) + 1)]
+
+
+async def test_an_unreachable_store_is_one_clear_error(tmp_path: Path) -> None:
+    url = f"postgresql://postgres:secret@/nothing?host={tmp_path}"
+    store = PostgresStore(url, "r", lease_ttl=1.0)
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    assert "secret" not in str(caught.value) and "cannot connect" in str(caught.value)
+
+
+def test_replicas_reproduce_the_same_body_from_the_recorded_salt(tmp_path: Path) -> None:
+    mek = MEK.generate()
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    programs = []
+    for name in ("a", "b", "c"):
+        plan_file = tmp_path / f"{name}.yaml"
+        plan_file.write_text(f"model: {{onnx: tiny.onnx}}\nmek: {{generate: true}}\n"
+                             f"fleet: {{emulated: {{hosts: 1}}}}\nstate_dir: state-{name}\n")
+        plan = Plan.load(plan_file)
+        salt = programs[0].salt if name == "b" else None
+        programs.append(prepare_program(plan, mek, salt=salt))
+    a, b, c = programs
+    assert a.body.read_bytes() == b.body.read_bytes() and a.program_id == b.program_id
+    assert c.program_id != a.program_id        # a fresh salt: another body
+    assert a.source_key == b.source_key == c.source_key
+
+
+# --- replicas as processes against `modelip emulate` ----------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A live `modelip emulate` (6 hosts x 2 cards) and a plan for it with a MEK file."""
+    log = tmp_path / "emulate.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(HOSTS),
+                                    "--devices-per-host", "2", "--base-port", "0", "--pki-dir",
+                                    str(tmp_path / "pki"), "--reboot-time", "0.05"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the emulator", lambda: "READY" in log.read_text(), 30)
+        addresses = re.findall(r"listening on (\S+)", log.read_text())
+        (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+        write_mek(tmp_path / "mek.bin", MEK.generate())
+        hosts = "\n".join(f"    - address: {a}\n      devices: [0, 1]" for a in addresses)
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(f"""
+model: {{onnx: tiny.onnx}}
+mek: {{file: mek.bin}}
+fleet:
+  hosts:
+{hosts}
+trust: {{roots: [pki/root.pem]}}
+retry: {{attempts: 3, backoff: 0.05}}
+rekey: {{check_interval: 0.5}}
+replicas: {{lease_ttl: {TTL}}}
+state_dir: state
+""")
+        yield plan, addresses
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+
+
+class Replica:
+    def __init__(self, plan: Path, url: str, name: str) -> None:
+        self.name = name
+        self.log = plan.parent / f"replica-{name}.jsonl"
+        self.err = plan.parent / f"replica-{name}.err"
+        with open(self.log, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen(
+                [*MODELIP, "watch", str(plan), "--json", "--store", url, "--replica", name],
+                stdout=out, stderr=err)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        lines = self.log.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.endswith("}")]
+        return [e for e in events if kind is None or e["event"] == kind]
+
+    def held(self) -> set[str]:
+        hosts: set[str] = set()
+        for event in self.events("lease"):
+            if event["action"] in ("claimed", "took over"):
+                hosts.add(event["host"])
+            else:
+                hosts.discard(event["host"])
+        return hosts
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            if self.process.returncode is None:
+                os.kill(self.process.pid, signal.SIGCONT)
+            self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def replicas(fleet: tuple[Path, list[str]], database: str) -> Iterator[Callable[[str], Replica]]:
+    started: list[Replica] = []
+
+    def start(name: str) -> Replica:
+        replica = Replica(fleet[0], database, name)
+        started.append(replica)
+        return replica
+
+    try:
+        yield start
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+def serving(url: str) -> int:
+    """Cards SERVING in the store (0 until the first replica made the schema)."""
+    try:
+        return int(rows(url, "SELECT count(*) FROM cards WHERE state = 'SERVING'")[0][0])
+    except psycopg.errors.UndefinedTable:
+        return 0
+
+
+def owners(url: str) -> Counter[str]:
+    try:
+        return Counter(owner for (owner,) in rows(
+            url, "SELECT owner FROM leases WHERE expires > now() AND owner <> ''"))
+    except psycopg.errors.UndefinedTable:
+        return Counter()
+
+
+def duplicate_loads(url: str) -> list[tuple[Any, ...]]:
+    """Any card loaded twice for the same session (by anyone)."""
+    return rows(url, "SELECT host, device, session_id, string_agg(replica, ',') FROM loads "
+                "WHERE outcome IN ('ok', 'sent') GROUP BY 1, 2, 3 HAVING count(*) > 1")
+
+
+async def host_loads(addresses: list[str]) -> int:
+    total = 0
+    for address in addresses:
+        async with HostClient(address) as client:
+            total += (await client.stats())["load_count"]
+    return total
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_replicas_share_the_fleet_fairly(replicas: Callable[[str], Replica], database: str,
+                                         fleet: tuple[Path, list[str]], count: int) -> None:
+    started = [replicas(f"r{i}") for i in range(count)]
+    wait_for("every card serving, every replica its share", lambda: serving(database) == 12
+             and sorted(owners(database).values()) == [HOSTS // count] * count)
+    for replica in started:
+        assert len(replica.held()) == HOSTS // count, replica.events("lease")
+    assert not duplicate_loads(database)
+    assert anyio.run(host_loads, fleet[1]) == rows(database, "SELECT count(*) FROM loads")[0][0]
+    # status, from the store alone: every host with its owner, every card, every load
+    status = subprocess.run([*MODELIP, "status", str(fleet[0]), "--store", database, "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    view = json.loads(status.stdout)
+    assert {h["owner"] for h in view["hosts"]} == {f"r{i}" for i in range(count)}
+    assert all(h["lease_expires"] for h in view["hosts"])
+    assert [c["state"] for c in view["cards"]] == ["SERVING"] * 12
+    assert {r["replica"] for r in view["loads"]} <= {f"r{i}" for i in range(count)}
+    assert [r["name"] for r in view["replicas"] if r["alive"]] == [f"r{i}" for i in range(count)]
+
+
+def test_a_killed_replicas_hosts_are_taken_over_and_confirmed(
+        replicas: Callable[[str], Replica], database: str,
+        fleet: tuple[Path, list[str]]) -> None:
+    a, b = replicas("a"), replicas("b")
+    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    victims = a.held()
+    loads_before = rows(database, "SELECT count(*) FROM loads")[0][0]
+    a.process.send_signal(signal.SIGKILL)
+    a.process.wait(timeout=10)
+    took = wait_for("b took over a's hosts", lambda: victims <= {
+        e["host"] for e in b.events("lease") if e["action"] == "took over"})
+    print(f"takeover after SIGKILL: {took:.2f} s (lease TTL {TTL} s)")
+    wait_for("every card serving under b", lambda: owners(database) == {"b": 6} and all(
+        state == "SERVING" for (state,) in rows(database, "SELECT state FROM cards")))
+    since = min(e["ts"] for e in b.events("lease") if e["action"] == "took over")
+    taken = [e for e in b.events("card") if e["host"] in victims and e["state"] == "SERVING"
+             and e["ts"] >= since]
+    assert len(taken) == 6 and all("confirmed by a fresh attestation" in e["reason"] for e in taken)
+    assert rows(database, "SELECT count(*) FROM loads")[0][0] == loads_before  # no reload
+    # a card of a taken-over host resets: b re-keys it
+    victim = sorted(victims)[0]
+
+    async def reset() -> None:
+        async with HostClient(victim) as client:
+            await client.reset(0)
+    anyio.run(reset)
+    wait_for("b re-keyed the reset card", lambda: any(
+        e["host"] == victim and e["device"] == 0 for e in b.events("rekeyed")))
+    assert not duplicate_loads(database)
+
+
+def test_a_stalled_replica_is_fenced_sends_nothing_and_rejoins(
+        replicas: Callable[[str], Replica], database: str,
+        fleet: tuple[Path, list[str]]) -> None:
+    a, b = replicas("a"), replicas("b")
+    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    frozen = a.held()
+    os.kill(a.process.pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    # while a is frozen, every card of its hosts resets: whoever drives them must re-key
+    addresses = sorted(frozen)
+
+    async def reset_all() -> None:
+        for address in addresses:
+            async with HostClient(address) as client:
+                for device in (0, 1):
+                    await client.reset(device)
+    anyio.run(reset_all)
+    wait_for("b took over and re-keyed a's cards", lambda: frozen <= {
+        e["host"] for e in b.events("lease") if e["action"] == "took over"} and serving(
+        database) == 12, 60)
+    time.sleep(TTL)
+    os.kill(a.process.pid, signal.SIGCONT)
+    woke_at = time.time()
+    wait_for("a noticed it lost its hosts", lambda: frozen <= {
+        e["host"] for e in a.events("lease") if e["action"] == "lost"})
+    wait_for("a rejoined with its fair share", lambda: owners(database) == {"a": 3, "b": 3}
+             and serving(database) == 12, 60)
+    # a said nothing about those hosts' cards between waking up and dropping them
+    lost_at = max(e["ts"] for e in a.events("lease") if e["action"] == "lost")
+    said = [e for e in a.events("card") if e["host"] in frozen and woke_at - 0.5 <= e["ts"]
+            <= lost_at]
+    assert said == [], said
+    assert not [e for e in a.events("card") if stopped_at < e["ts"] < woke_at - 0.5]
+    assert not duplicate_loads(database)
+    # every load a host received is journaled: no call went out behind the store's back
+    assert anyio.run(host_loads, fleet[1]) == rows(database, "SELECT count(*) FROM loads")[0][0]
+
+
+def test_replicas_wait_out_a_database_restart(
+        replicas: Callable[[str], Replica], database: str, postgres: PostgresServer,
+        fleet: tuple[Path, list[str]]) -> None:
+    a, b = replicas("a"), replicas("b")
+    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    before = rows(database, "SELECT count(*) FROM transitions")[0][0]
+    postgres.stop()
+    try:
+        wait_for("both replicas saw the store go", lambda: all(
+            any(not e["reachable"] for e in r.events("store")) for r in (a, b)), 30)
+    finally:
+        postgres.start()
+    wait_for("both replicas back with their share", lambda: all(
+        any(e["reachable"] for e in r.events("store")) for r in (a, b))
+        and sorted(owners(database).values()) == [3, 3] and serving(database) == 12, 60)
+    assert a.process.poll() is None and b.process.poll() is None  # waited, did not die
+    assert rows(database, "SELECT count(*) FROM transitions")[0][0] >= before  # nothing lost
+    address = fleet[1][0]
+
+    async def reset() -> None:
+        async with HostClient(address) as client:
+            await client.reset(1)
+    anyio.run(reset)
+    wait_for("the reset card re-keyed after the restart", lambda: any(
+        e["host"] == address and e["device"] == 1 for r in (a, b) for e in r.events("rekeyed")))
+    assert not duplicate_loads(database)
