@@ -24,7 +24,18 @@ $(SOFTHSM):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
 	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2
 
-test: $(STAMP) $(SOFTHSM)
+# ... and a real PostgreSQL server (replicas): the distribution's, installed when
+# missing; the tests start a throwaway cluster of their own (no service is used).
+PG_SERVER = $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
+
+.PHONY: postgresql-server
+postgresql-server:
+	@test -n "$(PG_SERVER)" || { \
+	  command -v apt-get >/dev/null || { echo "install the PostgreSQL server (package postgresql)"; exit 1; }; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
+test: $(STAMP) $(SOFTHSM) postgresql-server
 	$(PY) -m pytest
 
 lint: $(STAMP)

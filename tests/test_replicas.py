@@ -271,6 +271,13 @@ def owners(url: str) -> Counter[str]:
         return Counter()
 
 
+def settle(url: str, *started: Replica) -> None:
+    """Until every card serves and each replica holds its share (and has said so)."""
+    share = HOSTS // len(started)
+    wait_for("settled", lambda: serving(url) == 12 and owners(url) == {
+        r.name: share for r in started} and all(len(r.held()) == share for r in started))
+
+
 def duplicate_loads(url: str) -> list[tuple[Any, ...]]:
     """Any card loaded twice for the same session (by anyone)."""
     return rows(url, "SELECT host, device, session_id, string_agg(replica, ',') FROM loads "
@@ -290,9 +297,9 @@ def test_replicas_share_the_fleet_fairly(replicas: Callable[[str], Replica], dat
                                          fleet: tuple[Path, list[str]], count: int) -> None:
     started = [replicas(f"r{i}") for i in range(count)]
     wait_for("every card serving, every replica its share", lambda: serving(database) == 12
-             and sorted(owners(database).values()) == [HOSTS // count] * count)
-    for replica in started:
-        assert len(replica.held()) == HOSTS // count, replica.events("lease")
+             and sorted(owners(database).values()) == [HOSTS // count] * count
+             and all(len(r.held()) == HOSTS // count for r in started))
+    assert owners(database) == {r.name: len(r.held()) for r in started}
     assert not duplicate_loads(database)
     assert anyio.run(host_loads, fleet[1]) == rows(database, "SELECT count(*) FROM loads")[0][0]
     # status, from the store alone: every host with its owner, every card, every load
@@ -310,7 +317,7 @@ def test_a_killed_replicas_hosts_are_taken_over_and_confirmed(
         replicas: Callable[[str], Replica], database: str,
         fleet: tuple[Path, list[str]]) -> None:
     a, b = replicas("a"), replicas("b")
-    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    settle(database, a, b)
     victims = a.held()
     loads_before = rows(database, "SELECT count(*) FROM loads")[0][0]
     a.process.send_signal(signal.SIGKILL)
@@ -318,12 +325,14 @@ def test_a_killed_replicas_hosts_are_taken_over_and_confirmed(
     took = wait_for("b took over a's hosts", lambda: victims <= {
         e["host"] for e in b.events("lease") if e["action"] == "took over"})
     print(f"takeover after SIGKILL: {took:.2f} s (lease TTL {TTL} s)")
-    wait_for("every card serving under b", lambda: owners(database) == {"b": 6} and all(
-        state == "SERVING" for (state,) in rows(database, "SELECT state FROM cards")))
     since = min(e["ts"] for e in b.events("lease") if e["action"] == "took over")
-    taken = [e for e in b.events("card") if e["host"] in victims and e["state"] == "SERVING"
-             and e["ts"] >= since]
-    assert len(taken) == 6 and all("confirmed by a fresh attestation" in e["reason"] for e in taken)
+
+    def taken() -> list[dict[str, Any]]:
+        return [e for e in b.events("card") if e["host"] in victims
+                and e["state"] == "SERVING" and e["ts"] >= since]
+    wait_for("b serves every card it took over", lambda: len(taken()) == 6)
+    assert owners(database) == {"b": 6} and serving(database) == 12
+    assert all("confirmed by a fresh attestation" in e["reason"] for e in taken())
     assert rows(database, "SELECT count(*) FROM loads")[0][0] == loads_before  # no reload
     # a card of a taken-over host resets: b re-keys it
     victim = sorted(victims)[0]
@@ -341,7 +350,7 @@ def test_a_stalled_replica_is_fenced_sends_nothing_and_rejoins(
         replicas: Callable[[str], Replica], database: str,
         fleet: tuple[Path, list[str]]) -> None:
     a, b = replicas("a"), replicas("b")
-    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    settle(database, a, b)
     frozen = a.held()
     os.kill(a.process.pid, signal.SIGSTOP)
     stopped_at = time.time()
@@ -379,7 +388,7 @@ def test_replicas_wait_out_a_database_restart(
         replicas: Callable[[str], Replica], database: str, postgres: PostgresServer,
         fleet: tuple[Path, list[str]]) -> None:
     a, b = replicas("a"), replicas("b")
-    wait_for("settled", lambda: serving(database) == 12 and owners(database) == {"a": 3, "b": 3})
+    settle(database, a, b)
     before = rows(database, "SELECT count(*) FROM transitions")[0][0]
     postgres.stop()
     try:
