@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo test lint proto bench clean replicas-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ postgresql-server:
 
 test: $(STAMP) $(SOFTHSM) postgresql-server
 	$(PY) -m pytest
+
+# Two replicas sharing one fleet through a local PostgreSQL (docs/replicas.md).
+replicas-demo: $(STAMP) postgresql-server
+	scripts/replicas-demo.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator tests bench

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -180,27 +181,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
+    console, table_of = _tables()
     if view["hosts"]:
-        table = Table(title=f"{plan.source.name}: hosts")
         columns = ["host", "address", "state", "reason"]
         if plan.shared:
             columns[3:3] = ["replica", "lease until"]
-        for column in columns:
-            table.add_column(column)
+        table = table_of(f"{plan.source.name}: hosts", columns)
         for h in view["hosts"]:
             row = [h["host"], h["address"], h["state"], h["reason"][:80]]
             if plan.shared:
                 row[3:3] = [h["owner"] or "-", (h["lease_expires"] or "-")[11:19]]
             table.add_row(*row)
         console.print(table)
-    table = Table(title=f"{plan.source.name}: {view['store']}")
-    for column in ("host", "card", "card id", "group", "part", "state", "boot",
-                   "session", "reason"):
-        table.add_column(column)
+    table = table_of(f"{plan.source.name}: {view['store']}",
+                     ["host", "card", "card id", "group", "part", "state", "boot", "session",
+                      "reason"])
     for c in view["cards"]:
         table.add_row(c["host"], str(c["device"]), c["card_id"], str(c["group"]),
                       str(c["partition"]), c["state"], str(c["boot_counter"]),
@@ -213,6 +208,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, last heartbeat "
               f"{r['heartbeat']}")
     return 0
+
+
+def _tables() -> tuple[Any, Callable[[str, list[str]], Any]]:
+    """A console and a table maker: boxed on a terminal; piped, plain rows that are
+    never wrapped (one line per row, for grep and less)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    console = Console() if tty else Console(width=400, soft_wrap=True)
+
+    def table_of(title: str, columns: list[str]) -> Table:
+        table = Table(title=title, box=box.HEAVY_HEAD if tty else box.SIMPLE,
+                      title_justify="left")
+        for column in columns:
+            table.add_column(column, no_wrap=not tty)
+        return table
+    return console, table_of
 
 
 async def _read_status(plan: Plan) -> dict[str, Any]:

@@ -394,8 +394,11 @@ def test_replicas_wait_out_a_database_restart(
     try:
         wait_for("both replicas saw the store go", lambda: all(
             any(not e["reachable"] for e in r.events("store")) for r in (a, b)), 30)
+        time.sleep(2 * TTL)  # longer than a lease: every replica must stop acting
     finally:
         postgres.start()
+    for r in (a, b):  # their leases lapsed here first: each dropped its hosts
+        assert {e["action"] for e in r.events("lease") if e["action"] == "lost"} == {"lost"}
     wait_for("both replicas back with their share", lambda: all(
         any(e["reachable"] for e in r.events("store")) for r in (a, b))
         and sorted(owners(database).values()) == [3, 3] and serving(database) == 12, 60)
