@@ -12,9 +12,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -207,15 +209,27 @@ state_dir: state
         process.wait(timeout=20)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Replica:
     def __init__(self, plan: Path, url: str, name: str) -> None:
         self.name = name
         self.log = plan.parent / f"replica-{name}.jsonl"
         self.err = plan.parent / f"replica-{name}.err"
+        self.metrics_port = free_port()
         with open(self.log, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
-                [*MODELIP, "watch", str(plan), "--json", "--store", url, "--replica", name],
-                stdout=out, stderr=err)
+                [*MODELIP, "watch", str(plan), "--json", "--store", url, "--replica", name,
+                 "--metrics-port", str(self.metrics_port)], stdout=out, stderr=err)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as answer:
+            return str(answer.read().decode())
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         lines = self.log.read_text().splitlines()
@@ -300,6 +314,12 @@ def test_replicas_share_the_fleet_fairly(replicas: Callable[[str], Replica], dat
              and sorted(owners(database).values()) == [HOSTS // count] * count
              and all(len(r.held()) == HOSTS // count for r in started))
     assert owners(database) == {r.name: len(r.held()) for r in started}
+    for replica in started:  # each replica's own metrics
+        text = replica.metrics()
+        me = f'replica="{replica.name}"'
+        assert f"modelip_replica_hosts_held{{{me}}} {HOSTS // count}" in text
+        assert f"modelip_replicas_alive{{{me}}} {count}" in text
+        assert f"modelip_store_reachable{{{me}}} 1" in text
     assert not duplicate_loads(database)
     assert anyio.run(host_loads, fleet[1]) == rows(database, "SELECT count(*) FROM loads")[0][0]
     # status, from the store alone: every host with its owner, every card, every load

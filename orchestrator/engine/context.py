@@ -39,6 +39,7 @@ class EngineStats:
     verification_failures: Counter[str] = field(default_factory=Counter)
     protocol_violations: Counter[str] = field(default_factory=Counter)  # by host
     internal_errors: int = 0
+    lease_changes: Counter[str] = field(default_factory=Counter)  # by action (replicas)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

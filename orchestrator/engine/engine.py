@@ -96,6 +96,9 @@ class Snapshot:
     disproved_hints: int
     elapsed: float
     deployed_after: float | None
+    replica: str = ""             # this replica's name (shared stores), "" otherwise
+    replicas_alive: int = 0
+    store_reachable: bool = True
 
 
 class Engine:
@@ -218,7 +221,9 @@ class Engine:
                         len(self.groups), tuple(self._events), self.stats.rekeys,
                         percentile(outages, 0.5), percentile(outages, 0.99),
                         self.stats.disproved_hints, now - self.stats.started,
-                        self.stats.deployed_after)
+                        self.stats.deployed_after,
+                        *((self.replica.name, self.replica.alive, self.replica.reachable)
+                          if self.replica else ()))
 
     def outcome(self) -> tuple[int, list[CardMachine]]:
         """(exit code, cards not serving): 0 all serving, 3 some quarantined, 4 some

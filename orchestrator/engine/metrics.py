@@ -51,7 +51,30 @@ def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
         lines.append(f'modelip_verification_failures_total{{kind="{reason}"}} {count}')
     if stats.deployed_after is not None:
         lines.append(f"modelip_deploy_seconds {stats.deployed_after:.3f}")
+    if snapshot.replica:
+        lines += _replica_lines(snapshot, stats)
     return "\n".join(lines) + "\n"
+
+
+def _replica_lines(snapshot: Snapshot, stats: EngineStats) -> list[str]:
+    """A replica's own view (docs/replicas.md): what it holds, who it sees, the store."""
+    me = f'replica="{_label(snapshot.replica)}"'
+    held = sum(host.owner == snapshot.replica for host in snapshot.hosts)
+    lines = ["# HELP modelip_replica_hosts_held Hosts whose lease this replica holds.",
+             "# TYPE modelip_replica_hosts_held gauge",
+             f"modelip_replica_hosts_held{{{me}}} {held}",
+             "# HELP modelip_replicas_alive Replicas with a fresh heartbeat, as this one sees.",
+             "# TYPE modelip_replicas_alive gauge",
+             f"modelip_replicas_alive{{{me}}} {snapshot.replicas_alive}",
+             "# HELP modelip_store_reachable 1 while the shared store answers.",
+             "# TYPE modelip_store_reachable gauge",
+             f"modelip_store_reachable{{{me}}} {int(snapshot.store_reachable)}",
+             "# HELP modelip_lease_changes_total Leases claimed, taken over, handed back, lost.",
+             "# TYPE modelip_lease_changes_total counter"]
+    for action in ("claimed", "took over", "handed back", "lost"):
+        lines.append(f'modelip_lease_changes_total{{{me},action="{action}"}} '
+                     f"{stats.lease_changes[action]}")
+    return lines
 
 
 def _label(value: str) -> str:

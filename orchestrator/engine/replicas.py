@@ -172,6 +172,7 @@ class Replica:
 
     def _announce(self, host: str, action: str, *, epoch: int = 0, previous_owner: str = "",
                   reason: str = "") -> None:
+        self.engine.ctx.stats.lease_changes[action] += 1
         self.engine.ctx.emit(LeaseChanged(
             host=host, replica=self.name, action=action,
             epoch=epoch or self.epochs.get(host, 0), previous_owner=previous_owner,
