@@ -108,6 +108,12 @@ def render(snapshot: Snapshot, *, title: str = "modelip") -> Group:
     if hidden > 0:
         parts.append(Text(f"... and {hidden} more cards", style="dim"))
     parts.append(summary)
+    if snapshot.replica:
+        held = sum(h.owner == snapshot.replica for h in snapshot.hosts)
+        parts.append(Text.assemble(
+            f"replica {snapshot.replica}: holds {held}/{len(snapshot.hosts)} hosts, "
+            f"{snapshot.replicas_alive} replicas alive, store ",
+            ("reachable", "green") if snapshot.store_reachable else ("UNREACHABLE", "red")))
     parts.append(Text("\n".join(_event_line(e) for e in snapshot.events[-8:]), style="dim"))
     return Group(*parts)
 

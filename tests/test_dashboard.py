@@ -126,3 +126,14 @@ def test_json_lines_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
     mek = tmp_path / "state" / "mek.dat"
     assert mek.stat().st_mode & 0o777 == 0o600
     assert mek.read_bytes().hex() not in result.stdout + result.stderr
+
+
+def test_a_replica_says_what_it_holds_and_whether_the_store_answers() -> None:
+    hosts = (HostView("host0", "a:1", "UP", "", 2, 2, 0, 1.0, owner="r1"),
+             HostView("host1", "b:1", "UP", "", 1, 1, 0, 1.0, owner="r2"))
+    text = capture(render(snapshot(hosts=hosts, replica="r1", replicas_alive=2)))
+    assert "replica r1: holds 1/2 hosts, 2 replicas alive, store reachable" in text
+    down = capture(render(snapshot(hosts=hosts, replica="r1", replicas_alive=2,
+                                   store_reachable=False)))
+    assert "store UNREACHABLE" in down
+    assert "replica" not in capture(render(snapshot()))  # the embedded store: no line
