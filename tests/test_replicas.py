@@ -31,7 +31,7 @@ from orchestrator.engine.pgstore import MIGRATIONS, PostgresStore
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import prepare_program
 from orchestrator.engine.state import CardState, CardTransition
-from orchestrator.errors import LeaseLost, StoreUnavailable
+from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
 from tests.pg import PostgresServer
@@ -433,3 +433,47 @@ def test_replicas_wait_out_a_database_restart(
     wait_for("the reset card re-keyed after the restart", lambda: any(
         e["host"] == address and e["device"] == 1 for r in (a, b) for e in r.events("rekeyed")))
     assert not duplicate_loads(database)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ("store: mysql://db/fleet", r":\d+: store: must be postgresql://"),
+    ("store: postgresql:///x\nreplicas: {lease_ttl: 0}",
+     r":\d+: replicas.lease_ttl: must be between 1 and 3600"),
+    ("replicas: {lease: 5}", r":\d+: replicas.lease: is not a known key"),
+])
+def test_bad_store_settings_name_the_line_and_field(tmp_path: Path, extra: str,
+                                                    problem: str) -> None:
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                    "fleet: {hosts: [{address: '127.0.0.1:1', devices: [0]}]}\n"
+                    f"trust: {{roots: [root.pem]}}\n{extra}\n")
+    (tmp_path / "root.pem").write_text("x")
+    with pytest.raises(PlanError, match=problem):
+        Plan.load(plan)
+
+
+@pytest.mark.parametrize(("args", "code", "problem"), [
+    (["watch", "{plan}", "--store", "redis://x"], 2, "--store redis://x: must be postgresql"),
+    (["watch", "{plan}", "--store", "postgresql:///x?host={tmp}", "--replica", "a/b"], 2,
+     "--replica 'a/b': must be 1-64 letters"),
+    (["deploy", "{emulated}", "--store", "postgresql:///x?host={tmp}"], 2,
+     "replicas share real hosts"),
+    (["status", "{plan}", "--store", "postgresql://u:hunter2@/x?host={tmp}"], 5,
+     "cannot connect"),
+])
+def test_bad_store_flags_are_one_line_with_the_documented_code(
+        tmp_path: Path, fleet: tuple[Path, list[str]], args: list[str], code: int,
+        problem: str) -> None:
+    emulated = tmp_path / "emulated.yaml"
+    emulated.write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                        "fleet: {emulated: {hosts: 1}}\n")
+    filled = [a.format(plan=fleet[0], emulated=emulated, tmp=tmp_path) for a in args]
+    result = subprocess.run([*MODELIP, *filled], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == code, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and problem in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr

@@ -146,6 +146,8 @@ class HostSupervisor:
         self.machine = HostMachine(self.target.name, self.target.address)
         self.lease_lost = None
         self.violations.clear()
+        self._stream_open = False
+        self._probe_now = anyio.Event()
         for driver in self.drivers.values():
             driver.reset()
 

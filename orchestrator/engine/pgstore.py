@@ -20,6 +20,7 @@ No MEK, key or plaintext is ever written here.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,10 @@ from orchestrator.engine.store import (
     card_record,
 )
 from orchestrator.errors import LeaseLost, StoreUnavailable
+
+# The pool's own complaints (reconnects while the database restarts) are ours to
+# report, once, as events: not log lines on stderr.
+logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -160,7 +165,10 @@ class PostgresStore:
 
     async def open(self, *, migrate: bool = True) -> None:
         """Connect; create or migrate the schema (``migrate``), or check it is there."""
-        try:
+        try:  # one direct attempt first: the database's own words, at once
+            probe = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=max(1, math.ceil(self.lease_ttl / 2)))
+            await probe.close()
             await self._pool.open(wait=True, timeout=max(5.0, self.lease_ttl))
         except (psycopg.Error, PoolTimeout) as exc:
             await self._pool.close()
@@ -494,5 +502,5 @@ class PostgresStore:
 
 
 def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
