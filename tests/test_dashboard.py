@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from rich.console import Console
 
-from orchestrator.dashboard import LiveDashboard, render
+from orchestrator.dashboard import Filter, LiveDashboard, render, sparkline
 from orchestrator.engine.context import EngineStats
 from orchestrator.engine.engine import CardView, HostView, Snapshot
 from orchestrator.engine.events import CardChanged, Deployed, HostChanged, Rekeyed
@@ -45,41 +50,115 @@ def snapshot(**overrides: object) -> Snapshot:
     return Snapshot(**values)  # type: ignore[arg-type]
 
 
-def capture(renderable: object) -> str:
-    console = Console(record=True, width=220, color_system=None)
+def capture(renderable: object, width: int = 220, height: int = 50) -> str:
+    console = Console(record=True, width=width, height=height, color_system=None)
     console.print(renderable)
     return console.export_text()
 
 
-def test_render_shows_every_card_the_summary_and_events() -> None:
-    text = capture(render(snapshot(), title="fleet"))
-    assert "fleet" in text
-    rows = [line for line in text.splitlines() if "h0-card" in line or "h1-card" in line]
-    assert len(rows) == 3
-    assert "SERVING" in rows[0] and "a1b2c3d4e5f60718" in rows[0] and "12.5s" in rows[0]
-    assert "QUARANTINED" in rows[1] and "report signature does not verify" in rows[1]
-    assert "RETRY_WAIT" in rows[2] and "unreachable" in rows[2]
-    assert "serving 1   in progress 1   disconnected 0   quarantined 1   failed 0" in text
-    assert "hosts up 1/2" in text and "groups serving 0/2" in text
-    assert "re-keys 1 (outage p50 7 ms, p99 12 ms)" in text
-    assert "elapsed 1m15s" in text and "hints disproved 3" in text
-    assert "host host1 UNREACHABLE for 1m05s: connection refused" in text
-    assert "host host0" not in text  # hosts that are up are not called out
-    assert "08:00:00 host0/1 ATTESTING -> QUARANTINED (signature)" in text
-    assert "08:00:01 host0/0 serving again after 7 ms" in text
-    assert "08:00:02 host host1 CONNECTING -> UNREACHABLE (refused)" in text
+def screen(snap: Snapshot, width: int, height: int, **options: Any) -> list[str]:
+    """The lines the live view puts on a width x height terminal."""
+    text = capture(render(snap, width=width, height=height, **options), width, height)
+    return text.rstrip("\n").splitlines()
+
+
+def fleet(hosts: int, per_host: int, problems: dict[tuple[int, int], str] | None = None,
+          down: int | None = None) -> Snapshot:
+    """A snapshot of ``hosts`` x ``per_host`` cards, all serving but ``problems``."""
+    problems = problems or {}
+    cards = []
+    for h in range(hosts):
+        for d in range(per_host):
+            state = problems.get((h, d), "DISCONNECTED" if h == down else "SERVING")
+            cards.append(CardView(f"host{h:04d}", d, f"h{h}-card{d}", h, d, state, "", 1, 1, "",
+                                  f"why {h}/{d}" if state != "SERVING" else "", 42.0))
+    views = tuple(HostView(f"host{h:04d}", f"10.0.{h // 250}.{h % 250}:62473",
+                           "UNREACHABLE" if h == down else "UP",
+                           "connection refused" if h == down else "", per_host, per_host, 0,
+                           100.0) for h in range(hosts))
+    events = tuple(CardChanged(ts=FIXED_TS + i, host="host0000", device=i % per_host,
+                               card_id="", group=0, partition=0, previous="LOADING",
+                               state="SERVING", reason=f"event {i}", boot_counter=1,
+                               session="", attempts=1) for i in range(12))
+    groups = hosts * per_host
+    return Snapshot(tuple(cards), views, dict(Counter(c.state for c in cards)),
+                    groups - len(problems), groups, events, 7, 0.04, 0.09, 1, 95.0, None,
+                    rekey_ages=(1.0, 2.0, 31.0))
+
+
+SIZES = [(80, 24), (160, 50)]
+PROBLEMS = {(3, 1): "QUARANTINED", (5, 0): "FAILED", (7, 2): "RETRY_WAIT"}
+
+
+@pytest.mark.parametrize(("hosts", "per_host"), [(2, 4), (16, 16), (256, 16)])
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_the_view_fits_the_screen_and_keeps_what_matters(
+        hosts: int, per_host: int, width: int, height: int) -> None:
+    problems = {k: v for k, v in PROBLEMS.items() if k[0] < hosts}
+    lines = screen(fleet(hosts, per_host, problems), width, height)
+    text = "\n".join(lines)
+    assert len(lines) < height                       # fits, with the cursor's line spare
+    assert all(len(line.rstrip()) <= width for line in lines)
+    serving = hosts * per_host - len(problems)
+    assert re.search(rf"● (serving )?{serving} ", lines[1])  # totals by state, on top
+    assert "% settled" in lines[1]                   # a progress bar while deploying
+    assert f"groups serving {serving}/{hosts * per_host}" in text
+    assert "re-keys 7 (p50 40 ms, p99 90 ms)" in text
+    for (h, d), state in problems.items():           # every problem on screen, with its reason
+        line = next(x for x in lines if f"host{h:04d}/{d} {state}" in x)
+        assert f"why {h}/{d}" in line
+    assert "last events" in text and "08:00:11 host0000/" in text  # the newest, with time
+    shown = {name for line in lines for name in re.findall(r"host\d{4}(?= )", line)}
+    folded = re.search(r"\+(\d+) more hosts serving \((\d+) serving\)", text)
+    if folded:                                       # summarised, never silently dropped
+        assert len(shown) + int(folded.group(1)) == hosts
+        assert int(folded.group(2)) == int(folded.group(1)) * per_host
+        assert {f"host{h:04d}" for h, _ in problems} <= shown   # the loud ones stay
+    else:
+        assert shown == {f"host{h:04d}" for h in range(hosts)}
+
+
+def test_sixty_four_hosts_of_sixteen_cards_fit_one_160x50_screen() -> None:
+    lines = screen(fleet(64, 16, {(40, 3): "QUARANTINED"}), 160, 50)
+    cells = [m for line in lines for m in re.findall(r"host\d{4} ([●✖]{16})", line)]
+    assert len(cells) == 64 and "more hosts" not in "\n".join(lines)
+    assert sum(cell.count("✖") for cell in cells) == 1
+
+
+def test_a_down_host_is_one_line_not_one_per_card() -> None:
+    lines = screen(fleet(16, 16, down=9), 160, 50)
+    said = [line for line in lines if "host0009" in line and "UNREACHABLE" in line]
+    assert len(said) == 1 and "connection refused (16 cards)" in said[0]
+    assert not [line for line in lines if "host0009/" in line]
+
+
+def test_more_problems_than_room_are_counted() -> None:
+    problems = {(h, 0): "FAILED" for h in range(200)}
+    text = "\n".join(screen(fleet(256, 16, problems), 80, 24))
+    listed = len(re.findall(r"host\d{4}/0 FAILED", text))
+    assert listed >= 1 and f"+{200 - listed} more: {200 - listed} failed or host down" in text
+
+
+def test_filters_narrow_the_view() -> None:
+    snap = fleet(16, 16, PROBLEMS)
+    text = "\n".join(screen(snap, 160, 50, view=Filter(state="FAILED")))
+    assert "filter: state=FAILED" in text
+    assert "host0005/0 FAILED" in text and "QUARANTINED" not in text.split("needs")[1]
+    assert re.findall(r"host\d{4}(?= )", text.split("needs")[0]) == ["host0005"]
+    text = "\n".join(screen(snap, 160, 50, view=Filter(host="host0003"), paused=True))
+    assert "PAUSED" in text and "host0003/1 QUARANTINED" in text
+    assert "host0005" not in text
+
+
+def test_sparkline_counts_the_last_minute() -> None:
+    assert sparkline(()) == "▁" * 20
+    line = sparkline((0.5, 1.0, 2.0, 59.0))
+    assert line[-1] == "█" and line[0] != "▁" and set(line[1:-1]) == {"▁"}
 
 
 def test_render_is_a_pure_function_of_the_snapshot() -> None:
     assert capture(render(snapshot())) == capture(render(snapshot()))
     assert capture(render(snapshot(elapsed=5.0))) != capture(render(snapshot()))
-
-
-def test_large_fleets_are_cut_with_a_count() -> None:
-    many = tuple(CardView("h", i, f"c{i}", i, 0, "SERVING", "", 1, 1, "", "", 1.0)
-                 for i in range(100))
-    text = capture(render(snapshot(cards=many, counts={"SERVING": 100})))
-    assert "... and 52 more cards" in text
 
 
 def test_live_driver_refreshes_on_events_with_a_capture_console() -> None:
@@ -105,6 +184,23 @@ def test_metrics_text() -> None:
     assert 'modelip_host_state{host="host1",state="UNREACHABLE"} 1' in text
     assert 'modelip_host_state{host="host1",state="UP"} 0' in text
     assert 'modelip_protocol_violations_total{host="host1"} 3' in text
+
+
+def test_metrics_parse_with_the_official_parser() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stats = EngineStats(rekeys=3, outages=[0.007, 0.04, 3.0])
+    families = {f.name: f for f in text_string_to_metric_families(
+        render_metrics(snapshot(), stats))}
+    latency = families["modelip_rekey_seconds"]
+    assert latency.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in latency.samples if s.name.endswith("_bucket")}
+    assert buckets["0.01"] == 1 and buckets["0.05"] == 2 and buckets["2.5"] == 2
+    assert buckets["5"] == 3 and buckets["+Inf"] == 3
+    per_host = {(s.labels["host"], s.labels["state"]): s.value
+                for s in families["modelip_host_cards"].samples}
+    assert per_host[("host0", "QUARANTINED")] == 1 and per_host[("host1", "RETRY_WAIT")] == 1
+    assert per_host[("host1", "SERVING")] == 0
 
 
 def test_json_lines_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:

@@ -344,6 +344,7 @@ class CardDriver:
         if self._first_sign and counted:
             outage = time.monotonic() - self._first_sign
             self.ctx.stats.outages.append(outage)
+            self.ctx.stats.rekeyed_at.append(time.monotonic())
             self.ctx.stats.rekeys += 1
             self.rekeys += 1
             self.ctx.emit(Rekeyed(host=m.host, device=m.device, group=m.group,

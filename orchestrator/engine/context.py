@@ -8,7 +8,7 @@ import os
 import random
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ class EngineStats:
     loads: int = 0
     rekeys: int = 0
     outages: list[float] = field(default_factory=list)   # first sign -> SERVING, seconds
+    rekeyed_at: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # monotonic
     disproved_hints: int = 0
     verification_failures: Counter[str] = field(default_factory=Counter)
     protocol_violations: Counter[str] = field(default_factory=Counter)  # by host

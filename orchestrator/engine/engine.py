@@ -99,6 +99,7 @@ class Snapshot:
     replica: str = ""             # this replica's name (shared stores), "" otherwise
     replicas_alive: int = 0
     store_reachable: bool = True
+    rekey_ages: tuple[float, ...] = ()   # seconds since each re-key of the last minute
 
 
 class Engine:
@@ -223,7 +224,8 @@ class Engine:
                         self.stats.disproved_hints, now - self.stats.started,
                         self.stats.deployed_after,
                         *((self.replica.name, self.replica.alive, self.replica.reachable)
-                          if self.replica else ()))
+                          if self.replica else ("", 0, True)),
+                        tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0))
 
     def outcome(self) -> tuple[int, list[CardMachine]]:
         """(exit code, cards not serving): 0 all serving, 3 some quarantined, 4 some

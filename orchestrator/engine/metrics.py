@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import anyio
@@ -33,6 +34,8 @@ def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
             lines.append(f'modelip_outage_seconds{{quantile="{quantile}"}} {value:.6f}')
     lines += [f"modelip_outage_seconds_sum {sum(stats.outages):.6f}",
               f"modelip_outage_seconds_count {len(stats.outages)}",
+              *_histogram("modelip_rekey_seconds", "Re-key latency: first sign of a lost "
+                          "session to serving again.", stats.outages),
               "# HELP modelip_host_state 1 for the state each host is in.",
               "# TYPE modelip_host_state gauge"]
     for host in snapshot.hosts:
@@ -40,6 +43,14 @@ def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
         for each in HostState:
             lines.append(f'modelip_host_state{{host="{name}",state="{each.value}"}} '
                          f"{int(host.state == each.value)}")
+    lines += ["# HELP modelip_host_cards Cards of each host per state.",
+              "# TYPE modelip_host_cards gauge"]
+    per_host = Counter((card.host, card.state) for card in snapshot.cards)
+    for host in snapshot.hosts:
+        name = _label(host.name)
+        for state in CardState:
+            lines.append(f'modelip_host_cards{{host="{name}",state="{state.value}"}} '
+                         f"{per_host[(host.name, state.value)]}")
     lines += ["# HELP modelip_protocol_violations_total Messages outside the protocol, by host.",
               "# TYPE modelip_protocol_violations_total counter"]
     for name, count in sorted(stats.protocol_violations.items()):
@@ -74,6 +85,18 @@ def _replica_lines(snapshot: Snapshot, stats: EngineStats) -> list[str]:
     for action in ("claimed", "took over", "handed back", "lost"):
         lines.append(f'modelip_lease_changes_total{{{me},action="{action}"}} '
                      f"{stats.lease_changes[action]}")
+    return lines
+
+
+REKEY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _histogram(name: str, text: str, values: list[float]) -> list[str]:
+    lines = [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+    for bound in REKEY_BUCKETS:
+        lines.append(f'{name}_bucket{{le="{bound:g}"}} {sum(v <= bound for v in values)}')
+    lines += [f'{name}_bucket{{le="+Inf"}} {len(values)}', f"{name}_sum {sum(values):.6f}",
+              f"{name}_count {len(values)}"]
     return lines
 
 
