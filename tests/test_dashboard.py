@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from rich.console import Console
 
 from orchestrator.dashboard import Filter, LiveDashboard, render, sparkline
