@@ -32,6 +32,7 @@ from rich.live import Live
 from rich.text import Text
 
 from orchestrator.engine.engine import CardView, HostView, Snapshot
+from orchestrator.engine.store import CardRecord, HostRecord, TransitionRecord
 from orchestrator.engine.events import (
     CardChanged,
     Deployed,
@@ -167,11 +168,14 @@ def _rollup(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], width:
     rate = len(snapshot.rekey_ages) / 60.0
     text = Text.assemble(
         "hosts serving ", (f"{hosts_serving}/{len(snapshot.hosts)}", "bold"),
-        "   groups serving ", (f"{snapshot.groups_serving}/{snapshot.groups}", "bold"),
+        "   groups serving ", (f"{snapshot.groups_serving}/{snapshot.groups}", "bold"))
+    if not snapshot.live:
+        return text
+    text.append_text(Text.assemble(
         "\n" if width < 130 else "   ",
         f"re-keys {snapshot.rekeys} (p50 {p50}, p99 {p99})  last min ",
         (sparkline(snapshot.rekey_ages), "magenta"), f" {rate:.1f}/s",
-        f"   hints disproved {snapshot.disproved_hints}")
+        f"   hints disproved {snapshot.disproved_hints}"))
     if snapshot.replica:
         held = sum(h.owner == snapshot.replica for h in snapshot.hosts)
         text.append(f"\nreplica {snapshot.replica}: holds {held}/{len(snapshot.hosts)} hosts, "
@@ -289,7 +293,8 @@ def render(snapshot: Snapshot, *, title: str = "modelip", width: int = 160,
     cards_by_host: dict[str, list[CardView]] = {}
     for card in snapshot.cards:
         cards_by_host.setdefault(card.host, []).append(card)
-    header = Text.assemble((title, "bold"), f"   elapsed {_seconds(snapshot.elapsed)}")
+    header = Text.assemble((title, "bold"), f"   elapsed {_seconds(snapshot.elapsed)}"
+                           if snapshot.live else "")
     if view:
         header.append(f"   filter: {view.describe()}", style="yellow")
     if paused:
@@ -332,6 +337,34 @@ def render(snapshot: Snapshot, *, title: str = "modelip", width: int = 160,
 def _kind(item: _Item) -> str:
     return ("quarantined", "failed or host down", "disconnected", "stuck",
             "retrying")[item.severity]
+
+
+def stored_snapshot(cards: Sequence[CardRecord], hosts: Sequence[HostRecord],
+                    transitions: Sequence[TransitionRecord], *, now: float) -> Snapshot:
+    """The view of what a store last recorded (``modelip status``): same screen, no engine."""
+    views = tuple(CardView(c.host, c.device, c.card_id, c.group, c.partition, c.state, "",
+                           c.boot_counter, c.attempts, "", c.reason, max(0.0, now - c.updated))
+                  for c in cards)
+    groups: dict[tuple[str, int], bool] = {}
+    for c in cards:
+        groups[(c.host, c.group)] = groups.get((c.host, c.group), True) and c.state == "SERVING"
+    counts = Counter(c.state for c in cards)
+    per_host = Counter(c.host for c in cards)
+    serving = Counter(c.host for c in cards if c.state == "SERVING")
+    known = {h.host: h for h in hosts}
+    host_views = tuple(
+        HostView(name, known[name].address if name in known else name,
+                 known[name].state if name in known else "PENDING",
+                 known[name].reason if name in known else "", per_host[name], serving[name],
+                 0, max(0.0, now - known[name].updated) if name in known else 0.0,
+                 known[name].owner if name in known else "")
+        for name in sorted(set(per_host) | set(known)))
+    events = tuple(CardChanged(ts=t.ts, host=t.host, device=t.device, card_id="", group=0,
+                               partition=0, previous=t.previous, state=t.state,
+                               reason=t.reason, boot_counter=0, session="", attempts=0)
+                   for t in transitions)
+    return Snapshot(views, host_views, dict(counts), sum(groups.values()), len(groups),
+                    events, 0, None, None, 0, 0.0, 0.0, live=False)
 
 
 class LiveDashboard:

@@ -176,12 +176,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from orchestrator.dashboard import render, stored_snapshot
+
     plan = _load_plan(args, quiet=True)
     view = anyio.run(_read_status, plan)
+    snap = stored_snapshot(*view.pop("_records"), now=time.time())
+    rollup = view["rollup"] = {
+        "cards": len(snap.cards), "by_state": snap.counts,
+        "hosts": len(snap.hosts), "hosts_up": sum(h.state == "UP" for h in snap.hosts),
+        "groups": snap.groups, "groups_serving": snap.groups_serving,
+        "loads": len(view["loads"])}
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
     console, table_of = _tables()
+    if args.cards:
+        _card_table(plan, view, table_of, console)
+    else:
+        width, height = shutil.get_terminal_size((160, 50)) if sys.stdout.isatty() \
+            else (160, 50)
+        console.print(render(snap, title=f"{plan.source.name}: {view['store']} (as last "
+                             "recorded)", width=width, height=height - 2 - len(
+                                 view.get("replicas", ()))))
+    print(f"{snap.counts.get('SERVING', 0)}/{rollup['cards']} serving (as last recorded), "
+          f"{rollup['loads']} loads sent")
+    for r in view.get("replicas", []):
+        held = sum(h["owner"] == r["name"] for h in view["hosts"])
+        print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, holds {held} "
+              f"hosts, last heartbeat {r['heartbeat']}")
+    return 0
+
+
+def _card_table(plan: Plan, view: dict[str, Any], table_of: Any, console: Any) -> None:
     if view["hosts"]:
         columns = ["host", "address", "state", "reason"]
         if plan.shared:
@@ -201,13 +230,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                       str(c["partition"]), c["state"], str(c["boot_counter"]),
                       c["session_id"][:16], c["reason"][:60])
     console.print(table)
-    cards = view["cards"]
-    print(f"{sum(c['state'] == 'SERVING' for c in cards)}/{len(cards)} serving (as last "
-          f"recorded), {len(view['loads'])} loads sent")
-    for r in view.get("replicas", []):
-        print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, last heartbeat "
-              f"{r['heartbeat']}")
-    return 0
 
 
 def _tables() -> tuple[Any, Callable[[str, list[str]], Any]]:
@@ -254,11 +276,14 @@ async def _read_status(plan: Plan) -> dict[str, Any]:
 
 
 async def _store_view(store: Any, label: str) -> dict[str, Any]:
+    """Plain values for --json (times ISO 8601), and the records under "_records"."""
+    host_records, card_records = await store.hosts(), await store.cards()
     hosts = [{**dataclasses.asdict(h), "updated": _iso(h.updated),
-              "lease_expires": _iso(h.lease_expires)} for h in await store.hosts()]
-    cards = [{**dataclasses.asdict(c), "updated": _iso(c.updated)} for c in await store.cards()]
+              "lease_expires": _iso(h.lease_expires)} for h in host_records]
+    cards = [{**dataclasses.asdict(c), "updated": _iso(c.updated)} for c in card_records]
     loads = [dataclasses.asdict(r) for r in await store.loads()]
-    return {"store": label, "hosts": hosts, "cards": cards, "loads": loads}
+    return {"store": label, "hosts": hosts, "cards": cards, "loads": loads,
+            "_records": (card_records, host_records, await store.transitions(12))}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -311,6 +336,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_run)
     p = sub.add_parser("status", help="the store's view of the fleet (no host is called)")
     p.add_argument("plan")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="everything, for scripts")
+    p.add_argument("--cards", action="store_true", help="one line per card (and per host)")
     _add_store_flags(p, replica=False)
     p.set_defaults(handler=cmd_status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,3 +199,17 @@ def test_status_reads_the_journal_without_network(tmp_path: Path, emulator: tupl
     document = json.loads(result.stdout)
     assert [c["state"] for c in document["cards"]] == ["SERVING"] * 4
     assert len(document["loads"]) == 4
+    assert document["rollup"] == {"cards": 4, "by_state": {"SERVING": 4}, "hosts": 1,
+                                  "hosts_up": 1, "groups": 4, "groups_serving": 4,
+                                  "loads": 4}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00",
+                        document["cards"][0]["updated"])  # ISO 8601 in JSON
+    # piped: the same rollup as the live view, and --cards one line per card
+    rollup = subprocess.run([*MODELIP, "status", str(plan)], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert "hosts serving 1/1   groups serving 4/4" in rollup
+    assert f"{address} ●●●●" in rollup and "4/4 serving (as last recorded)" in rollup
+    table = subprocess.run([*MODELIP, "status", str(plan), "--cards"], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    rows = [line for line in table.splitlines() if "SERVING" in line]
+    assert len(rows) == 4 and all(address in row for row in rows)  # one line per card

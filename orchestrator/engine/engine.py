@@ -100,6 +100,7 @@ class Snapshot:
     replicas_alive: int = 0
     store_reachable: bool = True
     rekey_ages: tuple[float, ...] = ()   # seconds since each re-key of the last minute
+    live: bool = True             # False: read back from a store (no engine, no counters)
 
 
 class Engine:
