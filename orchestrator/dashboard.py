@@ -32,7 +32,6 @@ from rich.live import Live
 from rich.text import Text
 
 from orchestrator.engine.engine import CardView, HostView, Snapshot
-from orchestrator.engine.store import CardRecord, HostRecord, TransitionRecord
 from orchestrator.engine.events import (
     CardChanged,
     Deployed,
@@ -46,6 +45,7 @@ from orchestrator.engine.events import (
     Staged,
     StoreStatus,
 )
+from orchestrator.engine.store import CardRecord, HostRecord, TransitionRecord
 
 ORDER = ("SERVING", "PENDING", "ATTESTING", "KEYED", "LOADING", "REKEYING", "RETRY_WAIT",
          "DISCONNECTED", "QUARANTINED", "FAILED")
