@@ -21,8 +21,8 @@ from orchestrator.errors import UsageError
 async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       json_events: bool, metrics_port: int | None = None,
                       inputs: dict[str, Any] | None = None,
-                      retry_quarantined: bool = False, replica: str | None = None
-                      ) -> tuple[int, dict[str, Any] | None]:
+                      retry_quarantined: bool = False, replica: str | None = None,
+                      interactive: bool = False) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
     A failing state directory stops the engine: the summary is still printed,
@@ -42,8 +42,15 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
         if inputs is not None and set(inputs) == {""} and len(names) == 1:
             inputs = {names[0]: inputs[""]}
         dashboard = None
+        app: Any = None
+        app_done, ending = anyio.Event(), anyio.Event()
         if json_events:
             engine.subscribe(lambda event: print(event.to_json(), file=out, flush=True))
+        elif inputs is None and interactive:
+            from orchestrator.tui import FleetApp
+
+            app = FleetApp(engine.snapshot, engine.store.card_transitions,
+                           title=f"modelip  {plan.source.name}")
         elif inputs is None:
             from orchestrator.dashboard import LiveDashboard
 
@@ -54,12 +61,29 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                 dashboard.__enter__()
             async with anyio.create_task_group() as tg:
 
+                async def stop_app() -> None:
+                    """Let the interactive view give the terminal back before anything else."""
+                    if app is not None and not app_done.is_set():
+                        app.exit()
+                        with anyio.move_on_after(5):
+                            await app_done.wait()
+
                 async def on_signals() -> None:
                     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                         async for signum in sigs:
                             stopped_by.append(signum)
+                            await stop_app()
                             tg.cancel_scope.cancel()
                             return
+
+                async def run_app() -> None:
+                    try:
+                        await app.run_async()
+                    finally:
+                        app_done.set()
+                    if not stopped_by and not ending.is_set():  # q on the view: Ctrl-C
+                        stopped_by.append(signal.SIGINT)
+                    tg.cancel_scope.cancel()
 
                 async def run_engine() -> None:
                     try:
@@ -75,6 +99,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                                    lambda: render_metrics(engine.snapshot(), engine.stats))
                 if dashboard is not None:
                     tg.start_soon(_tick, dashboard)
+                if app is not None:
+                    tg.start_soon(run_app)
                 tg.start_soon(run_engine)
                 await engine.deployed.wait()
                 if inputs is not None:
@@ -82,6 +108,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                 if keep_serving:
                     with anyio.move_on_after(duration if duration else float("inf")):
                         await anyio.sleep_forever()
+                ending.set()  # we close the view now, not the user
+                await stop_app()
                 tg.cancel_scope.cancel()
         finally:
             if dashboard is not None:
@@ -150,10 +178,13 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
     import anyio
 
     plan = _load_plan(args)
+    json_events = _json_mode(args)
+    interactive = not json_events and not args.plain and sys.stdin.isatty()
     code, _ = anyio.run(lambda: orchestrate(
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
-        json_events=_json_mode(args), metrics_port=args.metrics_port,
-        retry_quarantined=args.retry_quarantined, replica=_replica(args)))
+        json_events=json_events, metrics_port=args.metrics_port,
+        retry_quarantined=args.retry_quarantined, replica=_replica(args),
+        interactive=interactive))
     return code
 
 
@@ -320,6 +351,9 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("plan")
         p.add_argument("--json", action="store_true", help="JSON-lines events, no dashboard")
+        p.add_argument("--plain", action="store_true",
+                       help="the live view without keys (rich; the default when stdin is "
+                            "not a terminal)")
         p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
         p.add_argument("--retry-quarantined", action="store_true",
                        help="try cards the journal quarantined again (an operator decision)")

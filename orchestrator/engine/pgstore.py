@@ -68,6 +68,7 @@ MIGRATIONS = (
         device INTEGER NOT NULL, card_id TEXT NOT NULL, from_state TEXT NOT NULL,
         to_state TEXT NOT NULL, boot_counter BIGINT NOT NULL, session_id TEXT NOT NULL,
         reason TEXT NOT NULL, replica TEXT NOT NULL, epoch BIGINT NOT NULL);
+    CREATE INDEX transitions_by_card ON transitions (host, device, id);
     CREATE TABLE loads (
         id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
         device INTEGER NOT NULL, card_id TEXT NOT NULL, session_id TEXT NOT NULL,
@@ -492,6 +493,13 @@ class PostgresStore:
     async def transitions(self, limit: int = 50) -> list[TransitionRecord]:
         rows = await self._rows("SELECT ts, host, device, from_state, to_state, reason FROM "
                                 "transitions ORDER BY id DESC LIMIT %s", (limit,))
+        return [TransitionRecord(*row) for row in rows][::-1]
+
+    async def card_transitions(self, host: str, device: int, limit: int = 50
+                               ) -> list[TransitionRecord]:
+        rows = await self._rows("SELECT ts, host, device, from_state, to_state, reason FROM "
+                                "transitions WHERE host = %s AND device = %s "
+                                "ORDER BY id DESC LIMIT %s", (host, device, limit))
         return [TransitionRecord(*row) for row in rows][::-1]
 
     def _epoch(self, host: str) -> int:

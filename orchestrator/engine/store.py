@@ -98,6 +98,8 @@ class Store(Protocol):
     async def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None: ...
     async def unseals(self) -> list[tuple[float, str, str, str, str]]: ...
     async def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
+    async def card_transitions(self, host: str, device: int, limit: int = 50
+                               ) -> list[TransitionRecord]: ...
 
 
 # Applied in order; PRAGMA user_version says how many a journal has had.
@@ -139,6 +141,9 @@ MIGRATIONS = (
     CREATE TABLE unseals (
         id INTEGER PRIMARY KEY, ts REAL NOT NULL, replica TEXT NOT NULL,
         token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
+    """,
+    """
+    CREATE INDEX transitions_by_card ON transitions (host, device, id);
     """,
 )
 
@@ -292,6 +297,14 @@ class SQLiteStore:
     async def transitions(self, limit: int = 50) -> list[TransitionRecord]:
         rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
                           "transitions ORDER BY id DESC LIMIT ?", (limit,))
+        return [TransitionRecord(*row) for row in rows][::-1]
+
+    async def card_transitions(self, host: str, device: int, limit: int = 50
+                               ) -> list[TransitionRecord]:
+        """One card's history, oldest first (the last ``limit`` moves)."""
+        rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
+                          "transitions WHERE host = ? AND device = ? ORDER BY id DESC "
+                          "LIMIT ?", (host, device, limit))
         return [TransitionRecord(*row) for row in rows][::-1]
 
     # --- plumbing -----------------------------------------------------------------
