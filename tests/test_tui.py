@@ -75,7 +75,7 @@ def run_in_terminal(args: list[str], keys: list[tuple[str, bytes]], *, cols: int
     if pid == 0:  # the child: a terminal of cols x rows
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         os.environ.update(TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows))
-        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])  # noqa: S606
     screen = pyte.Screen(cols, rows)
     stream = pyte.ByteStream(screen)
     written = bytearray()
