@@ -41,3 +41,23 @@ def write_random(path: Path, size: int) -> None:
             handle.write(block[:take])
             remaining -= take
             block = block[1:] + block[:1]  # not one repeated block: no dedup shortcuts
+
+
+def start_emulator(work: Path, hosts: int, devices: int, *extra: str
+                   ) -> tuple[subprocess.Popen[bytes], list[str], Path]:
+    """`modelip emulate` in its own process; (process, host addresses, trust root).
+    Stop it with SIGINT."""
+    log = work / "emulate.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "emulate", "--hosts", str(hosts),
+             "--devices-per-host", str(devices), "--base-port", "0", "--pki-dir",
+             str(work / "pki"), *extra], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "READY" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"modelip emulate did not start: {log.read_text()[-500:]}")
+        time.sleep(0.05)
+    addresses = [line.split("listening on ", 1)[1].split()[0]
+                 for line in log.read_text().splitlines() if "listening on" in line]
+    return process, addresses, work / "pki" / "root.pem"

@@ -34,24 +34,16 @@ from orchestrator.engine.context import percentile  # noqa: E402
 from orchestrator.engine.plan import Plan  # noqa: E402
 from orchestrator.transport.client import DeviceState, HostClient  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _measure import start_emulator as emulate  # noqa: E402
+
 REBOOT = 0.2
 
 
-def start_emulator(work: Path, drop: float, rate: float) -> tuple[subprocess.Popen[str], list[str]]:
-    log = work / "emulate.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "emulate", "--hosts", "2",
-             "--devices-per-host", "8", "--base-port", "0", "--pki-dir", str(work / "pki"),
-             "--reset-rate", str(rate), "--reboot-time", str(REBOOT), "--drop-events",
-             str(drop)], stdout=out, stderr=subprocess.STDOUT, text=True)
-    for _ in range(400):
-        if "READY" in log.read_text():
-            break
-        time.sleep(0.05)
-    text = log.read_text()
-    addresses = [line.split("listening on ", 1)[1].split()[0] for line in text.splitlines()
-                 if "listening on" in line]
+def start_emulator(work: Path, drop: float, rate: float
+                   ) -> tuple[subprocess.Popen[bytes], list[str]]:
+    process, addresses, _ = emulate(work, 2, 8, "--reset-rate", str(rate), "--reboot-time",
+                                    str(REBOOT), "--drop-events", str(drop))
     return process, addresses
 
 

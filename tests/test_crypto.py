@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto import stream
-from orchestrator.crypto.evidence import TrustPolicy, sign_report, verify_evidence
+from orchestrator.crypto.evidence import ChainCache, TrustPolicy, sign_report, verify_evidence
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek, wrap_mek
 from orchestrator.emulator.pki import VendorPKI
@@ -143,14 +143,20 @@ def test_genuine_evidence_verifies(make_card, pki: VendorPKI) -> None:  # type: 
     assert report.boot_counter == card.boot_counter
 
 
-def test_evidence_failures_each_have_their_own_error(make_card, pki: VendorPKI) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("cached", [False, True])
+def test_evidence_failures_each_have_their_own_error(make_card, pki: VendorPKI,  # type: ignore[no-untyped-def]
+                                                     cached: bool) -> None:
     card = make_card("card-1")
     request = os.urandom(32)
     evidence = card.attest(request)
+    cache = ChainCache() if cached else None
+    if cache is not None:  # the genuine chain is known: every other check still holds
+        verify_evidence(evidence, roots=[pki.root], policy=TrustPolicy(), request=request,
+                        cache=cache)
 
     def check(data: bytes, *, roots=None, policy=None, req=request, now=None):  # type: ignore[no-untyped-def]
         return verify_evidence(data, roots=roots or [pki.root], policy=policy or TrustPolicy(),
-                               request=req, now=now)
+                               request=req, now=now, cache=cache)
 
     with pytest.raises(AttestationError, match="nonce mismatch"):
         check(evidence, req=os.urandom(32))
@@ -173,6 +179,39 @@ def test_evidence_failures_each_have_their_own_error(make_card, pki: VendorPKI) 
     with pytest.raises(PolicyError, match="measurement"):
         check(evidence, policy=TrustPolicy(
             allowed_measurements={"firmware": frozenset({hashlib.sha256(b"x").digest()})}))
+
+
+def test_a_chain_is_verified_once_and_only_while_it_is_valid(make_card, pki: VendorPKI  # type: ignore[no-untyped-def]
+                                                             ) -> None:
+    card = make_card("card-1")
+    cache = ChainCache(size=2)
+    policy = TrustPolicy(max_age=10 ** 9)
+
+    def verify(target, *, roots=None, now=None):  # type: ignore[no-untyped-def]
+        request = os.urandom(32)
+        return verify_evidence(target.attest(request), roots=roots or [pki.root],
+                               policy=policy, request=request, now=now, cache=cache)
+
+    verify(card)
+    verify(card)
+    assert (cache.hits, cache.misses) == (1, 1)
+    # another set of roots is another question: asked afresh, and refused
+    with pytest.raises(AttestationError, match="trusted vendor root"):
+        verify(card, roots=[VendorPKI.create().root])
+    # a cached chain past its validity is verified again, and fails as it must
+    misses = cache.misses
+    with pytest.raises(AttestationError, match="expired|trusted vendor root"):
+        verify(card, now=time.time() + 20 * 365 * 86400)
+    assert cache.misses == misses + 1
+    # bounded: the least recently used chain goes
+    others = [make_card(f"card-{n}") for n in (2, 3)]
+    for other in others:
+        verify(other)
+    hits = cache.hits
+    verify(card)
+    assert cache.hits == hits  # card-1's chain was evicted: verified again
+    verify(others[1])
+    assert cache.hits == hits + 1
 
 
 def test_expired_card_certificate_is_refused(pki: VendorPKI) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -109,16 +110,21 @@ class VerifiedReport:
 
 
 def sign_report(body: evidence_pb2.ReportBody, key: ec.EllipticCurvePrivateKey,
-                chain: Sequence[x509.Certificate]) -> bytes:
+                chain: Sequence[x509.Certificate | bytes]) -> bytes:
     """Card side: serialize, sign and package a report as AttestationEvidence bytes."""
+    return report_evidence(body, key, chain).SerializeToString(deterministic=True)
+
+
+def report_evidence(body: evidence_pb2.ReportBody, key: ec.EllipticCurvePrivateKey,
+                    chain: Sequence[x509.Certificate | bytes]
+                    ) -> evidence_pb2.AttestationEvidence:
+    """Card side: a signed report as a message (``chain``: certificates or their DER)."""
     body_bytes = body.SerializeToString(deterministic=True)
     signature = key.sign(SIGNATURE_CONTEXT + body_bytes, ec.ECDSA(hashes.SHA256()))
-    evidence = evidence_pb2.AttestationEvidence(
-        body=body_bytes,
-        signature=signature,
-        certificate_chain=[cert.public_bytes(Encoding.DER) for cert in chain],
-    )
-    return evidence.SerializeToString(deterministic=True)
+    return evidence_pb2.AttestationEvidence(
+        body=body_bytes, signature=signature,
+        certificate_chain=[c if isinstance(c, bytes) else c.public_bytes(Encoding.DER)
+                           for c in chain])
 
 
 def load_roots(pem_bytes: bytes, *, source: str) -> list[x509.Certificate]:
@@ -164,6 +170,7 @@ def verify_evidence(
     request: bytes | None,
     source: str = "evidence",
     now: float | None = None,
+    cache: ChainCache | None = None,
 ) -> VerifiedReport:
     """Check evidence end to end and return what it proves.
 
@@ -171,28 +178,28 @@ def verify_evidence(
     digest (file-level flows where the request is not at hand) and leaves
     freshness to ``policy.max_age``.
     Raises FormatError (malformed), AttestationError (chain, signature, nonce,
-    age) or PolicyError (firmware, measurements, allow-list, KEM).
+    age) or PolicyError (firmware, measurements, allow-list, KEM). ``cache``: chains
+    verified before (the orchestrator's), so a card's chain is verified once.
     """
     current = time.time() if now is None else now
     evidence, body = parse_evidence(data, source=source)
     if body.report_version != REPORT_VERSION:
         raise FormatError(source, f"unsupported report version {body.report_version}")
-    leaf, root = _verify_chain(list(evidence.certificate_chain), roots, current, source)
-    with _hostile_certificates(source):
-        try:
-            public = leaf.public_key()
-            if not isinstance(public, ec.EllipticCurvePublicKey):
-                raise AttestationError(f"{source}: card certificate key is not ECDSA")
-            public.verify(evidence.signature, SIGNATURE_CONTEXT + evidence.body,
-                          ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise AttestationError(f"{source}: report signature does not verify") from None
-        cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        card_public_key = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    if not cn or cn[0].value != body.card_id:
+    chain = cache.get(evidence.certificate_chain, roots, current) if cache else None
+    if chain is None:
+        chain = _verified_chain(list(evidence.certificate_chain), roots, current, source)
+        if cache is not None:
+            cache.put(evidence.certificate_chain, roots, chain)
+    try:
+        chain.leaf_key.verify(evidence.signature, SIGNATURE_CONTEXT + evidence.body,
+                              ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise AttestationError(f"{source}: report signature does not verify") from None
+    cn = chain.common_name
+    if cn is None or cn != body.card_id:
         raise AttestationError(f"{source}: report card id {body.card_id!r} is not the "
                                "certificate's")
-    if format(leaf.serial_number, "x") != body.serial:
+    if chain.serial != body.serial:
         raise AttestationError(f"{source}: report serial is not the certificate's")
     if request is not None and body.request_digest != hashlib.sha256(request).digest():
         raise AttestationError(f"{source}: report does not answer our request (nonce mismatch: "
@@ -219,18 +226,98 @@ def verify_evidence(
         kem=kem,
         session_public_key=body.session_public_key,
         issued_at=body.issued_at,
-        root_fingerprint=root.fingerprint(hashes.SHA256()).hex()[:16],
-        card_public_key=card_public_key,
+        root_fingerprint=chain.root_fingerprint,
+        card_public_key=chain.card_public_key,
         loaded=HeldProgram(body.loaded.program_info_digest, body.loaded.model_id,
                            body.loaded.model_version, body.loaded.partition,
                            body.loaded.program_id) if body.HasField("loaded") else None,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedChain:
+    """What a verified certificate chain vouches for, and while it does."""
+
+    leaf_key: ec.EllipticCurvePublicKey
+    card_public_key: bytes      # DER SubjectPublicKeyInfo
+    common_name: str | None
+    serial: str                 # hex
+    root_fingerprint: str
+    not_before: float           # the chain (root included) is valid between these
+    not_after: float
+
+
+class ChainCache:
+    """Chains verified before, by the SHA-256 of their exact bytes and of the roots they
+    were verified against: each card identity's chain is verified once, not at every
+    attestation. Bounded (least recently used goes first); every use still checks
+    the validity window against the current time (an expired chain is verified
+    again, and fails as it should). A report's own signature, nonce, age and
+    policy are checked every time."""
+
+    def __init__(self, size: int = 16384) -> None:
+        self.size = size
+        self._chains: OrderedDict[bytes, VerifiedChain] = OrderedDict()
+        self._roots: tuple[tuple[x509.Certificate, ...], bytes] = ((), b"")
+        self.hits = 0
+        self.misses = 0
+
+    def _roots_digest(self, roots: Sequence[x509.Certificate]) -> bytes:
+        known, digest = self._roots
+        if len(known) != len(roots) or any(a is not b for a, b in zip(known, roots,
+                                                                      strict=False)):
+            digest = hashlib.sha256(b"".join(r.fingerprint(hashes.SHA256())
+                                             for r in roots)).digest()
+            self._roots = (tuple(roots), digest)
+        return digest
+
+    def _key(self, chain: Sequence[bytes], roots: Sequence[x509.Certificate]) -> bytes:
+        digest = hashlib.sha256(self._roots_digest(roots))
+        for der in chain:
+            digest.update(len(der).to_bytes(4, "big"))
+            digest.update(der)
+        return digest.digest()
+
+    def get(self, chain: Sequence[bytes], roots: Sequence[x509.Certificate], now: float
+            ) -> VerifiedChain | None:
+        key = self._key(chain, roots)
+        found = self._chains.get(key)
+        if found is None or not found.not_before <= now <= found.not_after:
+            self.misses += 1
+            return None
+        self._chains.move_to_end(key)
+        self.hits += 1
+        return found
+
+    def put(self, chain: Sequence[bytes], roots: Sequence[x509.Certificate],
+            verified: VerifiedChain) -> None:
+        self._chains[self._key(chain, roots)] = verified
+        while len(self._chains) > self.size:
+            self._chains.popitem(last=False)
+
+
+def _verified_chain(chain_der: list[bytes], roots: Sequence[x509.Certificate], now: float,
+                    source: str) -> VerifiedChain:
+    leaf, root, chain = _verify_chain(chain_der, roots, now, source)
+    with _hostile_certificates(source):
+        public = leaf.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise AttestationError(f"{source}: card certificate key is not ECDSA")
+        cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        name = cn[0].value if cn else None
+        everything = [*chain, root]
+        return VerifiedChain(
+            public, public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            name if isinstance(name, str) else None, format(leaf.serial_number, "x"),
+            root.fingerprint(hashes.SHA256()).hex()[:16],
+            max(c.not_valid_before_utc for c in everything).timestamp(),
+            min(c.not_valid_after_utc for c in everything).timestamp())
+
+
 def _verify_chain(
     chain_der: list[bytes], roots: Sequence[x509.Certificate], now: float, source: str
-) -> tuple[x509.Certificate, x509.Certificate]:
-    """Leaf and root of a chain that leads to a trusted root.
+) -> tuple[x509.Certificate, x509.Certificate, list[x509.Certificate]]:
+    """Leaf, root and certificates of a chain that leads to a trusted root.
 
     Order matters: a host chooses every byte of the chain, and cryptography
     parses extensions lazily. The top certificate is first tied to a trusted
@@ -259,7 +346,7 @@ def _verify_chain(
                                        "yet valid")
         for parent in chain[1:]:
             _require_ca(parent, source)
-    return chain[0], root
+    return chain[0], root, chain
 
 
 def _trusted_issuer(top: x509.Certificate, roots: Sequence[x509.Certificate],

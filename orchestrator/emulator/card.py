@@ -29,8 +29,8 @@ from orchestrator.crypto.container import PlainBuffer, SealedContainer, wipe_pla
 from orchestrator.crypto.evidence import (
     REPORT_VERSION,
     parse_version,
+    report_evidence,
     sign_receipt,
-    sign_report,
 )
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek
 from orchestrator.emulator.pki import CardIdentity
@@ -126,6 +126,8 @@ class EmulatedCard:
                  session_secret: bytes | None = None, session_id: bytes | None = None,
                  rollback_floors: Mapping[str, int] | None = None) -> None:
         self._identity = identity
+        self._chain_der = tuple(cert.public_bytes(serialization.Encoding.DER)
+                                for cert in identity.chain)
         self.config = config or CardConfig()
         self._clock = clock
         self._lock = threading.RLock()
@@ -202,7 +204,16 @@ class EmulatedCard:
     def attest(self, request: bytes) -> bytes:
         """A signed report binding SHA-256(request), the current session key and the
         program in card memory (if any)."""
-        with self._lock:
+        message = self.attest_message(request)
+        assert message is not None  # noqa: S101 - a blocking call always answers
+        return message.SerializeToString(deterministic=True)
+
+    def attest_message(self, request: bytes, *, blocking: bool = True
+                       ) -> evidence_pb2.AttestationEvidence | None:
+        """``attest`` as a message; None if ``blocking`` is false and the card is busy."""
+        if not self._lock.acquire(blocking=blocking):
+            return None
+        try:
             session = self._require_session()
             body = evidence_pb2.ReportBody(
                 report_version=REPORT_VERSION,
@@ -224,7 +235,9 @@ class EmulatedCard:
                     program_info_digest=self.program.info_digest,
                     model_id=self.program.model_id, model_version=self.program.model_version,
                     partition=self.program.partition, program_id=self.program.program_id))
-            return sign_report(body, self._identity.key, self._identity.chain)
+            return report_evidence(body, self._identity.key, self._chain_der)
+        finally:
+            self._lock.release()
 
     # --- loading --------------------------------------------------------------------
 

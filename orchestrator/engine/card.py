@@ -359,7 +359,7 @@ class CardDriver:
         self.ctx.stats.attestations += 1
         try:
             return verify_evidence(evidence, roots=self.ctx.roots, policy=self.ctx.policy,
-                                   request=request, source=m.name)
+                                   request=request, source=m.name, cache=self.ctx.chains)
         except InputError as err:
             # malformed evidence from a host is an attestation failure, not bad input
             from orchestrator.errors import AttestationError

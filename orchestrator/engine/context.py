@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from orchestrator.crypto.evidence import TrustPolicy
+from orchestrator.crypto.evidence import ChainCache, TrustPolicy
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem
 from orchestrator.engine.events import Event, InternalError
@@ -73,6 +73,7 @@ class EngineContext:
     escalate: Callable[[StateDirError], None]
     retry_quarantined: bool = False
     stats: EngineStats = field(default_factory=EngineStats)
+    chains: ChainCache = field(default_factory=ChainCache)   # each card's chain verified once
     policy: TrustPolicy = field(init=False)
 
     def __post_init__(self) -> None:

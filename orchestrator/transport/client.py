@@ -19,7 +19,7 @@ import anyio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator._proto.modelip.v1 import runtime_pb2, runtime_pb2_grpc
 from orchestrator.crypto.container import encode_key_slots
 from orchestrator.crypto.wrap import KeySlot
 from orchestrator.errors import (
@@ -238,7 +238,12 @@ class HostClient:
                 root_certificates=tls.ca_pem, private_key=tls.key_pem,
                 certificate_chain=tls.cert_pem)
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self._attestation = runtime_pb2_grpc.RemoteAttestationStub(self._channel)
+        # The evidence stays bytes here: it is parsed once, by its verifier (no parse
+        # and re-serialize in between).
+        self._attest_raw = self._channel.unary_unary(
+            "/modelip.v1.RemoteAttestation/GetAttestationReport",
+            request_serializer=runtime_pb2.AttestationRequest.SerializeToString,
+            response_deserializer=bytes)
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -272,11 +277,11 @@ class HostClient:
 
     async def attest(self, device: int, request: bytes) -> bytes:
         """The card's evidence for ``request``, as bytes (verify before use!)."""
-        evidence: evidence_pb2.AttestationEvidence = await self._call(
-            f"attest device {device}", self._attestation.GetAttestationReport,
+        evidence: bytes = await self._call(
+            f"attest device {device}", self._attest_raw,
             runtime_pb2.AttestationRequest(device=device, request=request),
             self.deadlines.attest, device=device)
-        return evidence.SerializeToString(deterministic=True)
+        return evidence
 
     # --- devices --------------------------------------------------------------------
 
