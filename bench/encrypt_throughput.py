@@ -1,6 +1,7 @@
 """encrypt-model vs cp of the same container, same run: wall-time ratio and peak RSS.
 
     python bench/encrypt_throughput.py --size 1G
+    python bench/encrypt_throughput.py --sizes 64M,256M,1G,2G    # the curve, one line each
 
 Targets: encrypt wall <= 1.3x cp, peak RSS <= 128 MiB. encrypt-model fsyncs
 its output (outputs are whole or absent), so `cp` is also shown followed by
@@ -24,9 +25,34 @@ from _measure import BIN, parse_size, run_measured, write_random  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="1G")
+    parser.add_argument("--sizes", help="several sizes, comma separated: one line each")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.sizes:
+        print(f"{'size':>8} {'cp':>8} {'cp+sync':>8} {'encrypt':>8} {'vs cp+sync':>11} "
+              f"{'peak RSS':>9}   (seconds, best of {args.repeat})")
+        for text in args.sizes.split(","):
+            best, rss = measure(parse_size(text), args.repeat)
+            print(f"{text:>8} {best['cp']:8.3f} {best['cp+sync']:8.3f} "
+                  f"{best['encrypt-model']:8.3f} "
+                  f"{best['encrypt-model'] / best['cp+sync']:10.2f}x "
+                  f"{rss / (1 << 20):6.0f} MiB")
+        return
     size = parse_size(args.size)
+    best, rss = measure(size, args.repeat)
+    print(f"container: {size / (1 << 20):.0f} MiB, best of {args.repeat}")
+    for name, seconds in best.items():
+        print(f"  {name:<14} {seconds:7.3f} s  {size / seconds / (1 << 20):8.0f} MiB/s")
+    print(f"ratio encrypt/cp:      {best['encrypt-model'] / best['cp']:.2f}x")
+    print(f"ratio encrypt/cp+sync: {best['encrypt-model'] / best['cp+sync']:.2f}x  "
+          "(target <= 1.3x)")
+    print(f"ratio encrypt/dd+fsync (a user-space durable copy): "
+          f"{best['encrypt-model'] / best['dd+fsync']:.2f}x")
+    print(f"peak RSS encrypt-model: {rss / (1 << 20):.0f} MiB  (target <= 128 MiB)")
+
+
+def measure(size: int, repeat: int) -> tuple[dict[str, float], int]:
+    """Best wall seconds of each way, and encrypt-model's peak RSS."""
     modelip = str(BIN / "modelip")
     with tempfile.TemporaryDirectory(dir=".") as scratch:
         work = Path(scratch)
@@ -38,7 +64,7 @@ def main() -> None:
         (work / "network.elf").unlink()
         run_measured([modelip, "generate-mek", "-o", str(work / "mek.dat")])
         cp, cp_sync, dd, enc, rss = [], [], [], [], 0
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             wall, _ = run_measured(["cp", str(work / "model.qpc"), str(work / "copy.qpc")])
             cp.append(wall)
             (work / "copy.qpc").unlink()
@@ -58,14 +84,7 @@ def main() -> None:
             shutil.rmtree(work / "out")
     best = {name: min(values) for name, values in
             (("cp", cp), ("cp+sync", cp_sync), ("dd+fsync", dd), ("encrypt-model", enc))}
-    print(f"container: {size / (1 << 20):.0f} MiB, best of {args.repeat}")
-    for name, seconds in best.items():
-        print(f"  {name:<14} {seconds:7.3f} s  {size / seconds / (1 << 20):8.0f} MiB/s")
-    print(f"ratio encrypt/cp:      {best['encrypt-model'] / best['cp']:.2f}x  (target <= 1.3x)")
-    print(f"ratio encrypt/cp+sync: {best['encrypt-model'] / best['cp+sync']:.2f}x")
-    print(f"ratio encrypt/dd+fsync (a user-space durable copy): "
-          f"{best['encrypt-model'] / best['dd+fsync']:.2f}x")
-    print(f"peak RSS encrypt-model: {rss / (1 << 20):.0f} MiB  (target <= 128 MiB)")
+    return best, rss
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
 
 
 def _targets(args: argparse.Namespace) -> Any:
-    from orchestrator.encrypt import load_session_targets
+    from orchestrator.targets import load_session_targets
 
     return load_session_targets(args.pub_keys, trust_root=args.trust_root,
                                 insecure=args.insecure_unverified_key, warn=_err)

@@ -14,10 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
 from orchestrator.crypto.container import (
@@ -26,15 +23,8 @@ from orchestrator.crypto.container import (
     encode_key_slots,
     write_sealed,
 )
-from orchestrator.crypto.evidence import (
-    TrustPolicy,
-    VerifiedReport,
-    load_roots_file,
-    parse_evidence,
-    verify_evidence,
-)
 from orchestrator.crypto.mek import MEK
-from orchestrator.crypto.wrap import Kem, KeySlot, decode_session_public_key, wrap_mek
+from orchestrator.crypto.wrap import Kem, KeySlot, wrap_mek
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.container import (
     Container,
@@ -44,12 +34,12 @@ from orchestrator.qpc.container import (
 )
 from orchestrator.qpc.mdp import read_mdp_meta
 
+if TYPE_CHECKING:
+    from orchestrator.crypto.evidence import VerifiedReport
+
 BODY_NAME = "encrypted_model.qpc"
 PROGRAM_NAME = "programqpc.bin"
 WRAPPED_FORMAT = "modelip-wrapped-mek/1"
-# File-level flows cannot check a nonce they never sent: a report may be at most
-# this old (attest, then wrap within the day). The engine uses fresh nonces.
-FILE_EVIDENCE_MAX_AGE = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,72 +74,6 @@ def read_file(path: str | os.PathLike[str], what: str, *, limit: int = 1 << 20) 
     if len(data) > limit:
         raise FileInputError(path, f"{what} is larger than {limit} bytes")
     return data
-
-
-def load_session_targets(
-    paths: Sequence[str], *, trust_root: str | None, insecure: bool,
-    policy: TrustPolicy | None = None, warn: Any = None,
-) -> list[SessionTarget]:
-    """Turn ``--pub-keys`` files into wrap targets, verifying evidence first.
-
-    Evidence is verified against ``trust_root``; bare public keys (and evidence
-    without a trust root) are refused unless ``insecure``. Raises the
-    verifier's errors, FormatError or UsageError.
-    """
-    if not paths:
-        raise UsageError("--pub-keys: at least one evidence file is needed")
-    roots = load_roots_file(trust_root) if trust_root else None
-    policy = policy or TrustPolicy(max_age=FILE_EVIDENCE_MAX_AGE)
-    targets = []
-    for path in paths:
-        data = read_file(path, "evidence file")
-        try:
-            _, body = parse_evidence(data, source=path)
-        except FormatError:
-            bare = _parse_bare_key(data)
-            if bare is None:
-                raise
-            if not insecure:
-                raise UsageError(f"{path}: is a bare public key, not attestation evidence; "
-                                 "refusing to wrap without --insecure-unverified-key") from None
-            if warn:
-                warn(f"WARNING: {path}: wrapping to an UNVERIFIED bare key; no card "
-                     "identity or session is bound")
-            targets.append(SessionTarget("", b"", Kem.P256, bare, False, path))
-            continue
-        if roots is not None:
-            report = verify_evidence(data, roots=roots, policy=policy, request=None, source=path)
-            targets.append(SessionTarget.from_report(report, path))
-        elif insecure:
-            if warn:
-                warn(f"WARNING: {path}: evidence NOT verified (no --trust-root); wrapping to "
-                     "an unverified key")
-            kem = Kem.parse(body.session_kem)
-            decode_session_public_key(kem, body.session_public_key)
-            targets.append(SessionTarget(body.card_id, body.session_id, kem,
-                                         body.session_public_key, False, path,
-                                         body.boot_counter))
-        else:
-            raise UsageError("--trust-root is required to verify evidence before wrapping "
-                             "(or --insecure-unverified-key)")
-    return targets
-
-
-def _parse_bare_key(data: bytes) -> bytes | None:
-    try:
-        key = serialization.load_pem_public_key(data)
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            return key.public_bytes(serialization.Encoding.X962,
-                                    serialization.PublicFormat.UncompressedPoint)
-    except (ValueError, TypeError):
-        pass
-    if len(data) == 65 and data[0] == 4:
-        try:
-            decode_session_public_key(Kem.P256, data)
-            return data
-        except FormatError:
-            return None
-    return None
 
 
 def wrap_to_targets(mek: MEK, targets: Sequence[SessionTarget], program: bytes

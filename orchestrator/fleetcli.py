@@ -10,12 +10,12 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from orchestrator.engine.plan import Plan, store_url_problem
 from orchestrator.errors import UsageError
+
+if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
+    from orchestrator.engine.plan import Plan
 
 
 async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
@@ -157,6 +157,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     """Read a plan (``--store`` replaces its store) and say aloud what it allows on
     purpose (stderr)."""
+    from orchestrator.engine.plan import Plan, store_url_problem
+
     plan = Plan.load(args.plan)
     if getattr(args, "store", None):
         problem = store_url_problem(args.store)
@@ -209,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import shutil
     import time
+
+    import anyio
 
     from orchestrator.dashboard import render, stored_snapshot
 
