@@ -131,8 +131,8 @@ def main() -> None:
               f"{per / floor:>8.2f}x")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        print(f"linearity: CPU/card at {last[0]} is {(last[1] / last[0]) / (first[1] / first[0]):.2f}x "
-              f"that at {first[0]}")
+        growth = (last[1] / last[0]) / (first[1] / first[0])
+        print(f"linearity: CPU/card at {last[0]} is {growth:.2f}x that at {first[0]}")
 
 
 if __name__ == "__main__":
