@@ -92,10 +92,8 @@ class CardDriver:
     async def resume(self) -> None:
         """Read what the store remembers of this card (before ``run``)."""
         m = self.machine
-        self.resumed = await self.ctx.store.card(m.host, m.device)
-        await self.ctx.store.ensure_card(m.host, m.device, m.group, m.partition)
-        if self.resumed is not None:
-            m.known_good = self.resumed.known_good
+        self.resumed = await self.ctx.store.ensure_card(m.host, m.device, m.group, m.partition)
+        m.known_good = self.resumed.known_good
 
     def __repr__(self) -> str:
         return f"CardDriver({self.machine!r})"
@@ -140,7 +138,8 @@ class CardDriver:
                    known_good: KnownGood | None | bool = True) -> None:
         """Propose, write ahead to the store, apply, announce."""
         transition = self.machine.propose(target, reason, known_good=known_good)
-        await self.ctx.store.record_card(transition)
+        with anyio.CancelScope(shield=True):  # written means applied: never half a move
+            await self.ctx.store.record_card(transition)
         self.machine.apply(transition)
         self.host.card_moved(self, transition)
 

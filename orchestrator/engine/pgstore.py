@@ -380,16 +380,16 @@ class PostgresStore:
 
     async def ensure_card(self, host: str, device: int, group: int, partition: int
                           ) -> CardRecord:
-        async def ensure(conn: Conn) -> None:
-            await conn.execute(
-                "INSERT INTO cards (host, device, grp, partition, state, updated) "
+        async def ensure(conn: Conn) -> CardRecord:
+            row = await (await conn.execute(
+                "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
                 "VALUES (%s, %s, %s, %s, 'PENDING', %s) ON CONFLICT (host, device) DO UPDATE "
-                "SET grp = excluded.grp, partition = excluded.partition",
-                (host, device, group, partition, time.time()))
-        await self._unfenced(ensure)
-        record = await self.card(host, device)
-        assert record is not None  # noqa: S101 - just written
-        return record
+                f"SET grp = excluded.grp, partition = excluded.partition "
+                f"RETURNING {_CARD_COLUMNS}".encode(),
+                (host, device, group, partition, time.time()))).fetchone()
+            assert row is not None  # noqa: S101 - RETURNING
+            return card_record(row)
+        return await self._unfenced(ensure)
 
     async def card(self, host: str, device: int) -> CardRecord | None:
         rows = await self._rows(f"SELECT {_CARD_COLUMNS} FROM cards "  # noqa: S608 - constant

@@ -22,9 +22,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
 
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.errors import StateDirError
@@ -145,6 +148,25 @@ MIGRATIONS = (
     """
     CREATE INDEX transitions_by_card ON transitions (host, device, id);
     """,
+    # A move is one row: the history row carries the card's whole new state and a
+    # trigger applies it to the card's current row, in the same statement (atomic).
+    (
+        "ALTER TABLE transitions ADD COLUMN program_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE transitions ADD COLUMN good_card_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_session TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_program TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1",
+        """CREATE TRIGGER transitions_move_card AFTER INSERT ON transitions BEGIN
+            UPDATE cards SET card_id = NEW.card_id, state = NEW.to_state,
+                boot_counter = NEW.boot_counter, session_id = NEW.session_id,
+                program_id = NEW.program_id, attempts = NEW.attempts, reason = NEW.reason,
+                updated = NEW.ts, good_card_id = NEW.good_card_id,
+                good_session = NEW.good_session, good_program = NEW.good_program,
+                good_partition = NEW.good_partition
+            WHERE host = NEW.host AND device = NEW.device;
+        END""",
+    ),
 )
 
 _CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
@@ -169,6 +191,8 @@ class SQLiteStore:
         self.path = path
         self.read_only = read_only
         self._inode = 0
+        self._checked = 0.0
+        self._batch: _Batch | None = None
         try:
             if read_only:
                 self._db = _open_read_only(path)
@@ -185,8 +209,9 @@ class SQLiteStore:
     def _migrate(self) -> None:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            statements = script if isinstance(script, tuple) else script.split(";")
             with self._transaction():
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, statements):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number}")
 
@@ -202,15 +227,13 @@ class SQLiteStore:
     # --- cards --------------------------------------------------------------------
 
     async def ensure_card(self, host: str, device: int, group: int, partition: int) -> CardRecord:
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO cards (host, device, grp, partition, state, updated) "
-                "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
-                "grp = excluded.grp, partition = excluded.partition",
-                (host, device, group, partition, time.time()))
-        record = await self.card(host, device)
-        assert record is not None  # noqa: S101 - just written
-        return record
+        """The card's record (created PENDING if new; its group and partition as given)."""
+        row = self._write(
+            "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
+            "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
+            f"grp = excluded.grp, partition = excluded.partition RETURNING {_CARD_COLUMNS}",
+            (host, device, group, partition, time.time())).fetchone()
+        return card_record(row)
 
     async def card(self, host: str, device: int) -> CardRecord | None:
         row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
@@ -222,22 +245,17 @@ class SQLiteStore:
         return [card_record(row) for row in rows]
 
     async def record_card(self, t: CardTransition) -> None:
-        """One transaction: the history row and the card's current row."""
+        """One row, which a trigger applies to the card's current row; committed with
+        the other moves of the same instant (group commit), returned once committed."""
         good = t.known_good or KnownGood("", "", "", -1)
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
-                "boot_counter, session_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
-                 t.boot_counter, t.session_id, t.reason))
-            self._db.execute(
-                "UPDATE cards SET card_id = ?, state = ?, boot_counter = ?, session_id = ?, "
-                "program_id = ?, attempts = ?, reason = ?, updated = ?, good_card_id = ?, "
-                "good_session = ?, good_program = ?, good_partition = ? "
-                "WHERE host = ? AND device = ?",
-                (t.card_id, t.state.value, t.boot_counter, t.session_id, t.program_id,
-                 t.attempts, t.reason, t.at, good.card_id, good.session_id, good.program_id,
-                 good.partition, t.host, t.device))
+        await self._group_commit(
+            "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
+            "boot_counter, session_id, reason, program_id, attempts, good_card_id, "
+            "good_session, good_program, good_partition) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
+             t.boot_counter, t.session_id, t.reason, t.program_id, t.attempts, good.card_id,
+             good.session_id, good.program_id, good.partition))
 
     # --- hosts --------------------------------------------------------------------
 
@@ -280,9 +298,8 @@ class SQLiteStore:
         return [LoadRecord(*row) for row in rows]
 
     async def record_stage(self, host: str, program_id: str) -> None:
-        with self._transaction():
-            self._db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
-                             (host, program_id, time.time()))
+        self._write("INSERT OR IGNORE INTO stages VALUES (?, ?, ?)",
+                    (host, program_id, time.time()))
 
     async def record_unseal(self, replica: str, token: str, kek: str, blob: str) -> None:
         """The MEK was unsealed by a token (who, which KEK, which blob; never key bytes)."""
@@ -315,6 +332,47 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StateDirError(self.path, f"cannot read the journal: {_why(exc)}") from None
 
+    async def _group_commit(self, sql: str, args: tuple[object, ...]) -> None:
+        """Write-ahead at the price of one commit per event-loop turn, not per row.
+
+        The first writer of a turn yields once so the others can join, then commits
+        them all in one transaction; everyone returns when that commit is done (or
+        raises its StateDirError). Shielded: a row handed in is committed, and its
+        writer gets to apply its move, even if it is being cancelled."""
+        batch = self._batch
+        leader = batch is None
+        if batch is None:
+            batch = self._batch = _Batch()
+        batch.rows.append((sql, args))
+        with anyio.CancelScope(shield=True):
+            if not leader:
+                await batch.done.wait()
+                if batch.error is not None:
+                    raise batch.error
+                return
+            try:
+                await anyio.lowlevel.checkpoint()
+                self._batch = None
+                with self._transaction():
+                    for statement, values in batch.rows:
+                        self._db.execute(statement, values)
+            except StateDirError as err:
+                batch.error = err
+                raise
+            finally:
+                self._batch = None
+                batch.done.set()
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
+        """One statement, atomic on its own (autocommit): no BEGIN/COMMIT round trips."""
+        if self.read_only:
+            raise StateDirError(self.path, "the journal was opened read-only")
+        self._check_still_there()
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StateDirError(self.path, f"cannot write the journal: {_why(exc)}") from None
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """BEGIN IMMEDIATE ... COMMIT; any failure of the disk is a StateDirError."""
@@ -336,8 +394,13 @@ class SQLiteStore:
             raise StateDirError(self.path, f"cannot write the journal: {_why(exc)}") from None
 
     def _check_still_there(self) -> None:
-        # SQLite keeps writing to an unlinked file without a word: every later
-        # run would then start from nothing. One stat per commit is cheap.
+        # SQLite keeps writing to an unlinked file without a word: every later run
+        # would then start from nothing. A stat at most every 0.1 s: the engine
+        # stops within that of the journal's deletion.
+        now = time.monotonic()
+        if now - self._checked < 0.1:
+            return
+        self._checked = now
         try:
             inode = os.stat(self.path).st_ino
         except OSError:
@@ -345,6 +408,13 @@ class SQLiteStore:
         if inode != self._inode:
             raise StateDirError(self.path, "the journal was deleted or replaced while the "
                                 "engine was running (its record of the fleet is gone)")
+
+
+@dataclass(slots=True)
+class _Batch:
+    rows: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: StateDirError | None = None
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
