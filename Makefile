@@ -56,7 +56,10 @@ bench: $(STAMP)
 	$(PY) bench/decrypt_throughput.py
 	$(PY) bench/attest_rate.py
 	$(PY) bench/fleet.py
+	$(PY) bench/orchestrator_cpu.py
 	$(PY) bench/rekey.py
+	$(PY) bench/replicas.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
