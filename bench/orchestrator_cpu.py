@@ -1,6 +1,6 @@
 """What the orchestrator itself costs per card, against the cryptographic floor.
 
-    python bench/orchestrator_cpu.py [--sizes 256,4096] [--devices-per-host 16]
+    python bench/orchestrator_cpu.py [--sizes 256,4096] [--devices-per-host 16] [--repeat 2]
 
 For each fleet size: `modelip emulate` in its own process (hosts of 16 cards;
 the cards' own cryptography is spent there, not here), and in this process the
@@ -10,7 +10,8 @@ verify the receipt, journal every move). Printed: this process's CPU seconds
 one-time preparation of the body), beside the floor per card measured in the
 same run: one evidence verification (its chain verified afresh), one HPKE wrap
 of the MEK, one receipt verification. Target (the performance issue): at most
-3x the floor, and linear from the smallest to the largest fleet.
+3x the floor, and linear from the smallest to the largest fleet. Best of
+--repeat deployments per size; the floor is the best of three rounds.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def floor_per_card(rounds: int = 400) -> float:
+def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
     """CPU seconds of the cryptography one card needs: verify its evidence (chain
     included), wrap the MEK to its session key, verify its load receipt."""
     pki = VendorPKI.create()
@@ -68,14 +69,17 @@ def floor_per_card(rounds: int = 400) -> float:
     receipt, signature = sign_receipt(evidence_pb2.LoadReceipt(
         card_id=report.card_id, session_id=report.session_id, program_info_digest=digest,
         partition=0, verified=True), identity.key)
-    start = cpu()
-    for request, data in zip(requests, evidence, strict=True):
-        report = verify_evidence(data, roots=[pki.root], policy=policy, request=request)
-        wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
-                 kem=report.kem, public_key=report.session_public_key, program=digest)
-        verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
-                            partition=0, source="floor")
-    return (cpu() - start) / rounds
+    best = float("inf")
+    for _ in range(repeat):
+        start = cpu()
+        for request, data in zip(requests, evidence, strict=True):
+            report = verify_evidence(data, roots=[pki.root], policy=policy, request=request)
+            wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
+                     kem=report.kem, public_key=report.session_public_key, program=digest)
+            verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
+                                partition=0, source="floor")
+        best = min(best, (cpu() - start) / rounds)
+    return best
 
 
 async def deploy(plan: Plan) -> tuple[float, float, int]:
@@ -114,12 +118,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,4096")
     parser.add_argument("--devices-per-host", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=2, help="deployments per size (best)")
     args = parser.parse_args()
     floor = floor_per_card()
     rows = []
     for text in args.sizes.split(","):
-        with tempfile.TemporaryDirectory() as scratch:
-            spent, took, serving = measure(int(text), args.devices_per_host, Path(scratch))
+        runs = []
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory() as scratch:
+                runs.append(measure(int(text), args.devices_per_host, Path(scratch)))
+        spent, took, serving = min(runs)
         rows.append((int(text), spent, took, serving))
     print(f"cryptographic floor per card (verify evidence + wrap + verify receipt): "
           f"{floor * 1e3:.2f} ms CPU")

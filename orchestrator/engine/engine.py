@@ -181,11 +181,13 @@ class Engine:
     def recount(self) -> None:
         """Cards changed other than by a transition (taken over, shown from the store)."""
         self._unsettled = sum(d.machine.state not in SETTLED for d in self.drivers)
+        self._check_settled()
         self._wake_waiters()
 
     def _card_moved(self, driver: CardDriver, t: CardTransition) -> None:
         self._unsettled += (t.previous in SETTLED) - (t.state in SETTLED)
         self._emit(card_event(driver, t))
+        self._check_settled()
 
     def _escalate(self, err: StateDirError) -> None:
         if self.fatal is None:
@@ -262,7 +264,7 @@ class Engine:
             else:
                 for host in self.hosts:
                     await tg.start(host.run)
-            tg.start_soon(self._watch_settled)
+            self._check_settled()
             task_status.started()
             if not keep_serving:
                 await self.deployed.wait()
@@ -271,19 +273,19 @@ class Engine:
         if self.fatal is not None:
             raise self.fatal
 
-    async def _watch_settled(self) -> None:
-        while True:
-            if self._unsettled == 0 and not self.deployed.is_set():
-                self.stats.deployed_after = time.monotonic() - self.stats.started
-                counts = Counter(c.state for c in self.cards)
-                self._emit(Deployed(
-                    seconds=round(self.stats.deployed_after, 3), serving=counts[S.SERVING],
-                    disconnected=counts[S.DISCONNECTED], quarantined=counts[S.QUARANTINED],
-                    failed=counts[S.FAILED],
-                    groups_serving=sum(map(self.group_serving, self.groups)),
-                    groups=len(self.groups)))
-                self.deployed.set()
-            await self.changed()
+    def _check_settled(self) -> None:
+        """Every card settled for the first time: announce it (called where the count
+        changes, not by a task woken at every event)."""
+        if self._unsettled or self.deployed.is_set():
+            return
+        self.stats.deployed_after = time.monotonic() - self.stats.started
+        counts = Counter(c.state for c in self.cards)
+        self.deployed.set()
+        self._emit(Deployed(
+            seconds=round(self.stats.deployed_after, 3), serving=counts[S.SERVING],
+            disconnected=counts[S.DISCONNECTED], quarantined=counts[S.QUARANTINED],
+            failed=counts[S.FAILED], groups_serving=sum(map(self.group_serving, self.groups)),
+            groups=len(self.groups)))
 
     # --- inference ------------------------------------------------------------------------
 
