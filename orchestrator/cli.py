@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import __version__, keycli
+from orchestrator.argtypes import OneLineParser
 from orchestrator.errors import FileInputError, ModelIPError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -291,9 +292,10 @@ def _add_key_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelip", description=__doc__)
+    parser = OneLineParser(prog="modelip", description=__doc__)
     parser.add_argument("--version", action="version", version=f"modelip {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=OneLineParser)
 
     keycli.register(sub)
 
@@ -421,11 +423,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelIPError as err:
         _err(f"modelip: error: {err}")
         return err.exit_code
+    except OSError as err:  # a path named on the command line, unusable as asked
+        _err(f"modelip: error: {os_problem(err)}")
+        return 2
+    except BaseExceptionGroup as group:  # concurrent work: report its first error
+        first = _first_error(group)
+        if isinstance(first, ModelIPError):
+            _err(f"modelip: error: {first}")
+            return first.exit_code
+        if isinstance(first, OSError):
+            _err(f"modelip: error: {os_problem(first)}")
+            return 2
+        raise
     except KeyboardInterrupt:
         _err("modelip: interrupted")
         return 130
     except BrokenPipeError:
         return 141
+
+
+def os_problem(err: OSError) -> str:
+    """``PATH: the problem`` for an OSError (the target of a rename, not its temp file)."""
+    name = err.filename2 or err.filename
+    problem = {IsADirectoryError: "is a directory (a file is expected here)",
+               NotADirectoryError: "a part of this path is not a directory",
+               FileExistsError: "already exists (and is not what is expected here)",
+               FileNotFoundError: "not found",
+               PermissionError: "permission denied"}.get(type(err))
+    problem = problem or (err.strerror or str(err)).lower()
+    return f"{name}: {problem}" if name else problem
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup) and first.exceptions:
+        first = first.exceptions[0]
+    return first
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import argtypes
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
@@ -358,11 +359,13 @@ def register(sub: Any) -> None:
         p.add_argument("--plain", action="store_true",
                        help="the live view without keys (rich; the default when stdin is "
                             "not a terminal)")
-        p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+        p.add_argument("--metrics-port", type=argtypes.port,
+                       help="serve Prometheus metrics here")
         p.add_argument("--retry-quarantined", action="store_true",
                        help="try cards the journal quarantined again (an operator decision)")
         if name == "watch":
-            p.add_argument("--duration", type=float, help="stop after this many seconds")
+            p.add_argument("--duration", type=argtypes.positive,
+                           help="stop after this many seconds")
         _add_store_flags(p)
         p.set_defaults(handler=handler)
     p = sub.add_parser("run", help="run inference on a serving group")

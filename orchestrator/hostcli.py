@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestrator import argtypes
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
 from orchestrator.errors import FileInputError, FormatError, UsageError
 
@@ -30,6 +31,26 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
+    import socket
+
+    # gRPC's C core logs its own failures on stderr; ours are one line each.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    try:
+        socket.getaddrinfo(args.bind, None)
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"--bind {args.bind}: not an address of this machine") from None
+    if args.base_port and args.base_port + args.hosts - 1 > 65535:
+        raise UsageError(f"--base-port {args.base_port} with --hosts {args.hosts}: the last "
+                         "host's port would be past 65535")
+    for port in range(args.base_port, args.base_port + args.hosts) if args.base_port else ():
+        # before anything is created (the PKI): a busy port is one line, nothing left
+        with socket.socket(socket.AF_INET6 if ":" in args.bind else socket.AF_INET) as probe:
+            try:
+                probe.bind((args.bind, port))
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {args.bind}:{port}: "
+                                 f"{(exc.strerror or str(exc)).lower()}") from None
+
     import anyio
 
     from orchestrator.emulator.adversary import Adversary
@@ -223,7 +244,7 @@ def write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
 
 def add_host_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ip", required=True, help="host address")
-    parser.add_argument("--port", type=int, default=62473)
+    parser.add_argument("--port", type=argtypes.port, default=62473)
     parser.add_argument("--tls-ca", metavar="PEM", help="verify the host with this CA (TLS)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
     parser.add_argument("--tls-key", metavar="PEM", help="client key (mTLS)")
@@ -232,24 +253,27 @@ def add_host_flags(parser: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     """Add emulate, attest and device to the main parser."""
     p = sub.add_parser("emulate", help="run emulated hosts and cards on loopback")
-    p.add_argument("--hosts", type=int, default=1)
-    p.add_argument("--devices-per-host", type=int, default=4)
-    p.add_argument("--base-port", type=int, default=62473, help="host i listens on base+i "
+    p.add_argument("--hosts", type=argtypes.positive_int, default=1)
+    p.add_argument("--devices-per-host", type=argtypes.positive_int, default=4)
+    p.add_argument("--base-port", type=argtypes.port, default=62473,
+                   help="host i listens on base+i "
                    "(0: any free port)")
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--pki-dir", default="emulated-pki", help="vendor PKI (created if missing)")
     p.add_argument("--firmware", default="1.12.0")
-    p.add_argument("--reset-rate", type=float, default=0.0, help="resets per card per second")
-    p.add_argument("--reboot-time", type=float, default=0.2)
-    p.add_argument("--attest-latency", type=float, default=0.0)
-    p.add_argument("--stage-bandwidth", type=float, default=0.0, help="bytes/s, 0 unlimited")
-    p.add_argument("--drop-events", type=float, default=0.0, help="probability")
-    p.add_argument("--delay-events", type=float, default=0.0, help="seconds")
+    p.add_argument("--reset-rate", type=argtypes.non_negative, default=0.0,
+                   help="resets per card per second")
+    p.add_argument("--reboot-time", type=argtypes.non_negative, default=0.2)
+    p.add_argument("--attest-latency", type=argtypes.non_negative, default=0.0)
+    p.add_argument("--stage-bandwidth", type=argtypes.non_negative, default=0.0,
+                   help="bytes/s, 0 unlimited")
+    p.add_argument("--drop-events", type=argtypes.probability, default=0.0, help="probability")
+    p.add_argument("--delay-events", type=argtypes.non_negative, default=0.0, help="seconds")
     p.add_argument("--adversary", default="none", metavar="MODE",
                    help="substitute-key, replay-report, ignore-nonce, reset-storm, "
                         "suppress-resets, tamper-body, swap-slots, old-version, "
                         "malformed-chain, garbage")
-    p.add_argument("--adversary-device", type=int, action="append", metavar="N",
+    p.add_argument("--adversary-device", type=argtypes.device, action="append", metavar="N",
                    help="only these cards are attacked (default: all)")
     p.add_argument("--tls-cert", metavar="PEM")
     p.add_argument("--tls-key", metavar="PEM")
@@ -258,7 +282,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("attest", help="get a card's attestation evidence through its host")
     add_host_flags(p)
-    p.add_argument("-d", "--device", type=int, required=True)
+    p.add_argument("-d", "--device", type=argtypes.device, required=True)
     p.add_argument("-i", "--input", metavar="REQUEST", help="request bytes (default: 32 random)")
     p.add_argument("-o", "--output", default="report.dat")
     p.add_argument("-j", "--print-json", action="store_true")
@@ -272,11 +296,11 @@ def register(sub: Any) -> None:
                        ("unload", "unload a card"), ("exec", "run a loaded program")):
         p = device_sub.add_parser(name, help=text)
         add_host_flags(p)
-        p.add_argument("-d", "--device", type=int, action="append", metavar="N",
+        p.add_argument("-d", "--device", type=argtypes.device, action="append", metavar="N",
                        help="card number; repeat for an MDP group, in partition order")
         if name == "load":
             p.add_argument("--qpc", metavar="FILE")
-            p.add_argument("--partition", type=int, default=0)
+            p.add_argument("--partition", type=argtypes.device, default=0)
         if name == "exec":
             p.add_argument("--input", metavar="x.npy|x.npz")
             p.add_argument("--output", metavar="y.npy|y.npz")

@@ -77,8 +77,10 @@ def _token(args: argparse.Namespace, *, required: bool = False) -> Any:
 
 def mek_from_args(args: argparse.Namespace) -> Any:
     """--mek FILE: a MEK file, or a sealed MEK opened by the token named by the flags."""
+    import sys
+
     from orchestrator.crypto.custody import is_sealed, unseal
-    from orchestrator.crypto.mek import load_mek
+    from orchestrator.crypto.mek import exposure_warning, load_mek
 
     try:
         with open(args.mek, "rb") as handle:
@@ -86,7 +88,10 @@ def mek_from_args(args: argparse.Namespace) -> Any:
     except OSError:
         head = b""  # load_mek says what is wrong with the path
     if not is_sealed(head):
-        return load_mek(args.mek)
+        mek = load_mek(args.mek)
+        if (warning := exposure_warning(args.mek)) is not None:
+            print(warning, file=sys.stderr)
+        return mek
     token = _token(args)
     if token is None:
         raise UsageError(f"{args.mek}: is a sealed MEK; give --pkcs11-module, --token and "

@@ -56,6 +56,18 @@ class MEK:
     __str__ = __repr__
 
 
+def exposure_warning(path: str | os.PathLike[str]) -> str | None:
+    """A warning line if a MEK file can be read or written by anyone but its owner."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None  # load_mek says what is wrong with the path
+    if mode & 0o077:
+        return (f"WARNING: {os.fspath(path)}: the MEK file is readable or writable by "
+                f"others (mode {mode:04o}); `chmod 600 {os.fspath(path)}`")
+    return None
+
+
 def load_mek(path: str | os.PathLike[str]) -> MEK:
     """Read a MEK file: exactly 16 raw bytes, or 32 hex digits (the reference's hex form).
 

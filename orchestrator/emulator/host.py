@@ -43,6 +43,7 @@ from orchestrator.errors import (
     PolicyError,
     ProgramNotLoaded,
     SessionInvalidError,
+    UsageError,
 )
 from orchestrator.qpc.container import Container, MemorySource
 from orchestrator.tensors import from_wire, to_wire
@@ -173,15 +174,19 @@ class EmulatedHost:
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         target = f"{bind}:{port}"
-        if tls is None:
-            bound = server.add_insecure_port(target)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key_pem, tls.cert_pem)], root_certificates=tls.client_ca_pem,
-                require_client_auth=tls.client_ca_pem is not None)
-            bound = server.add_secure_port(target, credentials)
+        try:
+            if tls is None:
+                bound = server.add_insecure_port(target)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key_pem, tls.cert_pem)], root_certificates=tls.client_ca_pem,
+                    require_client_auth=tls.client_ca_pem is not None)
+                bound = server.add_secure_port(target, credentials)
+        except RuntimeError:  # grpc's way of saying the address cannot be bound
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot listen on {target}")
+            raise UsageError(f"cannot listen on {target}: the port is in use, or "
+                             f"{bind!r} is not an address of this machine")
         self.address = f"{bind}:{bound}"
         await server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -11,6 +11,7 @@ from anyio.abc import SocketStream, TaskStatus
 from orchestrator.engine.context import EngineStats
 from orchestrator.engine.engine import Snapshot
 from orchestrator.engine.state import CardState, HostState
+from orchestrator.errors import UsageError
 
 
 def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
@@ -107,7 +108,11 @@ def _label(value: str) -> str:
 async def serve_metrics(port: int, text: Callable[[], str], *, bind: str = "127.0.0.1",
                         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """A minimal HTTP/1.0 endpoint: any GET returns the metrics text."""
-    listener = await anyio.create_tcp_listener(local_host=bind, local_port=port)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=bind, local_port=port)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {port}: cannot listen on {bind}:{port}: "
+                         f"{(exc.strerror or str(exc)).lower()}") from None
 
     async def handle(stream: SocketStream) -> None:
         async with stream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -502,8 +503,12 @@ class OpenContainer:
         except OSError as exc:
             raise FileInputError(self.path, exc.strerror or "cannot open") from None
         try:
-            length = os.fstat(self._fd).st_size
-            return Container(FileSource(self._fd, length), label=self.label)
+            info = os.fstat(self._fd)
+            if stat.S_ISDIR(info.st_mode):  # open(2) lets a directory be opened to read
+                raise FileInputError(self.path, "is a directory, not a container file")
+            if not stat.S_ISREG(info.st_mode):
+                raise FileInputError(self.path, "is not a regular file")
+            return Container(FileSource(self._fd, info.st_size), label=self.label)
         except BaseException:
             os.close(self._fd)
             self._fd = None

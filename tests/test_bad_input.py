@@ -1,0 +1,108 @@
+"""Bad input of every kind: one line naming the thing and the problem, the documented
+exit code, no traceback, and nothing left behind. Each case is run for real, in a
+fresh directory, as a user would type it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.models import tiny_mlp
+
+MODELIP = [sys.executable, "-m", "orchestrator"]
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A directory holding a MEK, a file, a directory and a small plan."""
+    subprocess.run([*MODELIP, "generate-mek", "-o", str(tmp_path / "mek.dat")], check=True,
+                   capture_output=True)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_bytes(b"x" * 64)
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    (tmp_path / "plan.yaml").write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                                        "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
+                                        "state_dir: state\n")
+    return tmp_path
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
+
+
+CASES = [
+    # (arguments, exit code, what the line must say)
+    (["encrypt-model", "--qpc", "adir", "--mek", "mek.dat", "--output-dir", "out"], 2,
+     "adir: is a directory, not a container file"),
+    (["verify", "--qpc", "adir", "--mek", "mek.dat"], 2, "adir: is a directory"),
+    (["inspect", "adir"], 2, "adir: is a directory"),
+    (["pack", "-o", "adir", "--segment", "network.elf=afile"], 2,
+     "adir: is a directory (a file is expected here)"),
+    (["pki", "init", "afile"], 2, "afile: already exists"),
+    (["card", "init", "--pki", "afile", "--id", "0", "-o", "card.json"], 2,
+     "afile/root.key: a part of this path is not a directory"),
+    (["emulate", "--bind", "999.1.1.1"], 2, "--bind 999.1.1.1: not an address of this machine"),
+    (["emulate", "--base-port", "70000"], 2, "--base-port: 70000: a port is 0-65535"),
+    (["emulate", "--base-port", "{busy}"], 2, "cannot listen on 127.0.0.1:{busy}"),
+    (["emulate", "--base-port", "65535", "--hosts", "2"], 2, "would be past 65535"),
+    (["emulate", "--reset-rate", "-1"], 2, "--reset-rate: -1: must not be negative"),
+    (["emulate", "--drop-events", "1.5"], 2, "a probability is between 0 and 1"),
+    (["emulate", "--hosts", "zero"], 2, "--hosts: 'zero' is not a whole number"),
+    (["device", "load", "--ip", "127.0.0.1", "-d", "-1", "--qpc", "afile"], 2,
+     "-d/--device: -1: a device number is 0 or more"),
+    (["device", "list", "--ip", "127.0.0.1", "--port", "-3"], 2, "a port is 0-65535"),
+    (["watch", "plan.yaml", "--duration", "-5"], 2, "--duration: -5: must be greater than 0"),
+    (["watch", "plan.yaml", "--duration", "nan"], 2, "'nan' is not a finite number"),
+    (["watch", "plan.yaml", "--metrics-port", "99999"], 2, "a port is 0-65535"),
+    (["watch", "plan.yaml", "--json", "--duration", "5", "--metrics-port", "{busy}"], 2,
+     "--metrics-port {busy}: cannot listen on 127.0.0.1:{busy}: address already in use"),
+    (["encrpt-model"], 2, "unknown command 'encrpt-model': did you mean 'encrypt-model'?"),
+    (["inspct", "x"], 2, "did you mean 'inspect'?"),
+    (["status", "plan.yaml", "--bogus"], 2, "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "said"), CASES,
+                         ids=[" ".join(case[0])[:60] for case in CASES])
+def test_one_line_the_documented_code_and_nothing_left(work: Path, busy_port: int,
+                                                       args: list[str], code: int,
+                                                       said: str) -> None:
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    filled = [a.replace("{busy}", str(busy_port)) for a in args]
+    result = subprocess.run([*MODELIP, *filled], cwd=work, capture_output=True, text=True,
+                            timeout=120, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert said.replace("{busy}", str(busy_port)) in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    after = sorted(p.relative_to(work) for p in work.rglob("*"))
+    created = set(after) - set(before)
+    # nothing half-written; only the plan's own state directory may appear (locked, empty
+    # of outputs) when the failure comes after the plan was read
+    assert {p for p in created if p.parts[0] != "state"} == set(), created
+
+
+def test_a_mek_file_others_can_read_is_used_with_a_warning(work: Path) -> None:
+    (work / "mek.dat").chmod(0o644)
+    subprocess.run([*MODELIP, "pack", "-o", "model.qpc", "--segment", "network.elf=afile"],
+                   cwd=work, check=True, capture_output=True)
+    result = subprocess.run([*MODELIP, "encrypt-model", "--qpc", "model.qpc", "--mek",
+                             "mek.dat", "--output-dir", "out"], cwd=work, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert "mek.dat: the MEK file is readable or writable by others (mode 0644)" in result.stderr
+    (work / "mek.dat").chmod(0o600)
+    again = subprocess.run([*MODELIP, "verify", "--qpc", "out/encrypted_model.qpc", "--mek",
+                            "mek.dat"], cwd=work, capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert again.returncode == 0 and "WARNING" not in again.stderr
