@@ -39,6 +39,11 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     out = sys.stderr if inputs is not None else sys.stdout
     async with open_engine(plan, retry_quarantined=retry_quarantined,
                            replica=replica) as engine:
+        if plan.mek.file is not None:  # said once the MEK is known to be one
+            from orchestrator.crypto.mek import exposure_warning
+
+            if (warning := exposure_warning(plan.mek.file)) is not None:
+                print(warning, file=sys.stderr)
         names = engine.program.model_inputs
         if inputs is not None and set(inputs) == {""} and len(names) == 1:
             inputs = {names[0]: inputs[""]}

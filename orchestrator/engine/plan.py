@@ -324,11 +324,6 @@ class Plan:
         said = [f"WARNING: {self.source}: host {h.address}: insecure: true, gRPC in "
                 "plaintext across the network (the host's network sees every request)"
                 for h in self.hosts if h.insecure and not h.loopback]
-        if self.mek.file is not None:
-            from orchestrator.crypto.mek import exposure_warning
-
-            if (exposure := exposure_warning(self.mek.file)) is not None:
-                said.append(exposure)
         if self.model.rollback_floor < self.model.version:
             said.append(f"WARNING: {self.source}: model.rollback_floor "
                         f"{self.model.rollback_floor} is below model.version "
