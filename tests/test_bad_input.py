@@ -106,3 +106,20 @@ def test_a_mek_file_others_can_read_is_used_with_a_warning(work: Path) -> None:
                             "mek.dat"], cwd=work, capture_output=True, text=True, timeout=60,
                            check=False)
     assert again.returncode == 0 and "WARNING" not in again.stderr
+
+
+def test_the_readme_exit_code_table_matches_the_code() -> None:
+    import re
+
+    from orchestrator.errors import (
+        InputError,
+        StateError,
+        TransportError,
+        VerificationError,
+    )
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = {int(code) for code in re.findall(r"^\| *(\d+) \|", readme, flags=re.M)}
+    codes = {InputError.exit_code, VerificationError.exit_code, TransportError.exit_code,
+             StateError.exit_code}
+    assert codes | {0, 130} == table
