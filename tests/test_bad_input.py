@@ -123,3 +123,13 @@ def test_the_readme_exit_code_table_matches_the_code() -> None:
     codes = {InputError.exit_code, VerificationError.exit_code, TransportError.exit_code,
              StateError.exit_code}
     assert codes | {0, 130} == table
+
+
+def test_an_unknown_plan_key_names_the_nearest_known_one(work: Path) -> None:
+    (work / "typo.yaml").write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                                    "fleet: {emulated: {hosts: 1, devcies_per_host: 2}}\n")
+    result = subprocess.run([*MODELIP, "deploy", "typo.yaml"], cwd=work, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("typo.yaml:3: fleet.emulated.devcies_per_host: is "
+                                          "not a known key: did you mean 'devices_per_host'?")

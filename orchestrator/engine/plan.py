@@ -8,6 +8,7 @@ docs/plans.md documents every key.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import importlib.util
 import ipaddress
 from collections.abc import Callable, Mapping
@@ -135,9 +136,12 @@ class _Reader:
         return [(item, item.line) for item in value_node.value]
 
     def done(self) -> None:
+        """Refuse the keys nobody asked for, naming the nearest known one."""
         for key, (_, line) in self.items.items():
             if key not in self.seen:
-                raise _Problem(line, self._field(key), "is not a known key")
+                near = difflib.get_close_matches(key, sorted(self.seen), n=1)
+                hint = f": did you mean {near[0]!r}?" if near else ""
+                raise _Problem(line, self._field(key), f"is not a known key{hint}")
 
 
 def _article(name: str) -> str:
