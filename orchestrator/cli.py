@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, keycli
+from orchestrator import __version__, argtypes, keycli
 from orchestrator.argtypes import OneLineParser
 from orchestrator.errors import FileInputError, ModelIPError, UsageError
 
@@ -174,14 +174,29 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
+    from orchestrator.engine.plan import PACKAGE_SCHEME, package_path
     from orchestrator.qpc.partition import describe, package_onnx
 
-    plan = package_onnx(args.model, args.output, partitions=args.partitions,
+    model = args.model
+    if model.startswith(PACKAGE_SCHEME):
+        try:
+            model = str(package_path(model))
+        except LookupError as err:
+            raise UsageError(f"{args.model}: {err}") from None
+    plan = package_onnx(model, args.output, partitions=args.partitions,
                         balance=args.balance)
     kind = "MDP container" if args.partitions > 1 else "container"
     print(f"wrote {args.output}: {kind} of {len(plan.stages)} stage(s)")
     for line in describe(plan):
         print(f"  {line}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from orchestrator.samples import write_samples
+
+    for name, what in write_samples(Path(args.dir)):
+        print(f"wrote {Path(args.dir) / name}: {what}")
     return 0
 
 
@@ -351,9 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partition containers in pipeline order (makes an MDP container)")
     p.set_defaults(handler=cmd_pack)
 
+    p = sub.add_parser("sample", help="write small sample inputs: a model, its input, "
+                       "segment files, a request")
+    p.add_argument("dir", nargs="?", default=".", help="where (default: here)")
+    p.set_defaults(handler=cmd_sample)
+
     p = sub.add_parser("package", help="ONNX model -> program container (N pipeline stages)")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--partitions", type=int, default=1)
+    p.add_argument("model", metavar="MODEL.onnx",
+                   help="a file, or package:PKG/PATH inside an installed Python package")
+    p.add_argument("--partitions", type=argtypes.positive_int, default=1)
     p.add_argument("-o", "--output", default="programqpc.bin")
     p.add_argument("--balance", choices=["params", "flops"], default="params")
     p.set_defaults(handler=cmd_package)

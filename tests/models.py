@@ -7,30 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from orchestrator.qpc.build import pack_files
+from orchestrator.samples import sample_mlp
 
 
 def tiny_mlp(seed: int = 0, width: int = 8) -> onnx.ModelProto:
-    """y = relu(x @ W1 + b1) @ W2: a real graph with real weights."""
-    rng = np.random.default_rng(seed)
-    w1 = numpy_helper.from_array(rng.standard_normal((width, 16)).astype(np.float32), "W1")
-    b1 = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b1")
-    w2 = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"]),
-         helper.make_node("Add", ["h", "b1"], ["hb"]),
-         helper.make_node("Relu", ["hb"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["y"])],
-        "tiny_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        initializer=[w1, b1, w2],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    """y = relu(x @ W1 + b1) @ W2: the model `modelip sample` writes."""
+    model: onnx.ModelProto = sample_mlp(seed, width)  # type: ignore[assignment]
     return model
 
 

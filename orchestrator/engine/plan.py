@@ -451,17 +451,25 @@ class Plan:
         return self.state_dir / "journal.sqlite"
 
 
+def package_path(text: str) -> Path:
+    """``package:onnx/backend/test/data/light/light_resnet50.onnx``: a file that ships
+    inside an installed Python package (plans and `modelip package` accept these).
+    LookupError if there is no such package."""
+    package, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError(f"no installed package {package!r}")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
 def _path(base: Path, text: str, reader: _Reader, key: str, *, must_exist: bool = True
           ) -> Path:
     line = reader.items[key][1] if key in reader.items else reader.node.line
     if text.startswith(PACKAGE_SCHEME):
-        # package:onnx/backend/test/data/light/light_resnet50.onnx: a file that
-        # ships inside an installed Python package.
-        package, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
-        if spec is None or not spec.submodule_search_locations:
-            raise _Problem(line, reader._field(key), f"no installed package {package!r}")  # noqa: SLF001
-        path = Path(next(iter(spec.submodule_search_locations))) / inner
+        try:
+            path = package_path(text)
+        except LookupError as err:
+            raise _Problem(line, reader._field(key), str(err)) from None  # noqa: SLF001
     else:
         path = (base / text).resolve()
     if must_exist and not path.exists():
