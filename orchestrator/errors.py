@@ -184,6 +184,10 @@ class StoreUnavailable(StateDirError):
     """The shared store (PostgreSQL) cannot be reached or refuses us."""
 
 
+class ReplicaNameInUse(StoreUnavailable):
+    """Another live process is this replica (same --replica NAME): never retried."""
+
+
 class LeaseLost(Exception):  # noqa: N818 - a condition of a replica, not a user's error
     """This replica no longer holds a host's lease (expired, or taken over): it must
     not write about that host or call its cards. Contained to that host; never

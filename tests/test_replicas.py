@@ -477,3 +477,20 @@ def test_bad_store_flags_are_one_line_with_the_documented_code(
     assert result.returncode == code, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and problem in result.stderr
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+
+
+def test_a_second_process_with_a_live_replicas_name_is_refused(
+        replicas: Callable[[str], Replica], database: str,
+        fleet: tuple[Path, list[str]]) -> None:
+    first = replicas("dup")
+    wait_for("the first holds hosts", lambda: len(first.held()) == HOSTS)
+    other = fleet[0].with_name("elsewhere.yaml")  # another machine: its own state dir
+    other.write_text(fleet[0].read_text().replace("state_dir: state", "state_dir: state2"))
+    result = subprocess.run([*MODELIP, "watch", str(other), "--json", "--store", database,
+                             "--replica", "dup", "--duration", "5"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 5, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "replica name 'dup' is in use by another running replica" in lines[0]
+    assert first.process.poll() is None and owners(database) == {"dup": HOSTS}

@@ -171,7 +171,8 @@ class HostSupervisor:
                         self._alive = tg.cancel_scope
                         tg.start_soon(self._contained, self._watch_events)
                         tg.start_soon(self._contained, self._supervise)
-            except (LeaseLost, StoreUnavailable) as err:  # before the cards started
+            except* (LeaseLost, StoreUnavailable) as group:  # reading the cards' records
+                err = group.exceptions[0]
                 self.fence(err if isinstance(err, LeaseLost) else LeaseLost(self.name, str(err)))
         if not started:
             task_status.started()

@@ -40,7 +40,7 @@ from orchestrator.engine.store import (
     TransitionRecord,
     card_record,
 )
-from orchestrator.errors import LeaseLost, StoreUnavailable
+from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 # The pool's own complaints (reconnects while the database restarts) are ours to
 # report, once, as events: not log lines on stderr.
@@ -159,10 +159,9 @@ class PostgresStore:
         self.fences: dict[str, Fence] = {}
         self.instance = f"{replica}:{time.time_ns()}"
         self._pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, timeout=lease_ttl,
+            url, min_size=1, max_size=16, open=False, timeout=max(5.0, lease_ttl),
             kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(lease_ttl / 2))},
-            check=AsyncConnectionPool.check_connection, reconnect_timeout=0,
-            name=f"modelip-{replica}")
+            check=AsyncConnectionPool.check_connection, name=f"modelip-{replica}")
 
     async def open(self, *, migrate: bool = True) -> None:
         """Connect; create or migrate the schema (``migrate``), or check it is there."""
@@ -209,8 +208,11 @@ class PostgresStore:
         delay = 0.05
         while True:
             try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    return await work(conn)
+                # Shielded: a cancelled query would cost the pool its connection; each
+                # attempt is bounded by the pool's and the server's timeouts.
+                with anyio.CancelScope(shield=True):
+                    async with self._pool.connection() as conn, conn.transaction():
+                        return await work(conn)
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 if time.monotonic() + delay > limit:
                     raise on_give_up(_why(exc)) from None
@@ -218,9 +220,10 @@ class PostgresStore:
             delay = min(delay * 2, 1.0)
 
     async def _unfenced(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """One transaction, retried for up to a lease TTL while the database is away."""
+        """One transaction, retried for a lease TTL (at least 10 s) while the database is
+        away."""
         return await self._attempt(
-            work, time.monotonic() + self.lease_ttl,
+            work, time.monotonic() + max(10.0, self.lease_ttl),
             lambda why: StoreUnavailable(self.label, f"unreachable: {why}"))
 
     async def _fenced(self, host: str, work: Callable[[Conn], Awaitable[T]]) -> T:
@@ -272,7 +275,7 @@ class PostgresStore:
                 "OR replicas.heartbeat < now() - make_interval(secs => %s) "
                 "RETURNING name", (self.replica, self.instance, ttl))).fetchone()
             if row is None:
-                raise StoreUnavailable(self.label, f"replica name {self.replica!r} is in use "
+                raise ReplicaNameInUse(self.label, f"replica name {self.replica!r} is in use "
                                        "by another running replica (--replica NAME)")
             await conn.execute("INSERT INTO leases (host) SELECT unnest(%s::text[]) "
                                "ON CONFLICT DO NOTHING", (hosts,))

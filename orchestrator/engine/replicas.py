@@ -27,7 +27,7 @@ from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
 from orchestrator.engine.pgstore import Claimed, PostgresStore
 from orchestrator.engine.state import HostState
-from orchestrator.errors import LeaseLost, StoreUnavailable
+from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 if TYPE_CHECKING:
     from orchestrator.engine.engine import Engine
@@ -84,6 +84,8 @@ class Replica:
             if not self.reachable:
                 self.reachable = True
                 self.engine.ctx.emit(StoreStatus(replica=self.name, reachable=True))
+        except ReplicaNameInUse:
+            raise  # a configuration error, not an outage: this replica must not run
         except StoreUnavailable as err:
             if self.reachable:
                 self.reachable = False
