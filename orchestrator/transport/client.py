@@ -188,12 +188,31 @@ def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPErro
     elif reason == runtime_pb2.ERROR_REASON_FORMAT or code == grpc.StatusCode.INVALID_ARGUMENT:
         result = FormatError(f"{target}: {what}", details)
     elif code == grpc.StatusCode.UNAVAILABLE:
-        result = UnreachableError(target, f"{what}: host unreachable ({details})")
+        result = UnreachableError(target, f"{what}: host unreachable ({_why_unreachable(details)})")
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         result = DeadlineError(target, f"{what}: no answer within the deadline")
     else:
         result = RemoteError(target, f"{what}: {code.name}: {details}")
     return result.located(host=target, device=device)
+
+
+_UNREACHABLE = (("Connection refused", "connection refused"),
+                ("No route to host", "no route to host"),
+                ("Network is unreachable", "network unreachable"),
+                ("Connection reset", "connection reset"),
+                ("DNS resolution failed", "name not found"),
+                ("Socket closed", "connection closed"),
+                ("handshake", "TLS handshake failed"))
+
+
+def _why_unreachable(details: str) -> str:
+    """gRPC's own words, shortened to the cause ("failed to connect to all addresses;
+    last error: UNKNOWN: ipv4:10.0.0.1:62473: Failed to connect to remote host:
+    Connection refused" says the address twice and the cause once)."""
+    for needle, said in _UNREACHABLE:
+        if needle.lower() in details.lower():
+            return said
+    return details
 
 
 async def _finish(call: Any) -> Any:
