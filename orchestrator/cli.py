@@ -192,6 +192,14 @@ def cmd_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from orchestrator.completion import bash_script, zsh_script
+
+    parser = build_parser()
+    print(bash_script(parser) if args.shell == "bash" else zsh_script(parser), end="")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from orchestrator.samples import write_samples
 
@@ -365,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", action="append", metavar="QPC",
                    help="partition containers in pipeline order (makes an MDP container)")
     p.set_defaults(handler=cmd_pack)
+
+    p = sub.add_parser("completion", help="print shell completion: "
+                       'eval "$(modelip completion bash)"')
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(handler=cmd_completion)
 
     p = sub.add_parser("sample", help="write small sample inputs: a model, its input, "
                        "segment files, a request")

@@ -40,3 +40,20 @@ def test_the_readme_blocks_run_as_written(tmp_path: Path) -> None:
                  "host-mdp/programqpc.bin"):
         assert (tmp_path / made).is_file(), made
     assert "Traceback" not in result.stderr
+
+
+def test_shell_completion_offers_the_parsers_own_commands_and_flags(tmp_path: Path) -> None:
+    script = tmp_path / "complete.sh"
+    script.write_text(
+        f'eval "$({sys.executable} -m orchestrator completion bash)"\n'
+        'complete_for() { COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); '
+        '_modelip; echo "${COMPREPLY[*]}"; }\n'
+        "complete_for modelip enc\ncomplete_for modelip device ''\n"
+        "complete_for modelip device load --q\ncomplete_for modelip watch --st\n")
+    lines = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                           check=True).stdout.splitlines()
+    assert lines == ["encrypt-model encrypt-with-session-keys", "exec list load reset unload",
+                     "--qpc", "--store"]
+    zsh = subprocess.run([sys.executable, "-m", "orchestrator", "completion", "zsh"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "bashcompinit" in zsh and "complete -o filenames -F _modelip modelip" in zsh
