@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
+    from orchestrator.clihelp import document
+
+    document(parser)
     return parser
 
 

@@ -57,3 +57,13 @@ def test_shell_completion_offers_the_parsers_own_commands_and_flags(tmp_path: Pa
     zsh = subprocess.run([sys.executable, "-m", "orchestrator", "completion", "zsh"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "bashcompinit" in zsh and "complete -o filenames -F _modelip modelip" in zsh
+
+
+def test_every_command_has_an_example_and_every_argument_its_help() -> None:
+    from orchestrator.cli import build_parser
+    from orchestrator.clihelp import EXAMPLES, undocumented
+
+    assert undocumented(build_parser()) == []
+    shown = subprocess.run([sys.executable, "-m", "orchestrator", "device", "exec", "--help"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"example:\n  {EXAMPLES['device exec']}" in shown
