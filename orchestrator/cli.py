@@ -254,7 +254,7 @@ def cmd_card_init(args: argparse.Namespace) -> int:
                         CardConfig(firmware_version=args.firmware, kem=Kem.parse(args.kem)))
     _save_card(card, args.output, overwrite=False)
     print(f"wrote {args.output}: card {card.card_id!r}, boot {card.boot_counter}, "
-          f"session {card.session_fingerprint.hex()}")
+          f"session {card.session_id.hex()[:16]}")
     return 0
 
 
@@ -274,7 +274,7 @@ def cmd_card_reset(args: argparse.Namespace) -> int:
     card.reset()
     _save_card(card, args.card)
     print(f"card {card.card_id!r} reset: boot {card.boot_counter}, new session "
-          f"{card.session_fingerprint.hex()}")
+          f"{card.session_id.hex()[:16]}")
     return 0
 
 

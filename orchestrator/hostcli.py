@@ -151,7 +151,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
         report = verify_evidence(evidence, roots=roots, policy=TrustPolicy(), request=request,
                                  source=f"device {args.device}")
         print(f"verified: card {report.card_id!r} firmware {report.firmware_version} boot "
-              f"{report.boot_counter} session {report.session_fingerprint} ({report.kem.value})",
+              f"{report.boot_counter} session {report.session_id.hex()[:16]} "
+              f"({report.kem.value})",
               file=sys.stderr if args.print_json else sys.stdout)
     write_bytes_atomic(args.output, evidence)
     print(f"wrote {args.output}", file=sys.stderr if args.print_json else sys.stdout)
@@ -196,7 +197,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         for d in result:
             program = f"program {d.program_id[:16]} part {d.partition}" if d.program_id else ""
             print(f"device {d.device}: {d.card_id:<14} {d.state.value:<8} boot {d.boot_counter:<4} "
-                  f"session {d.session_fingerprint or '-':<16} {program}".rstrip())
+                  f"session key {d.session_fingerprint[:16] or '-':<16} {program}".rstrip())
     elif action == "load":
         for device, loaded in zip(devices, result, strict=True):
             print(f"device {device}: loaded {', '.join(loaded.segments)}")

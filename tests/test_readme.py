@@ -67,3 +67,22 @@ def test_every_command_has_an_example_and_every_argument_its_help() -> None:
     shown = subprocess.run([sys.executable, "-m", "orchestrator", "device", "exec", "--help"],
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert f"example:\n  {EXAMPLES['device exec']}" in shown
+
+
+def test_a_session_is_named_the_same_way_by_every_command(tmp_path: Path) -> None:
+    def modelip(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    modelip("sample", ".")
+    modelip("pki", "init", "pki")
+    made = modelip("card", "init", "--pki", "pki", "--id", "0", "-o", "card0.json")
+    session = re.search(r"session ([0-9a-f]{16})", made)
+    assert session is not None, made
+    modelip("card", "attest", "card0.json", "-o", "pub0.dat")
+    modelip("generate-mek", "-o", "MEK.dat")
+    modelip("pack", "-o", "model.qpc", "--segment", "network.elf=network.elf")
+    modelip("encrypt-model", "--qpc", "model.qpc", "--mek", "MEK.dat", "--output-dir", "enc",
+            "--pub-keys", "pub0.dat", "--trust-root", "pki/root.pem")
+    shown = modelip("inspect", "enc/programqpc.bin")
+    assert f"session {session.group(1)}" in shown, shown

@@ -55,8 +55,9 @@ class CardChanged(Event):
     state: str
     reason: str
     boot_counter: int
-    session: str          # the session's fingerprint (16 hex digits), "" if none yet
+    session: str          # the session KEY's fingerprint (16 hex digits), "" if none yet
     attempts: int
+    session_id: str = ""  # the session id's first 16 hex digits (as status and inspect show)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

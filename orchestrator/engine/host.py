@@ -332,7 +332,8 @@ def card_event(driver: CardDriver, t: CardTransition) -> CardChanged:
     return CardChanged(host=m.host, device=m.device, card_id=m.card_id, group=m.group,
                        partition=m.partition, previous=t.previous.value, state=t.state.value,
                        reason=t.reason, boot_counter=m.boot_counter,
-                       session=m.session_fingerprint, attempts=m.attempts)
+                       session=m.session_fingerprint, attempts=m.attempts,
+                       session_id=t.session_id[:16])
 
 
 __all__ = ["CardState", "HostSupervisor", "HostTarget", "card_event"]
