@@ -161,6 +161,9 @@ BAD_PLANS = {
     "bad devices": ("model:\n  onnx: tiny.onnx\nmek:\n  generate: true\nfleet:\n  hosts:\n"
                     "    - address: 127.0.0.1:9\n      devices: all\ntrust:\n  roots: [r.pem]\n",
                     "plan.yaml:8: fleet.hosts[0].devices: must be a list of integers"),
+    "too many partitions": ("model:\n  onnx: tiny.onnx\n  partitions: 1000\nmek:\n  generate: "
+                            "true\nfleet:\n  emulated: {hosts: 1}\n",
+                            "plan.yaml:3: model.partitions: must be between 1 and 256"),
     "bad mek": ("model:\n  onnx: tiny.onnx\nmek:\n  file: short.mek\nfleet:\n  emulated: "
                 "{hosts: 1}\n", "short.mek: MEK must be 16 raw bytes or 32 hex digits"),
     "groups": ("model:\n  onnx: tiny.onnx\n  partitions: 3\nmek:\n  generate: true\nfleet:\n"

@@ -182,6 +182,14 @@ def _lease_ttl(value: float) -> str | None:
     return None if 1 <= value <= 3600 else "must be between 1 and 3600 seconds"
 
 
+def _partition_count(value: float) -> str | None:
+    from orchestrator.qpc.mdp import MAX_PARTITIONS
+
+    if 1 <= value <= MAX_PARTITIONS:
+        return None
+    return f"must be between 1 and {MAX_PARTITIONS} (one card per partition)"
+
+
 def _probability(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be between 0 and 1"
 
@@ -440,11 +448,13 @@ class Plan:
             if len(host.devices) % self.group_size:
                 raise _Problem(fleet.node.line, f"fleet.hosts[{index}].devices",
                                f"{len(host.devices)} cards do not split into MDP groups of "
-                               f"{self.group_size} (groups stay on one host)")
+                               f"{self.group_size} (model.partitions: one card per "
+                               "partition, and a group stays on one host)")
         if self.emulated and self.emulated.devices_per_host % self.group_size:
             raise _Problem(fleet.node.line, "fleet.emulated.devices_per_host",
                            f"{self.emulated.devices_per_host} cards do not split into MDP "
-                           f"groups of {self.group_size}")
+                           f"groups of {self.group_size} (model.partitions: one card per "
+                           "partition, and a group stays on one host)")
 
     @property
     def journal_path(self) -> Path:
@@ -482,7 +492,7 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
     onnx_path = reader.get("onnx", str)
     if (qpc is None) == (onnx_path is None):
         raise _Problem(reader.node.line, "model", "give exactly one of qpc or onnx")
-    partitions = reader.get("partitions", int, 1, check=_positive)
+    partitions = reader.get("partitions", int, 1, check=_partition_count)
     if qpc is not None and reader.has("partitions"):
         raise _Problem(reader.items["partitions"][1], "model.partitions",
                        "only for onnx models (a QPC's partitions are in the file)")
