@@ -161,6 +161,9 @@ BAD_PLANS = {
     "bad devices": ("model:\n  onnx: tiny.onnx\nmek:\n  generate: true\nfleet:\n  hosts:\n"
                     "    - address: 127.0.0.1:9\n      devices: all\ntrust:\n  roots: [r.pem]\n",
                     "plan.yaml:8: fleet.hosts[0].devices: must be a list of integers"),
+    "model is a directory": ("model:\n  onnx: adir\nmek:\n  generate: true\nfleet:\n  emulated: "
+                             "{hosts: 1}\n", "plan.yaml:2: model.onnx: adir: is a directory, "
+                             "not a file"),
     "too many partitions": ("model:\n  onnx: tiny.onnx\n  partitions: 1000\nmek:\n  generate: "
                             "true\nfleet:\n  emulated: {hosts: 1}\n",
                             "plan.yaml:3: model.partitions: must be between 1 and 256"),
@@ -179,6 +182,7 @@ def test_bad_plans_fail_with_one_clear_line_and_start_nothing(tmp_path: Path, ca
     (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
     (tmp_path / "short.mek").write_bytes(b"0123456789")
     (tmp_path / "r.pem").write_text("x")
+    (tmp_path / "adir").mkdir()
     (tmp_path / "plan.yaml").write_text(text + "state_dir: state\n")
     result = subprocess.run([*MODELIP, "deploy", str(tmp_path / "plan.yaml")],
                             capture_output=True, text=True, timeout=60, check=False)

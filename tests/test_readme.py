@@ -86,3 +86,30 @@ def test_a_session_is_named_the_same_way_by_every_command(tmp_path: Path) -> Non
             "--pub-keys", "pub0.dat", "--trust-root", "pki/root.pem")
     shown = modelip("inspect", "enc/programqpc.bin")
     assert f"session {session.group(1)}" in shown, shown
+
+
+def test_the_docs_shell_blocks_run_as_written(tmp_path: Path) -> None:
+    """docs/*.md: each file's shell blocks in a fresh directory; SoftHSM2 gets a private
+    token directory (SOFTHSM2_CONF), as a user's own configuration would give it."""
+    conf = tmp_path / "softhsm2.conf"
+    (tmp_path / "tokens").mkdir()
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n"
+                    "objectstore.backend = file\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SOFTHSM2_CONF=str(conf))
+    ran = 0
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        runnable = blocks(doc.read_text())
+        if not runnable:
+            continue
+        work = tmp_path / doc.stem
+        work.mkdir()
+        script = work / "doc.sh"
+        script.write_text("set -euo pipefail\n" + "\n".join(runnable))
+        result = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True,
+                                text=True, timeout=300, check=False)
+        assert result.returncode == 0, (doc.name, result.stdout[-2000:], result.stderr[-2000:])
+        ran += 1
+    assert ran >= 1
+    assert (tmp_path / "keys" / "mek.sealed").is_file()
+    assert (tmp_path / "keys" / "existing.sealed").is_file()

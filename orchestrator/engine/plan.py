@@ -484,6 +484,9 @@ def _path(base: Path, text: str, reader: _Reader, key: str, *, must_exist: bool 
         path = (base / text).resolve()
     if must_exist and not path.exists():
         raise _Problem(line, reader._field(key), f"{text}: file not found")  # noqa: SLF001
+    if must_exist and path.is_dir():
+        raise _Problem(line, reader._field(key),  # noqa: SLF001
+                       f"{text}: is a directory, not a file")
     return path
 
 
