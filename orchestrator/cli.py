@@ -142,7 +142,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  model {info['model_id']!r} version {info['model_version']}, "
               f"{info['aead']} chunks of {info['chunk_size']} bytes")
         policy = info["policy"]
-        print(f"  policy: expires {policy['not_after'] or 'never'}, min firmware "
+        expires = (dt.datetime.fromtimestamp(policy["not_after"], dt.UTC)
+                   .strftime("%Y-%m-%d %H:%M:%S UTC") if policy["not_after"] else "never")
+        print(f"  policy: expires {expires}, min firmware "
               f"{policy['min_firmware'] or 'any'}, rollback floor {policy['rollback_floor']}")
     for slot in document.get("key_slots", []):
         print(f"  key slot {slot['slot']}: card {slot['card_id']!r} session "
@@ -315,7 +317,11 @@ def _add_key_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="modelip", description=__doc__)
+    parser = OneLineParser(
+        prog="modelip",
+        description="Deploy encrypted AI models to fleets of attested accelerator cards "
+                    "whose hosts are not trusted. `modelip COMMAND --help` shows a command's "
+                    "flags and an example; the README walks through every command.")
     parser.add_argument("--version", action="version", version=f"modelip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=OneLineParser)

@@ -68,7 +68,8 @@ def read_file(path: str | os.PathLike[str], what: str, *, limit: int = 1 << 20) 
     except FileNotFoundError:
         raise FileInputError(path, f"{what} not found") from None
     except IsADirectoryError:
-        raise FileInputError(path, f"is a directory, not a {what}") from None
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise FileInputError(path, f"is a directory, not {article} {what}") from None
     except OSError as exc:
         raise FileInputError(path, f"cannot read {what}: {exc.strerror}") from None
     if len(data) > limit:

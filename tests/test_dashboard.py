@@ -232,3 +232,10 @@ def test_a_replica_says_what_it_holds_and_whether_the_store_answers() -> None:
                                    store_reachable=False)))
     assert "store UNREACHABLE" in down
     assert "replica" not in capture(render(snapshot()))  # the embedded store: no line
+
+
+def test_json_events_carry_iso_time_beside_unix_seconds() -> None:
+    line = json.loads(Rekeyed(ts=FIXED_TS, host="h", device=0, group=0, outage_ms=1.0,
+                              group_serving=True).to_json())
+    assert line["ts"] == FIXED_TS and line["time"] == "2027-01-15T08:00:00.000+00:00"
+    assert list(line)[:4] == ["schema", "event", "ts", "time"]

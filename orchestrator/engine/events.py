@@ -27,10 +27,16 @@ class Event:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name != "ts"}
         return {"schema": SCHEMA_VERSION, "event": self.KIND, "ts": round(self.ts, 6),
-                **fields}
+                "time": _iso(self.ts), **fields}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=_plain)
+
+
+def _iso(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _plain(value: Any) -> Any:
