@@ -73,7 +73,8 @@ class OneLineParser(argparse.ArgumentParser):
     unknown command, the nearest one), exit 2; `--help` still shows everything."""
 
     def error(self, message: str) -> NoReturn:
-        if "invalid choice:" in message and "choose from" in message:
+        if "invalid choice:" in message and "choose from" in message \
+                and self._subparsers is not None:
             wrong = message.split("invalid choice:", 1)[1].split("(", 1)[0].strip(" '")
             known = [c.strip(" '") for c in message.split("choose from", 1)[1]
                      .strip(" )").split(",")]

@@ -4,6 +4,7 @@ fresh directory, as a user would type it."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -65,6 +66,26 @@ CASES = [
     (["watch", "plan.yaml", "--metrics-port", "99999"], 2, "a port is 0-65535"),
     (["watch", "plan.yaml", "--json", "--duration", "5", "--metrics-port", "{busy}"], 2,
      "--metrics-port {busy}: cannot listen on 127.0.0.1:{busy}: address already in use"),
+    (["generate-mek", "-o", "adir"], 2, "adir: already exists; refusing to overwrite"),
+    (["wrap-mek", "--mek", "mek.dat", "--encrypted-qpc", "adir", "--pub-keys", "afile",
+      "--trust-root", "afile", "--output-dir", "w"], 2, "adir/programqpc.bin: encrypted program "
+     "not found"),
+    (["replace-mek", "--encrypted-qpc", "afile", "--wrapped-meks", "adir", "--in-place"], 2,
+     "adir: holds no wrapped MEK"),
+    (["card", "attest", "afile", "-o", "p.dat"], 2, "afile: not an emulated card file"),
+    (["card", "reset", "adir"], 2, "adir: is a directory, not a card file"),
+    (["attest", "--ip", "127.0.0.1", "--port", "1", "-d", "0", "-o", "out.dat"], 4,
+     "127.0.0.1:1: attest device 0: host unreachable (connection refused)"),
+    (["device", "exec", "--ip", "127.0.0.1", "--port", "1", "-d", "0", "--input", "afile"], 2,
+     "afile: not a numpy .npy/.npz file"),
+    (["deploy", "adir"], 2, "adir: is a directory, not a plan file"),
+    (["run", "afile", "--input", "afile"], 2, "afile:1: must be a mapping"),
+    (["package", "afile", "-o", "o.qpc"], 2, "afile: not an ONNX model"),
+    (["package", "package:nosuchpkg/x.onnx"], 2, "no installed package 'nosuchpkg'"),
+    (["sample", "afile"], 2, "afile: already exists"),
+    (["completion", "fish"], 2, "argument shell: invalid choice: 'fish'"),
+    (["hsm", "init-kek", "--pkcs11-module", "afile", "--token", "t", "--kek", "k"], 2,
+     "$MODELIP_PKCS11_PIN, which is not set"),
     (["encrpt-model"], 2, "unknown command 'encrpt-model': did you mean 'encrypt-model'?"),
     (["inspct", "x"], 2, "did you mean 'inspect'?"),
     (["status", "plan.yaml", "--bogus"], 2, "unrecognized arguments: --bogus"),
@@ -78,8 +99,9 @@ def test_one_line_the_documented_code_and_nothing_left(work: Path, busy_port: in
                                                        said: str) -> None:
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     filled = [a.replace("{busy}", str(busy_port)) for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "MODELIP_PKCS11_PIN"}
     result = subprocess.run([*MODELIP, *filled], cwd=work, capture_output=True, text=True,
-                            timeout=120, check=False)
+                            timeout=120, check=False, env=env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code, result.stderr
     assert len(lines) == 1, result.stderr

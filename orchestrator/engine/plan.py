@@ -351,6 +351,8 @@ class Plan:
             text = source.read_text()
         except FileNotFoundError:
             raise PlanError(str(source), None, "", "plan file not found") from None
+        except IsADirectoryError:
+            raise PlanError(str(source), None, "", "is a directory, not a plan file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PlanError(str(source), None, "", f"cannot read plan: {exc}") from None
         try:
