@@ -149,6 +149,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for slot in document.get("key_slots", []):
         print(f"  key slot {slot['slot']}: card {slot['card_id']!r} session "
               f"{slot['session_id'][:16]} ({slot['kem']}), for program {slot['program'][:16]}")
+    if "io" in document:
+        def tensors(specs: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{t['name']} {t['dtype']} {list(t['shape'])}" for t in specs)
+        print(f"  inputs: {tensors(document['io']['inputs'])}; "
+              f"outputs: {tensors(document['io']['outputs'])}")
     if "mdp" in document:
         for part in document["mdp"]["partitions"]:
             print(f"  partition {part['index']}: {part['segment']} cost "

@@ -33,6 +33,7 @@ from orchestrator.qpc.container import (
     rewrite_last_segment,
 )
 from orchestrator.qpc.mdp import read_mdp_meta
+from orchestrator.qpc.onnx_package import IO_DESC
 
 if TYPE_CHECKING:
     from orchestrator.crypto.evidence import VerifiedReport
@@ -447,6 +448,15 @@ def _describe(container: Container) -> dict[str, Any]:
     meta = read_mdp_meta(container)
     if meta is not None:
         document["mdp"] = json.loads(meta.encode())
+        document["io"] = {"inputs": document["mdp"].get("model_inputs", []),
+                          "outputs": document["mdp"].get("model_outputs", [])}
+    elif container.has(IO_DESC):  # a one-stage program packaged from ONNX (plaintext)
+        try:
+            described = json.loads(container.read(IO_DESC))
+            document["io"] = {"inputs": list(described["inputs"]),
+                              "outputs": list(described["outputs"])}
+        except (ValueError, KeyError, TypeError):
+            raise FormatError(container.label, "io_desc.json is malformed") from None
     if sealed is not None:
         info = sealed.info
         document["encrypted"] = True

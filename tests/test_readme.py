@@ -40,6 +40,7 @@ def test_the_readme_blocks_run_as_written(tmp_path: Path) -> None:
                  "host-mdp/programqpc.bin"):
         assert (tmp_path / made).is_file(), made
     assert "Traceback" not in result.stderr
+    assert "inputs: " in result.stdout   # `inspect` names the model's inputs, not only --json
 
 
 def test_shell_completion_offers_the_parsers_own_commands_and_flags(tmp_path: Path) -> None:
