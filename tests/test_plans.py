@@ -77,3 +77,55 @@ async def test_hybrid_plan_wraps_with_the_post_quantum_kem(tmp_path: Path) -> No
         # the policy accepts only hybrid session keys: serving means hybrid wraps
         assert all(card.state.value == "SERVING" for card in engine.cards)
     assert (tmp_path / "state" / "emulated-pki" / "root.pem").exists()
+
+
+BASE = {"model": {"onnx": "tiny.onnx"}, "mek": {"generate": True},
+        "fleet": {"emulated": {"hosts": 1, "devices_per_host": 2}}}
+# (field, a wrong value): every field of the plan, each refused on its own line
+WRONG = [
+    ("model.onnx", 123), ("model.id", [1]), ("model.version", "seven"),
+    ("model.rollback_floor", -1), ("model.expires", "soon"), ("model.min_firmware", [1]),
+    ("model.balance", "speed"), ("model.partitions", 0),
+    ("mek.generate", "yes"), ("mek.file", "missing.mek"),
+    ("fleet.emulated.hosts", 0), ("fleet.emulated.devices_per_host", -1),
+    ("fleet.emulated.reset_rate", -0.5), ("fleet.emulated.reboot_time", "x"),
+    ("fleet.emulated.drop_events", 2), ("fleet.emulated.kem", "rsa"),
+    ("fleet.emulated.seed", "x"),
+    ("trust.roots", "r.pem"), ("trust.policy.max_age", -1), ("trust.policy.kems", ["RSA"]),
+    ("concurrency", 0), ("retry.attempts", 0), ("retry.backoff", -1),
+    ("retry.max_backoff", "x"), ("rekey.auto", "sometimes"), ("rekey.check_interval", -1),
+    ("rekey.resync_interval", 0), ("rekey.min_interval", -1), ("rekey.probe_timeout", 0),
+    ("timeouts.rpc", 0), ("timeouts.load", -1), ("timeouts.card", "x"),
+    ("state_dir", 5), ("store", "mysql://db/x"), ("replicas.lease_ttl", 0),
+    ("groups.size", 2),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), WRONG, ids=[w[0] for w in WRONG])
+def test_every_plan_field_refuses_a_wrong_value_on_its_line(tmp_path: Path, field: str,
+                                                             value: object) -> None:
+    import copy
+
+    import yaml
+
+    from tests.models import tiny_mlp
+
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    (tmp_path / "r.pem").write_text("x")
+    plan = copy.deepcopy(BASE)
+    node = plan
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})  # type: ignore[assignment]
+    node[leaf] = value  # type: ignore[index]
+    if leaf == "file":
+        plan["mek"].pop("generate")  # type: ignore[attr-defined]
+    text = yaml.safe_dump(plan, sort_keys=False)
+    (tmp_path / "plan.yaml").write_text(text)
+    with pytest.raises(PlanError) as refused:
+        Plan.load(tmp_path / "plan.yaml")
+    line = next(n for n, row in enumerate(text.splitlines(), 1)
+                if row.strip().startswith(f"{leaf}:") or row.strip().startswith(f"- {leaf}:"))
+    said = str(refused.value)
+    assert said.startswith(f"{tmp_path / 'plan.yaml'}:{line}: {field}"), said
+    assert len(said.splitlines()) == 1

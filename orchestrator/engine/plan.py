@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from orchestrator.crypto.custody import DEFAULT_PIN_ENV, TokenSpec
-from orchestrator.errors import PlanError
+from orchestrator.errors import FormatError, PlanError
 
 PACKAGE_SCHEME = "package:"
 
@@ -622,12 +622,21 @@ def _policy(reader: _Reader) -> PolicySpec:
         for name in list(m.items):
             measurements[name] = m.list_of(name, str)
         m.done()
+    kems = reader.list_of("kems", str, default=("P256", "MLKEM768_X25519"))
+    from orchestrator.crypto.wrap import Kem
+
+    for kem in kems:
+        try:
+            Kem.parse(kem)
+        except FormatError:
+            raise _Problem(reader.items["kems"][1], reader._field("kems"),  # noqa: SLF001
+                           f"unknown KEM {kem!r} (P256, MLKEM768_X25519 or hybrid)") from None
     spec = PolicySpec(
         firmware=tuple(str(v) for v in reader.list_of("firmware", str)),
         min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
         measurements=measurements,
         cards=reader.list_of("cards", str),
-        kems=reader.list_of("kems", str, default=("P256", "MLKEM768_X25519")),
+        kems=kems,
         max_age=float(reader.get("max_age", (int, float), 120.0, check=_positive)),
     )
     reader.done()
