@@ -113,6 +113,9 @@ def test_the_real_program_in_a_terminal_shows_the_fleet_and_takes_keys(tmp_path:
     assert any("filter: state=QUARANTINED" in line for line in lines)
     assert any("hosts serving 4/4   groups serving 16/16" in line for line in lines)
     assert b"16/16 cards serving, 4/4 hosts up" in written  # the summary, after the view
+    # the view closes by itself when --duration ends (as `make demo` does): exit 0, summary
+    code, _, written = run_in_terminal(["watch", str(plan), "--duration", "2"], [])
+    assert code == 0 and b"16/16 cards serving" in written
     # --plain: the rich view, no keys; fits the 80x24 terminal, and deploy exits 0
     code, screen, written = run_in_terminal(["deploy", str(plan), "--plain"], [], cols=80,
                                             rows=24)
