@@ -417,11 +417,17 @@ def test_replicas_wait_out_a_database_restart(
         time.sleep(2 * TTL)  # longer than a lease: every replica must stop acting
     finally:
         postgres.start()
+    restarted = time.time()
     for r in (a, b):  # their leases lapsed here first: each dropped its hosts
         assert {e["action"] for e in r.events("lease") if e["action"] == "lost"} == {"lost"}
-    wait_for("both replicas back with their share", lambda: all(
+
+    def confirmed_since_restart() -> int:  # the store's rows predate the restart: events
+        return len({(e["host"], e["device"]) for r in (a, b) for e in r.events("card")
+                    if e["state"] == "SERVING" and e["ts"] > restarted})
+    wait_for("both replicas back with their share, every card confirmed", lambda: all(
         any(e["reachable"] for e in r.events("store")) for r in (a, b))
-        and sorted(owners(database).values()) == [3, 3] and serving(database) == 12, 60)
+        and sorted(owners(database).values()) == [3, 3] and confirmed_since_restart() == 12,
+        60)
     assert a.process.poll() is None and b.process.poll() is None  # waited, did not die
     assert rows(database, "SELECT count(*) FROM transitions")[0][0] >= before  # nothing lost
     address = fleet[1][0]
