@@ -15,7 +15,6 @@ must expire first). All printed side by side, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import subprocess
 import sys
@@ -31,6 +30,9 @@ from orchestrator.crypto.mek import MEK, write_mek  # noqa: E402
 from tests.models import tiny_mlp  # noqa: E402
 from tests.pg import PostgresServer  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _measure import start_emulator  # noqa: E402
+
 MODELIP = [sys.executable, "-m", "orchestrator"]
 
 
@@ -43,15 +45,7 @@ def query(url: str, sql: str) -> list[tuple[object, ...]]:
 
 
 def start_fleet(work: Path, hosts: int, devices: int) -> tuple[subprocess.Popen[bytes], Path]:
-    log = work / "emulate.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(hosts),
-                                    "--devices-per-host", str(devices), "--base-port", "0",
-                                    "--pki-dir", str(work / "pki")],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    while "READY" not in log.read_text():
-        time.sleep(0.1)
-    addresses = re.findall(r"listening on (\S+)", log.read_text())
+    process, addresses, _ = start_emulator(work, hosts, devices)
     listed = "\n".join(f"    - address: {a}\n      devices: {list(range(devices))}"
                        for a in addresses)
     plan = work / "plan.yaml"
@@ -148,4 +142,6 @@ if __name__ == "__main__":
     parser.add_argument("--devices-per-host", type=int, default=8)
     parser.add_argument("--ttl", type=float, default=3.0)
     ARGS = parser.parse_args()
+    if ARGS.hosts % 6:
+        parser.error("--hosts must be a multiple of 6 (a fair share for 1, 2 and 3 replicas)")
     main()

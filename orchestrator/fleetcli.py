@@ -328,11 +328,9 @@ async def _store_view(store: Any, label: str) -> dict[str, Any]:
 
 
 def _iso(ts: float | None) -> str | None:
-    import datetime
+    from orchestrator.engine.events import iso_time
 
-    if not ts:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+    return iso_time(ts) if ts else None
 
 
 _REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -27,13 +27,14 @@ class Event:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name != "ts"}
         return {"schema": SCHEMA_VERSION, "event": self.KIND, "ts": round(self.ts, 6),
-                "time": _iso(self.ts), **fields}
+                "time": iso_time(self.ts), **fields}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=_plain)
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """Unix seconds as ISO 8601, UTC, milliseconds: how every JSON output says a time."""
     import datetime
 
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
