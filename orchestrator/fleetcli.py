@@ -163,7 +163,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     """Read a plan (``--store`` replaces its store) and say aloud what it allows on
     purpose (stderr)."""
-    from orchestrator.engine.plan import Plan, store_url_problem
+    from orchestrator.engine.plan import Plan
+    from orchestrator.engine.planreader import store_url_problem
 
     plan = Plan.load(args.plan)
     if getattr(args, "store", None):

@@ -8,193 +8,30 @@ docs/plans.md documents every key.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import importlib.util
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from orchestrator.crypto.custody import DEFAULT_PIN_ENV, TokenSpec
+from orchestrator.engine.planreader import (
+    Node,
+    Problem,
+    Reader,
+    annotate,
+    lease_ttl,
+    non_negative,
+    partition_count,
+    positive,
+    probability,
+    store_url_problem,
+)
 from orchestrator.errors import FormatError, PlanError
 
 PACKAGE_SCHEME = "package:"
-
-
-class _Node:
-    """A YAML value with the line it came from."""
-
-    __slots__ = ("line", "value")
-
-    def __init__(self, value: Any, line: int) -> None:
-        self.value = value
-        self.line = line
-
-
-def _annotate(node: yaml.Node) -> _Node:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        mapping: dict[str, tuple[_Node, int]] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in mapping:
-                raise _Problem(key_node.start_mark.line + 1, str(key), "appears twice")
-            mapping[key] = (_annotate(value_node), key_node.start_mark.line + 1)
-        return _Node(mapping, line)
-    if isinstance(node, yaml.SequenceNode):
-        return _Node([_annotate(item) for item in node.value], line)
-    return _Node(_scalar(node), line)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-class _Problem(Exception):
-    def __init__(self, line: int | None, field_name: str, problem: str) -> None:
-        super().__init__(problem)
-        self.line = line
-        self.field_name = field_name
-        self.problem = problem
-
-
-class _Reader:
-    """Walks one mapping, remembering what was read so unknown keys can be named."""
-
-    def __init__(self, node: _Node, path: str) -> None:
-        if not isinstance(node.value, dict):
-            raise _Problem(node.line, path, "must be a mapping")
-        self.node = node
-        self.items: dict[str, tuple[_Node, int]] = node.value
-        self.path = path
-        self.seen: set[str] = set()
-
-    def _field(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def has(self, key: str) -> bool:
-        return key in self.items
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
-            required: bool = False, check: Callable[[Any], str | None] | None = None) -> Any:
-        self.seen.add(key)
-        if key not in self.items:
-            if required:
-                raise _Problem(self.node.line, self._field(key), "is required")
-            return default
-        value_node, line = self.items[key]
-        value = value_node.value
-        if isinstance(value, dict | list) or not isinstance(value, kind) or (
-                isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
-                                                         else (kind,))):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(
-                k.__name__ for k in kind)
-            raise _Problem(line, self._field(key),
-                           f"must be {_article(names)}, got {_describe(value)}")
-        if check is not None and (problem := check(value)):
-            raise _Problem(line, self._field(key), problem)
-        return value
-
-    def child(self, key: str, *, required: bool = False) -> _Reader | None:
-        self.seen.add(key)
-        if key not in self.items:
-            if required:
-                raise _Problem(self.node.line, self._field(key), "is required")
-            return None
-        return _Reader(self.items[key][0], self._field(key))
-
-    def list_of(self, key: str, kind: type, *, default: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-        self.seen.add(key)
-        if key not in self.items:
-            return default
-        value_node, line = self.items[key]
-        if not isinstance(value_node.value, list):
-            raise _Problem(line, self._field(key), f"must be a list of {_plural(kind)}")
-        result = []
-        for index, item in enumerate(value_node.value):
-            if isinstance(item.value, dict | list) or not isinstance(item.value, kind) or (
-                    isinstance(item.value, bool) and kind is not bool):
-                raise _Problem(item.line, f"{self._field(key)}[{index}]",
-                               f"must be {_article(kind.__name__)}, got {_describe(item.value)}")
-            result.append(item.value)
-        return tuple(result)
-
-    def nodes(self, key: str) -> list[tuple[_Node, int]]:
-        self.seen.add(key)
-        if key not in self.items:
-            return []
-        value_node, line = self.items[key]
-        if not isinstance(value_node.value, list):
-            raise _Problem(line, self._field(key), "must be a list")
-        return [(item, item.line) for item in value_node.value]
-
-    def done(self) -> None:
-        """Refuse the keys nobody asked for, naming the nearest known one."""
-        for key, (_, line) in self.items.items():
-            if key not in self.seen:
-                near = difflib.get_close_matches(key, sorted(self.seen), n=1)
-                hint = f": did you mean {near[0]!r}?" if near else ""
-                raise _Problem(line, self._field(key), f"is not a known key{hint}")
-
-
-def _article(name: str) -> str:
-    return ("an " if name[:1] in "aeiou" else "a ") + name.replace("str", "string").replace(
-        "int", "integer").replace("float", "number").replace("bool", "boolean")
-
-
-def _plural(kind: type) -> str:
-    return {int: "integers", str: "strings", float: "numbers"}.get(kind, kind.__name__)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"[:60]
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
-
-
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else "must not be negative"
-
-
-def store_url_problem(value: str) -> str | None:
-    """Why ``value`` is not a store this version can use, or None."""
-    if value in ("", "sqlite") or value.startswith(("postgresql://", "postgres://")):
-        return None
-    return "must be postgresql://... (or omitted: the embedded journal)"
-
-
-def _lease_ttl(value: float) -> str | None:
-    return None if 1 <= value <= 3600 else "must be between 1 and 3600 seconds"
-
-
-def _partition_count(value: float) -> str | None:
-    from orchestrator.qpc.mdp import MAX_PARTITIONS
-
-    if 1 <= value <= MAX_PARTITIONS:
-        return None
-    return f"must be between 1 and {MAX_PARTITIONS} (one card per partition)"
-
-
-def _probability(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be between 0 and 1"
-
-
-# --- the configuration ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,15 +201,15 @@ class Plan:
         if root is None:
             raise PlanError(str(source), None, "", "plan is empty")
         try:
-            return cls.from_dict(_annotate(root), source)
-        except _Problem as problem:
+            return cls.from_dict(annotate(root), source)
+        except Problem as problem:
             raise PlanError(str(source), problem.line, problem.field_name,
                             problem.problem) from None
 
     @classmethod
-    def from_dict(cls, node: _Node, source: Path) -> Plan:
+    def from_dict(cls, node: Node, source: Path) -> Plan:
         base = source.resolve().parent
-        top = _Reader(node, "")
+        top = Reader(node, "")
         model = _model(top.child("model", required=True), base)  # type: ignore[arg-type]
         mek = _mek(top.child("mek", required=True), base)  # type: ignore[arg-type]
         fleet = top.child("fleet", required=True)
@@ -388,43 +225,43 @@ class Plan:
                 policy = _policy(policy_reader)
             trust.done()
         if emulated is None and not roots:
-            raise _Problem(fleet.node.line, "trust.roots",
+            raise Problem(fleet.node.line, "trust.roots",
                            "real hosts need at least one vendor root certificate")
         group_size = model.partitions
         groups = top.child("groups")
         if groups is not None:
-            group_size = groups.get("size", int, model.partitions, check=_positive)
+            group_size = groups.get("size", int, model.partitions, check=positive)
             groups.done()
             if group_size != model.partitions:
-                raise _Problem(groups.node.line, "groups.size",
+                raise Problem(groups.node.line, "groups.size",
                                f"must equal model.partitions ({model.partitions}): one card "
                                "per partition")
-        concurrency = top.get("concurrency", int, 64, check=_positive)
+        concurrency = top.get("concurrency", int, 64, check=positive)
         retry = RetrySpec()
         if (reader := top.child("retry")) is not None:
-            retry = RetrySpec(reader.get("attempts", int, 5, check=_positive),
-                              float(reader.get("backoff", (int, float), 0.2, check=_positive)),
+            retry = RetrySpec(reader.get("attempts", int, 5, check=positive),
+                              float(reader.get("backoff", (int, float), 0.2, check=positive)),
                               float(reader.get("max_backoff", (int, float), 5.0,
-                                               check=_positive)))
+                                               check=positive)))
             reader.done()
         rekey = RekeySpec()
         if (reader := top.child("rekey")) is not None:
             rekey = RekeySpec(reader.get("auto", bool, True),
                               float(reader.get("min_interval", (int, float), 1.0,
-                                               check=_non_negative)),
+                                               check=non_negative)),
                               float(reader.get("check_interval", (int, float), 5.0,
-                                               check=_non_negative)),
+                                               check=non_negative)),
                               float(reader.get("resync_interval", (int, float), 1.0,
-                                               check=_positive)),
+                                               check=positive)),
                               float(reader.get("probe_timeout", (int, float), 2.0,
-                                               check=_positive)))
+                                               check=positive)))
             reader.done()
         timeouts = TimeoutSpec()
         if (reader := top.child("timeouts")) is not None:
             timeouts = TimeoutSpec(
-                float(reader.get("rpc", (int, float), 10.0, check=_positive)),
-                float(reader.get("load", (int, float), 120.0, check=_positive)),
-                float(reader.get("card", (int, float), 300.0, check=_positive)))
+                float(reader.get("rpc", (int, float), 10.0, check=positive)),
+                float(reader.get("load", (int, float), 120.0, check=positive)),
+                float(reader.get("card", (int, float), 300.0, check=positive)))
             reader.done()
         state_dir = _path(base, top.get("state_dir", str, f"state/{source.stem}"), top,
                           "state_dir", must_exist=False)
@@ -433,27 +270,27 @@ class Plan:
         replicas = ReplicaSpec()
         if (reader := top.child("replicas")) is not None:
             replicas = ReplicaSpec(float(reader.get("lease_ttl", (int, float), 10.0,
-                                                    check=_lease_ttl)))
+                                                    check=lease_ttl)))
             reader.done()
         top.done()
         plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
                    retry, rekey, timeouts, state_dir, store, replicas)
         if store and emulated is not None:
-            raise _Problem(fleet.node.line, "fleet.emulated",
+            raise Problem(fleet.node.line, "fleet.emulated",
                            "replicas share real hosts: an embedded emulated fleet is one "
                            "process's own (run `modelip emulate` and list its hosts)")
         plan._check_groups(fleet)
         return plan
 
-    def _check_groups(self, fleet: _Reader) -> None:
+    def _check_groups(self, fleet: Reader) -> None:
         for index, host in enumerate(self.hosts):
             if len(host.devices) % self.group_size:
-                raise _Problem(fleet.node.line, f"fleet.hosts[{index}].devices",
+                raise Problem(fleet.node.line, f"fleet.hosts[{index}].devices",
                                f"{len(host.devices)} cards do not split into MDP groups of "
                                f"{self.group_size} (model.partitions: one card per "
                                "partition, and a group stays on one host)")
         if self.emulated and self.emulated.devices_per_host % self.group_size:
-            raise _Problem(fleet.node.line, "fleet.emulated.devices_per_host",
+            raise Problem(fleet.node.line, "fleet.emulated.devices_per_host",
                            f"{self.emulated.devices_per_host} cards do not split into MDP "
                            f"groups of {self.group_size} (model.partitions: one card per "
                            "partition, and a group stays on one host)")
@@ -474,32 +311,32 @@ def package_path(text: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
-def _path(base: Path, text: str, reader: _Reader, key: str, *, must_exist: bool = True
+def _path(base: Path, text: str, reader: Reader, key: str, *, must_exist: bool = True
           ) -> Path:
     line = reader.items[key][1] if key in reader.items else reader.node.line
     if text.startswith(PACKAGE_SCHEME):
         try:
             path = package_path(text)
         except LookupError as err:
-            raise _Problem(line, reader._field(key), str(err)) from None  # noqa: SLF001
+            raise Problem(line, reader.field_name(key), str(err)) from None
     else:
         path = (base / text).resolve()
     if must_exist and not path.exists():
-        raise _Problem(line, reader._field(key), f"{text}: file not found")  # noqa: SLF001
+        raise Problem(line, reader.field_name(key), f"{text}: file not found")
     if must_exist and path.is_dir():
-        raise _Problem(line, reader._field(key),  # noqa: SLF001
+        raise Problem(line, reader.field_name(key),
                        f"{text}: is a directory, not a file")
     return path
 
 
-def _model(reader: _Reader, base: Path) -> ModelSpec:
+def _model(reader: Reader, base: Path) -> ModelSpec:
     qpc = reader.get("qpc", str)
     onnx_path = reader.get("onnx", str)
     if (qpc is None) == (onnx_path is None):
-        raise _Problem(reader.node.line, "model", "give exactly one of qpc or onnx")
-    partitions = reader.get("partitions", int, 1, check=_partition_count)
+        raise Problem(reader.node.line, "model", "give exactly one of qpc or onnx")
+    partitions = reader.get("partitions", int, 1, check=partition_count)
     if qpc is not None and reader.has("partitions"):
-        raise _Problem(reader.items["partitions"][1], "model.partitions",
+        raise Problem(reader.items["partitions"][1], "model.partitions",
                        "only for onnx models (a QPC's partitions are in the file)")
     balance = reader.get("balance", str, "params",
                          check=lambda v: None if v in ("params", "flops")
@@ -512,7 +349,7 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
                 dt.datetime.combine(expires, dt.time()) if isinstance(expires, dt.date)
                 else dt.datetime.fromisoformat(expires))
         except ValueError:
-            raise _Problem(reader.items["expires"][1], "model.expires",
+            raise Problem(reader.items["expires"][1], "model.expires",
                            "must be an ISO date or date-time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.UTC)
@@ -520,12 +357,12 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
     qpc_path = _path(base, qpc, reader, "qpc") if qpc else None
     onnx_file = _path(base, onnx_path, reader, "onnx") if onnx_path else None
     default_id = (qpc_path or onnx_file or Path("model")).stem
-    version = reader.get("version", int, 1, check=_non_negative)
+    version = reader.get("version", int, 1, check=non_negative)
     spec = ModelSpec(
         qpc=qpc_path, onnx=onnx_file, partitions=partitions, balance=balance,
         model_id=reader.get("id", str, default_id),
         version=version,
-        rollback_floor=reader.get("rollback_floor", int, version, check=_non_negative),
+        rollback_floor=reader.get("rollback_floor", int, version, check=non_negative),
         expires=expiry,
         min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
     )
@@ -533,12 +370,12 @@ def _model(reader: _Reader, base: Path) -> ModelSpec:
     return spec
 
 
-def _mek(reader: _Reader, base: Path) -> MEKSpec:
+def _mek(reader: Reader, base: Path) -> MEKSpec:
     file = reader.get("file", str)
     generate = reader.get("generate", bool, False)
     sealed = reader.get("sealed", str)
     if [file is not None, generate, sealed is not None].count(True) != 1:
-        raise _Problem(reader.node.line, "mek",
+        raise Problem(reader.node.line, "mek",
                        "give exactly one of file, generate: true or sealed (with pkcs11)")
     token = None
     if (p11 := reader.child("pkcs11")) is not None:
@@ -552,7 +389,7 @@ def _mek(reader: _Reader, base: Path) -> MEKSpec:
                           pin_env=p11.get("pin_env", str, DEFAULT_PIN_ENV))
         p11.done()
     if (sealed is None) != (token is None):
-        raise _Problem(reader.node.line, "mek.pkcs11" if sealed else "mek.sealed",
+        raise Problem(reader.node.line, "mek.pkcs11" if sealed else "mek.sealed",
                        "a sealed MEK and its pkcs11 token go together")
     spec = MEKSpec(_path(base, file, reader, "file") if file else None, generate,
                    _path(base, sealed, reader, "sealed") if sealed else None, token)
@@ -560,20 +397,20 @@ def _mek(reader: _Reader, base: Path) -> MEKSpec:
     return spec
 
 
-def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSpec | None]:
+def _fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSpec | None]:
     emulated_reader = reader.child("emulated")
     host_nodes = reader.nodes("hosts")
     if (emulated_reader is None) == (not host_nodes):
-        raise _Problem(reader.node.line, "fleet", "give exactly one of emulated or hosts")
+        raise Problem(reader.node.line, "fleet", "give exactly one of emulated or hosts")
     hosts = []
     for index, (node, _) in enumerate(host_nodes):
-        host = _Reader(node, f"fleet.hosts[{index}]")
+        host = Reader(node, f"fleet.hosts[{index}]")
         devices = host.list_of("devices", int)
         if not devices:
-            raise _Problem(node.line, f"fleet.hosts[{index}].devices",
+            raise Problem(node.line, f"fleet.hosts[{index}].devices",
                            "must be a non-empty list of card numbers")
         if len(set(devices)) != len(devices) or min(devices) < 0:
-            raise _Problem(node.line, f"fleet.hosts[{index}].devices",
+            raise Problem(node.line, f"fleet.hosts[{index}].devices",
                            "card numbers must be distinct and not negative")
         tls = None
         if (tls_reader := host.child("tls")) is not None:
@@ -583,10 +420,10 @@ def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedS
         address = host.get("address", str, required=True)
         insecure = host.get("insecure", bool, False)
         if tls is not None and insecure:
-            raise _Problem(node.line, f"fleet.hosts[{index}]", "give tls or insecure: true, "
+            raise Problem(node.line, f"fleet.hosts[{index}]", "give tls or insecure: true, "
                            "not both")
         if tls is None and not insecure and not is_loopback(address):
-            raise _Problem(node.line, f"fleet.hosts[{index}]",
+            raise Problem(node.line, f"fleet.hosts[{index}]",
                            f"{address} is not loopback: give tls: {{ca: ...}} (or "
                            "insecure: true to send gRPC in plaintext across the network)")
         hosts.append(HostSpec(address, devices, tls, insecure))
@@ -595,13 +432,13 @@ def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedS
     if emulated_reader is not None:
         r = emulated_reader
         emulated = EmulatedSpec(
-            hosts=r.get("hosts", int, 1, check=_positive),
-            devices_per_host=r.get("devices_per_host", int, 4, check=_positive),
-            reset_rate=float(r.get("reset_rate", (int, float), 0.0, check=_non_negative)),
-            reboot_time=float(r.get("reboot_time", (int, float), 0.2, check=_non_negative)),
+            hosts=r.get("hosts", int, 1, check=positive),
+            devices_per_host=r.get("devices_per_host", int, 4, check=positive),
+            reset_rate=float(r.get("reset_rate", (int, float), 0.0, check=non_negative)),
+            reboot_time=float(r.get("reboot_time", (int, float), 0.2, check=non_negative)),
             attest_latency=float(r.get("attest_latency", (int, float), 0.0,
-                                       check=_non_negative)),
-            drop_events=float(r.get("drop_events", (int, float), 0.0, check=_probability)),
+                                       check=non_negative)),
+            drop_events=float(r.get("drop_events", (int, float), 0.0, check=probability)),
             firmware=str(r.get("firmware", (str, int, float), "1.12.0")),
             kem=r.get("kem", str, "P256", check=lambda v: None if v.lower() in (
                 "p256", "hybrid", "mlkem768_x25519") else "must be P256 or hybrid"),
@@ -616,7 +453,7 @@ def _fleet(reader: _Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedS
     return tuple(hosts), emulated
 
 
-def _policy(reader: _Reader) -> PolicySpec:
+def _policy(reader: Reader) -> PolicySpec:
     measurements: dict[str, tuple[str, ...]] = {}
     if (m := reader.child("measurements")) is not None:
         for name in list(m.items):
@@ -629,7 +466,7 @@ def _policy(reader: _Reader) -> PolicySpec:
         try:
             Kem.parse(kem)
         except FormatError:
-            raise _Problem(reader.items["kems"][1], reader._field("kems"),  # noqa: SLF001
+            raise Problem(reader.items["kems"][1], reader.field_name("kems"),
                            f"unknown KEM {kem!r} (P256, MLKEM768_X25519 or hybrid)") from None
     spec = PolicySpec(
         firmware=tuple(str(v) for v in reader.list_of("firmware", str)),
@@ -637,7 +474,7 @@ def _policy(reader: _Reader) -> PolicySpec:
         measurements=measurements,
         cards=reader.list_of("cards", str),
         kems=kems,
-        max_age=float(reader.get("max_age", (int, float), 120.0, check=_positive)),
+        max_age=float(reader.get("max_age", (int, float), 120.0, check=positive)),
     )
     reader.done()
     return spec
