@@ -8,13 +8,12 @@ adversary modes make it hostile (docs/protocol.md, "Adversary modes").
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,7 +45,6 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.qpc.container import Container, MemorySource
-from orchestrator.tensors import from_wire, to_wire
 
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
@@ -88,7 +86,7 @@ class _Staged:
     order: int
 
 
-class _Abort(Exception):
+class HostAbort(Exception):
     """A call's failure: gRPC status, the shared ErrorReason, the card concerned."""
 
     def __init__(self, code: grpc.StatusCode, reason: int, message: str,
@@ -99,27 +97,28 @@ class _Abort(Exception):
         self.device = device
 
 
-def _status_for(err: ModelIPError, device: int | None = None) -> _Abort:
+def status_for(err: ModelIPError, device: int | None = None) -> HostAbort:
     """Our errors -> a gRPC status plus a machine-readable reason (docs/protocol.md)."""
     abort = _classify(err)
     abort.device = device
     return abort
 
 
-def _classify(err: ModelIPError) -> _Abort:
+def _classify(err: ModelIPError) -> HostAbort:
     if isinstance(err, SessionInvalidError):
-        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_SESSION_INVALID, str(err))
+        return HostAbort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_SESSION_INVALID,
+                         str(err))
     if isinstance(err, IntegrityError):
-        return _Abort(grpc.StatusCode.DATA_LOSS, R.ERROR_REASON_INTEGRITY, str(err))
+        return HostAbort(grpc.StatusCode.DATA_LOSS, R.ERROR_REASON_INTEGRITY, str(err))
     if isinstance(err, PolicyError):
-        return _Abort(grpc.StatusCode.PERMISSION_DENIED, R.ERROR_REASON_POLICY, str(err))
+        return HostAbort(grpc.StatusCode.PERMISSION_DENIED, R.ERROR_REASON_POLICY, str(err))
     if isinstance(err, ProgramNotLoaded):
-        return _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED, str(err))
+        return HostAbort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED, str(err))
     if isinstance(err, CardOffline):
-        return _Abort(grpc.StatusCode.UNAVAILABLE, R.ERROR_REASON_OFFLINE, str(err))
+        return HostAbort(grpc.StatusCode.UNAVAILABLE, R.ERROR_REASON_OFFLINE, str(err))
     if isinstance(err, FormatError):
-        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, str(err))
-    return _Abort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL, str(err))
+        return HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, str(err))
+    return HostAbort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL, str(err))
 
 
 class EmulatedHost:
@@ -169,8 +168,10 @@ class EmulatedHost:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                           ("grpc.max_send_message_length", MAX_MESSAGE),
                                           ("grpc.so_reuseport", 0)])
-        runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(_Attestation(self), server)
-        runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(_Runtime(self), server)
+        from orchestrator.emulator.servicers import Attestation, Runtime
+
+        runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(Attestation(self), server)
+        runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(Runtime(self), server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         target = f"{bind}:{port}"
@@ -207,8 +208,8 @@ class EmulatedHost:
 
     def card(self, device: int) -> EmulatedCard:
         if not 0 <= device < len(self.cards):
-            raise _Abort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_DEVICE,
-                         f"host {self.name}: no device {device} (has 0..{len(self.cards) - 1})")
+            raise HostAbort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_DEVICE,
+                            f"host {self.name}: no device {device} (has 0..{len(self.cards) - 1})")
         return self.cards[device]
 
     # --- resets and events ----------------------------------------------------------
@@ -333,8 +334,8 @@ class EmulatedHost:
         if program_id in self._programs:
             return False
         if hashlib.sha256(body).hexdigest() != program_id:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                         "program id is not the SHA-256 of the body received")
+            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                            "program id is not the SHA-256 of the body received")
         if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is None:
             body = flip_middle(body)
         self._programs[program_id] = _Staged(body, len(self._programs))
@@ -346,8 +347,8 @@ class EmulatedHost:
         card = self.card(device)
         staged = self._programs.get(program_id)
         if staged is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_PROGRAM,
-                         f"host {self.name}: program {program_id[:16]} is not staged")
+            raise HostAbort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_PROGRAM,
+                            f"host {self.name}: program {program_id[:16]} is not staged")
         body = staged.body
         key_slots = key_slots_from_proto(slots, source="key slots") if slots else None
         if self.hostile(device):
@@ -406,17 +407,18 @@ class EmulatedHost:
         """
         cards = [self.card(device) for device in devices]
         if not cards:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT, "no device named")
+            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                            "no device named")
         tensors = dict(inputs)
         results: dict[str, Any] = {}
         for position, (device, card) in enumerate(zip(devices, cards, strict=True)):
             program = card.program
             if program is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED,
-                             f"card {card.card_id}: no program loaded", device)
+                raise HostAbort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED,
+                                f"card {card.card_id}: no program loaded", device)
             if len(cards) > 1 and program.partition != position:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                             f"card {card.card_id} holds partition {program.partition}, "
+                raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                                f"card {card.card_id} holds partition {program.partition}, "
                              f"named in position {position}", device)
             try:
                 if position == 0 and "" in tensors:
@@ -427,7 +429,7 @@ class EmulatedHost:
                     tensors[names[0]] = tensors.pop("")
                 outputs = await anyio.to_thread.run_sync(card.execute, tensors)
             except ModelIPError as err:
-                raise _status_for(err, device) from err
+                raise status_for(err, device) from err
             tensors.update(outputs)
             final = (program.io_desc or {}).get("model_outputs")
             if isinstance(final, list):  # this stage says which of its outputs the model returns
@@ -436,169 +438,3 @@ class EmulatedHost:
             elif position == len(cards) - 1:
                 results.update(outputs)
         return results
-
-
-# --- gRPC servicers: translate between messages and EmulatedHost -------------------------
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: _Abort) -> None:
-    metadata = [(REASON_KEY, runtime_pb2.ErrorReason.Name(error.reason))]
-    if error.device is not None:
-        metadata.append((DEVICE_KEY, str(error.device)))
-    await context.abort(error.code, str(error), trailing_metadata=tuple(metadata))
-
-
-_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
-
-def _answers(method: _Handler) -> _Handler:
-    """A unary handler whose every failure is a status with a reason: our errors by
-    kind, anything else INTERNAL with a fixed text (the traceback stays in this
-    process's log; nothing of a library's internals goes to the client)."""
-
-    @functools.wraps(method)
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-                      ) -> Any:
-        device = getattr(request, "device", None)
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except _Abort as error:
-            await _abort(context, error)
-        except ModelIPError as err:
-            await _abort(context, _status_for(err, device if isinstance(device, int) else None))
-        except Exception:
-            _log.exception("%s failed", method.__name__)
-            await _abort(context, _Abort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL,
-                                         "internal error on the emulated host"))
-
-    return handler
-
-
-class _Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
-    def __init__(self, host: EmulatedHost) -> None:
-        self.host = host
-
-    @_answers
-    async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
-                                   context: grpc.aio.ServicerContext[Any, Any]
-                                   ) -> evidence_pb2.AttestationEvidence:
-        return await self.host.attest_message(request.device, request.request)
-
-
-class _Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
-    def __init__(self, host: EmulatedHost) -> None:
-        self.host = host
-
-    @_answers
-    async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
-                          context: grpc.aio.ServicerContext[Any, Any]
-                          ) -> runtime_pb2.ListDevicesResponse:
-        response = runtime_pb2.ListDevicesResponse()
-        if self.host.adversary is Adversary.GARBAGE:
-            # values the protocol does not define, a card it does not have, an absurd counter
-            response.devices.add(device=len(self.host.cards) + 1000, card_id="ghost",
-                                 state=runtime_pb2.DEVICE_STATE_ONLINE)
-            response.devices.add(device=0, card_id="?", state=77)
-            response.devices.add(device=1, card_id="?", state=runtime_pb2.DEVICE_STATE_ONLINE,
-                                 boot_counter=(1 << 64) - 1)
-        for index, card in enumerate(self.host.cards):
-            info = response.devices.add(device=index, card_id=card.card_id,
-                                        boot_counter=card.boot_counter)
-            if not card.online:
-                info.state = runtime_pb2.DEVICE_STATE_OFFLINE
-                continue
-            info.session_fingerprint = card.session_fingerprint
-            program = card.program
-            if program is None:
-                info.state = runtime_pb2.DEVICE_STATE_ONLINE
-            else:
-                info.state = runtime_pb2.DEVICE_STATE_LOADED
-                info.program_id = program.program_id
-                info.partition = program.partition
-                info.program_ready = True  # installed only once verified
-        return response
-
-    async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
-                          context: grpc.aio.ServicerContext[Any, Any]
-                          ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
-        if self.host.adversary is Adversary.GARBAGE:
-            yield runtime_pb2.DeviceEvent(device=0, kind=99)  # type: ignore[arg-type]
-            yield runtime_pb2.DeviceEvent(device=4_000_000_000, kind=runtime_pb2.EVENT_KIND_RESET)
-            yield runtime_pb2.DeviceEvent(device=0, kind=runtime_pb2.EVENT_KIND_RESET,
-                                          boot_counter=(1 << 64) - 1)
-        async for event in self.host.events():
-            yield event
-
-    @_answers
-    async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802
-                          context: grpc.aio.ServicerContext[Any, Any]
-                          ) -> runtime_pb2.ResetDeviceResponse:
-        await self.host.reset(request.device)
-        return runtime_pb2.ResetDeviceResponse()
-
-    @_answers
-    async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
-                           context: grpc.aio.ServicerContext[Any, Any]
-                           ) -> runtime_pb2.StageProgramResponse:
-        program_id = ""
-        total = 0
-        body = bytearray()
-        bandwidth = self.host.faults.stage_bandwidth
-        async for chunk in request_iterator:
-            if not program_id:
-                program_id, total = chunk.program_id, chunk.total_size
-                if not program_id or total > STAGE_LIMIT:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                 "first stage message must name the program and its size")
-                if program_id in self.host._programs:  # noqa: SLF001
-                    return runtime_pb2.StageProgramResponse(program_id=program_id,
-                                                            already_staged=True)
-            body += chunk.data
-            if len(body) > total:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                             "more program bytes than announced")
-            if bandwidth:
-                await anyio.sleep(len(chunk.data) / bandwidth)
-        if len(body) != total or not program_id:
-            # a cancelled or cut upload: nothing half-staged is kept
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                         f"stage ended after {len(body)} of {total} bytes")
-        stored = self.host.store_program(program_id, bytes(body))
-        return runtime_pb2.StageProgramResponse(program_id=program_id, already_staged=not stored)
-
-    @_answers
-    async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
-                          context: grpc.aio.ServicerContext[Any, Any]
-                          ) -> runtime_pb2.LoadProgramResponse:
-        slots = request.key_slots if request.HasField("key_slots") else None
-        names, receipt, signature = await self.host.load(
-            request.device, request.program_id, request.partition, slots)
-        return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
-                                               receipt_signature=signature)
-
-    @_answers
-    async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
-                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.ExecuteResponse:
-        outputs = await self.host.execute(list(request.devices), from_wire(request.inputs))
-        return runtime_pb2.ExecuteResponse(outputs=to_wire(outputs))
-
-    @_answers
-    async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
-                     context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
-        card = self.host.card(request.device)
-        await anyio.to_thread.run_sync(card.unload)
-        self.host.emit(request.device, runtime_pb2.EVENT_KIND_UNLOADED, card.boot_counter)
-        return runtime_pb2.UnloadResponse()
-
-    @_answers
-    async def HostStats(self, request: runtime_pb2.HostStatsRequest,  # noqa: N802
-                        context: grpc.aio.ServicerContext[Any, Any]
-                        ) -> runtime_pb2.HostStatsResponse:
-        stats = self.host.stats
-        return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
-                                             load_count=stats.load_count,
-                                             staged_programs=len(self.host._programs))  # noqa: SLF001
-
-

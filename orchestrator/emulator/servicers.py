@@ -1,0 +1,196 @@
+"""The emulated host's gRPC servicers: messages in, EmulatedHost calls, messages out.
+
+Every unary handler goes through ``_answers``: whatever fails becomes a status
+with a reason (our errors by kind; anything else INTERNAL with a fixed text, its
+traceback kept in this process's log).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import grpc
+
+from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator.emulator.adversary import Adversary
+from orchestrator.emulator.host import (
+    DEVICE_KEY,
+    REASON_KEY,
+    STAGE_LIMIT,
+    EmulatedHost,
+    HostAbort,
+    status_for,
+)
+from orchestrator.errors import ModelIPError
+from orchestrator.tensors import from_wire, to_wire
+
+R = runtime_pb2
+_log = logging.getLogger("modelip.emulator")
+
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) -> None:
+    metadata = [(REASON_KEY, runtime_pb2.ErrorReason.Name(error.reason))]
+    if error.device is not None:
+        metadata.append((DEVICE_KEY, str(error.device)))
+    await context.abort(error.code, str(error), trailing_metadata=tuple(metadata))
+
+
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def _answers(method: _Handler) -> _Handler:
+    """A unary handler whose every failure is a status with a reason: our errors by
+    kind, anything else INTERNAL with a fixed text (the traceback stays in this
+    process's log; nothing of a library's internals goes to the client)."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+                      ) -> Any:
+        device = getattr(request, "device", None)
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except HostAbort as error:
+            await _abort(context, error)
+        except ModelIPError as err:
+            await _abort(context, status_for(err, device if isinstance(device, int) else None))
+        except Exception:
+            _log.exception("%s failed", method.__name__)
+            await _abort(context, HostAbort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL,
+                                            "internal error on the emulated host"))
+
+    return handler
+
+
+class Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
+    def __init__(self, host: EmulatedHost) -> None:
+        self.host = host
+
+    @_answers
+    async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
+                                   context: grpc.aio.ServicerContext[Any, Any]
+                                   ) -> evidence_pb2.AttestationEvidence:
+        return await self.host.attest_message(request.device, request.request)
+
+
+class Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
+    def __init__(self, host: EmulatedHost) -> None:
+        self.host = host
+
+    @_answers
+    async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.ListDevicesResponse:
+        response = runtime_pb2.ListDevicesResponse()
+        if self.host.adversary is Adversary.GARBAGE:
+            # values the protocol does not define, a card it does not have, an absurd counter
+            response.devices.add(device=len(self.host.cards) + 1000, card_id="ghost",
+                                 state=runtime_pb2.DEVICE_STATE_ONLINE)
+            response.devices.add(device=0, card_id="?", state=77)
+            response.devices.add(device=1, card_id="?", state=runtime_pb2.DEVICE_STATE_ONLINE,
+                                 boot_counter=(1 << 64) - 1)
+        for index, card in enumerate(self.host.cards):
+            info = response.devices.add(device=index, card_id=card.card_id,
+                                        boot_counter=card.boot_counter)
+            if not card.online:
+                info.state = runtime_pb2.DEVICE_STATE_OFFLINE
+                continue
+            info.session_fingerprint = card.session_fingerprint
+            program = card.program
+            if program is None:
+                info.state = runtime_pb2.DEVICE_STATE_ONLINE
+            else:
+                info.state = runtime_pb2.DEVICE_STATE_LOADED
+                info.program_id = program.program_id
+                info.partition = program.partition
+                info.program_ready = True  # installed only once verified
+        return response
+
+    async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
+        if self.host.adversary is Adversary.GARBAGE:
+            yield runtime_pb2.DeviceEvent(device=0, kind=99)  # type: ignore[arg-type]
+            yield runtime_pb2.DeviceEvent(device=4_000_000_000, kind=runtime_pb2.EVENT_KIND_RESET)
+            yield runtime_pb2.DeviceEvent(device=0, kind=runtime_pb2.EVENT_KIND_RESET,
+                                          boot_counter=(1 << 64) - 1)
+        async for event in self.host.events():
+            yield event
+
+    @_answers
+    async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.ResetDeviceResponse:
+        await self.host.reset(request.device)
+        return runtime_pb2.ResetDeviceResponse()
+
+    @_answers
+    async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> runtime_pb2.StageProgramResponse:
+        program_id = ""
+        total = 0
+        body = bytearray()
+        bandwidth = self.host.faults.stage_bandwidth
+        async for chunk in request_iterator:
+            if not program_id:
+                program_id, total = chunk.program_id, chunk.total_size
+                if not program_id or total > STAGE_LIMIT:
+                    raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                                    "first stage message must name the program and its size")
+                if program_id in self.host._programs:  # noqa: SLF001
+                    return runtime_pb2.StageProgramResponse(program_id=program_id,
+                                                            already_staged=True)
+            body += chunk.data
+            if len(body) > total:
+                raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                                "more program bytes than announced")
+            if bandwidth:
+                await anyio.sleep(len(chunk.data) / bandwidth)
+        if len(body) != total or not program_id:
+            # a cancelled or cut upload: nothing half-staged is kept
+            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
+                            f"stage ended after {len(body)} of {total} bytes")
+        stored = self.host.store_program(program_id, bytes(body))
+        return runtime_pb2.StageProgramResponse(program_id=program_id, already_staged=not stored)
+
+    @_answers
+    async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> runtime_pb2.LoadProgramResponse:
+        slots = request.key_slots if request.HasField("key_slots") else None
+        names, receipt, signature = await self.host.load(
+            request.device, request.program_id, request.partition, slots)
+        return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
+                                               receipt_signature=signature)
+
+    @_answers
+    async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.ExecuteResponse:
+        outputs = await self.host.execute(list(request.devices), from_wire(request.inputs))
+        return runtime_pb2.ExecuteResponse(outputs=to_wire(outputs))
+
+    @_answers
+    async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
+                     context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
+        card = self.host.card(request.device)
+        await anyio.to_thread.run_sync(card.unload)
+        self.host.emit(request.device, runtime_pb2.EVENT_KIND_UNLOADED, card.boot_counter)
+        return runtime_pb2.UnloadResponse()
+
+    @_answers
+    async def HostStats(self, request: runtime_pb2.HostStatsRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[Any, Any]
+                        ) -> runtime_pb2.HostStatsResponse:
+        stats = self.host.stats
+        return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
+                                             load_count=stats.load_count,
+                                             staged_programs=len(self.host._programs))  # noqa: SLF001
+
+
