@@ -28,6 +28,7 @@ from orchestrator.engine.prepare import (
     prepare_program,
     sealing_source,
 )
+from orchestrator.engine.rollout import arrange
 from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.transport.client import TLSClientConfig
@@ -94,13 +95,17 @@ def default_replica_name() -> str:
 
 @asynccontextmanager
 async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
-                      replica: str | None = None) -> AsyncIterator[Engine]:
+                      replica: str | None = None, retry_rollout: bool = False
+                      ) -> AsyncIterator[Engine]:
     """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
 
     Holds the state directory's lock for the whole block (a second orchestrator on
     the same state directory gets StateDirError "in use by pid N"); the MEK is wiped
     from memory when the block ends. With a shared store (``plan.store``) the engine
     is the replica ``replica`` (default: host name and pid) of docs/replicas.md.
+    If the fleet serves another version of the model, the engine replaces it as the
+    plan's ``rollout:`` says (docs/rollouts.md; ``retry_rollout``: again, after a
+    rollback of the same version).
     """
     replica = replica or default_replica_name()
     with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
@@ -111,11 +116,15 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     await store.record_unseal(replica, plan.mek.pkcs11.token,
                                               plan.mek.pkcs11.kek, str(plan.mek.sealed))
                 program = await _prepare(plan, mek, shared)
+                rollout = await arrange(plan, store, mek, program, retry=retry_rollout,
+                                        prepare=lambda p: _in_state_dir(
+                                            p, lambda: prepare_program(p, mek)))
                 async with fleet_for(plan) as (hosts, roots):
                     # everything is in place: the journal's WAL, the caches, the PKI
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
-                                 retry_quarantined=retry_quarantined, shared=shared)
+                                 retry_quarantined=retry_quarantined, shared=shared,
+                                 rollout=rollout)
         finally:
             mek.wipe()
 

@@ -437,10 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=int, default=0)
     p.set_defaults(handler=cmd_card_load)
 
-    from orchestrator import fleetcli, hostcli
+    from orchestrator import fleetcli, hostcli, rolloutcli
 
     hostcli.register(sub)
     fleetcli.register(sub)
+    rolloutcli.register(sub)
 
     p = sub.add_parser("demo", help="watch plans/demo.yaml for a while (make demo)")
     p.add_argument("--plan", default=str(Path(__file__).resolve().parent.parent / "plans"
@@ -458,7 +459,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import fleetcli
 
     args.metrics_port = None
-    args.retry_quarantined = False
+    args.retry_quarantined = args.retry_rollout = False
     return fleetcli.cmd_watch(args)
 
 

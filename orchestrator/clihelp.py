@@ -48,6 +48,10 @@ EXAMPLES = {
     "watch": "modelip watch plans/demo.yaml --duration 60 --metrics-port 9464",
     "run": "modelip run plans/demo.yaml --input image.npy --output out.npz",
     "status": "modelip status plans/demo.yaml --cards",
+    "rollout status": "modelip rollout status plans/demo.yaml",
+    "rollout pause": "modelip rollout pause plans/demo.yaml",
+    "rollout resume": "modelip rollout resume plans/demo.yaml",
+    "rollout undo": "modelip rollout undo plans/demo.yaml",
     "demo": "modelip demo --duration 20",
 }
 

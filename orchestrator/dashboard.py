@@ -31,7 +31,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from orchestrator.engine.engine import CardView, HostView, Snapshot
+from orchestrator.engine.engine import CardView, HostView, RolloutView, Snapshot
 from orchestrator.engine.events import (
     CardChanged,
     Deployed,
@@ -42,6 +42,7 @@ from orchestrator.engine.events import (
     LeaseChanged,
     ProtocolViolation,
     Rekeyed,
+    RolloutChanged,
     Staged,
     StoreStatus,
 )
@@ -114,6 +115,9 @@ def event_line(event: Event) -> str:
         case StoreStatus():
             said = "answers again" if event.reachable else f"unreachable: {event.reason}"
             return f"{stamp} store {said}"
+        case RolloutChanged():
+            return (f"{stamp} rollout {event.from_version} -> {event.to_version} wave "
+                    f"{event.wave}/{event.waves} {event.phase}: {event.what}")
         case Deployed():
             return (f"{stamp} settled in {event.seconds} s: {event.serving} serving, "
                     f"{event.disconnected} disconnected, {event.quarantined} quarantined, "
@@ -182,6 +186,32 @@ def _rollup(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], width:
                     f"{snapshot.replicas_alive} replicas alive, store ")
         text.append(*(("reachable", "green") if snapshot.store_reachable
                       else ("UNREACHABLE", "red")))
+    if snapshot.rollout is not None:
+        text.append("\n")
+        text.append_text(rollout_line(snapshot.rollout, width))
+    return text
+
+
+def rollout_line(r: RolloutView, width: int) -> Text:
+    """version 7 -> 8: wave 2/3 gating  [bar] v8 4 groups | v7 12   capacity 15/16 (floor 15)"""
+    style = {"rolled back": "red", "rolling back": "red", "committed": "green"}.get(
+        r.phase, "yellow")
+    text = Text.assemble(("rollout ", "bold"), f"version {r.from_version} -> {r.to_version}: ",
+                         (f"wave {r.wave}/{r.waves} {r.phase}", style))
+    if r.paused:
+        text.append(" PAUSED", style="bold yellow")
+    bar = 20 if width >= 120 else 10
+    done = round(bar * r.groups_new / r.groups) if r.groups else 0
+    text.append("  ")
+    text.append("█" * done, style="cyan")
+    text.append("░" * (bar - done), style="dim")
+    text.append(f"  v{r.to_version} {r.groups_new} | v{r.from_version} "
+                f"{r.groups - r.groups_new} groups   capacity ")
+    text.append(f"{r.serving}/{r.groups}", style="bold" if r.serving >= r.floor else "bold red")
+    text.append(f" (floor {r.floor})")
+    said = r.verdict if r.phase in ("rolled back", "rolling back") else r.note
+    if said:
+        text.append(f"   {said}", style="red" if r.verdict and said == r.verdict else "dim")
     return text
 
 

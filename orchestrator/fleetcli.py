@@ -23,7 +23,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       json_events: bool, metrics_port: int | None = None,
                       inputs: dict[str, Any] | None = None,
                       retry_quarantined: bool = False, replica: str | None = None,
-                      interactive: bool = False) -> tuple[int, dict[str, Any] | None]:
+                      interactive: bool = False, retry_rollout: bool = False
+                      ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
     A failing state directory stops the engine: the summary is still printed,
@@ -38,7 +39,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     stopped_by: list[int] = []
     out = sys.stderr if inputs is not None else sys.stdout
     async with open_engine(plan, retry_quarantined=retry_quarantined,
-                           replica=replica) as engine:
+                           replica=replica, retry_rollout=retry_rollout) as engine:
         if plan.mek.file is not None:  # said once the MEK is known to be one
             from orchestrator.crypto.mek import exposure_warning
 
@@ -108,7 +109,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                 if app is not None:
                     tg.start_soon(run_app)
                 tg.start_soon(run_engine)
-                await engine.deployed.wait()
+                # deploy and run: until a rollout has ended too; watch: it goes on
+                await (engine.deployed if keep_serving else engine.finished).wait()
                 if inputs is not None:
                     outputs = await engine.execute(inputs)
                 if keep_serving:
@@ -143,6 +145,8 @@ async def _tick(dashboard: Any) -> None:
 def _print_summary(summary: Any, out: Any) -> None:
     print(f"{summary.serving}/{summary.cards} cards serving, {summary.hosts_up}/"
           f"{summary.hosts} hosts up, {summary.rekeys} re-keys", file=out)
+    if summary.rollout:
+        print(summary.rollout, file=out)
     for card in summary.not_serving:
         named = f" ({card.card_id})" if card.card_id else ""
         print(f"{card.state} {card.card}{named}: {card.reason}", file=out)
@@ -193,7 +197,7 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
         json_events=json_events, metrics_port=args.metrics_port,
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
-        interactive=interactive))
+        interactive=interactive, retry_rollout=args.retry_rollout))
     return code
 
 
@@ -367,6 +371,9 @@ def register(sub: Any) -> None:
                        help="serve Prometheus metrics here")
         p.add_argument("--retry-quarantined", action="store_true",
                        help="try cards the journal quarantined again (an operator decision)")
+        p.add_argument("--retry-rollout", action="store_true",
+                       help="roll this version out again after it was rolled back "
+                            "(docs/rollouts.md)")
         if name == "watch":
             p.add_argument("--duration", type=argtypes.positive,
                            help="stop after this many seconds")

@@ -41,6 +41,7 @@ from orchestrator.transport.client import DeviceState, DeviceStatus
 
 if TYPE_CHECKING:
     from orchestrator.engine.host import HostSupervisor
+    from orchestrator.engine.prepare import PreparedProgram
 
 S = CardState
 RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded,
@@ -98,11 +99,30 @@ class CardDriver:
     def __repr__(self) -> str:
         return f"CardDriver({self.machine!r})"
 
+    @property
+    def program(self) -> PreparedProgram:
+        """What this card is to run: its group's version (rollouts), else the plan's."""
+        return self.ctx.programs[self.machine.program_id]
+
+    @property
+    def serving(self) -> bool:
+        """SERVING the program it is to run (a card whose group was just switched to
+        another version is still SERVING the old one until its driver moves it)."""
+        good = self.machine.known_good
+        return self.machine.state is S.SERVING and (
+            good is None or good.program_id == self.machine.program_id)
+
     # --- what the rest of the tree may ask of a driver ------------------------------------
+
+    def retarget(self, program_id: str) -> None:
+        """Run ``program_id`` from now on (a rollout switched the card's group)."""
+        if program_id != self.machine.program_id:
+            self.machine.program_id = program_id
+            self.hint(Trigger.SWITCH)
 
     def hint(self, trigger: Trigger) -> None:
         """Something may have changed: look again (a hint, never a fact)."""
-        if not self._first_sign and trigger is not Trigger.PERIODIC:
+        if not self._first_sign and trigger not in (Trigger.PERIODIC, Trigger.SWITCH):
             self._first_sign = time.monotonic()
         if self._trigger is None:
             self._trigger = trigger
@@ -251,6 +271,12 @@ class CardDriver:
             else:
                 if report.session_id == m.session_id:
                     if not self._holds_ours(report):
+                        if report.loaded is not None and report.loaded.info_digest in \
+                                self.ctx.digests:
+                            await self.move(S.REKEYING, f"{trigger.value}: switching to version "
+                                            f"{self.program.version}")
+                            await self._bring_up(trigger, report)
+                            return
                         if report.loaded is not None:
                             self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
                             await self.move(S.QUARANTINED, f"runs another program: "
@@ -297,10 +323,10 @@ class CardDriver:
                         if self._holds_ours(report):
                             await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
-                                      known_good=self._good(report))
+                                      known_good=self._good(report, self.program))
                         else:
                             await self._wrap_and_load(report)
-                self._served(counted=trigger is not Trigger.START)
+                self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
                 return
             except DeviceOffline as err:
                 # Rebooting (a forged hint would have found it answering): probe again
@@ -372,20 +398,20 @@ class CardDriver:
         m.session_id = report.session_id
         m.session_fingerprint = report.session_fingerprint
 
-    def _good(self, report: VerifiedReport) -> KnownGood:
-        return KnownGood(report.card_id, report.session_id.hex(), self.machine.program_id,
+    def _good(self, report: VerifiedReport, program: PreparedProgram) -> KnownGood:
+        return KnownGood(report.card_id, report.session_id.hex(), program.program_id,
                          self.machine.partition)
 
     def _holds_ours(self, report: VerifiedReport) -> bool:
         """Does the card's own signed report say it holds our program, verified, as this
         card's partition? (Only the MEK's holder can have made the slot that opens it.)"""
         held = report.loaded
-        return held is not None and held.info_digest == self.ctx.program.info_digest \
+        return held is not None and held.info_digest == self.program.info_digest \
             and held.partition == self.machine.partition
 
     async def _wrap_and_load(self, report: VerifiedReport) -> None:
         m = self.machine
-        program = self.ctx.program
+        program = self.program   # read once: a rollout may switch the group meanwhile
         slot = wrap_mek(self.ctx.mek, slot=m.partition, card_id=report.card_id,
                         session_id=report.session_id, kem=report.kem,
                         public_key=report.session_public_key, program=program.info_digest)
@@ -404,7 +430,7 @@ class CardDriver:
                 m.device, program.program_id, partition=m.partition, key_slots=[slot])
             self.ctx.stats.loads += 1
             outcome = "refused receipt"
-            verify_load_receipt(result.receipt, result.receipt_signature, report=report,
+            receipt = verify_load_receipt(result.receipt, result.receipt_signature, report=report,
                                 program_info_digest=program.info_digest,
                                 partition=m.partition, source=m.name)
             outcome = "ok"
@@ -414,8 +440,9 @@ class CardDriver:
         finally:
             with anyio.CancelScope(shield=True):
                 await store.finish_load(load_id, outcome)
-        await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card",
-                  known_good=self._good(report))
+        await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
+                  f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
+                  known_good=self._good(report, program))
 
     async def _roll_back(self) -> None:
         """Stopped mid-flight: unload a half-done load, leave the store consistent."""

@@ -75,9 +75,20 @@ class EngineContext:
     stats: EngineStats = field(default_factory=EngineStats)
     chains: ChainCache = field(default_factory=ChainCache)   # each card's chain verified once
     policy: TrustPolicy = field(init=False)
+    # Every program a card may be told to run (by id; hosts stage them all): the
+    # plan's, and during a rollout the version it replaces (docs/rollouts.md).
+    programs: dict[str, PreparedProgram] = field(init=False)
+    digests: frozenset[bytes] = field(init=False)   # their encryption info digests
 
     def __post_init__(self) -> None:
         self.policy = policy_from_plan(self.plan)
+        self.programs = {}
+        self.offer(self.program)
+
+    def offer(self, *programs: PreparedProgram) -> None:
+        """Make ``programs`` known (staged on every host, loadable by every driver)."""
+        self.programs.update((p.program_id, p) for p in programs)
+        self.digests = frozenset(p.info_digest for p in self.programs.values())
 
     @property
     def log_path(self) -> Path:

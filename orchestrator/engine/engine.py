@@ -47,6 +47,7 @@ from orchestrator.errors import (
 if TYPE_CHECKING:
     from orchestrator.engine.pgstore import PostgresStore
     from orchestrator.engine.replicas import Replica
+    from orchestrator.engine.rollout import Rollout, RolloutSetup
 
 S = CardState
 
@@ -81,6 +82,25 @@ class HostView:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutView:
+    """What the live view and the metrics show of a rollout."""
+
+    id: int
+    phase: str
+    wave: int             # 1-based
+    waves: int
+    from_version: int
+    to_version: int
+    groups_new: int       # groups to run the new version
+    groups: int
+    serving: int
+    floor: int
+    paused: bool
+    verdict: str
+    note: str             # what it waits for now
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the dashboard and metrics render: a pure value."""
 
@@ -101,6 +121,7 @@ class Snapshot:
     store_reachable: bool = True
     rekey_ages: tuple[float, ...] = ()   # seconds since each re-key of the last minute
     live: bool = True             # False: read back from a store (no engine, no counters)
+    rollout: RolloutView | None = None
 
 
 class Engine:
@@ -109,15 +130,18 @@ class Engine:
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
                  store: Store, *, retry_quarantined: bool = False,
-                 shared: PostgresStore | None = None) -> None:
+                 shared: PostgresStore | None = None, rollout: RolloutSetup | None = None
+                 ) -> None:
         """``shared``: the store is shared by replicas (``store`` is it): drive only the
-        hosts this replica holds leases on (engine/replicas.py)."""
+        hosts this replica holds leases on (engine/replicas.py). ``rollout``: the
+        fleet serves another version of the model; replace it (engine/rollout.py)."""
         self.plan = plan
         self.program = program
         self.store = store
         self.ctx = EngineContext(plan, store, program, mek, list(roots), self._emit,
                                  self._escalate, retry_quarantined=retry_quarantined)
         self.deployed = anyio.Event()
+        self.finished = anyio.Event()   # deployed, and the rollout (if any) has ended
         self.fatal: StateDirError | None = None
         self._listeners: list[Callable[[Event], None]] = []
         self._events: deque[Event] = deque(maxlen=12)
@@ -153,6 +177,11 @@ class Engine:
             from orchestrator.engine.replicas import Replica
 
             self.replica = Replica(self, shared)
+        self.rollout: Rollout | None = None
+        if rollout is not None:
+            from orchestrator.engine.rollout import Rollout
+
+            self.rollout = Rollout(self, rollout)
 
     @property
     def stats(self) -> EngineStats:
@@ -204,7 +233,8 @@ class Engine:
     # --- views ------------------------------------------------------------------------
 
     def group_serving(self, group: int) -> bool:
-        return all(d.machine.state is S.SERVING for d in self.groups[group])
+        """Every card of the group serves the version the group is to run."""
+        return all(d.serving for d in self.groups[group])
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
@@ -228,16 +258,20 @@ class Engine:
                         self.stats.deployed_after,
                         *((self.replica.name, self.replica.alive, self.replica.reachable)
                           if self.replica else ("", 0, True)),
-                        tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0))
+                        tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0),
+                        rollout=self.rollout.view() if self.rollout else None)
 
     def outcome(self) -> tuple[int, list[CardMachine]]:
-        """(exit code, cards not serving): 0 all serving, 3 some quarantined, 4 some
-        failed or disconnected, 5 the state directory failed."""
+        """(exit code, cards not serving): 0 all serving, 3 some quarantined, 6 the
+        rollout was rolled back, 4 some failed or disconnected, 5 the state directory
+        failed."""
         if self.fatal is not None:
             return self.fatal.exit_code, [c for c in self.cards if c.state is not S.SERVING]
         not_serving = [c for c in self.cards if c.state is not S.SERVING]
         if any(c.state is S.QUARANTINED for c in not_serving):
             return 3, not_serving
+        if self.rollout is not None and self.rollout.rolled_back:
+            return 6, not_serving
         return (4 if not_serving else 0), not_serving
 
     def summary(self) -> Summary:
@@ -247,7 +281,8 @@ class Engine:
                        hosts_up=sum(h.up for h in self.hosts), hosts=len(self.hosts),
                        not_serving=tuple(CardOutcome(c.name, c.card_id, c.state.value,
                                                      c.reason) for c in not_serving),
-                       error=str(self.fatal) if self.fatal else "")
+                       error=str(self.fatal) if self.fatal else "",
+                       rollout=self.rollout.describe() if self.rollout else "")
 
     # --- running ------------------------------------------------------------------------
 
@@ -259,6 +294,9 @@ class Engine:
         """
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
+            if self.rollout is not None:
+                await self.rollout.place()
+                tg.start_soon(self.rollout.run)
             if self.replica is not None:
                 await tg.start(self.replica.run)
             else:
@@ -267,7 +305,7 @@ class Engine:
             self._check_settled()
             task_status.started()
             if not keep_serving:
-                await self.deployed.wait()
+                await self.finished.wait()
                 tg.cancel_scope.cancel()
         self._root = None
         if self.fatal is not None:
@@ -281,6 +319,8 @@ class Engine:
         self.stats.deployed_after = time.monotonic() - self.stats.started
         counts = Counter(c.state for c in self.cards)
         self.deployed.set()
+        if self.rollout is None:
+            self.finished.set()
         self._emit(Deployed(
             seconds=round(self.stats.deployed_after, 3), serving=counts[S.SERVING],
             disconnected=counts[S.DISCONNECTED], quarantined=counts[S.QUARANTINED],
@@ -327,4 +367,4 @@ class Engine:
         raise ProgramNotLoaded("no MDP group is serving")
 
 
-__all__ = ["CardView", "Engine", "HostTarget", "HostView", "Snapshot"]
+__all__ = ["CardView", "Engine", "HostTarget", "HostView", "RolloutView", "Snapshot"]

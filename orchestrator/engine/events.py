@@ -159,6 +159,27 @@ class InternalError(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RolloutChanged(Event):
+    """A rollout moved (docs/rollouts.md): a wave began, passed or failed, a group was
+    switched, an operator's request was carried out, the verdict."""
+
+    KIND: ClassVar[str] = "rollout"
+    rollout: int          # its number in the journal
+    phase: str            # switching, gating, rolling back, committing, committed, rolled back
+    wave: int             # 1-based
+    waves: int
+    from_version: int
+    to_version: int
+    groups_new: int       # groups that are to run the new version
+    groups: int
+    serving: int          # groups serving now (capacity)
+    floor: int            # capacity the rollout never goes below: groups - max_unavailable
+    paused: bool
+    what: str             # what happened, in words
+    verdict: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Deployed(Event):
     """Every card has settled (serving, disconnected, quarantined or failed)."""
 
@@ -193,3 +214,4 @@ class Summary(Event):
     hosts: int
     not_serving: tuple[CardOutcome, ...]
     error: str = ""       # why the engine stopped early (state directory), if it did
+    rollout: str = ""     # how the rollout ended (or where it stands), if there was one

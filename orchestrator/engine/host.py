@@ -228,11 +228,13 @@ class HostSupervisor:
         return min(self.ctx.plan.timeouts.rpc, self.ctx.plan.rekey.probe_timeout)
 
     async def _stage(self) -> None:
-        program = self.ctx.program
-        _, already = await self.client.stage(program.body, program_id=program.program_id)
-        await self.ctx.store.record_stage(self.name, program.program_id)
-        self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
-                             already_staged=already))
+        """Every program a card of this host may be told to run (a rollout: both
+        versions), content addressed: what the host has is not sent again."""
+        for program in list(self.ctx.programs.values()):
+            _, already = await self.client.stage(program.body, program_id=program.program_id)
+            await self.ctx.store.record_stage(self.name, program.program_id)
+            self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
+                                 already_staged=already))
 
     async def _resync_until_lost(self) -> None:
         """Level-triggered resync: every resync_interval (sooner when a driver suspects

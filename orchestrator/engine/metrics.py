@@ -9,7 +9,8 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 
 from orchestrator.engine.context import EngineStats
-from orchestrator.engine.engine import Snapshot
+from orchestrator.engine.engine import RolloutView, Snapshot
+from orchestrator.engine.ledger import Phase
 from orchestrator.engine.state import CardState, HostState
 from orchestrator.errors import UsageError
 
@@ -65,7 +66,30 @@ def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
         lines.append(f"modelip_deploy_seconds {stats.deployed_after:.3f}")
     if snapshot.replica:
         lines += _replica_lines(snapshot, stats)
+    if snapshot.rollout is not None:
+        lines += _rollout_lines(snapshot.rollout)
     return "\n".join(lines) + "\n"
+
+
+def _rollout_lines(r: RolloutView) -> list[str]:
+    """Where a rollout stands (docs/rollouts.md): wave, groups per version, capacity."""
+    lines = ["# HELP modelip_rollout_wave The wave being switched or gated (1-based).",
+             "# TYPE modelip_rollout_wave gauge", f"modelip_rollout_wave {r.wave}",
+             "# TYPE modelip_rollout_waves gauge", f"modelip_rollout_waves {r.waves}",
+             "# HELP modelip_rollout_groups MDP groups to run each version.",
+             "# TYPE modelip_rollout_groups gauge",
+             f'modelip_rollout_groups{{side="new",version="{r.to_version}"}} {r.groups_new}',
+             f'modelip_rollout_groups{{side="old",version="{r.from_version}"}} '
+             f"{r.groups - r.groups_new}",
+             "# HELP modelip_rollout_capacity_floor Groups serving the rollout never goes below.",
+             "# TYPE modelip_rollout_capacity_floor gauge",
+             f"modelip_rollout_capacity_floor {r.floor}",
+             "# HELP modelip_rollout_phase 1 for the phase the rollout is in.",
+             "# TYPE modelip_rollout_phase gauge"]
+    for phase in Phase:
+        lines.append(f'modelip_rollout_phase{{phase="{phase.value}"}} '
+                     f"{int(r.phase == phase.value)}")
+    return lines
 
 
 def _replica_lines(snapshot: Snapshot, stats: EngineStats) -> list[str]:

@@ -29,9 +29,12 @@ from orchestrator.engine.planreader import (
     probability,
     store_url_problem,
 )
+from orchestrator.engine.rolloutspec import RolloutSpec, read_rollout
 from orchestrator.errors import FormatError, PlanError
 
 PACKAGE_SCHEME = "package:"
+ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
+                      "not yet with a shared store (docs/rollouts.md)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ class Plan:
     state_dir: Path
     store: str = ""               # "" the embedded SQLite journal; postgresql://... shared
     replicas: ReplicaSpec = ReplicaSpec()
+    rollout: RolloutSpec | None = None   # None: a new version replaces the old at once
 
     @property
     def shared(self) -> bool:
@@ -272,13 +276,18 @@ class Plan:
             replicas = ReplicaSpec(float(reader.get("lease_ttl", (int, float), 10.0,
                                                     check=lease_ttl)))
             reader.done()
+        rollout = None
+        if (reader := top.child("rollout")) is not None:
+            rollout = read_rollout(reader, lambda r, key: _path(base, r.get(key, str), r, key))
         top.done()
         plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
-                   retry, rekey, timeouts, state_dir, store, replicas)
+                   retry, rekey, timeouts, state_dir, store, replicas, rollout)
         if store and emulated is not None:
             raise Problem(fleet.node.line, "fleet.emulated",
                            "replicas share real hosts: an embedded emulated fleet is one "
                            "process's own (run `modelip emulate` and list its hosts)")
+        if store and rollout is not None:
+            raise Problem(top.items["rollout"][1], "rollout", ROLLOUT_NOT_SHARED)
         plan._check_groups(fleet)
         return plan
 

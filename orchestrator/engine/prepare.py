@@ -27,7 +27,7 @@ from orchestrator.crypto.stream import SALT_BYTES
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
 from orchestrator.qpc.container import open_container
-from orchestrator.qpc.mdp import read_mdp_meta
+from orchestrator.qpc.mdp import TensorSpec, read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC
 
 
@@ -39,7 +39,10 @@ class PreparedProgram:
     partitions: int            # 1 for a plain container
     model_inputs: tuple[str, ...]   # names, when the container says (ONNX-packaged)
     salt: bytes                # the encryption's salt: with source and MEK, the body
-    source_key: str            # what was sealed: source digest, MEK and settings
+    model_id: str
+    version: int
+    floor: int                 # the rollback floor a card takes on when it loads this
+    input_specs: tuple[TensorSpec, ...]
 
 
 def file_digest(path: Path) -> str:
@@ -123,27 +126,34 @@ def prepare_program(plan: Plan, mek: MEK, *, salt: bytes | None = None) -> Prepa
             with atomic_output(body) as handle:
                 write_sealed(handle, container, mek, settings, key_slots=[])
         write_bytes_atomic(digest_file, file_digest(body).encode())
-    program_id = digest_file.read_text().strip()
+    return describe_body(body, digest_file.read_text().strip(), mek, plan.group_size)
+
+
+def describe_body(body: Path, program_id: str, mek: MEK, group_size: int) -> PreparedProgram:
+    """A sealed body ready to deploy: checked against the MEK and the plan's groups."""
     with open_container(body) as container:
         sealed = SealedContainer(container)
         sealed.check_mek(mek)
         meta = read_mdp_meta(container)
         partitions = len(meta.partitions) if meta else 1
+        inputs: tuple[TensorSpec, ...] = ()
         if meta is not None:
-            inputs = tuple(t.name for t in meta.model_inputs)
+            inputs = meta.model_inputs
         elif container.has(IO_DESC):
             try:
-                inputs = tuple(str(t["name"]) for t in json.loads(container.read(IO_DESC))
-                               ["inputs"])
+                inputs = tuple(TensorSpec(str(t["name"]), str(t["dtype"]),
+                                          tuple(t.get("shape", ())))
+                               for t in json.loads(container.read(IO_DESC))["inputs"])
             except (ValueError, KeyError, TypeError):
                 raise FormatError(str(body), "io_desc.json is malformed") from None
-        else:
-            inputs = ()
-        if partitions != plan.group_size:
+        if partitions != group_size:
             raise FormatError(str(body), f"has {partitions} partitions, the plan groups "
-                              f"{plan.group_size} cards")
+                              f"{group_size} cards")
+        info = sealed.info
         return PreparedProgram(body, program_id, hashlib.sha256(sealed.info_bytes).digest(),
-                               partitions, inputs, sealed.info.salt, source_key)
+                               partitions, tuple(t.name for t in inputs), info.salt,
+                               info.model_id, info.model_version, info.policy.rollback_floor,
+                               inputs)
 
 
 def _salt_of(body: Path) -> bytes:

@@ -87,6 +87,7 @@ class Trigger(enum.Enum):
     PERIODIC = "periodic attestation"    # rekey.check_interval passed
     REFUSED = "call refused"             # a load or execute said the session is gone
     HOST_BACK = "host back"              # the host answers again after being unreachable
+    SWITCH = "rollout"                   # the card's group is to run another version
 
     @property
     def is_hint(self) -> bool:

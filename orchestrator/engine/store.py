@@ -167,6 +167,24 @@ MIGRATIONS = (
             WHERE host = NEW.host AND device = NEW.device;
         END""",
     ),
+    # Rollouts (engine/rollout.py): the programs a fleet served, which one it
+    # serves now, each rollout with its waves' history.
+    """
+    CREATE TABLE programs (
+        program_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, version INTEGER NOT NULL,
+        floor INTEGER NOT NULL, body TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE TABLE fleet_program (
+        id INTEGER PRIMARY KEY CHECK (id = 1), program_id TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY, started REAL NOT NULL, updated REAL NOT NULL, ended REAL,
+        from_program TEXT NOT NULL, candidate TEXT NOT NULL, to_program TEXT NOT NULL,
+        waves TEXT NOT NULL, wave INTEGER NOT NULL, phase TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0, undo INTEGER NOT NULL DEFAULT 0,
+        verdict TEXT NOT NULL DEFAULT '');
+    CREATE TABLE rollout_history (
+        id INTEGER PRIMARY KEY, rollout INTEGER NOT NULL, ts REAL NOT NULL,
+        wave INTEGER NOT NULL, phase TEXT NOT NULL, what TEXT NOT NULL);
+    """,
 )
 
 _CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "

@@ -1,0 +1,182 @@
+"""What the journal keeps of rollouts (docs/rollouts.md): the programs the fleet
+has served, the one it serves now, and every rollout with the history of its
+waves and its verdict. The running engine writes it; `modelip rollout pause |
+resume | undo` write a request into it that the running engine (or the next
+one) carries out.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass
+
+from orchestrator.engine.store import SQLiteStore
+
+
+class Phase(enum.Enum):
+    SWITCHING = "switching"        # the current wave's groups are being switched
+    GATING = "gating"              # the wave's groups: serving, smoke, soak
+    ROLLING_BACK = "rolling back"  # every switched group back to the previous version
+    COMMITTING = "committing"      # every group to the version with the raised floor
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+
+    @property
+    def ended(self) -> bool:
+        return self in (Phase.COMMITTED, Phase.ROLLED_BACK)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramRecord:
+    program_id: str
+    model_id: str
+    version: int
+    floor: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    id: int
+    started: float
+    updated: float
+    ended: float | None
+    from_program: str      # what the fleet served before
+    candidate: str         # the new version, sealed with the old floor (a way back)
+    to_program: str        # the new version as the plan seals it (loaded at commit)
+    waves: tuple[int, ...]  # cumulative group counts at the end of each wave
+    wave: int              # 0-based: the wave being switched or gated
+    phase: Phase
+    paused: bool
+    undo: bool
+    verdict: str
+
+    @property
+    def groups(self) -> int:
+        return self.waves[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    ts: float
+    wave: int
+    phase: str
+    what: str
+
+
+_COLUMNS = ("id, started, updated, ended, from_program, candidate, to_program, waves, wave, "
+            "phase, paused, undo, verdict")
+
+
+def _rollout(row: tuple[object, ...]) -> RolloutRecord:
+    values = list(row)
+    values[7] = tuple(json.loads(str(values[7])))
+    values[9] = Phase(values[9])
+    values[10], values[11] = bool(values[10]), bool(values[11])
+    return RolloutRecord(*values)  # type: ignore[arg-type]
+
+
+class RolloutLedger:
+    """Rollout records in the embedded journal (same file, same write-ahead rules)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    # --- programs ----------------------------------------------------------------------
+
+    async def record_program(self, program: ProgramRecord) -> None:
+        self.store._write(
+            "INSERT INTO programs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(program_id) DO "
+            "UPDATE SET body = excluded.body",
+            (program.program_id, program.model_id, program.version, program.floor,
+             program.body, time.time()))
+
+    async def program(self, program_id: str) -> ProgramRecord | None:
+        row = self.store._read("SELECT program_id, model_id, version, floor, body FROM "
+                               "programs WHERE program_id = ?", (program_id,)).fetchone()
+        return None if row is None else ProgramRecord(*row)
+
+    async def fleet_program(self) -> str | None:
+        """The program the whole fleet is meant to serve (None: never recorded)."""
+        row = self.store._read("SELECT program_id FROM fleet_program").fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_fleet_program(self, program_id: str) -> None:
+        self.store._write("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO "
+                          "UPDATE SET program_id = excluded.program_id, ts = excluded.ts",
+                          (program_id, time.time()))
+
+    # --- rollouts ----------------------------------------------------------------------
+
+    async def active(self) -> RolloutRecord | None:
+        row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
+                               "ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else _rollout(row)
+
+    async def latest(self, from_program: str | None = None, to_program: str | None = None
+                     ) -> RolloutRecord | None:
+        """The newest rollout (of ``from_program`` to ``to_program`` if given)."""
+        if from_program is None:
+            row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
+                                   "LIMIT 1").fetchone()
+        else:
+            row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
+                                   "AND to_program = ? ORDER BY id DESC LIMIT 1",
+                                   (from_program, to_program)).fetchone()
+        return None if row is None else _rollout(row)
+
+    async def get(self, rollout_id: int) -> RolloutRecord:
+        row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant columns
+                               (rollout_id,)).fetchone()
+        return _rollout(row)
+
+    async def start(self, from_program: str, candidate: str, to_program: str,
+                    waves: list[int], what: str) -> RolloutRecord:
+        now = time.time()
+        with self.store._transaction():
+            cursor = self.store._db.execute(
+                "INSERT INTO rollouts (started, updated, from_program, candidate, to_program, "
+                "waves, wave, phase) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (now, now, from_program, candidate, to_program, json.dumps(waves),
+                 Phase.SWITCHING.value))
+            rollout_id = int(cursor.lastrowid or 0)
+            self._history(rollout_id, 0, Phase.SWITCHING, what, now)
+        return await self.get(rollout_id)
+
+    async def advance(self, rollout: RolloutRecord, phase: Phase, what: str, *,
+                      wave: int | None = None, verdict: str | None = None) -> RolloutRecord:
+        """Move the rollout (journaled with a line of history) and return it as stored."""
+        now = time.time()
+        wave = rollout.wave if wave is None else wave
+        with self.store._transaction():
+            self.store._db.execute(
+                "UPDATE rollouts SET phase = ?, wave = ?, updated = ?, verdict = ?, "
+                "ended = ? WHERE id = ?",
+                (phase.value, wave, now, rollout.verdict if verdict is None else verdict,
+                 now if phase.ended else None, rollout.id))
+            self._history(rollout.id, wave, phase, what, now)
+        return await self.get(rollout.id)
+
+    async def request(self, rollout: RolloutRecord, *, paused: bool | None = None,
+                      undo: bool = False, what: str) -> None:
+        """An operator's request (pause, resume, undo), for the engine to carry out."""
+        now = time.time()
+        with self.store._transaction():
+            self.store._db.execute(
+                "UPDATE rollouts SET paused = ?, undo = ?, updated = ? WHERE id = ?",
+                (rollout.paused if paused is None else paused, rollout.undo or undo, now,
+                 rollout.id))
+            self._history(rollout.id, rollout.wave, rollout.phase, what, now)
+
+    async def history(self, rollout_id: int) -> list[HistoryRecord]:
+        rows = self.store._read("SELECT ts, wave, phase, what FROM rollout_history WHERE "
+                                "rollout = ? ORDER BY id", (rollout_id,))
+        return [HistoryRecord(*row) for row in rows]
+
+    def _history(self, rollout_id: int, wave: int, phase: Phase, what: str, now: float
+                 ) -> None:
+        self.store._db.execute("INSERT INTO rollout_history (rollout, ts, wave, phase, what) "
+                               "VALUES (?, ?, ?, ?, ?)", (rollout_id, now, wave, phase.value,
+                                                          what))

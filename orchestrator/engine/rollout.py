@@ -1,0 +1,578 @@
+"""Rollouts: a new model version replaces the one the fleet serves, MDP group by
+MDP group (docs/rollouts.md).
+
+The engine's drivers already bring every card to the program its group is to
+run and keep it there (re-keying after resets); a rollout only decides, group by
+group, which version that is. Level-triggered like the rest of the tree: the
+journal says the phase and the wave, the phase says which version each group
+is to run, and the controller switches the groups that differ, never more than
+``max_unavailable`` out of service at once. A kill at any instant and a restart
+continue from the journal's phase and wave; nothing a wave already passed is
+done again.
+
+    switching (wave k) -> gating (serving, smoke, soak) -> switching (wave k+1) ...
+        -> committing (the version sealed with the raised rollback floor) -> committed
+    any failed gate, or `modelip rollout undo` -> rolling back -> rolled back
+
+The candidate is the new version sealed with the old version as its rollback
+floor, so a card that loaded it can still go back; the floor is raised only at
+commit, by loading the version as the plan seals it (one more switch per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from orchestrator.engine.engine import RolloutView
+from orchestrator.engine.events import RolloutChanged
+from orchestrator.engine.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
+from orchestrator.engine.plan import ROLLOUT_NOT_SHARED, Plan
+from orchestrator.engine.prepare import PreparedProgram, describe_body, file_digest
+from orchestrator.engine.rolloutspec import RolloutSpec
+from orchestrator.engine.state import CardState
+from orchestrator.engine.store import SQLiteStore, Store
+from orchestrator.errors import (
+    FormatError,
+    ModelIPError,
+    StateDirError,
+    UsageError,
+    WrongMEKError,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.crypto.mek import MEK
+    from orchestrator.engine.engine import Engine
+
+S = CardState
+_LOOK = 0.5   # seconds between looks at the journal for an operator's request
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSetup:
+    ledger: RolloutLedger
+    record: RolloutRecord
+    spec: RolloutSpec
+    old: PreparedProgram
+    candidate: PreparedProgram
+    final: PreparedProgram
+    smoke_inputs: dict[str, Any]
+    smoke_expect: dict[str, Any] | None
+    fresh: bool           # started by this run (not resumed from the journal)
+
+
+def program_record(program: PreparedProgram) -> ProgramRecord:
+    return ProgramRecord(program.program_id, program.model_id, program.version, program.floor,
+                         str(program.body))
+
+
+async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
+                  retry: bool, prepare: Callable[[Plan], PreparedProgram]
+                  ) -> RolloutSetup | None:
+    """The rollout this run carries out, if the fleet serves another version (or one
+    is in progress, or was rolled back); None: every group runs the plan's program.
+
+    ``prepare(plan)`` seals a plan's model (the candidate: the old floor kept).
+    UsageError: a rollout of another version is in progress; the previous version's
+    body is gone or under another MEK; the plan's version is below the fleet's floor.
+    """
+    if not isinstance(store, SQLiteStore):
+        if plan.rollout is not None:
+            raise UsageError(f"{plan.source}: rollout: {ROLLOUT_NOT_SHARED}")
+        return None
+    ledger = RolloutLedger(store)
+    await ledger.record_program(program_record(final))
+    current = await ledger.fleet_program()
+    if current is None:
+        await ledger.set_fleet_program(final.program_id)
+    record = await ledger.active()
+    if record is not None and record.to_program != final.program_id:
+        was = await ledger.program(record.from_program)
+        will = await ledger.program(record.to_program)
+        raise UsageError(
+            f"{plan.source}: a rollout from version {was.version if was else '?'} to version "
+            f"{will.version if will else '?'} is in progress (wave {record.wave + 1} of "
+            f"{len(record.waves)}, {record.phase.value}): deploy that version's plan to finish "
+            "it, or `modelip rollout undo` it first")
+    fresh = record is None
+    if record is None:
+        if current is None or current == final.program_id:
+            return None
+        serving = await ledger.program(current)
+        if serving is not None and final.version < serving.floor:
+            raise UsageError(f"{plan.source}: model.version {final.version} is below the "
+                             f"rollback floor the fleet's cards hold ({serving.floor}, from "
+                             f"version {serving.version}): they would refuse it")
+        if plan.rollout is None:  # replaced at once (docs/rollouts.md: no rollout: section)
+            await ledger.set_fleet_program(final.program_id)
+            return None
+        record = await ledger.latest(current, final.program_id)
+        if record is not None and (retry or record.phase is not Phase.ROLLED_BACK):
+            record = None   # tried again (--retry-rollout), or an old rollout's record
+    if plan.rollout is None:
+        raise UsageError(f"{plan.source}: a rollout of this version is in progress: the "
+                         "plan needs its rollout: section to carry it on")
+    old = await _recorded(plan, ledger, record.from_program if record else current, mek,
+                          "the previous version")
+    if record is not None:  # resumed or held: exactly the bodies it started with
+        candidate = await _recorded(plan, ledger, record.candidate, mek, "the candidate")
+    else:
+        candidate = final
+        if final.floor > old.version:  # keep the way back open until commit
+            candidate = await anyio.to_thread.run_sync(prepare, dataclasses.replace(
+                plan, model=dataclasses.replace(plan.model, rollback_floor=old.version)))
+        await ledger.record_program(program_record(candidate))
+    groups = _group_count(plan)
+    if record is None:
+        waves = plan.rollout.waves(groups)
+        record = await ledger.start(
+            old.program_id, candidate.program_id, final.program_id, waves,
+            f"version {old.version} -> {final.version}: {len(waves)} wave(s) ending at "
+            f"{', '.join(map(str, waves))} of {groups} groups")
+    elif record.groups != groups:
+        raise UsageError(f"{plan.source}: the fleet has {groups} MDP groups, the rollout in "
+                         f"progress was planned for {record.groups}: `modelip rollout undo` "
+                         "it, or restore the fleet")
+    inputs, expect = _smoke_arrays(plan.rollout, final)
+    return RolloutSetup(ledger, record, plan.rollout, old, candidate, final, inputs, expect,
+                        fresh)
+
+
+def _group_count(plan: Plan) -> int:
+    if plan.emulated is not None:
+        cards = plan.emulated.hosts * plan.emulated.devices_per_host
+    else:
+        cards = sum(len(h.devices) for h in plan.hosts)
+    return cards // plan.group_size
+
+
+async def _recorded(plan: Plan, ledger: RolloutLedger, program_id: str | None, mek: MEK,
+                    role: str) -> PreparedProgram:
+    """A program the journal recorded (its body in the cache), checked again."""
+    record = await ledger.program(program_id) if program_id else None
+    if record is None:
+        raise UsageError(f"{plan.source}: the journal does not say which program the fleet "
+                         "serves: a rollout needs the previous version (deploy without "
+                         "rollout: to replace it at once)")
+    body = Path(record.body)
+    where = f"{plan.source}: {role} (version {record.version}, program " \
+            f"{record.program_id[:16]})"
+    try:
+        if file_digest(body) != record.program_id:
+            raise UsageError(f"{where}: {body} was changed since it was deployed")
+        return describe_body(body, record.program_id, mek, plan.group_size)
+    except OSError as err:
+        raise UsageError(f"{where}: {body}: {err.strerror or err}: a rollout needs its body "
+                         "(deploy without rollout: to replace the fleet's version at once)"
+                         ) from None
+    except WrongMEKError:
+        raise UsageError(f"{where} is sealed under another MEK: a rollout needs both "
+                         "versions under the plan's MEK") from None
+
+
+def _smoke_arrays(spec: RolloutSpec, program: PreparedProgram
+                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(inputs, expected outputs) of the smoke test: read now, so a bad file is one
+    line before anything starts. No input file: zeros of the declared shapes."""
+    import numpy as np
+
+    smoke = spec.smoke
+    if smoke is None:
+        return {}, None
+    if smoke.input is not None:
+        inputs = _arrays(smoke.input)
+        if set(inputs) == {""}:
+            if len(program.model_inputs) != 1:
+                raise FormatError(str(smoke.input), f"the model has {len(program.model_inputs)} "
+                                  "inputs: give an .npz keyed by input name")
+            inputs = {program.model_inputs[0]: inputs[""]}
+    else:
+        if not program.input_specs:
+            raise UsageError("rollout.smoke: the model does not declare its inputs: give "
+                             "smoke.input")
+        inputs = {t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape],
+                                   dtype=t.dtype) for t in program.input_specs}
+    return inputs, (_arrays(smoke.expect) if smoke.expect is not None else None)
+
+
+def _arrays(path: Path) -> dict[str, Any]:
+    import numpy as np
+
+    try:
+        with open(path, "rb") as handle:
+            if path.suffix == ".npz":
+                with np.load(handle, allow_pickle=False) as archive:
+                    return {name: archive[name] for name in archive.files}
+            return {"": np.load(handle, allow_pickle=False)}
+    except (ValueError, OSError) as err:
+        raise FormatError(str(path), f"not a numpy .npy/.npz file ({err})") from None
+
+
+class Rollout:
+    """Drives one rollout inside an Engine (started by Engine.run)."""
+
+    def __init__(self, engine: Engine, setup: RolloutSetup) -> None:
+        self.engine = engine
+        self.ledger = setup.ledger
+        self.record = setup.record
+        self.spec = setup.spec
+        self.old, self.candidate, self.final = setup.old, setup.candidate, setup.final
+        self.smoke_inputs, self.smoke_expect = setup.smoke_inputs, setup.smoke_expect
+        engine.ctx.offer(self.old, self.candidate, self.final)
+        self.order = sorted(engine.groups)
+        self.note = ""
+        self.ended = anyio.Event()
+        self._opening = "started" if setup.fresh else (
+            f"held: {self.record.verdict} (`modelip deploy --retry-rollout` tries again)"
+            if self.rolled_back else "resumed from the journal")
+
+    # --- what the phase wants -------------------------------------------------------
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.record.phase is Phase.ROLLED_BACK
+
+    @property
+    def floor(self) -> int:
+        return max(0, len(self.order) - self.spec.max_unavailable)
+
+    def desired(self, position: int) -> PreparedProgram:
+        phase = self.record.phase
+        if phase in (Phase.ROLLING_BACK, Phase.ROLLED_BACK):
+            return self.old
+        if phase in (Phase.COMMITTING, Phase.COMMITTED):
+            return self.final
+        return self.candidate if position < self.record.waves[self.record.wave] else self.old
+
+    def target(self, group: int) -> str:
+        return self.engine.groups[group][0].machine.program_id
+
+    def wave_groups(self, wave: int) -> list[int]:
+        start = self.record.waves[wave - 1] if wave else 0
+        return self.order[start:self.record.waves[wave]]
+
+    async def place(self) -> None:
+        """Before any card is driven: each group keeps the rollout's version its cards
+        are known to hold; a group with none (or a mix) gets what the phase wants.
+        Whatever else must change is then switched at the pace of the rollout."""
+        records = {(r.host, r.device): r for r in await self.engine.store.cards()}
+        known = {self.old.program_id, self.candidate.program_id, self.final.program_id}
+        for position, group in enumerate(self.order):
+            held = set()
+            for driver in self.engine.groups[group]:
+                record = records.get((driver.machine.host, driver.machine.device))
+                good = record.known_good if record else None
+                held.add(good.program_id if good else "")
+            target = held.pop() if len(held) == 1 else ""
+            if target not in known:
+                target = self.desired(position).program_id
+            for driver in self.engine.groups[group]:
+                driver.machine.program_id = target
+
+    # --- the task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self.engine.deployed.wait()  # every card looked at once: start from truth
+            self._announce(self._opening)
+            await self._drive()
+            await self._converge(judge=False)  # ended: hold the fleet where the verdict put it
+            self.note = ""
+        except StateDirError as err:
+            self.engine.ctx.escalate(err)
+            return
+        except Exception as exc:  # a bug: the fleet keeps serving what each group runs  # noqa: BLE001
+            self.note = "stopped: " + self.engine.ctx.internal_error("rollout", exc)
+        self.ended.set()
+        self.engine.finished.set()
+
+    async def _drive(self) -> None:
+        while not self.record.phase.ended:
+            phase, wave, last = self.record.phase, self.record.wave, len(self.record.waves) - 1
+            if phase in (Phase.SWITCHING, Phase.GATING) and self.record.undo:
+                await self._advance(Phase.ROLLING_BACK, "undone by the operator",
+                                    verdict="undone by the operator (modelip rollout undo)")
+            elif phase is Phase.SWITCHING:
+                failed = await self._converge(judge=True)
+                if failed:
+                    await self._fail(failed)
+                elif not self.record.undo:
+                    await self._advance(Phase.GATING, f"wave {wave + 1} of {last + 1} switched: "
+                                        f"{self.record.waves[wave]} group(s) on version "
+                                        f"{self.final.version}")
+            elif phase is Phase.GATING:
+                failed, passed = await self._gate()
+                if failed:
+                    await self._fail(failed)
+                elif self.record.undo:
+                    continue
+                elif wave < last:
+                    self._announce(passed)
+                    await self._between_waves()
+                    if not self.record.undo:
+                        await self._advance(Phase.SWITCHING, f"{passed}; wave {wave + 2} of "
+                                            f"{last + 1}", wave=wave + 1)
+                elif self.final.program_id != self.candidate.program_id:
+                    await self._advance(Phase.COMMITTING, f"{passed}; every wave passed: "
+                                        f"loading version {self.final.version} with rollback "
+                                        f"floor {self.final.floor}")
+                else:
+                    await self._commit(f"{passed}; ")
+            elif phase is Phase.ROLLING_BACK:
+                await self._converge(judge=False)
+                await self._advance(Phase.ROLLED_BACK, f"every group runs version "
+                                    f"{self.old.version} again")
+            elif phase is Phase.COMMITTING:
+                await self._converge(judge=False)
+                await self._commit()
+
+    async def _commit(self, passed: str = "") -> None:
+        await self.ledger.set_fleet_program(self.final.program_id)
+        await self._advance(Phase.COMMITTED, f"{passed}version {self.final.version} on every "
+                            "group, "
+                            f"rollback floor {self.final.floor}: no way back to version "
+                            f"{self.old.version}")
+
+    async def _fail(self, why: str) -> None:
+        await self._advance(Phase.ROLLING_BACK, f"wave {self.record.wave + 1} failed: {why}",
+                            verdict=why)
+
+    # --- switching ----------------------------------------------------------------------
+
+    async def _converge(self, *, judge: bool) -> str | None:
+        """Switch every group the phase wants on another version, never taking more
+        than max_unavailable out of service at once; wait until they serve it.
+
+        ``judge``: a switched group that cannot serve the new version is a verdict
+        against it (returned). Groups whose host is down are switched without being
+        waited for (they come up on their version when the host is back)."""
+        waited: dict[int, float] = {}
+        timeout = self.engine.plan.timeouts.card
+        while True:
+            await self._refresh()
+            if judge and self.record.undo:
+                return None
+            now = time.monotonic()
+            todo: list[tuple[int, str]] = []
+            for position, group in enumerate(self.order):
+                want = self.desired(position).program_id
+                if self.target(group) != want:
+                    todo.append((group, want))
+            for group, since in list(waited.items()):
+                if self.engine.group_serving(group):
+                    del waited[group]
+                elif judge and (broken := self._broken(group)):
+                    return f"group {group}: {broken}"
+                elif now - since > timeout:
+                    if judge:
+                        return (f"group {group} does not serve version "
+                                f"{self._program(group).version} after {timeout:g} s: "
+                                f"{self._why_not(group)}")
+                    del waited[group]
+                    self._announce(f"gave up waiting for group {group}: {self._why_not(group)}")
+            if not todo and not waited:
+                return None
+            if todo and (not self.record.paused or self.record.phase is Phase.ROLLING_BACK):
+                out = sum(not self.engine.group_serving(g) for g in self.order)
+                for group, want in todo:
+                    down = not self.engine.group_serving(group)
+                    if not down and out >= self.spec.max_unavailable:
+                        continue
+                    self._switch(group, want)
+                    out += not down
+                    if not self._host_down(group):
+                        waited[group] = now
+            self.note = self._waiting_note(todo, waited)
+            with anyio.move_on_after(_LOOK):
+                await self.engine.changed()
+
+    def _switch(self, group: int, program_id: str) -> None:
+        for driver in self.engine.groups[group]:
+            driver.retarget(program_id)
+        program = self.engine.ctx.programs[program_id]
+        self._announce(f"group {group} ({self._where(group)}) switched to version "
+                       f"{program.version} (rollback floor {program.floor})")
+
+    # --- the gate -----------------------------------------------------------------------
+
+    async def _gate(self) -> tuple[str | None, str]:
+        """The wave's groups serve the new version, pass the smoke inference, and stay
+        serving for the soak time (a re-key after a reset restarts the soak clock; a
+        card quarantined or failed is a verdict)."""
+        wave = self.record.wave
+        judged = [g for g in self.wave_groups(wave) if not self._host_down(g)]
+        deadline = time.monotonic() + self.engine.plan.timeouts.card + self.spec.soak
+        smoked: set[int] = set()
+        stable_since: float | None = None
+        while True:
+            await self._refresh()
+            if self.record.undo:
+                return None, ""
+            now = time.monotonic()
+            for group in judged:
+                if broken := self._broken(group):
+                    return f"group {group}: {broken}", ""
+            serving = all(self.engine.group_serving(g) for g in judged)
+            if serving:
+                for group in judged:
+                    if group not in smoked:
+                        self.note = f"smoke inference on group {group}"
+                        failed = await self._smoke(group)
+                        if failed:
+                            return failed, ""
+                        smoked.add(group)
+                stable_since = stable_since if stable_since is not None else now
+                if now - stable_since >= self.spec.soak:
+                    return None, (f"wave {wave + 1} passed: {len(judged)} new group(s) serve "
+                                  f"version {self.final.version}"
+                                  f"{', smoke passed' if self.spec.smoke else ''}"
+                                  f"{f', soaked {self.spec.soak:g} s' if self.spec.soak else ''}")
+                self.note = f"soak: {self.spec.soak - (now - stable_since):.0f} s left"
+            else:
+                stable_since = None
+                self.note = f"wave {wave + 1}: waiting for its groups to serve"
+            if now > deadline:
+                late = [g for g in judged if not self.engine.group_serving(g)]
+                return (f"wave {wave + 1} did not stay serving for {self.spec.soak:g} s "
+                        f"(group {late[0] if late else '?'}: "
+                        f"{self._why_not(late[0]) if late else 'unsteady'})"), ""
+            with anyio.move_on_after(min(_LOOK, max(0.05, self.spec.soak / 4))):
+                await self.engine.changed()
+
+    async def _smoke(self, group: int) -> str | None:
+        smoke = self.spec.smoke
+        if smoke is None:
+            return None
+        try:
+            outputs = await self.engine.execute(self.smoke_inputs, group=group)
+        except (ModelIPError, TimeoutError) as err:
+            return f"smoke inference on group {group} failed: {err or 'timed out'}"
+        return smoke_verdict(outputs, self.smoke_expect, rtol=smoke.rtol, atol=smoke.atol,
+                             group=group)
+
+    async def _between_waves(self) -> None:
+        ends = time.monotonic() + self.spec.pause
+        while not self.record.undo and (self.record.paused or time.monotonic() < ends):
+            left = ends - time.monotonic()
+            self.note = "paused by the operator" if self.record.paused else \
+                f"next wave in {left:.0f} s"
+            await anyio.sleep(min(_LOOK, max(0.01, left)) if not self.record.paused else _LOOK)
+            await self._refresh()
+
+    # --- journal and announcements ----------------------------------------------------
+
+    async def _refresh(self) -> None:
+        """The operator's requests (pause, resume, undo) arrive through the journal."""
+        before = self.record
+        self.record = await self.ledger.get(self.record.id)
+        if self.record.paused != before.paused:
+            self._announce("paused by the operator" if self.record.paused
+                           else "resumed by the operator")
+        if self.record.undo and not before.undo:
+            self._announce("undo requested by the operator")
+
+    async def _advance(self, phase: Phase, what: str, *, wave: int | None = None,
+                       verdict: str | None = None) -> None:
+        self.record = await self.ledger.advance(self.record, phase, what, wave=wave,
+                                                verdict=verdict)
+        self._announce(what)
+
+    def _announce(self, what: str) -> None:
+        view = self.view()
+        self.engine.ctx.emit(RolloutChanged(
+            rollout=view.id, phase=view.phase, wave=view.wave, waves=view.waves,
+            from_version=view.from_version, to_version=view.to_version,
+            groups_new=view.groups_new, groups=view.groups, serving=view.serving,
+            floor=view.floor, paused=view.paused, what=what, verdict=view.verdict))
+
+    def view(self) -> RolloutView:
+        record = self.record
+        new = {self.candidate.program_id, self.final.program_id}
+        return RolloutView(
+            record.id, record.phase.value, record.wave + 1, len(record.waves),
+            self.old.version, self.final.version,
+            sum(self.target(g) in new for g in self.order), len(self.order),
+            sum(map(self.engine.group_serving, self.order)), self.floor, record.paused,
+            record.verdict, self.note)
+
+    def describe(self) -> str:
+        """One line for the summary."""
+        r, v = self.record, self.view()
+        head = f"rollout {r.id} of version {v.from_version} -> {v.to_version}"
+        if r.phase is Phase.COMMITTED:
+            return f"{head}: committed ({v.waves} waves)"
+        if r.phase is Phase.ROLLED_BACK:
+            return f"{head}: rolled back at wave {v.wave} of {v.waves}: {r.verdict}"
+        return f"{head}: {r.phase.value}, wave {v.wave} of {v.waves}" + \
+            (f" ({self.note})" if self.note else "")
+
+    # --- groups ---------------------------------------------------------------------------
+
+    def _program(self, group: int) -> PreparedProgram:
+        return self.engine.ctx.programs[self.target(group)]
+
+    def _where(self, group: int) -> str:
+        drivers = self.engine.groups[group]
+        return f"{drivers[0].machine.host} cards " + ",".join(
+            str(d.machine.device) for d in drivers)
+
+    def _host_down(self, group: int) -> bool:
+        return any(d.host.down for d in self.engine.groups[group])
+
+    def _broken(self, group: int) -> str:
+        for driver in self.engine.groups[group]:
+            m = driver.machine
+            if m.state in (S.QUARANTINED, S.FAILED):
+                return f"{m.name} {m.state.value}: {m.reason}"
+        return ""
+
+    def _why_not(self, group: int) -> str:
+        for driver in self.engine.groups[group]:
+            if not driver.serving:
+                m = driver.machine
+                return f"{m.name} {m.state.value}" + (f": {m.reason}" if m.reason else "")
+        return "serving"
+
+    def _waiting_note(self, todo: list[tuple[int, str]], waited: dict[int, float]) -> str:
+        if todo and self.record.paused and self.record.phase is not Phase.ROLLING_BACK:
+            return f"paused by the operator ({len(todo)} group(s) to switch)"
+        if todo:
+            return f"{len(todo)} group(s) to switch, {len(waited)} switching " \
+                   f"(max_unavailable {self.spec.max_unavailable})"
+        return f"{len(waited)} group(s) switching"
+
+
+def smoke_verdict(outputs: dict[str, Any], expect: dict[str, Any] | None, *, rtol: float,
+                  atol: float, group: int) -> str | None:
+    """None if the outputs pass; else what is wrong, in one line."""
+    import numpy as np
+
+    if expect is None:
+        for name, value in outputs.items():
+            if not np.all(np.isfinite(value)):
+                return f"smoke on group {group}: output {name!r} is not finite"
+        return None
+    if set(expect) == {""} and len(outputs) == 1:
+        expect = {next(iter(outputs)): expect[""]}
+    for name, wanted in expect.items():
+        got = outputs.get(name)
+        if got is None:
+            return f"smoke on group {group}: the model has no output {name!r}"
+        if got.shape != wanted.shape:
+            return (f"smoke on group {group}: output {name!r} has shape {list(got.shape)}, "
+                    f"expected {list(wanted.shape)}")
+        if not np.allclose(got, wanted, rtol=rtol, atol=atol):
+            worst = float(np.max(np.abs(got.astype(np.float64) - wanted)))
+            return (f"smoke on group {group}: output {name!r} differs from the expected "
+                    f"(largest difference {worst:.3g}, rtol {rtol:g}"
+                    f"{f', atol {atol:g}' if atol else ''})")
+    return None
+
+
+__all__ = ["Rollout", "RolloutSetup", "arrange", "smoke_verdict"]

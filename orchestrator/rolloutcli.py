@@ -1,0 +1,167 @@
+"""modelip rollout status | pause | resume | undo PLAN (docs/rollouts.md).
+
+Requests are written into the plan's journal; the orchestrator running the plan
+(deploy or watch) carries them out within a second, or the next one does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    import anyio
+
+    from orchestrator.engine.plan import Plan
+    from orchestrator.engine.store import SQLiteStore
+
+    plan = Plan.load(args.plan)
+    if plan.shared:
+        from orchestrator.engine.plan import ROLLOUT_NOT_SHARED
+
+        raise UsageError(f"{plan.source}: {ROLLOUT_NOT_SHARED}")
+    if not plan.journal_path.exists():
+        raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
+                         "(run `modelip deploy` first)")
+    action = args.rollout_command
+    with SQLiteStore(plan.journal_path, read_only=action == "status") as journal:
+        if action == "status":
+            view = anyio.run(_status, journal)
+            if args.json:
+                print(json.dumps(view, indent=2))
+            else:
+                _print_status(view)
+            return 0
+        return anyio.run(_request, journal, plan, action)
+
+
+async def _status(journal: Any) -> dict[str, Any]:
+    from orchestrator.engine.events import iso_time
+    from orchestrator.engine.ledger import RolloutLedger
+
+    ledger = RolloutLedger(journal)
+    current = await ledger.fleet_program()
+    serving = await ledger.program(current) if current else None
+    view: dict[str, Any] = {
+        "fleet_program": current, "fleet_version": serving.version if serving else None,
+        "rollout": None}
+    record = await ledger.latest()
+    if record is None:
+        return view
+    versions = {pid: (p.version if p else None) for pid in
+                (record.from_program, record.candidate, record.to_program)
+                for p in [await ledger.program(pid)]}
+    groups: dict[int, set[str]] = {}
+    for card in await journal.cards():
+        good = card.known_good.program_id if card.known_good else ""
+        groups.setdefault(card.group, set()).add(good)
+    by_program = Counter(next(iter(held)) if len(held) == 1 else "" for held in groups.values())
+    view["rollout"] = {
+        "id": record.id, "phase": record.phase.value, "wave": record.wave + 1,
+        "waves": list(record.waves), "paused": record.paused, "undo_requested": record.undo,
+        "verdict": record.verdict, "started": iso_time(record.started),
+        "ended": iso_time(record.ended) if record.ended else None,
+        "from": {"program": record.from_program, "version": versions[record.from_program]},
+        "candidate": {"program": record.candidate, "version": versions[record.candidate]},
+        "to": {"program": record.to_program, "version": versions[record.to_program]},
+        "groups": {"old": by_program[record.from_program],
+                   "new": by_program[record.candidate] + (
+                       by_program[record.to_program] if record.to_program != record.candidate
+                       else 0),
+                   "other": sum(n for pid, n in by_program.items() if pid not in
+                                (record.from_program, record.candidate, record.to_program)),
+                   "total": len(groups)},
+        "history": [{"time": iso_time(h.ts), "wave": h.wave + 1, "phase": h.phase,
+                     "what": h.what} for h in await ledger.history(record.id)]}
+    return view
+
+
+def _print_status(view: dict[str, Any]) -> None:
+    r = view["rollout"]
+    if r is None:
+        version = view["fleet_version"]
+        print("no rollout recorded" + (f"; the fleet serves version {version} (program "
+                                       f"{view['fleet_program'][:16]})" if version else ""))
+        return
+    flags = " (paused)" if r["paused"] else ""
+    flags += " (undo requested)" if r["undo_requested"] and r["phase"] in (
+        "switching", "gating") else ""
+    print(f"rollout {r['id']}: version {r['from']['version']} -> {r['to']['version']}, "
+          f"{r['phase']}, wave {r['wave']} of {len(r['waves'])}{flags}")
+    g = r["groups"]
+    other = f", {g['other']} on neither yet" if g["other"] else ""
+    print(f"groups (as last recorded): {g['new']} on version {r['to']['version']}, {g['old']} "
+          f"on version {r['from']['version']}{other}, of {g['total']}")
+    print(f"waves end at {', '.join(map(str, r['waves']))} groups")
+    if r["verdict"]:
+        print(f"verdict: {r['verdict']}")
+    for h in r["history"]:
+        print(f"  {h['time'][:19].replace('T', ' ')}  wave {h['wave']}  {h['phase']:<12} "
+              f"{h['what']}")
+
+
+async def _request(journal: Any, plan: Any, action: str) -> int:
+    from orchestrator.engine.ledger import Phase, RolloutLedger
+
+    ledger = RolloutLedger(journal)
+    record = await ledger.active()
+    if record is None:
+        last = await ledger.latest()
+        said = f" (the last one was {last.phase.value})" if last else ""
+        raise UsageError(f"{plan.source}: no rollout in progress{said}")
+    if action == "undo":
+        if record.phase is Phase.COMMITTING:
+            raise UsageError(f"{plan.source}: rollout {record.id} is committing: cards are "
+                             "taking on the raised rollback floor, there is no way back")
+        if record.phase is Phase.ROLLING_BACK or record.undo:
+            print(f"rollout {record.id}: already rolling back")
+            return 0
+        await ledger.request(record, undo=True, what="undo requested (modelip rollout undo)")
+    elif (action == "pause") == record.paused:
+        print(f"rollout {record.id}: already {'paused' if record.paused else 'running'}")
+        return 0
+    else:
+        await ledger.request(record, paused=action == "pause",
+                             what=f"{action} requested (modelip rollout {action})")
+    pid = _orchestrator_pid(plan.state_dir)
+    if pid:
+        print(f"rollout {record.id}: {action} requested; the orchestrator running this plan "
+              f"(pid {pid}) carries it out within a second")
+    else:
+        print(f"rollout {record.id}: {action} requested; no orchestrator runs this plan now: "
+              f"`modelip deploy {plan.source}` carries it out")
+    return 0
+
+
+def _orchestrator_pid(state_dir: Path) -> int | None:
+    """The pid in the state directory's lock, if that process is alive (a hint for the
+    message only: the lock itself is not touched, so a deploy starting now is not hurt)."""
+    try:
+        pid = int((state_dir / "lock").read_text().strip() or 0)
+        if pid:
+            os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid or None
+
+
+def register(sub: Any) -> None:
+    rollout = sub.add_parser("rollout", help="a rollout of a new model version: status, "
+                             "pause, resume, undo (docs/rollouts.md)")
+    actions = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
+    for name, text in (("status", "where the rollout stands, wave by wave"),
+                       ("pause", "switch no more groups until resumed"),
+                       ("resume", "carry on after a pause"),
+                       ("undo", "roll every switched group back to the previous version")):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("plan")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="everything, for scripts")
+        p.set_defaults(handler=cmd_rollout)
