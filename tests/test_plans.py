@@ -98,6 +98,10 @@ WRONG = [
     ("timeouts.rpc", 0), ("timeouts.load", -1), ("timeouts.card", "x"),
     ("state_dir", 5), ("store", "mysql://db/x"), ("replicas.lease_ttl", 0),
     ("groups.size", 2),
+    ("rollout.canary", -1), ("rollout.steps", "25%"), ("rollout.max_unavailable", 0),
+    ("rollout.pause", -1), ("rollout.soak", "x"), ("rollout.smoke.check", "sane"),
+    ("rollout.smoke.input", "missing.npz"), ("rollout.smoke.expect", 5),
+    ("rollout.smoke.rtol", -1), ("rollout.smoke.atol", "x"),
 ]
 
 

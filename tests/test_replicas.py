@@ -29,7 +29,7 @@ import pytest
 from orchestrator.crypto.mek import MEK, write_mek
 from orchestrator.engine.pgstore import MIGRATIONS, PostgresStore
 from orchestrator.engine.plan import Plan
-from orchestrator.engine.prepare import prepare_program
+from orchestrator.engine.prepare import prepare_program, sealing_source
 from orchestrator.engine.state import CardState, CardTransition
 from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable
 from orchestrator.transport.client import HostClient
@@ -158,7 +158,7 @@ async def test_an_unreachable_store_is_one_clear_error(tmp_path: Path) -> None:
 def test_replicas_reproduce_the_same_body_from_the_recorded_salt(tmp_path: Path) -> None:
     mek = MEK.generate()
     (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
-    programs = []
+    programs, keys = [], []
     for name in ("a", "b", "c"):
         plan_file = tmp_path / f"{name}.yaml"
         plan_file.write_text(f"model: {{onnx: tiny.onnx}}\nmek: {{generate: true}}\n"
@@ -166,10 +166,11 @@ def test_replicas_reproduce_the_same_body_from_the_recorded_salt(tmp_path: Path)
         plan = Plan.load(plan_file)
         salt = programs[0].salt if name == "b" else None
         programs.append(prepare_program(plan, mek, salt=salt))
+        keys.append(sealing_source(plan, mek)[2])
     a, b, c = programs
     assert a.body.read_bytes() == b.body.read_bytes() and a.program_id == b.program_id
     assert c.program_id != a.program_id        # a fresh salt: another body
-    assert a.source_key == b.source_key == c.source_key
+    assert keys[0] == keys[1] == keys[2]
 
 
 # --- replicas as processes against `modelip emulate` ----------------------------------------

@@ -100,7 +100,6 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
             f"{will.version if will else '?'} is in progress (wave {record.wave + 1} of "
             f"{len(record.waves)}, {record.phase.value}): deploy that version's plan to finish "
             "it, or `modelip rollout undo` it first")
-    fresh = record is None
     if record is None:
         if current is None or current == final.program_id:
             return None
@@ -129,6 +128,7 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
                 plan, model=dataclasses.replace(plan.model, rollback_floor=old.version)))
         await ledger.record_program(program_record(candidate))
     groups = _group_count(plan)
+    fresh = record is None
     if record is None:
         waves = plan.rollout.waves(groups)
         record = await ledger.start(

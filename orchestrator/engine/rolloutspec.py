@@ -101,20 +101,29 @@ def read_rollout(reader: Reader, path_of: Callable[[Reader, str], Path]) -> Roll
                        smoke)
 
 
+def _tolerance(reader: Reader, key: str, default: float) -> float:
+    """A number >= 0; ``1e-3`` too, which YAML 1.1 (PyYAML) reads as a string."""
+    def problem(value: object) -> str | None:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except ValueError:
+            return f"must be a number, got {value!r}"
+        return None if number >= 0 and math.isfinite(number) else "must be a number >= 0"
+
+    return float(reader.get(key, (int, float, str), default, check=problem))
+
+
 def _smoke(reader: Reader, path_of: Callable[[Reader, str], Path]) -> SmokeSpec:
     check = reader.get("check", str, None, check=lambda v: None if v == "finite"
                        else "must be finite (or give expect: with the expected outputs)")
-    given = reader.get("input", str)
-    expected = reader.get("expect", str)
+    given = path_of(reader, "input") if reader.has("input") else None
+    expected = path_of(reader, "expect") if reader.has("expect") else None
+    rtol, atol = _tolerance(reader, "rtol", 1e-3), _tolerance(reader, "atol", 0.0)
+    reader.done()
     if (check is None) == (expected is None):
         raise Problem(reader.node.line, "rollout.smoke",
                       "give exactly one of expect (expected outputs, .npy/.npz) or check: finite")
     if expected is not None and given is None:
         raise Problem(reader.node.line, "rollout.smoke.input",
                       "is required with expect (the input the expected outputs answer)")
-    rtol = float(reader.get("rtol", (int, float), 1e-3, check=non_negative))
-    atol = float(reader.get("atol", (int, float), 0.0, check=non_negative))
-    spec = SmokeSpec(path_of(reader, "input") if given else None,
-                     path_of(reader, "expect") if expected else None, rtol, atol)
-    reader.done()
-    return spec
+    return SmokeSpec(given, expected, rtol, atol)
