@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Self
 
+# Not an error: the exit code of a deploy or watch whose rollout was rolled back
+# (a failed gate, or `modelip rollout undo`); the fleet serves the previous version.
+ROLLED_BACK_EXIT = 6
+
 
 class ModelIPError(Exception):
     """Root of every error modelip raises on purpose.

@@ -40,12 +40,22 @@ def sample_mlp(seed: int = 0, width: int = 8) -> object:
     return model
 
 
+def _run(model: object, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(),  # type: ignore[attr-defined]
+                                           providers=["CPUExecutionProvider"])
+    output: np.ndarray = session.run(None, {"x": x})[0]
+    return output
+
+
 def write_samples(directory: Path) -> list[tuple[str, str]]:
     """Write the sample files into ``directory``; (name, what it is) for each."""
     from orchestrator.atomicfile import write_bytes_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 8)).astype(np.float32)
 
     def npz(**arrays: np.ndarray) -> bytes:
         buffer = io.BytesIO()
@@ -60,8 +70,11 @@ def write_samples(directory: Path) -> list[tuple[str, str]]:
     files = {
         "model.onnx": (sample_mlp().SerializeToString(),  # type: ignore[attr-defined]
                        "an ONNX model: input x [1, 8] float32, output y [1, 4]"),
-        "x.npz": (npz(x=rng.standard_normal((1, 8)).astype(np.float32)),
-                  "an input for model.onnx"),
+        "model-v2.onnx": (sample_mlp(seed=1).SerializeToString(),  # type: ignore[attr-defined]
+                          "the same model retrained (other weights): a version 2 to roll out"),
+        "x.npz": (npz(x=x), "an input for model.onnx"),
+        "expect.npz": (npz(y=_run(sample_mlp(), x)), "model.onnx's output for x.npz (a smoke "
+                  "test's expected output)"),
         "image.npy": (npy(rng.standard_normal((1, 3, 224, 224)).astype(np.float32)),
                       "an input for plans/demo.yaml's ResNet-50 [1, 3, 224, 224]"),
         "network.elf": (os.urandom(64 << 10), "a 64 KiB program segment (random bytes)"),

@@ -134,6 +134,7 @@ def test_the_readme_exit_code_table_matches_the_code() -> None:
     import re
 
     from orchestrator.errors import (
+        ROLLED_BACK_EXIT,
         InputError,
         StateError,
         TransportError,
@@ -144,7 +145,7 @@ def test_the_readme_exit_code_table_matches_the_code() -> None:
     table = {int(code) for code in re.findall(r"^\| *(\d+) \|", readme, flags=re.M)}
     codes = {InputError.exit_code, VerificationError.exit_code, TransportError.exit_code,
              StateError.exit_code}
-    assert codes | {0, 130} == table
+    assert codes | {0, 130, ROLLED_BACK_EXIT} == table
 
 
 def test_an_unknown_plan_key_names_the_nearest_known_one(work: Path) -> None:

@@ -38,6 +38,7 @@ from orchestrator.engine.state import (
 )
 from orchestrator.engine.store import Store
 from orchestrator.errors import (
+    ROLLED_BACK_EXIT,
     IntegrityError,
     ProgramNotLoaded,
     SessionInvalidError,
@@ -271,7 +272,7 @@ class Engine:
         if any(c.state is S.QUARANTINED for c in not_serving):
             return 3, not_serving
         if self.rollout is not None and self.rollout.rolled_back:
-            return 6, not_serving
+            return ROLLED_BACK_EXIT, not_serving
         return (4 if not_serving else 0), not_serving
 
     def summary(self) -> Summary:
