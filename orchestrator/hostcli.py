@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator import argtypes
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
-from orchestrator.errors import FileInputError, FormatError, UsageError
+from orchestrator.errors import FileInputError, UsageError
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -211,20 +211,11 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def read_inputs(path: str | None) -> dict[str, Any]:
-    import numpy as np
+    from orchestrator.arrays import read_arrays
 
     if not path:
         raise UsageError("device exec: --input x.npy (or .npz keyed by input name) is required")
-    try:
-        with open(path, "rb") as handle:
-            if path.endswith(".npz"):
-                with np.load(handle, allow_pickle=False) as archive:
-                    return {name: archive[name] for name in archive.files}
-            return {"": np.load(handle, allow_pickle=False)}
-    except FileNotFoundError:
-        raise FileInputError(path, "input file not found") from None
-    except (ValueError, OSError) as err:
-        raise FormatError(path, f"not a numpy .npy/.npz file ({err})") from None
+    return read_arrays(path)
 
 
 def write_outputs(path: str | None, outputs: dict[str, Any]) -> None:

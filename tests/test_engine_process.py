@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,32 +14,15 @@ import anyio
 import pytest
 
 from orchestrator.engine.store import SQLiteStore
+from tests.emulate import MODELIP, emulate
 from tests.models import tiny_mlp
-
-MODELIP = [sys.executable, "-m", "orchestrator"]
 
 
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A live `modelip emulate` (1 host, 4 cards); yields its address and trust root."""
-    log = tmp_path / "emulate.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([*MODELIP, "emulate", "--hosts", "1", "--devices-per-host",
-                                    "4", "--base-port", "0", "--pki-dir",
-                                    str(tmp_path / "pki"), "--reboot-time", "0.05"],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(200):
-            if "READY" in log.read_text():
-                break
-            time.sleep(0.05)
-        text = log.read_text()
-        assert "READY" in text, text
-        address = text.split("listening on ", 1)[1].split()[0]
-        yield address, tmp_path / "pki" / "root.pem"
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=20)
+    with emulate(tmp_path) as (addresses, root):
+        yield addresses[0], root
 
 
 def real_plan(tmp_path: Path, address: str, root: Path, *, extra: str = "") -> Path:

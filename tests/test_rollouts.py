@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,34 +20,17 @@ import pytest
 from orchestrator.engine.rolloutspec import RolloutSpec, Step
 from orchestrator.engine.store import SQLiteStore
 from orchestrator.transport.client import DeviceState, HostClient
+from tests.emulate import MODELIP, emulate
 from tests.models import reference_output, tiny_mlp
 
-MODELIP = [sys.executable, "-m", "orchestrator"]
 HOSTS, CARDS = 2, 4
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
     """A live `modelip emulate` (2 hosts x 4 cards): their addresses and trust root."""
-    log = tmp_path / "emulate.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(HOSTS),
-                                    "--devices-per-host", str(CARDS), "--base-port", "0",
-                                    "--pki-dir", str(tmp_path / "pki"), "--reboot-time", "0.05"],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(200):
-            if "READY" in log.read_text():
-                break
-            time.sleep(0.05)
-        text = log.read_text()
-        assert "READY" in text, text
-        addresses = [line.split("listening on ", 1)[1].split()[0]
-                     for line in text.splitlines() if "listening on" in line]
-        yield addresses, tmp_path / "pki" / "root.pem"
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=20)
+    with emulate(tmp_path, hosts=HOSTS, devices=CARDS) as running:
+        yield running
 
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
@@ -88,6 +70,14 @@ state_dir: state
     return path
 
 
+def version_2_over_1(tmp_path: Path, fleet: tuple[list[str], Path], rollout: str, *,
+                     partitions: int = 1) -> Path:
+    """Version 1 deployed (every card serving it); the plan of version 2 with ``rollout``."""
+    v1 = write_plan(tmp_path, fleet, 1, partitions=partitions)
+    assert deploy(v1)[0] == 0
+    return write_plan(tmp_path, fleet, 2, partitions=partitions, rollout=rollout)
+
+
 def deploy(plan: Path, *extra: str) -> tuple[int, list[dict[str, object]], str]:
     result = subprocess.run([*MODELIP, "deploy", str(plan), "--json", *extra],
                             capture_output=True, text=True, timeout=180, check=False)
@@ -108,6 +98,12 @@ def status(plan: Path) -> dict[str, object]:
                          capture_output=True, text=True, timeout=60, check=True).stdout
     view: dict[str, object] = json.loads(out)["rollout"]
     return view
+
+
+def operator(action: str, plan: Path) -> str:
+    """`modelip rollout ACTION PLAN` from another terminal: what it printed."""
+    return subprocess.run([*MODELIP, "rollout", action, str(plan)], capture_output=True,
+                          text=True, timeout=60, check=True).stdout
 
 
 def lowest_capacity(events: list[dict[str, object]], groups: dict[tuple[str, int], int]
@@ -174,9 +170,7 @@ def test_waves_are_resolved_from_the_canary_and_cumulative_steps() -> None:
 
 def test_a_good_version_rolls_out_in_waves_above_the_capacity_floor_and_commits(
         tmp_path: Path, fleet: tuple[list[str], Path]) -> None:
-    v1 = write_plan(tmp_path, fleet, 1, partitions=2)
-    assert deploy(v1)[0] == 0
-    v2 = write_plan(tmp_path, fleet, 2, partitions=2, rollout="""rollout:
+    v2 = version_2_over_1(tmp_path, fleet, partitions=2, rollout="""rollout:
   canary: 1
   steps: ["50%", "100%"]
   max_unavailable: 1
@@ -215,7 +209,7 @@ def test_a_good_version_rolls_out_in_waves_above_the_capacity_floor_and_commits(
     assert view["phase"] == "committed" and view["groups"] == {  # type: ignore[comparison-overlap]
         "old": 0, "new": 4, "other": 0, "total": 4}
     # no way back after commit: version 1 is below every card's floor
-    code, _, err = deploy(v1)
+    code, _, err = deploy(tmp_path / "v1.yaml")
     assert code == 2 and "below the rollback floor the fleet's cards hold (2" in err, err
     assert len(err.strip().splitlines()) == 1
 
@@ -256,9 +250,7 @@ def test_a_version_that_fails_its_smoke_stops_at_the_canary_and_rolls_back(
 
 def test_a_killed_orchestrator_resumes_the_rollout_where_it_was(
         tmp_path: Path, fleet: tuple[list[str], Path]) -> None:
-    v1 = write_plan(tmp_path, fleet, 1)
-    assert deploy(v1)[0] == 0
-    v2 = write_plan(tmp_path, fleet, 2, rollout="""rollout:
+    v2 = version_2_over_1(tmp_path, fleet, rollout="""rollout:
   canary: 1
   steps: [4, 6]
   max_unavailable: 2
@@ -296,9 +288,7 @@ def test_a_killed_orchestrator_resumes_the_rollout_where_it_was(
 
 def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_undo(
         tmp_path: Path, fleet: tuple[list[str], Path]) -> None:
-    v1 = write_plan(tmp_path, fleet, 1)
-    assert deploy(v1)[0] == 0
-    v2 = write_plan(tmp_path, fleet, 2, rollout="""rollout:
+    v2 = version_2_over_1(tmp_path, fleet, rollout="""rollout:
   canary: 1
   steps: ["50%", "100%"]
   pause: 5
@@ -315,9 +305,7 @@ def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_
             event = json.loads(line)
             events.append(event)
             if step == "canary" and event["event"] == "rollout" and event["phase"] == "gating":
-                paused = subprocess.run([*MODELIP, "rollout", "pause", str(v2)],
-                                        capture_output=True, text=True, check=True)
-                assert "pause requested" in paused.stdout
+                assert "pause requested" in operator("pause", v2)
                 step = "paused"
             elif step == "paused" and event["event"] == "rollout" \
                     and event["what"] == "paused by the operator":
@@ -338,14 +326,11 @@ def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_
                     assert "(version 1, rollback floor 1)" in rekeyed[1]
                     time.sleep(1.5)   # paused: no group is switched meanwhile
                     assert status(v2)["wave"] == 1
-                    subprocess.run([*MODELIP, "rollout", "resume", str(v2)], check=True,
-                                   capture_output=True)
+                    operator("resume", v2)
                     step = "resumed"
             elif step == "resumed" and event["event"] == "rollout" and event["wave"] == 2 \
                     and event["phase"] == "gating":
-                undo = subprocess.run([*MODELIP, "rollout", "undo", str(v2)],
-                                      capture_output=True, text=True, check=True)
-                assert "undo requested" in undo.stdout
+                assert "undo requested" in operator("undo", v2)
                 step = "undo"
             elif step == "undo" and event["event"] == "rollout" \
                     and event["phase"] == "rolled back":
@@ -363,3 +348,39 @@ def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_
     assert said[-1]["verdict"] == "undone by the operator (modelip rollout undo)"
     view = status(v2)
     assert view["phase"] == "rolled back" and view["groups"]["new"] == 0  # type: ignore[index]
+
+
+def test_the_smoke_verdict_names_the_output_and_how_far_it_is() -> None:
+    from orchestrator.engine.rollout import smoke_verdict
+
+    y = np.array([[1.0, 2.0]], dtype=np.float32)
+    assert smoke_verdict({"y": y}, None, rtol=0, atol=0, group=3) is None
+    said = smoke_verdict({"y": y * np.nan}, None, rtol=0, atol=0, group=3)
+    assert said == "smoke on group 3: output 'y' is not finite"
+    assert smoke_verdict({"y": y}, {"": y * (1 + 1e-5)}, rtol=1e-4, atol=0, group=0) is None
+    said = smoke_verdict({"y": y}, {"y": y + 0.5}, rtol=1e-3, atol=0, group=1) or ""
+    assert "output 'y' differs" in said and "largest difference 0.5" in said
+    assert "shape [1, 2], expected [2]" in (smoke_verdict({"y": y}, {"y": y[0]}, rtol=1,
+                                                          atol=0, group=0) or "")
+    assert "no output 'z'" in (smoke_verdict({"y": y}, {"z": y}, rtol=1, atol=0, group=0) or "")
+
+
+def test_rollout_commands_refuse_without_a_journal_or_with_a_shared_store(
+        tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(tiny_mlp().SerializeToString())
+    plan = tmp_path / "p.yaml"
+    plan.write_text("model: {onnx: m.onnx}\nmek: {generate: true}\n"
+                    "fleet: {emulated: {hosts: 1}}\nstate_dir: state\n")
+    result = subprocess.run([*MODELIP, "rollout", "status", str(plan)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "no journal yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    plan.write_text("model: {onnx: m.onnx}\nmek: {generate: true}\n"
+                    "fleet: {hosts: [{address: '127.0.0.1:1', devices: [0]}]}\n"
+                    "trust: {roots: [m.onnx]}\nstore: postgresql://db/x\n"
+                    "rollout: {canary: 1}\n")
+    result = subprocess.run([*MODELIP, "deploy", str(plan)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "p.yaml:6: rollout: a rollout is driven by one orchestrator on the embedded journal; "
+        "not yet with a shared store (docs/rollouts.md)")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from orchestrator.arrays import read_arrays
 from orchestrator.engine.engine import RolloutView
 from orchestrator.engine.events import RolloutChanged
 from orchestrator.engine.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
@@ -186,7 +187,7 @@ def _smoke_arrays(spec: RolloutSpec, program: PreparedProgram
     if smoke is None:
         return {}, None
     if smoke.input is not None:
-        inputs = _arrays(smoke.input)
+        inputs = read_arrays(smoke.input)
         if set(inputs) == {""}:
             if len(program.model_inputs) != 1:
                 raise FormatError(str(smoke.input), f"the model has {len(program.model_inputs)} "
@@ -198,20 +199,7 @@ def _smoke_arrays(spec: RolloutSpec, program: PreparedProgram
                              "smoke.input")
         inputs = {t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape],
                                    dtype=t.dtype) for t in program.input_specs}
-    return inputs, (_arrays(smoke.expect) if smoke.expect is not None else None)
-
-
-def _arrays(path: Path) -> dict[str, Any]:
-    import numpy as np
-
-    try:
-        with open(path, "rb") as handle:
-            if path.suffix == ".npz":
-                with np.load(handle, allow_pickle=False) as archive:
-                    return {name: archive[name] for name in archive.files}
-            return {"": np.load(handle, allow_pickle=False)}
-    except (ValueError, OSError) as err:
-        raise FormatError(str(path), f"not a numpy .npy/.npz file ({err})") from None
+    return inputs, (read_arrays(smoke.expect) if smoke.expect is not None else None)
 
 
 class Rollout:

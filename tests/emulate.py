@@ -1,0 +1,39 @@
+"""A live `modelip emulate` process for tests that drive the orchestrator as a user does."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MODELIP = [sys.executable, "-m", "orchestrator"]
+
+
+@contextmanager
+def emulate(directory: Path, *, hosts: int = 1, devices: int = 4
+            ) -> Iterator[tuple[list[str], Path]]:
+    """`modelip emulate` on free loopback ports: yields its hosts' addresses and the
+    vendor root to trust; stopped with SIGINT at the end."""
+    log = directory / "emulate.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(hosts),
+                                    "--devices-per-host", str(devices), "--base-port", "0",
+                                    "--pki-dir", str(directory / "pki"), "--reboot-time", "0.05"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            if "READY" in log.read_text():
+                break
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "READY" in text, text
+        addresses = [line.split("listening on ", 1)[1].split()[0]
+                     for line in text.splitlines() if "listening on" in line]
+        yield addresses, directory / "pki" / "root.pem"
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
