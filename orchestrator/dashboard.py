@@ -193,25 +193,29 @@ def _rollup(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], width:
 
 
 def rollout_line(r: RolloutView, width: int) -> Text:
-    """version 7 -> 8: wave 2/3 gating  [bar] v8 4 groups | v7 12   capacity 15/16 (floor 15)"""
+    """rollout version 7 -> 8: wave 2/3 gating  capacity 15/16 (floor 15)  v8 4 | v7 12
+    groups  [bar]  what it waits for (or the verdict); narrower: no bar, fewer words."""
     style = {"rolled back": "red", "rolling back": "red", "committed": "green"}.get(
         r.phase, "yellow")
-    text = Text.assemble(("rollout ", "bold"), f"version {r.from_version} -> {r.to_version}: ",
+    wide = width >= 100
+    text = Text.assemble(("rollout ", "bold"),
+                         f"{'version ' if wide else ''}{r.from_version} -> {r.to_version}: ",
                          (f"wave {r.wave}/{r.waves} {r.phase}", style))
     if r.paused:
         text.append(" PAUSED", style="bold yellow")
-    bar = 20 if width >= 120 else 10
-    done = round(bar * r.groups_new / r.groups) if r.groups else 0
-    text.append("  ")
-    text.append("█" * done, style="cyan")
-    text.append("░" * (bar - done), style="dim")
-    text.append(f"  v{r.to_version} {r.groups_new} | v{r.from_version} "
-                f"{r.groups - r.groups_new} groups   capacity ")
+    text.append("  capacity ")
     text.append(f"{r.serving}/{r.groups}", style="bold" if r.serving >= r.floor else "bold red")
-    text.append(f" (floor {r.floor})")
+    text.append(f" (floor {r.floor})  v{r.to_version} {r.groups_new} | v{r.from_version} "
+                f"{r.groups - r.groups_new}{' groups' if wide else ''}")
+    if wide:
+        bar = 20
+        done = round(bar * r.groups_new / r.groups) if r.groups else 0
+        text.append("  ")
+        text.append("█" * done, style="cyan")
+        text.append("░" * (bar - done), style="dim")
     said = r.verdict if r.phase in ("rolled back", "rolling back") else r.note
     if said:
-        text.append(f"   {said}", style="red" if r.verdict and said == r.verdict else "dim")
+        text.append(f"   {said}", style="red" if said == r.verdict else "dim")
     return text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -239,3 +240,31 @@ def test_json_events_carry_iso_time_beside_unix_seconds() -> None:
                               group_serving=True).to_json())
     assert line["ts"] == FIXED_TS and line["time"] == "2027-01-15T08:00:00.000+00:00"
     assert list(line)[:4] == ["schema", "event", "ts", "time"]
+
+
+def test_a_rollout_is_one_line_with_versions_capacity_and_verdict() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.engine.engine import RolloutView
+
+    running = RolloutView(1, "gating", 2, 3, 7, 8, 4, 16, 15, 15, False, "", "soak: 4 s left")
+    for width, height in SIZES:
+        lines = screen(dataclasses.replace(fleet(16, 1), rollout=running), width, height)
+        assert len(lines) <= height and all(len(line) <= width for line in lines)
+        line = next(line for line in lines if line.startswith("rollout "))
+        assert "7 -> 8: wave 2/3 gating  capacity 15/16 (floor 15)  v8 4 | v7 12" in line
+    wide = screen(snapshot(rollout=running), 220, 50)
+    assert any(line.endswith("soak: 4 s left") for line in wide)
+    failed = RolloutView(1, "rolled back", 1, 3, 7, 8, 0, 16, 16, 15, False,
+                         "smoke on group 0: output 'y' differs", "")
+    assert "rolled back" in capture(render(snapshot(rollout=failed)))
+    assert "output 'y' differs" in capture(render(snapshot(rollout=failed)))
+    assert "rollout" not in capture(render(snapshot()))
+    families = {f.name: f for f in text_string_to_metric_families(
+        render_metrics(snapshot(rollout=running), EngineStats()))}
+    assert families["modelip_rollout_wave"].samples[0].value == 2
+    groups = {s.labels["side"]: (s.labels["version"], s.value)
+              for s in families["modelip_rollout_groups"].samples}
+    assert groups == {"new": ("8", 4), "old": ("7", 12)}
+    phase = {s.labels["phase"]: s.value for s in families["modelip_rollout_phase"].samples}
+    assert phase["gating"] == 1 and sum(phase.values()) == 1
