@@ -28,7 +28,7 @@ from orchestrator.engine.prepare import (
     prepare_program,
     sealing_source,
 )
-from orchestrator.engine.rollout import arrange
+from orchestrator.engine.rolloutsetup import arrange
 from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.transport.client import TLSClientConfig

@@ -48,7 +48,8 @@ from orchestrator.errors import (
 if TYPE_CHECKING:
     from orchestrator.engine.pgstore import PostgresStore
     from orchestrator.engine.replicas import Replica
-    from orchestrator.engine.rollout import Rollout, RolloutSetup
+    from orchestrator.engine.rollout import Rollout
+    from orchestrator.engine.rolloutsetup import RolloutSetup
 
 S = CardState
 
