@@ -98,7 +98,7 @@ async def test_the_database_refuses_a_write_under_a_stale_epoch(database: str) -
         [claimed] = await a.claim(["h"], 1)
         assert (claimed.host, claimed.epoch) == ("h", 1)
         assert await b.claim(["h"], 1) == []          # held: not free for b
-        await a.ensure_card("h", 0, 0, 0)
+        await a.ensure_cards("h", [(0, 0, 0)])
         await a.record_card(transition("h"))          # under its lease: written
         await anyio.sleep(1.2)                         # a stalls past its TTL ...
         [taken] = await b.claim(["h"], 1)

@@ -35,7 +35,7 @@ def shown(app: FleetApp, widget: str = "#view") -> str:
 async def test_keys_filter_pause_and_show_a_cards_history(tmp_path: Path) -> None:
     snap = fleet(16, 16, PROBLEMS)
     with SQLiteStore(tmp_path / "journal.sqlite") as store:
-        await store.ensure_card("host0003", 1, 3, 0)
+        await store.ensure_cards("host0003", [(1, 3, 0)])
         for previous, state, reason in ((CardState.PENDING, CardState.ATTESTING, "start"),
                                         (CardState.ATTESTING, CardState.QUARANTINED,
                                          "report signature does not verify")):

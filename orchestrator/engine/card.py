@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from orchestrator.engine.prepare import PreparedProgram
 
 S = CardState
+HALF_DONE = frozenset({S.ATTESTING, S.KEYED, S.LOADING, S.REKEYING, S.RETRY_WAIT})
 RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded,
              ProgramNotStaged)
 
@@ -90,11 +91,10 @@ class CardDriver:
             m.session_id = bytes.fromhex(record.session_id)
             m.session_fingerprint = ""  # the journal keeps the id, not the key
 
-    async def resume(self) -> None:
-        """Read what the store remembers of this card (before ``run``)."""
-        m = self.machine
-        self.resumed = await self.ctx.store.ensure_card(m.host, m.device, m.group, m.partition)
-        m.known_good = self.resumed.known_good
+    def resume(self, record: CardRecord) -> None:
+        """What the store remembers of this card (before ``run``)."""
+        self.resumed = record
+        self.machine.known_good = record.known_good
 
     def __repr__(self) -> str:
         return f"CardDriver({self.machine!r})"
@@ -158,8 +158,9 @@ class CardDriver:
                    known_good: KnownGood | None | bool = True) -> None:
         """Propose, write ahead to the store, apply, announce."""
         transition = self.machine.propose(target, reason, known_good=known_good)
-        with anyio.CancelScope(shield=True):  # written means applied: never half a move
-            await self.ctx.store.record_card(transition)
+        # Written means applied, never half a move: the store's write is shielded, and
+        # nothing between its return and the apply can be interrupted.
+        await self.ctx.store.record_card(transition)
         self.machine.apply(transition)
         self.host.card_moved(self, transition)
 
@@ -181,7 +182,8 @@ class CardDriver:
                 if self.machine.state not in FINAL:
                     await self.move(S.FAILED, f"internal error: {message}")
         finally:
-            if not self.host.fenced:  # fenced: not one more call or write about this card
+            # fenced: not one more call or write about this card
+            if self.machine.state in HALF_DONE and not self.host.fenced:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
                         contextlib.suppress(StateDirError, LeaseLost):
                     await self._roll_back()
@@ -452,5 +454,5 @@ class CardDriver:
                 with contextlib.suppress(ModelIPError):
                     await self.host.client.unload(m.device)
             await self.move(S.PENDING, "interrupted: load rolled back")
-        elif m.state in (S.ATTESTING, S.KEYED, S.REKEYING, S.RETRY_WAIT):
+        elif m.state in HALF_DONE:
             await self.move(S.PENDING, "interrupted")

@@ -12,6 +12,7 @@ and ``run`` raises that StateDirError.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -294,6 +295,11 @@ class Engine:
 
         Raises StateDirError if the state directory fails (everything is stopped).
         """
+        # What exists now (the plan, the programs, the tree of drivers, every imported
+        # module) lives as long as the run: out of the collector's sight, so that its
+        # full collections walk only what the run creates (at 4,096 cards they had
+        # grown to an eighth of the orchestrator's CPU).
+        gc.freeze()
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
             if self.rollout is not None:

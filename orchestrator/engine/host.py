@@ -162,8 +162,12 @@ class HostSupervisor:
                                       deadlines=deadlines, gate=self.lease) as client, \
                         anyio.create_task_group() as cards:
                     self._client = client
-                    for driver in self.drivers.values():
-                        await driver.resume()
+                    drivers = list(self.drivers.values())
+                    records = await self.ctx.store.ensure_cards(self.name, [
+                        (d.machine.device, d.machine.group, d.machine.partition)
+                        for d in drivers])
+                    for driver, record in zip(drivers, records, strict=True):
+                        driver.resume(record)
                         await cards.start(driver.run)
                     task_status.started()
                     started = True

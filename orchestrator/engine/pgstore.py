@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -381,17 +381,22 @@ class PostgresStore:
 
     # --- the Store interface ------------------------------------------------------------
 
-    async def ensure_card(self, host: str, device: int, group: int, partition: int
-                          ) -> CardRecord:
-        async def ensure(conn: Conn) -> CardRecord:
-            row = await (await conn.execute(
-                "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
-                "VALUES (%s, %s, %s, %s, 'PENDING', %s) ON CONFLICT (host, device) DO UPDATE "
-                f"SET grp = excluded.grp, partition = excluded.partition "
-                f"RETURNING {_CARD_COLUMNS}".encode(),
-                (host, device, group, partition, time.time()))).fetchone()
-            assert row is not None  # noqa: S101 - RETURNING
-            return card_record(row)
+    async def ensure_cards(self, host: str, cards: Sequence[tuple[int, int, int]]
+                           ) -> list[CardRecord]:
+        now = time.time()
+
+        async def ensure(conn: Conn) -> list[CardRecord]:
+            records = []
+            for device, group, partition in cards:
+                row = await (await conn.execute(
+                    "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
+                    "VALUES (%s, %s, %s, %s, 'PENDING', %s) ON CONFLICT (host, device) "
+                    "DO UPDATE SET grp = excluded.grp, partition = excluded.partition "
+                    f"RETURNING {_CARD_COLUMNS}".encode(),
+                    (host, device, group, partition, now))).fetchone()
+                assert row is not None  # noqa: S101 - RETURNING
+                records.append(card_record(row))
+            return records
         return await self._unfenced(ensure)
 
     async def card(self, host: str, device: int) -> CardRecord | None:

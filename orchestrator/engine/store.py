@@ -21,7 +21,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,11 +86,13 @@ class Store(Protocol):
     """The engine's memory. Implementations raise StateDirError when they cannot
     keep a promise (write-ahead: a failed write means the move did not happen)."""
 
-    async def ensure_card(self, host: str, device: int, group: int, partition: int
-                    ) -> CardRecord: ...
+    async def ensure_cards(self, host: str, cards: Sequence[tuple[int, int, int]]
+                           ) -> list[CardRecord]: ...
     async def card(self, host: str, device: int) -> CardRecord | None: ...
     async def cards(self) -> list[CardRecord]: ...
-    async def record_card(self, transition: CardTransition) -> None: ...
+    async def record_card(self, transition: CardTransition) -> None:
+        """Written ahead, shielded: once handed in, the move is committed (or this
+        raises) even if the caller is being cancelled, so that it can be applied."""
     async def record_host(self, transition: HostTransition, address: str) -> None: ...
     async def hosts(self) -> list[HostRecord]: ...
     async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
@@ -244,14 +246,18 @@ class SQLiteStore:
 
     # --- cards --------------------------------------------------------------------
 
-    async def ensure_card(self, host: str, device: int, group: int, partition: int) -> CardRecord:
-        """The card's record (created PENDING if new; its group and partition as given)."""
-        row = self._write(
-            "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
-            "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
-            f"grp = excluded.grp, partition = excluded.partition RETURNING {_CARD_COLUMNS}",
-            (host, device, group, partition, time.time())).fetchone()
-        return card_record(row)
+    async def ensure_cards(self, host: str, cards: Sequence[tuple[int, int, int]]
+                           ) -> list[CardRecord]:
+        """The records of a host's cards, given as (device, group, partition): created
+        PENDING if new, their group and partition as given; one transaction."""
+        now = time.time()
+        with self._transaction():
+            return [card_record(self._db.execute(
+                "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
+                "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
+                f"grp = excluded.grp, partition = excluded.partition RETURNING {_CARD_COLUMNS}",
+                (host, device, group, partition, now)).fetchone())
+                for device, group, partition in cards]
 
     async def card(self, host: str, device: int) -> CardRecord | None:
         row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
@@ -298,16 +304,14 @@ class SQLiteStore:
 
     async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
                     program_id: str, partition: int) -> int:
-        with self._transaction():
-            cursor = self._db.execute(
-                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
-                "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), host, device, card_id, session_id, program_id, partition))
-        return int(cursor.lastrowid or 0)
+        return await self._group_commit(
+            "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
+            "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), host, device, card_id, session_id, program_id, partition))
 
     async def finish_load(self, load_id: int, outcome: str) -> None:
-        with self._transaction():
-            self._db.execute("UPDATE loads SET outcome = ? WHERE id = ?", (outcome, load_id))
+        await self._group_commit("UPDATE loads SET outcome = ? WHERE id = ?",
+                                 (outcome, load_id))
 
     async def loads(self) -> list[LoadRecord]:
         """Every load sent, in order."""
@@ -350,36 +354,39 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StateDirError(self.path, f"cannot read the journal: {_why(exc)}") from None
 
-    async def _group_commit(self, sql: str, args: tuple[object, ...]) -> None:
+    async def _group_commit(self, sql: str, args: tuple[object, ...]) -> int:
         """Write-ahead at the price of one commit per event-loop turn, not per row.
 
         The first writer of a turn yields once so the others can join, then commits
         them all in one transaction; everyone returns when that commit is done (or
-        raises its StateDirError). Shielded: a row handed in is committed, and its
-        writer gets to apply its move, even if it is being cancelled."""
+        raises its StateDirError), with the rowid its statement wrote. Shielded: a row
+        handed in is committed, and its writer gets to apply its move, even if it is
+        being cancelled."""
         batch = self._batch
         leader = batch is None
         if batch is None:
             batch = self._batch = _Batch()
+        index = len(batch.rows)
         batch.rows.append((sql, args))
         with anyio.CancelScope(shield=True):
             if not leader:
                 await batch.done.wait()
                 if batch.error is not None:
                     raise batch.error
-                return
+                return batch.rowids[index]
             try:
                 await anyio.lowlevel.checkpoint()
                 self._batch = None
                 with self._transaction():
-                    for statement, values in batch.rows:
-                        self._db.execute(statement, values)
+                    batch.rowids = [self._db.execute(statement, values).lastrowid or 0
+                                    for statement, values in batch.rows]
             except StateDirError as err:
                 batch.error = err
                 raise
             finally:
                 self._batch = None
                 batch.done.set()
+        return batch.rowids[index]
 
     def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit): no BEGIN/COMMIT round trips."""
@@ -431,6 +438,7 @@ class SQLiteStore:
 @dataclass(slots=True)
 class _Batch:
     rows: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+    rowids: list[int] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: StateDirError | None = None
 
