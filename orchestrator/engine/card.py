@@ -65,6 +65,8 @@ class CardDriver:
         self._checked_at = 0.0
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
+        self.parked = False           # waiting for its next check (SERVING, nothing to do)
+        self._stopping = False
 
     def reset(self) -> None:
         """A fresh start (the host was taken over): nothing known but the store's word."""
@@ -145,6 +147,14 @@ class CardDriver:
             self._work.cancel()
         self._wake.set()
 
+    def stop(self) -> bool:
+        """The engine is done with the fleet (a deploy, not a watch): a driver waiting
+        for its next check returns now, by itself; True if it was waiting."""
+        self._stopping = True
+        if self.parked:
+            self._wake.set()
+        return self.parked
+
     def condemn(self, verdict: VerificationError) -> None:
         """A security verdict found outside the driver (at Execute): quarantine."""
         self._verdict = verdict
@@ -196,8 +206,8 @@ class CardDriver:
             m.card_id = previous.card_id
             await self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
             return
-        trigger = Trigger.START
-        while m.state not in FINAL:
+        trigger: Trigger | None = Trigger.START
+        while m.state not in FINAL and not self._stopping:
             if not self.host.up:
                 await self._while_host_down()
                 if m.state is S.DISCONNECTED:
@@ -207,6 +217,9 @@ class CardDriver:
                 if self._verdict is None:
                     if m.state is S.SERVING:
                         trigger = await self._next_trigger()
+                        if trigger is None:
+                            return
+                    assert trigger is not None  # noqa: S101 - set before the loop
                     await self._reconcile(trigger)
             self._work = None
             self.reconciled += 1
@@ -222,11 +235,18 @@ class CardDriver:
                 await self.move(S.DISCONNECTED, f"host {self.host.name} {self.host.describe()}")
             await self.host.changed()
 
-    async def _next_trigger(self) -> Trigger:
-        """Wait for a hint or the periodic check; rate-limit hints per card."""
+    async def _next_trigger(self) -> Trigger | None:
+        """Wait for a hint or the periodic check; rate-limit hints per card. None:
+        the engine stops."""
         check = self.ctx.plan.rekey.check_interval
-        with anyio.move_on_after(self.ctx.jittered(check) if check else float("inf")):
-            await self._wake.wait()
+        self.parked = True
+        try:
+            with anyio.move_on_after(self.ctx.jittered(check) if check else float("inf")):
+                await self._wake.wait()
+        finally:
+            self.parked = False
+        if self._stopping:
+            return None
         self._wake = anyio.Event()
         trigger, self._trigger = self._trigger or Trigger.PERIODIC, None
         wait = self._checked_at + self.ctx.plan.rekey.min_interval - time.monotonic()
