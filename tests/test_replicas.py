@@ -31,6 +31,7 @@ from orchestrator.engine.pgstore import MIGRATIONS, PostgresStore
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import prepare_program, sealing_source
 from orchestrator.engine.state import CardState, CardTransition
+from orchestrator.engine.store import LoadSent
 from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
@@ -108,8 +109,7 @@ async def test_the_database_refuses_a_write_under_a_stale_epoch(database: str) -
         with pytest.raises(LeaseLost, match="held by b"):
             await a.record_card(transition("h"))
         with pytest.raises(LeaseLost):
-            await a.record_load("h", 0, card_id="c", session_id="s", program_id="p",
-                                partition=0)
+            await a.record_card(transition("h"), load=LoadSent("p", 0))
         assert "h" not in a.fences
         written = rows(database, "SELECT replica, epoch FROM transitions")
         assert written == [("a", 1)]                  # nothing of the stale write

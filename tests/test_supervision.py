@@ -35,10 +35,11 @@ from orchestrator.engine.state import (
     HOST_MOVES,
     CardMachine,
     CardState,
+    CardTransition,
     HostMachine,
     HostState,
 )
-from orchestrator.engine.store import SQLiteStore
+from orchestrator.engine.store import LoadRecord, LoadSent, SQLiteStore
 from orchestrator.errors import AttestationError, InvalidTransition
 from orchestrator.transport.client import DeviceState, HostClient
 from tests.models import tiny_mlp
@@ -88,6 +89,44 @@ def test_known_good_is_kept_until_a_new_session_is_seen() -> None:
     assert machine.known_good == good
     machine.apply(machine.propose(CardState.KEYED, known_good=None))  # new session
     assert machine.known_good is None
+
+
+async def test_moves_of_one_instant_share_a_commit_carry_their_loads_and_outlive_a_cancel(
+        tmp_path: Path) -> None:
+    S = CardState
+
+    def move(device: int, previous: CardState, state: CardState) -> CardTransition:
+        return CardTransition("h", device, "c", previous, state, "", 1, "ab" * 16, "p", 1, None)
+
+    with SQLiteStore(tmp_path / "journal.sqlite") as store:
+        await store.ensure_cards("h", [(0, 0, 0), (1, 0, 1)])
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        ids: dict[object, int] = {}
+
+        async def send(device: int) -> None:
+            ids[device] = await store.record_card(move(device, S.KEYED, S.LOADING),
+                                                  load=LoadSent("p", device))
+
+        async def send_cancelled() -> None:
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # already cancelled: the write goes through all the same
+                await send(1)
+                ids["after"] = 1
+                await anyio.sleep(5)   # ... and the cancellation lands at the next wait
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_cancelled)   # first: it leads the commit, being cancelled
+            tg.start_soon(send, 0)
+        assert statements.count("COMMIT") == 1    # both moves and both loads: one commit
+        assert ids[0] != ids[1] and ids["after"] == 1
+        await store.record_card(move(0, S.LOADING, S.SERVING), concludes=(ids[0], "ok"))
+        await store.finish_load(ids[1], "failed")
+        assert sorted(await store.loads(), key=lambda r: r.device) == [
+            LoadRecord("h", 0, "ab" * 16, "p", 0, "ok"),
+            LoadRecord("h", 1, "ab" * 16, "p", 1, "failed")]
+        assert [(c.device, c.state) for c in await store.cards()] == [(0, "SERVING"),
+                                                                       (1, "LOADING")]
 
 
 # --- hostile hosts: their cards, never anyone else's ----------------------------------------

@@ -23,7 +23,7 @@ from orchestrator.crypto.wrap import wrap_mek
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import HintDisproved, Rekeyed
 from orchestrator.engine.state import FINAL, CardMachine, CardState, KnownGood, Trigger
-from orchestrator.engine.store import CardRecord
+from orchestrator.engine.store import CardRecord, LoadSent
 from orchestrator.errors import (
     DeviceOffline,
     InputError,
@@ -165,14 +165,17 @@ class CardDriver:
     # --- moving the machine -----------------------------------------------------------------
 
     async def move(self, target: CardState, reason: str = "", *,
-                   known_good: KnownGood | None | bool = True) -> None:
-        """Propose, write ahead to the store, apply, announce."""
+                   known_good: KnownGood | None | bool = True, load: LoadSent | None = None,
+                   concludes: tuple[int, str] | None = None) -> int:
+        """Propose, write ahead to the store, apply, announce. ``load``, ``concludes``:
+        the load the move announces (its id is returned) or ends, in the same write."""
         transition = self.machine.propose(target, reason, known_good=known_good)
         # Written means applied, never half a move: the store's write is shielded, and
         # nothing between its return and the apply can be interrupted.
-        await self.ctx.store.record_card(transition)
+        load_id = await self.ctx.store.record_card(transition, load=load, concludes=concludes)
         self.machine.apply(transition)
         self.host.card_moved(self, transition)
+        return load_id
 
     # --- the task -----------------------------------------------------------------------------
 
@@ -441,11 +444,7 @@ class CardDriver:
             and m.known_good.session_id == report.session_id.hex()
         await self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
                   known_good=True if same_session else None)
-        await self.move(S.LOADING)
-        store = self.ctx.store
-        load_id = await store.record_load(m.host, m.device, card_id=m.card_id,
-                                    session_id=report.session_id.hex(),
-                                    program_id=program.program_id, partition=m.partition)
+        load_id = await self.move(S.LOADING, load=LoadSent(program.program_id, m.partition))
         outcome = "interrupted"
         try:
             result = await self.host.client.load(
@@ -455,16 +454,15 @@ class CardDriver:
             receipt = verify_load_receipt(result.receipt, result.receipt_signature, report=report,
                                 program_info_digest=program.info_digest,
                                 partition=m.partition, source=m.name)
-            outcome = "ok"
-        except ModelIPError:
-            outcome = "failed" if outcome == "interrupted" else outcome
-            raise
-        finally:
+        except BaseException as exc:
+            if isinstance(exc, ModelIPError) and outcome == "interrupted":
+                outcome = "failed"
             with anyio.CancelScope(shield=True):
-                await store.finish_load(load_id, outcome)
+                await self.ctx.store.finish_load(load_id, outcome)
+            raise
         await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
                   f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
-                  known_good=self._good(report, program))
+                  known_good=self._good(report, program), concludes=(load_id, "ok"))
 
     async def _roll_back(self) -> None:
         """Stopped mid-flight: unload a half-done load, leave the store consistent."""

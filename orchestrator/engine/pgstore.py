@@ -37,6 +37,7 @@ from orchestrator.engine.store import (
     CardRecord,
     HostRecord,
     LoadRecord,
+    LoadSent,
     TransitionRecord,
     card_record,
 )
@@ -409,11 +410,16 @@ class PostgresStore:
                                 "ORDER BY host, device")
         return [card_record(row) for row in rows]
 
-    async def record_card(self, t: CardTransition) -> None:
+    async def record_card(self, t: CardTransition, *, load: LoadSent | None = None,
+                          concludes: tuple[int, str] | None = None) -> int:
         good = t.known_good or KnownGood("", "", "", -1)
         epoch = self._epoch(t.host)
+        if concludes is not None:
+            # The load was sent under the lease; its outcome is a fact whoever holds
+            # the lease now, so it is written even if this move is then refused.
+            await self.finish_load(*concludes)
 
-        async def write(conn: Conn) -> None:
+        async def write(conn: Conn) -> int:
             await conn.execute(
                 "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
                 "boot_counter, session_id, reason, replica, epoch) "
@@ -428,7 +434,17 @@ class PostgresStore:
                 (t.card_id, t.state.value, t.boot_counter, t.session_id, t.program_id,
                  t.attempts, t.reason, t.at, good.card_id, good.session_id, good.program_id,
                  good.partition, self.replica, t.host, t.device))
-        await self._fenced(t.host, write)
+            if load is None:
+                return 0
+            row = await (await conn.execute(
+                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
+                "partition, replica, epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING id", (t.at, t.host, t.device, t.card_id, t.session_id,
+                                 load.program_id, load.partition, self.replica,
+                                 epoch))).fetchone()
+            assert row is not None  # noqa: S101 - RETURNING
+            return int(row[0])
+        return await self._fenced(t.host, write)
 
     async def record_host(self, t: HostTransition, address: str) -> None:
         async def write(conn: Conn) -> None:
@@ -454,20 +470,6 @@ class PostgresStore:
         return [HostRecord(host, address, state, reason, float(updated), owner,
                            None if expires is None else float(expires))
                 for host, address, state, reason, updated, owner, expires in rows]
-
-    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
-                          program_id: str, partition: int) -> int:
-        epoch = self._epoch(host)
-
-        async def write(conn: Conn) -> int:
-            row = await (await conn.execute(
-                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
-                "partition, replica, epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING id", (time.time(), host, device, card_id, session_id, program_id,
-                                 partition, self.replica, epoch))).fetchone()
-            assert row is not None  # noqa: S101 - RETURNING
-            return int(row[0])
-        return await self._fenced(host, write)
 
     async def finish_load(self, load_id: int, outcome: str) -> None:
         # The load was sent under the lease; its outcome is a fact whoever holds it now.

@@ -62,6 +62,15 @@ class HostRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadSent:
+    """The load a move to LOADING announces: which program, as which partition
+    (journaled in the move's own commit, before the load is sent)."""
+
+    program_id: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoadRecord:
     host: str
     device: int
@@ -90,13 +99,14 @@ class Store(Protocol):
                            ) -> list[CardRecord]: ...
     async def card(self, host: str, device: int) -> CardRecord | None: ...
     async def cards(self) -> list[CardRecord]: ...
-    async def record_card(self, transition: CardTransition) -> None:
+    async def record_card(self, transition: CardTransition, *, load: LoadSent | None = None,
+                          concludes: tuple[int, str] | None = None) -> int:
         """Written ahead, shielded: once handed in, the move is committed (or this
-        raises) even if the caller is being cancelled, so that it can be applied."""
+        raises) even if the caller is being cancelled, so that it can be applied.
+        ``load``: the load the move announces, recorded with it; its id is returned
+        (0 without). ``concludes``: (load id, outcome) of the load the move ends."""
     async def record_host(self, transition: HostTransition, address: str) -> None: ...
     async def hosts(self) -> list[HostRecord]: ...
-    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
-                    program_id: str, partition: int) -> int: ...
     async def finish_load(self, load_id: int, outcome: str) -> None: ...
     async def loads(self) -> list[LoadRecord]: ...
     async def record_stage(self, host: str, program_id: str) -> None: ...
@@ -268,18 +278,30 @@ class SQLiteStore:
         rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
         return [card_record(row) for row in rows]
 
-    async def record_card(self, t: CardTransition) -> None:
-        """One row, which a trigger applies to the card's current row; committed with
-        the other moves of the same instant (group commit), returned once committed."""
+    async def record_card(self, t: CardTransition, *, load: LoadSent | None = None,
+                          concludes: tuple[int, str] | None = None) -> int:
+        """One row, which a trigger applies to the card's current row (and the load it
+        announces or ends); committed with the other moves of the same instant (group
+        commit), returned once committed."""
         good = t.known_good or KnownGood("", "", "", -1)
-        await self._group_commit(
+        rows: list[tuple[str, tuple[object, ...]]] = [(
             "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
             "boot_counter, session_id, reason, program_id, attempts, good_card_id, "
             "good_session, good_program, good_partition) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
              t.boot_counter, t.session_id, t.reason, t.program_id, t.attempts, good.card_id,
-             good.session_id, good.program_id, good.partition))
+             good.session_id, good.program_id, good.partition))]
+        if concludes is not None:
+            rows.append(_finish_load_row(*concludes))
+        if load is not None:
+            rows.append((
+                "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
+                "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (t.at, t.host, t.device, t.card_id, t.session_id, load.program_id,
+                 load.partition)))
+        rowids = await self._group_commit(rows)
+        return rowids[-1] if load is not None else 0
 
     # --- hosts --------------------------------------------------------------------
 
@@ -302,16 +324,8 @@ class SQLiteStore:
 
     # --- loads and stages ---------------------------------------------------------
 
-    async def record_load(self, host: str, device: int, *, card_id: str, session_id: str,
-                    program_id: str, partition: int) -> int:
-        return await self._group_commit(
-            "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
-            "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), host, device, card_id, session_id, program_id, partition))
-
     async def finish_load(self, load_id: int, outcome: str) -> None:
-        await self._group_commit("UPDATE loads SET outcome = ? WHERE id = ?",
-                                 (outcome, load_id))
+        await self._group_commit([_finish_load_row(load_id, outcome)])
 
     async def loads(self) -> list[LoadRecord]:
         """Every load sent, in order."""
@@ -354,26 +368,26 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StateDirError(self.path, f"cannot read the journal: {_why(exc)}") from None
 
-    async def _group_commit(self, sql: str, args: tuple[object, ...]) -> int:
+    async def _group_commit(self, rows: list[tuple[str, tuple[object, ...]]]) -> list[int]:
         """Write-ahead at the price of one commit per event-loop turn, not per row.
 
         The first writer of a turn yields once so the others can join, then commits
         them all in one transaction; everyone returns when that commit is done (or
-        raises its StateDirError), with the rowid its statement wrote. Shielded: a row
-        handed in is committed, and its writer gets to apply its move, even if it is
-        being cancelled."""
+        raises its StateDirError), with the rowids its statements wrote. Shielded: a
+        row handed in is committed, and its writer gets to apply its move, even if it
+        is being cancelled."""
         batch = self._batch
         leader = batch is None
         if batch is None:
             batch = self._batch = _Batch()
-        index = len(batch.rows)
-        batch.rows.append((sql, args))
+        mine = slice(len(batch.rows), len(batch.rows) + len(rows))
+        batch.rows.extend(rows)
         with anyio.CancelScope(shield=True):
             if not leader:
                 await batch.done.wait()
                 if batch.error is not None:
                     raise batch.error
-                return batch.rowids[index]
+                return batch.rowids[mine]
             try:
                 await anyio.lowlevel.checkpoint()
                 self._batch = None
@@ -386,7 +400,7 @@ class SQLiteStore:
             finally:
                 self._batch = None
                 batch.done.set()
-        return batch.rowids[index]
+        return batch.rowids[mine]
 
     def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit): no BEGIN/COMMIT round trips."""
@@ -433,6 +447,10 @@ class SQLiteStore:
         if inode != self._inode:
             raise StateDirError(self.path, "the journal was deleted or replaced while the "
                                 "engine was running (its record of the fleet is gone)")
+
+
+def _finish_load_row(load_id: int, outcome: str) -> tuple[str, tuple[object, ...]]:
+    return "UPDATE loads SET outcome = ? WHERE id = ?", (outcome, load_id)
 
 
 @dataclass(slots=True)
