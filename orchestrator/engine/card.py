@@ -209,7 +209,7 @@ class CardDriver:
             m.card_id = previous.card_id
             await self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
             return
-        trigger: Trigger | None = Trigger.START
+        trigger = Trigger.START
         while m.state not in FINAL and not self._stopping:
             if not self.host.up:
                 await self._while_host_down()
@@ -219,10 +219,10 @@ class CardDriver:
             with anyio.CancelScope() as self._work:
                 if self._verdict is None:
                     if m.state is S.SERVING:
-                        trigger = await self._next_trigger()
-                        if trigger is None:
+                        woken = await self._next_trigger()
+                        if woken is None:
                             return
-                    assert trigger is not None  # noqa: S101 - set before the loop
+                        trigger = woken
                     await self._reconcile(trigger)
             self._work = None
             self.reconciled += 1
