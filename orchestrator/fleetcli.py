@@ -118,6 +118,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                         await anyio.sleep_forever()
                 ending.set()  # we close the view now, not the user
                 await stop_app()
+                await engine.let_drivers_return()
                 tg.cancel_scope.cancel()
         finally:
             if dashboard is not None:

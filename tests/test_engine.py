@@ -327,22 +327,29 @@ async def test_a_rekeyed_card_serves_only_once_its_body_is_verified(tmp_path: Pa
                 tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("path", ["engine", "deploy command"])
 async def test_a_deploy_lets_serving_drivers_return_rather_than_cancelling_them(
-        tmp_path: Path) -> None:
+        tmp_path: Path, path: str) -> None:
     """A cancelled driver unwinds with an exception and a traceback per frame: cyclic
-    garbage that cost 0.5 s of CPU at 4,096 cards. A deploy (no keep_serving) wakes
-    the drivers waiting for their next check and lets them return."""
+    garbage that cost 0.5 s of CPU at 4,096 cards. A deploy (the engine's own, and the
+    `deploy` command's, which runs the engine as `watch` does and ends it) wakes the
+    drivers waiting for their next check and lets them return."""
     plan = Plan.load(write_plan(tmp_path, hosts=2, devices=4))
-    async with open_engine(plan) as engine:
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector frees is kept to be looked at
+    try:
+        if path == "engine":
+            async with open_engine(plan) as engine:
+                await engine.run(keep_serving=False)
+            assert [c.state.value for c in engine.cards] == ["SERVING"] * 8
+        else:
+            code, _ = await orchestrate(plan, keep_serving=False, duration=None,
+                                        json_events=True)
+            assert code == 0
         gc.collect()
-        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector frees is kept to be looked at
-        try:
-            await engine.run(keep_serving=False)
-            gc.collect()
-            unwound = [o for o in gc.garbage if isinstance(o, types.FrameType)
-                       and o.f_code.co_name == "_next_trigger"]
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-    assert [c.state.value for c in engine.cards] == ["SERVING"] * 8
+        unwound = [o for o in gc.garbage if isinstance(o, types.FrameType)
+                   and o.f_code.co_name == "_next_trigger"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
     assert unwound == []

@@ -323,17 +323,18 @@ class Engine:
             task_status.started()
             if not keep_serving:
                 await self.finished.wait()
-                await self._let_drivers_return()
+                await self.let_drivers_return()
                 tg.cancel_scope.cancel()
         self._root = None
         if self.fatal is not None:
             raise self.fatal
 
-    async def _let_drivers_return(self) -> None:
-        """Before the tree is cancelled, let every driver waiting for its next check
-        return by itself: a cancelled task unwinds with an exception and a traceback
-        per frame, garbage that at 4,096 cards cost more CPU than the last second of
-        the deployment. Whatever is still busy is cancelled as before."""
+    async def let_drivers_return(self) -> None:
+        """The run is ending (a deploy is done, a watch's time is up): let every
+        driver waiting for its next check return by itself before the tree is
+        cancelled. A cancelled task unwinds with an exception and a traceback per
+        frame, garbage that at 4,096 cards cost more CPU than the last second of the
+        deployment. Whatever is still busy is cancelled as before."""
         woken = [d for d in self.drivers if d.stop()]
         with anyio.move_on_after(1.0):
             while any(d.parked for d in woken):
