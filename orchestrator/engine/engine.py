@@ -63,7 +63,9 @@ def _spare_the_collector() -> None:
     serving card's driver is some 70 live objects (a stack of coroutines, its
     events and scopes), and with the default thresholds the collector walked all
     of them again and again: 1.1 s of 10 s of CPU at 4,096 cards. A young pass per
-    50,000 allocations and an old pass rarely leave it 0.1 s (docs/performance.md)."""
+    50,000 allocations and an old pass rarely leave it 0.1 s (docs/performance.md).
+    Garbage is collected first: frozen, it would never be."""
+    gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
