@@ -6,49 +6,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
-
-def port(text: str) -> int:
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text}: a port is 0-65535 (0: any free port)")
-    return value
-
-
-def device(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: a device number is 0 or more")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
-    return value
-
-
-def positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be greater than 0")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text}: a probability is between 0 and 1")
-    return value
+T = TypeVar("T")
 
 
 def _integer(text: str) -> int:
@@ -66,6 +27,32 @@ def _number(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _checked(name: str, parse: Callable[[str], T], ok: Callable[[T], bool], why: str
+             ) -> Callable[[str], T]:
+    """An argument type: ``parse`` the text, refuse it with ``why`` unless ``ok``."""
+    def check(text: str) -> T:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return value
+    check.__name__ = name  # argparse names the type in some messages
+    return check
+
+
+port = _checked("port", _integer, lambda v: 0 <= v <= 65535,
+                "a port is 0-65535 (0: any free port)")
+device = _checked("device", _integer, lambda v: v >= 0,
+                  "a device number is 0 or more")
+positive_int = _checked("positive_int", _integer, lambda v: v >= 1,
+                        "must be 1 or more")
+non_negative = _checked("non_negative", _number, lambda v: v >= 0,
+                        "must not be negative")
+positive = _checked("positive", _number, lambda v: v > 0,
+                    "must be greater than 0")
+probability = _checked("probability", _number, lambda v: 0 <= v <= 1,
+                       "a probability is between 0 and 1")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -22,7 +22,14 @@ from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify
 from orchestrator.crypto.wrap import wrap_mek
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import HintDisproved, Rekeyed
-from orchestrator.engine.state import FINAL, CardMachine, CardState, KnownGood, Trigger
+from orchestrator.engine.state import (
+    FINAL,
+    IN_FLIGHT,
+    CardMachine,
+    CardState,
+    KnownGood,
+    Trigger,
+)
 from orchestrator.engine.store import CardRecord, LoadSent
 from orchestrator.errors import (
     DeviceOffline,
@@ -44,7 +51,6 @@ if TYPE_CHECKING:
     from orchestrator.engine.prepare import PreparedProgram
 
 S = CardState
-HALF_DONE = frozenset({S.ATTESTING, S.KEYED, S.LOADING, S.REKEYING, S.RETRY_WAIT})
 RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded,
              ProgramNotStaged)
 
@@ -196,7 +202,7 @@ class CardDriver:
                     await self.move(S.FAILED, f"internal error: {message}")
         finally:
             # fenced: not one more call or write about this card
-            if self.machine.state in HALF_DONE and not self.host.fenced:
+            if self.machine.state in IN_FLIGHT and not self.host.fenced:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
                         contextlib.suppress(StateDirError, LeaseLost):
                     await self._roll_back()
@@ -472,5 +478,5 @@ class CardDriver:
                 with contextlib.suppress(ModelIPError):
                     await self.host.client.unload(m.device)
             await self.move(S.PENDING, "interrupted: load rolled back")
-        elif m.state in HALF_DONE:
+        elif m.state in IN_FLIGHT:
             await self.move(S.PENDING, "interrupted")

@@ -54,6 +54,8 @@ FINAL = frozenset({S.QUARANTINED, S.FAILED})
 # Settled: nothing more will happen without an outside change (a reset, the host
 # coming back). A deployment is over when every card has settled.
 SETTLED = frozenset({S.SERVING, S.DISCONNECTED, *FINAL})
+# In flight: a driver is working on the card (interrupted, it is rolled back to PENDING).
+IN_FLIGHT = frozenset(S) - SETTLED - {S.PENDING}
 
 
 class HostState(enum.Enum):
