@@ -27,9 +27,10 @@ import psycopg
 import pytest
 
 from orchestrator.crypto.mek import MEK, write_mek
-from orchestrator.engine.pgstore import MIGRATIONS, PostgresStore
+from orchestrator.engine.pgstore import PostgresStore
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import prepare_program, sealing_source
+from orchestrator.engine.schema import POSTGRES_MIGRATIONS
 from orchestrator.engine.state import CardState, CardTransition
 from orchestrator.engine.store import LoadSent
 from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable
@@ -144,7 +145,7 @@ async def test_migrations_run_once_when_replicas_start_together(database: str) -
     for store in stores:
         await store.close()
     assert rows(database, "SELECT version FROM modelip_schema ORDER BY version") == \
-        [(n,) for n in range(1, len(MIGRATIONS) + 1)]
+        [(n,) for n in range(1, len(POSTGRES_MIGRATIONS) + 1)]
 
 
 async def test_an_unreachable_store_is_one_clear_error(tmp_path: Path) -> None:

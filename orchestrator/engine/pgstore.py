@@ -32,6 +32,7 @@ import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from orchestrator.engine.schema import CARD_COLUMNS, POSTGRES_MIGRATIONS
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store import (
     CardRecord,
@@ -51,60 +52,6 @@ T = TypeVar("T")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 _MIGRATION_LOCK = 0x6D6F64656C6970  # "modelip": pg_advisory_lock key for migrations
-
-MIGRATIONS = (
-    """
-    CREATE TABLE cards (
-        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
-        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
-        boot_counter BIGINT NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
-        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
-        reason TEXT NOT NULL DEFAULT '', updated DOUBLE PRECISION NOT NULL,
-        good_card_id TEXT NOT NULL DEFAULT '', good_session TEXT NOT NULL DEFAULT '',
-        good_program TEXT NOT NULL DEFAULT '', good_partition INTEGER NOT NULL DEFAULT -1,
-        replica TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (host, device));
-    CREATE TABLE transitions (
-        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
-        device INTEGER NOT NULL, card_id TEXT NOT NULL, from_state TEXT NOT NULL,
-        to_state TEXT NOT NULL, boot_counter BIGINT NOT NULL, session_id TEXT NOT NULL,
-        reason TEXT NOT NULL, replica TEXT NOT NULL, epoch BIGINT NOT NULL);
-    CREATE INDEX transitions_by_card ON transitions (host, device, id);
-    CREATE TABLE loads (
-        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
-        device INTEGER NOT NULL, card_id TEXT NOT NULL, session_id TEXT NOT NULL,
-        program_id TEXT NOT NULL, partition INTEGER NOT NULL,
-        outcome TEXT NOT NULL DEFAULT 'sent', replica TEXT NOT NULL, epoch BIGINT NOT NULL);
-    CREATE INDEX loads_by_card ON loads (host, device, id);
-    CREATE TABLE stages (
-        host TEXT NOT NULL, program_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (host, program_id));
-    CREATE TABLE hosts (
-        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
-        reason TEXT NOT NULL, updated DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL);
-    CREATE TABLE host_transitions (
-        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
-        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL,
-        replica TEXT NOT NULL);
-    CREATE TABLE unseals (
-        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL,
-        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
-    CREATE TABLE leases (
-        host TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '',
-        epoch BIGINT NOT NULL DEFAULT 0,
-        expires TIMESTAMPTZ NOT NULL DEFAULT '-infinity');
-    CREATE TABLE replicas (
-        name TEXT PRIMARY KEY, instance TEXT NOT NULL, started TIMESTAMPTZ NOT NULL,
-        heartbeat TIMESTAMPTZ NOT NULL, stopped BOOLEAN NOT NULL DEFAULT false);
-    CREATE TABLE seals (
-        source_key TEXT PRIMARY KEY, salt BYTEA NOT NULL, program_id TEXT NOT NULL,
-        replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
-    """,
-)
-
-_CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
-                 "program_id, attempts, reason, updated, good_card_id, good_session, "
-                 "good_program, good_partition")
 
 
 def redact(url: str) -> str:
@@ -194,10 +141,11 @@ class PostgresStore:
         await conn.execute("CREATE TABLE IF NOT EXISTS modelip_schema (version INTEGER)")
         row = await (await conn.execute("SELECT max(version) FROM modelip_schema")).fetchone()
         version = int(row[0] or 0) if row else 0
-        if version > len(MIGRATIONS):
+        if version > len(POSTGRES_MIGRATIONS):
             raise StoreUnavailable(self.label, f"schema version {version} is newer than "
-                                   f"this modelip knows ({len(MIGRATIONS)}): upgrade modelip")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                                   f"this modelip knows ({len(POSTGRES_MIGRATIONS)}): "
+                                   "upgrade modelip")
+        for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
             for statement in filter(str.strip, script.split(";")):
                 await conn.execute(statement.encode())
             await conn.execute("INSERT INTO modelip_schema VALUES (%s)", (number,))
@@ -393,7 +341,7 @@ class PostgresStore:
                     "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
                     "VALUES (%s, %s, %s, %s, 'PENDING', %s) ON CONFLICT (host, device) "
                     "DO UPDATE SET grp = excluded.grp, partition = excluded.partition "
-                    f"RETURNING {_CARD_COLUMNS}".encode(),
+                    f"RETURNING {CARD_COLUMNS}".encode(),
                     (host, device, group, partition, now))).fetchone()
                 assert row is not None  # noqa: S101 - RETURNING
                 records.append(card_record(row))
@@ -401,12 +349,12 @@ class PostgresStore:
         return await self._unfenced(ensure)
 
     async def card(self, host: str, device: int) -> CardRecord | None:
-        rows = await self._rows(f"SELECT {_CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
+        rows = await self._rows(f"SELECT {CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
                                 "WHERE host = %s AND device = %s", (host, device))
         return card_record(rows[0]) if rows else None
 
     async def cards(self) -> list[CardRecord]:
-        rows = await self._rows(f"SELECT {_CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
+        rows = await self._rows(f"SELECT {CARD_COLUMNS} FROM cards "  # noqa: S608 - constant
                                 "ORDER BY host, device")
         return [card_record(row) for row in rows]
 

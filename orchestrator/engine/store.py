@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
+from orchestrator.engine.schema import CARD_COLUMNS, SQLITE_MIGRATIONS
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.errors import StateDirError
 
@@ -117,95 +118,8 @@ class Store(Protocol):
                                ) -> list[TransitionRecord]: ...
 
 
-# Applied in order; PRAGMA user_version says how many a journal has had.
-MIGRATIONS = (
-    """
-    CREATE TABLE IF NOT EXISTS cards (
-        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
-        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
-        boot_counter INTEGER NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
-        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
-        reason TEXT NOT NULL DEFAULT '', updated REAL NOT NULL,
-        PRIMARY KEY (host, device));
-    CREATE TABLE IF NOT EXISTS transitions (
-        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
-        card_id TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL,
-        boot_counter INTEGER NOT NULL, session_id TEXT NOT NULL, reason TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS loads (
-        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
-        card_id TEXT NOT NULL, session_id TEXT NOT NULL, program_id TEXT NOT NULL,
-        partition INTEGER NOT NULL, outcome TEXT NOT NULL DEFAULT 'sent');
-    CREATE TABLE IF NOT EXISTS stages (
-        host TEXT NOT NULL, program_id TEXT NOT NULL, ts REAL NOT NULL,
-        PRIMARY KEY (host, program_id));
-    """,
-    """
-    ALTER TABLE cards ADD COLUMN good_card_id TEXT NOT NULL DEFAULT '';
-    ALTER TABLE cards ADD COLUMN good_session TEXT NOT NULL DEFAULT '';
-    ALTER TABLE cards ADD COLUMN good_program TEXT NOT NULL DEFAULT '';
-    ALTER TABLE cards ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1;
-    CREATE TABLE hosts (
-        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
-        reason TEXT NOT NULL, updated REAL NOT NULL);
-    CREATE TABLE host_transitions (
-        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL,
-        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL);
-    CREATE INDEX loads_by_card ON loads (host, device, id);
-    """,
-    """
-    CREATE TABLE unseals (
-        id INTEGER PRIMARY KEY, ts REAL NOT NULL, replica TEXT NOT NULL,
-        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
-    """,
-    """
-    CREATE INDEX transitions_by_card ON transitions (host, device, id);
-    """,
-    # A move is one row: the history row carries the card's whole new state and a
-    # trigger applies it to the card's current row, in the same statement (atomic).
-    (
-        "ALTER TABLE transitions ADD COLUMN program_id TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE transitions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE transitions ADD COLUMN good_card_id TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE transitions ADD COLUMN good_session TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE transitions ADD COLUMN good_program TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE transitions ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1",
-        """CREATE TRIGGER transitions_move_card AFTER INSERT ON transitions BEGIN
-            UPDATE cards SET card_id = NEW.card_id, state = NEW.to_state,
-                boot_counter = NEW.boot_counter, session_id = NEW.session_id,
-                program_id = NEW.program_id, attempts = NEW.attempts, reason = NEW.reason,
-                updated = NEW.ts, good_card_id = NEW.good_card_id,
-                good_session = NEW.good_session, good_program = NEW.good_program,
-                good_partition = NEW.good_partition
-            WHERE host = NEW.host AND device = NEW.device;
-        END""",
-    ),
-    # Rollouts (engine/rollout.py): the programs a fleet served, which one it
-    # serves now, each rollout with its waves' history.
-    """
-    CREATE TABLE programs (
-        program_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, version INTEGER NOT NULL,
-        floor INTEGER NOT NULL, body TEXT NOT NULL, ts REAL NOT NULL);
-    CREATE TABLE fleet_program (
-        id INTEGER PRIMARY KEY CHECK (id = 1), program_id TEXT NOT NULL, ts REAL NOT NULL);
-    CREATE TABLE rollouts (
-        id INTEGER PRIMARY KEY, started REAL NOT NULL, updated REAL NOT NULL, ended REAL,
-        from_program TEXT NOT NULL, candidate TEXT NOT NULL, to_program TEXT NOT NULL,
-        waves TEXT NOT NULL, wave INTEGER NOT NULL, phase TEXT NOT NULL,
-        paused INTEGER NOT NULL DEFAULT 0, undo INTEGER NOT NULL DEFAULT 0,
-        verdict TEXT NOT NULL DEFAULT '');
-    CREATE TABLE rollout_history (
-        id INTEGER PRIMARY KEY, rollout INTEGER NOT NULL, ts REAL NOT NULL,
-        wave INTEGER NOT NULL, phase TEXT NOT NULL, what TEXT NOT NULL);
-    """,
-)
-
-_CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
-                 "program_id, attempts, reason, updated, good_card_id, good_session, "
-                 "good_program, good_partition")
-
-
 def card_record(row: tuple[Any, ...]) -> CardRecord:
-    """A CardRecord from a row of the cards table (columns as _CARD_COLUMNS)."""
+    """A CardRecord from a row of the cards table (columns as CARD_COLUMNS)."""
     g_card, g_session, g_program, g_partition = row[12:]
     good = KnownGood(g_card, g_session, g_program, g_partition) if g_session else None
     host, device, card_id, group, partition, state, boot, session, program, attempts, \
@@ -238,7 +152,7 @@ class SQLiteStore:
 
     def _migrate(self) -> None:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
             statements = script if isinstance(script, tuple) else script.split(";")
             with self._transaction():
                 for statement in filter(str.strip, statements):
@@ -265,17 +179,17 @@ class SQLiteStore:
             return [card_record(self._db.execute(
                 "INSERT INTO cards (host, device, grp, partition, state, updated) "  # noqa: S608 - constant columns
                 "VALUES (?, ?, ?, ?, 'PENDING', ?) ON CONFLICT(host, device) DO UPDATE SET "
-                f"grp = excluded.grp, partition = excluded.partition RETURNING {_CARD_COLUMNS}",
+                f"grp = excluded.grp, partition = excluded.partition RETURNING {CARD_COLUMNS}",
                 (host, device, group, partition, now)).fetchone())
                 for device, group, partition in cards]
 
     async def card(self, host: str, device: int) -> CardRecord | None:
-        row = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
+        row = self._read(f"SELECT {CARD_COLUMNS} FROM cards WHERE host = ? AND device = ?",  # noqa: S608 - constant columns
                          (host, device)).fetchone()
         return None if row is None else card_record(row)
 
     async def cards(self) -> list[CardRecord]:
-        rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
+        rows = self._read(f"SELECT {CARD_COLUMNS} FROM cards ORDER BY host, device")  # noqa: S608 - constant columns
         return [card_record(row) for row in rows]
 
     async def record_card(self, t: CardTransition, *, load: LoadSent | None = None,

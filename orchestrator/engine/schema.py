@@ -1,0 +1,146 @@
+"""The journal's tables, as migrations applied in order: the embedded SQLite journal's
+(``PRAGMA user_version`` counts them) and the shared PostgreSQL store's (its
+``modelip_schema`` table does). A migration is never edited once released: a
+change is a new one. Both stores read a card's row with the same columns."""
+
+from __future__ import annotations
+
+# Applied in order; PRAGMA user_version says how many a journal has had.
+SQLITE_MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS cards (
+        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
+        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
+        boot_counter INTEGER NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
+        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '', updated REAL NOT NULL,
+        PRIMARY KEY (host, device));
+    CREATE TABLE IF NOT EXISTS transitions (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
+        card_id TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL,
+        boot_counter INTEGER NOT NULL, session_id TEXT NOT NULL, reason TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS loads (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL, device INTEGER NOT NULL,
+        card_id TEXT NOT NULL, session_id TEXT NOT NULL, program_id TEXT NOT NULL,
+        partition INTEGER NOT NULL, outcome TEXT NOT NULL DEFAULT 'sent');
+    CREATE TABLE IF NOT EXISTS stages (
+        host TEXT NOT NULL, program_id TEXT NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (host, program_id));
+    """,
+    """
+    ALTER TABLE cards ADD COLUMN good_card_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_session TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_program TEXT NOT NULL DEFAULT '';
+    ALTER TABLE cards ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1;
+    CREATE TABLE hosts (
+        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE host_transitions (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, host TEXT NOT NULL,
+        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL);
+    CREATE INDEX loads_by_card ON loads (host, device, id);
+    """,
+    """
+    CREATE TABLE unseals (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, replica TEXT NOT NULL,
+        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
+    """,
+    """
+    CREATE INDEX transitions_by_card ON transitions (host, device, id);
+    """,
+    # A move is one row: the history row carries the card's whole new state and a
+    # trigger applies it to the card's current row, in the same statement (atomic).
+    (
+        "ALTER TABLE transitions ADD COLUMN program_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE transitions ADD COLUMN good_card_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_session TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_program TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN good_partition INTEGER NOT NULL DEFAULT -1",
+        """CREATE TRIGGER transitions_move_card AFTER INSERT ON transitions BEGIN
+            UPDATE cards SET card_id = NEW.card_id, state = NEW.to_state,
+                boot_counter = NEW.boot_counter, session_id = NEW.session_id,
+                program_id = NEW.program_id, attempts = NEW.attempts, reason = NEW.reason,
+                updated = NEW.ts, good_card_id = NEW.good_card_id,
+                good_session = NEW.good_session, good_program = NEW.good_program,
+                good_partition = NEW.good_partition
+            WHERE host = NEW.host AND device = NEW.device;
+        END""",
+    ),
+    # Rollouts (engine/rollout.py): the programs a fleet served, which one it
+    # serves now, each rollout with its waves' history.
+    """
+    CREATE TABLE programs (
+        program_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, version INTEGER NOT NULL,
+        floor INTEGER NOT NULL, body TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE TABLE fleet_program (
+        id INTEGER PRIMARY KEY CHECK (id = 1), program_id TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY, started REAL NOT NULL, updated REAL NOT NULL, ended REAL,
+        from_program TEXT NOT NULL, candidate TEXT NOT NULL, to_program TEXT NOT NULL,
+        waves TEXT NOT NULL, wave INTEGER NOT NULL, phase TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0, undo INTEGER NOT NULL DEFAULT 0,
+        verdict TEXT NOT NULL DEFAULT '');
+    CREATE TABLE rollout_history (
+        id INTEGER PRIMARY KEY, rollout INTEGER NOT NULL, ts REAL NOT NULL,
+        wave INTEGER NOT NULL, phase TEXT NOT NULL, what TEXT NOT NULL);
+    """,
+)
+
+
+# Applied in order under an advisory lock; modelip_schema says how many a database
+# has had.
+POSTGRES_MIGRATIONS = (
+    """
+    CREATE TABLE cards (
+        host TEXT NOT NULL, device INTEGER NOT NULL, card_id TEXT NOT NULL DEFAULT '',
+        grp INTEGER NOT NULL, partition INTEGER NOT NULL, state TEXT NOT NULL,
+        boot_counter BIGINT NOT NULL DEFAULT 0, session_id TEXT NOT NULL DEFAULT '',
+        program_id TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '', updated DOUBLE PRECISION NOT NULL,
+        good_card_id TEXT NOT NULL DEFAULT '', good_session TEXT NOT NULL DEFAULT '',
+        good_program TEXT NOT NULL DEFAULT '', good_partition INTEGER NOT NULL DEFAULT -1,
+        replica TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (host, device));
+    CREATE TABLE transitions (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        device INTEGER NOT NULL, card_id TEXT NOT NULL, from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL, boot_counter BIGINT NOT NULL, session_id TEXT NOT NULL,
+        reason TEXT NOT NULL, replica TEXT NOT NULL, epoch BIGINT NOT NULL);
+    CREATE INDEX transitions_by_card ON transitions (host, device, id);
+    CREATE TABLE loads (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        device INTEGER NOT NULL, card_id TEXT NOT NULL, session_id TEXT NOT NULL,
+        program_id TEXT NOT NULL, partition INTEGER NOT NULL,
+        outcome TEXT NOT NULL DEFAULT 'sent', replica TEXT NOT NULL, epoch BIGINT NOT NULL);
+    CREATE INDEX loads_by_card ON loads (host, device, id);
+    CREATE TABLE stages (
+        host TEXT NOT NULL, program_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host, program_id));
+    CREATE TABLE hosts (
+        host TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT NOT NULL, updated DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL);
+    CREATE TABLE host_transitions (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL,
+        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL,
+        replica TEXT NOT NULL);
+    CREATE TABLE unseals (
+        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, replica TEXT NOT NULL,
+        token TEXT NOT NULL, kek TEXT NOT NULL, blob TEXT NOT NULL);
+    CREATE TABLE leases (
+        host TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '',
+        epoch BIGINT NOT NULL DEFAULT 0,
+        expires TIMESTAMPTZ NOT NULL DEFAULT '-infinity');
+    CREATE TABLE replicas (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, started TIMESTAMPTZ NOT NULL,
+        heartbeat TIMESTAMPTZ NOT NULL, stopped BOOLEAN NOT NULL DEFAULT false);
+    CREATE TABLE seals (
+        source_key TEXT PRIMARY KEY, salt BYTEA NOT NULL, program_id TEXT NOT NULL,
+        replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
+    """,
+)
+
+
+CARD_COLUMNS = ("host, device, card_id, grp, partition, state, boot_counter, session_id, "
+                 "program_id, attempts, reason, updated, good_card_id, good_session, "
+                 "good_program, good_partition")
