@@ -21,12 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from orchestrator.crypto.container import SealedContainer, SealSettings, write_sealed  # noqa: E402
 from orchestrator.crypto.mek import MEK  # noqa: E402
-from orchestrator.qpc.container import (  # noqa: E402
-    Container,
-    MemorySource,
-    bytes_segment,
-    write_container,
-)
+from orchestrator.qpc.container import Container, MemorySource  # noqa: E402
+from orchestrator.qpc.writer import bytes_segment, write_container  # noqa: E402
 
 
 def main() -> None:

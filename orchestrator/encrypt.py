@@ -26,14 +26,10 @@ from orchestrator.crypto.container import (
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem, KeySlot, wrap_mek
 from orchestrator.errors import FileInputError, FormatError, UsageError
-from orchestrator.qpc.container import (
-    Container,
-    FileSource,
-    open_container,
-    rewrite_last_segment,
-)
+from orchestrator.qpc.container import Container, FileSource, open_container
 from orchestrator.qpc.mdp import read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC
+from orchestrator.qpc.writer import rewrite_last_segment
 
 if TYPE_CHECKING:
     from orchestrator.crypto.evidence import VerifiedReport

@@ -17,10 +17,9 @@ from orchestrator.qpc.container import (
     MAGIC,
     Container,
     MemorySource,
-    bytes_segment,
     open_container,
-    write_container,
 )
+from orchestrator.qpc.writer import bytes_segment, write_container
 
 
 def build(segments: dict[str, bytes]) -> bytes:

@@ -17,12 +17,8 @@ from orchestrator.cli import main
 from orchestrator.crypto.container import SealedContainer, encode_key_slots
 from orchestrator.emulator.card import EmulatedCard
 from orchestrator.errors import IntegrityError, SessionInvalidError
-from orchestrator.qpc.container import (
-    bytes_segment,
-    open_container,
-    rewrite_last_segment,
-    write_container,
-)
+from orchestrator.qpc.container import open_container
+from orchestrator.qpc.writer import bytes_segment, rewrite_last_segment, write_container
 from tests.conftest import SHAPES
 
 SMALL_CHUNK = "1024"

@@ -44,14 +44,9 @@ from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.encrypt import inspect_container, verify_program
 from orchestrator.errors import FormatError, ModelIPError
-from orchestrator.qpc.container import (
-    Container,
-    MemorySource,
-    bytes_segment,
-    container_pieces,
-    write_container,
-)
+from orchestrator.qpc.container import Container, MemorySource
 from orchestrator.qpc.mdp import MDP_META, MdpMeta, Partition, TensorSpec
+from orchestrator.qpc.writer import bytes_segment, container_pieces, write_container
 
 EXAMPLES = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

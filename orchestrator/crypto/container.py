@@ -26,18 +26,15 @@ from orchestrator.crypto import stream
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem, KeySlot
 from orchestrator.errors import FormatError, IntegrityError, WrongMEKError
-from orchestrator.qpc.container import (
-    VERSION_MINOR,
-    Container,
-    MemorySource,
+from orchestrator.qpc.container import VERSION_MINOR, Container, MemorySource, SliceSource
+from orchestrator.qpc.mdp import MDP_META, MdpMeta, read_mdp_meta
+from orchestrator.qpc.writer import (
     SegmentSpec,
-    SliceSource,
     bytes_segment,
     container_pieces,
     container_size,
     write_container,
 )
-from orchestrator.qpc.mdp import MDP_META, MdpMeta, read_mdp_meta
 
 FORMAT_VERSION = 2  # 2: header fields and offsets authenticated, slots bound to a program
 ENCINFO = "modelip_encinfo"

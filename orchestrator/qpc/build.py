@@ -8,14 +8,9 @@ from pathlib import Path
 
 from orchestrator.atomicfile import atomic_output
 from orchestrator.errors import FileInputError, UsageError
-from orchestrator.qpc.container import (
-    SegmentSpec,
-    bytes_segment,
-    check_segment_name,
-    open_container,
-    write_container,
-)
+from orchestrator.qpc.container import check_segment_name, open_container
 from orchestrator.qpc.mdp import MDP_META, MdpMeta, Partition, partition_segment_name
+from orchestrator.qpc.writer import SegmentSpec, bytes_segment, write_container
 
 READ_CHUNK = 8 << 20
 

@@ -11,8 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.qpc.container import SegmentSpec, bytes_segment
 from orchestrator.qpc.mdp import TensorSpec
+from orchestrator.qpc.writer import SegmentSpec, bytes_segment
 
 NETWORK_ONNX = "network.onnx"
 IO_DESC = "io_desc.json"

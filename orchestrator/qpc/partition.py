@@ -25,9 +25,9 @@ from onnx import helper, shape_inference
 from orchestrator.atomicfile import atomic_output
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.build import pack_mdp
-from orchestrator.qpc.container import write_container
 from orchestrator.qpc.mdp import MdpMeta, Partition, TensorSpec, partition_segment_name
 from orchestrator.qpc.onnx_package import stage_segments
+from orchestrator.qpc.writer import write_container
 
 BALANCES = ("params", "flops")
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit
