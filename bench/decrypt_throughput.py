@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import parse_size  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from orchestrator.crypto.container import SealedContainer, SealSettings, write_sealed  # noqa: E402
+from orchestrator.crypto.container import SealedContainer, SealSettings  # noqa: E402
 from orchestrator.crypto.mek import MEK  # noqa: E402
+from orchestrator.crypto.seal import write_sealed  # noqa: E402
 from orchestrator.qpc.container import Container, MemorySource  # noqa: E402
 from orchestrator.qpc.writer import bytes_segment, write_container  # noqa: E402
 

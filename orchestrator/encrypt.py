@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from orchestrator.atomicfile import atomic_output, write_bytes_atomic
-from orchestrator.crypto.container import (
-    SealedContainer,
-    SealSettings,
-    encode_key_slots,
-    write_sealed,
-)
+from orchestrator.crypto.container import SealedContainer, SealSettings, encode_key_slots
 from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.seal import write_sealed
 from orchestrator.crypto.wrap import Kem, KeySlot, wrap_mek
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.container import Container, FileSource, open_container

@@ -244,7 +244,8 @@ def genuine_cert(evidence: evidence_pb2.AttestationEvidence):  # type: ignore[no
 
 def test_parallel_encryption_matches_the_format(tmp_path: Path, mek: MEK) -> None:
     """The forked-worker path writes chunks where the sequential reader expects them."""
-    from orchestrator.crypto.container import SealedContainer, SealSettings, write_sealed
+    from orchestrator.crypto.container import SealedContainer, SealSettings
+    from orchestrator.crypto.seal import write_sealed
     from orchestrator.qpc.build import pack_files
     from orchestrator.qpc.container import open_container
 

@@ -30,7 +30,6 @@ from orchestrator.crypto.container import (
     SealSettings,
     decode_key_slots,
     encode_key_slots,
-    seal_specs,
 )
 from orchestrator.crypto.evidence import (
     TrustPolicy,
@@ -39,6 +38,7 @@ from orchestrator.crypto.evidence import (
     verify_load_receipt,
 )
 from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.seal import seal_specs
 from orchestrator.crypto.wrap import wrap_mek
 from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.pki import VendorPKI

@@ -20,9 +20,9 @@ from orchestrator.crypto.container import (
     ContentPolicy,
     SealedContainer,
     SealSettings,
-    write_sealed,
 )
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
+from orchestrator.crypto.seal import write_sealed
 from orchestrator.crypto.stream import SALT_BYTES
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
