@@ -113,7 +113,7 @@ def cmd_replace_mek(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from orchestrator.encrypt import verify_program
+    from orchestrator.verify import verify_program
 
     mek = keycli.mek_from_args(args)
     summary = verify_program(args.qpc, mek, extract=args.extract)
@@ -126,7 +126,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from orchestrator.encrypt import inspect_container
+    from orchestrator.verify import inspect_container
 
     document = inspect_container(args.file)
     if args.json:
