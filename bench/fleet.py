@@ -158,6 +158,86 @@ def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
     return best
 
 
+# --- what the design fixes per card, beside the floor ---------------------------------
+
+def rpcs_child(addresses: list[str], devices: int) -> None:
+    """Two bare RPCs per card (health: empty request and answer), every host at once,
+    its cards one after the other, as a deployment paces them; print CPU seconds."""
+    import anyio
+
+    from orchestrator.transport.client import HostClient
+
+    async def run() -> float:
+        clients = [HostClient(address) for address in addresses]
+        for client in clients:
+            await client.health()  # connected: the measure is the calls, not the dial
+        start = cpu()
+
+        async def per_host(client: HostClient) -> None:
+            for _ in range(devices):
+                await client.health()
+                await client.health()
+
+        async with anyio.create_task_group() as tg:
+            for client in clients:
+                tg.start_soon(per_host, client)
+        spent = cpu() - start
+        for client in clients:
+            await client.close()
+        return spent
+
+    print(json.dumps({"cpu": anyio.run(run)}))
+
+
+def rpcs_per_card(addresses: list[str], devices: int) -> float:
+    """CPU seconds per card of the two RPCs a card needs (attest, load), as bare
+    calls to the same hosts from a fresh process: gRPC's own cost per call."""
+    done = subprocess.run([sys.executable, __file__, "--rpcs-child", ",".join(addresses),
+                           "--devices-per-host", str(devices)],
+                          capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.splitlines()[-1])["cpu"]) / (len(addresses) * devices)
+
+
+def journal_per_card(cards: int, devices: int) -> float:
+    """CPU seconds per card of the journal's share of a deployment: every card's four
+    moves (ATTESTING, KEYED, LOADING with its load, SERVING with the load's outcome)
+    through the real state machine and SQLite journal, all cards at once (so moves
+    of one instant share a commit, as in a deployment)."""
+    import anyio
+
+    from orchestrator.engine.state import CardMachine, CardState, KnownGood
+    from orchestrator.engine.store import LoadSent, SQLiteStore
+
+    async def card(store: SQLiteStore, machine: CardMachine) -> None:
+        load_id = 0
+        for target in (CardState.ATTESTING, CardState.KEYED, CardState.LOADING,
+                       CardState.SERVING):
+            machine.card_id, machine.session_id = f"card-{machine.device}", b"\x01" * 16
+            good: KnownGood | bool = KnownGood(machine.card_id, "01" * 16, "p", 0) \
+                if target is CardState.SERVING else True
+            transition = machine.propose(target, "measured", known_good=good)
+            load_id = await store.record_card(
+                transition, load=LoadSent("p", 0) if target is CardState.LOADING else None,
+                concludes=(load_id, "ok") if target is CardState.SERVING else None)
+            machine.apply(transition)
+            await anyio.lowlevel.checkpoint()  # other cards move meanwhile
+
+    async def run(path: Path) -> float:
+        with SQLiteStore(path) as store:
+            hosts = [f"host-{index}" for index in range(cards // devices)]
+            for host in hosts:
+                await store.ensure_cards(host, [(d, d, 0) for d in range(devices)])
+            start = cpu()
+            async with anyio.create_task_group() as tg:
+                for host in hosts:
+                    for device in range(devices):
+                        tg.start_soon(card, store, CardMachine(host, device, device, 0, "p"))
+            return (cpu() - start) / cards
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return anyio.run(run, Path(scratch) / "journal.db")
+
+
 # --- the reference way ---------------------------------------------------------------
 
 def reference_per_card(work: Path, addresses: list[str], devices: int, root: Path,
@@ -199,6 +279,8 @@ def measure(cards: int, devices: int, repeat: int, sample: int) -> tuple[dict[st
                 (run / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
                 runs.append(deploy(run, addresses, devices, root))
             best = min(runs, key=lambda r: r["cpu"])
+            best["rpcs"] = min(rpcs_per_card(addresses, devices) for _ in range(repeat))
+            best["journal"] = min(journal_per_card(cards, devices) for _ in range(repeat))
             if sample:
                 reference = reference_per_card(work, addresses, devices, root, best, sample)
         finally:
@@ -215,9 +297,13 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=6,
                         help="cards done the reference way (0: skip it)")
     parser.add_argument("--deploy-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rpcs-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.deploy_child:
         deploy_child(args.deploy_child)
+        return
+    if args.rpcs_child:
+        rpcs_child(args.rpcs_child.split(","), args.devices_per_host)
         return
     floor = floor_per_card()
     sizes = [int(text) for text in args.sizes.split(",")]
@@ -232,6 +318,18 @@ def main() -> None:
         print(f"{cards:>6} {best['serving']:>8} {best['wall']:>7.2f} "
               f"{cards / best['wall']:>8.0f} {best['cpu']:>7.2f} {per * 1e3:>7.2f}ms "
               f"{per / floor:>8.2f}x {in_place * 1e3:>6.2f}ms {per / in_place:>5.2f}x")
+    print("what the design fixes per card, measured beside it (CPU, same hosts): the floor, "
+          "two bare RPCs (gRPC's own cost of the attest and load calls), the journal "
+          "(four write-ahead moves, a load and its outcome); the rest is the engine's own "
+          "work (tasks, scheduling, events, resync listings)")
+    print(f"{'cards':>6} {'floor':>8} {'2 RPCs':>8} {'journal':>8} {'fixed':>8} "
+          f"{'fixed/floor':>12} {'the rest':>9}")
+    for cards, best, _ in rows:
+        per = best["cpu"] / cards
+        fixed = floor + best["rpcs"] + best["journal"]
+        print(f"{cards:>6} {floor * 1e3:>6.2f}ms {best['rpcs'] * 1e3:>6.2f}ms "
+              f"{best['journal'] * 1e3:>6.2f}ms {fixed * 1e3:>6.2f}ms {fixed / floor:>11.2f}x "
+              f"{(per - fixed) * 1e3:>7.2f}ms")
     if len(rows) > 1:
         (first, first_best, _), (last, last_best, _) = rows[0], rows[-1]
         growth = (last_best["cpu"] / last) / (first_best["cpu"] / first)
