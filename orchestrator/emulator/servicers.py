@@ -68,9 +68,14 @@ def _answers(method: _Handler) -> _Handler:
     return handler
 
 
-class Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
+class _OnHost:
+    """A servicer answering for one emulated host."""
+
     def __init__(self, host: EmulatedHost) -> None:
         self.host = host
+
+
+class Attestation(_OnHost, runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[misc]
 
     @_answers
     async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
@@ -79,9 +84,7 @@ class Attestation(runtime_pb2_grpc.RemoteAttestationServicer):  # type: ignore[m
         return await self.host.attest_message(request.device, request.request)
 
 
-class Runtime(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
-    def __init__(self, host: EmulatedHost) -> None:
-        self.host = host
+class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
 
     @_answers
     async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
