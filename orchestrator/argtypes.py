@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS, MAX_VERSION
+
 T = TypeVar("T")
 
 
@@ -43,16 +45,40 @@ def _checked(name: str, parse: Callable[[str], T], ok: Callable[[T], bool], why:
 
 port = _checked("port", _integer, lambda v: 0 <= v <= 65535,
                 "a port is 0-65535 (0: any free port)")
-device = _checked("device", _integer, lambda v: v >= 0,
-                  "a device number is 0 or more")
+device = _checked("device", _integer, lambda v: 0 <= v <= MAX_DEVICE,
+                  f"a device number is 0 to {MAX_DEVICE}")
 positive_int = _checked("positive_int", _integer, lambda v: v >= 1,
                         "must be 1 or more")
 non_negative = _checked("non_negative", _number, lambda v: v >= 0,
                         "must not be negative")
 positive = _checked("positive", _number, lambda v: v > 0,
                     "must be greater than 0")
+version = _checked("version", _integer, lambda v: 1 <= v <= MAX_VERSION,
+                   f"a version is a whole number from 1 to {MAX_VERSION}")
+host_count = _checked("host_count", _integer, lambda v: 1 <= v <= MAX_HOSTS,
+                      f"from 1 to {MAX_HOSTS} hosts")
+cards_per_host = _checked("cards_per_host", _integer, lambda v: 1 <= v <= MAX_CARDS_PER_HOST,
+                          f"from 1 to {MAX_CARDS_PER_HOST} cards per host")
 probability = _checked("probability", _number, lambda v: 0 <= v <= 1,
                        "a probability is between 0 and 1")
+
+
+def add_force_flag(parser: argparse.ArgumentParser) -> None:
+    """``--force``: the one way to let a command replace files that already exist."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace outputs that already exist (without it, a command "
+                             "refuses them before writing anything)")
+
+
+def host_address(text: str) -> str:
+    """A host name or IP address without a port (the port has its own flag)."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and ":" not in host.strip("[]"):
+        raise argparse.ArgumentTypeError(f"{text}: give the address alone and the port with "
+                                         f"--port {port}")
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name or address")
+    return text
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from orchestrator import argtypes
 from orchestrator.errors import FileInputError
 
 
@@ -39,6 +39,7 @@ def _load_card(path: str) -> Any:
 
 
 def _save_card(card: Any, path: str, *, overwrite: bool = True) -> None:
+    """The card file: created once (never over another file), then the card's own."""
     from orchestrator.atomicfile import write_bytes_atomic
 
     data = (json.dumps(card.to_state(), indent=1) + "\n").encode()
@@ -61,11 +62,11 @@ def cmd_card_init(args: argparse.Namespace) -> int:
 
 def cmd_card_attest(args: argparse.Namespace) -> int:
     from orchestrator.atomicfile import write_bytes_atomic
-    from orchestrator.encrypt import read_file
+    from orchestrator.targets import read_request
 
     card = _load_card(args.card)
-    request = read_file(args.input, "request file") if args.input else os.urandom(32)
-    write_bytes_atomic(args.output, card.attest(request))
+    request = read_request(args.input)
+    write_bytes_atomic(args.output, card.attest(request), overwrite=args.force)
     print(f"wrote {args.output}: evidence of card {card.card_id!r} boot {card.boot_counter}")
     return 0
 
@@ -113,6 +114,7 @@ def register(sub: Any) -> None:
     p.add_argument("card")
     p.add_argument("-i", "--input", metavar="REQUEST")
     p.add_argument("-o", "--output", default="report.dat")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_card_attest)
     p = card.add_parser("reset", help="reboot the card: its session ends")
     p.add_argument("card")
@@ -120,5 +122,5 @@ def register(sub: Any) -> None:
     p = card.add_parser("load", help="load an encrypted QPC into the card's memory")
     p.add_argument("card")
     p.add_argument("qpc")
-    p.add_argument("--partition", type=int, default=0)
+    p.add_argument("--partition", type=argtypes.device, default=0)
     p.set_defaults(handler=cmd_card_load)

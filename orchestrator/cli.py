@@ -35,15 +35,7 @@ def _print_json(document: Any) -> None:
 def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
     from orchestrator.crypto.container import ContentPolicy, SealSettings
 
-    expires = 0
-    if args.expires:
-        try:
-            moment = dt.datetime.fromisoformat(args.expires)
-        except ValueError:
-            raise UsageError(f"--expires: {args.expires!r} is not an ISO date/time") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.UTC)
-        expires = int(moment.timestamp())
+    expires = _expiry(args.expires) if args.expires else 0
     if args.min_firmware:
         from orchestrator.crypto.evidence import parse_version
 
@@ -62,6 +54,33 @@ def _seal_settings(args: argparse.Namespace, default_id: str) -> Any:
     )
 
 
+_SPAN = {"d": 86400, "h": 3600, "m": 60}
+
+
+def _expiry(text: str) -> int:
+    """--expires: an ISO date/time (UTC unless it says), or a span from now (365d, 12h,
+    30m); a moment already past is refused (every card would refuse the model)."""
+    now = dt.datetime.now(dt.UTC)
+    number, unit = text[:-1], text[-1:].lower()
+    if unit in _SPAN and number.isdigit():
+        if int(number) == 0 or int(number) > 100 * 365:
+            raise UsageError(f"--expires {text}: a span is 1 to {100 * 365} days (or hours, "
+                             "minutes) from now")
+        moment = now + dt.timedelta(seconds=int(number) * _SPAN[unit])
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise UsageError(f"--expires: {text!r} is not an ISO date/time (2030-06-30) nor a "
+                             "span from now (365d, 12h, 30m)") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+    if moment <= now:
+        raise UsageError(f"--expires {text}: that moment has passed "
+                         f"({moment:%Y-%m-%d %H:%M} UTC); every card would refuse the model")
+    return int(moment.timestamp())
+
+
 def _targets(args: argparse.Namespace) -> Any:
     from orchestrator.targets import load_session_targets
 
@@ -75,7 +94,8 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
     mek = keycli.mek_from_args(args)
     settings = _seal_settings(args, Path(args.qpc).stem)
     targets = _targets(args) if args.pub_keys else ()
-    for path in encrypt_model(args.qpc, mek, args.output_dir, settings, targets=targets):
+    for path in encrypt_model(args.qpc, mek, args.output_dir, settings, targets=targets,
+                              overwrite=args.force):
         print(f"wrote {path}")
     mek.wipe()
     return 0
@@ -86,18 +106,26 @@ def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
 
     mek = keycli.mek_from_args(args)
     path = encrypt_with_session_keys(args.input_dir, mek, _targets(args),
-                                     out_dir=args.output_dir)
+                                     out_dir=args.output_dir, overwrite=args.force)
     mek.wipe()
     print(f"wrote {path}")
     return 0
 
 
 def cmd_wrap_mek(args: argparse.Namespace) -> int:
+    from orchestrator.crypto.wrap import UNBOUND_PROGRAM
     from orchestrator.encrypt import program_for_wrap, wrap_mek_to_dir
 
     mek = keycli.mek_from_args(args)
-    program = program_for_wrap(args.encrypted_qpc, mek)
-    for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir, program=program):
+    if args.encrypted_qpc:
+        program = program_for_wrap(args.encrypted_qpc, mek)
+    else:
+        program = UNBOUND_PROGRAM
+        _err("modelip: note: the wrapped MEKs are bound to card, session and slot, not to one "
+             "program: any program sealed under this MEK at or above the card's rollback floor "
+             "opens with them (--encrypted-qpc FILE|DIR binds them to that program)")
+    for path in wrap_mek_to_dir(mek, _targets(args), args.output_dir, program=program,
+                                overwrite=args.force):
         print(f"wrote {path}")
     mek.wipe()
     return 0
@@ -107,7 +135,7 @@ def cmd_replace_mek(args: argparse.Namespace) -> int:
     from orchestrator.encrypt import replace_mek
 
     path = replace_mek(args.encrypted_qpc, args.wrapped_meks, out_dir=args.output_dir,
-                       in_place=args.in_place)
+                       in_place=args.in_place, overwrite=args.force)
     print(f"{'patched' if args.in_place else 'wrote'} {path}")
     return 0
 
@@ -116,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from orchestrator.verify import verify_program
 
     mek = keycli.mek_from_args(args)
-    summary = verify_program(args.qpc, mek, extract=args.extract)
+    summary = verify_program(args.qpc, mek, extract=args.extract, overwrite=args.force)
     mek.wipe()
     for segment in summary["segments"]:
         print(f"ok  {segment['name']}  {segment['size']} bytes")
@@ -147,8 +175,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  policy: expires {expires}, min firmware "
               f"{policy['min_firmware'] or 'any'}, rollback floor {policy['rollback_floor']}")
     for slot in document.get("key_slots", []):
+        program = f"program {slot['program'][:16]}" if slot["bound"] \
+            else "any program under the MEK (unbound)"
         print(f"  key slot {slot['slot']}: card {slot['card_id']!r} session "
-              f"{slot['session_id'][:16]} ({slot['kem']}), for program {slot['program'][:16]}")
+              f"{slot['session_id'][:16]} ({slot['kem']}), for {program}")
     if "io" in document:
         def tensors(specs: list[dict[str, Any]]) -> str:
             return ", ".join(f"{t['name']} {t['dtype']} {list(t['shape'])}" for t in specs)
@@ -167,7 +197,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.partition and args.segment:
         raise UsageError("pack: give --segment (plain) or --partition (MDP), not both")
     if args.partition:
-        size = pack_mdp(args.output, args.partition)
+        size = pack_mdp(args.output, args.partition, overwrite=args.force)
     else:
         pairs = []
         for item in args.segment or []:
@@ -175,7 +205,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             if not sep or not name or not path:
                 raise UsageError(f"--segment {item!r}: expected NAME=FILE")
             pairs.append((name, path))
-        size = pack_files(args.output, pairs)
+        size = pack_files(args.output, pairs, overwrite=args.force)
     print(f"wrote {args.output} ({size} bytes)")
     return 0
 
@@ -191,7 +221,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         except LookupError as err:
             raise UsageError(f"{args.model}: {err}") from None
     plan = package_onnx(model, args.output, partitions=args.partitions,
-                        balance=args.balance)
+                        balance=args.balance, overwrite=args.force)
     kind = "MDP container" if args.partitions > 1 else "container"
     print(f"wrote {args.output}: {kind} of {len(plan.stages)} stage(s)")
     for line in describe(plan):
@@ -210,7 +240,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from orchestrator.samples import write_samples
 
-    for name, what in write_samples(Path(args.dir)):
+    for name, what in write_samples(Path(args.dir), overwrite=args.force):
         print(f"wrote {Path(args.dir) / name}: {what}")
     return 0
 
@@ -224,10 +254,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _add_seal_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-id", help="model identity bound into the encryption "
                         "(default: the QPC file name)")
-    parser.add_argument("--model-version", type=int, default=1)
-    parser.add_argument("--expires", help="ISO date/time after which cards refuse the model")
+    parser.add_argument("--model-version", type=argtypes.version, default=1)
+    parser.add_argument("--expires", help="when cards start refusing the model: an ISO "
+                        "date/time (UTC unless it says) or a span from now (365d, 12h)")
     parser.add_argument("--min-firmware", help="cards with older firmware refuse the model")
-    parser.add_argument("--rollback-floor", type=int, default=None,
+    parser.add_argument("--rollback-floor", type=argtypes.version, default=None,
                         help="cards that load this refuse versions below it afterwards "
                         "(default: --model-version; lower only on purpose, with a warning)")
     parser.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
@@ -236,7 +267,10 @@ def _add_seal_flags(parser: argparse.ArgumentParser) -> None:
 def _add_key_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--pub-keys", nargs="+", action="extend", required=required,
                         metavar="FILE", help="attestation evidence files, one per card/slot")
-    parser.add_argument("--trust-root", metavar="PEM", help="vendor root to verify evidence")
+    parser.add_argument("--trust-root", metavar="PEM",
+                        help="vendor root to verify evidence (default: $MODELIP_TRUST_ROOT, "
+                             "else ~/.config/modelip/trust-root.pem, else "
+                             "/etc/modelip/trust-root.pem)")
     parser.add_argument("--insecure-unverified-key", action="store_true",
                         help="wrap to keys whose evidence is not verified (prints a warning)")
 
@@ -261,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     _add_key_flags(p, required=False)
     _add_seal_flags(p)
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_encrypt_model)
 
     p = sub.add_parser("encrypt-with-session-keys", help="fully encrypted QPC from a body")
@@ -270,16 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     keycli.add_token_flags(p)
     p.add_argument("--output-dir")
     _add_key_flags(p, required=True)
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_encrypt_with_session_keys)
 
     p = sub.add_parser("wrap-mek", help="wrap the MEK to each card's session key")
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
     keycli.add_token_flags(p)
-    p.add_argument("--encrypted-qpc", required=True, metavar="FILE|DIR",
-                   help="the encrypted program the wrapped MEK will open (and no other)")
+    p.add_argument("--encrypted-qpc", metavar="FILE|DIR",
+                   help="bind the wrapped MEKs to this encrypted program (and no other); "
+                        "without it they open any program under the MEK "
+                        "(docs/protocol.md)")
     p.add_argument("--output-dir", required=True)
     _add_key_flags(p, required=True)
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_wrap_mek)
 
     p = sub.add_parser("replace-mek", help="swap key slots of an encrypted QPC")
@@ -288,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--output-dir")
     group.add_argument("--in-place", action="store_true")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_replace_mek)
 
     p = sub.add_parser("verify", help="owner check: the encrypted QPC decrypts")
@@ -296,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
     keycli.add_token_flags(p)
     p.add_argument("--extract", metavar="DIR", help="write the decrypted segments here")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("pack", help="build a plaintext QPC from files (or an MDP QPC)")
@@ -303,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", action="append", metavar="NAME=FILE")
     p.add_argument("--partition", action="append", metavar="QPC",
                    help="partition containers in pipeline order (makes an MDP container)")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_pack)
 
     p = sub.add_parser("completion", help="print shell completion: "
@@ -313,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write small sample inputs: a model, its input, "
                        "segment files, a request")
     p.add_argument("dir", nargs="?", default=".", help="where (default: here)")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_sample)
 
     p = sub.add_parser("package", help="ONNX model -> program container (N pipeline stages)")
@@ -321,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=argtypes.positive_int, default=1)
     p.add_argument("-o", "--output", default="programqpc.bin")
     p.add_argument("--balance", choices=["params", "flops"], default="params")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_package)
 
     p = sub.add_parser("inspect", help="show a container's structure")

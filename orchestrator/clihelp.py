@@ -20,8 +20,8 @@ EXAMPLES = {
     "encrypt-with-session-keys": "modelip encrypt-with-session-keys --input-dir enc --mek "
                                  "MEK.dat --pub-keys pub0.dat pub1.dat --trust-root "
                                  "pki/root.pem --output-dir final",
-    "wrap-mek": "modelip wrap-mek --mek MEK.dat --encrypted-qpc enc --pub-keys pub0.dat "
-                "--trust-root pki/root.pem --output-dir wrapped",
+    "wrap-mek": "modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat --output-dir wrapped "
+                "(with the root configured; --encrypted-qpc enc binds to one program)",
     "replace-mek": "modelip replace-mek --encrypted-qpc final --wrapped-meks wrapped/slot_1 "
                    "--in-place",
     "verify": "modelip verify --qpc final/programqpc.bin --mek MEK.dat",
@@ -41,17 +41,18 @@ EXAMPLES = {
               "emulated-pki/root.pem",
     "device list": "modelip device list --ip 127.0.0.1",
     "device reset": "modelip device reset --ip 127.0.0.1 -d 0",
-    "device load": "modelip device load --ip 127.0.0.1 --qpc enc/programqpc.bin -d 0",
+    "device load": "modelip device load --ip 127.0.0.1 --qpc enc/programqpc.bin -d 0 "
+                   "(MDP: -d 1 -d 2 -d 3, partition k on the k-th card)",
     "device unload": "modelip device unload --ip 127.0.0.1 -d 0",
     "device exec": "modelip device exec --ip 127.0.0.1 -d 0 --input x.npz --output y.npz",
     "deploy": "modelip deploy plans/demo.yaml --json",
     "watch": "modelip watch plans/demo.yaml --duration 60 --metrics-port 9464",
     "run": "modelip run plans/demo.yaml --input image.npy --output out.npz",
     "status": "modelip status plans/demo.yaml --cards",
-    "rollout status": "modelip rollout status plans/demo.yaml",
-    "rollout pause": "modelip rollout pause plans/demo.yaml",
-    "rollout resume": "modelip rollout resume plans/demo.yaml",
-    "rollout undo": "modelip rollout undo plans/demo.yaml",
+    "rollout status": "modelip rollout status plans/rollout-v2.yaml",
+    "rollout pause": "modelip rollout pause plans/rollout-v2.yaml",
+    "rollout resume": "modelip rollout resume plans/rollout-v2.yaml",
+    "rollout undo": "modelip rollout undo plans/rollout-v2.yaml",
     "demo": "modelip demo --duration 20",
 }
 
@@ -80,7 +81,7 @@ HELP = {
     "file": "a container file, plain or encrypted",
     "dir": "a directory",
     "pki": "the vendor PKI directory (from `modelip pki init`)",
-    "id": "the card's number (its id becomes card-N)",
+    "id": "the card's identity, as its certificate names it (--id 0: card '0')",
     "firmware": "the firmware version the card reports",
     "hosts": "how many hosts",
     "devices_per_host": "cards per host",
@@ -89,7 +90,8 @@ HELP = {
     "attest_latency": "seconds added to every attestation",
     "tls_cert": "serve TLS with this certificate (PEM)",
     "tls_key": "... and this private key (PEM)",
-    "duration": "stop after this many seconds",
+    "duration": "seconds from the start; then work in flight finishes (bounded by the "
+                "plan's timeouts) and the fleet is judged",
 }
 OUTPUT_HELP = "the file to write (whole or not at all)"
 INPUT_HELP = "the input file"

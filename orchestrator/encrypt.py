@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from orchestrator.atomicfile import atomic_output, write_bytes_atomic
+from orchestrator.atomicfile import (
+    atomic_output,
+    output_directory,
+    refuse_existing,
+    write_bytes_atomic,
+)
 from orchestrator.crypto.container import SealedContainer, SealSettings, encode_key_slots
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.seal import write_sealed
@@ -105,59 +110,58 @@ def _check_slot_count(container: Container, count: int) -> None:
                          f"partitions; give one key per partition in order (got {count})")
 
 
-def output_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the output directory if needed; FileInputError if it cannot be."""
-    target = Path(path)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise FileInputError(target, "exists and is not a directory") from None
-    except OSError as exc:
-        raise FileInputError(target, f"cannot create output directory: {exc.strerror}") from None
-    return target
-
-
 # --- encrypt-model / encrypt-with-session-keys ---------------------------------------
 
 
 def encrypt_model(qpc: str, mek: MEK, out_dir: str, settings: SealSettings, *,
-                  targets: Sequence[SessionTarget] = ()) -> list[Path]:
+                  targets: Sequence[SessionTarget] = (), overwrite: bool = False
+                  ) -> list[Path]:
     """Encrypt a container once; with targets, also the fully encrypted program.
 
     Writes OUT/encrypted_model.qpc (no key slots); with ``targets`` also
     OUT/programqpc.bin (slot k wrapped to target k). Returns the paths written.
+    Existing outputs are refused unless ``overwrite``; on failure nothing is left.
     """
-    with open_container(qpc) as source:
+    names = [BODY_NAME, PROGRAM_NAME] if targets else [BODY_NAME]
+    refuse_existing([Path(out_dir) / name for name in names], overwrite=overwrite)
+    with open_container(qpc) as source, output_directory(out_dir) as directory:
         if targets:
             _check_slot_count(source, len(targets))
-        directory = output_dir(out_dir)
         written = [directory / BODY_NAME]
-        with atomic_output(written[0]) as handle:
+        with atomic_output(written[0], overwrite=overwrite) as handle:
             write_sealed(handle, source, mek, settings, key_slots=[])
-    if targets:
-        written.append(encrypt_with_session_keys(str(directory), mek, targets,
-                                                 out_dir=str(directory)))
+        try:
+            if targets:
+                written.append(encrypt_with_session_keys(str(directory), mek, targets,
+                                                         out_dir=str(directory),
+                                                         overwrite=overwrite))
+        except BaseException:
+            written[0].unlink(missing_ok=True)  # the body without its program: half done
+            raise
     return written
 
 
 def encrypt_with_session_keys(in_dir: str, mek: MEK, targets: Sequence[SessionTarget], *,
-                              out_dir: str | None = None) -> Path:
+                              out_dir: str | None = None, overwrite: bool = False) -> Path:
     """Wrap the MEK to each target and write OUT/programqpc.bin from IN/encrypted_model.qpc."""
     body = Path(in_dir) / BODY_NAME
+    refuse_existing([Path(out_dir or in_dir) / PROGRAM_NAME], overwrite=overwrite)
     with open_container(body) as container:
         sealed = SealedContainer(container)
         sealed.check_mek(mek)
         _check_slot_count(container, len(targets))
         program = info_digest(sealed)
     slots = wrap_to_targets(mek, targets, program)
-    target = output_dir(out_dir or in_dir) / PROGRAM_NAME
-    write_with_slots(body, target, slots)
+    with output_directory(out_dir or in_dir) as directory:
+        target = directory / PROGRAM_NAME
+        write_with_slots(body, target, slots, overwrite=overwrite)
     return target
 
 
-def write_with_slots(body: Path, target: Path, slots: Sequence[KeySlot]) -> None:
+def write_with_slots(body: Path, target: Path, slots: Sequence[KeySlot], *,
+                     overwrite: bool) -> None:
     """Copy an encrypted container and give the copy new key slots (atomic)."""
-    with atomic_output(target) as handle:
+    with atomic_output(target, overwrite=overwrite) as handle:
         _copy_file_into(body, handle)
         _rewrite_slots(handle.fileno(), str(target), slots)
 
@@ -198,27 +202,32 @@ def _rewrite_slots(fd: int, label: str, slots: Sequence[KeySlot]) -> None:
 
 
 def wrap_mek_to_dir(mek: MEK, targets: Sequence[SessionTarget], out_dir: str, *,
-                    program: bytes) -> list[Path]:
+                    program: bytes, overwrite: bool = False) -> list[Path]:
     """One sub-directory per target: MEK.encrypt, MEK.pub, MEK.nonce, config.json.
 
-    Every wrap opens only ``program`` (an encryption-info digest, program_for_wrap).
+    Every wrap opens only ``program`` (an encryption-info digest, program_for_wrap),
+    or any program under the MEK if it is UNBOUND_PROGRAM.
     """
-    directory = output_dir(out_dir)
+    files = ("MEK.encrypt", "MEK.pub", "MEK.nonce", "config.json")
+    refuse_existing([Path(out_dir) / "config.json",
+                     *(Path(out_dir) / f"slot_{k}" / name
+                       for k in range(len(targets)) for name in files)], overwrite=overwrite)
     slots = wrap_to_targets(mek, targets, program)
     written = []
     summary = []
-    for target, slot in zip(targets, slots, strict=True):
-        slot_dir = directory / f"slot_{slot.slot}"
-        slot_dir.mkdir(exist_ok=True)
-        config = _slot_config(slot, target)
-        write_bytes_atomic(slot_dir / "MEK.encrypt", slot.wrapped_mek)
-        write_bytes_atomic(slot_dir / "MEK.pub", slot.enc)
-        write_bytes_atomic(slot_dir / "MEK.nonce", slot.info())
-        write_bytes_atomic(slot_dir / "config.json", _json(config))
-        summary.append({**config, "dir": slot_dir.name})
-        written.append(slot_dir)
-    write_bytes_atomic(directory / "config.json", _json({
-        "format": WRAPPED_FORMAT, "mek_fingerprint": mek.fingerprint(), "slots": summary}))
+    with output_directory(out_dir) as directory:
+        for target, slot in zip(targets, slots, strict=True):
+            slot_dir = directory / f"slot_{slot.slot}"
+            slot_dir.mkdir(exist_ok=True)
+            config = _slot_config(slot, target)
+            for name, data in zip(files, (slot.wrapped_mek, slot.enc, slot.info(),
+                                          _json(config)), strict=True):
+                write_bytes_atomic(slot_dir / name, data, overwrite=overwrite)
+            summary.append({**config, "dir": slot_dir.name})
+            written.append(slot_dir)
+        write_bytes_atomic(directory / "config.json", _json({
+            "format": WRAPPED_FORMAT, "mek_fingerprint": mek.fingerprint(), "slots": summary}),
+            overwrite=overwrite)
     return written
 
 
@@ -304,7 +313,7 @@ def resolve_program(path: str) -> Path:
 
 
 def replace_mek(encrypted: str, wrapped_dirs: Sequence[str], *, out_dir: str | None,
-                in_place: bool) -> Path:
+                in_place: bool, overwrite: bool = False) -> Path:
     """Swap key slots only; never re-encrypts. Returns the file written."""
     if in_place == (out_dir is not None):
         raise UsageError("replace-mek: give exactly one of --output-dir or --in-place")
@@ -316,7 +325,7 @@ def replace_mek(encrypted: str, wrapped_dirs: Sequence[str], *, out_dir: str | N
             raise FormatError(str(program), "has no key-slot segment")
         program_digest = info_digest(sealed)
         for slot in new_slots:
-            if slot.program != program_digest:
+            if slot.bound and slot.program != program_digest:
                 raise FormatError(str(program), f"the wrapped MEK for slot {slot.slot} was made "
                                   f"for another program ({slot.program.hex()[:16]}, this one is "
                                   f"{program_digest.hex()[:16]}); wrap-mek --encrypted-qpc "
@@ -334,8 +343,10 @@ def replace_mek(encrypted: str, wrapped_dirs: Sequence[str], *, out_dir: str | N
             os.close(fd)
         return program
     assert out_dir is not None  # noqa: S101 - checked above
-    target = output_dir(out_dir) / PROGRAM_NAME
-    if target.resolve() == program.resolve():
+    if (Path(out_dir) / PROGRAM_NAME).resolve() == program.resolve():
         raise UsageError("replace-mek: --output-dir is the input's directory; use --in-place")
-    write_with_slots(program, target, slots)
+    refuse_existing([Path(out_dir) / PROGRAM_NAME], overwrite=overwrite)
+    with output_directory(out_dir) as directory:
+        target = directory / PROGRAM_NAME
+        write_with_slots(program, target, slots, overwrite=overwrite)
     return target

@@ -205,16 +205,19 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
+    from orchestrator.atomicfile import refuse_existing
     from orchestrator.hostcli import read_inputs, write_outputs
 
     plan = _load_plan(args)
     inputs = read_inputs(args.input)
+    if args.output:  # before the fleet is brought up
+        refuse_existing([args.output], overwrite=args.force)
     code, outputs = anyio.run(lambda: orchestrate(plan, keep_serving=False, duration=None,
                                                   json_events=bool(args.json), inputs=inputs,
                                                   replica=_replica(args)))
     if outputs is None:
         return code or 4
-    write_outputs(args.output, outputs)
+    write_outputs(args.output, outputs, overwrite=args.force)
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {list(value.shape)}")
     return 0
@@ -385,6 +388,7 @@ def register(sub: Any) -> None:
     p.add_argument("--input", required=True, metavar="x.npy|x.npz")
     p.add_argument("--output", metavar="y.npy|y.npz")
     p.add_argument("--json", action="store_true", help="JSON-lines events on stderr")
+    argtypes.add_force_flag(p)
     _add_store_flags(p)
     p.set_defaults(handler=cmd_run)
     p = sub.add_parser("status", help="the store's view of the fleet (no host is called)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import argtypes
-from orchestrator.atomicfile import atomic_output, write_bytes_atomic
+from orchestrator.atomicfile import atomic_output, refuse_existing, write_bytes_atomic
 from orchestrator.errors import FileInputError, UsageError
 
 
@@ -114,6 +114,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 # --- attest ---------------------------------------------------------------------------------
 
 
+
 def cmd_attest(args: argparse.Namespace) -> int:
     import anyio
 
@@ -123,10 +124,16 @@ def cmd_attest(args: argparse.Namespace) -> int:
         parse_evidence,
         verify_evidence,
     )
-    from orchestrator.encrypt import read_file
+    from orchestrator.targets import read_request
+    from orchestrator.trustconfig import configured_trust_root
 
-    request = read_file(args.input, "request file") if args.input else os.urandom(32)
-    roots = load_roots_file(args.trust_root) if args.trust_root else None
+    if len(args.device) > 1:
+        raise UsageError(f"attest: -d given {len(args.device)} times; attest one card per "
+                         "command (one evidence file each)")
+    args.device = args.device[0]
+    request = read_request(args.input)
+    trust_root = configured_trust_root(args.trust_root)
+    roots = load_roots_file(trust_root) if trust_root else None
 
     async def fetch() -> bytes:
         async with _client(args) as host:
@@ -154,7 +161,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
               f"{report.boot_counter} session {report.session_id.hex()[:16]} "
               f"({report.kem.value})",
               file=sys.stderr if args.print_json else sys.stdout)
-    write_bytes_atomic(args.output, evidence)
+    write_bytes_atomic(args.output, evidence, overwrite=args.force)
     print(f"wrote {args.output}", file=sys.stderr if args.print_json else sys.stdout)
     return 0
 
@@ -172,6 +179,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     if action in ("reset", "unload") and len(devices) != 1:
         raise UsageError(f"device {action}: name exactly one card")
     inputs = read_inputs(args.input) if action == "exec" else None
+    if action == "exec" and args.output:  # before the card runs anything
+        refuse_existing([args.output], overwrite=args.force)
 
     async def run() -> Any:
         async with _client(args) as host:
@@ -202,7 +211,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         for device, loaded in zip(devices, result, strict=True):
             print(f"device {device}: loaded {', '.join(loaded.segments)}")
     elif action == "exec":
-        write_outputs(args.output, result)
+        write_outputs(args.output, result, overwrite=args.force)
         for name, value in result.items():
             print(f"{name}: {value.dtype} {list(value.shape)}")
     else:
@@ -218,7 +227,8 @@ def read_inputs(path: str | None) -> dict[str, Any]:
     return read_arrays(path)
 
 
-def write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
+def write_outputs(path: str | None, outputs: dict[str, Any], *, overwrite: bool = False
+                  ) -> None:
     import numpy as np
 
     if not path:
@@ -230,12 +240,13 @@ def write_outputs(path: str | None, outputs: dict[str, Any]) -> None:
         np.save(buffer, next(iter(outputs.values())))
     else:
         raise UsageError(f"--output {path}: the model has {len(outputs)} outputs; use .npz")
-    with atomic_output(path) as handle:
+    with atomic_output(path, overwrite=overwrite) as handle:
         handle.write(buffer.getvalue())
 
 
 def add_host_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ip", required=True, help="host address")
+    parser.add_argument("--ip", required=True, type=argtypes.host_address,
+                        help="host address (the port goes in --port)")
     parser.add_argument("--port", type=argtypes.port, default=62473)
     parser.add_argument("--tls-ca", metavar="PEM", help="verify the host with this CA (TLS)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
@@ -245,8 +256,8 @@ def add_host_flags(parser: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     """Add emulate, attest and device to the main parser."""
     p = sub.add_parser("emulate", help="run emulated hosts and cards on loopback")
-    p.add_argument("--hosts", type=argtypes.positive_int, default=1)
-    p.add_argument("--devices-per-host", type=argtypes.positive_int, default=4)
+    p.add_argument("--hosts", type=argtypes.host_count, default=1)
+    p.add_argument("--devices-per-host", type=argtypes.cards_per_host, default=4)
     p.add_argument("--base-port", type=argtypes.port, default=62473,
                    help="host i listens on base+i "
                    "(0: any free port)")
@@ -274,11 +285,16 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("attest", help="get a card's attestation evidence through its host")
     add_host_flags(p)
-    p.add_argument("-d", "--device", type=argtypes.device, required=True)
-    p.add_argument("-i", "--input", metavar="REQUEST", help="request bytes (default: 32 random)")
+    p.add_argument("-d", "--device", type=argtypes.device, required=True, action="append",
+                   metavar="N", help="the card (one per command)")
+    p.add_argument("-i", "--input", metavar="REQUEST",
+                   help="request bytes, at least 16 (default: 32 random)")
     p.add_argument("-o", "--output", default="report.dat")
     p.add_argument("-j", "--print-json", action="store_true")
-    p.add_argument("--trust-root", metavar="PEM", help="verify and print the verdict")
+    p.add_argument("--trust-root", metavar="PEM",
+                   help="verify and print the verdict (default: the configured root, "
+                        "$MODELIP_TRUST_ROOT or ~/.config/modelip/trust-root.pem, if any)")
+    argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_attest)
 
     device = sub.add_parser("device", help="low-level commands for one host's cards")
@@ -296,4 +312,5 @@ def register(sub: Any) -> None:
         if name == "exec":
             p.add_argument("--input", metavar="x.npy|x.npz")
             p.add_argument("--output", metavar="y.npy|y.npz")
+            argtypes.add_force_flag(p)
         p.set_defaults(handler=cmd_device)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+SAMPLE_FILES = ("model.onnx", "model-v2.onnx", "x.npz", "expect.npz", "image.npy",
+                "network.elf", "desc.bin", "request.bin")
+
 
 def sample_mlp(seed: int = 0, width: int = 8) -> object:
     """y = relu(x @ W1 + b1) @ W2, as an onnx.ModelProto with real weights."""
@@ -49,11 +52,12 @@ def _run(model: object, x: np.ndarray) -> np.ndarray:
     return output
 
 
-def write_samples(directory: Path) -> list[tuple[str, str]]:
-    """Write the sample files into ``directory``; (name, what it is) for each."""
-    from orchestrator.atomicfile import write_bytes_atomic
+def write_samples(directory: Path, *, overwrite: bool = False) -> list[tuple[str, str]]:
+    """Write the sample files into ``directory``; (name, what it is) for each. Files
+    that exist are refused before anything is written, unless ``overwrite``."""
+    from orchestrator.atomicfile import output_directory, refuse_existing, write_bytes_atomic
 
-    directory.mkdir(parents=True, exist_ok=True)
+    refuse_existing([directory / name for name in SAMPLE_FILES], overwrite=overwrite)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((1, 8)).astype(np.float32)
 
@@ -81,6 +85,8 @@ def write_samples(directory: Path) -> list[tuple[str, str]]:
         "desc.bin": (b"modelip sample network descriptor\n", "a descriptor segment"),
         "request.bin": (os.urandom(32), "32 bytes of attestation request (a nonce)"),
     }
-    for name, (data, _) in files.items():
-        write_bytes_atomic(directory / name, data)
+    assert tuple(files) == SAMPLE_FILES  # noqa: S101 - one list of names
+    with output_directory(directory):
+        for name, (data, _) in files.items():
+            write_bytes_atomic(directory / name, data, overwrite=overwrite)
     return [(name, what) for name, (_, what) in files.items()]

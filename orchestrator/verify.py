@@ -11,19 +11,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.atomicfile import output_directory, refuse_existing
 from orchestrator.crypto.container import SealedContainer
 from orchestrator.crypto.mek import MEK
-from orchestrator.encrypt import output_dir
 from orchestrator.errors import FormatError
 from orchestrator.qpc.container import Container, open_container
 from orchestrator.qpc.mdp import read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC
 
 
-def verify_program(path: str, mek: MEK, *, extract: str | None = None) -> dict[str, Any]:
+def verify_program(path: str, mek: MEK, *, extract: str | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Decrypt and authenticate every segment with the owner's MEK.
 
-    Nothing plaintext is written unless ``extract`` names a directory.
+    Nothing plaintext is written unless ``extract`` names a directory (files
+    there are not replaced unless ``overwrite``).
     Returns a summary (segments and sizes). Raises WrongMEKError/IntegrityError.
     """
     program = Path(path)
@@ -33,7 +35,9 @@ def verify_program(path: str, mek: MEK, *, extract: str | None = None) -> dict[s
                                    "segments": []}
         plan = _collect(sealed, mek, prefix="")
         if extract:
-            summary["segments"] = _extract(plan, output_dir(extract))
+            refuse_existing([Path(extract) / name for name, _, _ in plan], overwrite=overwrite)
+            with output_directory(extract) as directory:
+                summary["segments"] = _extract(plan, directory)
         else:
             for name, container_sealed, entry_name in plan:
                 size = sum(len(p) for p in container_sealed.iter_decrypted(entry_name))
@@ -136,6 +140,7 @@ def _describe(container: Container) -> dict[str, Any]:
         }
         document["key_slots"] = [
             {"slot": s.slot, "card_id": s.card_id, "session_id": s.session_id.hex(),
-             "kem": s.kem.value, "program": s.program.hex()} for s in sealed.key_slots
+             "kem": s.kem.value, "program": s.program.hex(), "bound": s.bound}
+            for s in sealed.key_slots
         ]
     return document

@@ -29,6 +29,24 @@ def work(tmp_path: Path) -> Path:
     (tmp_path / "plan.yaml").write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
+    (tmp_path / "short.bin").write_bytes(b"abc")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "model.onnx").write_bytes(b"mine")
+    (tmp_path / "typed.mek").write_bytes(b"correcthorsebatt")  # 16 typed characters
+    (tmp_path / "typed.mek").chmod(0o600)
+    host = "{address: 127.0.0.1:1, devices: [0]}"
+    (tmp_path / "twice.yaml").write_text(
+        f"model: {{onnx: tiny.onnx}}\nmek: {{generate: true}}\nfleet: {{hosts: [{host}, "
+        f"{host}]}}\ntrust: {{roots: [afile]}}\n")
+    (tmp_path / "expired.yaml").write_text(
+        "model: {onnx: tiny.onnx, expires: 2001-02-03}\nmek: {generate: true}\n"
+        "fleet: {emulated: {hosts: 1}}\n")
+    (tmp_path / "huge.yaml").write_text(
+        "model: {onnx: tiny.onnx, version: 99999999999999999999}\nmek: {generate: true}\n"
+        "fleet: {emulated: {hosts: 1000000000}}\n")
+    (tmp_path / "bigfleet.yaml").write_text(
+        "model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+        "fleet: {emulated: {hosts: 1000000000}}\n")
     return tmp_path
 
 
@@ -59,14 +77,15 @@ CASES = [
     (["emulate", "--drop-events", "1.5"], 2, "a probability is between 0 and 1"),
     (["emulate", "--hosts", "zero"], 2, "--hosts: 'zero' is not a whole number"),
     (["device", "load", "--ip", "127.0.0.1", "-d", "-1", "--qpc", "afile"], 2,
-     "-d/--device: -1: a device number is 0 or more"),
+     "-d/--device: -1: a device number is 0 to 4294967295"),
     (["device", "list", "--ip", "127.0.0.1", "--port", "-3"], 2, "a port is 0-65535"),
     (["watch", "plan.yaml", "--duration", "-5"], 2, "--duration: -5: must be greater than 0"),
     (["watch", "plan.yaml", "--duration", "nan"], 2, "'nan' is not a finite number"),
     (["watch", "plan.yaml", "--metrics-port", "99999"], 2, "a port is 0-65535"),
     (["watch", "plan.yaml", "--json", "--duration", "5", "--metrics-port", "{busy}"], 2,
      "--metrics-port {busy}: cannot listen on 127.0.0.1:{busy}: address already in use"),
-    (["generate-mek", "-o", "adir"], 2, "adir: already exists; refusing to overwrite"),
+    (["generate-mek", "-o", "adir"], 2, "adir: is a directory (a file is expected here)"),
+    (["generate-mek", "-o", "afile"], 2, "afile: already exists; refusing to overwrite"),
     (["wrap-mek", "--mek", "mek.dat", "--encrypted-qpc", "adir", "--pub-keys", "afile",
       "--trust-root", "afile", "--output-dir", "w"], 2, "adir/programqpc.bin: encrypted program "
      "not found"),
@@ -82,13 +101,49 @@ CASES = [
     (["run", "afile", "--input", "afile"], 2, "afile:1: must be a mapping"),
     (["package", "afile", "-o", "o.qpc"], 2, "afile: not an ONNX model"),
     (["package", "package:nosuchpkg/x.onnx"], 2, "no installed package 'nosuchpkg'"),
-    (["sample", "afile"], 2, "afile: already exists"),
+    (["sample", "afile"], 2, "afile: exists and is not a directory"),
     (["completion", "fish"], 2, "argument shell: invalid choice: 'fish'"),
     (["hsm", "init-kek", "--pkcs11-module", "afile", "--token", "t", "--kek", "k"], 2,
      "$MODELIP_PKCS11_PIN, which is not set"),
     (["encrpt-model"], 2, "unknown command 'encrpt-model': did you mean 'encrypt-model'?"),
     (["inspct", "x"], 2, "did you mean 'inspect'?"),
     (["status", "plan.yaml", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    # the first hour: accepted before, silently wrong or a traceback
+    (["attest", "--ip", "127.0.0.1", "-d", "0", "-d", "1"], 2,
+     "attest: -d given 2 times; attest one card per command"),
+    (["attest", "--ip", "127.0.0.1", "-d", "0", "-i", "short.bin"], 2,
+     "-i short.bin: 3 bytes cannot make the report fresh"),
+    (["card", "attest", "afile", "-i", "short.bin"], 2, "afile: not an emulated card file"),
+    (["attest", "--ip", "127.0.0.1:62473", "-d", "0"], 2,
+     "127.0.0.1:62473: give the address alone and the port with --port 62473"),
+    (["device", "list", "--ip", "localhost:9"], 2, "the port with --port 9"),
+    (["pack", "-o", "afile", "--segment", "network.elf=afile"], 2,
+     "afile: already exists; refusing to overwrite (--force replaces it)"),
+    (["sample", "samples"], 2, "samples/model.onnx: already exists; refusing to overwrite "
+     "(--force replaces it)"),
+    (["package", "tiny.onnx", "-o", "afile"], 2, "afile: already exists; refusing to overwrite"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "mek.dat", "--output-dir", "out",
+      "--expires", "2001-01-01"], 2, "--expires 2001-01-01: that moment has passed"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "mek.dat", "--output-dir", "out",
+      "--expires", "0d"], 2, "--expires 0d: a span is 1 to"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "mek.dat", "--output-dir", "out",
+      "--model-version", "99999999999999999999"], 2, "a version is a whole number from 1"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "mek.dat", "--output-dir", "out",
+      "--rollback-floor", "0"], 2, "--rollback-floor: 0: a version is a whole number from 1"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "typed.mek", "--output-dir", "out/deeper"],
+     2, "typed.mek: 16 printable characters, not 16 random bytes"),
+    (["encrypt-model", "--qpc", "afile", "--mek", "mek.dat", "--output-dir", "out/deeper"],
+     2, "afile: "),
+    (["emulate", "--hosts", "1000000"], 2, "--hosts: 1000000: from 1 to 4096 hosts"),
+    (["emulate", "--devices-per-host", "5000"], 2, "from 1 to 1024 cards per host"),
+    (["card", "load", "afile", "afile", "--partition", "-2"], 2,
+     "--partition: -2: a device number is 0 to"),
+    (["deploy", "twice.yaml"], 2, "twice.yaml:3: fleet.hosts[1].address: 127.0.0.1:1 is already "
+     "fleet.hosts[0]"),
+    (["deploy", "expired.yaml"], 2, "expired.yaml:1: model.expires: 2001-02-03 00:00 UTC has "
+     "passed"),
+    (["deploy", "huge.yaml"], 2, "model.version: must be between 1 and 9223372036854775807"),
+    (["deploy", "bigfleet.yaml"], 2, "fleet.emulated.hosts: must be between 1 and 4096"),
 ]
 
 
@@ -99,7 +154,7 @@ def test_one_line_the_documented_code_and_nothing_left(work: Path, busy_port: in
                                                        said: str) -> None:
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     filled = [a.replace("{busy}", str(busy_port)) for a in args]
-    env = {k: v for k, v in os.environ.items() if k != "MODELIP_PKCS11_PIN"}
+    env = _clean_env(work)
     result = subprocess.run([*MODELIP, *filled], cwd=work, capture_output=True, text=True,
                             timeout=120, check=False, env=env)
     lines = result.stderr.strip().splitlines()
@@ -112,6 +167,14 @@ def test_one_line_the_documented_code_and_nothing_left(work: Path, busy_port: in
     # nothing half-written; only the plan's own state directory may appear (locked, empty
     # of outputs) when the failure comes after the plan was read
     assert {p for p in created if p.parts[0] != "state"} == set(), created
+
+
+def _clean_env(work: Path) -> dict[str, str]:
+    """No token PIN, no configured trust root but what the test puts in ``work``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MODELIP_PKCS11_PIN", "MODELIP_TRUST_ROOT")}
+    env["XDG_CONFIG_HOME"] = str(work / "config")
+    return env
 
 
 def test_a_mek_file_others_can_read_is_used_with_a_warning(work: Path) -> None:

@@ -407,7 +407,8 @@ def test_inspect_shows_structure_without_a_key(tmp_path: Path, fleet, make_mdp, 
 
 @pytest.mark.parametrize(("script", "marker"), [("seed_flow.sh", "SEED FLOW OK"),
                                                 ("reference_flow.sh", "REFERENCE FLOW OK"),
-                                                ("mdp_flow.sh", "MDP FLOW OK")])
+                                                ("mdp_flow.sh", "MDP FLOW OK"),
+                                                ("documented_flow.sh", "DOCUMENTED FLOW OK")])
 def test_flow_as_a_shell_script(tmp_path: Path, script: str, marker: str) -> None:
     """seed_flow: files only. reference_flow: against a live `modelip emulate`."""
     env = dict(os.environ)
@@ -420,3 +421,131 @@ def test_flow_as_a_shell_script(tmp_path: Path, script: str, marker: str) -> Non
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert marker in result.stdout
+
+
+def test_an_unbound_wrap_opens_any_program_under_the_mek_but_never_below_the_floor(  # type: ignore[no-untyped-def]
+        tmp_path: Path, fleet, make_qpc, capsys) -> None:
+    """The reference's wrap-mek names no program: its slot is bound to card, session and
+    slot only (docs/protocol.md). A host may then pair it with any program sealed under
+    the MEK, and the card still refuses every version below its rollback floor."""
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    programs = {}
+    for version in (1, 2):
+        out = tmp_path / f"v{version}"
+        assert run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir", out,
+                   "--model-version", version, "--trust-root", fleet["root"],
+                   "--pub-keys", fleet["evidence"][0]) == 0
+        programs[version] = out / "programqpc.bin"
+    card = load_card(fleet["cards"][0])
+    with open_container(programs[2]) as container:
+        card.load(container, program_id="v2")   # the card's floor for this model is now 2
+    fleet["cards"][0].write_text(json.dumps(card.to_state()))
+    capsys.readouterr()
+    assert run("wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
+               "--pub-keys", fleet["evidence"][0], "--output-dir", tmp_path / "w") == 0
+    said = capsys.readouterr().err
+    assert "bound to card, session and slot, not to one program" in said
+    assert "--encrypted-qpc" in said
+    for version in (1, 2):  # replace-mek takes an unbound slot into either program
+        assert run("replace-mek", "--encrypted-qpc", programs[version], "--wrapped-meks",
+                   tmp_path / "w", "--in-place") == 0
+    assert run("inspect", programs[1]) == 0
+    assert "for any program under the MEK (unbound)" in capsys.readouterr().out
+    error = _load_error(fleet["cards"][0], programs[1])
+    assert "below this card's rollback floor 2" in str(error)
+    card = load_card(fleet["cards"][0])
+    with open_container(programs[2]) as container:
+        assert card.load(container, program_id="v2")
+    assert card.program is not None and card.program.model_version == 2
+
+
+def test_the_vendor_root_is_configured_once(tmp_path: Path, fleet, make_qpc, capsys,  # type: ignore[no-untyped-def]
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    monkeypatch.delenv("MODELIP_TRUST_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    args = ["encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--pub-keys",
+            fleet["evidence"][0]]
+    assert run(*args, "--output-dir", tmp_path / "none") == 2
+    said = capsys.readouterr().err
+    assert "no vendor trust root" in said and "$MODELIP_TRUST_ROOT" in said
+    assert str(tmp_path / "config" / "modelip" / "trust-root.pem") in said
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setenv("MODELIP_TRUST_ROOT", str(tmp_path / "missing.pem"))
+    assert run(*args, "--output-dir", tmp_path / "none") == 2
+    said = capsys.readouterr().err
+    assert "$MODELIP_TRUST_ROOT" in said and "missing.pem: no such file" in said
+    monkeypatch.setenv("MODELIP_TRUST_ROOT", str(fleet["root"]))
+    assert run(*args, "--output-dir", tmp_path / "by-env") == 0
+    monkeypatch.delenv("MODELIP_TRUST_ROOT")
+    (tmp_path / "config" / "modelip").mkdir(parents=True)
+    shutil.copy(fleet["root"], tmp_path / "config" / "modelip" / "trust-root.pem")
+    assert run(*args, "--output-dir", tmp_path / "by-file") == 0
+    # and it verifies: evidence from another vendor's card is refused
+    from orchestrator.emulator.pki import VendorPKI
+
+    other = VendorPKI.create()
+    other.save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "root.pem",
+                tmp_path / "config" / "modelip" / "trust-root.pem")
+    assert run(*args, "--output-dir", tmp_path / "other-root") == 3
+    assert not (tmp_path / "other-root").exists()
+
+
+def test_the_same_card_session_twice_is_refused(tmp_path: Path, fleet, make_qpc, capsys  # type: ignore[no-untyped-def]
+                                               ) -> None:
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    copy = tmp_path / "copy.dat"
+    shutil.copy(fleet["evidence"][0], copy)
+    assert run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir",
+               tmp_path / "out", "--trust-root", fleet["root"], "--pub-keys",
+               fleet["evidence"][0], copy) == 2
+    assert "holds the same session key as" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_are_replaced_only_when_asked(tmp_path: Path, fleet, make_qpc, capsys  # type: ignore[no-untyped-def]
+                                              ) -> None:
+    """One rule for every command that writes: refuse an existing output before writing
+    anything, --force replaces it."""
+    qpc, _ = make_qpc(SHAPES["one-segment"])
+    out = tmp_path / "out"
+    base = ["encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir", out,
+            "--trust-root", fleet["root"]]
+    assert run(*base) == 0
+    body = (out / "encrypted_model.qpc").read_bytes()
+    assert run(*base, "--pub-keys", fleet["evidence"][0]) == 2
+    assert "encrypted_model.qpc: already exists" in capsys.readouterr().err
+    assert (out / "encrypted_model.qpc").read_bytes() == body
+    assert not (out / "programqpc.bin").exists()   # all or nothing: not the program alone
+    assert run(*base, "--pub-keys", fleet["evidence"][0], "--force") == 0
+    assert (out / "encrypted_model.qpc").read_bytes() != body   # a fresh salt
+    mek_before = fleet["mek"].read_bytes()
+    assert run("card", "attest", fleet["cards"][0], "-o", fleet["mek"]) == 2
+    assert fleet["mek"].read_bytes() == mek_before
+    assert run("card", "attest", fleet["cards"][0], "-o", fleet["evidence"][0], "--force") == 0
+    wrapped = ["wrap-mek", "--mek", fleet["mek"], "--trust-root", fleet["root"],
+               "--pub-keys", fleet["evidence"][0], "--output-dir", tmp_path / "w"]
+    assert run(*wrapped) == 0
+    capsys.readouterr()
+    assert run(*wrapped) == 2
+    assert "w/config.json: already exists" in capsys.readouterr().err
+    assert run(*wrapped, "--force") == 0
+    assert run("verify", "--qpc", out / "programqpc.bin", "--mek", fleet["mek"],
+               "--extract", tmp_path / "x") == 0
+    assert run("verify", "--qpc", out / "programqpc.bin", "--mek", fleet["mek"],
+               "--extract", tmp_path / "x") == 2
+    assert run("replace-mek", "--encrypted-qpc", out, "--wrapped-meks", tmp_path / "w",
+               "--output-dir", tmp_path / "x") == 0
+    assert run("replace-mek", "--encrypted-qpc", out, "--wrapped-meks", tmp_path / "w",
+               "--output-dir", tmp_path / "x") == 2
+
+
+def test_a_failed_encryption_leaves_no_directory_behind(tmp_path: Path, fleet, small_fs,  # type: ignore[no-untyped-def]
+                                                        make_qpc, capsys) -> None:
+    qpc, _ = make_qpc({"network.elf": 3 << 20})   # larger than the 2 MiB filesystem
+    target = small_fs / "out" / "deeper"
+    assert run("encrypt-model", "--qpc", qpc, "--mek", fleet["mek"], "--output-dir",
+               target) == 2
+    assert "no space left" in capsys.readouterr().err.lower()
+    assert list(small_fs.iterdir()) == []

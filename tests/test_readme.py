@@ -37,8 +37,9 @@ def test_the_readme_blocks_run_as_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # what the blocks say they make is there
     for made in ("final/programqpc.bin", "resnet4.qpc", "y0.npz", "y.npz", "out.npz",
-                 "host-mdp/programqpc.bin"):
-        assert (tmp_path / made).is_file(), made
+                 "host-mdp/programqpc.bin", "wrappedMEK/slot_0/MEK.encrypt"):
+        assert (tmp_path / "try" / made).is_file(), made   # in the examples' own directory
+    assert {p.name for p in tmp_path.iterdir()} == {"plans", "readme.sh", "try"}
     assert "Traceback" not in result.stderr
     assert "inputs: " in result.stdout   # `inspect` names the model's inputs, not only --json
 

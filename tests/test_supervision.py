@@ -449,20 +449,6 @@ def test_the_journal_deleted_under_watch_stops_it_with_a_summary(tmp_path: Path)
     assert "deleted" in summary["error"]
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs of our own (root only: a real full or read-only filesystem)."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                      capture_output=True, check=False).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def _fill(directory: Path) -> None:
     """Fill the filesystem (the journal may have filled it already: fine too)."""
     try:

@@ -149,7 +149,7 @@ def seal(spec: TokenSpec, mek: MEK | None = None) -> tuple[bytes, MEK]:
 
 
 def write_sealed_mek(path: str | os.PathLike[str], blob: bytes) -> None:
-    write_bytes_atomic(path, blob, mode=0o600, overwrite=False)
+    write_bytes_atomic(path, blob, mode=0o600, overwrite=False, hint="")
 
 
 def is_sealed(raw: bytes) -> bool:

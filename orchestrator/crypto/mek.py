@@ -33,7 +33,10 @@ class MEK:
 
     @classmethod
     def generate(cls) -> MEK:
-        return cls(secrets.token_bytes(MEK_BYTES))
+        while True:  # never one that load_mek would take for a passphrase (p = 1.3e-7)
+            key = secrets.token_bytes(MEK_BYTES)
+            if not _looks_typed(key):
+                return cls(key)
 
     @property
     def key(self) -> bytes:
@@ -54,6 +57,11 @@ class MEK:
         return f"MEK(fingerprint={self.fingerprint()})"
 
     __str__ = __repr__
+
+
+def _looks_typed(raw: bytes) -> bool:
+    """Every byte printable ASCII: typed text, almost surely not a random key."""
+    return all(0x20 <= byte <= 0x7E for byte in raw)
 
 
 def exposure_warning(path: str | os.PathLike[str]) -> str | None:
@@ -83,6 +91,10 @@ def load_mek(path: str | os.PathLike[str]) -> MEK:
     except OSError as exc:
         raise FileInputError(target, f"cannot read MEK: {exc.strerror}") from None
     if len(raw) == MEK_BYTES:
+        if _looks_typed(raw):
+            raise MEKError(f"{target}: 16 printable characters, not 16 random bytes (a "
+                           "passphrase, or half of a 32-digit hex key?); a MEK file holds 16 "
+                           "random bytes or 32 hex digits")
         return MEK(raw)
     text = raw.strip()
     if text.lower().startswith(b"0x"):
@@ -98,4 +110,5 @@ def load_mek(path: str | os.PathLike[str]) -> MEK:
 def write_mek(path: str | os.PathLike[str], mek: MEK, *, hex_form: bool = False) -> None:
     """Create a MEK file with mode 0600; refuses to overwrite an existing file."""
     data = (mek.key.hex() + "\n").encode("ascii") if hex_form else mek.key
-    write_bytes_atomic(path, data, mode=0o600, overwrite=False)
+    # a MEK is never replaced: the data sealed under the old one would be lost
+    write_bytes_atomic(path, data, mode=0o600, overwrite=False, hint="")

@@ -23,6 +23,10 @@ from orchestrator.errors import FormatError, IntegrityError, SessionInvalidError
 
 WRAP_FORMAT_VERSION = 2
 PROGRAM_DIGEST_BYTES = 32
+# The reference tool's wrap-mek names no program: such a slot is bound to card,
+# session and slot, and to this marker instead of a program (docs/protocol.md says
+# what that leaves a hostile host). The engine always binds its slots.
+UNBOUND_PROGRAM = bytes(PROGRAM_DIGEST_BYTES)
 _MLKEM768_PUBLIC = 1184
 _X25519_PUBLIC = 32
 
@@ -141,6 +145,11 @@ class KeySlot:
     wrapped_mek: bytes
     program: bytes
 
+    @property
+    def bound(self) -> bool:
+        """Made for one program (not UNBOUND_PROGRAM)."""
+        return self.program != UNBOUND_PROGRAM
+
     def info(self) -> bytes:
         return wrap_info(self.kem, self.slot, self.card_id, self.session_id, self.program)
 
@@ -150,7 +159,7 @@ def wrap_mek(
     program: bytes,
 ) -> KeySlot:
     """Wrap ``mek`` to a card's session public key (raw bytes) for ``slot`` of ``program``
-    (the SHA-256 of the program's encryption info)."""
+    (the SHA-256 of the program's encryption info, or UNBOUND_PROGRAM)."""
     if len(program) != PROGRAM_DIGEST_BYTES:
         raise ValueError("program must be the 32-byte digest of an encryption info")
     recipient = decode_session_public_key(kem, public_key)
@@ -167,11 +176,13 @@ def unwrap_mek(
     """Open a key slot with a card's session private key (card side).
 
     ``program`` is the digest of the encryption info the card is loading,
-    computed by the card. Raises SessionInvalidError if the slot names another
+    computed by the card. A slot made for no program (UNBOUND_PROGRAM) opens for
+    any program under its MEK; the card's policy checks (rollback floor, expiry,
+    firmware) still apply. Raises SessionInvalidError if the slot names another
     card or session, IntegrityError if it was made for another program, was
     altered or moved to another slot.
     """
-    if key_slot.program != program:
+    if key_slot.bound and key_slot.program != program:
         raise IntegrityError(f"key slot {key_slot.slot} was made for another program "
                              f"({key_slot.program.hex()[:16]}), not the one being loaded "
                              f"({program.hex()[:16]})")
@@ -187,7 +198,8 @@ def unwrap_mek(
     try:
         key = key_slot.kem.suite.decrypt(
             key_slot.enc + key_slot.wrapped_mek, private_key,
-            info=wrap_info(key_slot.kem, key_slot.slot, card_id, session_id, program),
+            info=wrap_info(key_slot.kem, key_slot.slot, card_id, session_id,
+                           program if key_slot.bound else UNBOUND_PROGRAM),
         )
     except (InvalidTag, ValueError, TypeError):
         raise IntegrityError(

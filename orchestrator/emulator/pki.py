@@ -77,8 +77,8 @@ class VendorPKI:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        write_bytes_atomic(target / ROOT_KEY, key_pem, mode=0o600)
-        write_bytes_atomic(target / ROOT_CERT, self.root_pem)
+        write_bytes_atomic(target / ROOT_KEY, key_pem, mode=0o600, overwrite=True)
+        write_bytes_atomic(target / ROOT_CERT, self.root_pem, overwrite=True)
         return target / ROOT_CERT
 
     @classmethod

@@ -22,15 +22,19 @@ from orchestrator.engine.planreader import (
     Problem,
     Reader,
     annotate,
+    cards_per_host,
+    host_count,
     lease_ttl,
     non_negative,
     partition_count,
     positive,
     probability,
     store_url_problem,
+    version_number,
 )
 from orchestrator.engine.rolloutspec import RolloutSpec, read_rollout
 from orchestrator.errors import FormatError, PlanError
+from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS
 
 PACKAGE_SCHEME = "package:"
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
@@ -362,16 +366,20 @@ def _model(reader: Reader, base: Path) -> ModelSpec:
                            "must be an ISO date or date-time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.UTC)
+        if moment <= dt.datetime.now(dt.UTC):
+            raise Problem(reader.items["expires"][1], "model.expires",
+                          f"{moment:%Y-%m-%d %H:%M} UTC has passed: every card would refuse "
+                          "the model")
         expiry = int(moment.timestamp())
     qpc_path = _path(base, qpc, reader, "qpc") if qpc else None
     onnx_file = _path(base, onnx_path, reader, "onnx") if onnx_path else None
     default_id = (qpc_path or onnx_file or Path("model")).stem
-    version = reader.get("version", int, 1, check=non_negative)
+    version = reader.get("version", int, 1, check=version_number)
     spec = ModelSpec(
         qpc=qpc_path, onnx=onnx_file, partitions=partitions, balance=balance,
         model_id=reader.get("id", str, default_id),
         version=version,
-        rollback_floor=reader.get("rollback_floor", int, version, check=non_negative),
+        rollback_floor=reader.get("rollback_floor", int, version, check=version_number),
         expires=expiry,
         min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
     )
@@ -412,21 +420,33 @@ def _fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSp
     if (emulated_reader is None) == (not host_nodes):
         raise Problem(reader.node.line, "fleet", "give exactly one of emulated or hosts")
     hosts = []
+    seen: dict[str, int] = {}
+    if len(host_nodes) > MAX_HOSTS:
+        raise Problem(reader.node.line, "fleet.hosts", f"at most {MAX_HOSTS} hosts")
     for index, (node, _) in enumerate(host_nodes):
         host = Reader(node, f"fleet.hosts[{index}]")
         devices = host.list_of("devices", int)
         if not devices:
             raise Problem(node.line, f"fleet.hosts[{index}].devices",
                            "must be a non-empty list of card numbers")
-        if len(set(devices)) != len(devices) or min(devices) < 0:
+        if len(set(devices)) != len(devices) or min(devices) < 0 \
+                or max(devices) > MAX_DEVICE:
             raise Problem(node.line, f"fleet.hosts[{index}].devices",
-                           "card numbers must be distinct and not negative")
+                           f"card numbers must be distinct, from 0 to {MAX_DEVICE}")
+        if len(devices) > MAX_CARDS_PER_HOST:
+            raise Problem(node.line, f"fleet.hosts[{index}].devices",
+                          f"at most {MAX_CARDS_PER_HOST} cards per host")
         tls = None
         if (tls_reader := host.child("tls")) is not None:
             tls = TLSSpec(*(_path(base, v, tls_reader, k) if (v := tls_reader.get(k, str))
                             else None for k in ("ca", "cert", "key")))
             tls_reader.done()
         address = host.get("address", str, required=True)
+        if address in seen:
+            raise Problem(node.line, f"fleet.hosts[{index}].address",
+                          f"{address} is already fleet.hosts[{seen[address]}]: one entry per "
+                          "host (list all its cards there)")
+        seen[address] = index
         insecure = host.get("insecure", bool, False)
         if tls is not None and insecure:
             raise Problem(node.line, f"fleet.hosts[{index}]", "give tls or insecure: true, "
@@ -441,8 +461,8 @@ def _fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSp
     if emulated_reader is not None:
         r = emulated_reader
         emulated = EmulatedSpec(
-            hosts=r.get("hosts", int, 1, check=positive),
-            devices_per_host=r.get("devices_per_host", int, 4, check=positive),
+            hosts=r.get("hosts", int, 1, check=host_count),
+            devices_per_host=r.get("devices_per_host", int, 4, check=cards_per_host),
             reset_rate=float(r.get("reset_rate", (int, float), 0.0, check=non_negative)),
             reboot_time=float(r.get("reboot_time", (int, float), 0.2, check=non_negative)),
             attest_latency=float(r.get("attest_latency", (int, float), 0.0,

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_HOSTS, MAX_VERSION
+
 
 class Node:
     """A YAML value with the line it came from."""
@@ -178,6 +180,19 @@ def partition_count(value: float) -> str | None:
     if 1 <= value <= MAX_PARTITIONS:
         return None
     return f"must be between 1 and {MAX_PARTITIONS} (one card per partition)"
+
+
+def version_number(value: float) -> str | None:
+    return None if 1 <= value <= MAX_VERSION else f"must be between 1 and {MAX_VERSION}"
+
+
+def host_count(value: float) -> str | None:
+    return None if 1 <= value <= MAX_HOSTS else f"must be between 1 and {MAX_HOSTS}"
+
+
+def cards_per_host(value: float) -> str | None:
+    return None if 1 <= value <= MAX_CARDS_PER_HOST else \
+        f"must be between 1 and {MAX_CARDS_PER_HOST}"
 
 
 def probability(value: float) -> str | None:

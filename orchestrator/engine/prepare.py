@@ -123,9 +123,9 @@ def prepare_program(plan: Plan, mek: MEK, *, salt: bytes | None = None) -> Prepa
             if partitions != plan.group_size:
                 raise UsageError(f"{source}: the program has {partitions} partition(s) but "
                                  f"the plan groups {plan.group_size} card(s)")
-            with atomic_output(body) as handle:
+            with atomic_output(body, overwrite=True) as handle:  # our own cache
                 write_sealed(handle, container, mek, settings, key_slots=[])
-        write_bytes_atomic(digest_file, file_digest(body).encode())
+        write_bytes_atomic(digest_file, file_digest(body).encode(), overwrite=True)
     return describe_body(body, digest_file.read_text().strip(), mek, plan.group_size)
 
 

@@ -34,17 +34,18 @@ def file_segment(name: str, path: str | os.PathLike[str], *, offset: int = 0) ->
     return SegmentSpec(name, size, chunks, offset)
 
 
-def pack_files(output: str | os.PathLike[str], segments: Sequence[tuple[str, str]]) -> int:
+def pack_files(output: str | os.PathLike[str], segments: Sequence[tuple[str, str]], *,
+               overwrite: bool = False) -> int:
     """Write a plain container of (name, file) segments; returns its size."""
     if not segments:
         raise UsageError("pack: give at least one --segment NAME=FILE")
     specs = [file_segment(name, path) for name, path in segments]
-    with atomic_output(output) as handle:
+    with atomic_output(output, overwrite=overwrite) as handle:
         return write_container(handle, specs)
 
 
 def pack_mdp(output: str | os.PathLike[str], partitions: Sequence[str],
-             meta: MdpMeta | None = None) -> int:
+             meta: MdpMeta | None = None, *, overwrite: bool = False) -> int:
     """Write an MDP container from partition containers, in pipeline order."""
     if not partitions:
         raise UsageError("pack: an MDP container needs at least one partition")
@@ -57,5 +58,5 @@ def pack_mdp(output: str | os.PathLike[str], partitions: Sequence[str],
     specs = [bytes_segment(MDP_META, meta.encode())]
     specs += [file_segment(p.segment, path) for p, path in zip(meta.partitions, partitions,
                                                                 strict=True)]
-    with atomic_output(output) as handle:
+    with atomic_output(output, overwrite=overwrite) as handle:
         return write_container(handle, specs)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from orchestrator.atomicfile import atomic_output
+from orchestrator.atomicfile import atomic_output, refuse_existing
 from orchestrator.errors import FileInputError, FormatError, UsageError
 from orchestrator.qpc.build import pack_mdp
 from orchestrator.qpc.mdp import MdpMeta, Partition, TensorSpec, partition_segment_name
@@ -344,14 +344,16 @@ def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
 
 
 def package_onnx(model_path: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                 partitions: int = 1, balance: str = "params") -> PartitionPlan:
+                 partitions: int = 1, balance: str = "params", overwrite: bool = False
+                 ) -> PartitionPlan:
     """Write the program container for an ONNX model: plain for 1 stage, else MDP."""
+    refuse_existing([output], overwrite=overwrite)
     model = load_onnx(model_path)
     plan = plan_partitions(model, partitions, balance=balance)
     staged_models = stage_models(model, plan)
     if partitions == 1:
         stage, staged = plan.stages[0], staged_models[0]
-        with atomic_output(output) as handle:
+        with atomic_output(output, overwrite=overwrite) as handle:
             write_container(handle, stage_segments(staged.SerializeToString(), stage.inputs,
                                                    stage.outputs, stage.model_outputs))
         return plan
@@ -372,7 +374,7 @@ def package_onnx(model_path: str | os.PathLike[str], output: str | os.PathLike[s
                           stage.crossing_bytes)
                 for stage in plan.stages),
             model_inputs=plan.model_inputs, model_outputs=plan.model_outputs, balance=balance)
-        pack_mdp(target, paths, meta)
+        pack_mdp(target, paths, meta, overwrite=overwrite)
     return plan
 
 

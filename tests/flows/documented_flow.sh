@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The reference tool's documented commands with exactly their flags (no
+# --trust-root, no --encrypted-qpc), after the one-time set-up of the vendor root
+# (copied to the per-user configuration file), against a live `modelip emulate`:
+# encrypt-model, attest, wrap-mek, encrypt-with-session-keys, replace-mek after a
+# reset, and the single-command encrypt-model with --pub-keys. Run in an empty
+# directory; $PYTHON is the interpreter with modelip installed.
+set -euo pipefail
+PY=${PYTHON:-python3}
+export XDG_CONFIG_HOME="$PWD/config"
+unset MODELIP_TRUST_ROOT
+
+modelip emulate --hosts 1 --devices-per-host 2 --base-port 0 --reboot-time 0.1 \
+    --pki-dir pki > emulate.log 2>&1 &
+EMU=$!
+trap 'kill -INT $EMU 2>/dev/null; wait $EMU 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q READY emulate.log && break; sleep 0.1; done
+grep -q READY emulate.log
+PORT=$(sed -n 's/^host0 listening on 127.0.0.1:\([0-9]*\).*/\1/p' emulate.log)
+
+# one-time set-up: the vendor root, configured once
+mkdir -p config/modelip && cp pki/root.pem config/modelip/trust-root.pem
+
+"$PY" - <<'PYEOF'
+import json, numpy as np
+from tests.models import tiny_mlp, reference_output
+m = tiny_mlp()
+open("network.onnx", "wb").write(m.SerializeToString())
+json.dump({"format": "modelip-io/1", "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 8]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4]}],
+           "model_outputs": ["y"]}, open("io_desc.json", "w"))
+x = np.random.default_rng(5).standard_normal((1, 8)).astype(np.float32)
+np.save("x.npy", x)
+np.save("expected.npy", reference_output(m, x))
+PYEOF
+modelip pack -o model.qpc --segment network.onnx=network.onnx --segment io_desc.json=io_desc.json
+modelip generate-mek -o MEK.dat
+head -c 32 /dev/urandom > request.bin
+
+# the documented commands, flag for flag
+modelip encrypt-model --qpc model.qpc --mek MEK.dat --output-dir encrypted
+modelip attest --ip 127.0.0.1 --port "$PORT" -d 0 -o pub0.dat > attest0.txt
+modelip attest --ip 127.0.0.1 --port "$PORT" -d 1 -i request.bin -o pub1.dat > attest1.txt
+grep -q "^verified: card" attest0.txt      # the configured root verified it
+modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1.dat --output-dir wrappedMEK 2> wrap.err
+grep -q "not to one program" wrap.err      # one line says what an unbound slot means
+modelip encrypt-with-session-keys --input-dir encrypted --mek MEK.dat \
+    --pub-keys pub0.dat pub1.dat --output-dir final
+modelip device load --ip 127.0.0.1 --port "$PORT" -d 1 --qpc final/programqpc.bin
+
+# card 1 resets: attest again, wrap, swap its slot in (the unbound wrap of the reference)
+modelip device reset --ip 127.0.0.1 --port "$PORT" -d 1
+sleep 0.3
+modelip attest --ip 127.0.0.1 --port "$PORT" -d 1 -o pub1-new.dat
+modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1-new.dat --output-dir wrappedMEK2 2>/dev/null
+modelip replace-mek --encrypted-qpc final --wrapped-meks wrappedMEK2/slot_1 --output-dir final2
+modelip device load --ip 127.0.0.1 --port "$PORT" -d 1 --qpc final2/programqpc.bin
+modelip device exec --ip 127.0.0.1 --port "$PORT" -d 1 --input x.npy --output y.npy
+"$PY" -c "import numpy as np; np.testing.assert_allclose(np.load('y.npy'), np.load('expected.npy'), rtol=1e-5)"
+
+# the single command: encrypt and wrap
+modelip encrypt-model --qpc model.qpc --mek MEK.dat --output-dir single --pub-keys pub0.dat pub1-new.dat
+modelip device load --ip 127.0.0.1 --port "$PORT" -d 0 --qpc single/programqpc.bin
+modelip inspect single/programqpc.bin | grep -q "key slot 1: card"
+echo "DOCUMENTED FLOW OK"
