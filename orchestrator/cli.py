@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import fleetcli
 
-    args.metrics_port = None
-    args.retry_quarantined = args.retry_rollout = False
+    args.metrics_port = args.store = None
+    args.retry_quarantined = args.retry_rollout = args.plain = False
     return fleetcli.cmd_watch(args)
 
 

@@ -23,18 +23,25 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       json_events: bool, metrics_port: int | None = None,
                       inputs: dict[str, Any] | None = None,
                       retry_quarantined: bool = False, replica: str | None = None,
-                      interactive: bool = False, retry_rollout: bool = False
-                      ) -> tuple[int, dict[str, Any] | None]:
+                      interactive: bool = False, retry_rollout: bool = False,
+                      live: bool = True) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
-    A failing state directory stops the engine: the summary is still printed,
-    then the StateDirError is raised (one line, exit 5).
+    A run ends when the deployment is over (deploy, run), when ``duration``
+    seconds from the start have passed or the view is quit with ``q`` (watch):
+    then no new work starts, the work in flight finishes (Engine.wind_down), and
+    the fleet is judged. Ctrl-C interrupts at once (130); SIGTERM ends at once
+    with 0. Output: JSON lines, the live view (``live`` on a terminal; with keys
+    if ``interactive``), or one plain line per event. A failing state directory
+    stops the engine: the summary is still printed, then the StateDirError is
+    raised (one line, exit 5).
     """
     import anyio
 
     from orchestrator.app import open_engine
     from orchestrator.errors import StateDirError
 
+    deadline = anyio.current_time() + duration if duration else float("inf")
     outputs: dict[str, Any] | None = None
     stopped_by: list[int] = []
     out = sys.stderr if inputs is not None else sys.stdout
@@ -50,19 +57,23 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
             inputs = {names[0]: inputs[""]}
         dashboard = None
         app: Any = None
-        app_done, ending = anyio.Event(), anyio.Event()
+        app_done, ending, the_end = anyio.Event(), anyio.Event(), anyio.Event()
         if json_events:
             engine.subscribe(lambda event: print(event.to_json(), file=out, flush=True))
-        elif inputs is None and interactive:
+        elif inputs is None and live and interactive:
             from orchestrator.tui import FleetApp
 
             app = FleetApp(engine.snapshot, engine.store.card_transitions,
                            title=f"modelip  {plan.source.name}")
-        elif inputs is None:
+        elif inputs is None and live:
             from orchestrator.dashboard import LiveDashboard
 
             dashboard = LiveDashboard(engine.snapshot, title=f"modelip  {plan.source.name}")
             engine.subscribe(dashboard.on_event)
+        elif inputs is None:
+            from orchestrator.dashboard import event_line
+
+            engine.subscribe(lambda event: print(event_line(event), file=out, flush=True))
         try:
             if dashboard is not None:
                 dashboard.__enter__()
@@ -88,9 +99,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                         await app.run_async()
                     finally:
                         app_done.set()
-                    if not stopped_by and not ending.is_set():  # q on the view: Ctrl-C
-                        stopped_by.append(signal.SIGINT)
-                    tg.cancel_scope.cancel()
+                    the_end.set()  # q on the view: a normal end, judged as at --duration
 
                 async def run_engine() -> None:
                     try:
@@ -98,27 +107,34 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     except StateDirError:
                         tg.cancel_scope.cancel()  # engine.fatal says why; reported below
 
+                async def deployment_over() -> None:
+                    await engine.finished.wait()   # deployed, and the rollout has ended
+                    the_end.set()
+
                 tg.start_soon(on_signals)
                 if metrics_port is not None:
                     from orchestrator.engine.metrics import render_metrics, serve_metrics
 
-                    await tg.start(serve_metrics, metrics_port,
-                                   lambda: render_metrics(engine.snapshot(), engine.stats))
+                    bound = await tg.start(serve_metrics, metrics_port,
+                                           lambda: render_metrics(engine.snapshot(),
+                                                                  engine.stats))
+                    if not metrics_port:  # 0: any free port, so say which
+                        print(f"modelip: metrics on http://127.0.0.1:{bound}/metrics",
+                              file=sys.stderr)
                 if dashboard is not None:
                     tg.start_soon(_tick, dashboard)
                 if app is not None:
                     tg.start_soon(run_app)
                 tg.start_soon(run_engine)
-                # deploy and run: until a rollout has ended too; watch: it goes on
-                await (engine.deployed if keep_serving else engine.finished).wait()
-                if inputs is not None:
+                if not keep_serving:
+                    tg.start_soon(deployment_over)
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await the_end.wait()
+                if inputs is not None and engine.finished.is_set():
                     outputs = await engine.execute(inputs)
-                if keep_serving:
-                    with anyio.move_on_after(duration if duration else float("inf")):
-                        await anyio.sleep_forever()
                 ending.set()  # we close the view now, not the user
                 await stop_app()
-                await engine.let_drivers_return()
+                await engine.wind_down()
                 tg.cancel_scope.cancel()
         finally:
             if dashboard is not None:
@@ -146,15 +162,13 @@ async def _tick(dashboard: Any) -> None:
 def _print_summary(summary: Any, out: Any) -> None:
     print(f"{summary.serving}/{summary.cards} cards serving, {summary.hosts_up}/"
           f"{summary.hosts} hosts up, {summary.rekeys} re-keys", file=out)
+    if summary.in_flight_at_end:
+        print(f"at the end: {summary.wind_down()}", file=out)
     if summary.rollout:
         print(summary.rollout, file=out)
     for card in summary.not_serving:
         named = f" ({card.card_id})" if card.card_id else ""
         print(f"{card.state} {card.card}{named}: {card.reason}", file=out)
-
-
-def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.json) or not sys.stdout.isatty()
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -192,13 +206,15 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
     import anyio
 
     plan = _load_plan(args)
-    json_events = _json_mode(args)
-    interactive = not json_events and not args.plain and sys.stdin.isatty()
+    # as command-line tools do: JSON when asked (--json), the live view on a terminal,
+    # plain lines (one per event, the summary last) in a pipe or a log
+    live = sys.stdout.isatty()
+    interactive = live and not args.plain and sys.stdin.isatty()
     code, _ = anyio.run(lambda: orchestrate(
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
-        json_events=json_events, metrics_port=args.metrics_port,
+        json_events=bool(args.json), metrics_port=args.metrics_port,
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
-        interactive=interactive, retry_rollout=args.retry_rollout))
+        interactive=interactive, retry_rollout=args.retry_rollout, live=live))
     return code
 
 
@@ -369,8 +385,8 @@ def register(sub: Any) -> None:
         p.add_argument("plan")
         p.add_argument("--json", action="store_true", help="JSON-lines events, no dashboard")
         p.add_argument("--plain", action="store_true",
-                       help="the live view without keys (rich; the default when stdin is "
-                            "not a terminal)")
+                       help="the live view without keys (the default when stdin is not a "
+                            "terminal; when stdout is not one: a plain line per event)")
         p.add_argument("--metrics-port", type=argtypes.port,
                        help="serve Prometheus metrics here")
         p.add_argument("--retry-quarantined", action="store_true",
@@ -380,7 +396,8 @@ def register(sub: Any) -> None:
                             "(docs/rollouts.md)")
         if name == "watch":
             p.add_argument("--duration", type=argtypes.positive,
-                           help="stop after this many seconds")
+                           help="seconds from the start; then the work in flight finishes "
+                                "(bounded by the plan's timeouts) and the fleet is judged")
         _add_store_flags(p)
         p.set_defaults(handler=handler)
     p = sub.add_parser("run", help="run inference on a serving group")

@@ -72,6 +72,7 @@ class CardDriver:
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
         self.parked = False           # waiting for its next check (SERVING, nothing to do)
+        self.returned = False         # its task has ended
         self._stopping = False
 
     def reset(self) -> None:
@@ -153,13 +154,12 @@ class CardDriver:
             self._work.cancel()
         self._wake.set()
 
-    def stop(self) -> bool:
-        """The engine is done with the fleet (a deploy, not a watch): a driver waiting
-        for its next check returns now, by itself; True if it was waiting."""
+    def stop(self) -> None:
+        """The run is ending: take no new work. A driver waiting for its next check
+        returns now, by itself; one in the middle of work finishes it first."""
         self._stopping = True
         if self.parked:
             self._wake.set()
-        return self.parked
 
     def condemn(self, verdict: VerificationError) -> None:
         """A security verdict found outside the driver (at Execute): quarantine."""
@@ -206,6 +206,7 @@ class CardDriver:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
                         contextlib.suppress(StateDirError, LeaseLost):
                     await self._roll_back()
+            self.returned = True
 
     async def _drive(self) -> None:
         m = self.machine

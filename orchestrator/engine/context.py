@@ -41,6 +41,9 @@ class EngineStats:
     protocol_violations: Counter[str] = field(default_factory=Counter)  # by host
     internal_errors: int = 0
     lease_changes: Counter[str] = field(default_factory=Counter)  # by action (replicas)
+    # the end of a run: cards whose work was in flight, how many of them it finished
+    # (serving), and how long letting it finish took
+    wound_down: tuple[int, int, float] | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -229,3 +229,18 @@ class Summary(Event):
     not_serving: tuple[CardOutcome, ...]
     error: str = ""       # why the engine stopped early (state directory), if it did
     rollout: str = ""     # how the rollout ended (or where it stands), if there was one
+    # the end of the run: cards whose work was in flight when it ended, how many of
+    # them that work brought to serving, and how long it was given
+    in_flight_at_end: int = 0
+    finished_at_end: int = 0
+    wind_down_seconds: float = 0.0
+
+    def wind_down(self) -> str:
+        """``finished 2 re-keys in 0.4 s`` (and what did not finish), or ""."""
+        if not self.in_flight_at_end:
+            return ""
+        left = self.in_flight_at_end - self.finished_at_end
+        plural = "" if self.finished_at_end == 1 else "s"
+        return (f"finished {self.finished_at_end} re-key{plural} in "
+                f"{self.wind_down_seconds:.1f} s" + (f", {left} did not serve" if left
+                                                      else ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 
@@ -113,6 +114,8 @@ def _replica_lines(snapshot: Snapshot, stats: EngineStats) -> list[str]:
     return lines
 
 
+_log = logging.getLogger(__name__)
+
 REKEY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -129,27 +132,53 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# connections served at once; more are closed at once (a scanner or a flood of
+# probes must not grow the engine's process)
+MAX_METRICS_CONNECTIONS = 16
+
+
 async def serve_metrics(port: int, text: Callable[[], str], *, bind: str = "127.0.0.1",
                         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-    """A minimal HTTP/1.0 endpoint: any GET returns the metrics text."""
+    """A minimal HTTP/1.0 endpoint: any GET returns the metrics text.
+
+    Whatever a connection does (closes at once, as a port scanner or a TCP health
+    probe does; sends garbage; stalls) ends with that connection: nothing raises
+    into the caller's task group, which is the engine's.
+    """
     try:
         listener = await anyio.create_tcp_listener(local_host=bind, local_port=port)
     except OSError as exc:
         raise UsageError(f"--metrics-port {port}: cannot listen on {bind}:{port}: "
                          f"{(exc.strerror or str(exc)).lower()}") from None
+    open_connections = 0
+
+    async def respond(stream: SocketStream) -> None:
+        with anyio.move_on_after(5):
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 8192:
+                request += await stream.receive(4096)
+            ok = request.startswith(b"GET ")
+            body = text().encode() if ok else b""
+            status = b"200 OK" if ok else b"405 Method Not Allowed"
+            head = (b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
+                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            await stream.send(head + body)
 
     async def handle(stream: SocketStream) -> None:
-        async with stream:
-            with anyio.move_on_after(5):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    request += await stream.receive(4096)
-                body = text().encode()
-                ok = request.startswith(b"GET ")
-                status = b"200 OK" if ok else b"405 Method Not Allowed"
-                head = (b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
-                        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-                await stream.send(head + body)
+        nonlocal open_connections
+        busy = open_connections >= MAX_METRICS_CONNECTIONS
+        open_connections += 1
+        try:
+            async with stream:
+                if not busy:
+                    await respond(stream)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError):
+            pass  # the peer went away: its business
+        except Exception:  # a bug in rendering: this scrape fails, the engine goes on
+            _log.exception("metrics: a scrape failed")
+        finally:
+            open_connections -= 1
 
     async with listener:
         task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610 - anyio, not Django
