@@ -74,7 +74,8 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         hosts=emulated.hosts, devices_per_host=emulated.devices_per_host,
         faults=FaultConfig(reset_rate=emulated.reset_rate, reboot_time=emulated.reboot_time,
                            attest_latency=emulated.attest_latency,
-                           drop_events=emulated.drop_events),
+                           drop_events=emulated.drop_events,
+                           stage_capacity=emulated.stage_capacity),
         card=card,
         card_overrides={key: CardConfig(firmware_version="0.9.0", kem=card.kem)
                         for key in emulated.old_firmware_cards},

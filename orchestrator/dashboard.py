@@ -55,7 +55,8 @@ GLYPHS = {"SERVING": ("●", "green"), "PENDING": ("·", "dim"), "ATTESTING": ("
           "RETRY_WAIT": ("◌", "yellow"), "DISCONNECTED": ("○", "red"),
           "QUARANTINED": ("✖", "bold red"), "FAILED": ("✗", "red")}
 STYLES = {**{state: style for state, (_, style) in GLYPHS.items()},
-          "UP": "green", "UNREACHABLE": "bold red", "CONNECTING": "yellow"}
+          "UP": "green", "UNREACHABLE": "bold red", "REFUSING": "bold red",
+          "CONNECTING": "yellow"}
 SETTLED = frozenset({"SERVING", "DISCONNECTED", "QUARANTINED", "FAILED"})
 STUCK = 30.0          # seconds in a working state before a card "needs attention"
 SPARK = "▁▂▃▄▅▆▇█"
@@ -234,15 +235,19 @@ def _attention(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]],
     for host in snapshot.hosts:
         if view.host and view.host not in host.name:
             continue
-        stuck = host.state == "CONNECTING" and host.in_state > STUCK
-        if host.state in ("UNREACHABLE", "FAILED") or stuck:
+        not_up = max(host.not_up_for, host.in_state)
+        stuck = host.state == "CONNECTING" and not_up > STUCK
+        if host.state in ("UNREACHABLE", "REFUSING", "FAILED") or stuck:
             down.add(host.name)
             cards = len(cards_by_host.get(host.name, ()))
-            items.append(_Item(1, host.in_state, Text.assemble(
+            items.append(_Item(1, not_up, Text.assemble(
                 (f"host {host.name} {host.state}", STYLES.get(host.state, "")),
-                f" for {_seconds(host.in_state)}: {host.reason[:120]} ({cards} cards)")))
+                f" for {_seconds(not_up)}: {host.reason[:120]} ({cards} cards)")))
     for card in snapshot.cards:
-        if card.host in down or (view.host and view.host not in card.host) or (
+        # a down host is one line, but a quarantined card keeps its own: its verdict is
+        # about the card, not the host's connection
+        folded = card.host in down and card.state != "QUARANTINED"
+        if folded or (view.host and view.host not in card.host) or (
                 view.state and card.state != view.state):
             continue
         if card.state == "QUARANTINED":

@@ -206,7 +206,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         for d in result:
             program = f"program {d.program_id[:16]} part {d.partition}" if d.program_id else ""
             print(f"device {d.device}: {d.card_id:<14} {d.state.value:<8} boot {d.boot_counter:<4} "
-                  f"session key {d.session_fingerprint[:16] or '-':<16} {program}".rstrip())
+                  f"session {d.session_id[:16] or '-':<16} {program}".rstrip())
     elif action == "load":
         for device, loaded in zip(devices, result, strict=True):
             print(f"device {device}: loaded {', '.join(loaded.segments)}")

@@ -203,7 +203,7 @@ def test_metrics_parse_with_the_official_parser() -> None:
     assert per_host[("host1", "SERVING")] == 0
 
 
-def test_json_lines_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+def test_json_lines_when_asked_with_json(tmp_path: Path) -> None:
     from tests.models import tiny_mlp
 
     (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
@@ -211,8 +211,8 @@ def test_json_lines_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
                                         "fleet:\n  emulated: {hosts: 1, devices_per_host: 2}\n"
                                         "state_dir: state\n")
     result = subprocess.run([sys.executable, "-m", "orchestrator", "deploy",
-                             str(tmp_path / "plan.yaml")], capture_output=True, text=True,
-                            timeout=120, check=False)
+                             str(tmp_path / "plan.yaml"), "--json"], capture_output=True,
+                            text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["event"] == "summary" and events[-1]["serving"] == 2
@@ -268,3 +268,19 @@ def test_a_rollout_is_one_line_with_versions_capacity_and_verdict() -> None:
     assert groups == {"new": ("8", 4), "old": ("7", 12)}
     phase = {s.labels["phase"]: s.value for s in families["modelip_rollout_phase"].samples}
     assert phase["gating"] == 1 and sum(phase.values()) == 1
+
+
+def test_a_down_host_shows_how_long_it_has_been_down_and_keeps_its_verdicts() -> None:
+    """The host line counts from when it was last up (its retries do not restart it);
+    a quarantined card of that host keeps its own line and reason."""
+    cards = (CardView("host1", 0, "h1-card0", 1, 0, "DISCONNECTED", "", 1, 1, "",
+                      "host host1 unreachable", 0.4),
+             CardView("host1", 1, "h1-card1", 1, 1, "QUARANTINED", "", 1, 1, "",
+                      "report signature does not verify", 50.0))
+    hosts = (HostView("host1", "127.0.0.1:9", "REFUSING", "staging: RESOURCE_EXHAUSTED", 2,
+                      0, 0, 0.4, not_up_for=366.0),)
+    text = capture(render(snapshot(cards=cards, hosts=hosts, counts={}), width=160,
+                          height=30), 160, 30)
+    assert "host host1 REFUSING for 6m06s: staging: RESOURCE_EXHAUSTED (2 cards)" in text
+    assert "host1/1 QUARANTINED for 50.0s: report signature does not verify" in text
+    assert "host1/0 DISCONNECTED" not in text   # folded into the host's line

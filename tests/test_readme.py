@@ -115,3 +115,21 @@ def test_the_docs_shell_blocks_run_as_written(tmp_path: Path) -> None:
     assert ran >= 1
     assert (tmp_path / "keys" / "mek.sealed").is_file()
     assert (tmp_path / "keys" / "existing.sealed").is_file()
+
+
+def test_device_list_names_the_session_as_attest_does(tmp_path: Path) -> None:
+    from tests.emulate import emulate
+
+    def modelip(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    with emulate(tmp_path, devices=2) as (addresses, root):
+        host, port = addresses[0].rsplit(":", 1)
+        said = modelip("attest", "--ip", host, "--port", port, "-d", "1", "-o", "pub1.dat",
+                       "--trust-root", str(root))
+        session = re.search(r"session ([0-9a-f]{16})", said)
+        assert session is not None, said
+        listed = modelip("device", "list", "--ip", host, "--port", port)
+    line = next(line for line in listed.splitlines() if line.startswith("device 1:"))
+    assert f"session {session.group(1)}" in line, listed

@@ -201,14 +201,69 @@ async def test_a_host_that_answers_garbage_is_counted_never_raised(tmp_path: Pat
         violations: list[ProtocolViolation] = []
         engine.subscribe(lambda e: violations.append(e) if isinstance(e, ProtocolViolation)
                          else None)
-        await wait_until(engine, lambda: len(engine.hosts[1].violations) >= 4)
+        await wait_until(engine, lambda: len(engine.hosts[1].violations) >= 3)
+        # cards it lists beyond the plan's are not ours, never a violation (ListDevices
+        # lists every card of a host)
         assert set(engine.hosts[1].violations) >= {
-            "lists a card it was not asked about", "undefined device state",
-            "absurd boot counter", "undefined event kind"}
+            "undefined device state", "absurd boot counter", "undefined event kind"}
         assert not engine.hosts[0].violations
         assert all(c.state.value == "SERVING" for c in engine.cards)  # the garbage is ignored
         assert engine.stats.internal_errors == 0
         assert {h.machine.state for h in engine.hosts} == {HostState.UP}
+
+
+async def test_a_host_that_answers_but_refuses_is_refusing_not_unreachable(tmp_path: Path
+                                                                          ) -> None:
+    """Staging refused (RESOURCE_EXHAUSTED: the host's disk is full): the host answers,
+    so it is REFUSING with the host's reason, and how long it has not been up is not
+    restarted by its retries."""
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2,
+                                extra_fleet="    stage_capacity: 100"))
+    async with running(plan) as (engine, _):
+        host = engine.hosts[0]
+        seen: list[str] = []
+        engine.subscribe(lambda e: seen.append(e.state) if getattr(e, "KIND", "") == "host"
+                         else None)
+        await wait_until(engine, lambda: seen.count("REFUSING") >= 2)  # retried, refused
+        assert "UNREACHABLE" not in seen
+        await wait_until(engine, lambda: host.machine.state is HostState.REFUSING)
+        assert "RESOURCE_EXHAUSTED" in host.machine.reason
+        assert "no room to stage" in host.machine.reason
+        assert {c.state.value for c in engine.cards} == {"DISCONNECTED"}
+        assert all("refusing" in c.reason for c in engine.cards)
+        view = engine.snapshot().hosts[0]
+        assert view.state == "REFUSING" and view.not_up_for > view.in_state
+
+
+def test_a_plan_naming_half_of_a_hosts_cards_sees_no_violation(tmp_path: Path) -> None:
+    """ListDevices and WatchEvents cover every card of a host: the cards a plan does not
+    name are someone else's, listed and reset without a word from us."""
+    host = Emulator(tmp_path, "half")
+    try:
+        (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+        path = tmp_path / "plan.yaml"
+        path.write_text(f"""
+model: {{onnx: tiny.onnx}}
+mek: {{generate: true}}
+fleet: {{hosts: [{{address: "{host.address}", devices: [0, 1]}}]}}
+trust: {{roots: [pki/root.pem]}}
+rekey: {{min_interval: 0.05, check_interval: 0.5, resync_interval: 0.1}}
+state_dir: state
+""")
+
+        async def scenario() -> None:
+            async with running(Plan.load(path)) as (engine, clients):
+                for device in (2, 3):      # events for the cards the plan does not name
+                    await clients[0].reset(device)
+                await anyio.sleep(1.0)     # some ten resyncs, each listing all four cards
+                assert engine.stats.protocol_violations == {}
+                assert not engine.hosts[0].violations
+                assert {c.state.value for c in engine.cards} == {"SERVING"}
+                assert len(engine.cards) == 2
+
+        anyio.run(scenario)
+    finally:
+        host.stop()
 
 
 # --- the truth over hints -----------------------------------------------------------------------

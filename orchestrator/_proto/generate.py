@@ -32,7 +32,8 @@ def generate(into: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    written = sorted(path for path in into.rglob("*_pb2*.py*"))
+    written = sorted(path for path in into.rglob("*_pb2*")  # not the compiled .pyc
+                     if path.suffix in (".py", ".pyi"))
     for path in written:
         text = path.read_text()
         text = text.replace("from modelip.v1 import", "from orchestrator._proto.modelip.v1 import")

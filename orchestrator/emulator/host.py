@@ -65,6 +65,8 @@ class FaultConfig:
     stage_bandwidth: float = 0.0   # bytes per second when staging; 0 = unlimited
     drop_events: float = 0.0       # probability that an event is not delivered
     delay_events: float = 0.0      # seconds every event is held back
+    stage_capacity: int = 0        # bytes the host keeps staged; 0 = unlimited (a full
+                                   # disk: staging is refused with RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,14 @@ class EmulatedHost:
         return message
 
     # --- programs -------------------------------------------------------------------------
+
+    def check_stage_room(self, size: int) -> None:
+        """Refuse a body that would not fit in the staging capacity (HostAbort)."""
+        capacity = self.faults.stage_capacity
+        held = sum(len(staged.body) for staged in self._programs.values())
+        if capacity and held + size > capacity:
+            raise HostAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, R.ERROR_REASON_UNSPECIFIED,
+                            f"no room to stage {size} bytes ({held} of {capacity} in use)")
 
     def store_program(self, program_id: str, body: bytes) -> bool:
         """Keep a staged body (content addressed); False if it was already here."""

@@ -105,6 +105,7 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
                 info.state = runtime_pb2.DEVICE_STATE_OFFLINE
                 continue
             info.session_fingerprint = card.session_fingerprint
+            info.session_id = card.session_id
             program = card.program
             if program is None:
                 info.state = runtime_pb2.DEVICE_STATE_ONLINE
@@ -150,6 +151,7 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
                 if program_id in self.host._programs:  # noqa: SLF001
                     return runtime_pb2.StageProgramResponse(program_id=program_id,
                                                             already_staged=True)
+                self.host.check_stage_room(total)
             body += chunk.data
             if len(body) > total:
                 raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,

@@ -97,6 +97,7 @@ class HostView:
     violations: int
     in_state: float
     owner: str = ""       # the replica driving it (shared stores)
+    not_up_for: float = 0.0   # seconds since it was last UP (not restarted by retries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +267,8 @@ class Engine:
             HostView(h.name, h.target.address, h.machine.state.value, h.machine.reason,
                      len(h.drivers),
                      sum(d.machine.state is S.SERVING for d in h.drivers.values()),
-                     sum(h.violations.values()), now - h.machine.since, h.owner)
+                     sum(h.violations.values()), now - h.machine.since, h.owner,
+                     now - h.machine.not_up_since)
             for h in self.hosts)
         outages = self.stats.outages
         return Snapshot(cards, hosts, dict(counts), sum(map(self.group_serving, self.groups)),

@@ -27,7 +27,14 @@ from orchestrator.engine.state import (
     HostState,
     Trigger,
 )
-from orchestrator.errors import LeaseLost, ModelIPError, StateDirError, StoreUnavailable
+from orchestrator.errors import (
+    DeadlineError,
+    LeaseLost,
+    ModelIPError,
+    StateDirError,
+    StoreUnavailable,
+    UnreachableError,
+)
 from orchestrator.transport.client import (
     Deadlines,
     DeviceEvent,
@@ -100,7 +107,7 @@ class HostSupervisor:
 
     @property
     def down(self) -> bool:
-        return self.machine.state in (H.UNREACHABLE, H.FAILED)
+        return self.machine.state in (H.UNREACHABLE, H.REFUSING, H.FAILED)
 
     def describe(self) -> str:
         state = self.machine.state.value.lower()
@@ -223,7 +230,10 @@ class HostSupervisor:
                     continue
                 reason = f"{err} (attempt {failures})" if not was_up else str(err)
                 self._interrupt_cards()
-                await self._move(H.UNREACHABLE, reason)
+                # it answered, and said no: that is not "unreachable"
+                answered = isinstance(err, ModelIPError) and not isinstance(
+                    err, UnreachableError | DeadlineError)
+                await self._move(H.REFUSING if answered else H.UNREACHABLE, reason)
                 await anyio.sleep(self.ctx.backoff(min(failures, 8)))
                 await self._move(H.CONNECTING, "retrying")
 
@@ -265,8 +275,9 @@ class HostSupervisor:
         seen: set[int] = set()
         for status in listing:
             if status.device not in self.drivers:
-                self._violation("lists a card it was not asked about")
-            elif status.device in seen:
+                # ListDevices lists every card of the host: a plan may name some of them
+                continue
+            if status.device in seen:
                 self._violation("lists a card twice")
             elif status.state is DeviceState.UNDEFINED:
                 self._violation("undefined device state")
@@ -297,8 +308,7 @@ class HostSupervisor:
 
     def _on_event(self, event: DeviceEvent) -> None:
         driver = self.drivers.get(event.device)
-        if driver is None:
-            self._violation("event for a card it does not have")
+        if driver is None:  # a card of this host the plan does not name: not ours
             return
         if event.kind is EventKind.UNDEFINED:
             self._violation("undefined event kind")

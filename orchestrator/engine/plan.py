@@ -104,6 +104,7 @@ class EmulatedSpec:
     reboot_time: float = 0.2
     attest_latency: float = 0.0
     drop_events: float = 0.0
+    stage_capacity: int = 0       # bytes each host stages at most (0: no limit)
     firmware: str = "1.12.0"
     kem: str = "P256"
     adversary: str = "none"
@@ -468,6 +469,7 @@ def _fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], EmulatedSp
             attest_latency=float(r.get("attest_latency", (int, float), 0.0,
                                        check=non_negative)),
             drop_events=float(r.get("drop_events", (int, float), 0.0, check=probability)),
+            stage_capacity=r.get("stage_capacity", int, 0, check=non_negative),
             firmware=str(r.get("firmware", (str, int, float), "1.12.0")),
             kem=r.get("kem", str, "P256", check=lambda v: None if v.lower() in (
                 "p256", "hybrid", "mlkem768_x25519") else "must be P256 or hybrid"),

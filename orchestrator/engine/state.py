@@ -62,6 +62,8 @@ class HostState(enum.Enum):
     CONNECTING = "CONNECTING"    # listing its cards, staging the body
     UP = "UP"                    # staged, its event stream open, answering probes
     UNREACHABLE = "UNREACHABLE"  # probes fail: its cards are DISCONNECTED; retried with backoff
+    REFUSING = "REFUSING"        # answers, but refuses what it must do (staging: out of
+                                 # space, say): its cards are DISCONNECTED; retried
     FAILED = "FAILED"            # an internal error in its supervisor (a bug): given up
 
     def __repr__(self) -> str:
@@ -70,9 +72,10 @@ class HostState(enum.Enum):
 
 H = HostState
 HOST_MOVES: dict[HostState, frozenset[HostState]] = {
-    H.CONNECTING: frozenset({H.UP, H.UNREACHABLE, H.FAILED}),
-    H.UP: frozenset({H.CONNECTING, H.UNREACHABLE, H.FAILED}),
+    H.CONNECTING: frozenset({H.UP, H.UNREACHABLE, H.REFUSING, H.FAILED}),
+    H.UP: frozenset({H.CONNECTING, H.UNREACHABLE, H.REFUSING, H.FAILED}),
     H.UNREACHABLE: frozenset({H.CONNECTING, H.FAILED}),
+    H.REFUSING: frozenset({H.CONNECTING, H.FAILED}),
     H.FAILED: frozenset(),
 }
 
@@ -194,6 +197,9 @@ class HostMachine:
     state: HostState = HostState.CONNECTING
     reason: str = ""
     since: float = field(default_factory=time.monotonic)
+    # since when the host has not been UP (its start, or its last move away from UP):
+    # retries cycle through CONNECTING, this clock does not restart with them
+    not_up_since: float = field(default_factory=time.monotonic)
 
     def __repr__(self) -> str:
         return f"HostMachine({self.name}, {self.state.value})"
@@ -207,6 +213,9 @@ class HostMachine:
         if transition.previous is not self.state:
             raise InvalidTransition(f"host {self.name}", self.state.value,
                                     transition.state.value)
+        now = time.monotonic()
+        if self.state is HostState.UP and transition.state is not HostState.UP:
+            self.not_up_since = now
         self.state = transition.state
         self.reason = transition.reason
-        self.since = time.monotonic()
+        self.since = now

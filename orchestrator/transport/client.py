@@ -128,6 +128,7 @@ class DeviceStatus:
     program_id: str
     partition: int
     program_ready: bool = False
+    session_id: str = ""      # hex, as reports, key slots and `inspect` name a session
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +320,7 @@ class HostClient:
         return [DeviceStatus(d.device, d.card_id[:256],
                              _DEVICE_STATES.get(d.state, DeviceState.UNDEFINED), d.boot_counter,
                              d.session_fingerprint[:32].hex(), d.program_id[:128], d.partition,
-                             d.program_ready)
+                             d.program_ready, d.session_id[:64].hex())
                 for d in response.devices]
 
     async def watch_events(self) -> AsyncIterator[DeviceEvent]:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from orchestrator._proto.modelip.v1 import evidence_pb2 as modelip_dot_v1_dot_evidence__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/runtime.proto\x12\nmodelip.v1\x1a\x19modelip/v1/evidence.proto\"5\n\x12\x41ttestationRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07request\x18\x02 \x01(\x0c\"\x1b\n\tDeviceRef\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\"\x14\n\x12ListDevicesRequest\"\xc6\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelip.v1.DeviceState\x12\x14\n\x0c\x62oot_counter\x18\x04 \x01(\x04\x12\x1b\n\x13session_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nprogram_id\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\r\x12\x15\n\rprogram_ready\x18\x08 \x01(\x08\">\n\x13ListDevicesResponse\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.modelip.v1.DeviceInfo\"\x14\n\x12WatchEventsRequest\"i\n\x0b\x44\x65viceEvent\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.modelip.v1.EventKind\x12\x14\n\x0c\x62oot_counter\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\"\x15\n\x13ResetDeviceResponse\"B\n\nStageChunk\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x14StageProgramResponse\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_staged\x18\x02 \x01(\x08\"\x8c\x01\n\x12LoadProgramRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12+\n\tkey_slots\x18\x04 \x01(\x0b\x32\x18.modelip.v1.KeySlotTableJ\x04\x08\x05\x10\x06R\x0cverify_later\"S\n\x13LoadProgramResponse\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x03 \x01(\x0c\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"E\n\x0e\x45xecuteRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.modelip.v1.Tensor\"6\n\x0f\x45xecuteResponse\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Tensor\"\x10\n\x0eUnloadResponse\"\x12\n\x10HostStatsRequest\"U\n\x11HostStatsResponse\x12\x13\n\x0bstage_count\x18\x01 \x01(\x04\x12\x12\n\nload_count\x18\x02 \x01(\x04\x12\x17\n\x0fstaged_programs\x18\x03 \x01(\x04*\xb0\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_SESSION_INVALID\x10\x01\x12\x1a\n\x16\x45RROR_REASON_INTEGRITY\x10\x02\x12\x17\n\x13\x45RROR_REASON_POLICY\x10\x03\x12\x1b\n\x17\x45RROR_REASON_NOT_LOADED\x10\x04\x12\x18\n\x14\x45RROR_REASON_OFFLINE\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_UNKNOWN_DEVICE\x10\x06\x12 \n\x1c\x45RROR_REASON_UNKNOWN_PROGRAM\x10\x07\x12\x17\n\x13\x45RROR_REASON_FORMAT\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t*w\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45VICE_STATE_ONLINE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATE_OFFLINE\x10\x02\x12\x17\n\x13\x44\x45VICE_STATE_LOADED\x10\x03*\x9c\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_ONLINE\x10\x01\x12\x16\n\x12\x45VENT_KIND_OFFLINE\x10\x02\x12\x14\n\x10\x45VENT_KIND_RESET\x10\x03\x12\x15\n\x11\x45VENT_KIND_LOADED\x10\x04\x12\x17\n\x13\x45VENT_KIND_UNLOADED\x10\x05\x32l\n\x11RemoteAttestation\x12W\n\x14GetAttestationReport\x12\x1e.modelip.v1.AttestationRequest\x1a\x1f.modelip.v1.AttestationEvidence2\xd7\x04\n\rDeviceRuntime\x12N\n\x0bListDevices\x12\x1e.modelip.v1.ListDevicesRequest\x1a\x1f.modelip.v1.ListDevicesResponse\x12H\n\x0bWatchEvents\x12\x1e.modelip.v1.WatchEventsRequest\x1a\x17.modelip.v1.DeviceEvent0\x01\x12\x45\n\x0bResetDevice\x12\x15.modelip.v1.DeviceRef\x1a\x1f.modelip.v1.ResetDeviceResponse\x12J\n\x0cStageProgram\x12\x16.modelip.v1.StageChunk\x1a .modelip.v1.StageProgramResponse(\x01\x12N\n\x0bLoadProgram\x12\x1e.modelip.v1.LoadProgramRequest\x1a\x1f.modelip.v1.LoadProgramResponse\x12\x42\n\x07\x45xecute\x12\x1a.modelip.v1.ExecuteRequest\x1a\x1b.modelip.v1.ExecuteResponse\x12;\n\x06Unload\x12\x15.modelip.v1.DeviceRef\x1a\x1a.modelip.v1.UnloadResponse\x12H\n\tHostStats\x12\x1c.modelip.v1.HostStatsRequest\x1a\x1d.modelip.v1.HostStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/runtime.proto\x12\nmodelip.v1\x1a\x19modelip/v1/evidence.proto\"5\n\x12\x41ttestationRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07request\x18\x02 \x01(\x0c\"\x1b\n\tDeviceRef\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\"\x14\n\x12ListDevicesRequest\"\xda\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelip.v1.DeviceState\x12\x14\n\x0c\x62oot_counter\x18\x04 \x01(\x04\x12\x1b\n\x13session_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nprogram_id\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\r\x12\x15\n\rprogram_ready\x18\x08 \x01(\x08\x12\x12\n\nsession_id\x18\t \x01(\x0c\">\n\x13ListDevicesResponse\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.modelip.v1.DeviceInfo\"\x14\n\x12WatchEventsRequest\"i\n\x0b\x44\x65viceEvent\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.modelip.v1.EventKind\x12\x14\n\x0c\x62oot_counter\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\"\x15\n\x13ResetDeviceResponse\"B\n\nStageChunk\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x14StageProgramResponse\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_staged\x18\x02 \x01(\x08\"\x8c\x01\n\x12LoadProgramRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12+\n\tkey_slots\x18\x04 \x01(\x0b\x32\x18.modelip.v1.KeySlotTableJ\x04\x08\x05\x10\x06R\x0cverify_later\"S\n\x13LoadProgramResponse\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x03 \x01(\x0c\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"E\n\x0e\x45xecuteRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.modelip.v1.Tensor\"6\n\x0f\x45xecuteResponse\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Tensor\"\x10\n\x0eUnloadResponse\"\x12\n\x10HostStatsRequest\"U\n\x11HostStatsResponse\x12\x13\n\x0bstage_count\x18\x01 \x01(\x04\x12\x12\n\nload_count\x18\x02 \x01(\x04\x12\x17\n\x0fstaged_programs\x18\x03 \x01(\x04*\xb0\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_SESSION_INVALID\x10\x01\x12\x1a\n\x16\x45RROR_REASON_INTEGRITY\x10\x02\x12\x17\n\x13\x45RROR_REASON_POLICY\x10\x03\x12\x1b\n\x17\x45RROR_REASON_NOT_LOADED\x10\x04\x12\x18\n\x14\x45RROR_REASON_OFFLINE\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_UNKNOWN_DEVICE\x10\x06\x12 \n\x1c\x45RROR_REASON_UNKNOWN_PROGRAM\x10\x07\x12\x17\n\x13\x45RROR_REASON_FORMAT\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t*w\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45VICE_STATE_ONLINE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATE_OFFLINE\x10\x02\x12\x17\n\x13\x44\x45VICE_STATE_LOADED\x10\x03*\x9c\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_ONLINE\x10\x01\x12\x16\n\x12\x45VENT_KIND_OFFLINE\x10\x02\x12\x14\n\x10\x45VENT_KIND_RESET\x10\x03\x12\x15\n\x11\x45VENT_KIND_LOADED\x10\x04\x12\x17\n\x13\x45VENT_KIND_UNLOADED\x10\x05\x32l\n\x11RemoteAttestation\x12W\n\x14GetAttestationReport\x12\x1e.modelip.v1.AttestationRequest\x1a\x1f.modelip.v1.AttestationEvidence2\xd7\x04\n\rDeviceRuntime\x12N\n\x0bListDevices\x12\x1e.modelip.v1.ListDevicesRequest\x1a\x1f.modelip.v1.ListDevicesResponse\x12H\n\x0bWatchEvents\x12\x1e.modelip.v1.WatchEventsRequest\x1a\x17.modelip.v1.DeviceEvent0\x01\x12\x45\n\x0bResetDevice\x12\x15.modelip.v1.DeviceRef\x1a\x1f.modelip.v1.ResetDeviceResponse\x12J\n\x0cStageProgram\x12\x16.modelip.v1.StageChunk\x1a .modelip.v1.StageProgramResponse(\x01\x12N\n\x0bLoadProgram\x12\x1e.modelip.v1.LoadProgramRequest\x1a\x1f.modelip.v1.LoadProgramResponse\x12\x42\n\x07\x45xecute\x12\x1a.modelip.v1.ExecuteRequest\x1a\x1b.modelip.v1.ExecuteResponse\x12;\n\x06Unload\x12\x15.modelip.v1.DeviceRef\x1a\x1a.modelip.v1.UnloadResponse\x12H\n\tHostStats\x12\x1c.modelip.v1.HostStatsRequest\x1a\x1d.modelip.v1.HostStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelip.v1.runtime_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORREASON']._serialized_start=1275
-  _globals['_ERRORREASON']._serialized_end=1579
-  _globals['_DEVICESTATE']._serialized_start=1581
-  _globals['_DEVICESTATE']._serialized_end=1700
-  _globals['_EVENTKIND']._serialized_start=1703
-  _globals['_EVENTKIND']._serialized_end=1859
+  _globals['_ERRORREASON']._serialized_start=1295
+  _globals['_ERRORREASON']._serialized_end=1599
+  _globals['_DEVICESTATE']._serialized_start=1601
+  _globals['_DEVICESTATE']._serialized_end=1720
+  _globals['_EVENTKIND']._serialized_start=1723
+  _globals['_EVENTKIND']._serialized_end=1879
   _globals['_ATTESTATIONREQUEST']._serialized_start=67
   _globals['_ATTESTATIONREQUEST']._serialized_end=120
   _globals['_DEVICEREF']._serialized_start=122
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDEVICESREQUEST']._serialized_start=151
   _globals['_LISTDEVICESREQUEST']._serialized_end=171
   _globals['_DEVICEINFO']._serialized_start=174
-  _globals['_DEVICEINFO']._serialized_end=372
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=374
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=436
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=438
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=458
-  _globals['_DEVICEEVENT']._serialized_start=460
-  _globals['_DEVICEEVENT']._serialized_end=565
-  _globals['_RESETDEVICERESPONSE']._serialized_start=567
-  _globals['_RESETDEVICERESPONSE']._serialized_end=588
-  _globals['_STAGECHUNK']._serialized_start=590
-  _globals['_STAGECHUNK']._serialized_end=656
-  _globals['_STAGEPROGRAMRESPONSE']._serialized_start=658
-  _globals['_STAGEPROGRAMRESPONSE']._serialized_end=724
-  _globals['_LOADPROGRAMREQUEST']._serialized_start=727
-  _globals['_LOADPROGRAMREQUEST']._serialized_end=867
-  _globals['_LOADPROGRAMRESPONSE']._serialized_start=869
-  _globals['_LOADPROGRAMRESPONSE']._serialized_end=952
-  _globals['_TENSOR']._serialized_start=954
-  _globals['_TENSOR']._serialized_end=1020
-  _globals['_EXECUTEREQUEST']._serialized_start=1022
-  _globals['_EXECUTEREQUEST']._serialized_end=1091
-  _globals['_EXECUTERESPONSE']._serialized_start=1093
-  _globals['_EXECUTERESPONSE']._serialized_end=1147
-  _globals['_UNLOADRESPONSE']._serialized_start=1149
-  _globals['_UNLOADRESPONSE']._serialized_end=1165
-  _globals['_HOSTSTATSREQUEST']._serialized_start=1167
-  _globals['_HOSTSTATSREQUEST']._serialized_end=1185
-  _globals['_HOSTSTATSRESPONSE']._serialized_start=1187
-  _globals['_HOSTSTATSRESPONSE']._serialized_end=1272
-  _globals['_REMOTEATTESTATION']._serialized_start=1861
-  _globals['_REMOTEATTESTATION']._serialized_end=1969
-  _globals['_DEVICERUNTIME']._serialized_start=1972
-  _globals['_DEVICERUNTIME']._serialized_end=2571
+  _globals['_DEVICEINFO']._serialized_end=392
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=394
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=456
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=458
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=478
+  _globals['_DEVICEEVENT']._serialized_start=480
+  _globals['_DEVICEEVENT']._serialized_end=585
+  _globals['_RESETDEVICERESPONSE']._serialized_start=587
+  _globals['_RESETDEVICERESPONSE']._serialized_end=608
+  _globals['_STAGECHUNK']._serialized_start=610
+  _globals['_STAGECHUNK']._serialized_end=676
+  _globals['_STAGEPROGRAMRESPONSE']._serialized_start=678
+  _globals['_STAGEPROGRAMRESPONSE']._serialized_end=744
+  _globals['_LOADPROGRAMREQUEST']._serialized_start=747
+  _globals['_LOADPROGRAMREQUEST']._serialized_end=887
+  _globals['_LOADPROGRAMRESPONSE']._serialized_start=889
+  _globals['_LOADPROGRAMRESPONSE']._serialized_end=972
+  _globals['_TENSOR']._serialized_start=974
+  _globals['_TENSOR']._serialized_end=1040
+  _globals['_EXECUTEREQUEST']._serialized_start=1042
+  _globals['_EXECUTEREQUEST']._serialized_end=1111
+  _globals['_EXECUTERESPONSE']._serialized_start=1113
+  _globals['_EXECUTERESPONSE']._serialized_end=1167
+  _globals['_UNLOADRESPONSE']._serialized_start=1169
+  _globals['_UNLOADRESPONSE']._serialized_end=1185
+  _globals['_HOSTSTATSREQUEST']._serialized_start=1187
+  _globals['_HOSTSTATSREQUEST']._serialized_end=1205
+  _globals['_HOSTSTATSRESPONSE']._serialized_start=1207
+  _globals['_HOSTSTATSRESPONSE']._serialized_end=1292
+  _globals['_REMOTEATTESTATION']._serialized_start=1881
+  _globals['_REMOTEATTESTATION']._serialized_end=1989
+  _globals['_DEVICERUNTIME']._serialized_start=1992
+  _globals['_DEVICERUNTIME']._serialized_end=2591
 # @@protoc_insertion_point(module_scope)

@@ -76,7 +76,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition", "program_ready")
+    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition", "program_ready", "session_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CARD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class DeviceInfo(_message.Message):
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_READY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     device: int
     card_id: str
     state: DeviceState
@@ -93,7 +94,8 @@ class DeviceInfo(_message.Message):
     program_id: str
     partition: int
     program_ready: bool
-    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., program_ready: _Optional[bool] = ...) -> None: ...
+    session_id: bytes
+    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., program_ready: _Optional[bool] = ..., session_id: _Optional[bytes] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
