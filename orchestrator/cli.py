@@ -411,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a path named on the command line, unusable as asked
         _err(f"modelip: error: {os_problem(err)}")
         return 2
+    except UnicodeEncodeError as err:  # a name or identifier typed in bytes that are not UTF-8
+        shown = err.object.encode("utf-8", "backslashreplace").decode("ascii", "replace") \
+            if isinstance(err.object, str) else repr(err.object)
+        _err(f"modelip: error: '{shown}': not valid UTF-8 text (names and identifiers must "
+             "be; file names may be anything)")
+        return 2
     except BaseExceptionGroup as group:  # concurrent work: report its first error
         first = _first_error(group)
         if isinstance(first, ModelIPError):

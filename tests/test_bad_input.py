@@ -30,6 +30,8 @@ def work(tmp_path: Path) -> Path:
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
     (tmp_path / "short.bin").write_bytes(b"abc")
+    subprocess.run([*MODELIP, "pki", "init", str(tmp_path / "pki")], check=True,
+                   capture_output=True)
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "model.onnx").write_bytes(b"mine")
     (tmp_path / "typed.mek").write_bytes(b"correcthorsebatt")  # 16 typed characters
@@ -138,6 +140,8 @@ CASES = [
     (["emulate", "--devices-per-host", "5000"], 2, "from 1 to 1024 cards per host"),
     (["card", "load", "afile", "afile", "--partition", "-2"], 2,
      "--partition: -2: a device number is 0 to"),
+    (["card", "init", "--pki", "pki", "--id", "\udcff", "-o", "c.json"], 2,
+     "'\\udcff': not valid UTF-8 text (names and identifiers must be"),  # shown escaped
     (["deploy", "twice.yaml"], 2, "twice.yaml:3: fleet.hosts[1].address: 127.0.0.1:1 is already "
      "fleet.hosts[0]"),
     (["deploy", "expired.yaml"], 2, "expired.yaml:1: model.expires: 2001-02-03 00:00 UTC has "

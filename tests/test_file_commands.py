@@ -520,6 +520,13 @@ def test_outputs_are_replaced_only_when_asked(tmp_path: Path, fleet, make_qpc, c
     assert not (out / "programqpc.bin").exists()   # all or nothing: not the program alone
     assert run(*base, "--pub-keys", fleet["evidence"][0], "--force") == 0
     assert (out / "encrypted_model.qpc").read_bytes() != body   # a fresh salt
+    program = (out / "programqpc.bin").read_bytes()
+    session_keys = ["encrypt-with-session-keys", "--input-dir", out, "--mek", fleet["mek"],
+                    "--trust-root", fleet["root"], "--pub-keys", fleet["evidence"][1]]
+    assert run(*session_keys) == 2
+    assert (out / "programqpc.bin").read_bytes() == program
+    assert run(*session_keys, "--force") == 0
+    assert (out / "programqpc.bin").read_bytes() != program
     mek_before = fleet["mek"].read_bytes()
     assert run("card", "attest", fleet["cards"][0], "-o", fleet["mek"]) == 2
     assert fleet["mek"].read_bytes() == mek_before

@@ -42,6 +42,10 @@ modelip encrypt-model --qpc model.qpc --mek MEK.dat --output-dir encrypted
 modelip attest --ip 127.0.0.1 --port "$PORT" -d 0 -o pub0.dat > attest0.txt
 modelip attest --ip 127.0.0.1 --port "$PORT" -d 1 -i request.bin -o pub1.dat > attest1.txt
 grep -q "^verified: card" attest0.txt      # the configured root verified it
+if modelip attest --ip 127.0.0.1 --port "$PORT" -d 0 -o MEK.dat 2> again.err; then
+    echo "attest replaced the MEK with evidence" >&2; exit 1
+fi
+grep -q "MEK.dat: already exists; refusing to overwrite (--force replaces it)" again.err
 modelip wrap-mek --mek MEK.dat --pub-keys pub0.dat pub1.dat --output-dir wrappedMEK 2> wrap.err
 grep -q "not to one program" wrap.err      # one line says what an unbound slot means
 modelip encrypt-with-session-keys --input-dir encrypted --mek MEK.dat \
