@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestrator watch plans/demo.yaml --duration 20
+	$(PY) -m orchestrator demo --duration 20
 
 # The tests use a real PKCS#11 token: SoftHSM2 from the distribution (installed
 # here when missing; needs root or sudo).

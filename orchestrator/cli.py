@@ -379,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleetcli.register(sub)
     rolloutcli.register(sub)
 
-    p = sub.add_parser("demo", help="watch plans/demo.yaml for a while (make demo)")
-    p.add_argument("--plan", default=str(Path(__file__).resolve().parent.parent / "plans"
-                                         / "demo.yaml"))
+    p = sub.add_parser("demo", help="watch the demo's emulated fleet for a while (make demo)")
+    p.add_argument("--plan", help="another plan (default: the packaged demo plan, its state "
+                                  "in $XDG_STATE_HOME/modelip/demo)")
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
@@ -393,10 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import fleetcli
+    from orchestrator.demo import load_demo_plan
 
     args.metrics_port = args.store = None
     args.retry_quarantined = args.retry_rollout = args.plain = False
-    return fleetcli.cmd_watch(args)
+    plan = None if args.plan else load_demo_plan()
+    return fleetcli.watch_plan(args, plan)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -179,6 +179,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return _deploy(args, keep_serving=True)
 
 
+def watch_plan(args: argparse.Namespace, plan: Plan | None) -> int:
+    """`watch` of ``plan`` (None: the one ``args.plan`` names): the demo's way in."""
+    return _deploy(args, keep_serving=True, plan=plan)
+
+
 def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     """Read a plan (``--store`` replaces its store) and say aloud what it allows on
     purpose (stderr)."""
@@ -202,10 +207,10 @@ def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     return plan
 
 
-def _deploy(args: argparse.Namespace, *, keep_serving: bool) -> int:
+def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None = None) -> int:
     import anyio
 
-    plan = _load_plan(args)
+    plan = plan or _load_plan(args)
     # as command-line tools do: JSON when asked (--json), the live view on a terminal,
     # plain lines (one per event, the summary last) in a pipe or a log
     live = sys.stdout.isatty()

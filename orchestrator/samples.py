@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_FILES = ("model.onnx", "model-v2.onnx", "x.npz", "expect.npz", "image.npy",
-                "network.elf", "desc.bin", "request.bin")
+                "network.elf", "desc.bin", "request.bin", "demo.yaml")
 
 
 def sample_mlp(seed: int = 0, width: int = 8) -> object:
@@ -56,6 +56,7 @@ def write_samples(directory: Path, *, overwrite: bool = False) -> list[tuple[str
     """Write the sample files into ``directory``; (name, what it is) for each. Files
     that exist are refused before anything is written, unless ``overwrite``."""
     from orchestrator.atomicfile import output_directory, refuse_existing, write_bytes_atomic
+    from orchestrator.demo import demo_plan_bytes
 
     refuse_existing([directory / name for name in SAMPLE_FILES], overwrite=overwrite)
     rng = np.random.default_rng(7)
@@ -80,10 +81,12 @@ def write_samples(directory: Path, *, overwrite: bool = False) -> list[tuple[str
         "expect.npz": (npz(y=_run(sample_mlp(), x)), "model.onnx's output for x.npz (a smoke "
                   "test's expected output)"),
         "image.npy": (npy(rng.standard_normal((1, 3, 224, 224)).astype(np.float32)),
-                      "an input for plans/demo.yaml's ResNet-50 [1, 3, 224, 224]"),
+                      "an input for demo.yaml's ResNet-50 [1, 3, 224, 224]"),
         "network.elf": (os.urandom(64 << 10), "a 64 KiB program segment (random bytes)"),
         "desc.bin": (b"modelip sample network descriptor\n", "a descriptor segment"),
         "request.bin": (os.urandom(32), "32 bytes of attestation request (a nonce)"),
+        "demo.yaml": (demo_plan_bytes(), "the demo's plan: ResNet-50 in 4 stages on an "
+                      "embedded emulated fleet (state in state/demo beside it)"),
     }
     assert tuple(files) == SAMPLE_FILES  # noqa: S101 - one list of names
     with output_directory(directory):
