@@ -30,6 +30,17 @@ def work(tmp_path: Path) -> Path:
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
     (tmp_path / "short.bin").write_bytes(b"abc")
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nmodel: {onnx: tiny.onnx}\n")
+    (tmp_path / "cycle.yaml").write_text("model: &m {onnx: tiny.onnx, again: *m}\n")
+    (tmp_path / "zen.yaml").write_text("model: {onnx: package:this.x/m.onnx}\n"
+                                       "mek: {generate: true}\nfleet: {emulated: {}}\n")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "__init__.py").write_text("open('RAN', 'w').close()\n")
+    (tmp_path / "evil" / "m.onnx").write_bytes(tiny_mlp().SerializeToString())
+    (tmp_path / "evil.yaml").write_text("model: {onnx: package:evil/m.onnx}\n"
+                                        "mek: {generate: true}\nfleet: {emulated: {}}\n")
     subprocess.run([*MODELIP, "pki", "init", str(tmp_path / "pki")], check=True,
                    capture_output=True)
     (tmp_path / "samples").mkdir()
@@ -142,6 +153,12 @@ CASES = [
      "--partition: -2: a device number is 0 to"),
     (["card", "init", "--pki", "pki", "--id", "\udcff", "-o", "c.json"], 2,
      "'\\udcff': not valid UTF-8 text (names and identifiers must be"),  # shown escaped
+    # plans are data, never code (docs/security.md)
+    (["deploy", "bomb.yaml"], 2, "expands to more than 100000 values"),
+    (["deploy", "cycle.yaml"], 2, "cycle.yaml:1: an alias refers to the value that contains it"),
+    (["deploy", "zen.yaml"], 2, "'this.x' is not the name of a top-level package"),
+    (["deploy", "evil.yaml"], 2, "model.onnx: no installed package 'evil'"),
+    (["package", "package:evil/m.onnx", "-o", "x.qpc"], 2, "no installed package 'evil'"),
     (["deploy", "twice.yaml"], 2, "twice.yaml:3: fleet.hosts[1].address: 127.0.0.1:1 is already "
      "fleet.hosts[0]"),
     (["deploy", "expired.yaml"], 2, "expired.yaml:1: model.expires: 2001-02-03 00:00 UTC has "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +46,30 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def pin_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a command started with the PIN in its environment."""
+    monkeypatch.setenv("MODELIP_PKCS11_PIN", PIN)
+
+
 def run(*argv: object) -> int:
-    return main([str(a) for a in argv])
+    """One command, as its own process would run it: the PIN it was given leaves the
+    command's environment once the token session is open; the next command (a new
+    process) finds it again."""
+    pin = os.environ.get("MODELIP_PKCS11_PIN")
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        if pin is not None:
+            os.environ["MODELIP_PKCS11_PIN"] = pin
+
+
+def unsealed(path: Path) -> MEK:
+    """unseal() in a process of its own (the PIN back for the next one, as with run)."""
+    try:
+        return unseal(path, TokenSpec(MODULE, "modelip", "kek"))
+    finally:
+        os.environ["MODELIP_PKCS11_PIN"] = PIN
 
 
 def flags(*, token: str = "modelip", kek: str = "kek") -> list[str]:
@@ -86,7 +110,7 @@ def test_generate_seal_use_and_nothing_leaks(tmp_path: Path,
     blob = json.loads(sealed.read_text())
     assert (blob["format"], blob["token"], blob["kek"]) == ("modelip-sealed-mek/1", "modelip",
                                                             "kek")
-    mek = unseal(sealed, TokenSpec(MODULE, "modelip", "kek"))
+    mek = unsealed(sealed)
     (tmp_path / "elf").write_bytes(os.urandom(5000))
     assert run("pack", "-o", tmp_path / "m.qpc", "--segment", f"network.elf={tmp_path / 'elf'}"
                ) == 0
@@ -102,7 +126,7 @@ def test_generate_seal_use_and_nothing_leaks(tmp_path: Path,
     assert run("generate-mek", "-o", tmp_path / "MEK.dat") == 0
     assert run("hsm", "wrap-existing", "--mek", tmp_path / "MEK.dat", "-o",
                tmp_path / "old.sealed", *flags()) == 0
-    assert unseal(tmp_path / "old.sealed", TokenSpec(MODULE, "modelip", "kek")).key == \
+    assert unsealed(tmp_path / "old.sealed").key == \
         load_mek(tmp_path / "MEK.dat").key
 
 
@@ -121,7 +145,10 @@ def test_every_custody_failure_is_one_line_and_writes_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         case: str, code: int, expected: str) -> None:
     sealed = tmp_path / "mek.sealed"
-    blob, _ = seal(TokenSpec(MODULE, "modelip", "kek"))
+    try:
+        blob, _ = seal(TokenSpec(MODULE, "modelip", "kek"))
+    finally:
+        os.environ["MODELIP_PKCS11_PIN"] = PIN  # the command under test is a new process
     sealed.write_bytes(blob)
     argv = flags()
     if case == "wrong pin":
@@ -172,7 +199,7 @@ async def test_the_demo_fleet_deploys_with_a_sealed_mek_and_the_unseal_is_journa
     assert plan.mek.sealed is not None
     async with running(plan) as (engine, _):
         assert all(c.state.value == "SERVING" for c in engine.cards)
-        key = engine.ctx.mek.key
+        key = bytes(engine.ctx.mek.key)  # a copy: the engine wipes its MEK at the end
         unseals = await engine.ctx.store.unseals()
     assert [(u[2], u[3]) for u in unseals] == [("modelip", "kek")]
     assert files_holding(tmp_path, key) == []
@@ -189,3 +216,81 @@ def test_a_sealed_mek_refuses_a_plan_without_its_token(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="a sealed MEK and its pkcs11 token go together"):
         Plan.load(path)
 
+
+
+def test_the_pin_leaves_the_environment_once_the_token_is_open(tmp_path: Path) -> None:
+    sealed = tmp_path / "mek.sealed"
+    assert run("generate-mek", "-o", sealed, *flags()) == 0
+    assert os.environ.get("MODELIP_PKCS11_PIN") == PIN
+    unseal(sealed, TokenSpec(MODULE, "modelip", "kek"))
+    assert "MODELIP_PKCS11_PIN" not in os.environ   # no child process inherits it
+    os.environ["MODELIP_PKCS11_PIN"] = PIN
+
+
+HOLDER = """
+import ctypes, os, sys, time
+from orchestrator.crypto.mek import MEK
+ready_r, ready_w = os.pipe()
+holder = os.fork()
+if holder == 0:                       # a process of user nobody that holds a MEK (or not)
+    os.setgid(65534); os.setuid(65534)
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable, as any process its user started
+    key = MEK.generate() if sys.argv[1] == "mek" else None
+    os.write(ready_w, b"1"); time.sleep(60); os._exit(0)
+os.read(ready_r, 1)
+said = []
+for name in ("environ", "mem"):
+    reader = os.fork()
+    if reader == 0:                   # another process of the same user reads it
+        os.setgid(65534); os.setuid(65534)
+        try:
+            with open(f"/proc/{holder}/{name}", "rb") as handle:
+                handle.read(1) if name == "environ" else None
+            os._exit(0)
+        except PermissionError:
+            os._exit(13)
+    said.append(f"{name}={os.waitstatus_to_exitcode(os.waitpid(reader, 0)[1])}")
+os.kill(holder, 9); os.waitpid(holder, 0)
+print(" ".join(said))
+"""
+
+
+@pytest.mark.parametrize(("holds", "expected"), [("mek", "environ=13 mem=13"),
+                                                  ("nothing", "environ=0 mem=0")])
+def test_a_process_holding_a_mek_is_closed_to_its_own_user(holds: str, expected: str) -> None:
+    """Staged for real: two processes of one unprivileged user; the one that holds a MEK
+    cannot be read through /proc/PID/mem or /proc/PID/environ by the other (the control,
+    holding nothing, can)."""
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("needs root to become two processes of another user")
+    result = subprocess.run([sys.executable, "-c", HOLDER, holds], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.strip() == expected, result.stderr
+
+
+def test_a_pkcs11_module_outside_the_system_libraries_is_not_loaded(tmp_path: Path) -> None:
+    """A plan or a flag naming a module names code that would run in the process that
+    holds the MEK: a shared object whose constructor leaves a mark is refused before it
+    is opened, unless the operator's allow-list names it."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the shared object")
+    source = tmp_path / "mark.c"
+    mark = tmp_path / "RAN"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void)'
+                      f' {{ FILE *f = fopen("{mark}", "w"); if (f) fclose(f); }}\n')
+    module = tmp_path / "libmark.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(module), str(source)], check=True)
+    argv = [sys.executable, "-m", "orchestrator", "hsm", "init-kek", "--pkcs11-module",
+            str(module), "--token", "modelip", "--kek", "k"]
+    env = {**os.environ, "MODELIP_PKCS11_PIN": PIN}
+    env.pop("MODELIP_PKCS11_MODULES", None)
+    refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "is loaded only if $MODELIP_PKCS11_MODULES lists it" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not mark.exists()
+    listed = subprocess.run(argv, env={**env, "MODELIP_PKCS11_MODULES": str(module)},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert mark.exists(), listed.stderr        # the operator's list: it is opened
+    assert listed.returncode == 3 and "cannot load the PKCS#11 module" in listed.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.atomicfile import write_bytes_atomic
-from orchestrator.crypto.mek import MEK, MEK_BYTES
+from orchestrator.crypto.mek import MEK, MEK_BYTES, hold_secrets_privately
 from orchestrator.errors import CustodyError, FileInputError, MEKError, UsageError
 
 SEALED_FORMAT = "modelip-sealed-mek/1"
@@ -45,17 +45,44 @@ class TokenSpec:
         return f"KEK {self.kek!r} on token {self.token!r}"
 
 
+# Loading a PKCS#11 module runs its code in this process, which holds the MEK: a
+# plan or a flag naming one is naming code. By default only modules installed where
+# the system keeps its libraries are loaded (where distributions install token
+# modules: SoftHSM2, OpenSC, vendors' packages); any other needs the operator's
+# allow-list (docs/keys.md).
+SYSTEM_LIBRARY_DIRS = (Path("/usr/lib"), Path("/usr/lib64"), Path("/usr/local/lib"),
+                       Path("/lib"), Path("/lib64"))
+MODULES_ENV = "MODELIP_PKCS11_MODULES"
+
+
+def refuse_unlisted_module(module: str) -> None:
+    """UsageError unless ``module`` (its real path) lies in a system library directory
+    or is listed in $MODELIP_PKCS11_MODULES (absolute paths, ':'-separated)."""
+    real = Path(module).resolve()
+    if any(real.is_relative_to(directory) for directory in SYSTEM_LIBRARY_DIRS):
+        return
+    listed = {Path(entry).resolve() for entry in os.environ.get(MODULES_ENV, "").split(":")
+              if entry and Path(entry).is_absolute()}
+    if real in listed:
+        return
+    raise UsageError(f"{module}: a PKCS#11 module outside the system's library directories "
+                     f"({', '.join(map(str, SYSTEM_LIBRARY_DIRS))}) is loaded only if "
+                     f"${MODULES_ENV} lists it (it would run as code in this process)")
+
+
 @contextmanager
 def _session(spec: TokenSpec) -> Iterator[Any]:
     """A logged-in read-write session; CustodyError / UsageError / FileInputError."""
     import pkcs11
     from pkcs11 import exceptions as p11
 
+    hold_secrets_privately()  # before the PIN is read: it is a secret too
     pin = os.environ.get(spec.pin_env)
     if not pin:
         raise UsageError(f"the token PIN is read from ${spec.pin_env}, which is not set")
     if not Path(spec.module).is_file():
         raise FileInputError(spec.module, "PKCS#11 module not found")
+    refuse_unlisted_module(spec.module)
     try:
         library = pkcs11.lib(spec.module)
     except p11.PKCS11Error as err:
@@ -68,6 +95,9 @@ def _session(spec: TokenSpec) -> Iterator[Any]:
         raise CustodyError(f"several tokens are labelled {spec.token!r}") from None
     try:
         session = token.open(user_pin=pin, rw=True)
+        # logged in: the PIN leaves the environment, so no child process inherits it
+        # (and the process is non-dumpable: /proc/PID/environ is not for others)
+        os.environ.pop(spec.pin_env, None)
     except (p11.PinIncorrect, p11.PinLenRange):
         raise CustodyError(f"token {spec.token!r}: wrong PIN (from ${spec.pin_env})") from None
     except p11.PinLocked:
@@ -139,7 +169,7 @@ def seal(spec: TokenSpec, mek: MEK | None = None) -> tuple[bytes, MEK]:
         header = _header(spec)
         iv = secrets.token_bytes(IV_BYTES)
         try:
-            sealed = kek.encrypt(mek.key, mechanism=Mechanism.AES_GCM,
+            sealed = kek.encrypt(bytes(mek.key), mechanism=Mechanism.AES_GCM,
                                  mechanism_param=GCMParams(iv, _aad(header)))
         except p11.PKCS11Error as err:
             raise CustodyError(f"{spec.describe()}: the token refused to seal "

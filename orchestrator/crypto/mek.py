@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 
 from orchestrator.atomicfile import write_bytes_atomic
@@ -18,17 +20,22 @@ _HEX = set(string.hexdigits)
 class MEK:
     """A 128-bit key. ``repr`` and ``str`` never show the key bytes.
 
-    ``wipe()`` overwrites the key in memory once it is no longer needed (the
-    session-end hygiene of the reference system; Python may still hold copies
-    made by the libraries it was passed to, which is why we pass it rarely).
+    The key lives in one mutable buffer, locked in memory where the system allows
+    (never swapped out), handed out only as a read-only view of that buffer (no
+    copies that ``wipe`` could not reach); ``wipe()`` overwrites it once it is no
+    longer needed (the session-end hygiene of the reference system). A process
+    that holds a MEK is made non-dumpable (docs/keys.md: what that protects
+    against, and what it cannot).
     """
 
-    __slots__ = ("_key", "_wiped")
+    __slots__ = ("_key", "_locked", "_wiped")
 
     def __init__(self, key: bytes | bytearray) -> None:
         if len(key) != MEK_BYTES:
             raise MEKError(f"MEK must be {MEK_BYTES} bytes (128 bits), got {len(key)}")
+        hold_secrets_privately()
         self._key = bytearray(key)
+        self._locked = _lock_in_memory(self._key)
         self._wiped = False
 
     @classmethod
@@ -39,14 +46,18 @@ class MEK:
                 return cls(key)
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> memoryview:
+        """A read-only view of the key's one buffer (the libraries it is passed to take
+        any bytes-like value); it reads zeros once wiped."""
         if self._wiped:
             raise MEKError("MEK was wiped and can no longer be used")
-        return bytes(self._key)
+        return memoryview(self._key).toreadonly()
 
     def fingerprint(self) -> str:
         """A short public name for the key (SHA-256 of a domain tag and the key)."""
-        return hashlib.sha256(b"modelip/v1 mek fingerprint\0" + bytes(self._key)).hexdigest()[:16]
+        digest = hashlib.sha256(b"modelip/v1 mek fingerprint\0")
+        digest.update(self._key)
+        return digest.hexdigest()[:16]
 
     def wipe(self) -> None:
         for index in range(len(self._key)):
@@ -57,6 +68,37 @@ class MEK:
         return f"MEK(fingerprint={self.fingerprint()})"
 
     __str__ = __repr__
+
+
+_private = False
+
+
+def hold_secrets_privately() -> None:
+    """This process holds a key from now on: make it non-dumpable (Linux
+    PR_SET_DUMPABLE 0: no core file, and no process of the same user may ptrace it
+    or read its /proc/PID/mem or /proc/PID/environ). Root and the kernel still can
+    (docs/keys.md). Elsewhere than Linux: nothing."""
+    global _private
+    if _private or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _private = True
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def _lock_in_memory(buffer: bytearray) -> object | None:
+    """mlock the buffer's pages (never written to swap) where RLIMIT_MEMLOCK allows;
+    the returned export also pins the buffer (an exported bytearray cannot be
+    resized, so it is never moved). None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    pinned = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock(ctypes.addressof(pinned), ctypes.c_size_t(len(buffer)))  # -1: not allowed
+    return pinned
 
 
 def _looks_typed(raw: bytes) -> bool:
@@ -109,6 +151,6 @@ def load_mek(path: str | os.PathLike[str]) -> MEK:
 
 def write_mek(path: str | os.PathLike[str], mek: MEK, *, hex_form: bool = False) -> None:
     """Create a MEK file with mode 0600; refuses to overwrite an existing file."""
-    data = (mek.key.hex() + "\n").encode("ascii") if hex_form else mek.key
+    data = (mek.key.hex() + "\n").encode("ascii") if hex_form else bytes(mek.key)
     # a MEK is never replaced: the data sealed under the old one would be lost
     write_bytes_atomic(path, data, mode=0o600, overwrite=False, hint="")

@@ -8,8 +8,10 @@ docs/plans.md documents every key.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
+import importlib.machinery
 import ipaddress
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from orchestrator.errors import FormatError, PlanError
 from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS
 
 PACKAGE_SCHEME = "package:"
+MAX_PLAN_BYTES = 1 << 20
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
                       "not yet with a shared store (docs/rollouts.md)")
 
@@ -194,7 +197,12 @@ class Plan:
         """Read and validate a plan; PlanError (file:line: field: problem) if invalid."""
         source = Path(path)
         try:
-            text = source.read_text()
+            with open(source, "rb") as handle:
+                raw = handle.read(MAX_PLAN_BYTES + 1)
+            if len(raw) > MAX_PLAN_BYTES:
+                raise PlanError(str(source), None, "", f"is larger than {MAX_PLAN_BYTES} "
+                                "bytes: not a plan")
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             raise PlanError(str(source), None, "", "plan file not found") from None
         except IsADirectoryError:
@@ -319,10 +327,22 @@ def package_path(text: str) -> Path:
     inside an installed Python package (plans and `modelip package` accept these).
     LookupError if there is no such package."""
     package, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    if not package.isidentifier():
+        # a dotted name would import its parent package to find it: code, run by a plan
+        raise LookupError(f"{package!r} is not the name of a top-level package "
+                          "(package:NAME/PATH, NAME without dots)")
+    # found, never imported (importing runs the package's code); and only where packages
+    # are installed, not in the working directory
+    here = {"", ".", os.getcwd()}
+    spec = importlib.machinery.PathFinder.find_spec(
+        package, [entry for entry in sys.path if entry not in here])
     if spec is None or not spec.submodule_search_locations:
         raise LookupError(f"no installed package {package!r}")
-    return Path(next(iter(spec.submodule_search_locations))) / inner
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    path = (root / inner).resolve()
+    if not path.is_relative_to(root):
+        raise LookupError(f"{text}: leaves the package {package!r}")
+    return path
 
 
 def _path(base: Path, text: str, reader: Reader, key: str, *, must_exist: bool = True

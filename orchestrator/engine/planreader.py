@@ -26,18 +26,46 @@ class Node:
         self.line = line
 
 
+# A plan is a page of YAML. Aliases are expanded as they are read, so a few hundred
+# bytes of nested aliases ("billion laughs") would expand to billions of values:
+# the expansion has a budget, and an alias that contains itself is refused.
+MAX_PLAN_NODES = 100_000
+MAX_PLAN_DEPTH = 64
+
+
 def annotate(node: yaml.Node) -> Node:
+    """The plan's values with their lines. Raises Problem if aliases expand past
+    MAX_PLAN_NODES values, nest past MAX_PLAN_DEPTH, or refer to themselves."""
+    return _annotate(node, [MAX_PLAN_NODES], [])
+
+
+def _annotate(node: yaml.Node, budget: list[int], inside: list[yaml.Node]) -> Node:
     line = node.start_mark.line + 1
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise Problem(line, "", f"expands to more than {MAX_PLAN_NODES} values (aliases "
+                      "nested in aliases?); a plan is a page of YAML")
+    if any(node is outer for outer in inside):
+        raise Problem(line, "", "an alias refers to the value that contains it (a cycle)")
+    if len(inside) >= MAX_PLAN_DEPTH:
+        raise Problem(line, "", f"nests deeper than {MAX_PLAN_DEPTH} levels")
     if isinstance(node, yaml.MappingNode):
         mapping: dict[str, tuple[Node, int]] = {}
+        inside.append(node)
         for key_node, value_node in node.value:
             key = key_node.value
+            if not isinstance(key, str):
+                raise Problem(key_node.start_mark.line + 1, "", "a key must be a plain name")
             if key in mapping:
                 raise Problem(key_node.start_mark.line + 1, str(key), "appears twice")
-            mapping[key] = (annotate(value_node), key_node.start_mark.line + 1)
+            mapping[key] = (_annotate(value_node, budget, inside), key_node.start_mark.line + 1)
+        inside.pop()
         return Node(mapping, line)
     if isinstance(node, yaml.SequenceNode):
-        return Node([annotate(item) for item in node.value], line)
+        inside.append(node)
+        items = [_annotate(item, budget, inside) for item in node.value]
+        inside.pop()
+        return Node(items, line)
     return Node(_scalar(node), line)
 
 
