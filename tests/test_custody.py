@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.crypto.custody import TokenSpec, seal, unseal
-from orchestrator.crypto.mek import load_mek
+from orchestrator.crypto.mek import MEK, load_mek
 from orchestrator.engine.plan import Plan
 from tests.test_engine import running, write_plan
 
