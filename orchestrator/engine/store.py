@@ -32,6 +32,7 @@ import anyio.lowlevel
 from orchestrator.engine.schema import CARD_COLUMNS, SQLITE_MIGRATIONS
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.errors import StateDirError
+from orchestrator.terminal import terminal_safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,9 @@ class CardRecord:
     updated: float
     known_good: KnownGood | None
 
+    def __post_init__(self) -> None:
+        _inert(self, "host", "card_id", "state", "reason")
+
 
 @dataclass(frozen=True, slots=True)
 class HostRecord:
@@ -60,6 +64,9 @@ class HostRecord:
     updated: float
     owner: str = ""                    # the replica holding its lease (shared stores)
     lease_expires: float | None = None  # unix seconds, by the database's clock
+
+    def __post_init__(self) -> None:
+        _inert(self, "host", "address", "state", "reason", "owner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,18 @@ class TransitionRecord:
     previous: str
     state: str
     reason: str
+
+    def __post_init__(self) -> None:
+        _inert(self, "host", "previous", "state", "reason")
+
+
+def _inert(record: object, *names: str) -> None:
+    """A shared store has other writers: what a record shows cannot drive a terminal
+    (terminal.py). Applied as a record is built, so every view reads it so."""
+    for name in names:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            object.__setattr__(record, name, terminal_safe(value, 1000))
 
 
 class Store(Protocol):

@@ -39,12 +39,14 @@ from orchestrator.errors import (
     UnreachableError,
 )
 from orchestrator.tensors import from_wire, to_wire
+from orchestrator.terminal import terminal_safe
 
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
 DEVICE_KEY = "modelip-device"
 STAGE_CHUNK = 1 << 20
 MAX_MESSAGE = 64 << 20
+MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,7 @@ def _reason_of(err: grpc.aio.AioRpcError) -> tuple[int, int | None]:
 def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPError:
     """The one place where gRPC failures become our exceptions."""
     reason, device = _reason_of(err)
-    details = (err.details() or err.code().name)[:500]  # host text: bounded, shown as is
+    details = terminal_safe(err.details() or err.code().name)  # host text: bounded, inert
     code = err.code()
     result: ModelIPError
     if reason in _BY_REASON:
@@ -317,9 +319,10 @@ class HostClient:
         response = await self._call("list devices", self._runtime.ListDevices,
                                     runtime_pb2.ListDevicesRequest(),
                                     deadline or self.deadlines.control)
-        return [DeviceStatus(d.device, d.card_id[:256],
+        return [DeviceStatus(d.device, terminal_safe(d.card_id, 256),
                              _DEVICE_STATES.get(d.state, DeviceState.UNDEFINED), d.boot_counter,
-                             d.session_fingerprint[:32].hex(), d.program_id[:128], d.partition,
+                             d.session_fingerprint[:32].hex(), terminal_safe(d.program_id, 128),
+                             d.partition,
                              d.program_ready, d.session_id[:64].hex())
                 for d in response.devices]
 
@@ -380,7 +383,7 @@ class HostClient:
                 chunks(), timeout=self._allowed(self.deadlines.stage)))
         except grpc.aio.AioRpcError as err:
             raise _translate(err, self.address, "stage program") from err
-        return str(response.program_id), bool(response.already_staged)
+        return terminal_safe(response.program_id, 128), bool(response.already_staged)
 
     async def load(self, device: int, program_id: str, *, partition: int = 0,
                    key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
@@ -392,7 +395,8 @@ class HostClient:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,
                                     request, self.deadlines.load, device=device)
-        return LoadResult(list(response.segments), response.receipt, response.receipt_signature)
+        return LoadResult([terminal_safe(name, 255) for name in response.segments[:MAX_SEGMENTS]],
+                          response.receipt, response.receipt_signature)
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order, on named numpy arrays."""
@@ -400,7 +404,8 @@ class HostClient:
         response = await self._call(f"execute on devices {list(devices)}",
                                     self._runtime.Execute, request, self.deadlines.execute)
         try:
-            return from_wire(response.outputs)
+            return {terminal_safe(name, 256): value
+                    for name, value in from_wire(response.outputs).items()}
         except FormatError as err:  # the host's answer, not the caller's input
             raise ProtocolViolation(f"host {self.address}",
                                     f"answered execute with a malformed output: {err}") from None

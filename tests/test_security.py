@@ -1,0 +1,100 @@
+"""The security review's findings, each staged for real (docs/security.md): a hostile
+host's text never drives the operator's terminal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from orchestrator._proto.modelip.v1 import runtime_pb2, runtime_pb2_grpc
+from tests.models import tiny_mlp
+
+MODELIP = [sys.executable, "-m", "orchestrator"]
+# set the window title, turn text red, write the clipboard (OSC 52), ring the bell
+HOSTILE = "\x1b]0;pwned\x07\x1b[31mred\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\u202eevil"
+
+
+class EscapingHost(runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
+    """A host that answers with terminal escape sequences wherever it can put text."""
+
+    def ListDevices(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return runtime_pb2.ListDevicesResponse(devices=[runtime_pb2.DeviceInfo(
+            device=0, card_id=HOSTILE, state=runtime_pb2.DEVICE_STATE_LOADED, boot_counter=1,
+            program_id=HOSTILE, session_id=b"\x01" * 8)])
+
+    def WatchEvents(self, request: Any, context: Any) -> Any:  # noqa: N802
+        time.sleep(30)
+        return iter(())
+
+    def StageProgram(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        for _ in request_iterator:
+            break
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, HOSTILE)
+
+    def ResetDevice(self, request: Any, context: Any) -> Any:  # noqa: N802
+        context.abort(grpc.StatusCode.INTERNAL, HOSTILE)
+
+
+@pytest.fixture
+def escaping_host() -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(EscapingHost(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+def _no_escapes(text: str) -> None:
+    for control in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert control not in text, repr(text[:300])
+
+
+def test_a_hosts_escape_sequences_never_reach_the_terminal(escaping_host: int,
+                                                           tmp_path: Path) -> None:
+    listed = subprocess.run([*MODELIP, "device", "list", "--ip", "127.0.0.1", "--port",
+                             str(escaping_host)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert listed.returncode == 0, listed.stderr
+    _no_escapes(listed.stdout + listed.stderr)
+    assert "\\x1b]0;pwned\\x07" in listed.stdout            # shown, inert
+    refused = subprocess.run([*MODELIP, "device", "reset", "--ip", "127.0.0.1", "--port",
+                              str(escaping_host), "-d", "0"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode == 4
+    _no_escapes(refused.stderr)
+    assert "\\x1b[31mred" in refused.stderr
+    # the engine's path: the host's refusal becomes the host's and its card's reason,
+    # journaled, summarised and shown by `status`
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    (tmp_path / "root.pem").write_bytes(_a_root())
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"model: {{onnx: tiny.onnx}}\nmek: {{generate: true}}\n"
+                    f"fleet: {{hosts: [{{address: '127.0.0.1:{escaping_host}', devices: [0]}}]}}\n"
+                    "trust: {roots: [root.pem]}\nretry: {attempts: 1, backoff: 0.05}\n"
+                    "state_dir: state\n")
+    deployed = subprocess.run([*MODELIP, "deploy", str(plan), "--plain"], capture_output=True,
+                              text=True, timeout=120, check=False)
+    assert deployed.returncode == 4, deployed.stdout[-2000:] + deployed.stderr
+    _no_escapes(deployed.stdout + deployed.stderr)
+    assert "REFUSING" in deployed.stdout and "\\x1b]52;c;" in deployed.stdout
+    status = subprocess.run([*MODELIP, "status", str(plan), "--cards"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert status.returncode == 0, status.stderr
+    _no_escapes(status.stdout + status.stderr)
+
+
+def _a_root() -> bytes:
+    from orchestrator.emulator.pki import VendorPKI
+
+    return VendorPKI.create().root_pem
