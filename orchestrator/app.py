@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from cryptography import x509
 
-from orchestrator.atomicfile import private_tree
+from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.evidence import load_roots_file
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.host import HostTarget
@@ -176,10 +176,32 @@ async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> Prepar
 def _state_lock(plan: Plan, name: str) -> Iterator[None]:
     if plan.state_dir.exists() and not plan.state_dir.is_dir():
         raise StateDirError(plan.state_dir, "the plan's state_dir is not a directory")
+    _in_state_dir(plan, lambda: claim_state_dir(plan.state_dir))
     # owner-only before anything is written into it (the plaintext package cache is)
     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
     with StateDirLock(plan.state_dir, name):
         yield
+
+
+STATE_MARK = ".modelip-state"
+STATE_MARK_TEXT = b"modelip state directory: modelip keeps it owner-only (docs/plans.md)\n"
+
+
+def claim_state_dir(state_dir: Path) -> None:
+    """The state directory is modelip's own: created by it (and marked so), or empty,
+    or an earlier version's (it holds a journal). Any other directory is refused
+    before anything in it is touched: a plan naming /srv/www or ~ would otherwise make
+    every file there owner-only. Raises UsageError, OSError."""
+    mark = state_dir / STATE_MARK
+    if mark.is_file():
+        return
+    if state_dir.is_dir() and any(state_dir.iterdir()) \
+            and not (state_dir / "journal.sqlite").is_file():
+        raise UsageError(f"state_dir {state_dir}: a directory modelip did not create, and "
+                         "not empty; modelip makes everything in its state directory "
+                         "owner-only: name a new or empty directory")
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_bytes_atomic(mark, STATE_MARK_TEXT, mode=0o600, overwrite=True)
 
 
 def _in_state_dir(plan: Plan, work: Callable[[], T]) -> T:

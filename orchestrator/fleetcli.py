@@ -194,7 +194,9 @@ def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     if getattr(args, "store", None):
         problem = store_url_problem(args.store)
         if problem:
-            raise UsageError(f"--store {args.store}: {problem}")
+            from orchestrator.engine.pgstore import redact
+
+            raise UsageError(f"--store {redact(args.store)}: {problem}")
         plan = dataclasses.replace(plan, store="" if args.store == "sqlite" else args.store)
         if plan.shared and plan.emulated is not None:
             raise UsageError(f"--store: {plan.source}: replicas share real hosts; an embedded "

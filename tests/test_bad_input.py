@@ -30,6 +30,10 @@ def work(tmp_path: Path) -> Path:
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
     (tmp_path / "short.bin").write_bytes(b"abc")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("<p>a page</p>\n")
+    (tmp_path / "www.yaml").write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                                       "fleet: {emulated: {hosts: 1}}\nstate_dir: www\n")
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
     (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nmodel: {onnx: tiny.onnx}\n")
@@ -159,6 +163,7 @@ CASES = [
     (["deploy", "zen.yaml"], 2, "'this.x' is not the name of a top-level package"),
     (["deploy", "evil.yaml"], 2, "model.onnx: no installed package 'evil'"),
     (["package", "package:evil/m.onnx", "-o", "x.qpc"], 2, "no installed package 'evil'"),
+    (["deploy", "www.yaml"], 2, "www: a directory modelip did not create, and not empty"),
     (["deploy", "twice.yaml"], 2, "twice.yaml:3: fleet.hosts[1].address: 127.0.0.1:1 is already "
      "fleet.hosts[0]"),
     (["deploy", "expired.yaml"], 2, "expired.yaml:1: model.expires: 2001-02-03 00:00 UTC has "
@@ -240,3 +245,27 @@ def test_an_unknown_plan_key_names_the_nearest_known_one(work: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().endswith("typo.yaml:3: fleet.emulated.devcies_per_host: is "
                                           "not a known key: did you mean 'devices_per_host'?")
+
+
+def test_a_state_dir_is_modelips_own_or_refused(work: Path) -> None:
+    """A plan naming a directory of someone else's (a web root, a home) changes nothing
+    in it; an empty one is taken and marked; modelip's own is used again."""
+    page = work / "www" / "index.html"
+    page.chmod(0o644)
+    tool = work / "www" / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    result = subprocess.run([*MODELIP, "deploy", "www.yaml"], cwd=work, capture_output=True,
+                            text=True, timeout=120, check=False, env=_clean_env(work))
+    assert result.returncode == 2, result.stderr
+    assert (page.stat().st_mode & 0o777, tool.stat().st_mode & 0o777) == (0o644, 0o755)
+    assert sorted(p.name for p in (work / "www").iterdir()) == ["index.html", "tool"]
+    (work / "empty").mkdir()
+    (work / "empty.yaml").write_text((work / "www.yaml").read_text().replace("www", "empty"))
+    for _ in range(2):  # taken and marked, then known again
+        result = subprocess.run([*MODELIP, "deploy", "empty.yaml", "--json"], cwd=work,
+                                capture_output=True, text=True, timeout=120, check=False,
+                                env=_clean_env(work))
+        assert result.returncode == 0, result.stderr
+    assert (work / "empty" / ".modelip-state").is_file()
+    assert (work / "empty").stat().st_mode & 0o777 == 0o700

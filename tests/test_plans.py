@@ -37,9 +37,16 @@ def test_real_hosts_example_validates_once_its_files_exist(tmp_path: Path) -> No
     assert plan.hosts[0].tls is not None and plan.hosts[1].tls is None
     assert plan.hosts[1].insecure
     assert plan.policy.kems == ("P256",) and plan.model.rollback_floor == 7
-    assert plan.model.expires > 0
+    assert plan.model.expires == 0   # the example names no date: it would expire
     [warning] = plan.warnings()
     assert "10.0.0.12:62473: insecure: true, gRPC in plaintext" in warning
+    # tls without the hosts' CA: every public CA would vouch for the host; said at start
+    text = (tmp_path / "plans" / "real-hosts.yaml").read_text()
+    (tmp_path / "plans" / "tls-no-ca.yaml").write_text(text.replace(
+        "tls: {ca: ../pki/hosts-ca.pem, cert: ../pki/orchestrator.pem, key: "
+        "../pki/orchestrator.key}", "tls: {}"))
+    said = Plan.load(tmp_path / "plans" / "tls-no-ca.yaml").warnings()
+    assert any("tls without ca trusts every public certificate authority" in w for w in said)
     # without tls or insecure, a host across the network is refused, by line
     text = (tmp_path / "plans" / "real-hosts.yaml").read_text()
     (tmp_path / "plans" / "real-hosts.yaml").write_text(text.replace(
@@ -52,7 +59,12 @@ def test_real_hosts_example_validates_once_its_files_exist(tmp_path: Path) -> No
 @pytest.mark.parametrize(("address", "loopback"), [
     ("127.0.0.1:62473", True), ("127.8.0.3:1", True), ("localhost:5", True),
     ("[::1]:62473", True), ("unix:/run/modelip.sock", True), ("10.0.0.1:62473", False),
-    ("[fe80::1]:62473", False), ("host.example:62473", False), ("0.0.0.0:1", False)])
+    ("[fe80::1]:62473", False), ("host.example:62473", False), ("0.0.0.0:1", False),
+    # forms a resolver or a parser would take for loopback, and an attacker's DNS for
+    # anything: refused (the security review, docs/security.md)
+    ("127.0.0.1.nip.io:1", False), ("0x7f.1:1", False), ("127.1:1", False),
+    ("2130706433:1", False), ("[::ffff:127.0.0.1]:1", False), ("localhost.:1", False),
+    ("dns:///127.0.0.1:1", False)])
 def test_only_loopback_addresses_go_without_tls(address: str, loopback: bool) -> None:
     from orchestrator.engine.plan import is_loopback
 

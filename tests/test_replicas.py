@@ -482,6 +482,10 @@ def test_bad_store_settings_name_the_line_and_field(tmp_path: Path, extra: str,
      "replicas share real hosts"),
     (["status", "{plan}", "--store", "postgresql://u:hunter2@/x?host={tmp}"], 5,
      "cannot connect"),
+    (["status", "{plan}", "--store", "postgresql:///x?host={tmp}&password=hunter2"], 5,
+     "postgresql:///x?host="),
+    (["watch", "{plan}", "--store", "mysql://u@h/x?password=hunter2"], 2,
+     "--store mysql://u@h/x?password=***: must be postgresql"),
 ])
 def test_bad_store_flags_are_one_line_with_the_documented_code(
         tmp_path: Path, fleet: tuple[Path, list[str]], args: list[str], code: int,

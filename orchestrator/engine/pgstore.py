@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import psycopg
@@ -54,14 +54,29 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 _MIGRATION_LOCK = 0x6D6F64656C6970  # "modelip": pg_advisory_lock key for migrations
 
 
+# libpq parameters that carry a secret (a URL may carry them in its query)
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def redact(url: str) -> str:
-    """The URL without its password (for messages and status)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its secrets, in the user part or the query (for messages and
+    status: never printed, logged or journaled otherwise)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart: show none of it
+        return "(a store URL that cannot be parsed)"
+    netloc, query = parts.netloc, parts.query
+    if password is not None:
+        user = netloc.rsplit("@", 1)[0].split(":", 1)[0]
+        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() in SECRET_PARAMETERS for key, _ in pairs):
+        query = "&".join(f"{key}={'***' if key.lower() in SECRET_PARAMETERS else value}"
+                         for key, value in pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def is_postgres(url: str) -> bool:

@@ -185,6 +185,11 @@ class Plan:
         said = [f"WARNING: {self.source}: host {h.address}: insecure: true, gRPC in "
                 "plaintext across the network (the host's network sees every request)"
                 for h in self.hosts if h.insecure and not h.loopback]
+        said += [f"WARNING: {self.source}: host {h.address}: tls without ca trusts every "
+                 "public certificate authority to vouch for the host; give tls.ca (the "
+                 "hosts' own CA)"
+                 for h in self.hosts if h.tls is not None and h.tls.ca is None
+                 and not h.loopback]
         if self.model.rollback_floor < self.model.version:
             said.append(f"WARNING: {self.source}: model.rollback_floor "
                         f"{self.model.rollback_floor} is below model.version "
