@@ -410,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelIPError as err:
         _err(f"modelip: error: {err}")
         return err.exit_code
+    except BrokenPipeError:  # the reader went away (`| head`, `| grep -q`): as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     except OSError as err:  # a path named on the command line, unusable as asked
         _err(f"modelip: error: {os_problem(err)}")
         return 2
@@ -431,8 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("modelip: interrupted")
         return 130
-    except BrokenPipeError:
-        return 141
 
 
 def os_problem(err: OSError) -> str:

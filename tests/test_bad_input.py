@@ -269,3 +269,16 @@ def test_a_state_dir_is_modelips_own_or_refused(work: Path) -> None:
         assert result.returncode == 0, result.stderr
     assert (work / "empty" / ".modelip-state").is_file()
     assert (work / "empty").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`modelip ... | head -1` or `| grep -q`: the pipe closes early; the command ends as
+    Unix tools do (141: SIGPIPE), with no error line and no traceback."""
+    process = subprocess.Popen([*MODELIP, "completion", "bash"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()   # before it writes a byte
+    with process.stderr:
+        err = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert err == b""
