@@ -153,7 +153,7 @@ def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
             wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
                      kem=report.kem, public_key=report.session_public_key, program=digest)
             verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
-                                partition=0, source="floor")
+                                partition=0, source="floor", key_slot=b"")
         best = min(best, (time.thread_time() - start) / rounds)
     return best
 

@@ -275,7 +275,7 @@ def register(sub: Any) -> None:
     p.add_argument("--adversary", default="none", metavar="MODE",
                    help="substitute-key, replay-report, ignore-nonce, reset-storm, "
                         "suppress-resets, tamper-body, swap-slots, old-version, "
-                        "malformed-chain, garbage")
+                        "malformed-chain, garbage, replay-receipt")
     p.add_argument("--adversary-device", type=argtypes.device, action="append", metavar="N",
                    help="only these cards are attacked (default: all)")
     p.add_argument("--tls-cert", metavar="PEM")

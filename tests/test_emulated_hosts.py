@@ -18,6 +18,7 @@ from orchestrator.crypto.evidence import (
     verify_load_receipt,
 )
 from orchestrator.crypto.mek import MEK
+from orchestrator.crypto.wrap import key_slot_digest
 from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
 from orchestrator.emulator.host import FaultConfig
@@ -79,6 +80,13 @@ def info_digest(program: Path) -> bytes:
         return hashlib.sha256(SealedContainer(container).info_bytes).digest()
 
 
+def slot_digest(program: Path, card_id: str) -> bytes:
+    """What a receipt of a load with the program's own slot binds: that slot's digest."""
+    with open_container(program) as container:
+        slot = next(s for s in SealedContainer(container).key_slots if s.card_id == card_id)
+    return key_slot_digest(slot)
+
+
 async def deploy(tmp_path: Path, host: HostClient, fleet: EmulatedFleet, devices: range
                  ) -> Deployment:
     reports = await attest_all(host, fleet, devices)
@@ -100,7 +108,8 @@ async def test_attest_load_execute_over_grpc(tmp_path: Path) -> None:
             assert result.segments == ["io_desc.json", "network.onnx"]
             receipt = verify_load_receipt(result.receipt, result.receipt_signature,
                                           report=report, program_info_digest=info_digest(
-                                              d.program), partition=0, source="test")
+                                              d.program), partition=0, source="test",
+                                          key_slot=slot_digest(d.program, report.card_id))
             assert receipt.model_id == "tiny"
             outputs = await host.execute([device], {"x": x})
             np.testing.assert_allclose(outputs["y"], reference_output(tiny_mlp(), x),
@@ -277,7 +286,8 @@ async def test_older_model_version_is_caught(tmp_path: Path) -> None:
         with pytest.raises(IntegrityError, match="substituted by the host"):
             verify_load_receipt(result.receipt, result.receipt_signature, report=reports[0],
                                 program_info_digest=info_digest(new), partition=0,
-                                source="card 0")
+                                source="card 0",
+                                key_slot=slot_digest(new, reports[0].card_id))
         # and a card that has seen v2 refuses v1 outright (rollback floor)
         fleet.hosts[0].adversary = Adversary.NONE
         await host.load(0, new_id)
@@ -333,7 +343,8 @@ async def test_a_load_is_answered_only_once_the_body_is_verified(tmp_path: Path)
         receipt = verify_load_receipt(result.receipt, result.receipt_signature,
                                       report=d.reports[0],
                                       program_info_digest=info_digest(d.program), partition=0,
-                                      source="card 0")
+                                      source="card 0",
+                                      key_slot=slot_digest(d.program, d.reports[0].card_id))
         assert receipt.verified and receipt.rollback_floor == 1
         held = (await attest_all(host, fleet, range(1)))[0].loaded
         assert held is not None and held.info_digest == info_digest(d.program)

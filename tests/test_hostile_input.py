@@ -245,7 +245,8 @@ def test_a_mutated_receipt_is_refused(receipt: bytes, signature: bytes) -> None:
     m = material()
     outcome = only_our_errors(lambda: verify_load_receipt(
         receipt, signature, report=m.report, program_info_digest=m.report.loaded.info_digest,  # type: ignore[union-attr]
-        partition=0, source="card"))
+        partition=0, source="card",
+        key_slot=evidence_pb2.LoadReceipt.FromString(m.receipt[0]).key_slot_digest))
     if not isinstance(outcome, ModelIPError):  # only a re-encoding of the same statement
         assert outcome == evidence_pb2.LoadReceipt.FromString(m.receipt[0])
 

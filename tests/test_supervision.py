@@ -556,3 +556,24 @@ def test_read_only_state_dir_refuses_and_status_still_reads(tmp_path: Path, smal
     document = json.loads(status.stdout)
     assert [c["state"] for c in document["cards"]] == ["SERVING", "SERVING"]
     assert [h["state"] for h in document["hosts"]] == ["UP"]
+
+
+async def test_a_replayed_load_receipt_is_caught_not_taken_for_a_load(tmp_path: Path) -> None:
+    """The host answers a load with the receipt of an earlier load of the same session,
+    without asking the card (which holds nothing after an unload): the receipt binds
+    the key slot of the load it answers, so the card is QUARANTINED, never SERVING."""
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2, extra_fleet=(
+        "    adversary: replay-receipt\n    adversary_devices: [0]")))
+    async with running(plan) as (engine, clients):
+        assert {c.state.value for c in engine.cards} == {"SERVING"}  # first loads are real
+        served: list[str] = []
+        engine.subscribe(lambda e: served.append(e.state) if getattr(e, "device", None) == 0
+                         and getattr(e, "KIND", "") == "card" else None)
+        await clients[0].unload(0)          # same session, the card now holds nothing
+        card = engine.cards[0]
+        await wait_until(engine, lambda: card.state is CardState.QUARANTINED)
+        assert "replayed by the host" in card.reason
+        assert "SERVING" not in served
+        listed = {d.device: d.state for d in await clients[0].list_devices()}
+        assert listed[0] is DeviceState.ONLINE                  # it really holds nothing
+        assert engine.cards[1].state is CardState.SERVING       # the honest card is untouched

@@ -418,14 +418,16 @@ def sign_receipt(receipt: evidence_pb2.LoadReceipt,
 
 def verify_load_receipt(
     receipt: bytes, signature: bytes, *, report: VerifiedReport, program_info_digest: bytes,
-    partition: int, source: str,
+    partition: int, source: str, key_slot: bytes,
 ) -> evidence_pb2.LoadReceipt:
     """Check that the card itself says it loaded exactly our program, in this session,
-    and has decrypted and verified all of it (it can run it now).
+    with the key slot of this very load (``key_slot``: its key_slot_digest), and has
+    decrypted and verified all of it (it can run it now).
 
     ``report`` is the verified attestation of the same card session. Raises
-    AttestationError (bad signature, wrong card or session, not verified) or
-    IntegrityError (another program or partition was loaded: a substituting host).
+    AttestationError (bad signature, wrong card or session, not verified, a receipt
+    of an earlier load replayed) or IntegrityError (another program or partition was
+    loaded: a substituting host).
     """
     from orchestrator.errors import IntegrityError
 
@@ -447,4 +449,7 @@ def verify_load_receipt(
                              f"{parsed.model_id!r} version {parsed.model_version}, partition "
                              f"{parsed.partition}) than the one requested: substituted by the "
                              "host")
+    if parsed.key_slot_digest != key_slot:
+        raise AttestationError(f"{source}: the load receipt answers another load (a key "
+                               "slot not sent now): replayed by the host")
     return parsed

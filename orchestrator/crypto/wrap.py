@@ -10,6 +10,7 @@ after the card's next boot, and for no other program sealed under the same MEK
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -152,6 +153,12 @@ class KeySlot:
 
     def info(self) -> bytes:
         return wrap_info(self.kem, self.slot, self.card_id, self.session_id, self.program)
+
+
+def key_slot_digest(slot: KeySlot) -> bytes:
+    """What a load receipt binds of the slot the card opened: SHA-256 of its HPKE
+    ``enc`` and wrapped MEK (fresh at every wrap: a receipt cannot answer a later load)."""
+    return hashlib.sha256(b"modelip/v1 key slot\0" + slot.enc + slot.wrapped_mek).digest()
 
 
 def wrap_mek(

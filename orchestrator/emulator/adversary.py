@@ -26,6 +26,8 @@ class Adversary(enum.Enum):
     OLD_VERSION = "old-version"          # load an older staged program instead
     MALFORMED_CHAIN = "malformed-chain"  # put a certificate with a malformed extension in the chain
     GARBAGE = "garbage"                  # undefined enum values, cards it lacks, absurd counters
+    REPLAY_RECEIPT = "replay-receipt"    # answer a load with a receipt saved from an earlier
+                                         # load of the same session, without asking the card
 
 
 def malformed_chain(key: ec.EllipticCurvePrivateKey, card_id: str) -> list[bytes]:

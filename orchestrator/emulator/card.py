@@ -32,7 +32,7 @@ from orchestrator.crypto.evidence import (
     report_evidence,
     sign_receipt,
 )
-from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek
+from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, key_slot_digest, unwrap_mek
 from orchestrator.emulator.pki import CardIdentity
 from orchestrator.errors import (
     FormatError,
@@ -114,6 +114,7 @@ class LoadedProgram:
     partition: int
     segments: dict[str, PlainBuffer]
     info_digest: bytes = b""
+    key_slot_digest: bytes = b""   # of the slot this load opened (the receipt binds it)
     io_desc: dict[str, Any] | None = None
     session: Any = None  # onnxruntime session, built lazily from card memory
 
@@ -291,7 +292,7 @@ class EmulatedCard:
             self._floors[model_id] = max(self._floors.get(model_id, 0),
                                          sealed.info.policy.rollback_floor)
             program = LoadedProgram(program_id, model_id, sealed.info.model_version, partition,
-                                    segments, info_digest)
+                                    segments, info_digest, key_slot_digest(slot))
             if IO_DESC in segments:
                 program.io_desc = _io_desc(segments[IO_DESC], container.label)
             self.program = program
@@ -308,7 +309,8 @@ class EmulatedCard:
                 boot_counter=self.boot_counter, program_info_digest=program.info_digest,
                 partition=program.partition, model_id=program.model_id,
                 model_version=program.model_version, verified=True,
-                rollback_floor=self._floors.get(program.model_id, 0))
+                rollback_floor=self._floors.get(program.model_id, 0),
+                key_slot_digest=program.key_slot_digest)
             return sign_receipt(receipt, self._identity.key)
 
     def _pick_slot(self, slots: list[KeySlot], partition: int | None,

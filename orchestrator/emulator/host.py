@@ -144,6 +144,8 @@ class EmulatedHost:
         self._host_key = ec.generate_private_key(ec.SECP256R1())
         self._rebooting: set[int] = set()
         self._seen_slots: list[Any] = []  # every slot relayed: material for swap-slots
+        # each card session's last load answer: material for replay-receipt
+        self._replayed: dict[tuple[int, bytes], tuple[list[str], bytes, bytes]] = {}
         self._slot_relayed = anyio.Event()  # set (and renewed) each time slots are relayed
         self._watcher_added = anyio.Event()  # likewise, each time an event stream opens
         self._tg: TaskGroup | None = None
@@ -371,6 +373,10 @@ class EmulatedHost:
                 key_slots = await self._swap_slots(key_slots, card, body)
         self._relay(key_slots)
         self.stats.load_count += 1
+        replayed = self._replayed.get((device, card.session_id))
+        if replayed is not None and self.hostile(device) \
+                and self.adversary is Adversary.REPLAY_RECEIPT:
+            return replayed  # the card is not asked: it may hold nothing at all
 
         def load() -> tuple[list[str], bytes, bytes]:
             names = card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
@@ -378,6 +384,7 @@ class EmulatedHost:
             return (names, *card.load_receipt())
 
         result = await anyio.to_thread.run_sync(load)
+        self._replayed[(device, card.session_id)] = result
         self.emit(device, runtime_pb2.EVENT_KIND_LOADED, card.boot_counter)
         return result
 

@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify_load_receipt
-from orchestrator.crypto.wrap import wrap_mek
+from orchestrator.crypto.wrap import key_slot_digest, wrap_mek
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import HintDisproved, Rekeyed
 from orchestrator.engine.state import (
@@ -460,7 +460,8 @@ class CardDriver:
             outcome = "refused receipt"
             receipt = verify_load_receipt(result.receipt, result.receipt_signature, report=report,
                                 program_info_digest=program.info_digest,
-                                partition=m.partition, source=m.name)
+                                partition=m.partition, source=m.name,
+                                key_slot=key_slot_digest(slot))
         except BaseException as exc:
             if isinstance(exc, ModelIPError) and outcome == "interrupted":
                 outcome = "failed"

@@ -157,7 +157,7 @@ class KeySlotTable(_message.Message):
     def __init__(self, format_version: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[KeySlot, _Mapping]]] = ...) -> None: ...
 
 class LoadReceipt(_message.Message):
-    __slots__ = ("card_id", "session_id", "boot_counter", "program_info_digest", "partition", "model_id", "model_version", "verified", "rollback_floor")
+    __slots__ = ("card_id", "session_id", "boot_counter", "program_info_digest", "partition", "model_id", "model_version", "verified", "rollback_floor", "key_slot_digest")
     CARD_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BOOT_COUNTER_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class LoadReceipt(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    KEY_SLOT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     card_id: str
     session_id: bytes
     boot_counter: int
@@ -176,4 +177,5 @@ class LoadReceipt(_message.Message):
     model_version: int
     verified: bool
     rollback_floor: int
-    def __init__(self, card_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., boot_counter: _Optional[int] = ..., program_info_digest: _Optional[bytes] = ..., partition: _Optional[int] = ..., model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., verified: _Optional[bool] = ..., rollback_floor: _Optional[int] = ...) -> None: ...
+    key_slot_digest: bytes
+    def __init__(self, card_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., boot_counter: _Optional[int] = ..., program_info_digest: _Optional[bytes] = ..., partition: _Optional[int] = ..., model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., verified: _Optional[bool] = ..., rollback_floor: _Optional[int] = ..., key_slot_digest: _Optional[bytes] = ...) -> None: ...
