@@ -98,3 +98,42 @@ def _a_root() -> bytes:
     from orchestrator.emulator.pki import VendorPKI
 
     return VendorPKI.create().root_pem
+
+
+def _flooding_host(listing: bytes) -> grpc.Server:
+    """A host whose ListDevices answers ``listing``, raw bytes on the wire."""
+    handler = grpc.method_handlers_generic_handler("modelip.v1.DeviceRuntime", {
+        "ListDevices": grpc.unary_unary_rpc_method_handler(
+            lambda request, context: listing, request_deserializer=None,
+            response_serializer=None)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    return server
+
+
+@pytest.mark.parametrize(("entries", "refused"), [
+    (5_000_000, "RESOURCE_EXHAUSTED"),  # 10 MB: past what a listing may carry, never parsed
+    (400_000, "lists 400000 cards, more than a host may have"),  # 800 KB: counted first
+])
+def test_a_flood_of_listed_cards_costs_the_client_nothing(entries: int, refused: str) -> None:
+    """Empty DeviceInfo entries are two bytes each on the wire and a Python object each
+    once parsed: 5,000,000 of them took `device list` to 1.09 GB. The answer is capped
+    by call before parsing, and a listing longer than a host may have is refused
+    before one object is made per entry."""
+    server = _flooding_host(b"\x0a\x00" * entries)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        probe = ("import resource, subprocess, sys; "
+                 "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                 "print(r.returncode); print(r.stderr.strip()); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        result = subprocess.run([sys.executable, "-c", probe, *MODELIP, "device", "list",
+                                 "--ip", "127.0.0.1", "--port", str(port)],
+                                capture_output=True, text=True, timeout=120, check=True)
+    finally:
+        server.stop(0)
+    code, said, peak_kib = result.stdout.strip().splitlines()
+    assert code == "4", said
+    assert refused in said, said
+    assert int(peak_kib) < 250 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"

@@ -35,6 +35,7 @@ from orchestrator.errors import (
     StoreUnavailable,
     UnreachableError,
 )
+from orchestrator.errors import ProtocolViolation as HostBrokeProtocol
 from orchestrator.transport.client import (
     Deadlines,
     DeviceEvent,
@@ -263,6 +264,12 @@ class HostSupervisor:
             self._probe_now = anyio.Event()
             try:
                 listing = await self.client.list_devices(deadline=self._probe_deadline)
+            except HostBrokeProtocol as err:
+                self._violation(err.problem)  # counted against the host, as any other
+                misses += 1
+                if misses >= 2 or not self._stream_open:
+                    raise HostLost(f"{err}") from None
+                continue
             except ModelIPError as err:
                 misses += 1
                 if misses >= 2 or not self._stream_open:

@@ -38,6 +38,7 @@ from orchestrator.errors import (
     SessionInvalidError,
     UnreachableError,
 )
+from orchestrator.limits import MAX_CARDS_PER_HOST
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.terminal import terminal_safe
 
@@ -46,6 +47,13 @@ REASON_KEY = "modelip-reason"
 DEVICE_KEY = "modelip-device"
 STAGE_CHUNK = 1 << 20
 MAX_MESSAGE = 64 << 20
+# What a host's answer may carry, by call (docs/security.md), checked by gRPC before
+# anything is parsed: every call but Execute answers in kilobytes (evidence is at
+# most 1 MiB, a listing of MAX_CARDS_PER_HOST cards some 150 KiB), so they share a
+# channel whose answers are capped at CONTROL_MESSAGE; Execute's tensors come on a
+# channel of their own (opened on first use) with MAX_MESSAGE. A listing of more
+# cards than a host may have is refused before one object is made per entry.
+CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 
 
@@ -237,6 +245,17 @@ async def _finish(call: Any) -> Any:
     return await call  # complete: the response, or its AioRpcError
 
 
+def _channel(address: str, tls: TLSClientConfig | None, *, receive: int) -> grpc.aio.Channel:
+    options = [("grpc.max_receive_message_length", receive),
+               ("grpc.max_send_message_length", MAX_MESSAGE),
+               ("grpc.enable_retries", 0)]
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 class HostClient:
     """Talks to one host. Use as ``async with HostClient(address) as host:``."""
 
@@ -250,16 +269,8 @@ class HostClient:
             address = f"{address}:{DEFAULT_PORT}"
         self.address = address
         self.deadlines = deadlines or Deadlines()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                   ("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.enable_retries", 0)]
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=tls.ca_pem, private_key=tls.key_pem,
-                certificate_chain=tls.cert_pem)
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._channel = _channel(address, tls, receive=CONTROL_MESSAGE)
+        self._bulk = _channel(address, tls, receive=MAX_MESSAGE)
         # The evidence stays bytes here: it is parsed once, by its verifier (no parse
         # and re-serialize in between).
         self._attest_raw = self._channel.unary_unary(
@@ -267,6 +278,7 @@ class HostClient:
             request_serializer=runtime_pb2.AttestationRequest.SerializeToString,
             response_deserializer=bytes)
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
+        self._execute = runtime_pb2_grpc.DeviceRuntimeStub(self._bulk).Execute
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __repr__(self) -> str:
@@ -280,6 +292,7 @@ class HostClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._bulk.close()
 
     def _allowed(self, deadline: float) -> float:
         return deadline if self.gate is None else min(deadline, self.gate())
@@ -319,6 +332,9 @@ class HostClient:
         response = await self._call("list devices", self._runtime.ListDevices,
                                     runtime_pb2.ListDevicesRequest(),
                                     deadline or self.deadlines.control)
+        if len(response.devices) > MAX_CARDS_PER_HOST:
+            raise ProtocolViolation(f"host {self.address}", f"lists {len(response.devices)} "
+                                    f"cards, more than a host may have ({MAX_CARDS_PER_HOST})")
         return [DeviceStatus(d.device, terminal_safe(d.card_id, 256),
                              _DEVICE_STATES.get(d.state, DeviceState.UNDEFINED), d.boot_counter,
                              d.session_fingerprint[:32].hex(), terminal_safe(d.program_id, 128),
@@ -402,7 +418,7 @@ class HostClient:
         """Run one card, or an MDP group in partition order, on named numpy arrays."""
         request = runtime_pb2.ExecuteRequest(devices=list(devices), inputs=to_wire(inputs))
         response = await self._call(f"execute on devices {list(devices)}",
-                                    self._runtime.Execute, request, self.deadlines.execute)
+                                    self._execute, request, self.deadlines.execute)
         try:
             return {terminal_safe(name, 256): value
                     for name, value in from_wire(response.outputs).items()}
