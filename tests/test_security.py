@@ -137,3 +137,73 @@ def test_a_flood_of_listed_cards_costs_the_client_nothing(entries: int, refused:
     assert code == "4", said
     assert refused in said, said
     assert int(peak_kib) < 250 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"
+
+
+def _ca(name: str, key: Any, issuer: Any, issuer_key: Any, *, path_length: int | None,
+        cert_sign: bool | None) -> Any:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer.subject if issuer is not None else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=path_length),
+                              critical=True))
+    if cert_sign is not None:
+        builder = builder.add_extension(x509.KeyUsage(
+            False, False, False, False, False, cert_sign, True, False, False), critical=True)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+@pytest.mark.parametrize(("root_path_length", "sub_cert_sign", "refused"), [
+    (1, True, None),                                     # a proper sub-CA: accepted
+    (0, True, "more than its path length constraint"),   # the root allows no sub-CA
+    (1, False, "may not sign certificates"),             # keyUsage without keyCertSign
+    (1, None, "may not sign certificates"),              # a CA without keyUsage
+])
+def test_a_chain_is_held_to_path_length_and_key_usage(root_path_length: int,
+                                                      sub_cert_sign: bool | None,
+                                                      refused: str | None) -> None:
+    """A "sub-CA" the vendor root did not allow signs a card certificate of its own: the
+    card's report must not verify (the review's finding: it did)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
+    from orchestrator.emulator.card import CardConfig, EmulatedCard
+    from orchestrator.emulator.pki import CardIdentity
+    from orchestrator.errors import AttestationError
+
+    root_key, sub_key, card_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _ca("vendor root", root_key, None, None, path_length=root_path_length,
+               cert_sign=True)
+    sub = _ca("a sub-CA", sub_key, root, root_key, path_length=0, cert_sign=sub_cert_sign)
+    now = dt.datetime.now(dt.UTC)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "card-9")]))
+            .issuer_name(sub.subject).public_key(card_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(sub_key, hashes.SHA256()))
+    card = EmulatedCard(CardIdentity("card-9", card_key, (leaf, sub)), CardConfig())
+    evidence = card.attest(b"q" * 32)
+    if refused is None:
+        report = verify_evidence(evidence, roots=[root], policy=TrustPolicy(),
+                                 request=b"q" * 32)
+        assert report.card_id == "card-9"
+        return
+    with pytest.raises(AttestationError, match=refused):
+        verify_evidence(evidence, roots=[root], policy=TrustPolicy(), request=b"q" * 32)

@@ -344,8 +344,12 @@ def _verify_chain(
                 subject = cert.subject.rfc4514_string()
                 raise AttestationError(f"{source}: certificate {subject} is expired or not "
                                        "yet valid")
-        for parent in chain[1:]:
-            _require_ca(parent, source)
+        # chain = [leaf, issuer, ..., top]: the certificate at index i issues i - 1 CAs
+        # below it; the root issues every one in the chain but the leaf
+        for below, parent in enumerate(chain[1:]):
+            _require_ca(parent, source, below=below, anchor=False)
+        if root != chain[-1]:  # the root itself was sent: checked above
+            _require_ca(root, source, below=len(chain) - 1, anchor=True)
     return chain[0], root, chain
 
 
@@ -359,7 +363,6 @@ def _trusted_issuer(top: x509.Certificate, roots: Sequence[x509.Certificate],
         except (ValueError, TypeError, InvalidSignature):
             continue
         if root.not_valid_before_utc <= moment <= root.not_valid_after_utc:
-            _require_ca(root, source)
             return root
     raise AttestationError(f"{source}: certificate chain does not lead to a trusted vendor root")
 
@@ -377,13 +380,28 @@ def _hostile_certificates(source: str) -> Iterator[None]:
                                f"({type(exc).__name__})") from None
 
 
-def _require_ca(cert: x509.Certificate, source: str) -> None:
+def _require_ca(cert: x509.Certificate, source: str, *, below: int, anchor: bool) -> None:
+    """An issuing certificate must be a CA (basicConstraints), allowed to have ``below``
+    CAs under it (pathLenConstraint), and allowed to sign certificates (keyUsage
+    keyCertSign; RFC 5280 4.2.1.3: a CA certificate carries keyUsage, though a
+    configured root, the trust anchor, is taken without one)."""
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
         raise AttestationError(f"{source}: an issuing certificate is not a CA")
+    if constraints.path_length is not None and below > constraints.path_length:
+        raise AttestationError(f"{source}: a CA issues {below} CA(s) below it, more than its "
+                               f"path length constraint ({constraints.path_length}) allows")
+    try:
+        usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
+            x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if (usage is None and not anchor) or (usage is not None and not usage.key_cert_sign):
+        raise AttestationError(f"{source}: an issuing certificate may not sign certificates "
+                               "(keyUsage without keyCertSign)")
 
 
 def _check_policy(
