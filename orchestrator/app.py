@@ -8,6 +8,7 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -149,26 +150,23 @@ async def _open_store(plan: Plan, replica: str
 
 
 async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> PreparedProgram:
-    """The encrypted body; with a shared store, the same body as every other replica's:
-    the first records its salt, the others encrypt with it (same source, same MEK)."""
-    def prepare(salt: bytes | None = None) -> PreparedProgram:
-        return _in_state_dir(plan, lambda: prepare_program(plan, mek, salt=salt))
-
+    """The encrypted body. Its salt is derived, not chosen (prepare_program), so every
+    replica seals the same body; with a shared store the first records it and the
+    others check theirs against the record. The store is never asked for a salt: a
+    database writer cannot make one salt seal two plaintexts."""
+    program = await anyio.to_thread.run_sync(
+        lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
     if shared is None:
-        return await anyio.to_thread.run_sync(prepare)
+        return program
     _, _, key = await anyio.to_thread.run_sync(
         lambda: _in_state_dir(plan, lambda: sealing_source(plan, mek)))
-    recorded = await shared.seal(key)
-    program = await anyio.to_thread.run_sync(prepare, recorded[0] if recorded else None)
-    if recorded is None:
-        recorded = await shared.offer_seal(key, program.salt, program.program_id)
-        if recorded[0] != program.salt:  # another replica was first
-            program = await anyio.to_thread.run_sync(prepare, recorded[0])
-    if program.program_id != recorded[1]:
+    recorded = await shared.offer_seal(key, program.salt, program.program_id)
+    if recorded != (program.salt, program.program_id):
         raise UsageError(f"{plan.source}: this replica's encrypted body (program "
-                         f"{program.program_id[:16]}) differs from the one recorded in the "
-                         f"store (program {recorded[1][:16]}) for the same model, MEK and "
-                         "settings: run the same modelip version on every replica")
+                         f"{program.program_id[:16]}) is not the one recorded in the store "
+                         f"(program {recorded[1][:16]}) for the same model, MEK and "
+                         "settings: another modelip version on a replica, or a store "
+                         "written by someone else (docs/security.md)")
     return program
 
 
@@ -187,16 +185,22 @@ STATE_MARK = ".modelip-state"
 STATE_MARK_TEXT = b"modelip state directory: modelip keeps it owner-only (docs/plans.md)\n"
 
 
+# what modelip writes into a state directory: one that holds nothing else, and no
+# mark, is an earlier version's (before the mark existed)
+STATE_NAMES = re.compile(r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki"
+                         r"|engine\.log|lock(-.+)?|\.mek\.dat\..*\.tmp)")
+
+
 def claim_state_dir(state_dir: Path) -> None:
     """The state directory is modelip's own: created by it (and marked so), or empty,
-    or an earlier version's (it holds a journal). Any other directory is refused
-    before anything in it is touched: a plan naming /srv/www or ~ would otherwise make
-    every file there owner-only. Raises UsageError, OSError."""
+    or an earlier version's (it holds only what modelip writes). Any other directory
+    is refused before anything in it is touched: a plan naming /srv/www or ~ would
+    otherwise make every file there owner-only. Raises UsageError, OSError."""
     mark = state_dir / STATE_MARK
     if mark.is_file():
         return
-    if state_dir.is_dir() and any(state_dir.iterdir()) \
-            and not (state_dir / "journal.sqlite").is_file():
+    if state_dir.is_dir() and not all(STATE_NAMES.fullmatch(entry.name)
+                                      for entry in state_dir.iterdir()):
         raise UsageError(f"state_dir {state_dir}: a directory modelip did not create, and "
                          "not empty; modelip makes everything in its state directory "
                          "owner-only: name a new or empty directory")

@@ -26,6 +26,7 @@ import anyio
 import psycopg
 import pytest
 
+from orchestrator.crypto.container import SealedContainer
 from orchestrator.crypto.mek import MEK, write_mek
 from orchestrator.engine.pgstore import PostgresStore
 from orchestrator.engine.plan import Plan
@@ -33,7 +34,8 @@ from orchestrator.engine.prepare import prepare_program, sealing_source
 from orchestrator.engine.schema import POSTGRES_MIGRATIONS
 from orchestrator.engine.state import CardState, CardTransition
 from orchestrator.engine.store import LoadSent
-from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable
+from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable, UsageError
+from orchestrator.qpc.container import open_container
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
 from tests.pg import PostgresServer
@@ -156,22 +158,55 @@ async def test_an_unreachable_store_is_one_clear_error(tmp_path: Path) -> None:
     assert "secret" not in str(caught.value) and "cannot connect" in str(caught.value)
 
 
-def test_replicas_reproduce_the_same_body_from_the_recorded_salt(tmp_path: Path) -> None:
-    mek = MEK.generate()
+def _tiny_plans(tmp_path: Path, *specs: tuple[str, int]) -> list[Plan]:
     (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
-    programs, keys = [], []
-    for name in ("a", "b", "c"):
+    plans = []
+    for name, version in specs:
         plan_file = tmp_path / f"{name}.yaml"
-        plan_file.write_text(f"model: {{onnx: tiny.onnx}}\nmek: {{generate: true}}\n"
-                             f"fleet: {{emulated: {{hosts: 1}}}}\nstate_dir: state-{name}\n")
-        plan = Plan.load(plan_file)
-        salt = programs[0].salt if name == "b" else None
-        programs.append(prepare_program(plan, mek, salt=salt))
-        keys.append(sealing_source(plan, mek)[2])
-    a, b, c = programs
+        plan_file.write_text(f"model: {{onnx: tiny.onnx, version: {version}}}\n"
+                             "mek: {generate: true}\nfleet: {emulated: {hosts: 1}}\n"
+                             f"state_dir: state-{name}\n")
+        plans.append(Plan.load(plan_file))
+    return plans
+
+
+def test_replicas_seal_the_same_body_with_a_salt_no_one_chooses(tmp_path: Path) -> None:
+    """The salt is derived from the MEK and the source key: every state directory seals
+    the same source, MEK and settings to the same body; any change gives another salt."""
+    mek = MEK.generate()
+    a_plan, b_plan, v2_plan = _tiny_plans(tmp_path, ("a", 1), ("b", 1), ("v2", 2))
+    a, b, v2 = (prepare_program(plan, mek) for plan in (a_plan, b_plan, v2_plan))
     assert a.body.read_bytes() == b.body.read_bytes() and a.program_id == b.program_id
-    assert c.program_id != a.program_id        # a fresh salt: another body
-    assert keys[0] == keys[1] == keys[2]
+    assert sealing_source(a_plan, mek)[2] == sealing_source(b_plan, mek)[2]
+    assert v2.salt != a.salt and v2.program_id != a.program_id   # another version
+    other = prepare_program(_tiny_plans(tmp_path, ("c", 1))[0], MEK.generate())
+    assert other.salt != a.salt                                  # another MEK
+
+
+async def test_a_store_writer_cannot_choose_the_salt(tmp_path: Path, database: str) -> None:
+    """The security review's attack: the `seals` row of version 2 names version 1's salt
+    (with one MEK, one salt over two plaintexts repeats every (key, nonce) pair). The
+    replica never seals with a salt read from the store: it refuses the record, and its
+    own body has a salt of its own."""
+    from orchestrator.app import _prepare
+
+    mek = MEK.generate()
+    v1_plan, v2_plan = _tiny_plans(tmp_path, ("v1", 1), ("v2", 2))
+    v1 = prepare_program(v1_plan, mek)
+    store = PostgresStore(database, "a", lease_ttl=5.0)
+    await store.open()
+    try:
+        v2_key = sealing_source(v2_plan, mek)[2]
+        await store.offer_seal(v2_key, v1.salt, v1.program_id)    # the writer's record
+        with pytest.raises(UsageError, match="not the one recorded in the store"):
+            await _prepare(v2_plan, mek, store)
+    finally:
+        await store.close()
+    bodies = list((tmp_path / "state-v2" / "cache").glob("encrypted-*.qpc"))
+    assert bodies
+    for body in bodies:
+        with open_container(body) as container:
+            assert SealedContainer(container).info.salt != v1.salt
 
 
 # --- replicas as processes against `modelip emulate` ----------------------------------------

@@ -40,6 +40,16 @@ def derive_content_key(mek: MEK, salt: bytes, model_id: str) -> AESGCM:
     return AESGCM(key)
 
 
+def derive_seal_salt(mek: MEK, source_key: bytes) -> bytes:
+    """The salt the engine seals a program with: HKDF-SHA256(MEK, info = tag || the
+    source key: digest of the source, the MEK's fingerprint and the settings). Chosen by
+    no one (not a store, not a replica), the same wherever the same source is sealed
+    under the same MEK and settings, and different whenever either differs: one salt
+    never seals two plaintexts, so a (key, nonce) pair is never reused."""
+    return HKDF(algorithm=hashes.SHA256(), length=SALT_BYTES, salt=None,
+                info=b"modelip/v1 seal salt\0" + source_key).derive(mek.key)
+
+
 def derive_mek_check(mek: MEK, salt: bytes) -> bytes:
     """A 16-byte key commitment: tells a wrong MEK apart from tampering."""
     return HKDF(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from orchestrator.crypto.container import (
 )
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
 from orchestrator.crypto.seal import write_sealed
-from orchestrator.crypto.stream import SALT_BYTES
+from orchestrator.crypto.stream import derive_seal_salt
 from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
 from orchestrator.qpc.container import open_container
@@ -99,20 +98,16 @@ def sealing_source(plan: Plan, mek: MEK) -> tuple[Path, SealSettings, str]:
     return source, settings, source_key
 
 
-def prepare_program(plan: Plan, mek: MEK, *, salt: bytes | None = None) -> PreparedProgram:
+def prepare_program(plan: Plan, mek: MEK) -> PreparedProgram:
     """The plan's encrypted body (from the cache when it is there).
 
-    ``salt``: reproduce the encryption another replica recorded for the same
-    source key (same source, MEK and settings: so the same body, bit for bit).
+    Its salt is derived from the MEK and the source key (stream.derive_seal_salt):
+    every replica, every state directory seals the same source the same way, bit for
+    bit, and nothing read from a store can make one salt seal two plaintexts.
     """
     source, settings, source_key = sealing_source(plan, mek)
     cache = plan.state_dir / "cache"
-    if salt is None:  # any body sealed here before for this source, or a fresh salt
-        done = [body for body in sorted(cache.glob(f"encrypted-{source_key[:16]}-*.qpc"))
-                if body.with_suffix(".sha256").exists()]
-        salt = _salt_of(done[0]) if done else secrets.token_bytes(SALT_BYTES)
-    # Named by source and salt: replicas sharing a state directory never overwrite
-    # each other's body (nor pair one's body with another's digest).
+    salt = derive_seal_salt(mek, bytes.fromhex(source_key))
     settings = dataclasses.replace(settings, salt=salt)
     body = cache / f"encrypted-{source_key[:16]}-{salt[:8].hex()}.qpc"
     digest_file = body.with_suffix(".sha256")
@@ -156,6 +151,3 @@ def describe_body(body: Path, program_id: str, mek: MEK, group_size: int) -> Pre
                                inputs)
 
 
-def _salt_of(body: Path) -> bytes:
-    with open_container(body) as container:
-        return SealedContainer(container).info.salt
