@@ -556,3 +556,25 @@ def test_a_failed_encryption_leaves_no_directory_behind(tmp_path: Path, fleet, s
                target) == 2
     assert "no space left" in capsys.readouterr().err.lower()
     assert list(small_fs.iterdir()) == []
+
+
+def test_bytes_added_to_a_partition_are_refused(tmp_path: Path, fleet, make_mdp,  # type: ignore[no-untyped-def]
+                                                capsys) -> None:
+    """The host appends bytes to partition 0 inside the MDP body (its plaintext cannot
+    change, but its content address would, and the card used to load it): the outer
+    info records each partition's size and info digest, so verify and the card refuse."""
+    mdp, _ = make_mdp(2)
+    program = encrypt(mdp, fleet, tmp_path / "out", 2)
+    with open_container(program) as container:
+        names = container.names()
+        data = {name: container.read(name) for name in names}
+        offsets = {s.name: s.offset for s in container.segments}
+    data["partition_0.qpc"] += b"\0" * 64
+    grown = tmp_path / "grown.qpc"
+    with open(grown, "wb") as handle:
+        write_container(handle, [bytes_segment(n, data[n], offset=offsets[n]) for n in names])
+    capsys.readouterr()
+    assert run("verify", "--qpc", grown, "--mek", fleet["mek"]) == 3
+    assert "bytes added or cut" in capsys.readouterr().err
+    error = _load_error(fleet["cards"][0], grown, partition=0)
+    assert isinstance(error, IntegrityError) and "bytes added or cut" in str(error)

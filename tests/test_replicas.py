@@ -496,6 +496,9 @@ def test_replicas_wait_out_a_database_restart(
     ("store: postgresql:///x\nreplicas: {lease_ttl: 0}",
      r":\d+: replicas.lease_ttl: must be between 1 and 3600"),
     ("replicas: {lease: 5}", r":\d+: replicas.lease: is not a known key"),
+    # across the network, the database server must be verified, or not on purpose
+    ("store: postgresql://db.example/fleet",
+     r":\d+: store: reaches a database across the network: give sslmode=verify-full"),
 ])
 def test_bad_store_settings_name_the_line_and_field(tmp_path: Path, extra: str,
                                                     problem: str) -> None:
@@ -551,3 +554,22 @@ def test_a_second_process_with_a_live_replicas_name_is_refused(
     assert len(lines) == 1
     assert "replica name 'dup' is in use by another running replica" in lines[0]
     assert first.process.poll() is None and owners(database) == {"dup": HOSTS}
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("postgresql://db.example/fleet?sslmode=verify-full&sslrootcert=ca.pem", False),
+    ("postgresql://db.example/fleet?sslmode=require", True),   # encrypted, not verified
+    ("postgresql://db.example/fleet?sslmode=disable", True),   # plaintext, on purpose
+    ("postgresql:///fleet?host=/run/postgresql", False),       # a unix socket
+    ("postgresql://localhost/fleet", False),                  # loopback
+])
+def test_a_store_across_the_network_is_verified_or_warned(tmp_path: Path, url: str,
+                                                          warned: bool) -> None:
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    (tmp_path / "root.pem").write_text("x")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
+                    "fleet: {hosts: [{address: '127.0.0.1:1', devices: [0]}]}\n"
+                    f"trust: {{roots: [root.pem]}}\nstore: '{url}'\n")
+    said = [w for w in Plan.load(plan).warnings() if "database server is not verified" in w]
+    assert bool(said) is warned

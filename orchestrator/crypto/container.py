@@ -29,7 +29,8 @@ from orchestrator.errors import FormatError, IntegrityError, WrongMEKError
 from orchestrator.qpc.container import Container, MemorySource, SliceSource
 from orchestrator.qpc.mdp import MDP_META, MdpMeta
 
-FORMAT_VERSION = 2  # 2: header fields and offsets authenticated, slots bound to a program
+FORMAT_VERSION = 3  # 2: header fields and offsets authenticated, slots bound to a program;
+#                    3: nested partitions bound by size and info digest, receipts by slot
 ENCINFO = "modelip_encinfo"
 KEYSLOTS = "modelip_keyslots"
 RESERVED = frozenset({ENCINFO, KEYSLOTS})
@@ -251,6 +252,19 @@ class SealedContainer:
             raise IntegrityError(f"{self.label}: partition {name!r} belongs to another model")
         return inner
 
+    def _check_sealed_as(self, name: str, inner: SealedContainer) -> None:
+        """The nested container is, byte for byte, the one sealed into this container:
+        its size and its encryption info are recorded in the (authenticated) outer info,
+        so nothing can be added to or cut from it and its content address is fixed."""
+        entry = self._entry(name)
+        size = self.container.segment(name).size
+        if size != entry.nested_size:
+            raise IntegrityError(f"{self.label}: partition {name!r} has {size} bytes, sealed "
+                                 f"as {entry.nested_size} (bytes added or cut)")
+        if hashlib.sha256(inner.container.read(ENCINFO)).digest() != entry.nested_info_sha256:
+            raise IntegrityError(f"{self.label}: partition {name!r} is not the one sealed "
+                                 "into this container")
+
     def mdp_meta(self) -> MdpMeta | None:
         """The MDP metadata, authenticated before it is parsed; None if not MDP.
 
@@ -273,6 +287,7 @@ class SealedContainer:
             raise IntegrityError(f"{self.label}: partition {index} holds partition "
                                  f"{inner.info.partition} of {inner.info.partition_count} "
                                  "(partitions swapped)")
+        self._check_sealed_as(meta.partitions[index].segment, inner)
         return inner
 
     def _entry(self, name: str) -> evidence_pb2.SegmentInfo:

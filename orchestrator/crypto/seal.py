@@ -98,6 +98,9 @@ def seal_specs(
                 partition_count=len(nested_names), parent_salt=salt,
             )
             entry.nested = True
+            entry.nested_size = container_size(inner_specs)
+            entry.nested_info_sha256 = hashlib.sha256(
+                b"".join(bytes(piece) for piece in inner_specs[0].chunks())).digest()
             body.append((SegmentSpec(segment.name, container_size(inner_specs),
                                      _nested_producer(inner_specs, inner.header.compression),
                                      segment.offset), entry))

@@ -32,6 +32,7 @@ from orchestrator.engine.planreader import (
     positive,
     probability,
     store_url_problem,
+    store_url_warning,
     version_number,
 )
 from orchestrator.engine.rolloutspec import RolloutSpec, read_rollout
@@ -190,6 +191,8 @@ class Plan:
                  "hosts' own CA)"
                  for h in self.hosts if h.tls is not None and h.tls.ca is None
                  and not h.loopback]
+        if (store_warning := store_url_warning(self.store)) is not None:
+            said.append(f"{store_warning} ({self.source})")
         if self.model.rollback_floor < self.model.version:
             said.append(f"WARNING: {self.source}: model.rollback_floor "
                         f"{self.model.rollback_floor} is below model.version "

@@ -113,7 +113,7 @@ class Policy(_message.Message):
     def __init__(self, not_after: _Optional[int] = ..., min_firmware: _Optional[str] = ..., rollback_floor: _Optional[int] = ...) -> None: ...
 
 class SegmentInfo(_message.Message):
-    __slots__ = ("name", "encrypted", "plaintext_size", "stream_index", "plaintext_sha256", "nested", "offset")
+    __slots__ = ("name", "encrypted", "plaintext_size", "stream_index", "plaintext_sha256", "nested", "offset", "nested_size", "nested_info_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class SegmentInfo(_message.Message):
     PLAINTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
     NESTED_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NESTED_INFO_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     encrypted: bool
     plaintext_size: int
@@ -128,7 +130,9 @@ class SegmentInfo(_message.Message):
     plaintext_sha256: bytes
     nested: bool
     offset: int
-    def __init__(self, name: _Optional[str] = ..., encrypted: _Optional[bool] = ..., plaintext_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., plaintext_sha256: _Optional[bytes] = ..., nested: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
+    nested_size: int
+    nested_info_sha256: bytes
+    def __init__(self, name: _Optional[str] = ..., encrypted: _Optional[bool] = ..., plaintext_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., plaintext_sha256: _Optional[bytes] = ..., nested: _Optional[bool] = ..., offset: _Optional[int] = ..., nested_size: _Optional[int] = ..., nested_info_sha256: _Optional[bytes] = ...) -> None: ...
 
 class KeySlot(_message.Message):
     __slots__ = ("slot", "card_id", "session_id", "kem", "enc", "wrapped_mek", "program_info_digest")
