@@ -573,3 +573,24 @@ def test_a_store_across_the_network_is_verified_or_warned(tmp_path: Path, url: s
                     f"trust: {{roots: [root.pem]}}\nstore: '{url}'\n")
     said = [w for w in Plan.load(plan).warnings() if "database server is not verified" in w]
     assert bool(said) is warned
+
+
+def test_a_lease_given_to_a_replica_that_does_not_exist_is_taken(
+        replicas: Callable[[str], Replica], database: str,
+        fleet: tuple[Path, list[str]]) -> None:
+    """The security review's attack: a store writer gives every lease to 'ghost' for a
+    year and marks every card SERVING. A lease is only as good as its holder's
+    heartbeat: the next replica claims every host and attests each card itself."""
+    a = replicas("a")
+    settle(database, a)
+    a.stop()
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(b"UPDATE leases SET owner = 'ghost', expires = now() + interval '1 year'")
+        conn.execute(b"UPDATE cards SET state = 'SERVING'")
+    b = replicas("b")
+    wait_for("b holds every host", lambda: len(b.held()) == HOSTS)
+    taken = [e for e in b.events("lease") if e["action"] in ("claimed", "took over")]
+    assert {e["previous_owner"] for e in taken} == {"ghost"}
+    wait_for("every card confirmed by b itself", lambda: len({
+        (e["host"], e["device"]) for e in b.events("card") if e["state"] == "SERVING"}) == 12)
+    assert owners(database) == {"b": HOSTS}

@@ -377,7 +377,7 @@ def test_rollout_commands_refuse_without_a_journal_or_with_a_shared_store(
     assert len(result.stderr.strip().splitlines()) == 1
     plan.write_text("model: {onnx: m.onnx}\nmek: {generate: true}\n"
                     "fleet: {hosts: [{address: '127.0.0.1:1', devices: [0]}]}\n"
-                    "trust: {roots: [m.onnx]}\nstore: postgresql://db/x\n"
+                    "trust: {roots: [m.onnx]}\nstore: 'postgresql:///x?host=/run/db'\n"
                     "rollout: {canary: 1}\n")
     result = subprocess.run([*MODELIP, "deploy", str(plan)], capture_output=True, text=True,
                             timeout=60, check=False)

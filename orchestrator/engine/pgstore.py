@@ -79,6 +79,13 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
+# A lease's owner is alive: a replica of that name, not stopped, whose heartbeat is
+# recent and not from the future (a heartbeat written a year ahead is no heartbeat).
+_LIVE_OWNER = ("SELECT 1 FROM replicas r WHERE r.name = l.owner AND NOT r.stopped "
+               "AND r.heartbeat > now() - make_interval(secs => %s) "
+               "AND r.heartbeat <= now() + make_interval(secs => %s)")
+
+
 def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
@@ -276,20 +283,24 @@ class PostgresStore:
         return lost
 
     async def claim(self, hosts: list[str], count: int) -> list[Claimed]:
-        """Take up to ``count`` of ``hosts`` whose lease is free or expired (epoch + 1)."""
+        """Take up to ``count`` of ``hosts`` whose lease is free (epoch + 1): no owner,
+        expired, or held by a name with no live heartbeat. A store writer could give
+        every lease to a replica that does not exist, for a year: a lease is only as
+        good as its holder's heartbeat (docs/security.md)."""
         if count <= 0:
             return []
         sent_at = time.monotonic()
 
         async def claim(conn: Conn) -> list[tuple[Any, ...]]:
             return await (await conn.execute(
-                "WITH free AS (SELECT host, owner FROM leases WHERE host = ANY(%s) "
-                "AND (owner = '' OR expires <= now()) ORDER BY host LIMIT %s "
-                "FOR UPDATE SKIP LOCKED) "
+                "WITH free AS (SELECT l.host, l.owner FROM leases l WHERE l.host = ANY(%s) "  # noqa: S608 - constants only
+                "AND (l.owner = '' OR l.expires <= now() OR NOT EXISTS (" + _LIVE_OWNER + ")) "
+                "ORDER BY l.host LIMIT %s FOR UPDATE OF l SKIP LOCKED) "
                 "UPDATE leases SET owner = %s, epoch = leases.epoch + 1, "
                 "expires = now() + make_interval(secs => %s) FROM free "
                 "WHERE leases.host = free.host RETURNING leases.host, leases.epoch, free.owner",
-                (hosts, count, self.replica, self.lease_ttl))).fetchall()
+                (hosts, self.lease_ttl, self.lease_ttl, count, self.replica,
+                 self.lease_ttl))).fetchall()
         rows = await self._unfenced(claim)
         claimed = [Claimed(host, epoch, owner) for host, epoch, owner in rows]
         for c in claimed:
@@ -424,12 +435,17 @@ class PostgresStore:
         await self._fenced(t.host, write)
 
     async def hosts(self) -> list[HostRecord]:
+        """Every host; ``owner`` only while a live replica holds its lease, and its
+        expiry no later than now + the lease TTL (what a replica can have set)."""
+        held = "l.expires > now() AND EXISTS (" + _LIVE_OWNER + ")"
         rows = await self._rows(
-            "SELECT l.host, coalesce(h.address, ''), coalesce(h.state, 'PENDING'), "
+            "SELECT l.host, coalesce(h.address, ''), coalesce(h.state, 'PENDING'), "  # noqa: S608 - constants only
             "coalesce(h.reason, ''), coalesce(h.updated, 0), "
-            "CASE WHEN l.expires > now() THEN l.owner ELSE '' END, "
-            "CASE WHEN l.expires > now() THEN extract(epoch FROM l.expires) END "
-            "FROM leases l LEFT JOIN hosts h ON h.host = l.host ORDER BY l.host")
+            f"CASE WHEN {held} THEN l.owner ELSE '' END, "
+            f"CASE WHEN {held} THEN extract(epoch FROM least(l.expires, now() + "
+            "make_interval(secs => %s))) END "
+            "FROM leases l LEFT JOIN hosts h ON h.host = l.host ORDER BY l.host",
+            (self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl))
         return [HostRecord(host, address, state, reason, float(updated), owner,
                            None if expires is None else float(expires))
                 for host, address, state, reason, updated, owner, expires in rows]

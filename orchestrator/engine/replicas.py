@@ -16,6 +16,7 @@ deadline that ends before the lease does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
 from orchestrator.engine.pgstore import Claimed, PostgresStore
-from orchestrator.engine.state import HostState
+from orchestrator.engine.state import CardState, HostState
 from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -158,16 +159,25 @@ class Replica:
         others = {name for name in self.hosts if name not in self.running}
         if not others:
             return
-        for record in await self.store.hosts():
+        records = await self.store.hosts()
+        for record in records:
             host = self.hosts.get(record.host)
             if host is not None and record.host in others:
                 host.owner = record.owner
                 with contextlib.suppress(ValueError):
                     host.machine.state = HostState(record.state)
                 host.machine.reason = record.reason
+        unheld = {record.host for record in records if record.host in others
+                  and not record.owner}
         for card in await self.store.cards():
             host = self.hosts.get(card.host)
             if host is not None and card.host in others and card.device in host.drivers:
+                if card.host in unheld and card.state != CardState.DISCONNECTED.value:
+                    # no live replica holds it: the store's word is no one's verification
+                    card = dataclasses.replace(
+                        card, state=CardState.DISCONNECTED.value,
+                        reason=f"no live replica holds host {card.host} (the store said "
+                               f"{card.state}, verified by no one)")
                 with contextlib.suppress(ValueError):
                     host.drivers[card.device].mirror(card)
         self.engine.recount()
