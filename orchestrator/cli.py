@@ -396,7 +396,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import load_demo_plan
 
     args.metrics_port = args.store = None
-    args.retry_quarantined = args.retry_rollout = args.plain = False
+    args.retry_quarantined = args.retry_rollout = args.plain = args.store_word = False
     plan = None if args.plan else load_demo_plan()
     return fleetcli.watch_plan(args, plan)
 

@@ -24,7 +24,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       inputs: dict[str, Any] | None = None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
-                      live: bool = True) -> tuple[int, dict[str, Any] | None]:
+                      live: bool = True, store_word: bool = False
+                      ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
     A run ends when the deployment is over (deploy, run), when ``duration``
@@ -139,7 +140,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
         finally:
             if dashboard is not None:
                 dashboard.__exit__(None, None, None)
-        summary = engine.summary()
+        summary = engine.summary(store_word=store_word)
         if json_events:
             print(summary.to_json(), file=out, flush=True)
         else:
@@ -164,6 +165,10 @@ def _print_summary(summary: Any, out: Any) -> None:
           f"{summary.hosts} hosts up, {summary.rekeys} re-keys", file=out)
     if summary.in_flight_at_end:
         print(f"at the end: {summary.wind_down()}", file=out)
+    if summary.store_word:
+        print(f"the cards counted are this replica's own and those no live replica holds; "
+              f"{summary.store_word} more are other replicas', by the store's word "
+              "(--store-word counts them)", file=out)
     if summary.rollout:
         print(summary.rollout, file=out)
     for card in summary.not_serving:
@@ -221,7 +226,8 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None =
         plan, keep_serving=keep_serving, duration=getattr(args, "duration", None),
         json_events=bool(args.json), metrics_port=args.metrics_port,
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
-        interactive=interactive, retry_rollout=args.retry_rollout, live=live))
+        interactive=interactive, retry_rollout=args.retry_rollout, live=live,
+        store_word=args.store_word))
     return code
 
 
@@ -401,6 +407,9 @@ def register(sub: Any) -> None:
         p.add_argument("--retry-rollout", action="store_true",
                        help="roll this version out again after it was rolled back "
                             "(docs/rollouts.md)")
+        p.add_argument("--store-word", action="store_true",
+                       help="with replicas, count the cards other live replicas hold by the "
+                            "store's word too (default: only what this replica verified)")
         if name == "watch":
             p.add_argument("--duration", type=argtypes.positive,
                            help="seconds from the start; then the work in flight finishes "

@@ -594,3 +594,17 @@ def test_a_lease_given_to_a_replica_that_does_not_exist_is_taken(
     wait_for("every card confirmed by b itself", lambda: len({
         (e["host"], e["device"]) for e in b.events("card") if e["state"] == "SERVING"}) == 12)
     assert owners(database) == {"b": HOSTS}
+
+
+def test_a_replicas_exit_code_counts_what_it_verified(
+        replicas: Callable[[str], Replica], database: str,
+        fleet: tuple[Path, list[str]]) -> None:
+    """Two live replicas, three hosts each: each one's summary counts its own six cards;
+    the other six are the other's word, read from the store, said apart."""
+    a, b = replicas("a"), replicas("b")
+    settle(database, a, b)
+    time.sleep(TTL)   # three of a's periods: its view of b's hosts is from after b took them
+    a.stop()
+    summary = a.events("summary")[-1]
+    assert summary["store_word"] == 6, summary
+    assert summary["cards"] == 6 and summary["serving"] == 6

@@ -281,31 +281,44 @@ class Engine:
                         tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0),
                         rollout=self.rollout.view() if self.rollout else None)
 
-    def outcome(self) -> tuple[int, list[CardMachine]]:
+    def judged(self, *, store_word: bool = False) -> list[CardMachine]:
+        """The cards an exit code counts: every card, or with replicas those this
+        replica verified itself and those no live replica holds (shown DISCONNECTED);
+        the cards other live replicas hold are their word, read from the store, counted
+        only with ``store_word``."""
+        if self.replica is None or store_word:
+            return self.cards
+        return [d.machine for h in self.hosts for d in h.drivers.values()
+                if h.owner in ("", self.replica.name)]
+
+    def outcome(self, *, store_word: bool = False) -> tuple[int, list[CardMachine]]:
         """(exit code, cards not serving): 0 all serving, 3 some quarantined, 6 the
         rollout was rolled back, 4 some failed or disconnected, 5 the state directory
-        failed."""
+        failed. Of the cards ``judged`` counts."""
+        cards = self.judged(store_word=store_word)
         if self.fatal is not None:
-            return self.fatal.exit_code, [c for c in self.cards if c.state is not S.SERVING]
-        not_serving = [c for c in self.cards if c.state is not S.SERVING]
+            return self.fatal.exit_code, [c for c in cards if c.state is not S.SERVING]
+        not_serving = [c for c in cards if c.state is not S.SERVING]
         if any(c.state is S.QUARANTINED for c in not_serving):
             return 3, not_serving
         if self.rollout is not None and self.rollout.rolled_back:
             return ROLLED_BACK_EXIT, not_serving
         return (4 if not_serving else 0), not_serving
 
-    def summary(self) -> Summary:
-        code, not_serving = self.outcome()
+    def summary(self, *, store_word: bool = False) -> Summary:
+        code, not_serving = self.outcome(store_word=store_word)
         busy, finished, seconds = self.stats.wound_down or (0, 0, 0.0)
-        return Summary(exit_code=code, serving=len(self.cards) - len(not_serving),
-                       cards=len(self.cards), rekeys=self.stats.rekeys,
+        judged = len(self.judged(store_word=store_word))
+        return Summary(exit_code=code, serving=judged - len(not_serving),
+                       cards=judged, rekeys=self.stats.rekeys,
                        hosts_up=sum(h.up for h in self.hosts), hosts=len(self.hosts),
                        not_serving=tuple(CardOutcome(c.name, c.card_id, c.state.value,
                                                      c.reason) for c in not_serving),
                        error=str(self.fatal) if self.fatal else "",
                        rollout=self.rollout.describe() if self.rollout else "",
                        in_flight_at_end=busy, finished_at_end=finished,
-                       wind_down_seconds=round(seconds, 3))
+                       wind_down_seconds=round(seconds, 3),
+                       store_word=len(self.cards) - judged)
 
     # --- running ------------------------------------------------------------------------
 

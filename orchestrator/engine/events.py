@@ -234,6 +234,9 @@ class Summary(Event):
     in_flight_at_end: int = 0
     finished_at_end: int = 0
     wind_down_seconds: float = 0.0
+    # replicas: cards other live replicas hold, known here only by the store's word and
+    # not counted in ``serving``/``cards`` nor the exit code (unless --store-word)
+    store_word: int = 0
 
     def wind_down(self) -> str:
         """``finished 2 re-keys in 0.4 s`` (and what did not finish), or ""."""

@@ -79,10 +79,12 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
-# A lease's owner is alive: a replica of that name, not stopped, whose heartbeat is
-# recent and not from the future (a heartbeat written a year ahead is no heartbeat).
+# A lease's owner exists: a replica of that name, not stopped, whose heartbeat is not
+# from the future (a heartbeat written a year ahead is no heartbeat) and was seen
+# within three lease periods (a replica beats every third of one: a late beat under
+# load is not death; a real death is seen sooner, when its leases expire).
 _LIVE_OWNER = ("SELECT 1 FROM replicas r WHERE r.name = l.owner AND NOT r.stopped "
-               "AND r.heartbeat > now() - make_interval(secs => %s) "
+               "AND r.heartbeat > now() - 3 * make_interval(secs => %s) "
                "AND r.heartbeat <= now() + make_interval(secs => %s)")
 
 
