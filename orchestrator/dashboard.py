@@ -31,7 +31,6 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from orchestrator.engine.engine import CardView, HostView, RolloutView, Snapshot
 from orchestrator.engine.events import (
     CardChanged,
     Deployed,
@@ -46,18 +45,27 @@ from orchestrator.engine.events import (
     Staged,
     StoreStatus,
 )
+from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
+from orchestrator.engine.state import SETTLED as SETTLED_STATES
+from orchestrator.engine.state import CardState, HostState
 from orchestrator.engine.store import CardRecord, HostRecord, TransitionRecord
 
-ORDER = ("SERVING", "PENDING", "ATTESTING", "KEYED", "LOADING", "REKEYING", "RETRY_WAIT",
-         "DISCONNECTED", "QUARANTINED", "FAILED")
-GLYPHS = {"SERVING": ("●", "green"), "PENDING": ("·", "dim"), "ATTESTING": ("◐", "cyan"),
-          "KEYED": ("◐", "cyan"), "LOADING": ("◑", "cyan"), "REKEYING": ("◐", "magenta"),
-          "RETRY_WAIT": ("◌", "yellow"), "DISCONNECTED": ("○", "red"),
-          "QUARANTINED": ("✖", "bold red"), "FAILED": ("✗", "red")}
-STYLES = {**{state: style for state, (_, style) in GLYPHS.items()},
-          "UP": "green", "UNREACHABLE": "bold red", "REFUSING": "bold red",
-          "CONNECTING": "yellow"}
-SETTLED = frozenset({"SERVING", "DISCONNECTED", "QUARANTINED", "FAILED"})
+# The states and their groupings are the engine's (engine/state.py): one source, so a
+# new state cannot show as "?" or drop out of the totals. What is ours is how each
+# looks (a table per enum, checked complete by tests/test_dashboard.py).
+C, H = CardState, HostState
+GLYPHS = {C.SERVING.value: ("●", "green"), C.PENDING.value: ("·", "dim"),
+          C.ATTESTING.value: ("◐", "cyan"), C.KEYED.value: ("◐", "cyan"),
+          C.LOADING.value: ("◑", "cyan"), C.REKEYING.value: ("◐", "magenta"),
+          C.RETRY_WAIT.value: ("◌", "yellow"), C.DISCONNECTED.value: ("○", "red"),
+          C.QUARANTINED.value: ("✖", "bold red"), C.FAILED.value: ("✗", "red")}
+HOST_STYLES = {H.UP.value: "green", H.CONNECTING.value: "yellow",
+               H.UNREACHABLE.value: "bold red", H.REFUSING.value: "bold red",
+               H.FAILED.value: "bold red"}
+STYLES = {**{state: style for state, (_, style) in GLYPHS.items()}, **HOST_STYLES}
+# serving first, then the engine's order of the others
+ORDER = (C.SERVING.value, *(state.value for state in CardState if state is not C.SERVING))
+SETTLED = frozenset(state.value for state in SETTLED_STATES)
 STUCK = 30.0          # seconds in a working state before a card "needs attention"
 SPARK = "▁▂▃▄▅▆▇█"
 LEGEND = ("● serving  ◐ working  ◌ retrying  ○ disconnected  ✖ quarantined  ✗ failed  "

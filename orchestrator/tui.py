@@ -22,7 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 from orchestrator.dashboard import Filter, render
-from orchestrator.engine.engine import Snapshot
+from orchestrator.engine.snapshot import Snapshot
 from orchestrator.engine.store import TransitionRecord
 
 STATES = ("", "QUARANTINED", "FAILED", "DISCONNECTED", "RETRY_WAIT", "REKEYING", "ATTESTING",

@@ -16,9 +16,9 @@ from rich.console import Console
 
 from orchestrator.dashboard import Filter, LiveDashboard, render, sparkline
 from orchestrator.engine.context import EngineStats
-from orchestrator.engine.engine import CardView, HostView, Snapshot
 from orchestrator.engine.events import CardChanged, Deployed, HostChanged, Rekeyed
 from orchestrator.engine.metrics import render_metrics
+from orchestrator.engine.snapshot import CardView, HostView, Snapshot
 
 FIXED_TS = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
@@ -245,7 +245,7 @@ def test_json_events_carry_iso_time_beside_unix_seconds() -> None:
 def test_a_rollout_is_one_line_with_versions_capacity_and_verdict() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from orchestrator.engine.engine import RolloutView
+    from orchestrator.engine.snapshot import RolloutView
 
     running = RolloutView(1, "gating", 2, 3, 7, 8, 4, 16, 15, 15, False, "", "soak: 4 s left")
     for width, height in SIZES:
@@ -284,3 +284,15 @@ def test_a_down_host_shows_how_long_it_has_been_down_and_keeps_its_verdicts() ->
     assert "host host1 REFUSING for 6m06s: staging: RESOURCE_EXHAUSTED (2 cards)" in text
     assert "host1/1 QUARANTINED for 50.0s: report signature does not verify" in text
     assert "host1/0 DISCONNECTED" not in text   # folded into the host's line
+
+
+def test_every_state_of_the_engine_has_its_look() -> None:
+    """The dashboard reads the states and their groupings from the engine: a new state
+    without a glyph or a style fails here, not as '?' on an operator's screen."""
+    from orchestrator.dashboard import GLYPHS, HOST_STYLES, ORDER, SETTLED
+    from orchestrator.engine.state import SETTLED as ENGINE_SETTLED
+    from orchestrator.engine.state import CardState, HostState
+
+    assert set(GLYPHS) == {s.value for s in CardState} == set(ORDER)
+    assert set(HOST_STYLES) == {s.value for s in HostState}
+    assert SETTLED == {s.value for s in ENGINE_SETTLED}

@@ -10,8 +10,8 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 
 from orchestrator.engine.context import EngineStats
-from orchestrator.engine.engine import RolloutView, Snapshot
 from orchestrator.engine.ledger import Phase
+from orchestrator.engine.snapshot import RolloutView, Snapshot
 from orchestrator.engine.state import CardState, HostState
 from orchestrator.errors import UsageError
 

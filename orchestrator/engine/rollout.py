@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from orchestrator.engine.engine import RolloutView
 from orchestrator.engine.events import RolloutChanged
 from orchestrator.engine.ledger import Phase
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.rolloutsetup import RolloutSetup
+from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
 from orchestrator.errors import ModelIPError, StateDirError
 
