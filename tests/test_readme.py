@@ -55,7 +55,7 @@ def test_shell_completion_offers_the_parsers_own_commands_and_flags(tmp_path: Pa
     lines = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
                            check=True).stdout.splitlines()
     assert lines == ["encrypt-model encrypt-with-session-keys", "exec list load reset unload",
-                     "--qpc", "--store"]
+                     "--qpc", "--store --store-word"]
     zsh = subprocess.run([sys.executable, "-m", "orchestrator", "completion", "zsh"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "bashcompinit" in zsh and "complete -o filenames -F _modelip modelip" in zsh

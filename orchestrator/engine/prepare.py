@@ -82,8 +82,9 @@ def sealing_source(plan: Plan, mek: MEK) -> tuple[Path, SealSettings, str]:
                              f"{plan.model.balance}".encode()).hexdigest()[:16]
         source = cache / f"packaged-{key}.qpc"
         if not source.exists():
+            # our own cache, which replicas sharing a state directory fill at once
             package_onnx(plan.model.onnx, source, partitions=plan.model.partitions,
-                         balance=plan.model.balance)
+                         balance=plan.model.balance, overwrite=True)
     else:
         assert plan.model.qpc is not None  # noqa: S101 - the plan has exactly one
         source = plan.model.qpc
