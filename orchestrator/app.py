@@ -22,6 +22,7 @@ from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.evidence import load_roots_file
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.host import HostTarget
+from orchestrator.engine.hostapi import Connect, HostAPI
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import (
     PreparedProgram,
@@ -32,7 +33,7 @@ from orchestrator.engine.prepare import (
 from orchestrator.engine.rolloutsetup import arrange
 from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
-from orchestrator.transport.client import TLSClientConfig
+from orchestrator.transport.client import Deadlines, HostClient, TLSClientConfig
 
 if TYPE_CHECKING:
     from orchestrator.crypto.mek import MEK
@@ -95,10 +96,16 @@ def default_replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def grpc_host(target: HostTarget, deadlines: Deadlines, gate: Callable[[], float] | None
+              ) -> HostAPI:
+    """The HostAPI of a real (or emulated) host: the gRPC client of its proxy."""
+    return HostClient(target.address, tls=target.tls, deadlines=deadlines, gate=gate)
+
+
 @asynccontextmanager
 async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
-                      replica: str | None = None, retry_rollout: bool = False
-                      ) -> AsyncIterator[Engine]:
+                      replica: str | None = None, retry_rollout: bool = False,
+                      connect: Connect | None = None) -> AsyncIterator[Engine]:
     """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
 
     Holds the state directory's lock for the whole block (a second orchestrator on
@@ -125,6 +132,7 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     # everything is in place: the journal's WAL, the caches, the PKI
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
+                                 connect=connect or grpc_host,
                                  retry_quarantined=retry_quarantined, shared=shared,
                                  rollout=rollout)
         finally:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from orchestrator.app import fleet_for, open_engine
+from orchestrator.app import fleet_for, grpc_host, open_engine
 from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.mek import load_mek
 from orchestrator.encrypt import encrypt_model
@@ -186,7 +186,7 @@ async def test_old_version_substitution_is_refused_by_the_card(tmp_path: Path) -
         async with fleet_for(plan) as (hosts, roots):
             async with HostClient(hosts[0].address) as client:
                 await client.stage(program)
-            engine = Engine(plan, hosts, roots, mek, prepared, journal)
+            engine = Engine(plan, hosts, roots, mek, prepared, journal, connect=grpc_host)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: engine.run(keep_serving=False))
                 with anyio.fail_after(30):
@@ -306,7 +306,8 @@ async def test_a_rekeyed_card_serves_only_once_its_body_is_verified(tmp_path: Pa
     with SQLiteStore(plan.journal_path) as journal:
         async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet:
             target = HostTarget("host0", fleet.addresses[0], (0, 1))
-            engine = Engine(plan, [target], [fleet.pki.root], mek, program, journal)
+            engine = Engine(plan, [target], [fleet.pki.root], mek, program, journal,
+                            connect=grpc_host)
             async with HostClient(fleet.addresses[0]) as client, \
                     anyio.create_task_group() as tg:
                 tg.start_soon(lambda: engine.run(keep_serving=True))

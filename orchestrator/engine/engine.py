@@ -27,6 +27,7 @@ from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext, EngineStats, percentile
 from orchestrator.engine.events import CardOutcome, Deployed, Event, Summary
 from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
+from orchestrator.engine.hostapi import Connect
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
@@ -75,7 +76,7 @@ class Engine:
 
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
-                 store: Store, *, retry_quarantined: bool = False,
+                 store: Store, *, connect: Connect, retry_quarantined: bool = False,
                  shared: PostgresStore | None = None, rollout: RolloutSetup | None = None
                  ) -> None:
         """``shared``: the store is shared by replicas (``store`` is it): drive only the
@@ -104,7 +105,7 @@ class Engine:
             host = HostSupervisor(target, self.ctx, share=share,
                                   on_card_moved=self._card_moved,
                                   on_card_checked=self._wake_waiters,
-                                  group_serving=self.group_serving)
+                                  group_serving=self.group_serving, connect=connect)
             self.hosts.append(host)
             devices = sorted(target.devices)
             for start in range(0, len(devices), plan.group_size):

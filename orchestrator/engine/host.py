@@ -11,7 +11,8 @@ protocol violations of this host and ignored, never raised.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -20,6 +21,7 @@ from anyio.abc import TaskStatus
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
+from orchestrator.engine.hostapi import Connect, HostAPI
 from orchestrator.engine.state import (
     CardState,
     CardTransition,
@@ -42,7 +44,6 @@ from orchestrator.transport.client import (
     DeviceState,
     DeviceStatus,
     EventKind,
-    HostClient,
     TLSClientConfig,
 )
 
@@ -68,8 +69,10 @@ class HostSupervisor:
     def __init__(self, target: HostTarget, ctx: EngineContext, *, share: int,
                  on_card_moved: Callable[[CardDriver, CardTransition], None],
                  on_card_checked: Callable[[], None],
-                 group_serving: Callable[[int], bool]) -> None:
+                 group_serving: Callable[[int], bool], connect: Connect) -> None:
+        """``connect`` makes the host's HostAPI (app.py: the gRPC client)."""
         self.target = target
+        self._connect = connect
         self.name = target.name
         self.ctx = ctx
         self.machine = HostMachine(target.name, target.address)
@@ -79,7 +82,7 @@ class HostSupervisor:
         self.group_serving = group_serving
         self._on_card_moved = on_card_moved
         self._on_card_checked = on_card_checked
-        self._client: HostClient | None = None
+        self._client: HostAPI | None = None
         self._changed = anyio.Event()
         self._probe_now = anyio.Event()
         self._stage_lock = anyio.Lock()
@@ -98,7 +101,7 @@ class HostSupervisor:
     # --- what drivers may ask -----------------------------------------------------------------
 
     @property
-    def client(self) -> HostClient:
+    def client(self) -> HostAPI:
         assert self._client is not None  # noqa: S101 - drivers run inside run()
         return self._client
 
@@ -164,11 +167,10 @@ class HostSupervisor:
         deadlines = Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
                               load=plan.timeouts.load)
         started = False
+        client = self._connect(self.target, deadlines, self.lease)
         with anyio.CancelScope() as self._running:
             try:
-                async with HostClient(self.target.address, tls=self.target.tls,
-                                      deadlines=deadlines, gate=self.lease) as client, \
-                        anyio.create_task_group() as cards:
+                async with _closing(client), anyio.create_task_group() as cards:
                     self._client = client
                     drivers = list(self.drivers.values())
                     records = await self.ctx.store.ensure_cards(self.name, [
@@ -348,6 +350,15 @@ class HostSupervisor:
         self.ctx.emit(HostChanged(host=self.name, address=self.target.address,
                                   previous=transition.previous.value,
                                   state=transition.state.value, reason=reason))
+
+
+@asynccontextmanager
+async def _closing(client: HostAPI) -> AsyncIterator[HostAPI]:
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await client.close()
 
 
 def card_event(driver: CardDriver, t: CardTransition) -> CardChanged:
