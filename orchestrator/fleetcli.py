@@ -162,7 +162,8 @@ async def _tick(dashboard: Any) -> None:
 
 def _print_summary(summary: Any, out: Any) -> None:
     print(f"{summary.serving}/{summary.cards} cards serving, {summary.hosts_up}/"
-          f"{summary.hosts} hosts up, {summary.rekeys} re-keys", file=out)
+          f"{summary.hosts} hosts up, {summary.rekeys} re-key"
+          f"{'' if summary.rekeys == 1 else 's'}", file=out)
     if summary.in_flight_at_end:
         print(f"at the end: {summary.wind_down()}", file=out)
     if summary.store_word:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,20 +98,29 @@ def test_swapped_partitions_are_refused_by_verify_and_the_card(  # type: ignore[
     container of this model, under this MEK) and fixes up the segment table."""
     mdp, _ = make_mdp(3)
     program = encrypt(mdp, fleet, tmp_path / "out", 3)
-    with open_container(program) as container:
-        names = container.names()
-        data = {name: container.read(name) for name in names}
-        offsets = {s.name: s.offset for s in container.segments}
-    data["partition_0.qpc"], data["partition_1.qpc"] = (data["partition_1.qpc"],
-                                                        data["partition_0.qpc"])
-    swapped = tmp_path / "swapped.qpc"
-    with open(swapped, "wb") as handle:
-        write_container(handle, [bytes_segment(n, data[n], offset=offsets[n]) for n in names])
+
+    def swap(data: dict[str, bytes]) -> None:
+        data["partition_0.qpc"], data["partition_1.qpc"] = (data["partition_1.qpc"],
+                                                            data["partition_0.qpc"])
+    swapped = _rewritten(program, swap, tmp_path / "swapped.qpc")
     capsys.readouterr()
     assert run("verify", "--qpc", swapped, "--mek", fleet["mek"]) == 3
     assert "partitions swapped" in capsys.readouterr().err
     error = _load_error(fleet["cards"][0], swapped, partition=0)
     assert isinstance(error, IntegrityError) and "partitions swapped" in str(error)
+
+
+def _rewritten(program: Path, change: Callable[[dict[str, bytes]], None], out: Path) -> Path:
+    """The container with its segments' bytes changed by ``change`` (name -> bytes) and
+    the segment table fixed up, as a host that rewrites a body would."""
+    with open_container(program) as container:
+        names = container.names()
+        data = {name: container.read(name) for name in names}
+        offsets = {s.name: s.offset for s in container.segments}
+    change(data)
+    with open(out, "wb") as handle:
+        write_container(handle, [bytes_segment(n, data[n], offset=offsets[n]) for n in names])
+    return out
 
 
 def test_mdp_needs_one_key_per_partition(tmp_path: Path, fleet, make_mdp, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -565,14 +575,10 @@ def test_bytes_added_to_a_partition_are_refused(tmp_path: Path, fleet, make_mdp,
     info records each partition's size and info digest, so verify and the card refuse."""
     mdp, _ = make_mdp(2)
     program = encrypt(mdp, fleet, tmp_path / "out", 2)
-    with open_container(program) as container:
-        names = container.names()
-        data = {name: container.read(name) for name in names}
-        offsets = {s.name: s.offset for s in container.segments}
-    data["partition_0.qpc"] += b"\0" * 64
-    grown = tmp_path / "grown.qpc"
-    with open(grown, "wb") as handle:
-        write_container(handle, [bytes_segment(n, data[n], offset=offsets[n]) for n in names])
+
+    def grow(data: dict[str, bytes]) -> None:
+        data["partition_0.qpc"] += b"\0" * 64
+    grown = _rewritten(program, grow, tmp_path / "grown.qpc")
     capsys.readouterr()
     assert run("verify", "--qpc", grown, "--mek", fleet["mek"]) == 3
     assert "bytes added or cut" in capsys.readouterr().err

@@ -10,8 +10,10 @@ protocol violations of this host and ignored, never raised.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ from orchestrator.engine.state import (
     HostState,
     Trigger,
 )
+from orchestrator.engine.store import CardRecord, HostRecord
 from orchestrator.errors import (
     DeadlineError,
     LeaseLost,
@@ -90,10 +93,10 @@ class HostSupervisor:
         self._alive = anyio.CancelScope()
         self._running = anyio.CancelScope()
         # Shared stores: how long this replica may still act on the host (raises
-        # LeaseLost when it may not); None with the embedded store.
-        self.lease: Callable[[], float] | None = None
-        self.lease_lost: LeaseLost | None = None
-        self.owner = ""   # the replica driving this host (shared stores)
+        # LeaseLost when it may not); None with the embedded store. Set by claim().
+        self._lease: Callable[[], float] | None = None
+        self._lease_lost: LeaseLost | None = None
+        self._owner = ""   # the replica driving this host (shared stores)
 
     def __repr__(self) -> str:
         return f"HostSupervisor({self.name}, {self.machine.state.value})"
@@ -140,34 +143,69 @@ class HostSupervisor:
     # --- the task ---------------------------------------------------------------------------
 
     @property
+    def owner(self) -> str:
+        """The replica driving this host (shared stores), "" if none is known."""
+        return self._owner
+
+    @property
+    def lease_lost(self) -> LeaseLost | None:
+        """Why this replica lost the host's lease, if it did."""
+        return self._lease_lost
+
+    @property
     def fenced(self) -> bool:
         """This replica lost the host's lease: no more writes about it, no more calls."""
-        return self.lease_lost is not None
+        return self._lease_lost is not None
 
     def fence(self, lost: LeaseLost) -> None:
         """Stop everything on this host now, without a call to its cards (no roll back:
         another replica may already drive them)."""
-        if self.lease_lost is None:
-            self.lease_lost = lost
+        if self._lease_lost is None:
+            self._lease_lost = lost
         self._running.cancel()
 
-    def reset(self) -> None:
-        """Forget what was known of the host and its cards (taken over afresh: the
-        store says what is true now)."""
+    def claim(self, owner: str, lease: Callable[[], float]) -> None:
+        """This replica (``owner``) holds the host now, for as long as ``lease`` says
+        (before run): what was known of it and its cards is forgotten, the store says
+        what is true now."""
         self.machine = HostMachine(self.target.name, self.target.address)
-        self.lease_lost = None
+        self._lease_lost = None
+        self._owner, self._lease = owner, lease
         self.violations.clear()
         self._stream_open = False
         self._probe_now = anyio.Event()
         for driver in self.drivers.values():
             driver.reset()
 
+    def release(self) -> None:
+        """This replica no longer holds the host (handed back, or its lease lost)."""
+        self._owner = ""
+
+    def mirror(self, record: HostRecord, cards: Sequence[CardRecord]) -> None:
+        """Show what the replica that drives this host last journaled of it and its
+        cards (``record.owner`` "": no live replica holds it, and its cards are shown
+        DISCONNECTED, verified by no one, whatever the store says)."""
+        self._owner = record.owner
+        with contextlib.suppress(ValueError):
+            self.machine.show(HostState(record.state), record.reason)
+        for card in cards:
+            driver = self.drivers.get(card.device)
+            if driver is None:
+                continue
+            if not record.owner and card.state != CardState.DISCONNECTED.value:
+                card = dataclasses.replace(
+                    card, state=CardState.DISCONNECTED.value,
+                    reason=f"no live replica holds host {card.host} (the store said "
+                           f"{card.state}, verified by no one)")
+            with contextlib.suppress(ValueError):
+                driver.mirror(card)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         plan = self.ctx.plan
         deadlines = Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
                               load=plan.timeouts.load)
         started = False
-        client = self._connect(self.target, deadlines, self.lease)
+        client = self._connect(self.target, deadlines, self._lease)
         with anyio.CancelScope() as self._running:
             try:
                 async with _closing(client), anyio.create_task_group() as cards:

@@ -16,7 +16,6 @@ deadline that ends before the lease does.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
 from orchestrator.engine.pgstore import Claimed, PostgresStore
-from orchestrator.engine.state import CardState, HostState
+from orchestrator.engine.store import CardRecord
 from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -101,9 +100,7 @@ class Replica:
 
     def _start(self, claimed: Claimed) -> None:
         host = self.hosts[claimed.host]
-        host.reset()
-        host.owner = self.name
-        host.lease = self._gate(claimed.host)
+        host.claim(self.name, self._gate(claimed.host))
         self.epochs[claimed.host] = claimed.epoch
         self.engine.recount()
         action = "took over" if claimed.previous_owner not in ("", self.name) else "claimed"
@@ -124,7 +121,7 @@ class Replica:
             done.set()
             if host.lease_lost is not None:
                 self.store.fences.pop(host.name, None)
-                host.owner = ""
+                host.release()
                 self._announce(host.name, "lost", reason=str(host.lease_lost))
             self.engine.recount()
 
@@ -139,7 +136,7 @@ class Replica:
         scope.cancel()
         await done.wait()
         await self.store.release(name)
-        self.hosts[name].owner = ""
+        self.hosts[name].release()
         self._announce(name, "handed back", reason=f"fair share of {self.alive} replicas")
 
     def _gate(self, name: str) -> Callable[[], float]:
@@ -159,27 +156,12 @@ class Replica:
         others = {name for name in self.hosts if name not in self.running}
         if not others:
             return
-        records = await self.store.hosts()
-        for record in records:
-            host = self.hosts.get(record.host)
-            if host is not None and record.host in others:
-                host.owner = record.owner
-                with contextlib.suppress(ValueError):
-                    host.machine.state = HostState(record.state)
-                host.machine.reason = record.reason
-        unheld = {record.host for record in records if record.host in others
-                  and not record.owner}
+        records = {r.host: r for r in await self.store.hosts() if r.host in others}
+        cards: dict[str, list[CardRecord]] = {}
         for card in await self.store.cards():
-            host = self.hosts.get(card.host)
-            if host is not None and card.host in others and card.device in host.drivers:
-                if card.host in unheld and card.state != CardState.DISCONNECTED.value:
-                    # no live replica holds it: the store's word is no one's verification
-                    card = dataclasses.replace(
-                        card, state=CardState.DISCONNECTED.value,
-                        reason=f"no live replica holds host {card.host} (the store said "
-                               f"{card.state}, verified by no one)")
-                with contextlib.suppress(ValueError):
-                    host.drivers[card.device].mirror(card)
+            cards.setdefault(card.host, []).append(card)
+        for name, record in records.items():
+            self.hosts[name].mirror(record, cards.get(name, []))
         self.engine.recount()
 
     def _announce(self, host: str, action: str, *, epoch: int = 0, previous_owner: str = "",

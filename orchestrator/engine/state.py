@@ -209,6 +209,14 @@ class HostMachine:
             raise InvalidTransition(f"host {self.name}", self.state.value, target.value)
         return HostTransition(self.name, self.state, target, reason)
 
+    def show(self, state: HostState, reason: str) -> None:
+        """What another replica, which drives this host, last journaled: shown, not
+        moved (no transition of ours; the store already holds it)."""
+        if state is not self.state:
+            self.since = time.monotonic()
+        self.state = state
+        self.reason = reason
+
     def apply(self, transition: HostTransition) -> None:
         if transition.previous is not self.state:
             raise InvalidTransition(f"host {self.name}", self.state.value,

@@ -10,29 +10,13 @@ PY=${PYTHON:-python3}
 export XDG_CONFIG_HOME="$PWD/config"
 unset MODELIP_TRUST_ROOT
 
-modelip emulate --hosts 1 --devices-per-host 2 --base-port 0 --reboot-time 0.1 \
-    --pki-dir pki > emulate.log 2>&1 &
-EMU=$!
-trap 'kill -INT $EMU 2>/dev/null; wait $EMU 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q READY emulate.log && break; sleep 0.1; done
-grep -q READY emulate.log
-PORT=$(sed -n 's/^host0 listening on 127.0.0.1:\([0-9]*\).*/\1/p' emulate.log)
+. "$(dirname "$0")/common.sh"
+start_emulator 2 --reboot-time 0.1
 
 # one-time set-up: the vendor root, configured once
 mkdir -p config/modelip && cp pki/root.pem config/modelip/trust-root.pem
 
-"$PY" - <<'PYEOF'
-import json, numpy as np
-from tests.models import tiny_mlp, reference_output
-m = tiny_mlp()
-open("network.onnx", "wb").write(m.SerializeToString())
-json.dump({"format": "modelip-io/1", "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 8]}],
-           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4]}],
-           "model_outputs": ["y"]}, open("io_desc.json", "w"))
-x = np.random.default_rng(5).standard_normal((1, 8)).astype(np.float32)
-np.save("x.npy", x)
-np.save("expected.npy", reference_output(m, x))
-PYEOF
+write_tiny_model
 modelip pack -o model.qpc --segment network.onnx=network.onnx --segment io_desc.json=io_desc.json
 modelip generate-mek -o MEK.dat
 head -c 32 /dev/urandom > request.bin

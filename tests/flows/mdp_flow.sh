@@ -6,15 +6,12 @@ set -euo pipefail
 PY=${PYTHON:-python3}
 MODEL=$("$PY" -c "import onnx, os; print(os.path.join(os.path.dirname(onnx.__file__), 'backend/test/data/light/light_squeezenet.onnx'))")
 
-modelip emulate --hosts 1 --devices-per-host 6 --base-port 0 --pki-dir pki > emulate.log 2>&1 &
-EMU=$!
-trap 'kill -INT $EMU 2>/dev/null; wait $EMU 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q READY emulate.log && break; sleep 0.1; done
-PORT=$(sed -n 's/^host0 listening on 127.0.0.1:\([0-9]*\).*/\1/p' emulate.log)
-HOST=(--ip 127.0.0.1 --port "$PORT")
+. "$(dirname "$0")/common.sh"
+start_emulator 6
 
 modelip package "$MODEL" --partitions 3 -o squeeze.qpc
-modelip inspect squeeze.qpc | grep -q "partition 2: partition_2.qpc"
+modelip inspect squeeze.qpc > inspect.txt
+grep "partition 2: partition_2.qpc" inspect.txt > /dev/null
 for d in 3 4 5; do modelip attest "${HOST[@]}" -d $d -o pub$d.dat --trust-root pki/root.pem; done
 modelip generate-mek -o MEK.dat
 modelip encrypt-model --qpc squeeze.qpc --mek MEK.dat --output-dir enc \
