@@ -161,11 +161,12 @@ class StateError(ModelIPError):
 
 
 class InvalidTransition(StateError):
-    """A card state machine was asked for a move its table does not allow."""
+    """A state machine (a card's, a host's, a rollout's) was asked for a move its table
+    does not allow. ``subject`` names the machine ("card host0/1", "rollout 3")."""
 
-    def __init__(self, card: str, current: str, target: str) -> None:
-        super().__init__(f"card {card}: cannot move from {current} to {target}")
-        self.card = card
+    def __init__(self, subject: str, current: str, target: str) -> None:
+        super().__init__(f"{subject}: cannot move from {current} to {target}")
+        self.subject = subject
         self.current = current
         self.target = target
 

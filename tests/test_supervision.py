@@ -29,6 +29,7 @@ from orchestrator.emulator.adversary import malformed_chain
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.events import ProtocolViolation
+from orchestrator.engine.ledger import PHASE_MOVES, Phase, RolloutLedger
 from orchestrator.engine.plan import Plan
 from orchestrator.engine.state import (
     CARD_MOVES,
@@ -66,6 +67,35 @@ def test_every_card_move_is_allowed_or_raises(source: CardState) -> None:
             with pytest.raises(InvalidTransition):
                 machine.propose(target)
             assert machine.state is source
+
+
+@pytest.mark.parametrize("source", list(Phase))
+async def test_every_rollout_phase_move_is_allowed_or_raises(tmp_path: Path,
+                                                              source: Phase) -> None:
+    """The rollout's phases have a move table like cards and hosts: the ledger takes an
+    allowed move (journaled, with its line of history) and refuses any other, writing
+    nothing."""
+    with SQLiteStore(tmp_path / "journal.sqlite") as journal:
+        ledger = RolloutLedger(journal)
+        for target in Phase:
+            record = await ledger.start("old", "cand", "new", [1, 2], "started")
+            if source is not Phase.SWITCHING:  # put it in ``source`` behind the ledger
+                journal.execute("UPDATE rollouts SET phase = ? WHERE id = ?",
+                                (source.value, record.id))
+                record = await ledger.get(record.id)
+            if target in PHASE_MOVES[source]:
+                moved = await ledger.advance(record, target, "why")
+                assert moved.phase is target
+                assert (await ledger.history(record.id))[-1].what == "why"
+                assert (moved.phase.ended) == (target in (Phase.COMMITTED,
+                                                          Phase.ROLLED_BACK))
+            else:
+                before = await ledger.history(record.id)
+                with pytest.raises(InvalidTransition, match=f"rollout {record.id}: cannot "
+                                   f"move from {source.value} to {target.value}"):
+                    await ledger.advance(record, target, "why")
+                assert (await ledger.get(record.id)).phase is source
+                assert await ledger.history(record.id) == before
 
 
 @pytest.mark.parametrize("source", list(HostState))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.engine.store import SQLiteStore
+from orchestrator.errors import InvalidTransition
 
 
 class Phase(enum.Enum):
@@ -26,6 +28,24 @@ class Phase(enum.Enum):
     @property
     def ended(self) -> bool:
         return self in (Phase.COMMITTED, Phase.ROLLED_BACK)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+P = Phase
+# A rollout's moves (docs/rollouts.md), as cards and hosts have theirs: a wave is
+# switched then gated; a gate passes to the next wave, to committing (the version with
+# the raised floor) or to committed (the candidate was that version already), or
+# fails and rolls back; an undo rolls back from switching or gating.
+PHASE_MOVES: dict[Phase, frozenset[Phase]] = {
+    P.SWITCHING: frozenset({P.GATING, P.ROLLING_BACK}),
+    P.GATING: frozenset({P.SWITCHING, P.COMMITTING, P.COMMITTED, P.ROLLING_BACK}),
+    P.COMMITTING: frozenset({P.COMMITTED}),
+    P.ROLLING_BACK: frozenset({P.ROLLED_BACK}),
+    P.COMMITTED: frozenset(),
+    P.ROLLED_BACK: frozenset(),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,31 +107,31 @@ class RolloutLedger:
     # --- programs ----------------------------------------------------------------------
 
     async def record_program(self, program: ProgramRecord) -> None:
-        self.store._write(
+        self.store.execute(
             "INSERT INTO programs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(program_id) DO "
             "UPDATE SET body = excluded.body",
             (program.program_id, program.model_id, program.version, program.floor,
              program.body, time.time()))
 
     async def program(self, program_id: str) -> ProgramRecord | None:
-        row = self.store._read("SELECT program_id, model_id, version, floor, body FROM "
+        row = self.store.query("SELECT program_id, model_id, version, floor, body FROM "
                                "programs WHERE program_id = ?", (program_id,)).fetchone()
         return None if row is None else ProgramRecord(*row)
 
     async def fleet_program(self) -> str | None:
         """The program the whole fleet is meant to serve (None: never recorded)."""
-        row = self.store._read("SELECT program_id FROM fleet_program").fetchone()
+        row = self.store.query("SELECT program_id FROM fleet_program").fetchone()
         return None if row is None else str(row[0])
 
     async def set_fleet_program(self, program_id: str) -> None:
-        self.store._write("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO "
+        self.store.execute("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO "
                           "UPDATE SET program_id = excluded.program_id, ts = excluded.ts",
                           (program_id, time.time()))
 
     # --- rollouts ----------------------------------------------------------------------
 
     async def active(self) -> RolloutRecord | None:
-        row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
+        row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
                                "ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else _rollout(row)
 
@@ -119,64 +139,67 @@ class RolloutLedger:
                      ) -> RolloutRecord | None:
         """The newest rollout (of ``from_program`` to ``to_program`` if given)."""
         if from_program is None:
-            row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
+            row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
                                    "LIMIT 1").fetchone()
         else:
-            row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
+            row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
                                    "AND to_program = ? ORDER BY id DESC LIMIT 1",
                                    (from_program, to_program)).fetchone()
         return None if row is None else _rollout(row)
 
     async def get(self, rollout_id: int) -> RolloutRecord:
-        row = self.store._read(f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant columns
+        row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant columns
                                (rollout_id,)).fetchone()
         return _rollout(row)
 
     async def start(self, from_program: str, candidate: str, to_program: str,
                     waves: list[int], what: str) -> RolloutRecord:
         now = time.time()
-        with self.store._transaction():
-            cursor = self.store._db.execute(
+        with self.store.transaction() as execute:
+            cursor = execute(
                 "INSERT INTO rollouts (started, updated, from_program, candidate, to_program, "
                 "waves, wave, phase) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
                 (now, now, from_program, candidate, to_program, json.dumps(waves),
                  Phase.SWITCHING.value))
             rollout_id = int(cursor.lastrowid or 0)
-            self._history(rollout_id, 0, Phase.SWITCHING, what, now)
+            self._history(execute, rollout_id, 0, Phase.SWITCHING, what, now)
         return await self.get(rollout_id)
 
     async def advance(self, rollout: RolloutRecord, phase: Phase, what: str, *,
                       wave: int | None = None, verdict: str | None = None) -> RolloutRecord:
-        """Move the rollout (journaled with a line of history) and return it as stored."""
+        """Move the rollout (journaled with a line of history) and return it as stored.
+        InvalidTransition if PHASE_MOVES does not allow the move (nothing is written)."""
+        if phase not in PHASE_MOVES[rollout.phase]:
+            raise InvalidTransition(f"rollout {rollout.id}", rollout.phase.value, phase.value)
         now = time.time()
         wave = rollout.wave if wave is None else wave
-        with self.store._transaction():
-            self.store._db.execute(
+        with self.store.transaction() as execute:
+            execute(
                 "UPDATE rollouts SET phase = ?, wave = ?, updated = ?, verdict = ?, "
                 "ended = ? WHERE id = ?",
                 (phase.value, wave, now, rollout.verdict if verdict is None else verdict,
                  now if phase.ended else None, rollout.id))
-            self._history(rollout.id, wave, phase, what, now)
+            self._history(execute, rollout.id, wave, phase, what, now)
         return await self.get(rollout.id)
 
     async def request(self, rollout: RolloutRecord, *, paused: bool | None = None,
                       undo: bool = False, what: str) -> None:
         """An operator's request (pause, resume, undo), for the engine to carry out."""
         now = time.time()
-        with self.store._transaction():
-            self.store._db.execute(
+        with self.store.transaction() as execute:
+            execute(
                 "UPDATE rollouts SET paused = ?, undo = ?, updated = ? WHERE id = ?",
                 (rollout.paused if paused is None else paused, rollout.undo or undo, now,
                  rollout.id))
-            self._history(rollout.id, rollout.wave, rollout.phase, what, now)
+            self._history(execute, rollout.id, rollout.wave, rollout.phase, what, now)
 
     async def history(self, rollout_id: int) -> list[HistoryRecord]:
-        rows = self.store._read("SELECT ts, wave, phase, what FROM rollout_history WHERE "
+        rows = self.store.query("SELECT ts, wave, phase, what FROM rollout_history WHERE "
                                 "rollout = ? ORDER BY id", (rollout_id,))
         return [HistoryRecord(*row) for row in rows]
 
-    def _history(self, rollout_id: int, wave: int, phase: Phase, what: str, now: float
-                 ) -> None:
-        self.store._db.execute("INSERT INTO rollout_history (rollout, ts, wave, phase, what) "
-                               "VALUES (?, ?, ?, ?, ?)", (rollout_id, now, wave, phase.value,
-                                                          what))
+    @staticmethod
+    def _history(execute: Callable[[str, tuple[object, ...]], object], rollout_id: int,
+                 wave: int, phase: Phase, what: str, now: float) -> None:
+        execute("INSERT INTO rollout_history (rollout, ts, wave, phase, what) "
+                "VALUES (?, ?, ?, ?, ?)", (rollout_id, now, wave, phase.value, what))

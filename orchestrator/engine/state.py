@@ -164,7 +164,7 @@ class CardMachine:
         session was seen), a KnownGood records it (verified serving).
         """
         if target not in CARD_MOVES[self.state]:
-            raise InvalidTransition(self.name, self.state.value, target.value)
+            raise InvalidTransition(f"card {self.name}", self.state.value, target.value)
         good = self.known_good if known_good is True else known_good
         return CardTransition(self.host, self.device, self.card_id, self.state, target, reason,
                               self.boot_counter, self.session_id.hex(), self.program_id,
@@ -172,7 +172,8 @@ class CardMachine:
 
     def apply(self, transition: CardTransition) -> None:
         if transition.previous is not self.state:
-            raise InvalidTransition(self.name, self.state.value, transition.state.value)
+            raise InvalidTransition(f"card {self.name}", self.state.value,
+                                    transition.state.value)
         self.state = transition.state
         self.reason = transition.reason
         self.known_good = transition.known_good

@@ -21,7 +21,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -294,6 +294,23 @@ class SQLiteStore:
         return [TransitionRecord(*row) for row in rows][::-1]
 
     # --- plumbing -----------------------------------------------------------------
+
+    # --- the seam for the journal's other tables (the rollout ledger) ------------------
+
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """Read from the journal; StateDirError if it cannot be read."""
+        return self._read(sql, args)
+
+    def execute(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """One write, atomic on its own; StateDirError if it cannot be written."""
+        return self._write(sql, args)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Callable[[str, tuple[object, ...]], sqlite3.Cursor]]:
+        """Several writes in one commit: yields the statement runner of the
+        transaction; StateDirError if the disk fails (nothing is written then)."""
+        with self._transaction():
+            yield self._db.execute
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         try:
