@@ -21,6 +21,7 @@ from anyio.abc import TaskStatus
 from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify_load_receipt
 from orchestrator.crypto.wrap import key_slot_digest, wrap_mek
 from orchestrator.engine.context import EngineContext
+from orchestrator.engine.decide import Act, Seen, decide_serving, give_up
 from orchestrator.engine.events import HintDisproved, Rekeyed
 from orchestrator.engine.state import (
     FINAL,
@@ -281,55 +282,55 @@ class CardDriver:
         self._wake = anyio.Event()
         report: VerifiedReport | None = None
         if m.state is S.SERVING:
-            try:
-                async with self.host.limiter:
-                    report = await self._attest()
-            except DeviceOffline:
+            seen, report, said = await self._check()
+            decision = decide_serving(seen, hinted=trigger.is_hint,
+                                      suspected=bool(self._first_sign))
+            if decision.outage:
                 self._first_sign = self._first_sign or started
-                await self.move(S.REKEYING, f"{trigger.value}: the card is rebooting")
-            except RETRYABLE as err:
-                self.host.suspect()
-                if not trigger.is_hint and not self._first_sign:
-                    # one missed periodic check: look again soon, while the host is probed
-                    self._first_sign = started
-                    self.hint(Trigger.PERIODIC)
-                    return
-                self._first_sign = self._first_sign or started
-                await self.move(S.REKEYING, f"{trigger.value}: {err}")
-            except VerificationError as err:
-                self.ctx.stats.verification_failures[type(err).__name__] += 1
-                await self.move(S.QUARANTINED, str(err))
+            if decision.act is Act.KEEP:
+                if decision.disproved and report is not None:
+                    self.ctx.stats.disproved_hints += 1
+                    self.ctx.emit(HintDisproved(host=m.host, device=m.device,
+                                                trigger=trigger.value,
+                                                boot_counter=report.boot_counter))
+                self._first_sign = 0.0
                 return
-            else:
-                if report.session_id == m.session_id:
-                    if not self._holds_ours(report):
-                        if report.loaded is not None and report.loaded.info_digest in \
-                                self.ctx.digests:
-                            await self.move(S.REKEYING, f"{trigger.value}: switching to version "
-                                            f"{self.program.version}")
-                            await self._bring_up(trigger, report)
-                            return
-                        if report.loaded is not None:
-                            self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
-                            await self.move(S.QUARANTINED, f"runs another program: "
-                                      f"{report.loaded.describe()} (its own signed report)")
-                            return
-                        self._first_sign = self._first_sign or started
-                        await self.move(S.REKEYING, f"{trigger.value}: the card no longer holds "
-                                  "the program (same session)", known_good=None)
-                        await self._bring_up(trigger, report)
-                        return
-                    if trigger.is_hint or self._first_sign:
-                        self.ctx.stats.disproved_hints += 1
-                        self.ctx.emit(HintDisproved(host=m.host, device=m.device,
-                                                    trigger=trigger.value,
-                                                    boot_counter=report.boot_counter))
-                    self._first_sign = 0.0
-                    return
-                self._first_sign = self._first_sign or started
-                await self.move(S.REKEYING, f"{trigger.value}: new session (boot "
-                          f"{report.boot_counter})", known_good=None)
+            if decision.act is Act.LOOK_AGAIN:  # while the host is probed
+                self.hint(Trigger.PERIODIC)
+                return
+            if decision.act is Act.QUARANTINE:
+                await self.move(S.QUARANTINED, said)
+                return
+            await self.move(S.REKEYING, f"{trigger.value}: {said}",
+                            known_good=None if decision.forget else True)
         await self._bring_up(trigger, report)
+
+    async def _check(self) -> tuple[Seen, VerifiedReport | None, str]:
+        """Look at a serving card once: what was seen, the verified report (if one came
+        back) and what to say. The one place a check's outcome is classified."""
+        m = self.machine
+        try:
+            async with self.host.limiter:
+                report = await self._attest()
+        except DeviceOffline:
+            return Seen.OFFLINE, None, "the card is rebooting"
+        except RETRYABLE as err:
+            self.host.suspect()
+            return Seen.UNANSWERED, None, str(err) or "timed out"
+        except VerificationError as err:
+            self.ctx.stats.verification_failures[type(err).__name__] += 1
+            return Seen.REFUTED, None, str(err)
+        if report.session_id != m.session_id:
+            return Seen.NEW_SESSION, report, f"new session (boot {report.boot_counter})"
+        if self._holds_ours(report):
+            return Seen.OURS, report, ""
+        if report.loaded is None:
+            return Seen.NOTHING, report, "the card no longer holds the program (same session)"
+        if report.loaded.info_digest in self.ctx.digests:
+            return Seen.OTHER_VERSION, report, f"switching to version {self.program.version}"
+        self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
+        return Seen.FOREIGN, report, (f"runs another program: {report.loaded.describe()} "
+                                      "(its own signed report)")
 
     async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
         """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
@@ -374,7 +375,7 @@ class CardDriver:
                 await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
             except ProgramNotStaged as err:
                 report = None
-                if attempt >= retry.attempts:
+                if give_up(attempt, retry.attempts):
                     await self.move(S.FAILED, f"gave up after {attempt} attempts: {err}")
                     return
                 await self.host.restage()  # the host lost the body: never final
@@ -382,7 +383,7 @@ class CardDriver:
                 report = None
                 self.host.suspect()
                 message = str(err) or "timed out"
-                if attempt >= retry.attempts:
+                if give_up(attempt, retry.attempts):
                     await self.move(S.FAILED, f"gave up after {attempt} attempts: {message}")
                     return
                 await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
