@@ -171,19 +171,43 @@ def test_live_driver_refreshes_on_events_with_a_capture_console() -> None:
     assert "re-keys 5" in console.export_text()
 
 
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, read by the official parser: (name, labels) ->
+    value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_metrics_text() -> None:
     stats = EngineStats(rekeys=1, attestations=9, outages=[0.007])
     stats.verification_failures["AttestationError"] += 2
     stats.protocol_violations["host1"] += 3
-    text = render_metrics(snapshot(), stats)
-    assert 'modelip_cards{state="SERVING"} 1' in text
-    assert 'modelip_cards{state="QUARANTINED"} 1' in text
-    assert "modelip_rekeys_total 1" in text
-    assert 'modelip_verification_failures_total{kind="AttestationError"} 2' in text
-    assert 'modelip_outage_seconds{quantile="0.99"} 0.012000' in text
-    assert 'modelip_host_state{host="host1",state="UNREACHABLE"} 1' in text
-    assert 'modelip_host_state{host="host1",state="UP"} 0' in text
-    assert 'modelip_protocol_violations_total{host="host1"} 3' in text
+    samples = _samples(render_metrics(snapshot(), stats))
+    assert samples[("modelip_cards", (("state", "SERVING"),))] == 1
+    assert samples[("modelip_cards", (("state", "QUARANTINED"),))] == 1
+    assert samples[("modelip_rekeys_total", ())] == 1
+    assert samples[("modelip_verification_failures_total", (("kind", "AttestationError"),))] == 2
+    assert samples[("modelip_outage_seconds", (("quantile", "0.99"),))] == 0.012
+    assert samples[("modelip_host_state", (("host", "host1"), ("state", "UNREACHABLE")))] == 1
+    assert samples[("modelip_host_state", (("host", "host1"), ("state", "UP")))] == 0
+    assert samples[("modelip_protocol_violations_total", (("host", "host1"),))] == 3
+
+
+def test_metric_labels_are_escaped_by_the_library() -> None:
+    """A host name with a quote, a backslash and a newline (a store writer's, or a
+    plan's) cannot break the page: prometheus_client escapes label values."""
+    odd = 'h"1\\x\nnext'
+    hosts = (HostView(odd, "a:1", "UP", "", 1, 1, 0, 1.0),)
+    cards = (CardView(odd, 0, "c", 0, 0, "SERVING", "", 1, 1, "", "", 1.0),)
+    stats = EngineStats()
+    stats.protocol_violations[odd] += 1
+    stats.verification_failures[odd] += 1
+    samples = _samples(render_metrics(snapshot(hosts=hosts, cards=cards), stats))
+    assert samples[("modelip_host_state", (("host", odd), ("state", "UP")))] == 1
+    assert samples[("modelip_protocol_violations_total", (("host", odd),))] == 1
+    assert samples[("modelip_verification_failures_total", (("kind", odd),))] == 1
 
 
 def test_metrics_parse_with_the_official_parser() -> None:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anyio
 from anyio.abc import SocketStream, TaskStatus
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from orchestrator.engine.context import EngineStats
 from orchestrator.engine.ledger import Phase
@@ -17,119 +25,127 @@ from orchestrator.errors import UsageError
 
 
 def render_metrics(snapshot: Snapshot, stats: EngineStats) -> str:
-    lines = ["# HELP modelip_cards Cards per state.", "# TYPE modelip_cards gauge"]
-    for state in CardState:
-        count = snapshot.counts.get(state.value, 0)
-        lines.append(f'modelip_cards{{state="{state.value}"}} {count}')
-    lines += ["# HELP modelip_groups_serving MDP groups whose cards all serve.",
-              "# TYPE modelip_groups_serving gauge",
-              f"modelip_groups_serving {snapshot.groups_serving}",
-              "# TYPE modelip_rekeys_total counter", f"modelip_rekeys_total {stats.rekeys}",
-              "# TYPE modelip_attestations_total counter",
-              f"modelip_attestations_total {stats.attestations}",
-              "# TYPE modelip_loads_total counter", f"modelip_loads_total {stats.loads}",
-              "# TYPE modelip_hints_disproved_total counter",
-              f"modelip_hints_disproved_total {stats.disproved_hints}",
-              "# HELP modelip_outage_seconds First sign of a lost session to serving again.",
-              "# TYPE modelip_outage_seconds summary"]
-    for quantile, value in (("0.5", snapshot.outage_p50), ("0.99", snapshot.outage_p99)):
-        if value is not None:
-            lines.append(f'modelip_outage_seconds{{quantile="{quantile}"}} {value:.6f}')
-    lines += [f"modelip_outage_seconds_sum {sum(stats.outages):.6f}",
-              f"modelip_outage_seconds_count {len(stats.outages)}",
-              *_histogram("modelip_rekey_seconds", "Re-key latency: first sign of a lost "
-                          "session to serving again.", stats.outages),
-              "# HELP modelip_host_state 1 for the state each host is in.",
-              "# TYPE modelip_host_state gauge"]
-    for host in snapshot.hosts:
-        name = _label(host.name)
-        for each in HostState:
-            lines.append(f'modelip_host_state{{host="{name}",state="{each.value}"}} '
-                         f"{int(host.state == each.value)}")
-    lines += ["# HELP modelip_host_cards Cards of each host per state.",
-              "# TYPE modelip_host_cards gauge"]
-    per_host = Counter((card.host, card.state) for card in snapshot.cards)
-    for host in snapshot.hosts:
-        name = _label(host.name)
+    """The Prometheus text exposition of one snapshot (docs/engine.md lists every metric),
+    written by prometheus_client: its escaping of label values, its formats."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot, stats))
+    return generate_latest(registry).decode()
+
+
+class _SnapshotCollector(Collector):
+    """A custom collector over one snapshot and the engine's counters."""
+
+    def __init__(self, snapshot: Snapshot, stats: EngineStats) -> None:
+        self.snapshot, self.stats = snapshot, stats
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot, stats = self.snapshot, self.stats
+        cards = GaugeMetricFamily("modelip_cards", "Cards per state.", labels=["state"])
         for state in CardState:
-            lines.append(f'modelip_host_cards{{host="{name}",state="{state.value}"}} '
-                         f"{per_host[(host.name, state.value)]}")
-    lines += ["# HELP modelip_protocol_violations_total Messages outside the protocol, by host.",
-              "# TYPE modelip_protocol_violations_total counter"]
-    for name, count in sorted(stats.protocol_violations.items()):
-        lines.append(f'modelip_protocol_violations_total{{host="{_label(name)}"}} {count}')
-    lines += ["# TYPE modelip_internal_errors_total counter",
-              f"modelip_internal_errors_total {stats.internal_errors}",
-              "# TYPE modelip_verification_failures_total counter"]
-    for reason, count in sorted(stats.verification_failures.items()):
-        lines.append(f'modelip_verification_failures_total{{kind="{reason}"}} {count}')
-    if stats.deployed_after is not None:
-        lines.append(f"modelip_deploy_seconds {stats.deployed_after:.3f}")
-    if snapshot.replica:
-        lines += _replica_lines(snapshot, stats)
-    if snapshot.rollout is not None:
-        lines += _rollout_lines(snapshot.rollout)
-    return "\n".join(lines) + "\n"
+            cards.add_metric([state.value], snapshot.counts.get(state.value, 0))
+        yield cards
+        yield GaugeMetricFamily("modelip_groups_serving", "MDP groups whose cards all serve.",
+                                value=snapshot.groups_serving)
+        for name, text, value in (
+                ("modelip_rekeys", "Cards re-keyed after losing their session.", stats.rekeys),
+                ("modelip_attestations", "Attestations verified.", stats.attestations),
+                ("modelip_loads", "Programs loaded.", stats.loads),
+                ("modelip_hints_disproved", "Hints a fresh attestation disproved.",
+                 stats.disproved_hints),
+                ("modelip_internal_errors", "Bugs contained to a card or a host.",
+                 stats.internal_errors)):
+            yield CounterMetricFamily(name, text, value=value)
+        outage = Metric("modelip_outage_seconds",
+                        "First sign of a lost session to serving again.", "summary")
+        for quantile, seconds in (("0.5", snapshot.outage_p50),
+                                  ("0.99", snapshot.outage_p99)):
+            if seconds is not None:
+                outage.add_sample("modelip_outage_seconds", {"quantile": quantile}, seconds)
+        outage.add_sample("modelip_outage_seconds_sum", {}, sum(stats.outages))
+        outage.add_sample("modelip_outage_seconds_count", {}, len(stats.outages))
+        yield outage
+        yield HistogramMetricFamily(
+            "modelip_rekey_seconds", "Re-key latency: first sign of a lost session to "
+            "serving again.", sum_value=sum(stats.outages),
+            buckets=[*((f"{bound:g}", sum(v <= bound for v in stats.outages))
+                       for bound in REKEY_BUCKETS), ("+Inf", len(stats.outages))])
+        host_state = GaugeMetricFamily("modelip_host_state",
+                                       "1 for the state each host is in.",
+                                       labels=["host", "state"])
+        host_cards = GaugeMetricFamily("modelip_host_cards", "Cards of each host per state.",
+                                       labels=["host", "state"])
+        per_host = Counter((card.host, card.state) for card in snapshot.cards)
+        for host in snapshot.hosts:
+            for each in HostState:
+                host_state.add_metric([host.name, each.value], int(host.state == each.value))
+            for state in CardState:
+                host_cards.add_metric([host.name, state.value],
+                                      per_host[(host.name, state.value)])
+        yield host_state
+        yield host_cards
+        violations = CounterMetricFamily("modelip_protocol_violations",
+                                         "Messages outside the protocol, by host.",
+                                         labels=["host"])
+        for name, count in sorted(stats.protocol_violations.items()):
+            violations.add_metric([name], count)
+        yield violations
+        failures = CounterMetricFamily("modelip_verification_failures",
+                                       "Security verdicts, by kind.", labels=["kind"])
+        for reason, count in sorted(stats.verification_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        if stats.deployed_after is not None:
+            yield GaugeMetricFamily("modelip_deploy_seconds", "Seconds until every card "
+                                    "first settled.", value=round(stats.deployed_after, 3))
+        if snapshot.replica:
+            yield from _replica_metrics(snapshot, stats)
+        if snapshot.rollout is not None:
+            yield from _rollout_metrics(snapshot.rollout)
 
 
-def _rollout_lines(r: RolloutView) -> list[str]:
+def _rollout_metrics(r: RolloutView) -> Iterator[Metric]:
     """Where a rollout stands (docs/rollouts.md): wave, groups per version, capacity."""
-    lines = ["# HELP modelip_rollout_wave The wave being switched or gated (1-based).",
-             "# TYPE modelip_rollout_wave gauge", f"modelip_rollout_wave {r.wave}",
-             "# TYPE modelip_rollout_waves gauge", f"modelip_rollout_waves {r.waves}",
-             "# HELP modelip_rollout_groups MDP groups to run each version.",
-             "# TYPE modelip_rollout_groups gauge",
-             f'modelip_rollout_groups{{side="new",version="{r.to_version}"}} {r.groups_new}',
-             f'modelip_rollout_groups{{side="old",version="{r.from_version}"}} '
-             f"{r.groups - r.groups_new}",
-             "# HELP modelip_rollout_capacity_floor Groups serving the rollout never goes below.",
-             "# TYPE modelip_rollout_capacity_floor gauge",
-             f"modelip_rollout_capacity_floor {r.floor}",
-             "# HELP modelip_rollout_phase 1 for the phase the rollout is in.",
-             "# TYPE modelip_rollout_phase gauge"]
-    for phase in Phase:
-        lines.append(f'modelip_rollout_phase{{phase="{phase.value}"}} '
-                     f"{int(r.phase == phase.value)}")
-    return lines
+    yield GaugeMetricFamily("modelip_rollout_wave",
+                            "The wave being switched or gated (1-based).", value=r.wave)
+    yield GaugeMetricFamily("modelip_rollout_waves", "Waves of the rollout.", value=r.waves)
+    groups = GaugeMetricFamily("modelip_rollout_groups", "MDP groups to run each version.",
+                               labels=["side", "version"])
+    groups.add_metric(["new", str(r.to_version)], r.groups_new)
+    groups.add_metric(["old", str(r.from_version)], r.groups - r.groups_new)
+    yield groups
+    yield GaugeMetricFamily("modelip_rollout_capacity_floor",
+                            "Groups serving the rollout never goes below.", value=r.floor)
+    phase = GaugeMetricFamily("modelip_rollout_phase", "1 for the phase the rollout is in.",
+                              labels=["phase"])
+    for each in Phase:
+        phase.add_metric([each.value], int(r.phase == each.value))
+    yield phase
 
 
-def _replica_lines(snapshot: Snapshot, stats: EngineStats) -> list[str]:
+def _replica_metrics(snapshot: Snapshot, stats: EngineStats) -> Iterator[Metric]:
     """A replica's own view (docs/replicas.md): what it holds, who it sees, the store."""
-    me = f'replica="{_label(snapshot.replica)}"'
-    held = sum(host.owner == snapshot.replica for host in snapshot.hosts)
-    lines = ["# HELP modelip_replica_hosts_held Hosts whose lease this replica holds.",
-             "# TYPE modelip_replica_hosts_held gauge",
-             f"modelip_replica_hosts_held{{{me}}} {held}",
-             "# HELP modelip_replicas_alive Replicas with a fresh heartbeat, as this one sees.",
-             "# TYPE modelip_replicas_alive gauge",
-             f"modelip_replicas_alive{{{me}}} {snapshot.replicas_alive}",
-             "# HELP modelip_store_reachable 1 while the shared store answers.",
-             "# TYPE modelip_store_reachable gauge",
-             f"modelip_store_reachable{{{me}}} {int(snapshot.store_reachable)}",
-             "# HELP modelip_lease_changes_total Leases claimed, taken over, handed back, lost.",
-             "# TYPE modelip_lease_changes_total counter"]
+    me = snapshot.replica
+    held = sum(host.owner == me for host in snapshot.hosts)
+    for name, text, value in (
+            ("modelip_replica_hosts_held", "Hosts whose lease this replica holds.", held),
+            ("modelip_replicas_alive", "Replicas with a fresh heartbeat, as this one sees.",
+             snapshot.replicas_alive),
+            ("modelip_store_reachable", "1 while the shared store answers.",
+             int(snapshot.store_reachable))):
+        gauge = GaugeMetricFamily(name, text, labels=["replica"])
+        gauge.add_metric([me], value)
+        yield gauge
+    changes = CounterMetricFamily("modelip_lease_changes",
+                                  "Leases claimed, taken over, handed back, lost.",
+                                  labels=["replica", "action"])
     for action in ("claimed", "took over", "handed back", "lost"):
-        lines.append(f'modelip_lease_changes_total{{{me},action="{action}"}} '
-                     f"{stats.lease_changes[action]}")
-    return lines
+        changes.add_metric([me, action], stats.lease_changes[action])
+    yield changes
 
 
 _log = logging.getLogger(__name__)
 
 REKEY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def _histogram(name: str, text: str, values: list[float]) -> list[str]:
-    lines = [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-    for bound in REKEY_BUCKETS:
-        lines.append(f'{name}_bucket{{le="{bound:g}"}} {sum(v <= bound for v in values)}')
-    lines += [f'{name}_bucket{{le="+Inf"}} {len(values)}', f"{name}_sum {sum(values):.6f}",
-              f"{name}_count {len(values)}"]
-    return lines
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # connections served at once; more are closed at once (a scanner or a flood of
