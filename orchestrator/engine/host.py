@@ -15,7 +15,6 @@ import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
@@ -23,7 +22,7 @@ from anyio.abc import TaskStatus
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
-from orchestrator.engine.hostapi import Connect, HostAPI
+from orchestrator.engine.hostapi import Connect, HostAPI, HostTarget
 from orchestrator.engine.state import (
     CardState,
     CardTransition,
@@ -47,21 +46,12 @@ from orchestrator.transport.client import (
     DeviceState,
     DeviceStatus,
     EventKind,
-    TLSClientConfig,
 )
 
 H = HostState
 MAX_BOOT_COUNTER = 1 << 48   # a card that reboots every millisecond for 8,900 years
 _EVENT_TRIGGERS = {EventKind.RESET: Trigger.RESET_HINT, EventKind.OFFLINE: Trigger.OFFLINE_HINT,
                    EventKind.ONLINE: Trigger.ONLINE_HINT, EventKind.UNLOADED: Trigger.RESYNC}
-
-
-@dataclass(frozen=True, slots=True)
-class HostTarget:
-    name: str                 # how the store and the dashboard name the host
-    address: str
-    devices: tuple[int, ...]
-    tls: TLSClientConfig | None = None
 
 
 class HostLost(Exception):  # noqa: N818 - a condition, not an error of ours

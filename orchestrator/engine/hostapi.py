@@ -11,13 +11,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from orchestrator.transport.client import Deadlines, DeviceEvent, DeviceStatus, LoadResult
+from orchestrator.transport.client import (
+    Deadlines,
+    DeviceEvent,
+    DeviceStatus,
+    LoadResult,
+    TLSClientConfig,
+)
 
 if TYPE_CHECKING:
     from orchestrator.crypto.wrap import KeySlot
-    from orchestrator.engine.host import HostTarget
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    """A host of the fleet, as the plan names it: what ``connect`` connects to."""
+
+    name: str                 # how the store and the dashboard name the host
+    address: str
+    devices: tuple[int, ...]
+    tls: TLSClientConfig | None = None
 
 
 class HostAPI(Protocol):
@@ -56,6 +72,6 @@ class HostAPI(Protocol):
 
 # How app.py hands the engine its hosts: a HostAPI for a target, with the deadlines
 # of its calls and the lease gate (replicas: asked before every call), or None.
-Connect = Callable[["HostTarget", Deadlines, Callable[[], float] | None], HostAPI]
+Connect = Callable[[HostTarget, Deadlines, Callable[[], float] | None], HostAPI]
 
-__all__ = ["Connect", "HostAPI"]
+__all__ = ["Connect", "HostAPI", "HostTarget"]
