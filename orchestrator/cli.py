@@ -211,7 +211,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from orchestrator.engine.plan import PACKAGE_SCHEME, package_path
+    from orchestrator.engine.planpaths import PACKAGE_SCHEME, package_path
     from orchestrator.qpc.partition import describe, package_onnx
 
     model = args.model

@@ -66,7 +66,7 @@ def test_real_hosts_example_validates_once_its_files_exist(tmp_path: Path) -> No
     ("2130706433:1", False), ("[::ffff:127.0.0.1]:1", False), ("localhost.:1", False),
     ("dns:///127.0.0.1:1", False)])
 def test_only_loopback_addresses_go_without_tls(address: str, loopback: bool) -> None:
-    from orchestrator.engine.plan import is_loopback
+    from orchestrator.engine.planpaths import is_loopback
 
     assert is_loopback(address) is loopback
 

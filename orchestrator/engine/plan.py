@@ -8,10 +8,6 @@ docs/plans.md documents every key.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.machinery
-import ipaddress
-import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.crypto.custody import DEFAULT_PIN_ENV, TokenSpec
+from orchestrator.engine.planpaths import PACKAGE_SCHEME, is_loopback, package_path
 from orchestrator.engine.planreader import (
     Node,
     Problem,
@@ -39,7 +36,6 @@ from orchestrator.engine.rolloutspec import RolloutSpec, read_rollout
 from orchestrator.errors import FormatError, PlanError
 from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS
 
-PACKAGE_SCHEME = "package:"
 MAX_PLAN_BYTES = 1 << 20
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
                       "not yet with a shared store (docs/rollouts.md)")
@@ -83,21 +79,6 @@ class HostSpec:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.address)
-
-
-def is_loopback(address: str) -> bool:
-    """Does ``address`` (host:port, [v6]:port, unix:PATH) stay on this machine?"""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") \
-        else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,29 +309,6 @@ class Plan:
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.sqlite"
-
-
-def package_path(text: str) -> Path:
-    """``package:onnx/backend/test/data/light/light_resnet50.onnx``: a file that ships
-    inside an installed Python package (plans and `modelip package` accept these).
-    LookupError if there is no such package."""
-    package, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
-    if not package.isidentifier():
-        # a dotted name would import its parent package to find it: code, run by a plan
-        raise LookupError(f"{package!r} is not the name of a top-level package "
-                          "(package:NAME/PATH, NAME without dots)")
-    # found, never imported (importing runs the package's code); and only where packages
-    # are installed, not in the working directory
-    here = {"", ".", os.getcwd()}
-    spec = importlib.machinery.PathFinder.find_spec(
-        package, [entry for entry in sys.path if entry not in here])
-    if spec is None or not spec.submodule_search_locations:
-        raise LookupError(f"no installed package {package!r}")
-    root = Path(next(iter(spec.submodule_search_locations))).resolve()
-    path = (root / inner).resolve()
-    if not path.is_relative_to(root):
-        raise LookupError(f"{text}: leaves the package {package!r}")
-    return path
 
 
 def _path(base: Path, text: str, reader: Reader, key: str, *, must_exist: bool = True
