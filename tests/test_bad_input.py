@@ -30,6 +30,9 @@ def work(tmp_path: Path) -> Path:
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
     (tmp_path / "short.bin").write_bytes(b"abc")
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 8), dtype=np.float32))
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index.html").write_text("<p>a page</p>\n")
     (tmp_path / "www.yaml").write_text("model: {onnx: tiny.onnx}\nmek: {generate: true}\n"
@@ -136,6 +139,10 @@ CASES = [
     (["device", "list", "--ip", "localhost:9"], 2, "the port with --port 9"),
     (["pack", "-o", "afile", "--segment", "network.elf=afile"], 2,
      "afile: already exists; refusing to overwrite (--force replaces it)"),
+    (["run", "plan.yaml", "--input", "x.npy", "--output", "afile"], 2,
+     "afile: already exists; refusing to overwrite (--force replaces it)"),
+    (["device", "exec", "--ip", "127.0.0.1", "--port", "1", "-d", "0", "--input", "x.npy",
+      "--output", "afile"], 2, "afile: already exists; refusing to overwrite"),
     (["sample", "samples"], 2, "samples/model.onnx: already exists; refusing to overwrite "
      "(--force replaces it)"),
     (["package", "tiny.onnx", "-o", "afile"], 2, "afile: already exists; refusing to overwrite"),
