@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.models import tiny_mlp
@@ -30,8 +31,6 @@ def work(tmp_path: Path) -> Path:
                                         "fleet: {emulated: {hosts: 1, devices_per_host: 2}}\n"
                                         "state_dir: state\n")
     (tmp_path / "short.bin").write_bytes(b"abc")
-    import numpy as np
-
     np.save(tmp_path / "x.npy", np.zeros((1, 8), dtype=np.float32))
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index.html").write_text("<p>a page</p>\n")
