@@ -195,8 +195,11 @@ STATE_MARK_TEXT = b"modelip state directory: modelip keeps it owner-only (docs/p
 
 # what modelip writes into a state directory: one that holds nothing else, and no
 # mark, is an earlier version's (before the mark existed)
-STATE_NAMES = re.compile(r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki"
-                         r"|engine\.log|lock(-.+)?|\.mek\.dat\..*\.tmp)")
+# (and the temporary file of one being written atomically: another process, say a
+# second replica sharing the directory, may be writing the mark right now)
+_STATE_FILES = (r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki"
+                r"|engine\.log|lock(-.+)?|" + re.escape(STATE_MARK) + ")")
+STATE_NAMES = re.compile(rf"{_STATE_FILES}|\.{_STATE_FILES}\..+\.tmp")
 
 
 def claim_state_dir(state_dir: Path) -> None:

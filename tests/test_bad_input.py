@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchestrator.app import STATE_MARK, claim_state_dir
+from orchestrator.errors import UsageError
 from tests.models import tiny_mlp
 
 MODELIP = [sys.executable, "-m", "orchestrator"]
@@ -288,3 +290,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
         err = process.stderr.read()
     assert process.wait(timeout=60) == 141
     assert err == b""
+
+
+def test_replicas_sharing_a_new_state_dir_both_claim_it(tmp_path: Path) -> None:
+    """Two replicas started together on one new state directory: while one writes the
+    mark (a temporary file beside it), the other must not take the directory for
+    someone else's. Staged as it happens: the other's half-written mark is there."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "..modelip-state.k2j4x9.tmp").write_bytes(b"")   # another process, mid-write
+    (state / "lock-watch").write_bytes(b"")
+    claim_state_dir(state)
+    assert (state / STATE_MARK).is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "..bashrc.k2j4x9.tmp").write_bytes(b"")        # not a name of modelip's
+    with pytest.raises(UsageError, match="did not create"):
+        claim_state_dir(other)

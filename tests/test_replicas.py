@@ -325,8 +325,15 @@ def owners(url: str) -> Counter[str]:
 def settle(url: str, *started: Replica) -> None:
     """Until every card serves and each replica holds its share (and has said so)."""
     share = HOSTS // len(started)
-    wait_for("settled", lambda: serving(url) == 12 and owners(url) == {
-        r.name: share for r in started} and all(len(r.held()) == share for r in started))
+
+    def settled() -> bool:
+        for replica in started:   # one that ended will never settle: say why, now
+            if replica.process.poll() is not None:
+                raise AssertionError(f"replica {replica.name} ended with "
+                                     f"{replica.process.returncode}: {replica.err.read_text()}")
+        return serving(url) == 12 and owners(url) == {r.name: share for r in started} and all(
+            len(r.held()) == share for r in started)
+    wait_for("settled", settled)
 
 
 def duplicate_loads(url: str) -> list[tuple[Any, ...]]:
