@@ -20,17 +20,18 @@ from cryptography import x509
 
 from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.evidence import load_roots_file
-from orchestrator.engine.engine import Engine
+from orchestrator.engine.engine import Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI
 from orchestrator.engine.plan import Plan
+from orchestrator.engine.ports import MakeRollout
 from orchestrator.engine.prepare import (
     PreparedProgram,
     obtain_mek,
     prepare_program,
     sealing_source,
 )
-from orchestrator.engine.rolloutsetup import arrange
+from orchestrator.engine.rolloutsetup import RolloutSetup, arrange
 from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.transport.client import Deadlines, HostClient, TLSClientConfig
@@ -133,10 +134,26 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
                                  connect=connect or grpc_host,
-                                 retry_quarantined=retry_quarantined, shared=shared,
-                                 rollout=rollout)
+                                 retry_quarantined=retry_quarantined,
+                                 replica=_replica(shared), rollout=_rollout(rollout))
         finally:
             mek.wipe()
+
+
+def _replica(shared: PostgresStore | None) -> MakeReplica | None:
+    if shared is None:
+        return None
+    from orchestrator.engine.replicas import Replica
+
+    return lambda hosts, ctx, recount: Replica(hosts, ctx, recount, shared)
+
+
+def _rollout(setup: RolloutSetup | None) -> MakeRollout | None:
+    if setup is None:
+        return None
+    from orchestrator.engine.rollout import Rollout
+
+    return lambda fleet, done: Rollout(fleet, setup, done)
 
 
 @asynccontextmanager

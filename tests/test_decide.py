@@ -1,6 +1,7 @@
-"""The card driver's decision for a serving card, every row of its table: what the
-check saw x whether a hint said to look x whether an earlier check had already found
-something wrong -> the move."""
+"""The card driver's decisions, every row of their tables: for a serving card, what
+the check saw x whether a hint said to look x whether an earlier check had already
+found something wrong -> the move; after a failed try at bringing a card up, what
+failed x the attempts left x how long the card has been offline -> the move."""
 
 from __future__ import annotations
 
@@ -8,7 +9,29 @@ import itertools
 
 import pytest
 
-from orchestrator.engine.decide import Act, Decision, Seen, decide_serving, give_up
+from orchestrator.engine.decide import (
+    CHECK_SAW,
+    Act,
+    Decision,
+    Failure,
+    Next,
+    Seen,
+    after_failure,
+    classify,
+    decide_serving,
+    give_up,
+)
+from orchestrator.engine.state import Trigger
+from orchestrator.errors import (
+    AttestationError,
+    DeviceOffline,
+    InputError,
+    PolicyError,
+    ProgramNotLoaded,
+    ProgramNotStaged,
+    SessionInvalidError,
+    TransportError,
+)
 
 KEEP, LOOK, REKEY, QUARANTINE = Act.KEEP, Act.LOOK_AGAIN, Act.REKEY, Act.QUARANTINE
 # seen -> {(hinted, suspected): (act, outage, forget, disproved)}
@@ -40,10 +63,12 @@ def test_the_table_covers_every_observation() -> None:
     assert set(TABLE) == set(Seen)
 
 
-@pytest.mark.parametrize(("seen", "hinted", "suspected"),
-                         [(seen, h, s) for seen in Seen for h, s in ANY])
-def test_every_row_of_the_serving_card_decision(seen: Seen, hinted: bool,
+@pytest.mark.parametrize(("seen", "trigger", "suspected"),
+                         [(seen, t, s) for seen in Seen for t in Trigger for s in (False, True)])
+def test_every_row_of_the_serving_card_decision(seen: Seen, trigger: Trigger,
                                                 suspected: bool) -> None:
+    """Every observation x every reason the driver looked (a trigger is a hint or not)."""
+    hinted = trigger.is_hint
     act, outage, forget, disproved = TABLE[seen][(hinted, suspected)]
     assert decide_serving(seen, hinted=hinted, suspected=suspected) == Decision(
         act, outage=outage, forget=forget, disproved=disproved)
@@ -54,3 +79,59 @@ def test_every_row_of_the_serving_card_decision(seen: Seen, hinted: bool,
                           (1, 1, True)])
 def test_a_card_gives_up_after_its_attempts(attempt: int, attempts: int, stop: bool) -> None:
     assert give_up(attempt, attempts) is stop
+
+
+# --- a failed try at bringing a card up ---------------------------------------------------
+
+LIMIT = 10.0
+# failure -> {(attempts left?, offline past the limit?): next}
+MORE, LAST = True, False
+FAILURES: dict[Failure, dict[tuple[bool, bool], Next]] = {
+    # rebooting: waited for (not an attempt) until it has been offline too long
+    Failure.OFFLINE: {(MORE, False): Next.WAIT_ONLINE, (LAST, False): Next.WAIT_ONLINE,
+                      (MORE, True): Next.FAIL, (LAST, True): Next.FAIL},
+    Failure.NOT_STAGED: {(MORE, False): Next.RESTAGE, (LAST, False): Next.FAIL,
+                         (MORE, True): Next.RESTAGE, (LAST, True): Next.FAIL},
+    Failure.TRANSIENT: {(MORE, False): Next.RETRY, (LAST, False): Next.FAIL,
+                        (MORE, True): Next.RETRY, (LAST, True): Next.FAIL},
+    Failure.REFUTED: dict.fromkeys(itertools.product((MORE, LAST), (False, True)),
+                                   Next.QUARANTINE),
+    Failure.INVALID: dict.fromkeys(itertools.product((MORE, LAST), (False, True)), Next.FAIL),
+}
+
+
+@pytest.mark.parametrize(("failure", "more", "long_offline"), [
+    (f, m, o) for f in Failure for m in (MORE, LAST) for o in (False, True)])
+def test_every_row_of_the_failed_try_decision(failure: Failure, more: bool,
+                                              long_offline: bool) -> None:
+    assert set(FAILURES) == set(Failure)
+    attempt, attempts = (2, 5) if more else (5, 5)
+    offline_for = LIMIT + 0.1 if long_offline else LIMIT
+    assert after_failure(failure, attempt=attempt, attempts=attempts,
+                         offline_for=offline_for, limit=LIMIT) is FAILURES[failure][
+        (more, long_offline)]
+
+
+@pytest.mark.parametrize(("error", "failure"), [
+    (DeviceOffline("h:1", "card 0 is rebooting"), Failure.OFFLINE),       # before TransportError
+    (ProgramNotStaged("no such program"), Failure.NOT_STAGED),
+    (TransportError("h:1", "connection refused"), Failure.TRANSIENT),
+    (TimeoutError(), Failure.TRANSIENT),
+    (ProgramNotLoaded("nothing loaded"), Failure.TRANSIENT),
+    (SessionInvalidError("session ended"), Failure.TRANSIENT),     # before VerificationError
+    (AttestationError("bad signature"), Failure.REFUTED),
+    (PolicyError("firmware below the floor"), Failure.REFUTED),
+    (InputError("program refused"), Failure.INVALID),
+    (RuntimeError("a bug"), None),
+    (KeyboardInterrupt(), None),
+])
+def test_errors_are_sorted_for_cards_in_one_place(error: BaseException,
+                                                  failure: Failure | None) -> None:
+    assert classify(error) is failure
+
+
+def test_a_failed_check_of_a_serving_card_is_an_observation() -> None:
+    """What a serving card's check concludes from each failure; an invalid input is not
+    an observation of the card (the driver lets it through as a bug)."""
+    assert CHECK_SAW == {Failure.OFFLINE: Seen.OFFLINE, Failure.NOT_STAGED: Seen.UNANSWERED,
+                         Failure.TRANSIENT: Seen.UNANSWERED, Failure.REFUTED: Seen.REFUTED}

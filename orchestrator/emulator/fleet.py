@@ -12,6 +12,7 @@ from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.host import EmulatedHost, FaultConfig, TLSServerConfig
 from orchestrator.emulator.pki import VendorPKI
+from orchestrator.emulator.servicers import serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +81,8 @@ async def run_fleet(config: FleetConfig, *, pki: VendorPKI | None = None,
             for index, host in enumerate(fleet.hosts):
                 port = config.base_port + index if config.base_port else 0
                 await tg.start(lambda h=host, p=port, task_status=anyio.TASK_STATUS_IGNORED:
-                               h.serve(bind=config.bind, port=p, tls=tls,
-                                       task_status=task_status))
+                               serve(h, bind=config.bind, port=p, tls=tls,
+                                     task_status=task_status))
             if on_ready:
                 on_ready(fleet)
             try:

@@ -23,10 +23,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 
-from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2
 from orchestrator.crypto.container import key_slots_from_proto
 from orchestrator.emulator.adversary import (
     Adversary,
@@ -42,7 +40,6 @@ from orchestrator.errors import (
     PolicyError,
     ProgramNotLoaded,
     SessionInvalidError,
-    UsageError,
 )
 from orchestrator.qpc.container import Container, MemorySource
 
@@ -165,36 +162,10 @@ class EmulatedHost:
 
     # --- life cycle ---------------------------------------------------------------
 
-    async def serve(self, *, bind: str = "127.0.0.1", port: int = 0,
-                    tls: TLSServerConfig | None = None, grace: float = 1.0,
-                    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report the address through ``task_status``, serve until cancelled."""
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                          ("grpc.max_send_message_length", MAX_MESSAGE),
-                                          ("grpc.so_reuseport", 0)])
-        from orchestrator.emulator.servicers import Attestation, Runtime
-
-        runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(Attestation(self), server)
-        runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(Runtime(self), server)
-        health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        target = f"{bind}:{port}"
-        try:
-            if tls is None:
-                bound = server.add_insecure_port(target)
-            else:
-                credentials = grpc.ssl_server_credentials(
-                    [(tls.key_pem, tls.cert_pem)], root_certificates=tls.client_ca_pem,
-                    require_client_auth=tls.client_ca_pem is not None)
-                bound = server.add_secure_port(target, credentials)
-        except RuntimeError:  # grpc's way of saying the address cannot be bound
-            bound = 0
-        if bound == 0:
-            raise UsageError(f"cannot listen on {target}: the port is in use, or "
-                             f"{bind!r} is not an address of this machine")
-        self.address = f"{bind}:{bound}"
-        await server.start()
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    async def live(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                   ) -> None:
+        """The host's own life while it serves (spontaneous resets, an adversary's reset
+        storm, delayed events), until cancelled (emulator/servicers.py ``serve``)."""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -202,13 +173,18 @@ class EmulatedHost:
                     tg.start_soon(self._spontaneous_resets)
                 if self.adversary is Adversary.RESET_STORM:
                     tg.start_soon(self._reset_storm)
-                task_status.started(self.address)
+                task_status.started()
                 await anyio.sleep_forever()
         finally:
             self._tg = None
-            with anyio.CancelScope(shield=True):
-                await health.enter_graceful_shutdown()
-                await server.stop(grace)
+
+    def holds(self, program_id: str) -> bool:
+        """The body of ``program_id`` is staged here."""
+        return program_id in self._programs
+
+    @property
+    def staged_count(self) -> int:
+        return len(self._programs)
 
     def card(self, device: int) -> EmulatedCard:
         if not 0 <= device < len(self.cards):

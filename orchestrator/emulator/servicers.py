@@ -14,18 +14,23 @@ from typing import Any
 
 import anyio
 import grpc
+from anyio.abc import TaskStatus
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
 from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.host import (
     DEVICE_KEY,
+    MAX_MESSAGE,
     REASON_KEY,
     STAGE_LIMIT,
     EmulatedHost,
     HostAbort,
+    TLSServerConfig,
     status_for,
 )
-from orchestrator.errors import ModelIPError
+from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.tensors import from_wire, to_wire
 
 R = runtime_pb2
@@ -148,7 +153,7 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
                 if not program_id or total > STAGE_LIMIT:
                     raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
                                     "first stage message must name the program and its size")
-                if program_id in self.host._programs:  # noqa: SLF001
+                if self.host.holds(program_id):
                     return runtime_pb2.StageProgramResponse(program_id=program_id,
                                                             already_staged=True)
                 self.host.check_stage_room(total)
@@ -196,6 +201,43 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
         stats = self.host.stats
         return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
                                              load_count=stats.load_count,
-                                             staged_programs=len(self.host._programs))  # noqa: SLF001
+                                             staged_programs=self.host.staged_count)
 
 
+async def serve(host: EmulatedHost, *, bind: str = "127.0.0.1", port: int = 0,
+                tls: TLSServerConfig | None = None, grace: float = 1.0,
+                task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``host`` over gRPC: listen, report the address through ``task_status``,
+    serve (the host living its own life meanwhile) until cancelled."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.so_reuseport", 0)])
+    runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(Attestation(host), server)
+    runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(Runtime(host), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    target = f"{bind}:{port}"
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(target)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)], root_certificates=tls.client_ca_pem,
+                require_client_auth=tls.client_ca_pem is not None)
+            bound = server.add_secure_port(target, credentials)
+    except RuntimeError:  # grpc's way of saying the address cannot be bound
+        bound = 0
+    if bound == 0:
+        raise UsageError(f"cannot listen on {target}: the port is in use, or "
+                         f"{bind!r} is not an address of this machine")
+    host.address = f"{bind}:{bound}"
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(host.live)
+            task_status.started(host.address)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await health.enter_graceful_shutdown()
+            await server.stop(grace)

@@ -21,7 +21,16 @@ from anyio.abc import TaskStatus
 from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify_load_receipt
 from orchestrator.crypto.wrap import key_slot_digest, wrap_mek
 from orchestrator.engine.context import EngineContext
-from orchestrator.engine.decide import Act, Seen, decide_serving, give_up
+from orchestrator.engine.decide import (
+    CHECK_SAW,
+    Act,
+    Failure,
+    Next,
+    Seen,
+    after_failure,
+    classify,
+    decide_serving,
+)
 from orchestrator.engine.events import HintDisproved, Rekeyed
 from orchestrator.engine.state import (
     FINAL,
@@ -33,31 +42,24 @@ from orchestrator.engine.state import (
 )
 from orchestrator.engine.store import CardRecord, LoadSent
 from orchestrator.errors import (
-    DeviceOffline,
     InputError,
     LeaseLost,
     ModelIPError,
-    ProgramNotLoaded,
-    ProgramNotStaged,
-    SessionInvalidError,
     StateDirError,
     StoreUnavailable,
-    TransportError,
     VerificationError,
 )
 from orchestrator.transport.client import DeviceState, DeviceStatus
 
 if TYPE_CHECKING:
-    from orchestrator.engine.host import HostSupervisor
+    from orchestrator.engine.ports import CardHost
     from orchestrator.engine.prepare import PreparedProgram
 
 S = CardState
-RETRYABLE = (SessionInvalidError, TransportError, TimeoutError, ProgramNotLoaded,
-             ProgramNotStaged)
 
 
 class CardDriver:
-    def __init__(self, machine: CardMachine, host: HostSupervisor, ctx: EngineContext
+    def __init__(self, machine: CardMachine, host: CardHost, ctx: EngineContext
                  ) -> None:
         self.machine = machine
         self.host = host
@@ -124,6 +126,14 @@ class CardDriver:
 
     # --- what the rest of the tree may ask of a driver ------------------------------------
 
+    @property
+    def host_down(self) -> bool:
+        return self.host.down
+
+    def place(self, program_id: str) -> None:
+        """Before the driver runs: the version the card starts on (a rollout's)."""
+        self.machine.program_id = program_id
+
     def retarget(self, program_id: str) -> None:
         """Run ``program_id`` from now on (a rollout switched the card's group)."""
         if program_id != self.machine.program_id:
@@ -137,6 +147,13 @@ class CardDriver:
         if self._trigger is None:
             self._trigger = trigger
         self._wake.set()
+
+    def heard(self, event: str, trigger: Trigger | None) -> None:
+        """The host's event stream said ``event`` of the card (shown as its last event);
+        ``trigger``: look again."""
+        self.last_event = event
+        if trigger is not None:
+            self.hint(trigger)
 
     def observe(self, status: DeviceStatus) -> None:
         """The host's device list says this about the card: wake if it disagrees."""
@@ -181,7 +198,7 @@ class CardDriver:
         # nothing between its return and the apply can be interrupted.
         load_id = await self.ctx.store.record_card(transition, load=load, concludes=concludes)
         self.machine.apply(transition)
-        self.host.card_moved(self, transition)
+        self.host.card_moved(transition)
         return load_id
 
     # --- the task -----------------------------------------------------------------------------
@@ -312,14 +329,17 @@ class CardDriver:
         try:
             async with self.host.limiter:
                 report = await self._attest()
-        except DeviceOffline:
-            return Seen.OFFLINE, None, "the card is rebooting"
-        except RETRYABLE as err:
-            self.host.suspect()
-            return Seen.UNANSWERED, None, str(err) or "timed out"
-        except VerificationError as err:
-            self.ctx.stats.verification_failures[type(err).__name__] += 1
-            return Seen.REFUTED, None, str(err)
+        except Exception as err:
+            failure = classify(err)
+            if failure is None or failure not in CHECK_SAW:
+                raise
+            seen = CHECK_SAW[failure]
+            if seen is Seen.UNANSWERED:
+                self.host.suspect()
+            elif seen is Seen.REFUTED:
+                self.ctx.stats.verification_failures[type(err).__name__] += 1
+            return seen, None, ("the card is rebooting" if seen is Seen.OFFLINE
+                                else str(err) or "timed out")
         if report.session_id != m.session_id:
             return Seen.NEW_SESSION, report, f"new session (boot {report.boot_counter})"
         if self._holds_ours(report):
@@ -337,7 +357,7 @@ class CardDriver:
         m = self.machine
         rekey = m.state is S.REKEYING
         first = S.REKEYING if rekey else S.ATTESTING
-        retry, timeouts = self.ctx.plan.retry, self.ctx.plan.timeouts
+        timeouts = self.ctx.plan.timeouts
         attempt = 0
         offline_since = 0.0
         while True:
@@ -361,40 +381,49 @@ class CardDriver:
                             await self._wrap_and_load(report)
                 self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
                 return
-            except DeviceOffline as err:
-                # Rebooting (a forged hint would have found it answering): probe again
-                # soon; an ONLINE hint ends the pause early. Bounded by timeouts.card.
+            except Exception as err:
+                failure = classify(err)
+                if failure is None:
+                    raise
                 report = None
-                offline_since = offline_since or time.monotonic()
-                attempt -= 1
-                if time.monotonic() - offline_since > timeouts.card:
-                    await self.move(S.FAILED, f"offline for more than {timeouts.card:g} s: {err}")
+                if failure is Failure.OFFLINE:  # rebooting: waiting for it is not an attempt
+                    attempt -= 1
+                    offline_since = offline_since or time.monotonic()
+                if not await self._after_failure(failure, err, attempt, offline_since):
                     return
-                if m.state is not S.RETRY_WAIT:
-                    await self.move(S.RETRY_WAIT, "the card is rebooting")
-                await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
-            except ProgramNotStaged as err:
-                report = None
-                if give_up(attempt, retry.attempts):
-                    await self.move(S.FAILED, f"gave up after {attempt} attempts: {err}")
-                    return
-                await self.host.restage()  # the host lost the body: never final
-            except RETRYABLE as err:
-                report = None
-                self.host.suspect()
-                message = str(err) or "timed out"
-                if give_up(attempt, retry.attempts):
-                    await self.move(S.FAILED, f"gave up after {attempt} attempts: {message}")
-                    return
-                await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
-                await anyio.sleep(self.ctx.backoff(attempt))
-            except VerificationError as err:
-                self.ctx.stats.verification_failures[type(err).__name__] += 1
-                await self.move(S.QUARANTINED, str(err))
-                return
-            except InputError as err:
-                await self.move(S.FAILED, str(err))
-                return
+
+    async def _after_failure(self, failure: Failure, err: Exception, attempt: int,
+                             offline_since: float) -> bool:
+        """Apply what ``after_failure`` decides; False: the bring-up has ended."""
+        m = self.machine
+        retry, limit = self.ctx.plan.retry, self.ctx.plan.timeouts.card
+        message = str(err) or "timed out"
+        if failure is Failure.TRANSIENT:
+            self.host.suspect()
+        elif failure is Failure.REFUTED:
+            self.ctx.stats.verification_failures[type(err).__name__] += 1
+        step = after_failure(failure, attempt=attempt, attempts=retry.attempts, limit=limit,
+                             offline_for=time.monotonic() - offline_since if offline_since
+                             else 0.0)
+        if step is Next.QUARANTINE:
+            await self.move(S.QUARANTINED, message)
+        elif step is Next.FAIL:
+            await self.move(S.FAILED, message if failure is Failure.INVALID else
+                            f"offline for more than {limit:g} s: {message}"
+                            if failure is Failure.OFFLINE else
+                            f"gave up after {attempt} attempts: {message}")
+        elif step is Next.WAIT_ONLINE:
+            # A forged hint would have found it answering: probe again soon; an
+            # ONLINE hint ends the pause early. Bounded by timeouts.card.
+            if m.state is not S.RETRY_WAIT:
+                await self.move(S.RETRY_WAIT, "the card is rebooting")
+            await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
+        elif step is Next.RESTAGE:
+            await self.host.restage()  # the host lost the body: never final
+        else:
+            await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
+            await anyio.sleep(self.ctx.backoff(attempt))
+        return step not in (Next.QUARANTINE, Next.FAIL)
 
     def _served(self, *, counted: bool) -> None:
         """Just moved to SERVING: if something had gone wrong, that was an outage."""

@@ -1,13 +1,26 @@
-"""What a card driver decides when it checks a serving card: a pure function of what
-the check observed and why it looked, with no I/O (docs/engine.md). The driver
-observes (one fresh attestation), classifies what it saw into ``Seen`` (in one
-place), asks ``decide_serving`` and applies the ``Decision``; tests/test_decide.py
-takes every row of the table."""
+"""What a card driver decides, as pure functions with no I/O (docs/engine.md).
+
+When it checks a serving card: what the check observed and why it looked ->
+``decide_serving``. When a try at bringing a card up fails: what failed, how
+many tries so far, how long the card has been offline -> ``after_failure``.
+Errors are sorted into what they mean for a card in one place (``classify``).
+The driver observes, classifies, asks and applies; tests/test_decide.py takes
+every row of both tables."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from orchestrator.errors import (
+    DeviceOffline,
+    InputError,
+    ProgramNotLoaded,
+    ProgramNotStaged,
+    SessionInvalidError,
+    TransportError,
+    VerificationError,
+)
 
 
 class Seen(enum.Enum):
@@ -59,4 +72,59 @@ def give_up(attempt: int, attempts: int) -> bool:
     return attempt >= attempts
 
 
-__all__ = ["Act", "Decision", "Seen", "decide_serving", "give_up"]
+class Failure(enum.Enum):
+    """What an error means for a card (``classify``)."""
+
+    OFFLINE = "offline"          # the card is rebooting: it will answer again
+    NOT_STAGED = "not staged"    # the host lost the program's body: send it again
+    TRANSIENT = "transient"      # the host, a deadline, a session gone: try again
+    REFUTED = "refuted"          # the evidence or a receipt does not verify
+    INVALID = "invalid"          # nothing a retry changes (a program the card refuses)
+
+
+def classify(err: BaseException) -> Failure | None:
+    """The one place errors are sorted for cards; None: not an error about a card (a
+    bug, a cancellation), which the driver does not handle."""
+    if isinstance(err, DeviceOffline):
+        return Failure.OFFLINE
+    if isinstance(err, ProgramNotStaged):
+        return Failure.NOT_STAGED
+    if isinstance(err, SessionInvalidError | TransportError | TimeoutError | ProgramNotLoaded):
+        return Failure.TRANSIENT
+    if isinstance(err, VerificationError):
+        return Failure.REFUTED
+    if isinstance(err, InputError):
+        return Failure.INVALID
+    return None
+
+
+# what one failed check of a serving card saw, by what failed
+CHECK_SAW = {Failure.OFFLINE: Seen.OFFLINE, Failure.NOT_STAGED: Seen.UNANSWERED,
+             Failure.TRANSIENT: Seen.UNANSWERED, Failure.REFUTED: Seen.REFUTED}
+
+
+class Next(enum.Enum):
+    """The move after a failed try at bringing a card up."""
+
+    WAIT_ONLINE = "wait"          # RETRY_WAIT until the card answers (not an attempt)
+    RESTAGE = "restage"           # send the body again, then try again at once
+    RETRY = "retry"               # RETRY_WAIT, back off, try again
+    FAIL = "fail"                 # FAILED: out of attempts, offline too long, or invalid
+    QUARANTINE = "quarantine"     # a security verdict: sticky
+
+
+def after_failure(failure: Failure, *, attempt: int, attempts: int, offline_for: float,
+                  limit: float) -> Next:
+    """After try ``attempt`` (of ``attempts``) failed with ``failure``; ``offline_for``:
+    seconds the card has been rebooting in this bring-up, bounded by ``limit``."""
+    if failure is Failure.OFFLINE:
+        return Next.FAIL if offline_for > limit else Next.WAIT_ONLINE
+    if failure is Failure.REFUTED:
+        return Next.QUARANTINE
+    if failure is Failure.INVALID or give_up(attempt, attempts):
+        return Next.FAIL
+    return Next.RESTAGE if failure is Failure.NOT_STAGED else Next.RETRY
+
+
+__all__ = ["CHECK_SAW", "Act", "Decision", "Failure", "Next", "Seen", "after_failure",
+           "classify", "decide_serving", "give_up"]

@@ -16,7 +16,7 @@ import gc
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,6 +29,7 @@ from orchestrator.engine.events import CardOutcome, Deployed, Event, Summary
 from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
 from orchestrator.engine.hostapi import Connect
 from orchestrator.engine.plan import Plan
+from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
 from orchestrator.engine.state import (
@@ -48,13 +49,11 @@ from orchestrator.errors import (
     StateDirError,
 )
 
-if TYPE_CHECKING:
-    from orchestrator.engine.pgstore import PostgresStore
-    from orchestrator.engine.replicas import Replica
-    from orchestrator.engine.rollout import Rollout
-    from orchestrator.engine.rolloutsetup import RolloutSetup
-
 S = CardState
+# How app.py hands the engine a replica (engine/replicas.py): built from the hosts'
+# supervisors, the context and the engine's recount.
+MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], None]],
+                       ReplicaPart]
 
 
 def _spare_the_collector() -> None:
@@ -77,11 +76,12 @@ class Engine:
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
                  store: Store, *, connect: Connect, retry_quarantined: bool = False,
-                 shared: PostgresStore | None = None, rollout: RolloutSetup | None = None
+                 replica: MakeReplica | None = None, rollout: MakeRollout | None = None
                  ) -> None:
-        """``shared``: the store is shared by replicas (``store`` is it): drive only the
-        hosts this replica holds leases on (engine/replicas.py). ``rollout``: the
-        fleet serves another version of the model; replace it (engine/rollout.py)."""
+        """``replica``: the store is shared by replicas: drive only the hosts this
+        replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
+        another version of the model; replace it (engine/rollout.py). Both are built
+        here, from the ports the engine offers them (engine/ports.py)."""
         self.plan = plan
         self.program = program
         self.store = store
@@ -119,16 +119,9 @@ class Engine:
                     self._by_card[(target.name, device)] = driver
                 group += 1
         self._unsettled = len(self.drivers)
-        self.replica: Replica | None = None
-        if shared is not None:
-            from orchestrator.engine.replicas import Replica
-
-            self.replica = Replica(self, shared)
-        self.rollout: Rollout | None = None
-        if rollout is not None:
-            from orchestrator.engine.rollout import Rollout
-
-            self.rollout = Rollout(self, rollout)
+        self.replica: ReplicaPart | None = (
+            replica(self.hosts, self.ctx, self.recount) if replica else None)
+        self.rollout: RolloutPart | None = rollout(self, self.finished) if rollout else None
 
     @property
     def stats(self) -> EngineStats:

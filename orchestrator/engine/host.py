@@ -118,8 +118,8 @@ class HostSupervisor:
         """A call to this host failed: probe it now rather than at the next resync."""
         self._probe_now.set()
 
-    def card_moved(self, driver: CardDriver, transition: CardTransition) -> None:
-        self._on_card_moved(driver, transition)
+    def card_moved(self, transition: CardTransition) -> None:
+        self._on_card_moved(self.drivers[transition.device], transition)
 
     def card_checked(self) -> None:
         self._on_card_checked()
@@ -353,10 +353,8 @@ class HostSupervisor:
         if event.boot_counter > MAX_BOOT_COUNTER:
             self._violation("absurd boot counter")
             return
-        driver.last_event = event.kind.value
-        trigger = _EVENT_TRIGGERS.get(event.kind)
-        if trigger is not None and self.ctx.plan.rekey.auto:
-            driver.hint(trigger)
+        driver.heard(event.kind.value,
+                     _EVENT_TRIGGERS.get(event.kind) if self.ctx.plan.rekey.auto else None)
 
     def _violation(self, what: str) -> None:
         self.violations[what] += 1

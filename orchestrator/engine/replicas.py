@@ -17,29 +17,32 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
 from orchestrator.engine.pgstore import Claimed, PostgresStore
 from orchestrator.engine.store import CardRecord
 from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
-if TYPE_CHECKING:
-    from orchestrator.engine.engine import Engine
-
 
 class Replica:
-    def __init__(self, engine: Engine, store: PostgresStore) -> None:
-        self.engine = engine
+    """engine/ports.py ``ReplicaPart``: runs the supervisors of the hosts this replica
+    holds (``hosts``: every host of the plan); ``recount`` tells the engine its cards
+    changed other than by a transition (taken over, shown from the store)."""
+
+    def __init__(self, hosts: Sequence[HostSupervisor], ctx: EngineContext,
+                 recount: Callable[[], None], store: PostgresStore) -> None:
+        self.ctx = ctx
+        self.recount = recount
         self.store = store
         self.name = store.replica
         self.period = store.lease_ttl / 3
-        self.hosts = {host.name: host for host in engine.hosts}
+        self.hosts = {host.name: host for host in hosts}
         self.running: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
         self.epochs: dict[str, int] = {}   # the epoch each host was last claimed at
         self.reachable = True
@@ -83,13 +86,13 @@ class Replica:
             await self._mirror()
             if not self.reachable:
                 self.reachable = True
-                self.engine.ctx.emit(StoreStatus(replica=self.name, reachable=True))
+                self.ctx.emit(StoreStatus(replica=self.name, reachable=True))
         except ReplicaNameInUse:
             raise  # a configuration error, not an outage: this replica must not run
         except StoreUnavailable as err:
             if self.reachable:
                 self.reachable = False
-                self.engine.ctx.emit(StoreStatus(replica=self.name, reachable=False,
+                self.ctx.emit(StoreStatus(replica=self.name, reachable=False,
                                                  reason=err.problem))
             # Leases lapse here before they do in the database: stop what has lapsed.
             for name, fence in list(self.store.fences.items()):
@@ -102,7 +105,7 @@ class Replica:
         host = self.hosts[claimed.host]
         host.claim(self.name, self._gate(claimed.host))
         self.epochs[claimed.host] = claimed.epoch
-        self.engine.recount()
+        self.recount()
         action = "took over" if claimed.previous_owner not in ("", self.name) else "claimed"
         self._announce(claimed.host, action, epoch=claimed.epoch,
                        previous_owner=claimed.previous_owner)
@@ -123,7 +126,7 @@ class Replica:
                 self.store.fences.pop(host.name, None)
                 host.release()
                 self._announce(host.name, "lost", reason=str(host.lease_lost))
-            self.engine.recount()
+            self.recount()
 
     def _drop(self, name: str, lost: LeaseLost) -> None:
         """Fenced: stop at once, without a call to the host's cards."""
@@ -162,12 +165,12 @@ class Replica:
             cards.setdefault(card.host, []).append(card)
         for name, record in records.items():
             self.hosts[name].mirror(record, cards.get(name, []))
-        self.engine.recount()
+        self.recount()
 
     def _announce(self, host: str, action: str, *, epoch: int = 0, previous_owner: str = "",
                   reason: str = "") -> None:
-        self.engine.ctx.stats.lease_changes[action] += 1
-        self.engine.ctx.emit(LeaseChanged(
+        self.ctx.stats.lease_changes[action] += 1
+        self.ctx.emit(LeaseChanged(
             host=host, replica=self.name, action=action,
             epoch=epoch or self.epochs.get(host, 0), previous_owner=previous_owner,
             reason=reason))

@@ -35,7 +35,7 @@ from orchestrator.engine.state import CardState
 from orchestrator.errors import ModelIPError, StateDirError
 
 if TYPE_CHECKING:
-    from orchestrator.engine.engine import Engine
+    from orchestrator.engine.ports import Fleet
 
 S = CardState
 _LOOK = 0.5      # seconds between looks at the journal for an operator's request
@@ -43,17 +43,19 @@ _SETTLE = 0.02   # after a wake, let the moves of the same instant land before l
 
 
 class Rollout:
-    """Drives one rollout inside an Engine (started by Engine.run)."""
+    """Drives one rollout inside the fleet (engine/ports.py ``RolloutPart``; started by
+    Engine.run); sets ``done`` when it has ended."""
 
-    def __init__(self, engine: Engine, setup: RolloutSetup) -> None:
-        self.engine = engine
+    def __init__(self, fleet: Fleet, setup: RolloutSetup, done: anyio.Event) -> None:
+        self.fleet = fleet
+        self.done = done
         self.ledger = setup.ledger
         self.record = setup.record
         self.spec = setup.spec
         self.old, self.candidate, self.final = setup.old, setup.candidate, setup.final
         self.smoke_inputs, self.smoke_expect = setup.smoke_inputs, setup.smoke_expect
-        engine.ctx.offer(self.old, self.candidate, self.final)
-        self.order = sorted(engine.groups)
+        fleet.ctx.offer(self.old, self.candidate, self.final)
+        self.order = sorted(fleet.groups)
         self.note = ""
         self._looked = 0.0   # monotonic time of the last read of the journal
         self._opening = "started" if setup.fresh else (
@@ -79,7 +81,7 @@ class Rollout:
         return self.candidate if position < self.record.waves[self.record.wave] else self.old
 
     def target(self, group: int) -> str:
-        return self.engine.groups[group][0].machine.program_id
+        return self.fleet.groups[group][0].machine.program_id
 
     def wave_groups(self, wave: int) -> list[int]:
         start = self.record.waves[wave - 1] if wave else 0
@@ -89,35 +91,35 @@ class Rollout:
         """Before any card is driven: each group keeps the rollout's version its cards
         are known to hold; a group with none (or a mix) gets what the phase wants.
         Whatever else must change is then switched at the pace of the rollout."""
-        records = {(r.host, r.device): r for r in await self.engine.store.cards()}
+        records = {(r.host, r.device): r for r in await self.fleet.ctx.store.cards()}
         known = {self.old.program_id, self.candidate.program_id, self.final.program_id}
         for position, group in enumerate(self.order):
             held = set()
-            for driver in self.engine.groups[group]:
-                record = records.get((driver.machine.host, driver.machine.device))
+            for member in self.fleet.groups[group]:
+                record = records.get((member.machine.host, member.machine.device))
                 good = record.known_good if record else None
                 held.add(good.program_id if good else "")
             target = held.pop() if len(held) == 1 else ""
             if target not in known:
                 target = self.desired(position).program_id
-            for driver in self.engine.groups[group]:
-                driver.machine.program_id = target
+            for member in self.fleet.groups[group]:
+                member.place(target)
 
     # --- the task ---------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self.engine.deployed.wait()  # every card looked at once: start from truth
+            await self.fleet.deployed.wait()  # every card looked at once: start from truth
             self._announce(self._opening)
             await self._drive()
             await self._converge(judge=False)  # ended: hold the fleet where the verdict put it
             self.note = ""
         except StateDirError as err:
-            self.engine.ctx.escalate(err)
+            self.fleet.ctx.escalate(err)
             return
         except Exception as exc:  # a bug: the fleet keeps serving what each group runs  # noqa: BLE001
-            self.note = "stopped: " + self.engine.ctx.internal_error("rollout", exc)
-        self.engine.finished.set()
+            self.note = "stopped: " + self.fleet.ctx.internal_error("rollout", exc)
+        self.done.set()
 
     async def _drive(self) -> None:
         while not self.record.phase.ended:
@@ -180,7 +182,7 @@ class Rollout:
         against it (returned). Groups whose host is down are switched without being
         waited for (they come up on their version when the host is back)."""
         waited: dict[int, float] = {}
-        timeout = self.engine.plan.timeouts.card
+        timeout = self.fleet.ctx.plan.timeouts.card
         while True:
             await self._refresh()
             if judge and self.record.undo:
@@ -192,7 +194,7 @@ class Rollout:
                 if self.target(group) != want:
                     todo.append((group, want))
             for group, since in list(waited.items()):
-                if self.engine.group_serving(group):
+                if self.fleet.group_serving(group):
                     del waited[group]
                 elif judge and (broken := self._broken(group)):
                     return f"group {group}: {broken}"
@@ -206,9 +208,9 @@ class Rollout:
             if not todo and not waited:
                 return None
             if todo and (not self.record.paused or self.record.phase is Phase.ROLLING_BACK):
-                out = sum(not self.engine.group_serving(g) for g in self.order)
+                out = sum(not self.fleet.group_serving(g) for g in self.order)
                 for group, want in todo:
-                    down = not self.engine.group_serving(group)
+                    down = not self.fleet.group_serving(group)
                     if not down and out >= self.spec.max_unavailable:
                         continue
                     self._switch(group, want)
@@ -219,9 +221,9 @@ class Rollout:
             await self._wait()
 
     def _switch(self, group: int, program_id: str) -> None:
-        for driver in self.engine.groups[group]:
-            driver.retarget(program_id)
-        program = self.engine.ctx.programs[program_id]
+        for member in self.fleet.groups[group]:
+            member.retarget(program_id)
+        program = self.fleet.ctx.programs[program_id]
         self._announce(f"group {group} ({self._where(group)}) switched to version "
                        f"{program.version} (rollback floor {program.floor})")
 
@@ -233,7 +235,7 @@ class Rollout:
         card quarantined or failed is a verdict)."""
         wave = self.record.wave
         judged = [g for g in self.wave_groups(wave) if not self._host_down(g)]
-        deadline = time.monotonic() + self.engine.plan.timeouts.card + self.spec.soak
+        deadline = time.monotonic() + self.fleet.ctx.plan.timeouts.card + self.spec.soak
         smoked: set[int] = set()
         stable_since: float | None = None
         while True:
@@ -244,7 +246,7 @@ class Rollout:
             for group in judged:
                 if broken := self._broken(group):
                     return f"group {group}: {broken}", ""
-            serving = all(self.engine.group_serving(g) for g in judged)
+            serving = all(self.fleet.group_serving(g) for g in judged)
             if serving:
                 for group in judged:
                     if group not in smoked:
@@ -264,7 +266,7 @@ class Rollout:
                 stable_since = None
                 self.note = f"wave {wave + 1}: waiting for its groups to serve"
             if now > deadline:
-                late = [g for g in judged if not self.engine.group_serving(g)]
+                late = [g for g in judged if not self.fleet.group_serving(g)]
                 return (f"wave {wave + 1} did not stay serving for {self.spec.soak:g} s "
                         f"(group {late[0] if late else '?'}: "
                         f"{self._why_not(late[0]) if late else 'unsteady'})"), ""
@@ -275,7 +277,7 @@ class Rollout:
         if smoke is None:
             return None
         try:
-            outputs = await self.engine.execute(self.smoke_inputs, group=group)
+            outputs = await self.fleet.execute(self.smoke_inputs, group=group)
         except (ModelIPError, TimeoutError) as err:
             return f"smoke inference on group {group} failed: {err or 'timed out'}"
         return smoke_verdict(outputs, self.smoke_expect, rtol=smoke.rtol, atol=smoke.atol,
@@ -294,7 +296,7 @@ class Rollout:
         """Until a card moves (or ``most`` seconds), then a moment for the moves of the
         same instant: one look at the groups per burst, not per card."""
         with anyio.move_on_after(most):
-            await self.engine.changed()
+            await self.fleet.changed()
         await anyio.sleep(_SETTLE)
 
     # --- journal and announcements ----------------------------------------------------
@@ -321,7 +323,7 @@ class Rollout:
 
     def _announce(self, what: str) -> None:
         view = self.view()
-        self.engine.ctx.emit(RolloutChanged(
+        self.fleet.ctx.emit(RolloutChanged(
             rollout=view.id, phase=view.phase, wave=view.wave, waves=view.waves,
             from_version=view.from_version, to_version=view.to_version,
             groups_new=view.groups_new, groups=view.groups, serving=view.serving,
@@ -334,7 +336,7 @@ class Rollout:
             record.id, record.phase.value, record.wave + 1, len(record.waves),
             self.old.version, self.final.version,
             sum(self.target(g) in new for g in self.order), len(self.order),
-            sum(map(self.engine.group_serving, self.order)), self.floor, record.paused,
+            sum(map(self.fleet.group_serving, self.order)), self.floor, record.paused,
             record.verdict, self.note)
 
     def describe(self) -> str:
@@ -351,27 +353,27 @@ class Rollout:
     # --- groups ---------------------------------------------------------------------------
 
     def _program(self, group: int) -> PreparedProgram:
-        return self.engine.ctx.programs[self.target(group)]
+        return self.fleet.ctx.programs[self.target(group)]
 
     def _where(self, group: int) -> str:
-        drivers = self.engine.groups[group]
-        return f"{drivers[0].machine.host} cards " + ",".join(
-            str(d.machine.device) for d in drivers)
+        members = self.fleet.groups[group]
+        return f"{members[0].machine.host} cards " + ",".join(
+            str(d.machine.device) for d in members)
 
     def _host_down(self, group: int) -> bool:
-        return any(d.host.down for d in self.engine.groups[group])
+        return any(m.host_down for m in self.fleet.groups[group])
 
     def _broken(self, group: int) -> str:
-        for driver in self.engine.groups[group]:
-            m = driver.machine
+        for member in self.fleet.groups[group]:
+            m = member.machine
             if m.state in (S.QUARANTINED, S.FAILED):
                 return f"{m.name} {m.state.value}: {m.reason}"
         return ""
 
     def _why_not(self, group: int) -> str:
-        for driver in self.engine.groups[group]:
-            if not driver.serving:
-                m = driver.machine
+        for member in self.fleet.groups[group]:
+            if not member.serving:
+                m = member.machine
                 return f"{m.name} {m.state.value}" + (f": {m.reason}" if m.reason else "")
         return "serving"
 
