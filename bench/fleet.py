@@ -74,7 +74,7 @@ def deploy_child(plan_path: Path) -> None:
 
     from orchestrator.app import open_engine
     from orchestrator.engine import card
-    from orchestrator.engine.plan import Plan
+    from orchestrator.plan.model import Plan
 
     spent = {"crypto": 0.0}
 
@@ -206,7 +206,7 @@ def journal_per_card(cards: int, devices: int) -> float:
     import anyio
 
     from orchestrator.engine.state import CardMachine, CardState, KnownGood
-    from orchestrator.engine.store import LoadSent, SQLiteStore
+    from orchestrator.engine.store.sqlite import LoadSent, SQLiteStore
 
     async def card(store: SQLiteStore, machine: CardMachine) -> None:
         load_id = 0

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from orchestrator.app import open_engine  # noqa: E402
 from orchestrator.engine.context import percentile  # noqa: E402
-from orchestrator.engine.plan import Plan  # noqa: E402
+from orchestrator.plan.model import Plan  # noqa: E402
 from orchestrator.transport.client import DeviceState, HostClient  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -33,7 +33,7 @@ from orchestrator.app import open_engine  # noqa: E402
 from orchestrator.crypto.container import SealedContainer, wipe_plaintext  # noqa: E402
 from orchestrator.crypto.mek import MEK  # noqa: E402
 from orchestrator.engine.context import percentile  # noqa: E402
-from orchestrator.engine.plan import Plan  # noqa: E402
+from orchestrator.plan.model import Plan  # noqa: E402
 from orchestrator.qpc.build import pack_files  # noqa: E402
 from orchestrator.qpc.container import Container, MemorySource  # noqa: E402
 from orchestrator.transport.client import HostClient  # noqa: E402

@@ -23,7 +23,7 @@ from orchestrator.crypto.container import SealSettings  # noqa: E402
 from orchestrator.crypto.mek import MEK  # noqa: E402
 from orchestrator.emulator.card import EmulatedCard  # noqa: E402
 from orchestrator.emulator.pki import VendorPKI  # noqa: E402
-from orchestrator.encrypt import (  # noqa: E402
+from orchestrator.fileops.encrypt import (  # noqa: E402
     encrypt_model,
     load_session_targets,
     replace_mek,

@@ -23,7 +23,6 @@ from orchestrator.crypto.evidence import load_roots_file
 from orchestrator.engine.engine import Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.ports import MakeRollout
 from orchestrator.engine.prepare import (
     PreparedProgram,
@@ -31,14 +30,15 @@ from orchestrator.engine.prepare import (
     prepare_program,
     sealing_source,
 )
-from orchestrator.engine.rolloutsetup import RolloutSetup, arrange
-from orchestrator.engine.store import SQLiteStore, StateDirLock, Store
+from orchestrator.engine.rollout.setup import RolloutSetup, arrange
+from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock, Store
 from orchestrator.errors import FileInputError, StateDirError, UsageError
+from orchestrator.plan.model import Plan
 from orchestrator.transport.client import Deadlines, HostClient, TLSClientConfig
 
 if TYPE_CHECKING:
     from orchestrator.crypto.mek import MEK
-    from orchestrator.engine.pgstore import PostgresStore
+    from orchestrator.engine.store.postgres import PostgresStore
 
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ def _replica(shared: PostgresStore | None) -> MakeReplica | None:
 def _rollout(setup: RolloutSetup | None) -> MakeRollout | None:
     if setup is None:
         return None
-    from orchestrator.engine.rollout import Rollout
+    from orchestrator.engine.rollout.controller import Rollout
 
     return lambda fleet, done: Rollout(fleet, setup, done)
 
@@ -163,7 +163,7 @@ async def _open_store(plan: Plan, replica: str
         with SQLiteStore(plan.journal_path) as journal:
             yield journal, None
         return
-    from orchestrator.engine.pgstore import PostgresStore
+    from orchestrator.engine.store.postgres import PostgresStore
 
     store = PostgresStore(plan.store, replica, lease_ttl=plan.replicas.lease_ttl)
     await store.open()

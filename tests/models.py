@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from orchestrator.cli.samples import sample_mlp
 from orchestrator.qpc.build import pack_files
-from orchestrator.samples import sample_mlp
 
 
 def tiny_mlp(seed: int = 0, width: int = 8) -> onnx.ModelProto:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.crypto.custody import TokenSpec, seal, unseal
 from orchestrator.crypto.mek import MEK, load_mek
-from orchestrator.engine.plan import Plan
+from orchestrator.plan.model import Plan
 from tests.test_engine import running, write_plan
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"

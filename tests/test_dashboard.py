@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from orchestrator.dashboard import Filter, LiveDashboard, render, sparkline
 from orchestrator.engine.context import EngineStats
 from orchestrator.engine.events import CardChanged, Deployed, HostChanged, Rekeyed
-from orchestrator.engine.metrics import render_metrics
 from orchestrator.engine.snapshot import CardView, HostView, Snapshot
+from orchestrator.views.dashboard import Filter, LiveDashboard, render, sparkline
+from orchestrator.views.metrics import render_metrics
 
 FIXED_TS = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
@@ -313,9 +313,9 @@ def test_a_down_host_shows_how_long_it_has_been_down_and_keeps_its_verdicts() ->
 def test_every_state_of_the_engine_has_its_look() -> None:
     """The dashboard reads the states and their groupings from the engine: a new state
     without a glyph or a style fails here, not as '?' on an operator's screen."""
-    from orchestrator.dashboard import GLYPHS, HOST_STYLES, ORDER, SETTLED
     from orchestrator.engine.state import SETTLED as ENGINE_SETTLED
     from orchestrator.engine.state import CardState, HostState
+    from orchestrator.views.dashboard import GLYPHS, HOST_STYLES, ORDER, SETTLED
 
     assert set(GLYPHS) == {s.value for s in CardState} == set(ORDER)
     assert set(HOST_STYLES) == {s.value for s in HostState}

@@ -22,7 +22,6 @@ from orchestrator.crypto.wrap import key_slot_digest
 from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
 from orchestrator.emulator.host import FaultConfig
-from orchestrator.encrypt import SessionTarget, encrypt_model, wrap_to_targets
 from orchestrator.errors import (
     AttestationError,
     DeviceOffline,
@@ -33,6 +32,7 @@ from orchestrator.errors import (
     SessionInvalidError,
     UnreachableError,
 )
+from orchestrator.fileops.encrypt import SessionTarget, encrypt_model, wrap_to_targets
 from orchestrator.qpc.container import open_container
 from orchestrator.transport.client import HostClient
 from tests.models import pack_onnx_stage, reference_output, tiny_mlp

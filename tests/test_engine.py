@@ -16,14 +16,14 @@ import onnx
 import pytest
 
 from orchestrator.app import fleet_for, grpc_host, open_engine
+from orchestrator.cli.fleet import orchestrate
 from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.mek import load_mek
-from orchestrator.encrypt import encrypt_model
 from orchestrator.engine.engine import Engine
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import obtain_mek, prepare_program
-from orchestrator.engine.store import SQLiteStore
-from orchestrator.fleetcli import orchestrate
+from orchestrator.engine.store.sqlite import SQLiteStore
+from orchestrator.fileops.encrypt import encrypt_model
+from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp
 from tests.test_partition import LIGHT, dummy_input, original_outputs
@@ -253,7 +253,7 @@ async def test_every_attestation_checks_what_the_card_holds(tmp_path: Path) -> N
 
     from orchestrator.crypto.container import SealedContainer
     from orchestrator.crypto.evidence import verify_evidence
-    from orchestrator.encrypt import SessionTarget, wrap_to_targets
+    from orchestrator.fileops.encrypt import SessionTarget, wrap_to_targets
     from orchestrator.qpc.container import open_container
     from orchestrator.qpc.partition import package_onnx
 

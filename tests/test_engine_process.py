@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orchestrator.engine.store import SQLiteStore
+from orchestrator.engine.store.sqlite import SQLiteStore
 from tests.emulate import MODELIP, emulate
 from tests.models import tiny_mlp
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.crypto.container import SealedContainer, encode_key_slots
 from orchestrator.emulator.card import EmulatedCard
 from orchestrator.errors import IntegrityError, SessionInvalidError

@@ -43,10 +43,10 @@ from orchestrator.crypto.wrap import wrap_mek
 from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.errors import FormatError, ModelIPError
+from orchestrator.fileops.verify import inspect_container, verify_program
 from orchestrator.qpc.container import Container, MemorySource
 from orchestrator.qpc.mdp import MDP_META, MdpMeta, Partition, TensorSpec
 from orchestrator.qpc.writer import bytes_segment, container_pieces, write_container
-from orchestrator.verify import inspect_container, verify_program
 
 EXAMPLES = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -14,8 +14,8 @@ from orchestrator.crypto.container import SealSettings
 from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
 from orchestrator.crypto.mek import MEK
 from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
-from orchestrator.encrypt import SessionTarget, encrypt_model
 from orchestrator.errors import FileInputError, FormatError, UsageError
+from orchestrator.fileops.encrypt import SessionTarget, encrypt_model
 from orchestrator.qpc.container import open_container
 from orchestrator.qpc.mdp import read_mdp_meta
 from orchestrator.qpc.partition import load_onnx, package_onnx, plan_partitions, stage_models

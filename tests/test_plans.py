@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.plan import Plan
 from orchestrator.errors import PlanError
+from orchestrator.plan.model import Plan
 from tests.test_engine import running, write_plan
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
@@ -16,7 +16,7 @@ PLANS = Path(__file__).resolve().parent.parent / "plans"
 
 @pytest.mark.parametrize("name", ["demo.yaml", "mdp-16.yaml", "hybrid-pq.yaml"])
 def test_embedded_example_plans_validate(name: str) -> None:
-    from orchestrator.demo import load_demo_plan
+    from orchestrator.cli.demo import load_demo_plan
 
     plan = load_demo_plan() if name == "demo.yaml" else Plan.load(PLANS / name)
     assert plan.emulated is not None
@@ -66,7 +66,7 @@ def test_real_hosts_example_validates_once_its_files_exist(tmp_path: Path) -> No
     ("2130706433:1", False), ("[::ffff:127.0.0.1]:1", False), ("localhost.:1", False),
     ("dns:///127.0.0.1:1", False)])
 def test_only_loopback_addresses_go_without_tls(address: str, loopback: bool) -> None:
-    from orchestrator.engine.planpaths import is_loopback
+    from orchestrator.plan.paths import is_loopback
 
     assert is_loopback(address) is loopback
 

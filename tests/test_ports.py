@@ -18,8 +18,8 @@ from orchestrator.crypto.wrap import KeySlot
 from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.engine.hostapi import HostAPI
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.state import CardState
+from orchestrator.plan.model import Plan
 from orchestrator.qpc.container import Container, MemorySource
 from orchestrator.transport.client import (
     DeviceEvent,

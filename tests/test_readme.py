@@ -62,8 +62,8 @@ def test_shell_completion_offers_the_parsers_own_commands_and_flags(tmp_path: Pa
 
 
 def test_every_command_has_an_example_and_every_argument_its_help() -> None:
-    from orchestrator.cli import build_parser
-    from orchestrator.clihelp import EXAMPLES, undocumented
+    from orchestrator.cli.help import EXAMPLES, undocumented
+    from orchestrator.cli.main import build_parser
 
     assert undocumented(build_parser()) == []
     shown = subprocess.run([sys.executable, "-m", "orchestrator", "device", "exec", "--help"],

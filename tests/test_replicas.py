@@ -28,13 +28,13 @@ import pytest
 
 from orchestrator.crypto.container import SealedContainer
 from orchestrator.crypto.mek import MEK, write_mek
-from orchestrator.engine.pgstore import PostgresStore
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import prepare_program, sealing_source
-from orchestrator.engine.schema import POSTGRES_MIGRATIONS
 from orchestrator.engine.state import CardState, CardTransition
-from orchestrator.engine.store import LoadSent
+from orchestrator.engine.store.postgres import PostgresStore
+from orchestrator.engine.store.schema import POSTGRES_MIGRATIONS
+from orchestrator.engine.store.sqlite import LoadSent
 from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable, UsageError
+from orchestrator.plan.model import Plan
 from orchestrator.qpc.container import open_container
 from orchestrator.transport.client import HostClient
 from tests.models import tiny_mlp

@@ -17,8 +17,8 @@ import anyio
 import numpy as np
 import pytest
 
-from orchestrator.engine.rolloutspec import RolloutSpec, Step
-from orchestrator.engine.store import SQLiteStore
+from orchestrator.engine.store.sqlite import SQLiteStore
+from orchestrator.plan.rollout import RolloutSpec, Step
 from orchestrator.transport.client import DeviceState, HostClient
 from tests.emulate import MODELIP, emulate
 from tests.models import reference_output, tiny_mlp
@@ -351,7 +351,7 @@ def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_
 
 
 def test_the_smoke_verdict_names_the_output_and_how_far_it_is() -> None:
-    from orchestrator.engine.rollout import smoke_verdict
+    from orchestrator.engine.rollout.controller import smoke_verdict
 
     y = np.array([[1.0, 2.0]], dtype=np.float32)
     assert smoke_verdict({"y": y}, None, rtol=0, atol=0, group=3) is None

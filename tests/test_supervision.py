@@ -29,8 +29,7 @@ from orchestrator.emulator.adversary import malformed_chain
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.events import ProtocolViolation
-from orchestrator.engine.ledger import PHASE_MOVES, Phase, RolloutLedger
-from orchestrator.engine.plan import Plan
+from orchestrator.engine.rollout.ledger import PHASE_MOVES, Phase, RolloutLedger
 from orchestrator.engine.state import (
     CARD_MOVES,
     HOST_MOVES,
@@ -40,8 +39,9 @@ from orchestrator.engine.state import (
     HostMachine,
     HostState,
 )
-from orchestrator.engine.store import LoadRecord, LoadSent, SQLiteStore
+from orchestrator.engine.store.sqlite import LoadRecord, LoadSent, SQLiteStore
 from orchestrator.errors import AttestationError, InvalidTransition
+from orchestrator.plan.model import Plan
 from orchestrator.transport.client import DeviceState, HostClient
 from tests.models import tiny_mlp
 from tests.test_engine import running, wait_until, write_plan

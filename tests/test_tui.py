@@ -19,8 +19,8 @@ from rich.console import Console
 from textual.widgets import Static
 
 from orchestrator.engine.state import CardState, CardTransition
-from orchestrator.engine.store import SQLiteStore
-from orchestrator.tui import CardHistory, FleetApp
+from orchestrator.engine.store.sqlite import SQLiteStore
+from orchestrator.views.tui import CardHistory, FleetApp
 from tests.models import tiny_mlp
 from tests.test_dashboard import PROBLEMS, fleet
 

@@ -19,10 +19,10 @@ from orchestrator.crypto.evidence import ChainCache, TrustPolicy
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem
 from orchestrator.engine.events import Event, InternalError
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.prepare import PreparedProgram
-from orchestrator.engine.store import Store
+from orchestrator.engine.store.sqlite import Store
 from orchestrator.errors import StateDirError
+from orchestrator.plan.model import Plan
 
 _jitter = random.Random()  # noqa: S311 - retry timing, not security
 

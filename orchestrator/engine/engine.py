@@ -28,7 +28,6 @@ from orchestrator.engine.context import EngineContext, EngineStats, percentile
 from orchestrator.engine.events import CardOutcome, Deployed, Event, Summary
 from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
 from orchestrator.engine.hostapi import Connect
-from orchestrator.engine.plan import Plan
 from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
@@ -40,7 +39,7 @@ from orchestrator.engine.state import (
     CardTransition,
     Trigger,
 )
-from orchestrator.engine.store import Store
+from orchestrator.engine.store.sqlite import Store
 from orchestrator.errors import (
     ROLLED_BACK_EXIT,
     IntegrityError,
@@ -48,6 +47,7 @@ from orchestrator.errors import (
     SessionInvalidError,
     StateDirError,
 )
+from orchestrator.plan.model import Plan
 
 S = CardState
 # How app.py hands the engine a replica (engine/replicas.py): built from the hosts'
@@ -80,7 +80,7 @@ class Engine:
                  ) -> None:
         """``replica``: the store is shared by replicas: drive only the hosts this
         replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
-        another version of the model; replace it (engine/rollout.py). Both are built
+        another version of the model; replace it (engine/rollout/). Both are built
         here, from the ports the engine offers them (engine/ports.py)."""
         self.plan = plan
         self.program = program

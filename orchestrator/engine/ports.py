@@ -122,7 +122,7 @@ class Fleet(Protocol):
 
 
 class RolloutPart(Protocol):
-    """A rollout running inside the engine (engine/rollout.py)."""
+    """A rollout running inside the engine (engine/rollout/)."""
 
     @property
     def rolled_back(self) -> bool: ...

@@ -23,8 +23,8 @@ from orchestrator.crypto.container import (
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
 from orchestrator.crypto.seal import write_sealed
 from orchestrator.crypto.stream import derive_seal_salt
-from orchestrator.engine.plan import Plan
 from orchestrator.errors import FormatError, UsageError
+from orchestrator.plan.model import Plan
 from orchestrator.qpc.container import open_container
 from orchestrator.qpc.mdp import TensorSpec, read_mdp_meta
 from orchestrator.qpc.onnx_package import IO_DESC

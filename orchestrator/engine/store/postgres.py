@@ -32,9 +32,9 @@ import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from orchestrator.engine.schema import CARD_COLUMNS, POSTGRES_MIGRATIONS
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
-from orchestrator.engine.store import (
+from orchestrator.engine.store.schema import CARD_COLUMNS, POSTGRES_MIGRATIONS
+from orchestrator.engine.store.sqlite import (
     CardRecord,
     HostRecord,
     LoadRecord,

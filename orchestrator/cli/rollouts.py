@@ -19,12 +19,12 @@ from orchestrator.errors import UsageError
 def cmd_rollout(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.engine.plan import Plan
-    from orchestrator.engine.store import SQLiteStore
+    from orchestrator.engine.store.sqlite import SQLiteStore
+    from orchestrator.plan.model import Plan
 
     plan = Plan.load(args.plan)
     if plan.shared:
-        from orchestrator.engine.plan import ROLLOUT_NOT_SHARED
+        from orchestrator.plan.model import ROLLOUT_NOT_SHARED
 
         raise UsageError(f"{plan.source}: {ROLLOUT_NOT_SHARED}")
     if not plan.journal_path.exists():
@@ -44,7 +44,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 async def _status(journal: Any) -> dict[str, Any]:
     from orchestrator.engine.events import iso_time
-    from orchestrator.engine.ledger import RolloutLedger
+    from orchestrator.engine.rollout.ledger import RolloutLedger
 
     ledger = RolloutLedger(journal)
     current = await ledger.fleet_program()
@@ -108,7 +108,7 @@ def _print_status(view: dict[str, Any]) -> None:
 
 
 async def _request(journal: Any, plan: Any, action: str) -> int:
-    from orchestrator.engine.ledger import Phase, RolloutLedger
+    from orchestrator.engine.rollout.ledger import Phase, RolloutLedger
 
     ledger = RolloutLedger(journal)
     record = await ledger.active()

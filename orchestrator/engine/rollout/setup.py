@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from orchestrator.arrays import read_arrays
-from orchestrator.engine.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
-from orchestrator.engine.plan import ROLLOUT_NOT_SHARED, Plan
 from orchestrator.engine.prepare import PreparedProgram, describe_body, file_digest
-from orchestrator.engine.rolloutspec import RolloutSpec
-from orchestrator.engine.store import SQLiteStore, Store
+from orchestrator.engine.rollout.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
+from orchestrator.engine.store.sqlite import SQLiteStore, Store
 from orchestrator.errors import FormatError, UsageError, WrongMEKError
+from orchestrator.plan.model import ROLLOUT_NOT_SHARED, Plan
+from orchestrator.plan.rollout import RolloutSpec
 
 if TYPE_CHECKING:
     from orchestrator.crypto.mek import MEK

@@ -21,9 +21,9 @@ from textual.binding import Binding
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
-from orchestrator.dashboard import Filter, render
 from orchestrator.engine.snapshot import Snapshot
-from orchestrator.engine.store import TransitionRecord
+from orchestrator.engine.store.sqlite import TransitionRecord
+from orchestrator.views.dashboard import Filter, render
 
 STATES = ("", "QUARANTINED", "FAILED", "DISCONNECTED", "RETRY_WAIT", "REKEYING", "ATTESTING",
           "PENDING", "SERVING")

@@ -15,8 +15,10 @@ from pathlib import Path
 import yaml
 
 from orchestrator.crypto.custody import DEFAULT_PIN_ENV, TokenSpec
-from orchestrator.engine.planpaths import PACKAGE_SCHEME, is_loopback, package_path
-from orchestrator.engine.planreader import (
+from orchestrator.errors import FormatError, PlanError
+from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS
+from orchestrator.plan.paths import PACKAGE_SCHEME, is_loopback, package_path
+from orchestrator.plan.reader import (
     Node,
     Problem,
     Reader,
@@ -32,9 +34,7 @@ from orchestrator.engine.planreader import (
     store_url_warning,
     version_number,
 )
-from orchestrator.engine.rolloutspec import RolloutSpec, read_rollout
-from orchestrator.errors import FormatError, PlanError
-from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_DEVICE, MAX_HOSTS
+from orchestrator.plan.rollout import RolloutSpec, read_rollout
 
 MAX_PLAN_BYTES = 1 << 20
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.engine.store import SQLiteStore
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import InvalidTransition
 
 

@@ -2,7 +2,7 @@
 
 ``annotate`` turns PyYAML's node tree into values that remember their line;
 ``Reader`` walks one mapping, checks types and ranges, and names unknown keys
-(with the nearest known one). plan.py builds the Plan with it.
+(with the nearest known one). model.py builds the Plan with it.
 """
 
 from __future__ import annotations

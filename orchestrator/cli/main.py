@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, argtypes, keycli
-from orchestrator.argtypes import OneLineParser
+from orchestrator import __version__
+from orchestrator.cli import argtypes, keys
+from orchestrator.cli.argtypes import OneLineParser
 from orchestrator.errors import ModelIPError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -82,16 +83,16 @@ def _expiry(text: str) -> int:
 
 
 def _targets(args: argparse.Namespace) -> Any:
-    from orchestrator.targets import load_session_targets
+    from orchestrator.fileops.targets import load_session_targets
 
     return load_session_targets(args.pub_keys, trust_root=args.trust_root,
                                 insecure=args.insecure_unverified_key, warn=_err)
 
 
 def cmd_encrypt_model(args: argparse.Namespace) -> int:
-    from orchestrator.encrypt import encrypt_model
+    from orchestrator.fileops.encrypt import encrypt_model
 
-    mek = keycli.mek_from_args(args)
+    mek = keys.mek_from_args(args)
     settings = _seal_settings(args, Path(args.qpc).stem)
     targets = _targets(args) if args.pub_keys else ()
     for path in encrypt_model(args.qpc, mek, args.output_dir, settings, targets=targets,
@@ -102,9 +103,9 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
 
 
 def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
-    from orchestrator.encrypt import encrypt_with_session_keys
+    from orchestrator.fileops.encrypt import encrypt_with_session_keys
 
-    mek = keycli.mek_from_args(args)
+    mek = keys.mek_from_args(args)
     path = encrypt_with_session_keys(args.input_dir, mek, _targets(args),
                                      out_dir=args.output_dir, overwrite=args.force)
     mek.wipe()
@@ -114,9 +115,9 @@ def cmd_encrypt_with_session_keys(args: argparse.Namespace) -> int:
 
 def cmd_wrap_mek(args: argparse.Namespace) -> int:
     from orchestrator.crypto.wrap import UNBOUND_PROGRAM
-    from orchestrator.encrypt import program_for_wrap, wrap_mek_to_dir
+    from orchestrator.fileops.encrypt import program_for_wrap, wrap_mek_to_dir
 
-    mek = keycli.mek_from_args(args)
+    mek = keys.mek_from_args(args)
     if args.encrypted_qpc:
         program = program_for_wrap(args.encrypted_qpc, mek)
     else:
@@ -132,7 +133,7 @@ def cmd_wrap_mek(args: argparse.Namespace) -> int:
 
 
 def cmd_replace_mek(args: argparse.Namespace) -> int:
-    from orchestrator.encrypt import replace_mek
+    from orchestrator.fileops.encrypt import replace_mek
 
     path = replace_mek(args.encrypted_qpc, args.wrapped_meks, out_dir=args.output_dir,
                        in_place=args.in_place, overwrite=args.force)
@@ -141,9 +142,9 @@ def cmd_replace_mek(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from orchestrator.verify import verify_program
+    from orchestrator.fileops.verify import verify_program
 
-    mek = keycli.mek_from_args(args)
+    mek = keys.mek_from_args(args)
     summary = verify_program(args.qpc, mek, extract=args.extract, overwrite=args.force)
     mek.wipe()
     for segment in summary["segments"]:
@@ -154,7 +155,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from orchestrator.verify import inspect_container
+    from orchestrator.fileops.verify import inspect_container
 
     document = inspect_container(args.file)
     if args.json:
@@ -211,7 +212,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from orchestrator.engine.planpaths import PACKAGE_SCHEME, package_path
+    from orchestrator.plan.paths import PACKAGE_SCHEME, package_path
     from orchestrator.qpc.partition import describe, package_onnx
 
     model = args.model
@@ -230,7 +231,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from orchestrator.completion import bash_script, zsh_script
+    from orchestrator.cli.completion import bash_script, zsh_script
 
     parser = build_parser()
     print(bash_script(parser) if args.shell == "bash" else zsh_script(parser), end="")
@@ -238,7 +239,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from orchestrator.samples import write_samples
+    from orchestrator.cli.samples import write_samples
 
     for name, what in write_samples(Path(args.dir), overwrite=args.force):
         print(f"wrote {Path(args.dir) / name}: {what}")
@@ -285,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=OneLineParser)
 
-    keycli.register(sub)
+    keys.register(sub)
 
     p = sub.add_parser("encrypt-model", help="encrypt a QPC (and wrap to cards)")
     p.add_argument("--qpc", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    keycli.add_token_flags(p)
+    keys.add_token_flags(p)
     p.add_argument("--output-dir", required=True)
     _add_key_flags(p, required=False)
     _add_seal_flags(p)
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dir", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    keycli.add_token_flags(p)
+    keys.add_token_flags(p)
     p.add_argument("--output-dir")
     _add_key_flags(p, required=True)
     argtypes.add_force_flag(p)
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wrap-mek", help="wrap the MEK to each card's session key")
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    keycli.add_token_flags(p)
+    keys.add_token_flags(p)
     p.add_argument("--encrypted-qpc", metavar="FILE|DIR",
                    help="bind the wrapped MEKs to this encrypted program (and no other); "
                         "without it they open any program under the MEK "
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qpc", required=True)
     p.add_argument("--mek", required=True, metavar="FILE",
                    help="MEK file, or a sealed MEK (with the PKCS#11 options)")
-    keycli.add_token_flags(p)
+    keys.add_token_flags(p)
     p.add_argument("--extract", metavar="DIR", help="write the decrypted segments here")
     argtypes.add_force_flag(p)
     p.set_defaults(handler=cmd_verify)
@@ -372,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
-    from orchestrator import cardcli, fleetcli, hostcli, rolloutcli
+    from orchestrator.cli import cards, fleet, hosts, rollouts
 
-    cardcli.register(sub)
-    hostcli.register(sub)
-    fleetcli.register(sub)
-    rolloutcli.register(sub)
+    cards.register(sub)
+    hosts.register(sub)
+    fleet.register(sub)
+    rollouts.register(sub)
 
     p = sub.add_parser("demo", help="watch the demo's emulated fleet for a while (make demo)")
     p.add_argument("--plan", help="another plan (default: the packaged demo plan, its state "
@@ -385,20 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
-    from orchestrator.clihelp import document
+    from orchestrator.cli.help import document
 
     document(parser)
     return parser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator import fleetcli
-    from orchestrator.demo import load_demo_plan
+    from orchestrator.cli import fleet
+    from orchestrator.cli.demo import load_demo_plan
 
     args.metrics_port = args.store = None
     args.retry_quarantined = args.retry_rollout = args.plain = args.store_word = False
     plan = None if args.plan else load_demo_plan()
-    return fleetcli.watch_plan(args, plan)
+    return fleet.watch_plan(args, plan)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
-from orchestrator.engine.schema import CARD_COLUMNS, SQLITE_MIGRATIONS
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
+from orchestrator.engine.store.schema import CARD_COLUMNS, SQLITE_MIGRATIONS
 from orchestrator.errors import StateDirError
 from orchestrator.terminal import terminal_safe
 

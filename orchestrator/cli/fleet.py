@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import argtypes
+from orchestrator.cli import argtypes
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
-    from orchestrator.engine.plan import Plan
+    from orchestrator.plan.model import Plan
 
 
 async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
@@ -62,17 +62,17 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
         if json_events:
             engine.subscribe(lambda event: print(event.to_json(), file=out, flush=True))
         elif inputs is None and live and interactive:
-            from orchestrator.tui import FleetApp
+            from orchestrator.views.tui import FleetApp
 
             app = FleetApp(engine.snapshot, engine.store.card_transitions,
                            title=f"modelip  {plan.source.name}")
         elif inputs is None and live:
-            from orchestrator.dashboard import LiveDashboard
+            from orchestrator.views.dashboard import LiveDashboard
 
             dashboard = LiveDashboard(engine.snapshot, title=f"modelip  {plan.source.name}")
             engine.subscribe(dashboard.on_event)
         elif inputs is None:
-            from orchestrator.dashboard import event_line
+            from orchestrator.views.dashboard import event_line
 
             engine.subscribe(lambda event: print(event_line(event), file=out, flush=True))
         try:
@@ -114,7 +114,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
 
                 tg.start_soon(on_signals)
                 if metrics_port is not None:
-                    from orchestrator.engine.metrics import render_metrics, serve_metrics
+                    from orchestrator.views.metrics import render_metrics, serve_metrics
 
                     bound = await tg.start(serve_metrics, metrics_port,
                                            lambda: render_metrics(engine.snapshot(),
@@ -193,14 +193,14 @@ def watch_plan(args: argparse.Namespace, plan: Plan | None) -> int:
 def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     """Read a plan (``--store`` replaces its store) and say aloud what it allows on
     purpose (stderr)."""
-    from orchestrator.engine.plan import Plan
-    from orchestrator.engine.planreader import store_url_problem
+    from orchestrator.plan.model import Plan
+    from orchestrator.plan.reader import store_url_problem
 
     plan = Plan.load(args.plan)
     if getattr(args, "store", None):
         problem = store_url_problem(args.store)
         if problem:
-            from orchestrator.engine.pgstore import redact
+            from orchestrator.engine.store.postgres import redact
 
             raise UsageError(f"--store {redact(args.store)}: {problem}")
         plan = dataclasses.replace(plan, store="" if args.store == "sqlite" else args.store)
@@ -236,7 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from orchestrator.atomicfile import refuse_existing
-    from orchestrator.hostcli import read_inputs, write_outputs
+    from orchestrator.cli.hosts import read_inputs, write_outputs
 
     plan = _load_plan(args)
     inputs = read_inputs(args.input)
@@ -259,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from orchestrator.dashboard import render, stored_snapshot
+    from orchestrator.views.dashboard import render, stored_snapshot
 
     plan = _load_plan(args, quiet=True)
     view = anyio.run(_read_status, plan)
@@ -333,10 +333,10 @@ def _tables() -> tuple[Any, Callable[[str, list[str]], Any]]:
 
 async def _read_status(plan: Plan) -> dict[str, Any]:
     """What the store says, as plain values (times ISO 8601, UTC)."""
-    from orchestrator.engine.store import SQLiteStore
+    from orchestrator.engine.store.sqlite import SQLiteStore
 
     if plan.shared:
-        from orchestrator.engine.pgstore import PostgresStore
+        from orchestrator.engine.store.postgres import PostgresStore
 
         store = PostgresStore(plan.store, "status", lease_ttl=plan.replicas.lease_ttl)
         await store.open(migrate=False)

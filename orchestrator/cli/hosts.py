@@ -1,6 +1,6 @@
-"""Commands that talk to hosts: emulate, attest, device (thin; see cli.py).
+"""Commands that talk to hosts: emulate, attest, device (thin; see cli/main.py).
 
-Kept apart from cli.py so the file-level commands never import grpc.
+Kept apart from main.py so the file-level commands never import grpc.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator import argtypes
 from orchestrator.atomicfile import atomic_output, refuse_existing, write_bytes_atomic
+from orchestrator.cli import argtypes
 from orchestrator.errors import FileInputError, UsageError
 
 
@@ -124,7 +124,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
         parse_evidence,
         verify_evidence,
     )
-    from orchestrator.targets import read_request
+    from orchestrator.fileops.targets import read_request
     from orchestrator.trustconfig import configured_trust_root
 
     if len(args.device) > 1:

@@ -18,7 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from orchestrator.engine.context import EngineStats
-from orchestrator.engine.ledger import Phase
+from orchestrator.engine.rollout.ledger import Phase
 from orchestrator.engine.snapshot import RolloutView, Snapshot
 from orchestrator.engine.state import CardState, HostState
 from orchestrator.errors import UsageError

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.engine.plan import Plan
+    from orchestrator.plan.model import Plan
 
 DEMO_PLAN = "demo.yaml"
 
@@ -30,7 +30,7 @@ def demo_state_dir() -> Path:
 
 def load_demo_plan() -> Plan:
     """The packaged demo plan, its state in demo_state_dir(). Raises PlanError."""
-    from orchestrator.engine.plan import Plan
+    from orchestrator.plan.model import Plan
 
     with resources.as_file(resources.files("orchestrator").joinpath("data", DEMO_PLAN)) \
             as path:

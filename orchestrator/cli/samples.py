@@ -56,7 +56,7 @@ def write_samples(directory: Path, *, overwrite: bool = False) -> list[tuple[str
     """Write the sample files into ``directory``; (name, what it is) for each. Files
     that exist are refused before anything is written, unless ``overwrite``."""
     from orchestrator.atomicfile import output_directory, refuse_existing, write_bytes_atomic
-    from orchestrator.demo import demo_plan_bytes
+    from orchestrator.cli.demo import demo_plan_bytes
 
     refuse_existing([directory / name for name in SAMPLE_FILES], overwrite=overwrite)
     rng = np.random.default_rng(7)

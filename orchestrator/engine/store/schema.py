@@ -67,7 +67,7 @@ SQLITE_MIGRATIONS = (
             WHERE host = NEW.host AND device = NEW.device;
         END""",
     ),
-    # Rollouts (engine/rollout.py): the programs a fleet served, which one it
+    # Rollouts (engine/rollout/): the programs a fleet served, which one it
     # serves now, each rollout with its waves' history.
     """
     CREATE TABLE programs (

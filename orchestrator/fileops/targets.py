@@ -17,8 +17,8 @@ from orchestrator.crypto.evidence import (
     verify_evidence,
 )
 from orchestrator.crypto.wrap import Kem, decode_session_public_key
-from orchestrator.encrypt import SessionTarget, read_file
 from orchestrator.errors import FormatError, UsageError
+from orchestrator.fileops.encrypt import SessionTarget, read_file
 from orchestrator.trustconfig import configured_trust_root, no_trust_root_problem
 
 # File-level flows cannot check a nonce they never sent: a report may be at most

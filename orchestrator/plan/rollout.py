@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.engine.planreader import Problem, Reader, non_negative, positive
+from orchestrator.plan.reader import Problem, Reader, non_negative, positive
 
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 

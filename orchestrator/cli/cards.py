@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator import argtypes
+from orchestrator.cli import argtypes
 from orchestrator.errors import FileInputError
 
 
@@ -24,7 +24,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 def _load_card(path: str) -> Any:
     from orchestrator.emulator.card import EmulatedCard
-    from orchestrator.encrypt import read_file
+    from orchestrator.fileops.encrypt import read_file
 
     raw = read_file(path, "card file")
     try:
@@ -62,7 +62,7 @@ def cmd_card_init(args: argparse.Namespace) -> int:
 
 def cmd_card_attest(args: argparse.Namespace) -> int:
     from orchestrator.atomicfile import write_bytes_atomic
-    from orchestrator.targets import read_request
+    from orchestrator.fileops.targets import read_request
 
     card = _load_card(args.card)
     request = read_request(args.input)

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from orchestrator.engine.events import RolloutChanged
-from orchestrator.engine.ledger import Phase
 from orchestrator.engine.prepare import PreparedProgram
-from orchestrator.engine.rolloutsetup import RolloutSetup
+from orchestrator.engine.rollout.ledger import Phase
+from orchestrator.engine.rollout.setup import RolloutSetup
 from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
 from orchestrator.errors import ModelIPError, StateDirError

@@ -1,0 +1,5 @@
+"""The command line: every command module and its helpers (``main`` is the entry point)."""
+
+from orchestrator.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,7 @@
+"""What the engine remembers, behind one interface (``Store``): the embedded SQLite
+journal (``sqlite``), the shared PostgreSQL store (``postgres``, imported by name: it
+loads psycopg), the tables of both (``schema``)."""
+
+from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock, Store
+
+__all__ = ["SQLiteStore", "StateDirLock", "Store"]
