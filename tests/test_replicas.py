@@ -91,6 +91,35 @@ def transition(host: str) -> CardTransition:
                           "ab", "prog", 1, None)
 
 
+async def test_a_replica_frozen_inside_a_write_does_not_keep_its_host(database: str) -> None:
+    """A replica stopped (SIGSTOP, a paused VM) in the middle of a fenced write holds its
+    host's lease row locked. The server must end that session after a lease TTL, or no
+    other replica can ever take the host over (claims skip locked rows)."""
+    a = PostgresStore(database, "a", lease_ttl=1.0)
+    b = PostgresStore(database, "b", lease_ttl=1.0)
+    await a.open()
+    await b.open()
+    try:
+        await a.heartbeat(["h"])
+        assert [c.host for c in await a.claim(["h"], 1)] == ["h"]
+        # a's own connection, as a fenced write leaves it when the process freezes
+        async with a._pool.connection() as conn:  # noqa: SLF001 - staging the freeze
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                async with conn.transaction():
+                    await conn.execute("SELECT owner FROM leases WHERE host = 'h' FOR SHARE")
+                    taken: list[Any] = []
+                    with anyio.fail_after(15):
+                        while not taken:
+                            await b.heartbeat(["h"])
+                            taken = await b.claim(["h"], 1)
+                            await anyio.sleep(0.2)
+                    assert (taken[0].host, taken[0].previous_owner) == ("h", "a")
+                    await conn.execute("SELECT 1")   # thawed: the session is gone
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_the_database_refuses_a_write_under_a_stale_epoch(database: str) -> None:
     a = PostgresStore(database, "a", lease_ttl=1.0)
     b = PostgresStore(database, "b", lease_ttl=1.0)

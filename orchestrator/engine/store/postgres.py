@@ -132,7 +132,15 @@ class PostgresStore:
         self.instance = f"{replica}:{time.time_ns()}"
         self._pool = AsyncConnectionPool(
             url, min_size=1, max_size=16, open=False, timeout=max(5.0, lease_ttl),
-            kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(lease_ttl / 2))},
+            kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(lease_ttl / 2)),
+                    # A replica frozen inside a transaction (SIGSTOP, a VM paused) would
+                    # keep its row locks, and a fenced write's lock on its host's lease
+                    # row keeps every other replica from taking the host over (claims
+                    # skip locked rows). The server ends such a session after a lease
+                    # TTL: the locks go with it; the frozen replica, thawed, finds its
+                    # connection gone and its lease lost.
+                    "options": "-c idle_in_transaction_session_timeout="
+                               f"{max(100, round(lease_ttl * 1000))}"},
             check=AsyncConnectionPool.check_connection, name=f"modelip-{replica}")
 
     async def open(self, *, migrate: bool = True) -> None:
@@ -186,7 +194,9 @@ class PostgresStore:
                 with anyio.CancelScope(shield=True):
                     async with self._pool.connection() as conn, conn.transaction():
                         return await work(conn)
-            except (psycopg.OperationalError, PoolTimeout) as exc:
+            # (a session the server ended, idle in a transaction: this process stalled)
+            except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout,
+                    PoolTimeout) as exc:
                 if time.monotonic() + delay > limit:
                     raise on_give_up(_why(exc)) from None
             await anyio.sleep(delay)
