@@ -206,7 +206,8 @@ def journal_per_card(cards: int, devices: int) -> float:
     import anyio
 
     from orchestrator.engine.state import CardMachine, CardState, KnownGood
-    from orchestrator.engine.store.sqlite import LoadSent, SQLiteStore
+    from orchestrator.engine.store.protocol import LoadSent
+    from orchestrator.engine.store.sqlite import SQLiteStore
 
     async def card(store: SQLiteStore, machine: CardMachine) -> None:
         load_id = 0

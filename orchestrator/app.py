@@ -31,7 +31,8 @@ from orchestrator.engine.prepare import (
     sealing_source,
 )
 from orchestrator.engine.rollout.setup import RolloutSetup, arrange
-from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock, Store
+from orchestrator.engine.store.protocol import Store
+from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import Deadlines, HostClient, TLSClientConfig

@@ -31,8 +31,8 @@ from orchestrator.crypto.mek import MEK, write_mek
 from orchestrator.engine.prepare import prepare_program, sealing_source
 from orchestrator.engine.state import CardState, CardTransition
 from orchestrator.engine.store.postgres import PostgresStore
+from orchestrator.engine.store.protocol import LoadSent
 from orchestrator.engine.store.schema import POSTGRES_MIGRATIONS
-from orchestrator.engine.store.sqlite import LoadSent
 from orchestrator.errors import LeaseLost, PlanError, StoreUnavailable, UsageError
 from orchestrator.plan.model import Plan
 from orchestrator.qpc.container import open_container

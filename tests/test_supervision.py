@@ -39,7 +39,8 @@ from orchestrator.engine.state import (
     HostMachine,
     HostState,
 )
-from orchestrator.engine.store.sqlite import LoadRecord, LoadSent, SQLiteStore
+from orchestrator.engine.store.protocol import LoadRecord, LoadSent
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import AttestationError, InvalidTransition
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import DeviceState, HostClient

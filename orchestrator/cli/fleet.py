@@ -194,13 +194,13 @@ def _load_plan(args: argparse.Namespace, *, quiet: bool = False) -> Plan:
     """Read a plan (``--store`` replaces its store) and say aloud what it allows on
     purpose (stderr)."""
     from orchestrator.plan.model import Plan
-    from orchestrator.plan.reader import store_url_problem
+    from orchestrator.plan.storeurl import store_url_problem
 
     plan = Plan.load(args.plan)
     if getattr(args, "store", None):
         problem = store_url_problem(args.store)
         if problem:
-            from orchestrator.engine.store.postgres import redact
+            from orchestrator.plan.storeurl import redact
 
             raise UsageError(f"--store {redact(args.store)}: {problem}")
         plan = dataclasses.replace(plan, store="" if args.store == "sqlite" else args.store)

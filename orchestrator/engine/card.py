@@ -40,7 +40,7 @@ from orchestrator.engine.state import (
     KnownGood,
     Trigger,
 )
-from orchestrator.engine.store.sqlite import CardRecord, LoadSent
+from orchestrator.engine.store.protocol import CardRecord, LoadSent
 from orchestrator.errors import (
     InputError,
     LeaseLost,

@@ -20,7 +20,7 @@ from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem
 from orchestrator.engine.events import Event, InternalError
 from orchestrator.engine.prepare import PreparedProgram
-from orchestrator.engine.store.sqlite import Store
+from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import StateDirError
 from orchestrator.plan.model import Plan
 

@@ -39,7 +39,7 @@ from orchestrator.engine.state import (
     CardTransition,
     Trigger,
 )
-from orchestrator.engine.store.sqlite import Store
+from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import (
     ROLLED_BACK_EXIT,
     IntegrityError,

@@ -30,7 +30,7 @@ from orchestrator.engine.state import (
     HostState,
     Trigger,
 )
-from orchestrator.engine.store.sqlite import CardRecord, HostRecord
+from orchestrator.engine.store.protocol import CardRecord, HostRecord
 from orchestrator.errors import (
     DeadlineError,
     LeaseLost,

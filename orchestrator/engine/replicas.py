@@ -25,8 +25,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
-from orchestrator.engine.store.postgres import Claimed, PostgresStore
-from orchestrator.engine.store.sqlite import CardRecord
+from orchestrator.engine.store.leases import Claimed
+from orchestrator.engine.store.postgres import PostgresStore
+from orchestrator.engine.store.protocol import CardRecord
 from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 

@@ -30,11 +30,10 @@ from orchestrator.plan.reader import (
     partition_count,
     positive,
     probability,
-    store_url_problem,
-    store_url_warning,
     version_number,
 )
 from orchestrator.plan.rollout import RolloutSpec, read_rollout
+from orchestrator.plan.storeurl import store_url_problem, store_url_warning
 
 MAX_PLAN_BYTES = 1 << 20
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "

@@ -191,54 +191,6 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
-def store_url_problem(value: str) -> str | None:
-    """Why ``value`` is not a store this version can use, or None. A database across
-    the network must be reached with its server verified (sslmode=verify-full), or
-    with an sslmode that says, on purpose, that it is not (warned at every start:
-    store_url_warning); libpq's default would fall back to plaintext unverified."""
-    if value in ("", "sqlite"):
-        return None
-    if not value.startswith(("postgresql://", "postgres://")):
-        return "must be postgresql://... (or omitted: the embedded journal)"
-    params = _conninfo(value)
-    if params is None:
-        return "is not a PostgreSQL connection URL"
-    if _local_database(params) or params.get("sslmode"):
-        return None
-    return ("reaches a database across the network: give sslmode=verify-full (with "
-            "sslrootcert=CA.pem) so that the server is verified, or another sslmode on "
-            "purpose (warned at every start)")
-
-
-def store_url_warning(value: str) -> str | None:
-    """What an operator should hear at every start about the store's connection."""
-    params = _conninfo(value) if value.startswith(("postgresql://", "postgres://")) else None
-    if params is None or _local_database(params) or params.get("sslmode") == "verify-full":
-        return None
-    return (f"WARNING: the store is reached with sslmode={params.get('sslmode')}: the "
-            "database server is not verified, and anyone on the path can be the store "
-            "(docs/security.md); sslmode=verify-full verifies it")
-
-
-def _conninfo(value: str) -> dict[str, str] | None:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        return {key: str(item) for key, item in conninfo_to_dict(value).items()}
-    except Exception:  # noqa: BLE001 - psycopg's parser raises its own ProgrammingError
-        return None
-
-
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def _local_database(params: dict[str, str]) -> bool:
-    """Every host a unix socket (a path, or none: libpq's default socket) or loopback."""
-    hosts = [h for h in params.get("host", "").split(",") if h] + \
-        [h for h in params.get("hostaddr", "").split(",") if h]
-    return all(h.startswith("/") or h in _LOCAL_HOSTS for h in hosts)
-
-
 def lease_ttl(value: float) -> str | None:
     return None if 1 <= value <= 3600 else "must be between 1 and 3600 seconds"
 

@@ -48,7 +48,7 @@ from orchestrator.engine.events import (
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
 from orchestrator.engine.state import SETTLED as SETTLED_STATES
 from orchestrator.engine.state import CardState, HostState
-from orchestrator.engine.store.sqlite import CardRecord, HostRecord, TransitionRecord
+from orchestrator.engine.store.protocol import CardRecord, HostRecord, TransitionRecord
 
 # The states and their groupings are the engine's (engine/state.py): one source, so a
 # new state cannot show as "?" or drop out of the totals. What is ours is how each

@@ -22,7 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
 from orchestrator.engine.snapshot import Snapshot
-from orchestrator.engine.store.sqlite import TransitionRecord
+from orchestrator.engine.store.protocol import TransitionRecord
 from orchestrator.views.dashboard import Filter, render
 
 STATES = ("", "QUARANTINED", "FAILED", "DISCONNECTED", "RETRY_WAIT", "REKEYING", "ATTESTING",

@@ -18,7 +18,8 @@ import anyio
 from orchestrator.arrays import read_arrays
 from orchestrator.engine.prepare import PreparedProgram, describe_body, file_digest
 from orchestrator.engine.rollout.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
-from orchestrator.engine.store.sqlite import SQLiteStore, Store
+from orchestrator.engine.store.protocol import Store
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import FormatError, UsageError, WrongMEKError
 from orchestrator.plan.model import ROLLOUT_NOT_SHARED, Plan
 from orchestrator.plan.rollout import RolloutSpec
