@@ -11,15 +11,13 @@ a reason; an unexpected exception (a bug) is logged and FAILS this card only.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
-from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify_load_receipt
-from orchestrator.crypto.wrap import key_slot_digest, wrap_mek
+from orchestrator.crypto.evidence import VerifiedReport
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.decide import (
     CHECK_SAW,
@@ -32,6 +30,16 @@ from orchestrator.engine.decide import (
     decide_serving,
 )
 from orchestrator.engine.events import HintDisproved, Rekeyed
+from orchestrator.engine.inbox import Inbox
+from orchestrator.engine.keying import (
+    adopt,
+    attest,
+    holds,
+    receipt_of,
+    seen_in,
+    slot_for,
+    verified_good,
+)
 from orchestrator.engine.state import (
     FINAL,
     IN_FLIGHT,
@@ -42,7 +50,6 @@ from orchestrator.engine.state import (
 )
 from orchestrator.engine.store.protocol import CardRecord, LoadSent
 from orchestrator.errors import (
-    InputError,
     LeaseLost,
     ModelIPError,
     StateDirError,
@@ -68,10 +75,7 @@ class CardDriver:
         self.last_event = ""
         self.rekeys = 0
         self.reconciled = 0           # how many times the driver has looked at its card
-        self._wake = anyio.Event()
-        self._trigger: Trigger | None = None
-        self._first_sign = 0.0        # monotonic time something first looked wrong; 0 = nothing
-        self._checked_at = 0.0
+        self.inbox = Inbox()
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
         self.parked = False           # waiting for its next check (SERVING, nothing to do)
@@ -84,11 +88,8 @@ class CardDriver:
         self.machine = CardMachine(m.host, m.device, m.group, m.partition, m.program_id)
         self.resumed = None
         self.last_event = ""
-        self._first_sign = 0.0
-        self._checked_at = 0.0
+        self.inbox = Inbox()
         self._verdict = None
-        self._trigger = None
-        self._wake = anyio.Event()
 
     def mirror(self, record: CardRecord) -> None:
         """Show what another replica, which drives this card, last journaled."""
@@ -142,11 +143,7 @@ class CardDriver:
 
     def hint(self, trigger: Trigger) -> None:
         """Something may have changed: look again (a hint, never a fact)."""
-        if not self._first_sign and trigger not in (Trigger.PERIODIC, Trigger.SWITCH):
-            self._first_sign = time.monotonic()
-        if self._trigger is None:
-            self._trigger = trigger
-        self._wake.set()
+        self.inbox.hint(trigger)
 
     def heard(self, event: str, trigger: Trigger | None) -> None:
         """The host's event stream said ``event`` of the card (shown as its last event);
@@ -170,21 +167,21 @@ class CardDriver:
         time out); the driver then shows the card DISCONNECTED until the host is back."""
         if self._work is not None:
             self._work.cancel()
-        self._wake.set()
+        self.inbox.ring()
 
     def stop(self) -> None:
         """The run is ending: take no new work. A driver waiting for its next check
         returns now, by itself; one in the middle of work finishes it first."""
         self._stopping = True
         if self.parked:
-            self._wake.set()
+            self.inbox.ring()
 
     def condemn(self, verdict: VerificationError) -> None:
         """A security verdict found outside the driver (at Execute): quarantine."""
         self._verdict = verdict
         if self._work is not None:
             self._work.cancel()
-        self._wake.set()
+        self.inbox.ring()
 
     # --- moving the machine -----------------------------------------------------------------
 
@@ -269,48 +266,41 @@ class CardDriver:
         check = self.ctx.plan.rekey.check_interval
         self.parked = True
         try:
-            with anyio.move_on_after(self.ctx.jittered(check) if check else float("inf")):
-                await self._wake.wait()
+            await self.inbox.wait(self.ctx.jittered(check) if check else float("inf"))
         finally:
             self.parked = False
         if self._stopping:
             return None
-        self._wake = anyio.Event()
-        trigger, self._trigger = self._trigger or Trigger.PERIODIC, None
-        wait = self._checked_at + self.ctx.plan.rekey.min_interval - time.monotonic()
+        trigger = self.inbox.take() or Trigger.PERIODIC
+        wait = self.inbox.looked_at + self.ctx.plan.rekey.min_interval - time.monotonic()
         if trigger.is_hint and wait > 0:
             await anyio.sleep(wait)  # storms cost one attestation per interval, no more
         return trigger
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, unless a hint (the card is back online, say) comes first."""
-        with anyio.move_on_after(seconds):
-            await self._wake.wait()
-        self._wake = anyio.Event()
-        self._trigger = None
+        await self.inbox.wait(seconds)
+        self.inbox.take()
 
     # --- reconcile: observe, compare, act --------------------------------------------------
 
     async def _reconcile(self, trigger: Trigger) -> None:
         m = self.machine
-        started = time.monotonic()
-        self._checked_at = started
-        self._trigger = None  # every hint so far is answered by what we are about to observe
-        self._wake = anyio.Event()
+        started = self.inbox.look()
         report: VerifiedReport | None = None
         if m.state is S.SERVING:
             seen, report, said = await self._check()
             decision = decide_serving(seen, hinted=trigger.is_hint,
-                                      suspected=bool(self._first_sign))
+                                      suspected=bool(self.inbox.first_sign))
             if decision.outage:
-                self._first_sign = self._first_sign or started
+                self.inbox.first_sign = self.inbox.first_sign or started
             if decision.act is Act.KEEP:
                 if decision.disproved and report is not None:
                     self.ctx.stats.disproved_hints += 1
                     self.ctx.emit(HintDisproved(host=m.host, device=m.device,
                                                 trigger=trigger.value,
                                                 boot_counter=report.boot_counter))
-                self._first_sign = 0.0
+                self.inbox.first_sign = 0.0
                 return
             if decision.act is Act.LOOK_AGAIN:  # while the host is probed
                 self.hint(Trigger.PERIODIC)
@@ -328,7 +318,7 @@ class CardDriver:
         m = self.machine
         try:
             async with self.host.limiter:
-                report = await self._attest()
+                report = await attest(self.ctx, self.host.client, self.machine)
         except Exception as err:
             failure = classify(err)
             if failure is None or failure not in CHECK_SAW:
@@ -340,17 +330,10 @@ class CardDriver:
                 self.ctx.stats.verification_failures[type(err).__name__] += 1
             return seen, None, ("the card is rebooting" if seen is Seen.OFFLINE
                                 else str(err) or "timed out")
-        if report.session_id != m.session_id:
-            return Seen.NEW_SESSION, report, f"new session (boot {report.boot_counter})"
-        if self._holds_ours(report):
-            return Seen.OURS, report, ""
-        if report.loaded is None:
-            return Seen.NOTHING, report, "the card no longer holds the program (same session)"
-        if report.loaded.info_digest in self.ctx.digests:
-            return Seen.OTHER_VERSION, report, f"switching to version {self.program.version}"
-        self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
-        return Seen.FOREIGN, report, (f"runs another program: {report.loaded.describe()} "
-                                      "(its own signed report)")
+        seen, said = seen_in(report, m, self.program, self.ctx.digests)
+        if seen is Seen.FOREIGN:
+            self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
+        return seen, report, said
 
     async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
         """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
@@ -369,14 +352,14 @@ class CardDriver:
                         if m.state is not first and not offline_since:
                             await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
-                            report = await self._attest()
+                            report = await attest(self.ctx, self.host.client, self.machine)
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
-                        self._adopt(report)
-                        if self._holds_ours(report):
+                        adopt(m, report)
+                        if holds(report, self.program, m.partition):
                             await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
-                                      known_good=self._good(report, self.program))
+                                      known_good=verified_good(report, self.program, m.partition))
                         else:
                             await self._wrap_and_load(report)
                 self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
@@ -428,8 +411,8 @@ class CardDriver:
     def _served(self, *, counted: bool) -> None:
         """Just moved to SERVING: if something had gone wrong, that was an outage."""
         m = self.machine
-        if self._first_sign and counted:
-            outage = time.monotonic() - self._first_sign
+        outage = self.inbox.since_first_sign()
+        if outage is not None and counted:
             self.ctx.stats.outages.append(outage)
             self.ctx.stats.rekeyed_at.append(time.monotonic())
             self.ctx.stats.rekeys += 1
@@ -437,46 +420,11 @@ class CardDriver:
             self.ctx.emit(Rekeyed(host=m.host, device=m.device, group=m.group,
                                   outage_ms=round(outage * 1e3, 2),
                                   group_serving=self.host.group_serving(m.group)))
-        self._first_sign = 0.0
-
-    async def _attest(self) -> VerifiedReport:
-        m = self.machine
-        request = os.urandom(32)
-        evidence = await self.host.client.attest(m.device, request)
-        self.ctx.stats.attestations += 1
-        try:
-            return verify_evidence(evidence, roots=self.ctx.roots, policy=self.ctx.policy,
-                                   request=request, source=m.name, cache=self.ctx.chains)
-        except InputError as err:
-            # malformed evidence from a host is an attestation failure, not bad input
-            from orchestrator.errors import AttestationError
-
-            raise AttestationError(str(err)).located(host=m.host, device=m.device) from None
-
-    def _adopt(self, report: VerifiedReport) -> None:
-        m = self.machine
-        m.card_id = report.card_id
-        m.boot_counter = report.boot_counter
-        m.session_id = report.session_id
-        m.session_fingerprint = report.session_fingerprint
-
-    def _good(self, report: VerifiedReport, program: PreparedProgram) -> KnownGood:
-        return KnownGood(report.card_id, report.session_id.hex(), program.program_id,
-                         self.machine.partition)
-
-    def _holds_ours(self, report: VerifiedReport) -> bool:
-        """Does the card's own signed report say it holds our program, verified, as this
-        card's partition? (Only the MEK's holder can have made the slot that opens it.)"""
-        held = report.loaded
-        return held is not None and held.info_digest == self.program.info_digest \
-            and held.partition == self.machine.partition
 
     async def _wrap_and_load(self, report: VerifiedReport) -> None:
         m = self.machine
         program = self.program   # read once: a rollout may switch the group meanwhile
-        slot = wrap_mek(self.ctx.mek, slot=m.partition, card_id=report.card_id,
-                        session_id=report.session_id, kem=report.kem,
-                        public_key=report.session_public_key, program=program.info_digest)
+        slot = slot_for(self.ctx, report, program, m.partition)
         same_session = m.known_good is not None \
             and m.known_good.session_id == report.session_id.hex()
         await self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
@@ -488,10 +436,7 @@ class CardDriver:
                 m.device, program.program_id, partition=m.partition, key_slots=[slot])
             self.ctx.stats.loads += 1
             outcome = "refused receipt"
-            receipt = verify_load_receipt(result.receipt, result.receipt_signature, report=report,
-                                program_info_digest=program.info_digest,
-                                partition=m.partition, source=m.name,
-                                key_slot=key_slot_digest(slot))
+            receipt = receipt_of(result, report, program, m.partition, slot, m.name)
         except BaseException as exc:
             if isinstance(exc, ModelIPError) and outcome == "interrupted":
                 outcome = "failed"
@@ -500,7 +445,7 @@ class CardDriver:
             raise
         await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
                   f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
-                  known_good=self._good(report, program), concludes=(load_id, "ok"))
+                  known_good=verified_good(report, program, m.partition), concludes=(load_id, "ok"))
 
     async def _roll_back(self) -> None:
         """Stopped mid-flight: unload a half-done load, leave the store consistent."""
