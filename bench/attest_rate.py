@@ -32,12 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import start_emulator  # noqa: E402
 
-from orchestrator.crypto.evidence import (  # noqa: E402
-    ChainCache,
-    TrustPolicy,
-    load_roots_file,
-    verify_evidence,
-)
+from orchestrator.crypto.chain import ChainCache, load_roots_file
+from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
 from orchestrator.transport.client import HostClient  # noqa: E402
 
 

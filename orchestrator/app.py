@@ -19,7 +19,7 @@ import anyio
 from cryptography import x509
 
 from orchestrator.atomicfile import private_tree, write_bytes_atomic
-from orchestrator.crypto.evidence import load_roots_file
+from orchestrator.crypto.chain import load_roots_file
 from orchestrator.engine.engine import Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI

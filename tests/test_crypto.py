@@ -11,7 +11,8 @@ import pytest
 
 from orchestrator._proto.modelip.v1 import evidence_pb2
 from orchestrator.crypto import stream
-from orchestrator.crypto.evidence import ChainCache, TrustPolicy, sign_report, verify_evidence
+from orchestrator.crypto.chain import ChainCache
+from orchestrator.crypto.evidence import TrustPolicy, sign_report, verify_evidence
 from orchestrator.crypto.mek import MEK, load_mek, write_mek
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, unwrap_mek, wrap_mek
 from orchestrator.emulator.pki import VendorPKI

@@ -118,12 +118,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 def cmd_attest(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.crypto.evidence import (
-        TrustPolicy,
-        load_roots_file,
-        parse_evidence,
-        verify_evidence,
-    )
+    from orchestrator.crypto.chain import load_roots_file
+    from orchestrator.crypto.evidence import TrustPolicy, parse_evidence, verify_evidence
     from orchestrator.fileops.targets import read_request
     from orchestrator.trustconfig import configured_trust_root
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from orchestrator.crypto.evidence import ChainCache, TrustPolicy
+from orchestrator.crypto.chain import ChainCache
+from orchestrator.crypto.evidence import TrustPolicy
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem
 from orchestrator.engine.events import Event, InternalError

@@ -10,12 +10,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from orchestrator.crypto.evidence import (
-    TrustPolicy,
-    load_roots_file,
-    parse_evidence,
-    verify_evidence,
-)
+from orchestrator.crypto.chain import load_roots_file
+from orchestrator.crypto.evidence import TrustPolicy, parse_evidence, verify_evidence
 from orchestrator.crypto.wrap import Kem, decode_session_public_key
 from orchestrator.errors import FormatError, UsageError
 from orchestrator.fileops.encrypt import SessionTarget, read_file
