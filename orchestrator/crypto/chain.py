@@ -111,7 +111,7 @@ class ChainCache:
 
 
 def verified_chain(chain_der: list[bytes], roots: Sequence[x509.Certificate], now: float,
-                    source: str) -> VerifiedChain:
+                   source: str) -> VerifiedChain:
     """What ``chain_der`` vouches for, verified up to one of ``roots`` at ``now``
     (AttestationError, naming ``source``, if it does not)."""
     leaf, root, chain = _verify_chain(chain_der, roots, now, source)
