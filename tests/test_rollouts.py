@@ -351,7 +351,7 @@ def test_resets_while_paused_are_rekeyed_to_each_groups_version_then_resume_and_
 
 
 def test_the_smoke_verdict_names_the_output_and_how_far_it_is() -> None:
-    from orchestrator.engine.rollout.controller import smoke_verdict
+    from orchestrator.engine.rollout.smoke import smoke_verdict
 
     y = np.array([[1.0, 2.0]], dtype=np.float32)
     assert smoke_verdict({"y": y}, None, rtol=0, atol=0, group=3) is None

@@ -22,7 +22,7 @@ commit, by loading the version as the plan seals it (one more switch per group).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -30,6 +30,7 @@ from orchestrator.engine.events import RolloutChanged
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.rollout.ledger import Phase
 from orchestrator.engine.rollout.setup import RolloutSetup
+from orchestrator.engine.rollout.smoke import smoke_verdict
 from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
 from orchestrator.errors import ModelIPError, StateDirError
@@ -384,33 +385,6 @@ class Rollout:
             return f"{len(todo)} group(s) to switch, {len(waited)} switching " \
                    f"(max_unavailable {self.spec.max_unavailable})"
         return f"{len(waited)} group(s) switching"
-
-
-def smoke_verdict(outputs: dict[str, Any], expect: dict[str, Any] | None, *, rtol: float,
-                  atol: float, group: int) -> str | None:
-    """None if the outputs pass; else what is wrong, in one line."""
-    import numpy as np
-
-    if expect is None:
-        for name, value in outputs.items():
-            if not np.all(np.isfinite(value)):
-                return f"smoke on group {group}: output {name!r} is not finite"
-        return None
-    if set(expect) == {""} and len(outputs) == 1:
-        expect = {next(iter(outputs)): expect[""]}
-    for name, wanted in expect.items():
-        got = outputs.get(name)
-        if got is None:
-            return f"smoke on group {group}: the model has no output {name!r}"
-        if got.shape != wanted.shape:
-            return (f"smoke on group {group}: output {name!r} has shape {list(got.shape)}, "
-                    f"expected {list(wanted.shape)}")
-        if not np.allclose(got, wanted, rtol=rtol, atol=atol):
-            worst = float(np.max(np.abs(got.astype(np.float64) - wanted)))
-            return (f"smoke on group {group}: output {name!r} differs from the expected "
-                    f"(largest difference {worst:.3g}, rtol {rtol:g}"
-                    f"{f', atol {atol:g}' if atol else ''})")
-    return None
 
 
 __all__ = ["Rollout", "smoke_verdict"]
