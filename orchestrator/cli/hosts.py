@@ -114,7 +114,6 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 # --- attest ---------------------------------------------------------------------------------
 
 
-
 def cmd_attest(args: argparse.Namespace) -> int:
     import anyio
 

@@ -37,7 +37,6 @@ R = runtime_pb2
 _log = logging.getLogger("modelip.emulator")
 
 
-
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) -> None:
     metadata = [(REASON_KEY, runtime_pb2.ErrorReason.Name(error.reason))]
     if error.device is not None:

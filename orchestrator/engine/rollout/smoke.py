@@ -3,11 +3,7 @@ are finite, or match the expected outputs within the tolerances the plan gives."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 
 def smoke_verdict(outputs: dict[str, Any], expect: dict[str, Any] | None, *, rtol: float,
