@@ -4,6 +4,7 @@ composition root is app.py, the engine is engine/)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -58,7 +59,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
             inputs = {names[0]: inputs[""]}
         dashboard = None
         app: Any = None
-        app_done, ending, the_end = anyio.Event(), anyio.Event(), anyio.Event()
+        app_done, the_end = anyio.Event(), anyio.Event()
         if json_events:
             engine.subscribe(lambda event: print(event.to_json(), file=out, flush=True))
         elif inputs is None and live and interactive:
@@ -102,15 +103,25 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                         app_done.set()
                     the_end.set()  # q on the view: a normal end, judged as at --duration
 
-                async def run_engine() -> None:
-                    try:
-                        await engine.run(keep_serving=True)
-                    except StateDirError:
-                        tg.cancel_scope.cancel()  # engine.fatal says why; reported below
-
                 async def deployment_over() -> None:
                     await engine.finished.wait()   # deployed, and the rollout has ended
                     the_end.set()
+
+                async def end_of_run() -> None:
+                    """Until the run ends (then the engine winds down): ``duration`` from the
+                    start, q on the view, or the deployment over; inference (run) while
+                    the fleet still serves."""
+                    nonlocal outputs
+                    with anyio.move_on_after(deadline - anyio.current_time()):
+                        await the_end.wait()
+                    if inputs is not None and engine.finished.is_set():
+                        outputs = await engine.execute(inputs)
+                    await stop_app()   # we close the view now, not the user
+
+                async def run_engine() -> None:
+                    with contextlib.suppress(StateDirError):  # engine.fatal says why, below
+                        await engine.run(until=end_of_run)
+                    tg.cancel_scope.cancel()
 
                 tg.start_soon(on_signals)
                 if metrics_port is not None:
@@ -126,17 +137,9 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     tg.start_soon(_tick, dashboard)
                 if app is not None:
                     tg.start_soon(run_app)
-                tg.start_soon(run_engine)
                 if not keep_serving:
                     tg.start_soon(deployment_over)
-                with anyio.move_on_after(deadline - anyio.current_time()):
-                    await the_end.wait()
-                if inputs is not None and engine.finished.is_set():
-                    outputs = await engine.execute(inputs)
-                ending.set()  # we close the view now, not the user
-                await stop_app()
-                await engine.wind_down()
-                tg.cancel_scope.cancel()
+                tg.start_soon(run_engine)
         finally:
             if dashboard is not None:
                 dashboard.__exit__(None, None, None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -243,12 +243,16 @@ class Engine:
 
     # --- running ------------------------------------------------------------------------
 
-    async def run(self, *, keep_serving: bool,
+    async def run(self, *, keep_serving: bool = False,
+                  until: Callable[[], Awaitable[object]] | None = None,
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Deploy; then return (``keep_serving`` false) or keep the fleet serving.
+        """Deploy and keep the fleet serving until ``until`` returns (by default: until
+        the deployment, and a rollout, is over; ``keep_serving``: until cancelled);
+        then wind down (the work in flight finishes) and return.
 
         Raises StateDirError if the state directory fails (everything is stopped).
         """
+        end = until or (anyio.sleep_forever if keep_serving else self.finished.wait)
         _spare_the_collector()
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
@@ -262,10 +266,9 @@ class Engine:
                     await tg.start(host.run)
             self._check_settled()
             task_status.started()
-            if not keep_serving:
-                await self.finished.wait()
-                await self.wind_down()
-                tg.cancel_scope.cancel()
+            await end()
+            await self.wind_down()
+            tg.cancel_scope.cancel()
         self._root = None
         if self.fatal is not None:
             raise self.fatal
