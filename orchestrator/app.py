@@ -164,15 +164,35 @@ async def _open_store(plan: Plan, replica: str
         with SQLiteStore(plan.journal_path) as journal:
             yield journal, None
         return
+    async with shared_store(plan, replica) as store:
+        yield store, store
+
+
+@asynccontextmanager
+async def shared_store(plan: Plan, replica: str, *, migrate: bool = True
+                       ) -> AsyncIterator[PostgresStore]:
+    """The plan's shared store, open as ``replica`` (its schema made or migrated unless
+    not ``migrate``: then StoreUnavailable if there is none), closed at the end."""
     from orchestrator.engine.store.postgres import PostgresStore
 
     store = PostgresStore(plan.store, replica, lease_ttl=plan.replicas.lease_ttl)
-    await store.open()
+    await store.open(migrate=migrate)
     try:
-        yield store, store
+        yield store
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+@contextmanager
+def existing_journal(plan: Plan, *, read_only: bool) -> Iterator[SQLiteStore]:
+    """The plan's journal, for a command that runs no engine (status; rollout requests:
+    not ``read_only``). UsageError if no deployment has made one yet."""
+    if not plan.journal_path.exists():
+        raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
+                         "(run `modelip deploy` first)")
+    with SQLiteStore(plan.journal_path, read_only=read_only) as journal:
+        yield journal
 
 
 async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> PreparedProgram:

@@ -185,11 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
-    from orchestrator.cli import cards, fleet, hosts, rollouts
+    from orchestrator.cli import cards, fleet, hosts, rollouts, status
 
     cards.register(sub)
     hosts.register(sub)
     fleet.register(sub)
+    status.register(sub)
     rollouts.register(sub)
 
     p = sub.add_parser("demo", help="watch the demo's emulated fleet for a while (make demo)")

@@ -19,7 +19,7 @@ from orchestrator.errors import UsageError
 def cmd_rollout(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.engine.store.sqlite import SQLiteStore
+    from orchestrator.app import existing_journal
     from orchestrator.plan.model import Plan
 
     plan = Plan.load(args.plan)
@@ -27,11 +27,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         from orchestrator.plan.model import ROLLOUT_NOT_SHARED
 
         raise UsageError(f"{plan.source}: {ROLLOUT_NOT_SHARED}")
-    if not plan.journal_path.exists():
-        raise UsageError(f"{plan.source}: no journal yet at {plan.journal_path} "
-                         "(run `modelip deploy` first)")
     action = args.rollout_command
-    with SQLiteStore(plan.journal_path, read_only=action == "status") as journal:
+    with existing_journal(plan, read_only=action == "status") as journal:
         if action == "status":
             view = anyio.run(_status, journal)
             if args.json:
