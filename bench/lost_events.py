@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.app import open_engine  # noqa: E402
 from orchestrator.engine.context import percentile  # noqa: E402
 from orchestrator.plan.model import Plan  # noqa: E402
-from orchestrator.transport.client import DeviceState, HostClient  # noqa: E402
+from orchestrator.transport.client import HostClient  # noqa: E402
+from orchestrator.transport.types import DeviceState  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from _measure import start_emulator as emulate  # noqa: E402

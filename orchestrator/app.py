@@ -35,7 +35,8 @@ from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock
 from orchestrator.errors import FileInputError, StateDirError, UsageError
 from orchestrator.plan.model import Plan
-from orchestrator.transport.client import Deadlines, HostClient, TLSClientConfig
+from orchestrator.transport.client import HostClient
+from orchestrator.transport.types import Deadlines, TLSClientConfig
 
 if TYPE_CHECKING:
     from orchestrator.crypto.mek import MEK

@@ -21,7 +21,7 @@ from orchestrator.engine.hostapi import HostAPI
 from orchestrator.engine.state import CardState
 from orchestrator.plan.model import Plan
 from orchestrator.qpc.container import Container, MemorySource
-from orchestrator.transport.client import (
+from orchestrator.transport.types import (
     DeviceEvent,
     DeviceState,
     DeviceStatus,

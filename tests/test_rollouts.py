@@ -19,7 +19,8 @@ import pytest
 
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.plan.rollout import RolloutSpec, Step
-from orchestrator.transport.client import DeviceState, HostClient
+from orchestrator.transport.client import HostClient
+from orchestrator.transport.types import DeviceState
 from tests.emulate import MODELIP, emulate
 from tests.models import reference_output, tiny_mlp
 

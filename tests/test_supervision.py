@@ -43,7 +43,8 @@ from orchestrator.engine.store.protocol import LoadRecord, LoadSent
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import AttestationError, InvalidTransition
 from orchestrator.plan.model import Plan
-from orchestrator.transport.client import DeviceState, HostClient
+from orchestrator.transport.client import HostClient
+from orchestrator.transport.types import DeviceState
 from tests.models import tiny_mlp
 from tests.test_engine import running, wait_until, write_plan
 

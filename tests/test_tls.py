@@ -14,7 +14,8 @@ from cryptography.x509.oid import NameOID
 from orchestrator.emulator.fleet import FleetConfig, run_fleet
 from orchestrator.emulator.host import TLSServerConfig
 from orchestrator.errors import UnreachableError
-from orchestrator.transport.client import HostClient, TLSClientConfig
+from orchestrator.transport.client import HostClient
+from orchestrator.transport.types import TLSClientConfig
 
 
 def _cert(name: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, *,

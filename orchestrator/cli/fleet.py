@@ -71,7 +71,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
             dashboard = LiveDashboard(engine.snapshot, title=f"modelip  {plan.source.name}")
             engine.subscribe(dashboard.on_event)
         elif inputs is None:
-            from orchestrator.views.dashboard import event_line
+            from orchestrator.views.lines import event_line
 
             engine.subscribe(lambda event: print(event_line(event), file=out, flush=True))
         try:

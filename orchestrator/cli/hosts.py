@@ -19,7 +19,8 @@ from orchestrator.errors import FileInputError, UsageError
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from orchestrator.transport.client import HostClient, TLSClientConfig
+    from orchestrator.transport.client import HostClient
+    from orchestrator.transport.types import TLSClientConfig
 
     tls = None
     if args.tls_ca or args.tls_cert:

@@ -24,7 +24,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from orchestrator.views.dashboard import render, stored_snapshot
+    from orchestrator.views.dashboard import render
+    from orchestrator.views.stored import stored_snapshot
 
     plan = load_plan(args, quiet=True)
     view = anyio.run(_read_status, plan)

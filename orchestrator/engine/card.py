@@ -56,7 +56,7 @@ from orchestrator.errors import (
     StoreUnavailable,
     VerificationError,
 )
-from orchestrator.transport.client import DeviceState, DeviceStatus
+from orchestrator.transport.types import DeviceState, DeviceStatus
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import CardHost

@@ -40,7 +40,7 @@ from orchestrator.errors import (
     UnreachableError,
 )
 from orchestrator.errors import ProtocolViolation as HostBrokeProtocol
-from orchestrator.transport.client import (
+from orchestrator.transport.types import (
     Deadlines,
     DeviceEvent,
     DeviceState,

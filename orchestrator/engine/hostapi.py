@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from orchestrator.transport.client import (
+from orchestrator.transport.types import (
     Deadlines,
     DeviceEvent,
     DeviceStatus,

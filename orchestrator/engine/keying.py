@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from orchestrator.engine.context import EngineContext
     from orchestrator.engine.hostapi import HostAPI
     from orchestrator.engine.prepare import PreparedProgram
-    from orchestrator.transport.client import LoadResult
+    from orchestrator.transport.types import LoadResult
 
 
 async def attest(ctx: EngineContext, client: HostAPI, machine: CardMachine) -> VerifiedReport:

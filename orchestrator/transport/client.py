@@ -7,11 +7,9 @@ the session was stale, the program tampered with, or the policy violated.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,15 @@ from orchestrator.errors import (
 from orchestrator.limits import MAX_CARDS_PER_HOST
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.terminal import terminal_safe
+from orchestrator.transport.types import (
+    Deadlines,
+    DeviceEvent,
+    DeviceState,
+    DeviceStatus,
+    EventKind,
+    LoadResult,
+    TLSClientConfig,
+)
 
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
@@ -57,65 +64,6 @@ CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 
 
-@dataclass(frozen=True, slots=True)
-class Deadlines:
-    """Seconds each kind of call may take."""
-
-    attest: float = 10.0
-    control: float = 10.0
-    stage: float = 600.0
-    load: float = 120.0
-    execute: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class TLSClientConfig:
-    """Server verification (``ca_pem``) and, for mTLS, our client certificate."""
-
-    ca_pem: bytes | None = None
-    cert_pem: bytes | None = None
-    key_pem: bytes | None = None
-
-    @classmethod
-    def from_paths(cls, ca: str | None, cert: str | None = None,
-                   key: str | None = None) -> TLSClientConfig:
-        if (cert is None) != (key is None):
-            from orchestrator.errors import UsageError
-
-            raise UsageError("--tls-cert and --tls-key go together")
-
-        def read(path: str | None, what: str) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes()
-            except OSError:
-                raise FileInputError(path, f"cannot read {what}") from None
-
-        return cls(read(ca, "TLS CA"), read(cert, "TLS certificate"), read(key, "TLS key"))
-
-
-class DeviceState(enum.Enum):
-    """A card's state as its host reports it (a hint). UNDEFINED: a value the
-    protocol does not define (a protocol violation of that host, never raised)."""
-
-    ONLINE = "ONLINE"
-    OFFLINE = "OFFLINE"
-    LOADED = "LOADED"
-    UNDEFINED = "UNDEFINED"
-
-
-class EventKind(enum.Enum):
-    """What a host says happened to a card (a hint). UNDEFINED as above."""
-
-    ONLINE = "ONLINE"
-    OFFLINE = "OFFLINE"
-    RESET = "RESET"
-    LOADED = "LOADED"
-    UNLOADED = "UNLOADED"
-    UNDEFINED = "UNDEFINED"
-
-
 _DEVICE_STATES = {runtime_pb2.DEVICE_STATE_ONLINE: DeviceState.ONLINE,
                   runtime_pb2.DEVICE_STATE_OFFLINE: DeviceState.OFFLINE,
                   runtime_pb2.DEVICE_STATE_LOADED: DeviceState.LOADED}
@@ -124,40 +72,6 @@ _EVENT_KINDS = {runtime_pb2.EVENT_KIND_ONLINE: EventKind.ONLINE,
                 runtime_pb2.EVENT_KIND_RESET: EventKind.RESET,
                 runtime_pb2.EVENT_KIND_LOADED: EventKind.LOADED,
                 runtime_pb2.EVENT_KIND_UNLOADED: EventKind.UNLOADED}
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStatus:
-    """One row of ListDevices: what the host claims (check with an attestation)."""
-
-    device: int
-    card_id: str
-    state: DeviceState
-    boot_counter: int
-    session_fingerprint: str
-    program_id: str
-    partition: int
-    program_ready: bool = False
-    session_id: str = ""      # hex, as reports, key slots and `inspect` name a session
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    """What a card reports after loading: segment names and its signed receipt."""
-
-    segments: list[str]
-    receipt: bytes
-    receipt_signature: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceEvent:
-    """A hint from the host (never a fact: verify with a fresh attestation)."""
-
-    device: int
-    kind: EventKind
-    boot_counter: int
-    time_ns: int
 
 
 _BY_REASON: dict[int, type[ModelIPError]] = {

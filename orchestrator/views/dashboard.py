@@ -20,7 +20,6 @@ second (rich.Live); ``views/tui.py`` is the interactive variant.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import time
 from collections import Counter
@@ -32,23 +31,13 @@ from rich.live import Live
 from rich.text import Text
 
 from orchestrator.engine.events import (
-    CardChanged,
     Deployed,
     Event,
-    HintDisproved,
-    HostChanged,
-    InternalError,
-    LeaseChanged,
-    ProtocolViolation,
-    Rekeyed,
-    RolloutChanged,
-    Staged,
-    StoreStatus,
 )
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
 from orchestrator.engine.state import SETTLED as SETTLED_STATES
 from orchestrator.engine.state import CardState, HostState
-from orchestrator.engine.store.protocol import CardRecord, HostRecord, TransitionRecord
+from orchestrator.views.lines import event_line
 
 # The states and their groupings are the engine's (engine/state.py): one source, so a
 # new state cannot show as "?" or drop out of the totals. What is ours is how each
@@ -93,45 +82,6 @@ def _seconds(value: float) -> str:
     if value < 3600:
         return f"{int(value // 60)}m{int(value % 60):02d}s"
     return f"{int(value // 3600)}h{int(value % 3600 // 60):02d}m"
-
-
-def event_line(event: Event) -> str:
-    stamp = dt.datetime.fromtimestamp(event.ts, dt.UTC).strftime("%H:%M:%S")
-    match event:
-        case CardChanged():
-            reason = f" ({event.reason})" if event.reason else ""
-            return (f"{stamp} {event.host}/{event.device} {event.previous} -> "
-                    f"{event.state}{reason}")
-        case HostChanged():
-            reason = f" ({event.reason})" if event.reason else ""
-            return f"{stamp} host {event.host} {event.previous} -> {event.state}{reason}"
-        case Rekeyed():
-            return (f"{stamp} {event.host}/{event.device} serving again after "
-                    f"{event.outage_ms:.0f} ms")
-        case HintDisproved():
-            return f"{stamp} {event.host}/{event.device} {event.trigger} disproved (same session)"
-        case Staged():
-            return (f"{stamp} {event.host} program {event.program_id} "
-                    f"{'already staged' if event.already_staged else 'staged'}")
-        case ProtocolViolation():
-            return f"{stamp} host {event.host} protocol violation: {event.what} (x{event.count})"
-        case InternalError():
-            return f"{stamp} internal error in {event.where}: {event.error}"
-        case LeaseChanged():
-            whom = f" from {event.previous_owner}" if event.previous_owner else ""
-            why = f" ({event.reason})" if event.reason else ""
-            return f"{stamp} {event.replica} {event.action} host {event.host}{whom}{why}"
-        case StoreStatus():
-            said = "answers again" if event.reachable else f"unreachable: {event.reason}"
-            return f"{stamp} store {said}"
-        case RolloutChanged():
-            return (f"{stamp} rollout {event.from_version} -> {event.to_version} wave "
-                    f"{event.wave}/{event.waves} {event.phase}: {event.what}")
-        case Deployed():
-            return (f"{stamp} settled in {event.seconds} s: {event.serving} serving, "
-                    f"{event.disconnected} disconnected, {event.quarantined} quarantined, "
-                    f"{event.failed} failed")
-    return f"{stamp} {event.KIND}"
 
 
 # --- the pieces -------------------------------------------------------------------------------
@@ -384,34 +334,6 @@ def render(snapshot: Snapshot, *, title: str = "modelip", width: int = 160,
 def _kind(item: _Item) -> str:
     return ("quarantined", "failed or host down", "disconnected", "stuck",
             "retrying")[item.severity]
-
-
-def stored_snapshot(cards: Sequence[CardRecord], hosts: Sequence[HostRecord],
-                    transitions: Sequence[TransitionRecord], *, now: float) -> Snapshot:
-    """The view of what a store last recorded (``modelip status``): same screen, no engine."""
-    views = tuple(CardView(c.host, c.device, c.card_id, c.group, c.partition, c.state, "",
-                           c.boot_counter, c.attempts, "", c.reason, max(0.0, now - c.updated))
-                  for c in cards)
-    groups: dict[tuple[str, int], bool] = {}
-    for c in cards:
-        groups[(c.host, c.group)] = groups.get((c.host, c.group), True) and c.state == "SERVING"
-    counts = Counter(c.state for c in cards)
-    per_host = Counter(c.host for c in cards)
-    serving = Counter(c.host for c in cards if c.state == "SERVING")
-    known = {h.host: h for h in hosts}
-    host_views = tuple(
-        HostView(name, known[name].address if name in known else name,
-                 known[name].state if name in known else "PENDING",
-                 known[name].reason if name in known else "", per_host[name], serving[name],
-                 0, max(0.0, now - known[name].updated) if name in known else 0.0,
-                 known[name].owner if name in known else "")
-        for name in sorted(set(per_host) | set(known)))
-    events = tuple(CardChanged(ts=t.ts, host=t.host, device=t.device, card_id="", group=0,
-                               partition=0, previous=t.previous, state=t.state,
-                               reason=t.reason, boot_counter=0, session="", attempts=0)
-                   for t in transitions)
-    return Snapshot(views, host_views, dict(counts), sum(groups.values()), len(groups),
-                    events, 0, None, None, 0, 0.0, 0.0, live=False)
 
 
 class LiveDashboard:
