@@ -12,7 +12,6 @@ never leave this object (the files-only mode persists the card, see
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -34,6 +33,7 @@ from orchestrator.crypto.evidence import (
 )
 from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, key_slot_digest, unwrap_mek
 from orchestrator.emulator.pki import CardIdentity
+from orchestrator.emulator.program import checked_input, read_io_desc
 from orchestrator.errors import (
     FormatError,
     IntegrityError,
@@ -51,40 +51,6 @@ DEFAULT_SKU = "AIC100-EMU"
 
 def _yield_interpreter() -> None:
     time.sleep(0)
-
-
-_ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
-               "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(int16)": "int16",
-               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
-               "tensor(uint16)": "uint16", "tensor(uint32)": "uint32",
-               "tensor(uint64)": "uint64", "tensor(bool)": "bool"}
-
-
-def _checked(stage: str, node: Any, value: Any) -> Any:
-    """``value`` if it has the dtype and shape the stage declares, else FormatError."""
-    want = _ONNX_TYPES.get(node.type)
-    if want is not None and value.dtype.name != want:
-        raise FormatError(stage, f"input {node.name!r} must be {want}, got {value.dtype.name}")
-    declared = list(node.shape)
-    shape = list(value.shape)
-    if len(declared) != len(shape) or any(
-            isinstance(d, int) and d != actual for d, actual in zip(declared, shape,
-                                                                     strict=True)):
-        wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in declared)
-        got = "x".join(map(str, shape)) or "scalar"
-        raise FormatError(stage, f"input {node.name!r} must have shape {wanted}, got {got}")
-    return value
-
-
-def _io_desc(raw: PlainBuffer, label: str) -> dict[str, Any]:
-    """The (authenticated) io_desc.json of a program; FormatError if it is not JSON."""
-    try:
-        document = json.loads(bytes(raw))
-    except (ValueError, RecursionError):
-        raise FormatError(label, "io_desc.json is not valid JSON") from None
-    if not isinstance(document, dict):
-        raise FormatError(label, "io_desc.json is not an object")
-    return document
 
 
 class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host reports it
@@ -294,7 +260,7 @@ class EmulatedCard:
             program = LoadedProgram(program_id, model_id, sealed.info.model_version, partition,
                                     segments, info_digest, key_slot_digest(slot))
             if IO_DESC in segments:
-                program.io_desc = _io_desc(segments[IO_DESC], container.label)
+                program.io_desc = read_io_desc(segments[IO_DESC], container.label)
             self.program = program
         return sorted(segments)
 
@@ -369,7 +335,7 @@ class EmulatedCard:
                 expected = ", ".join(repr(n.name) for n in session.get_inputs())
                 raise FormatError(stage, f"missing input tensor {node.name!r} (this stage "
                                   f"takes {expected})")
-            feed[node.name] = _checked(stage, node, inputs[node.name])
+            feed[node.name] = checked_input(stage, node, inputs[node.name])
         try:
             results = session.run(None, feed)
         except Exception:  # onnxruntime's text names its internals: say only what failed

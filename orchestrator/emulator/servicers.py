@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
+from orchestrator.emulator.aborts import HostAbort, status_for
 from orchestrator.emulator.adversary import Adversary
 from orchestrator.emulator.host import (
     DEVICE_KEY,
@@ -26,9 +27,7 @@ from orchestrator.emulator.host import (
     REASON_KEY,
     STAGE_LIMIT,
     EmulatedHost,
-    HostAbort,
     TLSServerConfig,
-    status_for,
 )
 from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.tensors import from_wire, to_wire
