@@ -25,10 +25,10 @@ from orchestrator.emulator.card import EmulatedCard  # noqa: E402
 from orchestrator.emulator.pki import VendorPKI  # noqa: E402
 from orchestrator.fileops.encrypt import (  # noqa: E402
     encrypt_model,
-    load_session_targets,
     replace_mek,
     wrap_mek_to_dir,
 )
+from orchestrator.fileops.targets import load_session_targets  # noqa: E402
 from orchestrator.qpc.build import pack_files  # noqa: E402
 
 
