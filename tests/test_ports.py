@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ class FakeHost:
                       for i in range(devices)]
         self.bodies: dict[str, bytes] = {}
         self.loads = 0
+        self.attestations = 0
         self._watchers: list[MemoryObjectSendStream[DeviceEvent]] = []
 
     async def attest(self, device: int, request: bytes) -> bytes:
+        self.attestations += 1
         return self.cards[device].attest(request)
 
     async def list_devices(self, *, deadline: float | None = None) -> list[DeviceStatus]:
@@ -88,8 +90,20 @@ class FakeHost:
     async def reset(self, device: int) -> None:
         card = self.cards[device]
         card.reset()
+        await self.announce(device, EventKind.RESET, card.boot_counter)
+
+    async def announce(self, device: int, kind: EventKind, boot_counter: int) -> None:
         for watcher in self._watchers:
-            await watcher.send(DeviceEvent(device, EventKind.RESET, card.boot_counter, 0))
+            await watcher.send(DeviceEvent(device, kind, boot_counter, 0))
+
+
+async def polled(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds (what it reads moves without an event to wait on)."""
+    with anyio.fail_after(30):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.01)
 
 
 async def test_a_fake_host_drives_the_engine_through_a_reset_and_a_rekey(
@@ -126,4 +140,17 @@ async def test_a_fake_host_drives_the_engine_through_a_reset_and_a_rekey(
         assert engine.cards[1].session_id == host.cards[1].session_id != before
         assert host.loads == 3       # a re-key is one load, never a re-stage
         assert host.cards[0].program is not None and host.cards[1].program is not None
+        # News that arrives late (a reset and an offline that ended the boot before
+        # the one just verified, an online of that one): dropped, no attestation spent
+        attested, boot = host.attestations, host.cards[1].boot_counter
+        await host.announce(1, EventKind.RESET, boot - 1)
+        await host.announce(1, EventKind.OFFLINE, boot - 1)
+        await host.announce(1, EventKind.ONLINE, boot)
+        await polled(lambda: engine.stats.stale_hints >= 3)
+        await anyio.sleep(0.2)       # 20 x min_interval: time enough to have looked
+        assert host.attestations == attested and engine.stats.disproved_hints == 0
+        # ... while news of this boot's end is acted on: the card is looked at again
+        await host.announce(1, EventKind.RESET, boot)
+        await polled(lambda: host.attestations > attested)
+        assert engine.stats.stale_hints == 3
         tg.cancel_scope.cancel()

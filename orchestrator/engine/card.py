@@ -30,7 +30,7 @@ from orchestrator.engine.decide import (
     decide_serving,
 )
 from orchestrator.engine.events import HintDisproved, Rekeyed
-from orchestrator.engine.inbox import Inbox
+from orchestrator.engine.inbox import Inbox, is_stale
 from orchestrator.engine.keying import (
     adopt,
     attest,
@@ -76,6 +76,8 @@ class CardDriver:
         self.rekeys = 0
         self.reconciled = 0           # how many times the driver has looked at its card
         self.inbox = Inbox()
+        self.verified_since = 0.0     # when the request of the last verified answer was sent
+        self._sent = 0.0              # when the latest attestation or load was sent
         self._work: anyio.CancelScope | None = None
         self._verdict: VerificationError | None = None
         self.parked = False           # waiting for its next check (SERVING, nothing to do)
@@ -89,6 +91,7 @@ class CardDriver:
         self.resumed = None
         self.last_event = ""
         self.inbox = Inbox()
+        self.verified_since = 0.0
         self._verdict = None
 
     def mirror(self, record: CardRecord) -> None:
@@ -145,22 +148,31 @@ class CardDriver:
         """Something may have changed: look again (a hint, never a fact)."""
         self.inbox.hint(trigger)
 
-    def heard(self, event: str, trigger: Trigger | None) -> None:
+    def heard(self, event: str, trigger: Trigger | None, *, stale_from: int | None = None
+              ) -> None:
         """The host's event stream said ``event`` of the card (shown as its last event);
-        ``trigger``: look again."""
+        ``trigger``: look again, unless a verified attestation has since seen boot
+        ``stale_from`` or a later one (engine/inbox.py: no work on stale news)."""
         self.last_event = event
         if trigger is not None:
-            self.hint(trigger)
+            self.inbox.hint(trigger, stale_from=stale_from)
 
-    def observe(self, status: DeviceStatus) -> None:
-        """The host's device list says this about the card: wake if it disagrees."""
+    def observe(self, status: DeviceStatus, *, answered: float = 0.0) -> None:
+        """The host's device list, answered at ``answered`` (monotonic), says this
+        about the card: wake if it disagrees (unless it is old news by then: inbox)."""
         m = self.machine
         if m.state is S.SERVING and (
                 status.state is not DeviceState.LOADED or status.boot_counter != m.boot_counter
                 or status.program_id != m.program_id or status.partition != m.partition):
-            self.hint(Trigger.RESYNC)
+            if is_stale(None, answered, m.boot_counter, self.verified_since):
+                self.ctx.stats.stale_hints += 1
+                return
+            self.inbox.hint(Trigger.RESYNC, stale_from=status.boot_counter + 1,
+                            true_at=answered)
         elif m.state is S.RETRY_WAIT and status.state is not DeviceState.OFFLINE:
-            self.hint(Trigger.ONLINE_HINT)
+            # ends a wait for a rebooting card; old news once that boot is verified
+            self.inbox.hint(Trigger.ONLINE_HINT, stale_from=status.boot_counter,
+                            true_at=answered)
 
     def host_lost(self) -> None:
         """The host stopped answering: abandon the work in flight (its RPCs would only
@@ -195,6 +207,8 @@ class CardDriver:
         # nothing between its return and the apply can be interrupted.
         load_id = await self.ctx.store.record_card(transition, load=load, concludes=concludes)
         self.machine.apply(transition)
+        if target is S.SERVING:   # only ever on a verified report or receipt
+            self.verified_since = self._sent
         self.host.card_moved(transition)
         return load_id
 
@@ -264,14 +278,20 @@ class CardDriver:
         """Wait for a hint or the periodic check; rate-limit hints per card. None:
         the engine stops."""
         check = self.ctx.plan.rekey.check_interval
-        self.parked = True
-        try:
-            await self.inbox.wait(self.ctx.jittered(check) if check else float("inf"))
-        finally:
-            self.parked = False
-        if self._stopping:
-            return None
-        trigger = self.inbox.take() or Trigger.PERIODIC
+        due = time.monotonic() + (self.ctx.jittered(check) if check else float("inf"))
+        while True:
+            self.parked = True
+            try:
+                woken = await self.inbox.wait(due - time.monotonic())
+            finally:
+                self.parked = False
+            if self._stopping:
+                return None
+            news, stale = self.inbox.take(self.machine.boot_counter, self.verified_since)
+            self.ctx.stats.stale_hints += stale
+            if news is not None or not woken:  # only stale news: back to waiting
+                break
+        trigger = news or Trigger.PERIODIC
         wait = self.inbox.looked_at + self.ctx.plan.rekey.min_interval - time.monotonic()
         if trigger.is_hint and wait > 0:
             await anyio.sleep(wait)  # storms cost one attestation per interval, no more
@@ -295,6 +315,7 @@ class CardDriver:
             if decision.outage:
                 self.inbox.first_sign = self.inbox.first_sign or started
             if decision.act is Act.KEEP:
+                self.verified_since = self._sent
                 if decision.disproved and report is not None:
                     self.ctx.stats.disproved_hints += 1
                     self.ctx.emit(HintDisproved(host=m.host, device=m.device,
@@ -318,6 +339,7 @@ class CardDriver:
         m = self.machine
         try:
             async with self.host.limiter:
+                self._sent = time.monotonic()
                 report = await attest(self.ctx, self.host.client, self.machine)
         except Exception as err:
             failure = classify(err)
@@ -352,6 +374,7 @@ class CardDriver:
                         if m.state is not first and not offline_since:
                             await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
+                            self._sent = time.monotonic()
                             report = await attest(self.ctx, self.host.client, self.machine)
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
@@ -432,6 +455,7 @@ class CardDriver:
         load_id = await self.move(S.LOADING, load=LoadSent(program.program_id, m.partition))
         outcome = "interrupted"
         try:
+            self._sent = time.monotonic()
             result = await self.host.client.load(
                 m.device, program.program_id, partition=m.partition, key_slots=[slot])
             self.ctx.stats.loads += 1

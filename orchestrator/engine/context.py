@@ -38,6 +38,7 @@ class EngineStats:
     outages: list[float] = field(default_factory=list)   # first sign -> SERVING, seconds
     rekeyed_at: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # monotonic
     disproved_hints: int = 0
+    stale_hints: int = 0      # dropped unread: about a boot older than the verified one
     verification_failures: Counter[str] = field(default_factory=Counter)
     protocol_violations: Counter[str] = field(default_factory=Counter)  # by host
     internal_errors: int = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -52,6 +53,9 @@ H = HostState
 MAX_BOOT_COUNTER = 1 << 48   # a card that reboots every millisecond for 8,900 years
 _EVENT_TRIGGERS = {EventKind.RESET: Trigger.RESET_HINT, EventKind.OFFLINE: Trigger.OFFLINE_HINT,
                    EventKind.ONLINE: Trigger.ONLINE_HINT, EventKind.UNLOADED: Trigger.RESYNC}
+# An event is old news once a verified attestation has seen boot counter (the event's
+# + this): a RESET or OFFLINE ends the boot it names, an ONLINE begins it.
+_STALE_FROM = {EventKind.RESET: 1, EventKind.OFFLINE: 1, EventKind.ONLINE: 0}
 
 
 class HostLost(Exception):  # noqa: N818 - a condition, not an error of ours
@@ -306,9 +310,12 @@ class HostSupervisor:
                     raise HostLost(f"does not answer: {err}") from None
                 continue
             misses = 0
-            self._accept(listing, wake=self.ctx.plan.rekey.auto)
+            self._accept(listing, wake=self.ctx.plan.rekey.auto, answered=time.monotonic())
 
-    def _accept(self, listing: list[DeviceStatus], *, wake: bool = False) -> None:
+    def _accept(self, listing: list[DeviceStatus], *, wake: bool = False,
+                answered: float = 0.0) -> None:
+        """The host's listing, answered at ``answered`` (monotonic): each card's driver
+        is told what it says (``wake``)."""
         seen: set[int] = set()
         for status in listing:
             if status.device not in self.drivers:
@@ -323,7 +330,7 @@ class HostSupervisor:
             else:
                 seen.add(status.device)
                 if wake:
-                    self.drivers[status.device].observe(status)
+                    self.drivers[status.device].observe(status, answered=answered)
         for device in self.drivers.keys() - seen:
             if wake:
                 self.drivers[device].hint(Trigger.RESYNC)
@@ -354,7 +361,9 @@ class HostSupervisor:
             self._violation("absurd boot counter")
             return
         driver.heard(event.kind.value,
-                     _EVENT_TRIGGERS.get(event.kind) if self.ctx.plan.rekey.auto else None)
+                     _EVENT_TRIGGERS.get(event.kind) if self.ctx.plan.rekey.auto else None,
+                     stale_from=event.boot_counter + _STALE_FROM[event.kind]
+                     if event.kind in _STALE_FROM else None)
 
     def _violation(self, what: str) -> None:
         self.violations[what] += 1

@@ -52,6 +52,9 @@ class _SnapshotCollector(Collector):
                 ("modelip_loads", "Programs loaded.", stats.loads),
                 ("modelip_hints_disproved", "Hints a fresh attestation disproved.",
                  stats.disproved_hints),
+                ("modelip_hints_stale", "Host events dropped as old news: about a boot "
+                 "older than the one a verified attestation has since seen.",
+                 stats.stale_hints),
                 ("modelip_internal_errors", "Bugs contained to a card or a host.",
                  stats.internal_errors)):
             yield CounterMetricFamily(name, text, value=value)

@@ -1,0 +1,263 @@
+"""A reset storm: every card of a fleet resets at once (a rack loses power, an operator
+flips every card into a new mode), and the orchestrator brings every card back.
+
+    python bench/storm.py [--sizes 1024,4096] [--devices-per-host 64] [--reboot-time 0.2]
+
+For each size, `modelip emulate` runs the hosts in a process of their own (the
+cards' cryptography is spent there, as on real hosts). A fresh orchestrator
+process deploys the fleet (the first deploy: wall and CPU per card), then keeps
+it serving while this script resets every card through ResetDevice, all at once.
+Printed per size:
+
+- seconds from the last reset sent to every card serving again, against the
+  first deploy's seconds of the same fleet in the same run;
+- loads per card (the hosts' own count) and attestations per card (answered
+  ones: a card still rebooting answers nothing and is not counted), host events
+  dropped as stale news, hints disproved by an attestation;
+- the orchestrator's CPU per re-keyed card and per deployed card, against the
+  floor measured in the same process: the cryptography one card needs (one
+  evidence verification with its chain known, one MEK wrap, one receipt
+  verification: two P-256 signature checks and one HPKE wrap);
+- the orchestrator's peak RSS.
+
+Targets (docs/performance.md, issue "reset storms"): CPU per card <= 5x the floor
+in the storm and in the first deploy; <= 1.05 attestations per card; exactly one
+load per card; all serving again within the first deploy's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _measure import start_emulator  # noqa: E402
+
+PLAN = """
+model: {{onnx: tiny.onnx}}
+mek: {{generate: true}}
+fleet:
+  hosts:
+{hosts}
+trust: {{roots: [{root}]}}
+rekey: {{check_interval: 0}}
+state_dir: state
+"""
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- the orchestrator: a child process ---------------------------------------------------
+
+def storm_child(plan_path: Path) -> None:
+    """Deploy; say so (one JSON line); keep serving; when every card has been re-keyed
+    once more (the storm), print the second JSON line and end."""
+    import anyio
+
+    from orchestrator.app import open_engine
+    from orchestrator.engine.state import CardState
+    from orchestrator.plan.model import Plan
+
+    async def run() -> None:
+        async with open_engine(Plan.load(plan_path)) as engine, \
+                anyio.create_task_group() as tg:
+            start, wall = cpu(), time.perf_counter()
+            await tg.start(lambda task_status: engine.run(keep_serving=True,
+                                                          task_status=task_status))
+            await engine.deployed.wait()
+            cards = len(engine.cards)
+            first = {"cpu": cpu() - start, "wall": time.perf_counter() - wall, "cards": cards,
+                     "serving": sum(c.state is CardState.SERVING for c in engine.cards)}
+            print(json.dumps(first), flush=True)
+            disproved: Counter[str] = Counter()
+            engine.subscribe(lambda event: disproved.update(
+                [event.trigger] if event.KIND == "hint_disproved" else []))
+            base = {"attestations": engine.stats.attestations, "cpu": cpu()}
+            while not (engine.stats.rekeys >= cards and all(
+                    c.state is CardState.SERVING for c in engine.cards)):
+                with anyio.move_on_after(0.05):
+                    await engine.changed()
+            print(json.dumps({
+                "cpu": cpu() - base["cpu"], "done_at": time.time(),
+                "rekeys": engine.stats.rekeys,
+                "attestations": engine.stats.attestations - base["attestations"],
+                "stale_hints": engine.stats.stale_hints,
+                "disproved": dict(disproved),
+                "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)
+
+
+# --- the floor ---------------------------------------------------------------------------
+
+def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
+    """CPU seconds of the cryptography a known card needs to be re-keyed: its evidence
+    verified with its chain already verified (two P-256 checks with the receipt's),
+    the MEK wrapped to its new session, its load receipt verified."""
+    from orchestrator._proto.modelip.v1 import evidence_pb2
+    from orchestrator.crypto.chain import ChainCache
+    from orchestrator.crypto.evidence import (
+        TrustPolicy,
+        sign_receipt,
+        verify_evidence,
+        verify_load_receipt,
+    )
+    from orchestrator.crypto.mek import MEK
+    from orchestrator.crypto.wrap import wrap_mek
+    from orchestrator.emulator.card import EmulatedCard
+    from orchestrator.emulator.pki import VendorPKI
+
+    pki = VendorPKI.create()
+    identity = pki.issue_card("floor-card")
+    card = EmulatedCard(identity)
+    mek = MEK.generate()
+    policy, chains = TrustPolicy(), ChainCache()
+    requests = [os.urandom(32) for _ in range(rounds)]
+    evidence = [card.attest(request) for request in requests]
+    digest = b"\x01" * 32
+    report = verify_evidence(evidence[0], roots=[pki.root], policy=policy,
+                             request=requests[0], cache=chains)
+    receipt, signature = sign_receipt(evidence_pb2.LoadReceipt(
+        card_id=report.card_id, session_id=report.session_id, program_info_digest=digest,
+        partition=0, verified=True), identity.key)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.thread_time()
+        for request, data in zip(requests, evidence, strict=True):
+            report = verify_evidence(data, roots=[pki.root], policy=policy, request=request,
+                                     cache=chains)
+            wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
+                     kem=report.kem, public_key=report.session_public_key, program=digest)
+            verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
+                                partition=0, source="floor", key_slot=b"")
+        best = min(best, (time.thread_time() - start) / rounds)
+    return best
+
+
+# --- the storm ---------------------------------------------------------------------------
+
+def host_loads(addresses: list[str]) -> int:
+    import anyio
+
+    from orchestrator.transport.client import HostClient
+
+    async def count() -> int:
+        total = 0
+        for address in addresses:
+            async with HostClient(address) as client:
+                total += int((await client.stats())["load_count"])
+        return total
+    return anyio.run(count)
+
+
+def reset_everything(addresses: list[str], devices: int) -> float:
+    """ResetDevice for every card, every host at once; the time the last one was sent."""
+    import anyio
+
+    from orchestrator.transport.client import HostClient
+
+    async def reset() -> float:
+        clients = [HostClient(address) for address in addresses]
+        last = 0.0
+
+        async def host(client: HostClient) -> None:
+            nonlocal last
+            async with anyio.create_task_group() as tg:
+                for device in range(devices):
+                    tg.start_soon(client.reset, device)
+            last = max(last, time.time())
+
+        async with anyio.create_task_group() as tg:
+            for client in clients:
+                tg.start_soon(host, client)
+        for client in clients:
+            await client.close()
+        return last
+    return anyio.run(reset)
+
+
+def storm(size: int, devices: int, reboot_time: float) -> dict[str, Any]:
+    hosts = size // devices
+    with tempfile.TemporaryDirectory(prefix="modelip-storm-") as tmp:
+        work = Path(tmp)
+        from orchestrator.cli.samples import sample_mlp
+
+        (work / "tiny.onnx").write_bytes(sample_mlp().SerializeToString())
+        emulator, addresses, root = start_emulator(work, hosts, devices, "--reboot-time",
+                                                   str(reboot_time))
+        try:
+            plan = work / "plan.yaml"
+            plan.write_text(PLAN.format(root=root, hosts="\n".join(
+                f"    - {{address: \"{a}\", devices: {list(range(devices))}}}"
+                for a in addresses)))
+            child = subprocess.Popen([sys.executable, __file__, "--storm-child", str(plan)],
+                                     cwd=work, stdout=subprocess.PIPE, text=True)
+            assert child.stdout is not None
+            first = json.loads(child.stdout.readline() or "{}")
+            if first.get("serving") != size:
+                raise SystemExit(f"the first deploy did not bring {size} cards to serving: "
+                                 f"{first}")
+            loads_before = host_loads(addresses)
+            last_reset = reset_everything(addresses, devices)
+            after = json.loads(child.stdout.readline() or "{}")
+            child.wait(timeout=120)
+            if "done_at" not in after:
+                raise SystemExit("the orchestrator ended before every card was back")
+            loads = host_loads(addresses) - loads_before
+        finally:
+            emulator.send_signal(signal.SIGINT)
+            emulator.wait(timeout=60)
+    return {"size": size, "first": first, "storm": after, "loads": loads,
+            "back_after": after["done_at"] - last_reset}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1024,4096")
+    parser.add_argument("--devices-per-host", type=int, default=64)
+    parser.add_argument("--reboot-time", type=float, default=0.2)
+    parser.add_argument("--storm-child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.storm_child:
+        storm_child(args.storm_child)
+        return
+    floor = floor_per_card()
+    print(f"floor: {floor * 1e3:.3f} ms of CPU per card (chain known: two P-256 checks, "
+          "one wrap)")
+    for size in (int(s) for s in args.sizes.split(",")):
+        r = storm(size, args.devices_per_host, args.reboot_time)
+        first, after = r["first"], r["storm"]
+        per_card, per_deploy = after["cpu"] / size, first["cpu"] / size
+        print(f"{size} cards ({size // args.devices_per_host} hosts x "
+              f"{args.devices_per_host}):")
+        print(f"  first deploy: {first['wall']:.2f} s, CPU {per_deploy * 1e3:.2f} ms per card "
+              f"= {per_deploy / floor:.1f}x the floor")
+        print(f"  storm: all serving {r['back_after']:.2f} s after the last reset "
+              f"({r['back_after'] / first['wall']:.2f}x the first deploy's time)")
+        print(f"  CPU {per_card * 1e3:.2f} ms per re-keyed card = {per_card / floor:.1f}x "
+              f"the floor")
+        print(f"  loads per card {r['loads'] / size:.3f}, attestations per card "
+              f"{after['attestations'] / size:.3f}, stale hints dropped "
+              f"{after['stale_hints']}, hints disproved {sum(after['disproved'].values())} "
+              f"(by trigger: {after['disproved'] or 'none'})")
+        print(f"  peak RSS {after['rss'] / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What wakes a card's driver (engine/inbox.py): hints coalesce, old news is dropped and
+counted, every other hint is acted on."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from orchestrator.engine.inbox import Inbox, is_stale
+from orchestrator.engine.state import Trigger
+
+# (stale_from, true_at, verified_boot, verified_since) -> stale
+ROWS = [
+    (None, None, 5, 100.0, False),   # a refused call, a switch: never old news
+    (6, None, 5, 100.0, False),      # a reset that ends boot 5, verified boot 5: news
+    (6, None, 6, 100.0, True),       # ... verified boot 6 since: old news
+    (5, None, 5, 100.0, True),       # online of boot 5, verified boot 5: old news
+    (7, None, 6, 100.0, False),      # online of boot 7, verified boot 6: news
+    (None, 99.0, 5, 100.0, True),    # a listing answered before the verified request left
+    (None, 100.0, 5, 100.0, True),
+    (None, 101.0, 5, 100.0, False),  # ... answered after: news
+    (6, 101.0, 5, 100.0, False),
+    (6, 101.0, 6, 100.0, True),      # the boot says old news, whatever the time
+    (6, None, None, 0.0, False),     # nothing verified yet: everything is news
+]
+
+
+@pytest.mark.parametrize(("stale_from", "true_at", "boot", "since", "stale"), ROWS)
+def test_what_is_old_news(stale_from: int | None, true_at: float | None, boot: int | None,
+                          since: float, stale: bool) -> None:
+    assert is_stale(stale_from, true_at, boot, since) is stale
+
+
+async def test_hints_coalesce_and_old_news_is_counted_not_acted_on() -> None:
+    inbox = Inbox()
+    inbox.hint(Trigger.RESET_HINT, stale_from=6)
+    inbox.hint(Trigger.ONLINE_HINT, stale_from=6)
+    assert inbox.first_sign > 0
+    assert await inbox.wait(1.0) is True
+    assert inbox.take(verified_boot=6) == (None, 2)     # both about boots seen since
+    assert inbox.first_sign == 0.0                        # old news is no sign of trouble
+    inbox.hint(Trigger.RESET_HINT, stale_from=6)
+    inbox.hint(Trigger.RESYNC)                            # a listing with no time: news
+    assert inbox.take(verified_boot=6) == (Trigger.RESYNC, 1)
+    inbox.hint(Trigger.REFUSED)
+    inbox.hint(Trigger.RESET_HINT, stale_from=9)
+    assert inbox.take(verified_boot=6) == (Trigger.REFUSED, 0)  # the first reason given
+    assert await inbox.wait(0.01) is False                # taken: nothing wakes it now
+    inbox.ring()
+    assert await inbox.wait(1.0) is True and inbox.take() == (None, 0)
+
+
+async def test_a_flood_of_old_news_is_bounded() -> None:
+    inbox = Inbox()
+    for boot in range(10_000):
+        inbox.hint(Trigger.RESET_HINT, stale_from=boot)
+    inbox.hint(Trigger.REFUSED)                           # kept, whatever came before
+    reason, stale = inbox.take(verified_boot=10_000)
+    assert (reason, stale) == (Trigger.REFUSED, 64)
+
+
+async def test_a_look_answers_every_hint_before_it() -> None:
+    inbox = Inbox()
+    inbox.hint(Trigger.RESET_HINT)
+    started = inbox.look()
+    assert inbox.looked_at == started
+    with anyio.move_on_after(0.01):
+        assert await inbox.wait(0.01) is False
+    assert inbox.take() == (None, 0)
