@@ -101,6 +101,12 @@ def storm_child(plan_path: Path) -> None:
                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
             tg.cancel_scope.cancel()
 
+    if os.environ.get("STORM_PROFILE"):  # where the orchestrator's CPU goes (a file)
+        import cProfile
+
+        cProfile.runctx("anyio.run(run)", globals(), {"anyio": anyio, "run": run},
+                        os.environ["STORM_PROFILE"])
+        return
     anyio.run(run)
 
 
