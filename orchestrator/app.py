@@ -22,7 +22,7 @@ from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.chain import load_roots_file
 from orchestrator.engine.engine import Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
-from orchestrator.engine.hostapi import Connect, HostAPI
+from orchestrator.engine.hostapi import Connect, HostAPI, HostLease
 from orchestrator.engine.ports import MakeRollout
 from orchestrator.engine.prepare import (
     PreparedProgram,
@@ -99,10 +99,12 @@ def default_replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def grpc_host(target: HostTarget, deadlines: Deadlines, gate: Callable[[], float] | None
-              ) -> HostAPI:
-    """The HostAPI of a real (or emulated) host: the gRPC client of its proxy."""
-    return HostClient(target.address, tls=target.tls, deadlines=deadlines, gate=gate)
+def grpc_host(target: HostTarget, deadlines: Deadlines, lease: HostLease | None) -> HostAPI:
+    """The HostAPI of a real (or emulated) host: the gRPC client of its proxy (with a
+    replica's lease: its gate, and its fencing token on every call)."""
+    return HostClient(target.address, tls=target.tls, deadlines=deadlines,
+                      gate=lease.remaining if lease else None,
+                      fence=(lease.epoch, lease.holder) if lease else None)
 
 
 @asynccontextmanager

@@ -34,6 +34,7 @@ from orchestrator.emulator.adversary import (
     slots_in,
 )
 from orchestrator.emulator.card import EmulatedCard
+from orchestrator.emulator.fencing import FenceKeeper
 from orchestrator.errors import (
     FormatError,
     ModelIPError,
@@ -95,6 +96,7 @@ class EmulatedHost:
         self.adversary = adversary
         self.adversary_devices = adversary_devices
         self.stats = HostStats()
+        self.fences = FenceKeeper(name)
         self.address = ""
         self._rng = random.Random(seed)  # noqa: S311 - fault timing, not security
         self._programs: dict[str, _Staged] = {}

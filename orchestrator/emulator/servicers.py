@@ -44,6 +44,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) 
 
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+# the calls that change a card: fenced (emulator/fencing.py)
+_CHANGES = frozenset({"ResetDevice", "StageProgram", "LoadProgram", "Unload"})
 
 
 def _answers(method: _Handler) -> _Handler:
@@ -56,6 +58,8 @@ def _answers(method: _Handler) -> _Handler:
                       ) -> Any:
         device = getattr(request, "device", None)
         try:
+            self.host.fences.admit(context.invocation_metadata(),
+                                   changes=method.__name__ in _CHANGES)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -199,7 +203,8 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
         stats = self.host.stats
         return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
                                              load_count=stats.load_count,
-                                             staged_programs=self.host.staged_count)
+                                             staged_programs=self.host.staged_count,
+                                             fenced_refusals=self.host.fences.refusals)
 
 
 async def serve(host: EmulatedHost, *, bind: str = "127.0.0.1", port: int = 0,

@@ -23,7 +23,7 @@ from anyio.abc import TaskStatus
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
-from orchestrator.engine.hostapi import Connect, HostAPI, HostTarget
+from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
 from orchestrator.engine.state import (
     CardState,
     CardTransition,
@@ -88,7 +88,7 @@ class HostSupervisor:
         self._running = anyio.CancelScope()
         # Shared stores: how long this replica may still act on the host (raises
         # LeaseLost when it may not); None with the embedded store. Set by claim().
-        self._lease: Callable[[], float] | None = None
+        self._lease: HostLease | None = None
         self._lease_lost: LeaseLost | None = None
         self._owner = ""   # the replica driving this host (shared stores)
 
@@ -158,13 +158,13 @@ class HostSupervisor:
             self._lease_lost = lost
         self._running.cancel()
 
-    def claim(self, owner: str, lease: Callable[[], float]) -> None:
-        """This replica (``owner``) holds the host now, for as long as ``lease`` says
-        (before run): what was known of it and its cards is forgotten, the store says
-        what is true now."""
+    def claim(self, lease: HostLease) -> None:
+        """This replica (``lease.holder``) holds the host now, under ``lease`` (before
+        run): what was known of it and its cards is forgotten, the store says what is
+        true now."""
         self.machine = HostMachine(self.target.name, self.target.address)
         self._lease_lost = None
-        self._owner, self._lease = owner, lease
+        self._owner, self._lease = lease.holder, lease
         self.violations.clear()
         self._stream_open = False
         self._probe_now = anyio.Event()

@@ -70,8 +70,21 @@ class HostAPI(Protocol):
     async def close(self) -> None: ...
 
 
-# How app.py hands the engine its hosts: a HostAPI for a target, with the deadlines
-# of its calls and the lease gate (replicas: asked before every call), or None.
-Connect = Callable[[HostTarget, Deadlines, Callable[[], float] | None], HostAPI]
+@dataclass(frozen=True, slots=True)
+class HostLease:
+    """This replica's lease on a host (shared stores): its holder and epoch, sent to
+    the host with every call (fencing: the host refuses a change to a card under an
+    older epoch than one it has seen, docs/protocol.md), and ``remaining``, asked
+    before every call: the seconds this replica may still act (raises LeaseLost when
+    it may not)."""
 
-__all__ = ["Connect", "HostAPI", "HostTarget"]
+    holder: str
+    epoch: int
+    remaining: Callable[[], float]
+
+
+# How app.py hands the engine its hosts: a HostAPI for a target, with the deadlines
+# of its calls and the replica's lease on it (None: the embedded store, no lease).
+Connect = Callable[[HostTarget, Deadlines, HostLease | None], HostAPI]
+
+__all__ = ["Connect", "HostAPI", "HostLease", "HostTarget"]

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
+from orchestrator.engine.hostapi import HostLease
 from orchestrator.engine.store.leases import Claimed
 from orchestrator.engine.store.postgres import PostgresStore
 from orchestrator.engine.store.protocol import CardRecord
@@ -104,7 +105,7 @@ class Replica:
 
     def _start(self, claimed: Claimed) -> None:
         host = self.hosts[claimed.host]
-        host.claim(self.name, self._gate(claimed.host))
+        host.claim(HostLease(self.name, claimed.epoch, self._gate(claimed.host)))
         self.epochs[claimed.host] = claimed.epoch
         self.recount()
         action = "took over" if claimed.previous_owner not in ("", self.name) else "claimed"

@@ -26,6 +26,7 @@ from orchestrator.errors import (
     FileInputError,
     FormatError,
     IntegrityError,
+    LeaseLost,
     ModelIPError,
     NotFoundError,
     PolicyError,
@@ -52,6 +53,7 @@ from orchestrator.transport.types import (
 DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"
 DEVICE_KEY = "modelip-device"
+FENCE_KEY = "modelip-fence"   # request metadata: "EPOCH:HOLDER" (docs/protocol.md)
 STAGE_CHUNK = 1 << 20
 MAX_MESSAGE = 64 << 20
 # What a host's answer may carry, by call (docs/security.md), checked by gRPC before
@@ -99,13 +101,17 @@ def _reason_of(err: grpc.aio.AioRpcError) -> tuple[int, int | None]:
 
 
 def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPError:
-    """The one place where gRPC failures become our exceptions."""
+    """The one place where gRPC failures become our exceptions (LeaseLost, raised, if
+    the host refused the caller's fencing epoch)."""
     reason, device = _reason_of(err)
     details = terminal_safe(err.details() or err.code().name)  # host text: bounded, inert
     code = err.code()
     result: ModelIPError
     if reason in _BY_REASON:
         result = _BY_REASON[reason](f"{target}: {what}: {details}")
+    elif reason == runtime_pb2.ERROR_REASON_FENCED:
+        # a newer holder of this host's lease has called it: ours is over
+        raise LeaseLost(target, f"the host refused our fencing epoch ({what}): {details}")
     elif reason == runtime_pb2.ERROR_REASON_OFFLINE:
         result = DeviceOffline(target, f"{what}: {details}")
     elif reason == runtime_pb2.ERROR_REASON_UNKNOWN_DEVICE or code == grpc.StatusCode.NOT_FOUND:
@@ -175,10 +181,15 @@ class HostClient:
 
     def __init__(self, address: str, *, tls: TLSClientConfig | None = None,
                  deadlines: Deadlines | None = None,
-                 gate: Callable[[], float] | None = None) -> None:
+                 gate: Callable[[], float] | None = None,
+                 fence: tuple[int, str] | None = None) -> None:
         """``gate``, if given, is asked before every call: it returns how many seconds
-        the caller may still act (no deadline goes past it) or raises to forbid it."""
+        the caller may still act (no deadline goes past it) or raises to forbid it.
+        ``fence``: (epoch, holder) of the caller's lease on this host, sent with every
+        call; the host refuses a change to a card under an epoch older than one it
+        has seen (LeaseLost)."""
         self.gate = gate
+        self._metadata = ((FENCE_KEY, f"{fence[0]}:{fence[1]}"),) if fence else None
         if ":" not in address:
             address = f"{address}:{DEFAULT_PORT}"
         self.address = address
@@ -215,7 +226,7 @@ class HostClient:
                     device: int | None = None) -> Any:
         deadline = self._allowed(deadline)
         try:
-            return await _finish(method(request, timeout=deadline))
+            return await _finish(method(request, timeout=deadline, metadata=self._metadata))
         except grpc.aio.AioRpcError as err:
             error = _translate(err, self.address, what)
             if error.device is None:
@@ -260,7 +271,8 @@ class HostClient:
         """Stream host events until the host or the caller ends it (no deadline: a stream)."""
         if self.gate is not None:
             self.gate()
-        call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest())
+        call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest(),
+                                         metadata=self._metadata)
         try:
             async for event in call:
                 yield DeviceEvent(event.device, _EVENT_KINDS.get(event.kind, EventKind.UNDEFINED),
@@ -284,7 +296,8 @@ class HostClient:
         response = await self._call("host stats", self._runtime.HostStats,
                                     runtime_pb2.HostStatsRequest(), self.deadlines.control)
         return {"stage_count": response.stage_count, "load_count": response.load_count,
-                "staged_programs": response.staged_programs}
+                "staged_programs": response.staged_programs,
+                "fenced_refusals": response.fenced_refusals}
 
     # --- programs -------------------------------------------------------------------
 
@@ -310,7 +323,8 @@ class HostClient:
 
         try:
             response = await _finish(self._runtime.StageProgram(
-                chunks(), timeout=self._allowed(self.deadlines.stage)))
+                chunks(), timeout=self._allowed(self.deadlines.stage),
+                metadata=self._metadata))
         except grpc.aio.AioRpcError as err:
             raise _translate(err, self.address, "stage program") from err
         return terminal_safe(response.program_id, 128), bool(response.already_staged)

@@ -20,6 +20,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_UNKNOWN_PROGRAM: _ClassVar[ErrorReason]
     ERROR_REASON_FORMAT: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_FENCED: _ClassVar[ErrorReason]
 
 class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ ERROR_REASON_UNKNOWN_DEVICE: ErrorReason
 ERROR_REASON_UNKNOWN_PROGRAM: ErrorReason
 ERROR_REASON_FORMAT: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_FENCED: ErrorReason
 DEVICE_STATE_UNSPECIFIED: DeviceState
 DEVICE_STATE_ONLINE: DeviceState
 DEVICE_STATE_OFFLINE: DeviceState
@@ -198,11 +200,13 @@ class HostStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostStatsResponse(_message.Message):
-    __slots__ = ("stage_count", "load_count", "staged_programs")
+    __slots__ = ("stage_count", "load_count", "staged_programs", "fenced_refusals")
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     STAGED_PROGRAMS_FIELD_NUMBER: _ClassVar[int]
+    FENCED_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     stage_count: int
     load_count: int
     staged_programs: int
-    def __init__(self, stage_count: _Optional[int] = ..., load_count: _Optional[int] = ..., staged_programs: _Optional[int] = ...) -> None: ...
+    fenced_refusals: int
+    def __init__(self, stage_count: _Optional[int] = ..., load_count: _Optional[int] = ..., staged_programs: _Optional[int] = ..., fenced_refusals: _Optional[int] = ...) -> None: ...
