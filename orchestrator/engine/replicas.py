@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -49,6 +50,10 @@ class Replica:
         self.epochs: dict[str, int] = {}   # the epoch each host was last claimed at
         self.reachable = True
         self.alive = 1
+        # After the store comes back: the replicas alive before the outage, counted
+        # until this (monotonic) time, so that the first to reconnect does not claim
+        # everyone's hosts and hand them back a moment later (docs/replicas.md).
+        self._known_alive, self._grace_until = 1, 0.0
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -75,9 +80,15 @@ class Replica:
         names = sorted(self.hosts)
         try:
             self.alive = await self.store.heartbeat(names)
+            if not self.reachable:   # back: the others get one lease TTL to come back too
+                self._grace_until = time.monotonic() + self.store.lease_ttl
+            if time.monotonic() < self._grace_until:
+                counted = max(self.alive, self._known_alive)
+            else:
+                counted = self._known_alive = self.alive
             for name in await self.store.renew():
                 self._drop(name, LeaseLost(name, "not renewed: expired or taken over"))
-            share = math.ceil(len(names) / max(1, self.alive))
+            share = math.ceil(len(names) / max(1, counted))
             held = [name for name in names if name in self.running]
             for name in held[share:]:
                 await self._hand_back(name)
