@@ -7,6 +7,8 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -110,7 +112,8 @@ def grpc_host(target: HostTarget, deadlines: Deadlines, lease: HostLease | None)
 @asynccontextmanager
 async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                       replica: str | None = None, retry_rollout: bool = False,
-                      connect: Connect | None = None) -> AsyncIterator[Engine]:
+                      replace_fleet: bool = False, connect: Connect | None = None
+                      ) -> AsyncIterator[Engine]:
     """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
 
     Holds the state directory's lock for the whole block (a second orchestrator on
@@ -119,7 +122,8 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
     is the replica ``replica`` (default: host name and pid) of docs/replicas.md.
     If the fleet serves another version of the model, the engine replaces it as the
     plan's ``rollout:`` says (docs/rollouts.md; ``retry_rollout``: again, after a
-    rollback of the same version).
+    rollback of the same version). A shared store holds one fleet: a plan that
+    differs from the one recorded is refused (UsageError) unless ``replace_fleet``.
     """
     replica = replica or default_replica_name()
     with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
@@ -130,6 +134,7 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     await store.record_unseal(replica, plan.mek.pkcs11.token,
                                               plan.mek.pkcs11.kek, str(plan.mek.sealed))
                 program = await _prepare(plan, mek, shared)
+                fleet = await _agree_on_fleet(plan, program, shared, replace=replace_fleet)
                 rollout = await arrange(plan, store, mek, program, retry=retry_rollout,
                                         prepare=lambda p: _in_state_dir(
                                             p, lambda: prepare_program(p, mek)))
@@ -139,17 +144,51 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     yield Engine(plan, hosts, roots, mek, program, store,
                                  connect=connect or grpc_host,
                                  retry_quarantined=retry_quarantined,
-                                 replica=_replica(shared), rollout=_rollout(rollout))
+                                 replica=_replica(shared, fleet), rollout=_rollout(rollout))
         finally:
             mek.wipe()
 
 
-def _replica(shared: PostgresStore | None) -> MakeReplica | None:
+def _replica(shared: PostgresStore | None, fleet: str) -> MakeReplica | None:
     if shared is None:
         return None
     from orchestrator.engine.replicas import Replica
 
-    return lambda hosts, ctx, recount: Replica(hosts, ctx, recount, shared)
+    return lambda hosts, ctx, recount: Replica(hosts, ctx, recount, shared, fleet=fleet)
+
+
+def fleet_identity(plan: Plan, program: PreparedProgram) -> tuple[str, str]:
+    """What every replica of a shared fleet must agree on (docs/replicas.md "One fleet
+    per store"): the program (its id is the sealed body's digest: model, version,
+    MEK and sealing settings), the hosts and their cards, the MDP groups, the trust
+    roots and the policy. (digest, the same in words.)"""
+    roots = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in plan.trust_roots)
+    document = json.dumps({
+        "program": program.program_id, "group_size": plan.group_size, "roots": roots,
+        "hosts": sorted([h.address, sorted(h.devices)] for h in plan.hosts),
+        "policy": repr(plan.policy)}, sort_keys=True)
+    cards = sum(len(h.devices) for h in plan.hosts)
+    what = (f"model {plan.model.model_id or '-'} version {program.version} (program "
+            f"{program.program_id[:16]}), {len(plan.hosts)} hosts, {cards} cards")
+    return hashlib.sha256(document.encode()).hexdigest(), what
+
+
+async def _agree_on_fleet(plan: Plan, program: PreparedProgram, shared: PostgresStore | None,
+                          *, replace: bool) -> str:
+    """This plan's fleet digest, once the store agrees it is the fleet's ("" without a
+    shared store). UsageError (one line) if the store's fleet runs another plan."""
+    if shared is None:
+        if replace:
+            raise UsageError("--replace-fleet: only with a shared store (--store URL)")
+        return ""
+    digest, what = fleet_identity(plan, program)
+    recorded = await shared.offer_fleet_plan(digest, what, replace=replace)
+    if recorded.digest != digest:
+        raise UsageError(f"{plan.source}: the store's fleet runs another plan ({recorded.what}, "
+                         f"recorded by replica {recorded.replica}); this plan: {what}. One "
+                         "fleet per store: run that plan, or replace it on purpose with "
+                         "--replace-fleet (the other replicas then stop)")
+    return digest
 
 
 def _rollout(setup: RolloutSetup | None) -> MakeRollout | None:

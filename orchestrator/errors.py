@@ -189,6 +189,11 @@ class StoreUnavailable(StateDirError):
     """The shared store (PostgreSQL) cannot be reached or refuses us."""
 
 
+class FleetReplaced(UsageError):
+    """Another replica replaced the shared fleet's plan on purpose (--replace-fleet):
+    this replica's plan is no longer the fleet's, and it stops (docs/replicas.md)."""
+
+
 class ReplicaNameInUse(StoreUnavailable):
     """Another live process is this replica (same --replica NAME): never retried."""
 

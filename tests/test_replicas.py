@@ -282,7 +282,7 @@ def free_port() -> int:
 
 
 class Replica:
-    def __init__(self, plan: Path, url: str, name: str) -> None:
+    def __init__(self, plan: Path, url: str, name: str, *extra: str) -> None:
         self.name = name
         self.log = plan.parent / f"replica-{name}.jsonl"
         self.err = plan.parent / f"replica-{name}.err"
@@ -290,7 +290,7 @@ class Replica:
         with open(self.log, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
                 [*MODELIP, "watch", str(plan), "--json", "--store", url, "--replica", name,
-                 "--metrics-port", str(self.metrics_port)], stdout=out, stderr=err)
+                 "--metrics-port", str(self.metrics_port), *extra], stdout=out, stderr=err)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -320,11 +320,12 @@ class Replica:
 
 
 @pytest.fixture
-def replicas(fleet: tuple[Path, list[str]], database: str) -> Iterator[Callable[[str], Replica]]:
+def replicas(fleet: tuple[Path, list[str]], database: str
+             ) -> Iterator[Callable[..., Replica]]:
     started: list[Replica] = []
 
-    def start(name: str) -> Replica:
-        replica = Replica(fleet[0], database, name)
+    def start(name: str, *extra: str, plan: Path | None = None) -> Replica:
+        replica = Replica(plan or fleet[0], database, name, *extra)
         started.append(replica)
         return replica
 
@@ -647,3 +648,38 @@ def test_a_replicas_exit_code_counts_what_it_verified(
     summary = a.events("summary")[-1]
     assert summary["store_word"] == 6, summary
     assert summary["cards"] == 6 and summary["serving"] == 6
+
+
+def test_one_fleet_per_store(replicas: Callable[..., Replica], database: str,
+                             fleet: tuple[Path, list[str]]) -> None:
+    """A replica started with another plan (another model here) on a store whose fleet
+    runs one is refused with one line, before it touches a host; with --replace-fleet
+    it makes its plan the fleet's on purpose: the replica of the old plan stops, saying
+    why, and the new one takes the whole fleet to its plan."""
+    a = replicas("a")
+    settle(database, a)
+    other = fleet[0].parent / "other.yaml"
+    (fleet[0].parent / "other.onnx").write_bytes(tiny_mlp(seed=7).SerializeToString())
+    other.write_text(fleet[0].read_text().replace("tiny.onnx", "other.onnx"))
+    refused = subprocess.run([*MODELIP, "deploy", str(other), "--store", database,
+                              "--replica", "c"], capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "the store's fleet runs another plan" in line and "--replace-fleet" in line
+    assert rows(database, "SELECT count(*) FROM loads WHERE replica = 'c'") == [(0,)]
+    assert rows(database, "SELECT count(*) FROM transitions WHERE replica = 'c'") == [(0,)]
+    c = replicas("c", "--replace-fleet", plan=other)
+    wait_for("a stopped: the fleet's plan is no longer its own",
+             lambda: a.process.poll() is not None)
+    assert a.process.returncode == 2
+    assert "the fleet's plan was replaced by replica c" in a.err.read_text()
+    settle(database, c)
+
+    def programs(sql: str) -> set[str]:
+        return {program for (program,) in rows(database, sql)}
+    wait_for("every card serves the new plan's program", lambda: serving(database) == 12
+             and programs("SELECT good_program FROM cards WHERE state = 'SERVING'")
+             == programs("SELECT program_id FROM loads WHERE replica = 'c'"))
+    assert not programs("SELECT program_id FROM loads WHERE replica = 'a'") & programs(
+        "SELECT program_id FROM loads WHERE replica = 'c'")

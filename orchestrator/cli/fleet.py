@@ -23,6 +23,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       inputs: dict[str, Any] | None = None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
+                      replace_fleet: bool = False,
                       live: bool = True, store_word: bool = False
                       ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
@@ -46,7 +47,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     stopped_by: list[int] = []
     out = sys.stderr if inputs is not None else sys.stdout
     async with open_engine(plan, retry_quarantined=retry_quarantined,
-                           replica=replica, retry_rollout=retry_rollout) as engine:
+                           replica=replica, retry_rollout=retry_rollout,
+                           replace_fleet=replace_fleet) as engine:
         if plan.mek.file is not None:  # said once the MEK is known to be one
             from orchestrator.crypto.mek import exposure_warning
 
@@ -229,6 +231,7 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None =
         json_events=bool(args.json), metrics_port=args.metrics_port,
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
         interactive=interactive, retry_rollout=args.retry_rollout, live=live,
+        replace_fleet=args.replace_fleet,
         store_word=args.store_word))
     return code
 
@@ -290,6 +293,9 @@ def register(sub: Any) -> None:
         p.add_argument("--retry-rollout", action="store_true",
                        help="roll this version out again after it was rolled back "
                             "(docs/rollouts.md)")
+        p.add_argument("--replace-fleet", action="store_true",
+                       help="with a shared store: make this plan the fleet's, on purpose "
+                            "(the replicas running another plan stop; docs/replicas.md)")
         p.add_argument("--store-word", action="store_true",
                        help="with replicas, count the cards other live replicas hold by the "
                             "store's word too (default: only what this replica verified)")

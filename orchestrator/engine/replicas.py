@@ -30,7 +30,7 @@ from orchestrator.engine.hostapi import HostLease
 from orchestrator.engine.store.leases import Claimed
 from orchestrator.engine.store.postgres import PostgresStore
 from orchestrator.engine.store.protocol import CardRecord
-from orchestrator.errors import LeaseLost, ReplicaNameInUse, StoreUnavailable
+from orchestrator.errors import FleetReplaced, LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 
 class Replica:
@@ -39,7 +39,11 @@ class Replica:
     changed other than by a transition (taken over, shown from the store)."""
 
     def __init__(self, hosts: Sequence[HostSupervisor], ctx: EngineContext,
-                 recount: Callable[[], None], store: PostgresStore) -> None:
+                 recount: Callable[[], None], store: PostgresStore, *, fleet: str = ""
+                 ) -> None:
+        """``fleet``: the digest of this replica's plan, the store's fleet's when it
+        started; if another replica replaces it on purpose, this one stops."""
+        self.fleet = fleet
         self.ctx = ctx
         self.recount = recount
         self.store = store
@@ -80,6 +84,7 @@ class Replica:
         names = sorted(self.hosts)
         try:
             self.alive = await self.store.heartbeat(names)
+            await self._same_fleet()
             if not self.reachable:   # back: the others get one lease TTL to come back too
                 self._grace_until = time.monotonic() + self.store.lease_ttl
             if time.monotonic() < self._grace_until:
@@ -111,6 +116,16 @@ class Replica:
             for name, fence in list(self.store.fences.items()):
                 if fence.remaining() <= 0:
                     self._drop(name, LeaseLost(name, f"expired: {err.problem}"))
+
+    async def _same_fleet(self) -> None:
+        """FleetReplaced if the store's fleet now runs another plan than this replica's
+        (recorded by a replica started with --replace-fleet): this one stops, handing
+        its hosts back, and the replica with the new plan takes them."""
+        recorded = await self.store.fleet_plan() if self.fleet else None
+        if recorded is not None and recorded.digest != self.fleet:
+            raise FleetReplaced(f"the fleet's plan was replaced by replica {recorded.replica} "
+                                f"({recorded.what}): this replica's plan is no longer the "
+                                "fleet's; it stops (start it again with that plan)")
 
     # --- starting and stopping supervisors --------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.leases import LIVE_OWNER, Conn, LeaseLedger
@@ -23,6 +24,23 @@ from orchestrator.engine.store.protocol import (
     card_record,
 )
 from orchestrator.engine.store.schema import CARD_COLUMNS
+from orchestrator.terminal import terminal_safe
+
+_OFFER_FLEET = "INSERT INTO fleet VALUES (1, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+_REPLACE_FLEET = ("INSERT INTO fleet VALUES (1, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
+                  "SET digest = excluded.digest, what = excluded.what, "
+                  "replica = excluded.replica, ts = excluded.ts")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPlan:
+    """The plan a shared fleet runs: its digest (what replicas must agree on), what it
+    is in words, which replica recorded it and when (unix seconds)."""
+
+    digest: str
+    what: str
+    replica: str
+    ts: float
 
 
 class PostgresStore(LeaseLedger):
@@ -45,6 +63,26 @@ class PostgresStore(LeaseLedger):
                                (source_key, salt, program_id, self.replica, time.time()))
         await self._unfenced(offer)
         recorded = await self.seal(source_key)
+        assert recorded is not None  # noqa: S101 - inserted or there already
+        return recorded
+
+    # --- one fleet per store -----------------------------------------------------------
+
+    async def fleet_plan(self) -> FleetPlan | None:
+        """What the store's fleet runs, as the replica that set it said."""
+        rows = await self._rows("SELECT digest, what, replica, ts FROM fleet WHERE id = 1")
+        return FleetPlan(rows[0][0], terminal_safe(rows[0][1]), terminal_safe(rows[0][2]),
+                         float(rows[0][3])) if rows else None
+
+    async def offer_fleet_plan(self, digest: str, what: str, *, replace: bool = False
+                               ) -> FleetPlan:
+        """Record this replica's plan as the fleet's unless one is recorded already
+        (``replace``: record it anyway, on purpose); returns the one recorded now."""
+        async def offer(conn: Conn) -> None:
+            await conn.execute(_REPLACE_FLEET if replace else _OFFER_FLEET,
+                               (digest, what, self.replica, time.time()))
+        await self._unfenced(offer)
+        recorded = await self.fleet_plan()
         assert recorded is not None  # noqa: S101 - inserted or there already
         return recorded
 

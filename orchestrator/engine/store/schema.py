@@ -138,6 +138,12 @@ POSTGRES_MIGRATIONS = (
         source_key TEXT PRIMARY KEY, salt BYTEA NOT NULL, program_id TEXT NOT NULL,
         replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
     """,
+    # One fleet per store (docs/replicas.md): what every replica's plan must agree on.
+    """
+    CREATE TABLE fleet (
+        id INTEGER PRIMARY KEY CHECK (id = 1), digest TEXT NOT NULL, what TEXT NOT NULL,
+        replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
+    """,
 )
 
 
