@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -61,3 +62,65 @@ def start_emulator(work: Path, hosts: int, devices: int, *extra: str
     addresses = [line.split("listening on ", 1)[1].split()[0]
                  for line in log.read_text().splitlines() if "listening on" in line]
     return process, addresses, work / "pki" / "root.pem"
+
+
+# A plan for an emulated fleet run by `modelip emulate` (hosts: its addresses).
+FLEET_PLAN = """
+model: {{onnx: tiny.onnx}}
+mek: {{generate: true}}
+fleet:
+  hosts:
+{hosts}
+trust: {{roots: [{root}]}}
+rekey: {{check_interval: 0}}
+state_dir: state
+"""
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def floor_per_card(rounds: int = 400, repeat: int = 3, *, known: bool = False) -> float:
+    """CPU seconds of the cryptography one card needs: verify its evidence (its chain
+    verified afresh, as for a card seen for the first time; ``known``: cached, as for
+    a card re-keyed), wrap the MEK to its session key, verify its load receipt."""
+    from orchestrator._proto.modelip.v1 import evidence_pb2
+    from orchestrator.crypto.chain import ChainCache
+    from orchestrator.crypto.evidence import (
+        TrustPolicy,
+        sign_receipt,
+        verify_evidence,
+        verify_load_receipt,
+    )
+    from orchestrator.crypto.mek import MEK
+    from orchestrator.crypto.wrap import wrap_mek
+    from orchestrator.emulator.card import EmulatedCard
+    from orchestrator.emulator.pki import VendorPKI
+
+    pki = VendorPKI.create()
+    identity = pki.issue_card("floor-card")
+    card = EmulatedCard(identity)
+    mek = MEK.generate()
+    policy, chains = TrustPolicy(), ChainCache() if known else None
+    requests = [os.urandom(32) for _ in range(rounds)]
+    evidence = [card.attest(request) for request in requests]
+    digest = b"\x01" * 32
+    report = verify_evidence(evidence[0], roots=[pki.root], policy=policy,
+                             request=requests[0], cache=chains)
+    receipt, signature = sign_receipt(evidence_pb2.LoadReceipt(
+        card_id=report.card_id, session_id=report.session_id, program_info_digest=digest,
+        partition=0, verified=True), identity.key)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.thread_time()
+        for request, data in zip(requests, evidence, strict=True):
+            report = verify_evidence(data, roots=[pki.root], policy=policy, request=request,
+                                     cache=chains)
+            wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
+                     kem=report.kem, public_key=report.session_public_key, program=digest)
+            verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
+                                partition=0, source="floor", key_slot=b"")
+        best = min(best, (time.thread_time() - start) / rounds)
+    return best

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import signal
 import subprocess
 import sys
@@ -47,24 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _measure import BIN, start_emulator  # noqa: E402
-
-PLAN = """
-model: {{onnx: tiny.onnx}}
-mek: {{generate: true}}
-fleet:
-  hosts:
-{hosts}
-trust: {{roots: [{root}]}}
-rekey: {{check_interval: 0}}
-state_dir: state
-"""
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
+from _measure import BIN, FLEET_PLAN, cpu, floor_per_card, start_emulator  # noqa: E402
 
 # --- the orchestrator's side: a child process per deployment -------------------------
 
@@ -106,7 +87,7 @@ def deploy_child(plan_path: Path) -> None:
 
 def deploy(work: Path, addresses: list[str], devices: int, root: Path) -> dict[str, Any]:
     plan = work / "plan.yaml"
-    plan.write_text(PLAN.format(root=root, hosts="\n".join(
+    plan.write_text(FLEET_PLAN.format(root=root, hosts="\n".join(
         f"    - {{address: \"{a}\", devices: {list(range(devices))}}}" for a in addresses)))
     done = subprocess.run([sys.executable, __file__, "--deploy-child", str(plan)], cwd=work,
                           capture_output=True, text=True, check=False)
@@ -117,47 +98,6 @@ def deploy(work: Path, addresses: list[str], devices: int, root: Path) -> dict[s
 
 
 # --- the floor ------------------------------------------------------------------------
-
-def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
-    """CPU seconds of the cryptography one card needs: verify its evidence (chain
-    included), wrap the MEK to its session key, verify its load receipt."""
-    from orchestrator._proto.modelip.v1 import evidence_pb2
-    from orchestrator.crypto.evidence import (
-        TrustPolicy,
-        sign_receipt,
-        verify_evidence,
-        verify_load_receipt,
-    )
-    from orchestrator.crypto.mek import MEK
-    from orchestrator.crypto.wrap import wrap_mek
-    from orchestrator.emulator.card import EmulatedCard
-    from orchestrator.emulator.pki import VendorPKI
-
-    pki = VendorPKI.create()
-    identity = pki.issue_card("floor-card")
-    card = EmulatedCard(identity)
-    mek = MEK.generate()
-    policy = TrustPolicy()
-    requests = [os.urandom(32) for _ in range(rounds)]
-    evidence = [card.attest(request) for request in requests]
-    digest = b"\x01" * 32
-    report = verify_evidence(evidence[0], roots=[pki.root], policy=policy,
-                             request=requests[0])
-    receipt, signature = sign_receipt(evidence_pb2.LoadReceipt(
-        card_id=report.card_id, session_id=report.session_id, program_info_digest=digest,
-        partition=0, verified=True), identity.key)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.thread_time()
-        for request, data in zip(requests, evidence, strict=True):
-            report = verify_evidence(data, roots=[pki.root], policy=policy, request=request)
-            wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
-                     kem=report.kem, public_key=report.session_public_key, program=digest)
-            verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
-                                partition=0, source="floor", key_slot=b"")
-        best = min(best, (time.thread_time() - start) / rounds)
-    return best
-
 
 # --- what the design fixes per card, beside the floor ---------------------------------
 

@@ -43,24 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _measure import start_emulator  # noqa: E402
-
-PLAN = """
-model: {{onnx: tiny.onnx}}
-mek: {{generate: true}}
-fleet:
-  hosts:
-{hosts}
-trust: {{roots: [{root}]}}
-rekey: {{check_interval: 0}}
-state_dir: state
-"""
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
+from _measure import FLEET_PLAN, cpu, floor_per_card, start_emulator  # noqa: E402
 
 # --- the orchestrator: a child process ---------------------------------------------------
 
@@ -108,52 +91,6 @@ def storm_child(plan_path: Path) -> None:
                         os.environ["STORM_PROFILE"])
         return
     anyio.run(run)
-
-
-# --- the floor ---------------------------------------------------------------------------
-
-def floor_per_card(rounds: int = 400, repeat: int = 3) -> float:
-    """CPU seconds of the cryptography a known card needs to be re-keyed: its evidence
-    verified with its chain already verified (two P-256 checks with the receipt's),
-    the MEK wrapped to its new session, its load receipt verified."""
-    from orchestrator._proto.modelip.v1 import evidence_pb2
-    from orchestrator.crypto.chain import ChainCache
-    from orchestrator.crypto.evidence import (
-        TrustPolicy,
-        sign_receipt,
-        verify_evidence,
-        verify_load_receipt,
-    )
-    from orchestrator.crypto.mek import MEK
-    from orchestrator.crypto.wrap import wrap_mek
-    from orchestrator.emulator.card import EmulatedCard
-    from orchestrator.emulator.pki import VendorPKI
-
-    pki = VendorPKI.create()
-    identity = pki.issue_card("floor-card")
-    card = EmulatedCard(identity)
-    mek = MEK.generate()
-    policy, chains = TrustPolicy(), ChainCache()
-    requests = [os.urandom(32) for _ in range(rounds)]
-    evidence = [card.attest(request) for request in requests]
-    digest = b"\x01" * 32
-    report = verify_evidence(evidence[0], roots=[pki.root], policy=policy,
-                             request=requests[0], cache=chains)
-    receipt, signature = sign_receipt(evidence_pb2.LoadReceipt(
-        card_id=report.card_id, session_id=report.session_id, program_info_digest=digest,
-        partition=0, verified=True), identity.key)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.thread_time()
-        for request, data in zip(requests, evidence, strict=True):
-            report = verify_evidence(data, roots=[pki.root], policy=policy, request=request,
-                                     cache=chains)
-            wrap_mek(mek, slot=0, card_id=report.card_id, session_id=report.session_id,
-                     kem=report.kem, public_key=report.session_public_key, program=digest)
-            verify_load_receipt(receipt, signature, report=report, program_info_digest=digest,
-                                partition=0, source="floor", key_slot=b"")
-        best = min(best, (time.thread_time() - start) / rounds)
-    return best
 
 
 # --- the storm ---------------------------------------------------------------------------
@@ -209,7 +146,7 @@ def storm(size: int, devices: int, reboot_time: float) -> dict[str, Any]:
                                                    str(reboot_time))
         try:
             plan = work / "plan.yaml"
-            plan.write_text(PLAN.format(root=root, hosts="\n".join(
+            plan.write_text(FLEET_PLAN.format(root=root, hosts="\n".join(
                 f"    - {{address: \"{a}\", devices: {list(range(devices))}}}"
                 for a in addresses)))
             child = subprocess.Popen([sys.executable, __file__, "--storm-child", str(plan)],
@@ -243,7 +180,7 @@ def main() -> None:
     if args.storm_child:
         storm_child(args.storm_child)
         return
-    floor = floor_per_card()
+    floor = floor_per_card(known=True)
     print(f"floor: {floor * 1e3:.3f} ms of CPU per card (chain known: two P-256 checks, "
           "one wrap)")
     for size in (int(s) for s in args.sizes.split(",")):
