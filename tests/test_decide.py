@@ -6,6 +6,7 @@ failed x the attempts left x how long the card has been offline -> the move."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -17,6 +18,7 @@ from orchestrator.engine.decide import (
     Next,
     Seen,
     after_failure,
+    backoff_delay,
     classify,
     decide_serving,
     give_up,
@@ -135,3 +137,26 @@ def test_a_failed_check_of_a_serving_card_is_an_observation() -> None:
     an observation of the card (the driver lets it through as a bug)."""
     assert CHECK_SAW == {Failure.OFFLINE: Seen.OFFLINE, Failure.NOT_STAGED: Seen.UNANSWERED,
                          Failure.TRANSIENT: Seen.UNANSWERED, Failure.REFUTED: Seen.REFUTED}
+
+
+# --- how long to wait before trying again ------------------------------------------------
+
+@pytest.mark.parametrize(("attempt", "draw", "delay"), [
+    (1, 0.0, 0.1), (1, 0.5, 0.2), (1, 0.999, 0.2998),     # 0.5-1.5x of 0.2
+    (3, 0.5, 0.8),                                         # 0.2 doubling: 0.8
+    (5, 0.999, 4.7968),                                    # 3.2, still growing
+    (6, 0.0, 0.0), (6, 0.5, 2.5), (40, 0.999, 4.995),      # capped: 0 to the cap
+    (0, 0.5, 0.2), (-3, 0.5, 0.2),                         # a first try counts as one
+])
+def test_the_backoff_grows_then_spreads_fully_at_its_cap(attempt: int, draw: float,
+                                                          delay: float) -> None:
+    assert backoff_delay(attempt, 0.2, 5.0, draw) == pytest.approx(delay)
+
+
+def test_retriers_at_the_cap_do_not_stay_in_step() -> None:
+    """Many retriers drawing at the cap spread over the whole of it, not around it."""
+    rng = random.Random(7)  # noqa: S311 - timing, not security
+    delays = [backoff_delay(12, 0.2, 5.0, rng.random()) for _ in range(2000)]
+    assert min(delays) < 0.25 and max(delays) > 4.75
+    assert sum(d < 2.5 for d in delays) > 800     # half of them below half the cap
+    assert backoff_delay(3, 0.2, 1.0, 0.9) == 1.0   # growing, but never above the cap

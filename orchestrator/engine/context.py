@@ -19,6 +19,7 @@ from orchestrator.crypto.chain import ChainCache
 from orchestrator.crypto.evidence import TrustPolicy
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import Kem
+from orchestrator.engine.decide import backoff_delay
 from orchestrator.engine.events import Event, InternalError
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.store.protocol import Store
@@ -100,10 +101,9 @@ class EngineContext:
         return self.plan.state_dir / "engine.log"
 
     def backoff(self, attempt: int) -> float:
-        """Exponential, capped, with jitter (0.5-1.5x) so hosts are not hit in step."""
+        """Exponential, capped, jittered so hosts are not hit in step (decide.py)."""
         retry = self.plan.retry
-        base = min(retry.max_backoff, retry.backoff * 2.0 ** (max(attempt, 1) - 1))
-        return float(base * (0.5 + _jitter.random()))
+        return backoff_delay(attempt, retry.backoff, retry.max_backoff, _jitter.random())
 
     def jittered(self, seconds: float) -> float:
         return seconds * (0.75 + 0.5 * _jitter.random())

@@ -126,5 +126,16 @@ def after_failure(failure: Failure, *, attempt: int, attempts: int, offline_for:
     return Next.RESTAGE if failure is Failure.NOT_STAGED else Next.RETRY
 
 
+def backoff_delay(attempt: int, base: float, cap: float, draw: float) -> float:
+    """Seconds to wait before try ``attempt`` + 1 (``draw``: uniform in [0, 1)). While
+    the delay grows (``base`` doubling), 0.5-1.5x of it, never above ``cap``; once it
+    has reached the cap, full jitter, 0 to the cap: retriers that reached the cap
+    together (a rack of hosts back after an outage) do not stay in step around it."""
+    grown = base * 2.0 ** (max(attempt, 1) - 1)
+    if grown < cap:
+        return min(cap, grown * (0.5 + draw))
+    return cap * draw
+
+
 __all__ = ["CHECK_SAW", "Act", "Decision", "Failure", "Next", "Seen", "after_failure",
-           "classify", "decide_serving", "give_up"]
+           "backoff_delay", "classify", "decide_serving", "give_up"]
