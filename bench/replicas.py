@@ -1,6 +1,8 @@
-"""Replicas sharing one fleet: how fast they bring it to serving, how fast they take over.
+"""Replicas sharing one fleet: how fast they bring it to serving, how fast they take over,
+what each costs, and what they cost the database.
 
-    python bench/replicas.py [--hosts 12] [--devices-per-host 8] [--ttl 3]
+    python bench/replicas.py [--hosts 12] [--devices-per-host 8] [--ttl 3] [--steady 10]
+    python bench/replicas.py --hosts 60 --devices-per-host 167     # 10,020 cards
 
 A throwaway PostgreSQL server (the distribution's, unix socket) and a fresh
 `modelip emulate` per round (fresh cards: nothing to confirm, every card is
@@ -9,12 +11,18 @@ together: cards brought to serving per second, from the first lease claimed to
 the last card SERVING in the store. Then, with 2 and 3 replicas, one is killed
 (SIGKILL) and the time until every card of its hosts is confirmed by a
 survivor is printed beside the lease TTL (the floor: a dead replica's lease
-must expire first). All printed side by side, measured in the same run.
+must expire first; target: within 1.3x). Beside them: each replica's CPU per
+card it brought up (user + system, from /proc), the database's statements per
+card until every card served (pg_stat_statements), and its load at steady state
+(statements per second per 1,000 cards, over --steady seconds of a serving fleet
+with nothing happening, every replica holding its share; BEGIN and COMMIT
+count). All printed side by side, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -63,12 +71,28 @@ state_dir: state
     return process, plan
 
 
+def statements(url: str) -> int:
+    """Statements the database ran for this database so far (pg_stat_statements)."""
+    found = query(url, "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
+                  "(SELECT oid FROM pg_database WHERE datname = current_database())")
+    return int(found[0][0]) if found else 0  # type: ignore[call-overload]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
-             ) -> tuple[float, float | None]:
-    """(cards per second to serving, takeover seconds after a SIGKILL or None)."""
+             ) -> dict[str, float | None]:
+    """Cards per second to serving, CPU per card per replica, statements per card,
+    steady statements per second per 1,000 cards, takeover seconds after a SIGKILL."""
     work.mkdir()
     fleet, plan = start_fleet(work, ARGS.hosts, ARGS.devices_per_host)
     url = server.new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(b"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     started = []
     try:
         for i in range(replicas):
@@ -85,12 +109,21 @@ def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
                 rate = cards / (now - first)
                 break
             time.sleep(0.02)
-        if replicas == 1:
-            return rate, None
-        # let every replica hold its share, then kill one
+        result: dict[str, float | None] = {
+            "rate": rate, "takeover": None,
+            "cpu": max(cpu_seconds(p.pid) for p in started) / (cards / replicas),
+            "statements": statements(url) / cards}
+        # every replica holds its share (nothing moves any more): the steady load
         while len(query(url, "SELECT DISTINCT owner FROM leases WHERE owner <> '' "
                         "AND expires > now()")) < replicas:
             time.sleep(0.05)
+        time.sleep(ARGS.ttl)
+        before, began = statements(url), time.monotonic()
+        time.sleep(ARGS.steady)
+        result["steady"] = (statements(url) - before) / (time.monotonic() - began) / (
+            cards / 1000)
+        if replicas == 1:
+            return result
         victim = started[0]
         held = {h for (h,) in query(url, "SELECT host FROM leases WHERE owner = 'r0'")}
         victim.send_signal(signal.SIGKILL)
@@ -99,7 +132,8 @@ def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
         while True:
             rows = query(url, "SELECT host, replica, state FROM cards")
             if held and all(r != "r0" and s == "SERVING" for h, r, s in rows if h in held):
-                return rate, time.monotonic() - killed
+                result["takeover"] = time.monotonic() - killed
+                return result
             time.sleep(0.02)
     finally:
         for process in started:
@@ -113,7 +147,8 @@ def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
 
 def main() -> None:
     cards = ARGS.hosts * ARGS.devices_per_host
-    server = PostgresServer()
+    server = PostgresServer("shared_preload_libraries=pg_stat_statements",
+                            "pg_stat_statements.track=all")
     results = {}
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -125,15 +160,21 @@ def main() -> None:
                                              cards)
     finally:
         server.close()
-    base = results[1][0]
+    base = results[1]["rate"] or 1.0
     print(f"{ARGS.hosts} hosts x {ARGS.devices_per_host} cards ({cards}), lease TTL "
           f"{ARGS.ttl:g} s, emulated hosts in their own process, one PostgreSQL")
-    print(f"{'replicas':>8}  {'cards/s to serving':>18}  {'vs 1 replica':>12}  "
-          f"{'takeover after SIGKILL':>22}  {'vs TTL':>6}")
-    for replicas, (rate, takeover) in results.items():
+    print(f"{'replicas':>8}  {'cards/s':>8}  {'vs 1':>6}  {'CPU/card':>9}  "
+          f"{'stmts/card':>10}  {'steady stmts/s/1k cards':>23}  {'takeover':>9}  "
+          f"{'vs TTL':>6}")
+    for replicas, r in results.items():
+        rate, takeover = r["rate"] or 0.0, r["takeover"]
         took = f"{takeover:.2f} s" if takeover is not None else "-"
         ratio = f"{takeover / ARGS.ttl:.2f}x" if takeover is not None else "-"
-        print(f"{replicas:>8}  {rate:>18.1f}  {rate / base:>11.2f}x  {took:>22}  {ratio:>6}")
+        print(f"{replicas:>8}  {rate:>8.1f}  {rate / base:>5.2f}x  "
+              f"{(r['cpu'] or 0) * 1e3:>7.2f}ms  {r['statements'] or 0:>10.1f}  "
+              f"{r['steady'] or 0:>23.1f}  {took:>9}  {ratio:>6}")
+    print("CPU/card: the busiest replica's CPU seconds over the cards of its share, from "
+          "its start to every card serving (start-up included)")
 
 
 if __name__ == "__main__":
@@ -141,6 +182,8 @@ if __name__ == "__main__":
     parser.add_argument("--hosts", type=int, default=12)
     parser.add_argument("--devices-per-host", type=int, default=8)
     parser.add_argument("--ttl", type=float, default=3.0)
+    parser.add_argument("--steady", type=float, default=10.0,
+                        help="seconds of a serving fleet over which the steady load is read")
     ARGS = parser.parse_args()
     if ARGS.hosts % 6:
         parser.error("--hosts must be a multiple of 6 (a fair share for 1, 2 and 3 replicas)")

@@ -24,7 +24,8 @@ def server_binaries() -> Path | None:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, *settings: str) -> None:
+        """``settings``: more server settings, as ``-c NAME=VALUE`` takes them."""
         bindir = server_binaries()
         if bindir is None:
             raise RuntimeError("PostgreSQL server not installed (make test installs it)")
@@ -33,6 +34,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.socket_dir = self.root
         self._user = "postgres" if os.geteuid() == 0 else None
+        self._settings = "".join(f" -c {setting}" for setting in settings)
         if self._user is not None:
             entry = pwd.getpwnam(self._user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -49,7 +51,7 @@ class PostgresServer:
     def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
                   "-o", f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off "
-                  "-c max_connections=200", "start")
+                  f"-c max_connections=200{self._settings}", "start")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
