@@ -116,6 +116,10 @@ class Replica:
             for name, fence in list(self.store.fences.items()):
                 if fence.remaining() <= 0:
                     self._drop(name, LeaseLost(name, f"expired: {err.problem}"))
+        except FleetReplaced:
+            raise  # on purpose, by another replica: this one stops
+        except Exception as exc:  # a bug: logged; the next cycle starts over  # noqa: BLE001
+            self.ctx.internal_error(f"replica {self.name}", exc)
 
     async def _same_fleet(self) -> None:
         """FleetReplaced if the store's fleet now runs another plan than this replica's
@@ -162,8 +166,13 @@ class Replica:
             self.hosts[name].fence(lost)
 
     async def _hand_back(self, name: str) -> None:
-        """Above the fair share: stop cleanly (in-flight work rolled back), then free it."""
-        scope, done = self.running[name]
+        """Above the fair share: stop cleanly (in-flight work rolled back), then free it.
+        A host whose supervisor stopped meanwhile (its lease lost while another host
+        was being handed back) has nothing left to hand back."""
+        running = self.running.get(name)
+        if running is None:
+            return
+        scope, done = running
         scope.cancel()
         await done.wait()
         await self.store.release(name)
