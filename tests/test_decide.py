@@ -22,8 +22,9 @@ from orchestrator.engine.decide import (
     classify,
     decide_serving,
     give_up,
+    listing_says,
 )
-from orchestrator.engine.state import Trigger
+from orchestrator.engine.state import CardMachine, CardState, Trigger
 from orchestrator.errors import (
     AttestationError,
     DeviceOffline,
@@ -34,6 +35,7 @@ from orchestrator.errors import (
     SessionInvalidError,
     TransportError,
 )
+from orchestrator.transport.types import DeviceState, DeviceStatus
 
 KEEP, LOOK, REKEY, QUARANTINE = Act.KEEP, Act.LOOK_AGAIN, Act.REKEY, Act.QUARANTINE
 # seen -> {(hinted, suspected): (act, outage, forget, disproved)}
@@ -160,3 +162,29 @@ def test_retriers_at_the_cap_do_not_stay_in_step() -> None:
     assert min(delays) < 0.25 and max(delays) > 4.75
     assert sum(d < 2.5 for d in delays) > 800     # half of them below half the cap
     assert backoff_delay(3, 0.2, 1.0, 0.9) == 1.0   # growing, but never above the cap
+
+
+# --- what a row of the host's device list means -------------------------------------------
+
+def _row(state: DeviceState, boot: int = 5, program: str = "p", partition: int = 0
+         ) -> DeviceStatus:
+    return DeviceStatus(0, "c", state, boot, "", program, partition)
+
+
+@pytest.mark.parametrize(("card", "row", "says"), [
+    (CardState.SERVING, _row(DeviceState.LOADED), None),                  # agrees
+    (CardState.SERVING, _row(DeviceState.ONLINE), (Trigger.RESYNC, 6)),   # nothing loaded
+    (CardState.SERVING, _row(DeviceState.OFFLINE), (Trigger.RESYNC, 6)),
+    (CardState.SERVING, _row(DeviceState.LOADED, boot=6), (Trigger.RESYNC, 7)),  # rebooted
+    (CardState.SERVING, _row(DeviceState.LOADED, program="q"), (Trigger.RESYNC, 6)),
+    (CardState.SERVING, _row(DeviceState.LOADED, partition=1), (Trigger.RESYNC, 6)),
+    (CardState.RETRY_WAIT, _row(DeviceState.ONLINE, boot=6), (Trigger.ONLINE_HINT, 6)),
+    (CardState.RETRY_WAIT, _row(DeviceState.OFFLINE), None),              # still rebooting
+    (CardState.KEYED, _row(DeviceState.ONLINE), None),                    # busy: its own look
+    (CardState.QUARANTINED, _row(DeviceState.ONLINE), None),
+])
+def test_what_a_listing_row_says(card: CardState, row: DeviceStatus,
+                                 says: tuple[Trigger, int] | None) -> None:
+    machine = CardMachine("h", 0, 0, 0, "p")
+    machine.state, machine.boot_counter = card, 5
+    assert listing_says(row, machine) == says

@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from orchestrator.crypto.evidence import VerifiedReport
+from orchestrator.engine import keying
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.decide import (
     CHECK_SAW,
@@ -28,18 +29,10 @@ from orchestrator.engine.decide import (
     after_failure,
     classify,
     decide_serving,
+    listing_says,
 )
 from orchestrator.engine.events import HintDisproved, Rekeyed
 from orchestrator.engine.inbox import Inbox, is_stale
-from orchestrator.engine.keying import (
-    adopt,
-    attest,
-    holds,
-    receipt_of,
-    seen_in,
-    slot_for,
-    verified_good,
-)
 from orchestrator.engine.state import (
     FINAL,
     IN_FLIGHT,
@@ -56,7 +49,7 @@ from orchestrator.errors import (
     StoreUnavailable,
     VerificationError,
 )
-from orchestrator.transport.types import DeviceState, DeviceStatus
+from orchestrator.transport.types import DeviceStatus
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import CardHost
@@ -160,19 +153,14 @@ class CardDriver:
     def observe(self, status: DeviceStatus, *, answered: float = 0.0) -> None:
         """The host's device list, answered at ``answered`` (monotonic), says this
         about the card: wake if it disagrees (unless it is old news by then: inbox)."""
-        m = self.machine
-        if m.state is S.SERVING and (
-                status.state is not DeviceState.LOADED or status.boot_counter != m.boot_counter
-                or status.program_id != m.program_id or status.partition != m.partition):
-            if is_stale(None, answered, m.boot_counter, self.verified_since):
-                self.ctx.stats.stale_hints += 1
-                return
-            self.inbox.hint(Trigger.RESYNC, stale_from=status.boot_counter + 1,
-                            true_at=answered)
-        elif m.state is S.RETRY_WAIT and status.state is not DeviceState.OFFLINE:
-            # ends a wait for a rebooting card; old news once that boot is verified
-            self.inbox.hint(Trigger.ONLINE_HINT, stale_from=status.boot_counter,
-                            true_at=answered)
+        said = listing_says(status, self.machine)
+        if said is None:
+            return
+        trigger, stale_from = said
+        if is_stale(stale_from, answered, self.machine.boot_counter, self.verified_since):
+            self.ctx.stats.stale_hints += 1
+        else:
+            self.inbox.hint(trigger, stale_from=stale_from, true_at=answered)
 
     def host_lost(self) -> None:
         """The host stopped answering: abandon the work in flight (its RPCs would only
@@ -340,7 +328,7 @@ class CardDriver:
         try:
             async with self.host.limiter:
                 self._sent = time.monotonic()
-                report = await attest(self.ctx, self.host.client, self.machine)
+                report = await keying.attest(self.ctx, self.host.client, self.machine)
         except Exception as err:
             failure = classify(err)
             if failure is None or failure not in CHECK_SAW:
@@ -352,7 +340,7 @@ class CardDriver:
                 self.ctx.stats.verification_failures[type(err).__name__] += 1
             return seen, None, ("the card is rebooting" if seen is Seen.OFFLINE
                                 else str(err) or "timed out")
-        seen, said = seen_in(report, m, self.program, self.ctx.digests)
+        seen, said = keying.seen_in(report, m, self.program, self.ctx.digests)
         if seen is Seen.FOREIGN:
             self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
         return seen, report, said
@@ -375,14 +363,15 @@ class CardDriver:
                             await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
                             self._sent = time.monotonic()
-                            report = await attest(self.ctx, self.host.client, self.machine)
+                            report = await keying.attest(self.ctx, self.host.client, m)
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
-                        adopt(m, report)
-                        if holds(report, self.program, m.partition):
+                        keying.adopt(m, report)
+                        if keying.holds(report, self.program, m.partition):
                             await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
-                                      known_good=verified_good(report, self.program, m.partition))
+                                      known_good=keying.verified_good(
+                                          report, self.program, m.partition))
                         else:
                             await self._wrap_and_load(report)
                 self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
@@ -447,7 +436,7 @@ class CardDriver:
     async def _wrap_and_load(self, report: VerifiedReport) -> None:
         m = self.machine
         program = self.program   # read once: a rollout may switch the group meanwhile
-        slot = slot_for(self.ctx, report, program, m.partition)
+        slot = keying.slot_for(self.ctx, report, program, m.partition)
         same_session = m.known_good is not None \
             and m.known_good.session_id == report.session_id.hex()
         await self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
@@ -460,7 +449,7 @@ class CardDriver:
                 m.device, program.program_id, partition=m.partition, key_slots=[slot])
             self.ctx.stats.loads += 1
             outcome = "refused receipt"
-            receipt = receipt_of(result, report, program, m.partition, slot, m.name)
+            receipt = keying.receipt_of(result, report, program, m.partition, slot, m.name)
         except BaseException as exc:
             if isinstance(exc, ModelIPError) and outcome == "interrupted":
                 outcome = "failed"
@@ -469,7 +458,8 @@ class CardDriver:
             raise
         await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
                   f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
-                  known_good=verified_good(report, program, m.partition), concludes=(load_id, "ok"))
+                  known_good=keying.verified_good(report, program, m.partition),
+                  concludes=(load_id, "ok"))
 
     async def _roll_back(self) -> None:
         """Stopped mid-flight: unload a half-done load, leave the store consistent."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from orchestrator.engine.state import CardMachine, CardState, Trigger
 from orchestrator.errors import (
     DeviceOffline,
     InputError,
@@ -21,6 +22,7 @@ from orchestrator.errors import (
     TransportError,
     VerificationError,
 )
+from orchestrator.transport.types import DeviceState, DeviceStatus
 
 
 class Seen(enum.Enum):
@@ -126,6 +128,19 @@ def after_failure(failure: Failure, *, attempt: int, attempts: int, offline_for:
     return Next.RESTAGE if failure is Failure.NOT_STAGED else Next.RETRY
 
 
+def listing_says(status: DeviceStatus, machine: CardMachine) -> tuple[Trigger, int] | None:
+    """What a row of the host's device list means to the card's driver: a reason to
+    look again, with the boot counter from which that is old news once verified
+    (engine/inbox.py); None: it agrees, or says nothing the driver waits for."""
+    if machine.state is CardState.SERVING and (
+            status.state is not DeviceState.LOADED or status.boot_counter != machine.boot_counter
+            or status.program_id != machine.program_id or status.partition != machine.partition):
+        return Trigger.RESYNC, status.boot_counter + 1
+    if machine.state is CardState.RETRY_WAIT and status.state is not DeviceState.OFFLINE:
+        return Trigger.ONLINE_HINT, status.boot_counter   # ends a wait for a rebooting card
+    return None
+
+
 def backoff_delay(attempt: int, base: float, cap: float, draw: float) -> float:
     """Seconds to wait before try ``attempt`` + 1 (``draw``: uniform in [0, 1)). While
     the delay grows (``base`` doubling), 0.5-1.5x of it, never above ``cap``; once it
@@ -138,4 +153,4 @@ def backoff_delay(attempt: int, base: float, cap: float, draw: float) -> float:
 
 
 __all__ = ["CHECK_SAW", "Act", "Decision", "Failure", "Next", "Seen", "after_failure",
-           "backoff_delay", "classify", "decide_serving", "give_up"]
+           "backoff_delay", "classify", "listing_says", "decide_serving", "give_up"]
