@@ -297,7 +297,7 @@ class CardDriver:
         started = self.inbox.look()
         report: VerifiedReport | None = None
         if m.state is S.SERVING:
-            seen, report, said = await self._check()
+            seen, report, said = await self._check(routine=trigger is Trigger.PERIODIC)
             decision = decide_serving(seen, hinted=trigger.is_hint,
                                       suspected=bool(self.inbox.first_sign))
             if decision.outage:
@@ -321,12 +321,12 @@ class CardDriver:
                             known_good=None if decision.forget else True)
         await self._bring_up(trigger, report)
 
-    async def _check(self) -> tuple[Seen, VerifiedReport | None, str]:
+    async def _check(self, *, routine: bool) -> tuple[Seen, VerifiedReport | None, str]:
         """Look at a serving card once: what was seen, the verified report (if one came
         back) and what to say. The one place a check's outcome is classified."""
         m = self.machine
         try:
-            async with self.host.limiter:
+            async with self.host.admit(m.group, routine=routine):
                 self._sent = time.monotonic()
                 report = await keying.attest(self.ctx, self.host.client, self.machine)
         except Exception as err:
@@ -358,7 +358,7 @@ class CardDriver:
             m.attempts = attempt
             try:
                 with anyio.fail_after(timeouts.card):
-                    async with self.host.limiter:
+                    async with self.host.admit(m.group):
                         if m.state is not first and not offline_since:
                             await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:

@@ -15,11 +15,12 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 from anyio.abc import TaskStatus
 
+from orchestrator.engine.admission import RECOVER, ROUTINE, PriorityLimiter
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
@@ -73,7 +74,8 @@ class HostSupervisor:
         self.name = target.name
         self.ctx = ctx
         self.machine = HostMachine(target.name, target.address)
-        self.limiter = anyio.CapacityLimiter(share)  # this host's share, and only its own
+        self._places = PriorityLimiter(share)  # this host's share, and only its own
+        self._groups: dict[int, list[CardDriver]] = {}
         self.drivers: dict[int, CardDriver] = {}
         self.violations: Counter[str] = Counter()
         self.group_serving = group_serving
@@ -117,6 +119,15 @@ class HostSupervisor:
     async def changed(self) -> None:
         """Until the host's state changes."""
         await self._changed.wait()
+
+    def admit(self, group: int, *, routine: bool = False
+              ) -> AbstractAsyncContextManager[None]:
+        """One of this host's places, by priority (engine/admission.py)."""
+        if not self._groups:   # the drivers are all added before anything runs
+            for driver in self.drivers.values():
+                self._groups.setdefault(driver.machine.group, []).append(driver)
+        down = sum(not d.serving for d in self._groups.get(group, ()))
+        return self._places.admit((ROUTINE if routine else RECOVER, down))
 
     def suspect(self) -> None:
         """A call to this host failed: probe it now rather than at the next resync."""

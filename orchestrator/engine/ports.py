@@ -10,6 +10,7 @@ be driven alone (tests/test_ports.py drives a card and a host through a fake hos
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -33,9 +34,11 @@ class CardHost(Protocol):
     @property
     def client(self) -> HostAPI: ...
 
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        """The host's share of the fleet's concurrency: held for each attestation."""
+    def admit(self, group: int, *, routine: bool = False
+              ) -> AbstractAsyncContextManager[None]:
+        """One of the host's places (its share of the fleet's concurrency), held for an
+        attestation or a bring-up; by priority (engine/admission.py): a card whose
+        group has fewer cards down first; ``routine`` work (a periodic check) last."""
         ...
 
     @property
