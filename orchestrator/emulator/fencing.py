@@ -13,8 +13,8 @@ import grpc
 
 from orchestrator._proto.modelip.v1 import runtime_pb2
 from orchestrator.emulator.aborts import HostAbort
+from orchestrator.transport.types import FENCE_KEY
 
-FENCE_KEY = "modelip-fence"   # request metadata: "EPOCH:HOLDER"
 _TOKEN = re.compile(r"(\d{1,19}):([\x21-\x7e]{1,255})")
 _log = logging.getLogger("modelip.emulator")
 
@@ -64,4 +64,4 @@ def _token(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[int, str
     return None
 
 
-__all__ = ["FENCE_KEY", "FenceKeeper"]
+__all__ = ["FenceKeeper"]

@@ -41,11 +41,7 @@ from orchestrator.errors import (
 )
 from orchestrator.qpc.container import Container, MemorySource
 
-DEFAULT_PORT = 62473
-REASON_KEY = "modelip-reason"
-DEVICE_KEY = "modelip-device"
 R = runtime_pb2
-MAX_MESSAGE = 64 << 20
 STAGE_LIMIT = 16 << 30
 _log = logging.getLogger("modelip.emulator")
 

@@ -21,16 +21,10 @@ from grpc_health.v1.health import aio as health_aio
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
 from orchestrator.emulator.aborts import HostAbort, status_for
 from orchestrator.emulator.adversary import Adversary
-from orchestrator.emulator.host import (
-    DEVICE_KEY,
-    MAX_MESSAGE,
-    REASON_KEY,
-    STAGE_LIMIT,
-    EmulatedHost,
-    TLSServerConfig,
-)
+from orchestrator.emulator.host import STAGE_LIMIT, EmulatedHost, TLSServerConfig
 from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.tensors import from_wire, to_wire
+from orchestrator.transport.types import DEVICE_KEY, MAX_MESSAGE, REASON_KEY
 
 R = runtime_pb2
 _log = logging.getLogger("modelip.emulator")

@@ -111,7 +111,7 @@ class Replica:
             if self.reachable:
                 self.reachable = False
                 self.ctx.emit(StoreStatus(replica=self.name, reachable=False,
-                                                 reason=err.problem))
+                                          reason=err.problem))
             # Leases lapse here before they do in the database: stop what has lapsed.
             for name, fence in list(self.store.fences.items()):
                 if fence.remaining() <= 0:

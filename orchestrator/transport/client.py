@@ -41,6 +41,11 @@ from orchestrator.limits import MAX_CARDS_PER_HOST
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.terminal import terminal_safe
 from orchestrator.transport.types import (
+    DEFAULT_PORT,
+    DEVICE_KEY,
+    FENCE_KEY,
+    MAX_MESSAGE,
+    REASON_KEY,
     Deadlines,
     DeviceEvent,
     DeviceState,
@@ -50,12 +55,7 @@ from orchestrator.transport.types import (
     TLSClientConfig,
 )
 
-DEFAULT_PORT = 62473
-REASON_KEY = "modelip-reason"
-DEVICE_KEY = "modelip-device"
-FENCE_KEY = "modelip-fence"   # request metadata: "EPOCH:HOLDER" (docs/protocol.md)
 STAGE_CHUNK = 1 << 20
-MAX_MESSAGE = 64 << 20
 # What a host's answer may carry, by call (docs/security.md), checked by gRPC before
 # anything is parsed: every call but Execute answers in kilobytes (evidence is at
 # most 1 MiB, a listing of MAX_CARDS_PER_HOST cards some 150 KiB), so they share a

@@ -13,6 +13,14 @@ from orchestrator.errors import (
     FileInputError,
 )
 
+# What both ends of the host protocol name the same way (docs/protocol.md): the
+# client here and any host (the emulated one) import them from this one place.
+DEFAULT_PORT = 62473
+REASON_KEY = "modelip-reason"   # trailing metadata: the ErrorReason's name
+DEVICE_KEY = "modelip-device"   # trailing metadata: the card concerned
+FENCE_KEY = "modelip-fence"     # request metadata: "EPOCH:HOLDER" (fencing)
+MAX_MESSAGE = 64 << 20          # the largest message either end sends
+
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
