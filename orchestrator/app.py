@@ -65,9 +65,9 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         return
     from orchestrator.crypto.wrap import Kem
     from orchestrator.emulator.adversary import Adversary
+    from orchestrator.emulator.backend import FaultConfig
     from orchestrator.emulator.card import CardConfig
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
-    from orchestrator.emulator.host import FaultConfig
     from orchestrator.emulator.pki import VendorPKI
 
     emulated = plan.emulated
@@ -92,7 +92,7 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         seed=emulated.seed)
     pki = _in_state_dir(plan, lambda: VendorPKI.load_or_create(plan.state_dir / "emulated-pki"))
     async with run_fleet(config, pki=pki) as fleet:
-        hosts = [HostTarget(host.name, host.address, tuple(range(len(host.cards))))
+        hosts = [HostTarget(host.name, host.address, tuple(range(len(host.backend.cards))))
                  for host in fleet.hosts]
         yield hosts, [pki.root, *roots]
 

@@ -208,6 +208,12 @@ class LeaseLost(Exception):  # noqa: N818 - a condition of a replica, not a user
         self.host = host
 
 
+class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host reports it
+    """A card's own word (card side, behind a host): it is rebooting and answers nothing."""
+
+    exit_code = 4
+
+
 class DeviceOffline(TransportError):
     """The card is rebooting; try again after it is back online."""
 

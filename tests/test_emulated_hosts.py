@@ -20,8 +20,8 @@ from orchestrator.crypto.evidence import (
 from orchestrator.crypto.mek import MEK
 from orchestrator.crypto.wrap import key_slot_digest
 from orchestrator.emulator.adversary import Adversary
+from orchestrator.emulator.backend import FaultConfig
 from orchestrator.emulator.fleet import EmulatedFleet, FleetConfig, run_fleet
-from orchestrator.emulator.host import FaultConfig
 from orchestrator.errors import (
     AttestationError,
     DeviceOffline,
@@ -289,9 +289,9 @@ async def test_older_model_version_is_caught(tmp_path: Path) -> None:
                                 source="card 0",
                                 key_slot=slot_digest(new, reports[0].card_id))
         # and a card that has seen v2 refuses v1 outright (rollback floor)
-        fleet.hosts[0].adversary = Adversary.NONE
+        fleet.hosts[0].backend.adversary = Adversary.NONE
         await host.load(0, new_id)
-        fleet.hosts[0].adversary = Adversary.OLD_VERSION
+        fleet.hosts[0].backend.adversary = Adversary.OLD_VERSION
         with pytest.raises(PolicyError, match="below this card's rollback floor 2"):
             await host.load(0, new_id)
 
@@ -349,8 +349,8 @@ async def test_a_load_is_answered_only_once_the_body_is_verified(tmp_path: Path)
         held = (await attest_all(host, fleet, range(1)))[0].loaded
         assert held is not None and held.info_digest == info_digest(d.program)
         assert (held.model_id, held.model_version, held.partition) == ("tiny", 1, 0)
-        fleet.hosts[0].adversary = Adversary.TAMPER_BODY
-        fleet.hosts[0].adversary_devices = frozenset({1})
+        fleet.hosts[0].backend.adversary = Adversary.TAMPER_BODY
+        fleet.hosts[0].backend.adversary_devices = frozenset({1})
         with pytest.raises(IntegrityError, match="failed authentication"):
             await host.load(1, d.program_id)
         assert (await attest_all(host, fleet, range(1, 2)))[0].loaded is None

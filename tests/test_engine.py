@@ -313,8 +313,8 @@ async def test_a_rekeyed_card_serves_only_once_its_body_is_verified(tmp_path: Pa
                 tg.start_soon(lambda: engine.run(keep_serving=True))
                 with anyio.fail_after(30):
                     await engine.deployed.wait()
-                fleet.hosts[0].adversary = Adversary.TAMPER_BODY  # from now on
-                fleet.hosts[0].adversary_devices = frozenset({1})
+                fleet.hosts[0].backend.adversary = Adversary.TAMPER_BODY  # from now on
+                fleet.hosts[0].backend.adversary_devices = frozenset({1})
                 served_before = len([t for t in await journal.transitions(1000)
                                      if t.device == 1 and t.state == "SERVING"])
                 await client.reset(1)

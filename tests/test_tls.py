@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from orchestrator.agent.servicers import TLSServerConfig
 from orchestrator.emulator.fleet import FleetConfig, run_fleet
-from orchestrator.emulator.host import TLSServerConfig
 from orchestrator.errors import UnreachableError
 from orchestrator.transport.client import HostClient
 from orchestrator.transport.types import TLSClientConfig

@@ -54,10 +54,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
     import anyio
 
+    from orchestrator.agent.servicers import TLSServerConfig
     from orchestrator.emulator.adversary import Adversary
+    from orchestrator.emulator.backend import FaultConfig
     from orchestrator.emulator.card import CardConfig
     from orchestrator.emulator.fleet import FleetConfig, run_fleet
-    from orchestrator.emulator.host import FaultConfig, TLSServerConfig
     from orchestrator.emulator.pki import VendorPKI
 
     try:
@@ -94,8 +95,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         async with run_fleet(config, pki=pki, tls=tls) as fleet:
             for host in fleet.hosts:
                 print(f"{host.name} listening on {host.address} "
-                      f"({len(host.cards)} cards: {host.cards[0].card_id} .. "
-                      f"{host.cards[-1].card_id})")
+                      f"({len(host.backend.cards)} cards: {host.backend.cards[0].card_id} .. "
+                      f"{host.backend.cards[-1].card_id})")
             print(f"trust root: {Path(args.pki_dir) / 'root.pem'}")
             if adversary.value != "none":
                 print(f"adversary mode: {adversary.value}")

@@ -35,9 +35,9 @@ from orchestrator.crypto.wrap import Kem, KeySlot, SessionKeyPair, key_slot_dige
 from orchestrator.emulator.pki import CardIdentity
 from orchestrator.emulator.program import checked_input, read_io_desc
 from orchestrator.errors import (
+    CardOffline,
     FormatError,
     IntegrityError,
-    ModelIPError,
     PolicyError,
     ProgramNotLoaded,
     SessionInvalidError,
@@ -51,12 +51,6 @@ DEFAULT_SKU = "AIC100-EMU"
 
 def _yield_interpreter() -> None:
     time.sleep(0)
-
-
-class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host reports it
-    """The card is rebooting and answers nothing."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A whole emulated fleet: H hosts of D cards each, one vendor PKI, in-process."""
+"""A whole emulated fleet: H hosts of D cards each, one vendor PKI, in-process: each host
+a host agent (agent/) over an emulated backend, its bodies staged in memory."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from orchestrator.agent.host import HostAgent
+from orchestrator.agent.servicers import TLSServerConfig, serve
+from orchestrator.agent.staging import Staging
 from orchestrator.emulator.adversary import Adversary
+from orchestrator.emulator.backend import EmulatedBackend, FaultConfig
 from orchestrator.emulator.card import CardConfig, EmulatedCard
-from orchestrator.emulator.host import EmulatedHost, FaultConfig, TLSServerConfig
 from orchestrator.emulator.pki import VendorPKI
-from orchestrator.emulator.servicers import serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,7 @@ def card_id_for(host: int, device: int) -> str:
 class EmulatedFleet:
     config: FleetConfig
     pki: VendorPKI
-    hosts: list[EmulatedHost]
+    hosts: list[HostAgent[EmulatedBackend]]
 
     @property
     def addresses(self) -> list[str]:
@@ -50,7 +53,7 @@ class EmulatedFleet:
         return self.pki.root_pem
 
 
-def build_hosts(config: FleetConfig, pki: VendorPKI) -> list[EmulatedHost]:
+def build_hosts(config: FleetConfig, pki: VendorPKI) -> list[HostAgent[EmulatedBackend]]:
     hosts = []
     for h in range(config.hosts):
         cards = [
@@ -59,13 +62,24 @@ def build_hosts(config: FleetConfig, pki: VendorPKI) -> list[EmulatedHost]:
             for d in range(config.devices_per_host)
         ]
         hostile = config.adversary_hosts is None or h in config.adversary_hosts
-        hosts.append(EmulatedHost(
+        hosts.append(emulated_host(
             f"host{h}", cards, faults=config.faults,
             adversary=config.adversary if hostile else Adversary.NONE,
             adversary_devices=config.adversary_devices,
             seed=None if config.seed is None else config.seed + h,
         ))
     return hosts
+
+
+def emulated_host(name: str, cards: list[EmulatedCard], *, faults: FaultConfig,
+                  adversary: Adversary = Adversary.NONE,
+                  adversary_devices: frozenset[int] | None = None, seed: int | None = None
+                  ) -> HostAgent[EmulatedBackend]:
+    """One emulated host: an agent over these cards (bodies staged in memory)."""
+    staging = Staging(limit=faults.stage_capacity, bandwidth=faults.stage_bandwidth)
+    backend = EmulatedBackend(cards, staging, faults=faults, adversary=adversary,
+                              adversary_devices=adversary_devices, seed=seed)
+    return HostAgent(name, backend, staging)
 
 
 @asynccontextmanager

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 import grpc
 
 from orchestrator._proto.modelip.v1 import runtime_pb2
-from orchestrator.emulator.aborts import HostAbort
+from orchestrator.agent.aborts import HostAbort
 from orchestrator.transport.types import FENCE_KEY
 
 _TOKEN = re.compile(r"(\d{1,19}):([\x21-\x7e]{1,255})")
-_log = logging.getLogger("modelip.emulator")
+_log = logging.getLogger("modelip.agent")
 
 
 class FenceKeeper:

@@ -1,4 +1,4 @@
-"""The emulated host's gRPC servicers: messages in, EmulatedHost calls, messages out.
+"""A host agent's gRPC servicers: messages in, HostAgent calls, messages out.
 
 Every unary handler goes through ``_answers``: whatever fails becomes a status
 with a reason (our errors by kind; anything else INTERNAL with a fixed text, its
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -19,15 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
-from orchestrator.emulator.aborts import HostAbort, status_for
-from orchestrator.emulator.adversary import Adversary
-from orchestrator.emulator.host import STAGE_LIMIT, EmulatedHost, TLSServerConfig
+from orchestrator.agent.aborts import HostAbort, status_for
+from orchestrator.agent.host import HostAgent
 from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.transport.types import DEVICE_KEY, MAX_MESSAGE, REASON_KEY
 
 R = runtime_pb2
-_log = logging.getLogger("modelip.emulator")
+_log = logging.getLogger("modelip.agent")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) -> None:
@@ -38,7 +38,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) 
 
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-# the calls that change a card: fenced (emulator/fencing.py)
+# the calls that change a card: fenced (agent/fencing.py)
 _CHANGES = frozenset({"ResetDevice", "StageProgram", "LoadProgram", "Unload"})
 
 
@@ -64,15 +64,15 @@ def _answers(method: _Handler) -> _Handler:
         except Exception:
             _log.exception("%s failed", method.__name__)
             await _abort(context, HostAbort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL,
-                                            "internal error on the emulated host"))
+                                            "internal error on the host agent"))
 
     return handler
 
 
 class _OnHost:
-    """A servicer answering for one emulated host."""
+    """A servicer answering for one host agent."""
 
-    def __init__(self, host: EmulatedHost) -> None:
+    def __init__(self, host: HostAgent[Any]) -> None:
         self.host = host
 
 
@@ -82,7 +82,7 @@ class Attestation(_OnHost, runtime_pb2_grpc.RemoteAttestationServicer):  # type:
     async def GetAttestationReport(self, request: runtime_pb2.AttestationRequest,  # noqa: N802
                                    context: grpc.aio.ServicerContext[Any, Any]
                                    ) -> evidence_pb2.AttestationEvidence:
-        return await self.host.attest_message(request.device, request.request)
+        return await self.host.attest(request.device, request.request)
 
 
 class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
@@ -91,40 +91,11 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     async def ListDevices(self, request: runtime_pb2.ListDevicesRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.ListDevicesResponse:
-        response = runtime_pb2.ListDevicesResponse()
-        if self.host.adversary is Adversary.GARBAGE:
-            # values the protocol does not define, a card it does not have, an absurd counter
-            response.devices.add(device=len(self.host.cards) + 1000, card_id="ghost",
-                                 state=runtime_pb2.DEVICE_STATE_ONLINE)
-            response.devices.add(device=0, card_id="?", state=77)
-            response.devices.add(device=1, card_id="?", state=runtime_pb2.DEVICE_STATE_ONLINE,
-                                 boot_counter=(1 << 64) - 1)
-        for index, card in enumerate(self.host.cards):
-            info = response.devices.add(device=index, card_id=card.card_id,
-                                        boot_counter=card.boot_counter)
-            if not card.online:
-                info.state = runtime_pb2.DEVICE_STATE_OFFLINE
-                continue
-            info.session_fingerprint = card.session_fingerprint
-            info.session_id = card.session_id
-            program = card.program
-            if program is None:
-                info.state = runtime_pb2.DEVICE_STATE_ONLINE
-            else:
-                info.state = runtime_pb2.DEVICE_STATE_LOADED
-                info.program_id = program.program_id
-                info.partition = program.partition
-                info.program_ready = True  # installed only once verified
-        return response
+        return runtime_pb2.ListDevicesResponse(devices=await self.host.devices())
 
     async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
-        if self.host.adversary is Adversary.GARBAGE:
-            yield runtime_pb2.DeviceEvent(device=0, kind=99)  # type: ignore[arg-type]
-            yield runtime_pb2.DeviceEvent(device=4_000_000_000, kind=runtime_pb2.EVENT_KIND_RESET)
-            yield runtime_pb2.DeviceEvent(device=0, kind=runtime_pb2.EVENT_KIND_RESET,
-                                          boot_counter=(1 << 64) - 1)
         async for event in self.host.events():
             yield event
 
@@ -139,42 +110,15 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
                            context: grpc.aio.ServicerContext[Any, Any]
                            ) -> runtime_pb2.StageProgramResponse:
-        program_id = ""
-        total = 0
-        body = bytearray()
-        bandwidth = self.host.faults.stage_bandwidth
-        async for chunk in request_iterator:
-            if not program_id:
-                program_id, total = chunk.program_id, chunk.total_size
-                if not program_id or total > STAGE_LIMIT:
-                    raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                    "first stage message must name the program and its size")
-                if self.host.holds(program_id):
-                    return runtime_pb2.StageProgramResponse(program_id=program_id,
-                                                            already_staged=True)
-                self.host.check_stage_room(total)
-            body += chunk.data
-            if len(body) > total:
-                raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                "more program bytes than announced")
-            if bandwidth:
-                await anyio.sleep(len(chunk.data) / bandwidth)
-        if len(body) != total or not program_id:
-            # a cancelled or cut upload: nothing half-staged is kept
-            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                            f"stage ended after {len(body)} of {total} bytes")
-        stored = self.host.store_program(program_id, bytes(body))
-        return runtime_pb2.StageProgramResponse(program_id=program_id, already_staged=not stored)
+        return await self.host.stage(request_iterator)
 
     @_answers
     async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.LoadProgramResponse:
         slots = request.key_slots if request.HasField("key_slots") else None
-        names, receipt, signature = await self.host.load(
-            request.device, request.program_id, request.partition, slots)
-        return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
-                                               receipt_signature=signature)
+        return await self.host.load(request.device, request.program_id, request.partition,
+                                    slots)
 
     @_answers
     async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
@@ -185,9 +129,7 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     @_answers
     async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
-        card = self.host.card(request.device)
-        await anyio.to_thread.run_sync(card.unload)
-        self.host.emit(request.device, runtime_pb2.EVENT_KIND_UNLOADED, card.boot_counter)
+        await self.host.unload(request.device)
         return runtime_pb2.UnloadResponse()
 
     @_answers
@@ -197,11 +139,18 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
         stats = self.host.stats
         return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
                                              load_count=stats.load_count,
-                                             staged_programs=self.host.staged_count,
+                                             staged_programs=len(self.host.staging),
                                              fenced_refusals=self.host.fences.refusals)
 
 
-async def serve(host: EmulatedHost, *, bind: str = "127.0.0.1", port: int = 0,
+@dataclass(frozen=True, slots=True)
+class TLSServerConfig:
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None = None  # set: clients must present a cert (mTLS)
+
+
+async def serve(host: HostAgent[Any], *, bind: str = "127.0.0.1", port: int = 0,
                 tls: TLSServerConfig | None = None, grace: float = 1.0,
                 task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve ``host`` over gRPC: listen, report the address through ``task_status``,

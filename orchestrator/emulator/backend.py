@@ -1,32 +1,32 @@
-"""An emulated host: the (untrusted) remote proxy in front of its cards, over gRPC.
+"""The emulated cards as a host agent's backend (``backend: emulated``).
 
-Serves RemoteAttestation, DeviceRuntime and grpc health on loopback. Card work
-that costs CPU (attestation signatures, decryption, inference) runs in worker
-threads so the server keeps answering. Fault knobs make it slow or flaky;
-adversary modes make it hostile (docs/protocol.md, "Adversary modes").
+The cards of one host, behind the agent (agent/host.py), which does the rest of a
+host's work. Card work that costs CPU (attestation signatures, decryption,
+inference) runs in worker threads so the server keeps answering. Fault knobs make
+the host slow or flaky; adversary modes make it hostile (docs/protocol.md,
+"Adversary modes"): the backend runs on the untrusted host, so it is where the
+emulation plays the host's attacks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
-import grpc
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2
+from orchestrator.agent.aborts import HostAbort, status_for
+from orchestrator.agent.backend import Emit
+from orchestrator.agent.staging import Staged, Staging
 from orchestrator.crypto.container import key_slots_from_proto
-from orchestrator.emulator.aborts import HostAbort, status_for
 from orchestrator.emulator.adversary import (
     Adversary,
     flip_middle,
@@ -34,16 +34,11 @@ from orchestrator.emulator.adversary import (
     slots_in,
 )
 from orchestrator.emulator.card import EmulatedCard
-from orchestrator.emulator.fencing import FenceKeeper
-from orchestrator.errors import (
-    FormatError,
-    ModelIPError,
-)
+from orchestrator.errors import FormatError, ModelIPError
 from orchestrator.qpc.container import Container, MemorySource
 
 R = runtime_pb2
-STAGE_LIMIT = 16 << 30
-_log = logging.getLogger("modelip.emulator")
+_LIFECYCLE = (R.EVENT_KIND_RESET, R.EVENT_KIND_OFFLINE, R.EVENT_KIND_ONLINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,72 +55,47 @@ class FaultConfig:
                                    # disk: staging is refused with RESOURCE_EXHAUSTED)
 
 
-@dataclass(frozen=True, slots=True)
-class TLSServerConfig:
-    cert_pem: bytes
-    key_pem: bytes
-    client_ca_pem: bytes | None = None  # set: clients must present a cert (mTLS)
+class EmulatedBackend:
+    """The emulated cards of one host (agent/backend.py ``CardBackend``)."""
 
-
-@dataclass(slots=True)
-class HostStats:
-    stage_count: int = 0
-    load_count: int = 0
-
-
-@dataclass(slots=True)
-class _Staged:
-    body: bytes
-    order: int
-
-
-class EmulatedHost:
-    """One host with its cards. ``serve`` runs it until cancelled."""
-
-    def __init__(self, name: str, cards: Sequence[EmulatedCard], *,
+    def __init__(self, cards: Sequence[EmulatedCard], staging: Staging, *,
                  faults: FaultConfig | None = None, adversary: Adversary = Adversary.NONE,
                  adversary_devices: frozenset[int] | None = None, seed: int | None = None
                  ) -> None:
-        self.name = name
         self.cards = list(cards)
         self.faults = faults or FaultConfig()
         self.adversary = adversary
         self.adversary_devices = adversary_devices
-        self.stats = HostStats()
-        self.fences = FenceKeeper(name)
-        self.address = ""
+        self._staging = staging  # what OLD_VERSION substitutes from
+        self._emit: Emit | None = None
         self._rng = random.Random(seed)  # noqa: S311 - fault timing, not security
-        self._programs: dict[str, _Staged] = {}
-        self._watchers: set[MemoryObjectSendStream[runtime_pb2.DeviceEvent]] = set()
         self._first_reports: dict[int, bytes] = {}
         self._host_key = ec.generate_private_key(ec.SECP256R1())
         self._rebooting: set[int] = set()
         self._seen_slots: list[Any] = []  # every slot relayed: material for swap-slots
         # each card session's last load answer: material for replay-receipt
-        self._replayed: dict[tuple[int, bytes], tuple[list[str], bytes, bytes]] = {}
+        self._replayed: dict[tuple[int, bytes], runtime_pb2.LoadProgramResponse] = {}
         self._slot_relayed = anyio.Event()  # set (and renewed) each time slots are relayed
-        self._watcher_added = anyio.Event()  # likewise, each time an event stream opens
         self._tg: TaskGroup | None = None
-
-    def __repr__(self) -> str:
-        return f"EmulatedHost({self.name!r}, {len(self.cards)} cards, {self.address or 'idle'})"
-
-    async def watched(self) -> None:
-        """Return once an event stream is open (so a reset that follows is seen)."""
-        while not self._watchers:
-            await self._watcher_added.wait()
 
     def hostile(self, device: int) -> bool:
         if self.adversary is Adversary.NONE:
             return False
         return self.adversary_devices is None or device in self.adversary_devices
 
+    def card(self, device: int) -> EmulatedCard:
+        if not 0 <= device < len(self.cards):
+            raise HostAbort.of(R.ERROR_REASON_UNKNOWN_DEVICE,
+                               f"no device {device} (has 0..{len(self.cards) - 1})")
+        return self.cards[device]
+
     # --- life cycle ---------------------------------------------------------------
 
-    async def live(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                   ) -> None:
+    async def live(self, emit: Emit, *,
+                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The host's own life while it serves (spontaneous resets, an adversary's reset
-        storm, delayed events), until cancelled (emulator/servicers.py ``serve``)."""
+        storm or garbage, delayed events), until cancelled."""
+        self._emit = emit
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -133,24 +103,13 @@ class EmulatedHost:
                     tg.start_soon(self._spontaneous_resets)
                 if self.adversary is Adversary.RESET_STORM:
                     tg.start_soon(self._reset_storm)
+                if self.adversary is Adversary.GARBAGE:
+                    tg.start_soon(self._garbage_events)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             self._tg = None
-
-    def holds(self, program_id: str) -> bool:
-        """The body of ``program_id`` is staged here."""
-        return program_id in self._programs
-
-    @property
-    def staged_count(self) -> int:
-        return len(self._programs)
-
-    def card(self, device: int) -> EmulatedCard:
-        if not 0 <= device < len(self.cards):
-            raise HostAbort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_DEVICE,
-                            f"host {self.name}: no device {device} (has 0..{len(self.cards) - 1})")
-        return self.cards[device]
+            self._emit = None
 
     # --- resets and events ----------------------------------------------------------
 
@@ -161,8 +120,8 @@ class EmulatedHost:
             return
         self._rebooting.add(device)
         await anyio.to_thread.run_sync(card.power_off)
-        self.emit(device, runtime_pb2.EVENT_KIND_RESET, card.boot_counter)
-        self.emit(device, runtime_pb2.EVENT_KIND_OFFLINE, card.boot_counter)
+        self.emit(device, R.EVENT_KIND_RESET, card.boot_counter)
+        self.emit(device, R.EVENT_KIND_OFFLINE, card.boot_counter)
         if self._tg is not None:
             self._tg.start_soon(self._reboot, device)
         else:
@@ -176,7 +135,7 @@ class EmulatedHost:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(card.boot)
                 self._rebooting.discard(device)
-        self.emit(device, runtime_pb2.EVENT_KIND_ONLINE, card.boot_counter)
+        self.emit(device, R.EVENT_KIND_ONLINE, card.boot_counter)
 
     async def _spontaneous_resets(self) -> None:
         rate = self.faults.reset_rate * len(self.cards)
@@ -189,14 +148,22 @@ class EmulatedHost:
             await anyio.sleep(0.005)
             for device in range(len(self.cards)):
                 if self.hostile(device):
-                    self.emit(device, runtime_pb2.EVENT_KIND_RESET,
-                              self.cards[device].boot_counter, forged=True)
+                    self.emit(device, R.EVENT_KIND_RESET, self.cards[device].boot_counter,
+                              forged=True)
+
+    async def _garbage_events(self) -> None:
+        """Values the protocol does not define, a card it does not have, an absurd
+        counter: again and again, to every watcher."""
+        while True:
+            for device, kind, boot in ((0, 99, 0), (4_000_000_000, R.EVENT_KIND_RESET, 0),
+                                       (0, R.EVENT_KIND_RESET, (1 << 64) - 1)):
+                self._send(runtime_pb2.DeviceEvent(device=device, kind=kind,  # type: ignore[arg-type]
+                                                   boot_counter=boot, time_ns=time.time_ns()))
+            await anyio.sleep(0.1)
 
     def emit(self, device: int, kind: int, boot_counter: int, *, forged: bool = False) -> None:
-        lifecycle = (runtime_pb2.EVENT_KIND_RESET, runtime_pb2.EVENT_KIND_OFFLINE,
-                     runtime_pb2.EVENT_KIND_ONLINE)
         if self.adversary is Adversary.SUPPRESS_RESETS and self.hostile(device) \
-                and kind in lifecycle and not forged:
+                and kind in _LIFECYCLE and not forged:
             return
         if self.faults.drop_events and self._rng.random() < self.faults.drop_events:
             return
@@ -205,40 +172,50 @@ class EmulatedHost:
         if self.faults.delay_events and self._tg is not None:
             self._tg.start_soon(self._deliver_later, event)
         else:
-            self._deliver(event)
+            self._send(event)
 
     async def _deliver_later(self, event: runtime_pb2.DeviceEvent) -> None:
         await anyio.sleep(self.faults.delay_events)
-        self._deliver(event)
+        self._send(event)
 
-    def _deliver(self, event: runtime_pb2.DeviceEvent) -> None:
-        for stream in list(self._watchers):
-            try:
-                stream.send_nowait(event)
-            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # a slow or gone watcher loses hints, never blocks the host
+    def _send(self, event: runtime_pb2.DeviceEvent) -> None:
+        if self._emit is not None:
+            self._emit(event)
 
-    async def events(self) -> AsyncIterator[runtime_pb2.DeviceEvent]:
-        send, receive = anyio.create_memory_object_stream[runtime_pb2.DeviceEvent](1024)
-        self._watchers.add(send)
-        self._watcher_added.set()
-        self._watcher_added = anyio.Event()
-        try:
-            async with receive:
-                async for event in receive:
-                    yield event
-        finally:
-            self._watchers.discard(send)
-            send.close()
+    # --- listing ----------------------------------------------------------------------
+
+    async def devices(self) -> list[runtime_pb2.DeviceInfo]:
+        listed = []
+        if self.adversary is Adversary.GARBAGE:
+            # values the protocol does not define, a card it does not have, an absurd counter
+            listed += [
+                runtime_pb2.DeviceInfo(device=len(self.cards) + 1000, card_id="ghost",
+                                       state=R.DEVICE_STATE_ONLINE),
+                runtime_pb2.DeviceInfo(device=0, card_id="?", state=77),  # type: ignore[arg-type]
+                runtime_pb2.DeviceInfo(device=1, card_id="?", state=R.DEVICE_STATE_ONLINE,
+                                       boot_counter=(1 << 64) - 1)]
+        for index, card in enumerate(self.cards):
+            info = runtime_pb2.DeviceInfo(device=index, card_id=card.card_id,
+                                          boot_counter=card.boot_counter)
+            listed.append(info)
+            if not card.online:
+                info.state = R.DEVICE_STATE_OFFLINE
+                continue
+            info.session_fingerprint = card.session_fingerprint
+            info.session_id = card.session_id
+            program = card.program
+            if program is None:
+                info.state = R.DEVICE_STATE_ONLINE
+            else:
+                info.state = R.DEVICE_STATE_LOADED
+                info.program_id = program.program_id
+                info.partition = program.partition
+                info.program_ready = True  # installed only once verified
+        return listed
 
     # --- attestation ------------------------------------------------------------------
 
-    async def attest(self, device: int, request: bytes) -> bytes:
-        return (await self.attest_message(device, request)).SerializeToString(
-            deterministic=True)
-
-    async def attest_message(self, device: int, request: bytes
-                             ) -> evidence_pb2.AttestationEvidence:
+    async def attest(self, device: int, request: bytes) -> evidence_pb2.AttestationEvidence:
         card = self.card(device)
         if self.faults.attest_latency:
             await anyio.sleep(self.faults.attest_latency)
@@ -269,59 +246,38 @@ class EmulatedHost:
 
     # --- programs -------------------------------------------------------------------------
 
-    def check_stage_room(self, size: int) -> None:
-        """Refuse a body that would not fit in the staging capacity (HostAbort)."""
-        capacity = self.faults.stage_capacity
-        held = sum(len(staged.body) for staged in self._programs.values())
-        if capacity and held + size > capacity:
-            raise HostAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, R.ERROR_REASON_UNSPECIFIED,
-                            f"no room to stage {size} bytes ({held} of {capacity} in use)")
-
-    def store_program(self, program_id: str, body: bytes) -> bool:
-        """Keep a staged body (content addressed); False if it was already here."""
-        if program_id in self._programs:
-            return False
-        if hashlib.sha256(body).hexdigest() != program_id:
-            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                            "program id is not the SHA-256 of the body received")
-        if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is None:
-            body = flip_middle(body)
-        self._programs[program_id] = _Staged(body, len(self._programs))
-        self.stats.stage_count += 1
-        return True
-
-    async def load(self, device: int, program_id: str, partition: int,
-                   slots: evidence_pb2.KeySlotTable | None) -> tuple[list[str], bytes, bytes]:
+    async def load(self, device: int, program: Staged, partition: int,
+                   key_slots: evidence_pb2.KeySlotTable | None
+                   ) -> runtime_pb2.LoadProgramResponse:
         card = self.card(device)
-        staged = self._programs.get(program_id)
-        if staged is None:
-            raise HostAbort(grpc.StatusCode.NOT_FOUND, R.ERROR_REASON_UNKNOWN_PROGRAM,
-                            f"host {self.name}: program {program_id[:16]} is not staged")
-        body = staged.body
-        key_slots = key_slots_from_proto(slots, source="key slots") if slots else None
+        body = program.read()
+        slots = key_slots_from_proto(key_slots, source="key slots") if key_slots else None
         if self.hostile(device):
-            if self.adversary is Adversary.TAMPER_BODY and self.adversary_devices is not None:
+            if self.adversary is Adversary.TAMPER_BODY:
                 body = flip_middle(body)
             elif self.adversary is Adversary.OLD_VERSION:
-                older = min(self._programs.values(), key=lambda s: s.order)
-                body = older.body
+                older = self._staging.oldest()
+                body = older.read() if older is not None else body
             elif self.adversary is Adversary.SWAP_SLOTS:
-                key_slots = await self._swap_slots(key_slots, card, body)
-        self._relay(key_slots)
-        self.stats.load_count += 1
+                slots = await self._swap_slots(slots, card, body)
+        self._relay(slots)
         replayed = self._replayed.get((device, card.session_id))
         if replayed is not None and self.hostile(device) \
                 and self.adversary is Adversary.REPLAY_RECEIPT:
             return replayed  # the card is not asked: it may hold nothing at all
 
-        def load() -> tuple[list[str], bytes, bytes]:
-            names = card.load(Container(MemorySource(body), label=f"program {program_id[:16]}"),
-                              program_id=program_id, partition=partition, key_slots=key_slots)
-            return (names, *card.load_receipt())
+        def load() -> runtime_pb2.LoadProgramResponse:
+            names = card.load(Container(MemorySource(body),
+                                        label=f"program {program.program_id[:16]}"),
+                              program_id=program.program_id, partition=partition,
+                              key_slots=slots)
+            receipt, signature = card.load_receipt()
+            return runtime_pb2.LoadProgramResponse(segments=names, receipt=receipt,
+                                                   receipt_signature=signature)
 
         result = await anyio.to_thread.run_sync(load)
         self._replayed[(device, card.session_id)] = result
-        self.emit(device, runtime_pb2.EVENT_KIND_LOADED, card.boot_counter)
+        self.emit(device, R.EVENT_KIND_LOADED, card.boot_counter)
         return result
 
     def _relay(self, key_slots: Any) -> None:
@@ -352,27 +308,30 @@ class EmulatedHost:
         return [replace(others[0], slot=mine[0].slot, card_id=card.card_id,
                         session_id=card.session_id)]
 
-    async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
+    async def unload(self, device: int) -> None:
+        card = self.card(device)
+        await anyio.to_thread.run_sync(card.unload)
+        self.emit(device, R.EVENT_KIND_UNLOADED, card.boot_counter)
+
+    async def execute(self, devices: Sequence[int], inputs: Mapping[str, Any]
+                      ) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order relaying activations.
 
         Tensors go to stages by name; one unnamed tensor feeds the first stage
         only, and only if that stage takes exactly one input.
         """
         cards = [self.card(device) for device in devices]
-        if not cards:
-            raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                            "no device named")
         tensors = dict(inputs)
         results: dict[str, Any] = {}
         for position, (device, card) in enumerate(zip(devices, cards, strict=True)):
             program = card.program
             if program is None:
-                raise HostAbort(grpc.StatusCode.FAILED_PRECONDITION, R.ERROR_REASON_NOT_LOADED,
-                                f"card {card.card_id}: no program loaded", device)
+                raise HostAbort.of(R.ERROR_REASON_NOT_LOADED,
+                                   f"card {card.card_id}: no program loaded", device)
             if len(cards) > 1 and program.partition != position:
-                raise HostAbort(grpc.StatusCode.INVALID_ARGUMENT, R.ERROR_REASON_FORMAT,
-                                f"card {card.card_id} holds partition {program.partition}, "
-                             f"named in position {position}", device)
+                raise HostAbort.of(R.ERROR_REASON_FORMAT,
+                                   f"card {card.card_id} holds partition {program.partition}, "
+                                   f"named in position {position}", device)
             try:
                 if position == 0 and "" in tensors:
                     names = await anyio.to_thread.run_sync(card.input_names)
