@@ -1,5 +1,10 @@
-"""pki init and card init|attest|reset|load: files-only emulated cards, for the
-file-level commands' examples and tests (a card's state lives in its JSON file)."""
+"""pki init and card init|attest|reset|load|unload|show: files-only emulated cards, for
+the file-level commands' examples and tests (a card's state lives in its JSON file).
+
+The file *is* the card: a program loaded with ``--keep`` stays in its memory (the file
+names the program's body and its key slots, and the card decrypts and verifies it again
+each time the file is read) until ``card unload`` or ``card reset``. These commands are
+all a card backend needs (tests/backends/cardfiles, docs/host-agent.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def _load_card(path: str) -> Any:
+    """The card of a card file, holding the program it keeps loaded, if any."""
+    card, memory = _read_card(path)
+    if memory is not None:
+        _load_into(card, memory, path)
+    return card
+
+
+def _read_card(path: str) -> tuple[Any, dict[str, Any] | None]:
+    """The card of a card file, and what its memory names (not loaded yet)."""
     from orchestrator.emulator.card import EmulatedCard
     from orchestrator.fileops.encrypt import read_file
 
@@ -35,14 +49,44 @@ def _load_card(path: str) -> Any:
         from orchestrator.errors import FormatError
 
         raise FormatError(path, "not an emulated card file")
-    return EmulatedCard.from_state(state, source=path)
+    memory = state.get(_MEMORY)
+    return (EmulatedCard.from_state(state, source=path),
+            memory if isinstance(memory, dict) else None)
 
 
-def _save_card(card: Any, path: str, *, overwrite: bool = True) -> None:
+_MEMORY = "memory"  # the program a card file keeps loaded: body, id, partition, slots
+
+
+def _load_into(card: Any, memory: dict[str, Any], source: str) -> list[str]:
+    """Load the program ``memory`` names into ``card`` (decrypted and verified)."""
+    from orchestrator.crypto.container import key_slots_from_proto
+    from orchestrator.errors import FormatError
+    from orchestrator.qpc.container import open_container
+
+    try:
+        slots = None
+        if memory.get("key_slots"):
+            from orchestrator._proto.modelip.v1 import evidence_pb2
+
+            slots = key_slots_from_proto(evidence_pb2.KeySlotTable.FromString(
+                bytes.fromhex(memory["key_slots"])), source=f"{source}: key slots")
+        with open_container(memory["program_path"]) as container:
+            names: list[str] = card.load(container, program_id=str(memory["program_id"]),
+                                         partition=int(memory["partition"]), key_slots=slots)
+        return names
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(source, "its memory does not name a program") from None
+
+
+def _save_card(card: Any, path: str, *, overwrite: bool = True,
+               memory: dict[str, Any] | None = None) -> None:
     """The card file: created once (never over another file), then the card's own."""
     from orchestrator.atomicfile import write_bytes_atomic
 
-    data = (json.dumps(card.to_state(), indent=1) + "\n").encode()
+    state = card.to_state()
+    if memory is not None:
+        state[_MEMORY] = memory
+    data = (json.dumps(state, indent=1) + "\n").encode()
     write_bytes_atomic(path, data, mode=0o600, overwrite=overwrite)
 
 
@@ -72,7 +116,7 @@ def cmd_card_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_card_reset(args: argparse.Namespace) -> int:
-    card = _load_card(args.card)
+    card, _ = _read_card(args.card)  # a reset works whatever its memory holds
     card.reset()
     _save_card(card, args.card)
     print(f"card {card.card_id!r} reset: boot {card.boot_counter}, new session "
@@ -81,15 +125,61 @@ def cmd_card_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_card_load(args: argparse.Namespace) -> int:
-    from orchestrator.qpc.container import open_container
+    import base64
+
+    from orchestrator.fileops.encrypt import read_file
 
     card = _load_card(args.card)
-    with open_container(args.qpc) as container:
-        names = card.load(container, program_id=Path(args.qpc).name, partition=args.partition)
-    for name in names:
-        print(f"loaded {name}  {len(card.program.segments[name])} bytes")
-    _save_card(card, args.card)  # rollback floors are the card's persistent state
+    memory = {"program_path": str(Path(args.qpc).resolve()),
+              "program_id": args.program_id or Path(args.qpc).name,
+              "partition": args.partition,
+              "key_slots": read_file(args.key_slots, "key slots").hex()
+              if args.key_slots else None}
+    names = _load_into(card, memory, args.card)
+    if args.json:
+        receipt, signature = card.load_receipt()
+        print(json.dumps({"segments": names, "receipt": base64.b64encode(receipt).decode(),
+                          "receipt_signature": base64.b64encode(signature).decode()}))
+    else:
+        for name in names:
+            print(f"loaded {name}  {len(card.program.segments[name])} bytes")
+    # rollback floors are the card's persistent state; with --keep, so is the program
+    _save_card(card, args.card, memory=memory if args.keep else None)
     card.unload()
+    return 0
+
+
+def cmd_card_unload(args: argparse.Namespace) -> int:
+    card, memory = _read_card(args.card)
+    if memory is None:
+        from orchestrator.errors import ProgramNotLoaded
+
+        raise ProgramNotLoaded(f"card {card.card_id!r}: no program loaded")
+    _save_card(card, args.card)
+    print(f"card {card.card_id!r}: program unloaded")
+    return 0
+
+
+def cmd_card_show(args: argparse.Namespace) -> int:
+    shown = []
+    for path in args.card:
+        card = _load_card(path)
+        program = card.program
+        row: dict[str, Any] = {"card_id": card.card_id, "boot_counter": card.boot_counter,
+                               "state": "LOADED" if program else "ONLINE",
+                               "session_id": card.session_id.hex(),
+                               "session_fingerprint": card.session_fingerprint.hex()}
+        if program is not None:
+            row.update(program_id=program.program_id, partition=program.partition)
+        shown.append(row)
+    if args.json:
+        print(json.dumps(shown))
+    else:
+        for path, row in zip(args.card, shown, strict=True):
+            print(f"{path}: card {row['card_id']!r} {row['state']} boot {row['boot_counter']} "
+                  f"session {row['session_id'][:16]}"
+                  + (f" program {row['program_id'][:16]} partition {row['partition']}"
+                     if "program_id" in row else ""))
     return 0
 
 
@@ -123,4 +213,18 @@ def register(sub: Any) -> None:
     p.add_argument("card")
     p.add_argument("qpc")
     p.add_argument("--partition", type=argtypes.device, default=0)
+    p.add_argument("--key-slots", metavar="FILE",
+                   help="a KeySlotTable (evidence.proto) to use instead of the QPC's own slots")
+    p.add_argument("--program-id", help="the program's id (default: the QPC's file name)")
+    p.add_argument("--keep", action="store_true",
+                   help="the program stays loaded in the card file (until unload or reset)")
+    p.add_argument("--json", action="store_true",
+                   help="print the segments and the card's signed load receipt as JSON")
     p.set_defaults(handler=cmd_card_load)
+    p = card.add_parser("unload", help="clear the program a card file keeps loaded")
+    p.add_argument("card")
+    p.set_defaults(handler=cmd_card_unload)
+    p = card.add_parser("show", help="what cards are: identity, boot, session, program")
+    p.add_argument("card", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_card_show)

@@ -185,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
-    from orchestrator.cli import cards, fleet, hosts, rollouts, status
+    from orchestrator.cli import agent, cards, fleet, hosts, rollouts, status
 
     cards.register(sub)
     hosts.register(sub)
+    agent.register(sub)
     fleet.register(sub)
     status.register(sub)
     rollouts.register(sub)

@@ -10,17 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from orchestrator.errors import PlanError
 from orchestrator.plan.reader import (
     Node,
     Problem,
     Reader,
-    annotate,
     lease_ttl,
     non_negative,
     positive,
+    read_document,
 )
 from orchestrator.plan.rollout import RolloutSpec, read_rollout
 from orchestrator.plan.sections import plan_path, read_fleet, read_mek, read_model, read_policy
@@ -37,7 +35,6 @@ from orchestrator.plan.specs import (
 )
 from orchestrator.plan.storeurl import store_url_problem, store_url_warning
 
-MAX_PLAN_BYTES = 1 << 20
 ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
                       "not yet with a shared store (docs/rollouts.md)")
 
@@ -90,29 +87,9 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         """Read and validate a plan; PlanError (file:line: field: problem) if invalid."""
         source = Path(path)
+        root = read_document(source, "plan")
         try:
-            with open(source, "rb") as handle:
-                raw = handle.read(MAX_PLAN_BYTES + 1)
-            if len(raw) > MAX_PLAN_BYTES:
-                raise PlanError(str(source), None, "", f"is larger than {MAX_PLAN_BYTES} "
-                                "bytes: not a plan")
-            text = raw.decode("utf-8")
-        except FileNotFoundError:
-            raise PlanError(str(source), None, "", "plan file not found") from None
-        except IsADirectoryError:
-            raise PlanError(str(source), None, "", "is a directory, not a plan file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(str(source), None, "", f"cannot read plan: {exc}") from None
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            line = mark.line + 1 if mark else None
-            raise PlanError(str(source), line, "", f"not valid YAML: {exc.problem}") from None
-        if root is None:
-            raise PlanError(str(source), None, "", "plan is empty")
-        try:
-            return cls.from_dict(annotate(root), source)
+            return cls.from_dict(root, source)
         except Problem as problem:
             raise PlanError(str(source), problem.line, problem.field_name,
                             problem.problem) from None

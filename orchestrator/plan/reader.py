@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from orchestrator.errors import PlanError
 from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_HOSTS, MAX_VERSION
 
 
@@ -75,6 +77,42 @@ def _scalar(node: yaml.Node) -> Any:
         return loader.construct_object(node, deep=True)
     finally:
         loader.dispose()
+
+
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+def read_document(source: Path, what: str) -> Node:
+    """A YAML file (a plan, an agent's configuration) as values with their lines;
+    PlanError naming the file if it cannot be read or is not one YAML document."""
+    article = "an" if what[:1] in "aeiou" else "a"
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read(MAX_DOCUMENT_BYTES + 1)
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            raise PlanError(str(source), None, "", f"is larger than {MAX_DOCUMENT_BYTES} "
+                            f"bytes: not {article} {what}")
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise PlanError(str(source), None, "", f"{what} file not found") from None
+    except IsADirectoryError:
+        raise PlanError(str(source), None, "", f"is a directory, not {article} {what} file") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(str(source), None, "", f"cannot read {what}: {exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        raise PlanError(str(source), line, "", f"not valid YAML: {exc.problem}") from None
+    if root is None:
+        raise PlanError(str(source), None, "", f"{what} is empty")
+    try:
+        return annotate(root)
+    except Problem as problem:
+        raise PlanError(str(source), problem.line, problem.field_name,
+                        problem.problem) from None
 
 
 class Problem(Exception):
