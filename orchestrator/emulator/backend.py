@@ -310,6 +310,9 @@ class EmulatedBackend:
 
     async def unload(self, device: int) -> None:
         card = self.card(device)
+        if card.program is None:  # as the protocol says (docs/protocol.md "Errors")
+            raise HostAbort.of(R.ERROR_REASON_NOT_LOADED,
+                               f"card {card.card_id}: no program loaded", device)
         await anyio.to_thread.run_sync(card.unload)
         self.emit(device, R.EVENT_KIND_UNLOADED, card.boot_counter)
 
