@@ -115,7 +115,7 @@ async def _staged(rig: Rig, tmp_path: Path) -> tuple[Path, str, list[VerifiedRep
 
 async def _wait_for(rig: Rig, device: int, boot: int) -> None:
     with anyio.fail_after(20):
-        while not any(c.device == device and c.boot_counter >= boot
+        while not any(c.device == device and c.boot_counter >= boot  # noqa: ASYNC110 - polled
                       and c.state.value != "OFFLINE" for c in await rig.host.list_devices()):
             await anyio.sleep(0.05)
 
@@ -181,10 +181,13 @@ async def test_a_reset_ends_the_session_the_program_and_says_so(backend: str,
         _, program_id, before = await _staged(rig, tmp_path)
         await rig.host.load(0, program_id)
         seen: list[DeviceEvent] = []
+        said_reset = anyio.Event()
 
         async def watch() -> None:
             async for event in rig.host.watch_events():
                 seen.append(event)
+                if event.device == 0 and event.kind.value == "RESET":
+                    said_reset.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
@@ -192,8 +195,7 @@ async def test_a_reset_ends_the_session_the_program_and_says_so(backend: str,
             await rig.host.reset(0)
             await _wait_for(rig, 0, before[0].boot_counter + 1)
             with anyio.fail_after(10):
-                while not any(e.device == 0 and e.kind.value == "RESET" for e in seen):
-                    await anyio.sleep(0.05)
+                await said_reset.wait()
             tg.cancel_scope.cancel()
         after = await _attest(rig, 0)
         assert after.boot_counter == before[0].boot_counter + 1

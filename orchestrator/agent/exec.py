@@ -318,15 +318,20 @@ class ExecBackend:
         pause = 1.0
         while True:
             try:
-                async with await anyio.open_process(
+                with anyio.CancelScope(shield=True):  # once started, ours to kill and reap
+                    process = await anyio.open_process(
                         [str(executable)], env=self._env("watch", None),
-                        start_new_session=True, stdin=subprocess.DEVNULL) as process:
+                        start_new_session=True, stdin=subprocess.DEVNULL)
+                async with process:
                     try:
                         assert process.stdout is not None  # noqa: S101 - piped
-                        await self._read_events(process.stdout, emit)
-                        status = await process.wait()
-                    finally:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(_log_lines, process.stderr, "watch")
+                            await self._read_events(process.stdout, emit)
+                            status = await process.wait()
+                    except BaseException:
                         _kill(process)
+                        raise
                 _log.warning("card backend: watch ended (exit status %s); restarting in "
                              "%g s", status, pause)
             except OSError as problem:
@@ -412,20 +417,34 @@ def _refusal(error: Any, where: str, device: int | None, status: int) -> HostAbo
     return HostAbort.of(reason, f"card backend: {where}: {message}", device)
 
 
+async def _log_lines(stream: ByteReceiveStream | None, what: str) -> None:
+    """What an executable says on stderr, line by line, made inert, into the log."""
+    if stream is None:
+        return
+    pending = b""
+    async for chunk in stream:
+        *lines, pending = (pending + chunk).split(b"\n")
+        pending = pending[-MAX_LINE:]
+        for line in lines:
+            if line.strip():
+                _log.info("card backend %s said on stderr: %s", what, inert(line, 2000))
+
+
 def _kill(process: Process) -> None:
-    """The operation's whole process group, if it is still there."""
-    if process.returncode is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """The operation's whole process group (its leader not reaped yet: the group's id
+    cannot have been reused)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 async def _communicate(command: list[str], env: dict[str, str], stdin: bytes
                        ) -> tuple[int, bytes, bytes]:
     """Run one operation: stdin in, (exit status, stdout up to MAX_ANSWER + 1 bytes,
-    stderr up to MAX_STDERR bytes); its process group killed if cancelled."""
-    process = await anyio.open_process(command, env=env, start_new_session=True)
+    stderr up to MAX_STDERR bytes); its process group killed if cancelled or flooding."""
+    with anyio.CancelScope(shield=True):  # once started, it is ours to kill and reap
+        process = await anyio.open_process(command, env=env, start_new_session=True)
     out, err = bytearray(), bytearray()
 
     async def drain(stream: ByteReceiveStream | None, into: bytearray, cap: int) -> None:
@@ -438,19 +457,19 @@ async def _communicate(command: list[str], env: dict[str, str], stdin: bytes
                 _kill(process)  # too much: nothing more is read
                 return
 
-    try:
-        async with process, anyio.create_task_group() as tg:
-            tg.start_soon(drain, process.stdout, out, MAX_ANSWER)
-            tg.start_soon(drain, process.stderr, err, MAX_STDERR)
-            if process.stdin is not None:
-                try:
-                    await process.stdin.send(stdin)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # it did not read its request: its answer says what it thinks
-                await process.stdin.aclose()
-            status = await process.wait()
-    finally:
-        _kill(process)
-        with anyio.CancelScope(shield=True):
-            await process.wait()
+    async with process:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, process.stdout, out, MAX_ANSWER)
+                tg.start_soon(drain, process.stderr, err, MAX_STDERR)
+                if process.stdin is not None:
+                    try:
+                        await process.stdin.send(stdin)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass  # it did not read its request: its answer says what it thinks
+                    await process.stdin.aclose()
+                status = await process.wait()
+        except BaseException:
+            _kill(process)  # timed out or failed: the whole group, before it is reaped
+            raise
     return status, bytes(out), bytes(err)
