@@ -356,3 +356,53 @@ def test_the_emulated_backend_serves_with_json_logs(tmp_path: Path) -> None:
     assert lines[0]["level"] == "info" and "listening on" in lines[0]["message"]
     assert lines[-1]["message"] == "stopping (SIGTERM)"
     assert (tmp_path / "pki" / "root.pem").is_file()
+
+
+def test_the_agent_serves_mutual_tls_when_its_file_names_the_material(tmp_path: Path) -> None:
+    """tls: in AGENT.yaml: any address may be listened on; an orchestrator without a
+    certificate from the named CA is refused."""
+    import anyio
+
+    from orchestrator.errors import UnreachableError
+    from orchestrator.transport.types import TLSClientConfig
+    from tests.test_tls import _cert, _cert_pem, _pem
+
+    ca = _cert("orchestrators ca", None, ca=True)
+    server, client = _cert("host", ca, ip="127.0.0.1"), _cert("orchestrator", ca)
+    for name, data in {"ca.pem": _cert_pem(ca[1]), "agent.pem": _cert_pem(server[1]),
+                       "agent.key": _pem(server[0])}.items():
+        (tmp_path / name).write_bytes(data)
+    config = ("listen: 0.0.0.0:0\nname: secure\nstaging_dir: staging\n"
+              "tls: {cert: agent.pem, key: agent.key, client_ca: ca.pem}\n"
+              "backend: {kind: emulated, cards: 1, pki: pki}\n")
+    with host_agent(tmp_path, config) as (address, log):
+        assert "mutual TLS" in log.read_text()
+        local = f"127.0.0.1:{address.rsplit(':', 1)[1]}"
+
+        async def calls() -> None:
+            mutual = TLSClientConfig(_cert_pem(ca[1]), _cert_pem(client[1]), _pem(client[0]))
+            async with HostClient(local, tls=mutual) as host:
+                assert [c.card_id for c in await host.list_devices()] == ["secure-card0"]
+            async with HostClient(local, tls=TLSClientConfig(_cert_pem(ca[1]))) as host:
+                with pytest.raises(UnreachableError):
+                    await host.list_devices()
+
+        anyio.run(calls)
+
+
+async def test_a_host_lists_its_services_by_reflection() -> None:
+    """gRPC server reflection on every host (emulated or agent): what it serves."""
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from orchestrator.emulator.fleet import FleetConfig, run_fleet
+
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet:
+        async with grpc.aio.insecure_channel(fleet.addresses[0]) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            async for answer in stub.ServerReflectionInfo(iter([request])):
+                names = {s.name for s in answer.list_services_response.service}
+                break
+    assert names >= {"modelip.v1.DeviceRuntime", "modelip.v1.RemoteAttestation",
+                     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}

@@ -18,6 +18,7 @@ import grpc
 from anyio.abc import TaskStatus
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2, runtime_pb2_grpc
 from orchestrator.agent.aborts import HostAbort, status_for
@@ -27,6 +28,9 @@ from orchestrator.tensors import from_wire, to_wire
 from orchestrator.transport.types import DEVICE_KEY, MAX_MESSAGE, REASON_KEY
 
 R = runtime_pb2
+# what a host serves (gRPC server reflection lists them, with itself)
+SERVICES = (*(service.full_name for service in runtime_pb2.DESCRIPTOR.services_by_name.values()),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 _log = logging.getLogger("modelip.agent")
 
 
@@ -162,6 +166,7 @@ async def serve(host: HostAgent[Any], *, bind: str = "127.0.0.1", port: int = 0,
     runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(Runtime(host), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*SERVICES, reflection.SERVICE_NAME), server)
     target = f"{bind}:{port}"
     try:
         if tls is None:
