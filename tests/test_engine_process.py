@@ -25,7 +25,8 @@ def emulator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield addresses[0], root
 
 
-def real_plan(tmp_path: Path, address: str, root: Path, *, extra: str = "") -> Path:
+def real_plan(tmp_path: Path, address: str, root: Path, *, extra: str = "",
+              devices: int = 4, check_interval: float = 0.5) -> Path:
     (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
     path = tmp_path / "plan.yaml"
     path.write_text(f"""
@@ -36,14 +37,14 @@ mek:
 fleet:
   hosts:
     - address: {address}
-      devices: [0, 1, 2, 3]
+      devices: {list(range(devices))}
 trust:
   roots: [{root}]
 retry:
   attempts: 3
   backoff: 0.05
 rekey:
-  check_interval: 0.5
+  check_interval: {check_interval}
 state_dir: state
 {extra}
 """)

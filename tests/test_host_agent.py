@@ -26,7 +26,7 @@ from orchestrator.errors import RemoteError
 from orchestrator.transport.client import HostClient
 from tests.backend_contract import cardfiles_config
 from tests.emulate import MODELIP
-from tests.models import tiny_mlp
+from tests.test_engine_process import real_plan
 
 # --- a plan through `modelip host-agent` over the exec test backend ------------------------
 
@@ -65,23 +65,9 @@ def _cards_agent(tmp_path: Path) -> str:
 
 def test_a_plan_deploys_and_rekeys_through_the_exec_backend(tmp_path: Path) -> None:
     with host_agent(tmp_path, _cards_agent(tmp_path)) as (address, _):
-        (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
-        (tmp_path / "plan.yaml").write_text(f"""
-model:
-  onnx: tiny.onnx
-mek:
-  generate: true
-fleet:
-  hosts:
-    - address: {address}
-      devices: [0, 1]
-trust:
-  roots: [{tmp_path / 'pki' / 'root.pem'}]
-rekey:
-  check_interval: 5
-state_dir: state
-""")
-        watch = subprocess.Popen([*MODELIP, "watch", str(tmp_path / "plan.yaml"), "--json",
+        plan = real_plan(tmp_path, address, tmp_path / "pki" / "root.pem", devices=2,
+                         check_interval=5)
+        watch = subprocess.Popen([*MODELIP, "watch", str(plan), "--json",
                                   "--duration", "60"], stdout=subprocess.PIPE, text=True,
                                  stderr=subprocess.DEVNULL)
         assert watch.stdout is not None

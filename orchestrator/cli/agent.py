@@ -95,8 +95,6 @@ def cmd_host_agent(args: argparse.Namespace) -> int:
     log = logging.getLogger("modelip.agent")
 
     async def run() -> None:
-        import signal
-
         async with anyio.create_task_group() as tg:
             address = await tg.start(lambda task_status: serve(
                 agent, bind=bind.strip("[]"), port=int(port), tls=tls,
@@ -105,18 +103,28 @@ def cmd_host_agent(args: argparse.Namespace) -> int:
                      config.name, address, "mutual TLS" if tls and tls.client_ca_pem else
                      "TLS" if tls else "loopback, no TLS", how, config.staging_dir,
                      len(staging))
-            print("READY", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("stopping (%s)", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
+            log.info("stopping (%s)", await ready_until_stopped())
+            tg.cancel_scope.cancel()
 
     try:
         anyio.run(run)
     except OSError as err:
         raise UsageError(f"host-agent: cannot listen on {config.listen}: {err}") from None
     return 0
+
+
+async def ready_until_stopped() -> str:
+    """Say READY on stdout (a serving command's word that it listens), then wait for
+    SIGINT or SIGTERM; the signal's name."""
+    import signal
+
+    import anyio
+
+    print("READY", flush=True)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            return signal.Signals(signum).name
+    raise AssertionError("the signal receiver ended")  # noqa: EM101 - cannot happen
 
 
 def register(sub: Any) -> None:

@@ -90,7 +90,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             raise FileInputError(args.tls_cert, "cannot read the TLS certificate/key") from None
 
     async def serve() -> None:
-        import signal
+        from orchestrator.cli.agent import ready_until_stopped
 
         async with run_fleet(config, pki=pki, tls=tls) as fleet:
             for host in fleet.hosts:
@@ -100,11 +100,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             print(f"trust root: {Path(args.pki_dir) / 'root.pem'}")
             if adversary.value != "none":
                 print(f"adversary mode: {adversary.value}")
-            print("READY", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    print("stopping", flush=True)
-                    return
+            await ready_until_stopped()
+            print("stopping", flush=True)
 
     try:
         anyio.run(serve)
