@@ -392,3 +392,37 @@ async def test_a_host_lists_its_services_by_reflection() -> None:
                 break
     assert names >= {"modelip.v1.DeviceRuntime", "modelip.v1.RemoteAttestation",
                      "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+
+
+async def test_one_operation_at_a_time_per_card_and_the_backends_reason_kept(
+        tmp_path: Path) -> None:
+    """per_card: 1: three attests of card 0 run one after the other (never two at once),
+    while card 1's runs beside them; the backend's own reason reaches the client."""
+    from orchestrator.errors import DeviceOffline
+
+    log = tmp_path / "log"
+    busy = f"{tmp_path}/busy.$MODELIP_DEVICE"
+    body = (f"if ! mkdir {busy} 2>/dev/null; then echo overlap >> {log}; fi\n"
+            f"echo start $MODELIP_DEVICE >> {log}; sleep 0.3; rmdir {busy}\n"
+            "echo '{\"version\": 1, \"error\": {\"reason\": \"ERROR_REASON_OFFLINE\", "
+            "\"message\": \"rebooting\"}}'; exit 1")
+    backend = ExecBackend(ExecConfig(_script(tmp_path, "backend", body), per_card=1))
+    async with agent_over(backend, tmp_path) as host:
+        failures: list[BaseException] = []
+
+        async def attest(device: int) -> None:
+            try:
+                await host.attest(device, os.urandom(32))
+            except DeviceOffline as err:
+                failures.append(err)
+
+        async with anyio.create_task_group() as tg:
+            for device in (0, 0, 0, 1):
+                tg.start_soon(attest, device)
+    assert len(failures) == 4 and all("rebooting" in str(f) for f in failures)
+    lines = log.read_text().split()
+    assert "overlap" not in lines
+    assert lines.count("0") == 3 and lines.count("1") == 1
+    # card 1 did not wait for card 0's queue: it started before card 0's third
+    starts = [line for line in lines if line in ("0", "1")]
+    assert starts.index("1") < 3
