@@ -426,3 +426,40 @@ async def test_one_operation_at_a_time_per_card_and_the_backends_reason_kept(
     # card 1 did not wait for card 0's queue: it started before card 0's third
     starts = [line for line in lines if line in ("0", "1")]
     assert starts.index("1") < 3
+
+
+async def test_execute_hands_the_backend_files_and_reads_back_what_it_wrote(
+        tmp_path: Path) -> None:
+    """The execute contract: inputs in an .npz the agent writes, outputs in the .npz the
+    backend writes at the path given; a backend that writes none is an error of the
+    card; the per-call directory is gone after the call."""
+    import sys
+
+    import numpy as np
+
+    script = tmp_path / "backend"
+    script.write_text(f"""#!{sys.executable}
+import json, os, sys
+import numpy as np
+request = json.load(sys.stdin)
+if os.environ["MODELIP_OPERATION"] == "list":
+    print(json.dumps({{"version": 1, "cards": []}}))
+    sys.exit(0)
+with open("{tmp_path}/calls", "a") as calls:
+    calls.write(os.path.dirname(request["inputs"]) + "\\n")
+if request["devices"] == [0, 1]:
+    with np.load(request["inputs"]) as inputs:
+        np.savez(request["outputs"], y=inputs["x"] * 2)
+print(json.dumps({{"version": 1}}))
+""")
+    script.chmod(0o755)
+    backend = ExecBackend(ExecConfig(script), scratch=tmp_path)
+    async with agent_over(backend, tmp_path) as host:
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        outputs = await host.execute([0, 1], {"x": x})
+        assert list(outputs) == ["y"] and np.array_equal(outputs["y"], x * 2)
+        with pytest.raises(RemoteError, match="no readable outputs.npz"):
+            await host.execute([1], {"x": x})
+    calls = (tmp_path / "calls").read_text().split()
+    left = {str(path) async for path in anyio.Path(tmp_path).iterdir()}
+    assert len(calls) == 2 and not set(calls) & left
