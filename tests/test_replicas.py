@@ -388,12 +388,14 @@ def test_replicas_share_the_fleet_fairly(replicas: Callable[[str], Replica], dat
              and sorted(owners(database).values()) == [HOSTS // count] * count
              and all(len(r.held()) == HOSTS // count for r in started))
     assert owners(database) == {r.name: len(r.held()) for r in started}
-    for replica in started:  # each replica's own metrics
+    def said(replica: Replica) -> bool:  # its own metrics (refreshed at its lease renewals)
         text = replica.metrics()
         me = f'replica="{replica.name}"'
-        assert f"modelip_replica_hosts_held{{{me}}} {HOSTS // count}" in text
-        assert f"modelip_replicas_alive{{{me}}} {count}" in text
-        assert f"modelip_store_reachable{{{me}}} 1" in text
+        return all(line in text for line in (
+            f"modelip_replica_hosts_held{{{me}}} {HOSTS // count}.0\n",
+            f"modelip_replicas_alive{{{me}}} {count}.0\n",
+            f"modelip_store_reachable{{{me}}} 1.0\n"))
+    wait_for("each replica's metrics saying so", lambda: all(map(said, started)))
     assert not duplicate_loads(database)
     assert anyio.run(host_loads, fleet[1]) == rows(database, "SELECT count(*) FROM loads")[0][0]
     # status, from the store alone: every host with its owner, every card, every load
