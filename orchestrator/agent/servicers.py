@@ -11,7 +11,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import grpc
@@ -28,6 +28,7 @@ from orchestrator.tensors import from_wire, to_wire
 from orchestrator.transport.types import DEVICE_KEY, MAX_MESSAGE, REASON_KEY
 
 R = runtime_pb2
+MAX_BATCH = 256  # requests in one batched call
 # what a host serves (gRPC server reflection lists them, with itself)
 SERVICES = (*(service.full_name for service in runtime_pb2.DESCRIPTOR.services_by_name.values()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
@@ -46,6 +47,17 @@ _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[An
 _CHANGES = frozenset({"ResetDevice", "StageProgram", "LoadProgram", "Unload"})
 
 
+def failure(exc: Exception, device: int | None, what: str) -> HostAbort:
+    """What a call (or one card of a batch) fails with: our errors by kind, anything
+    else INTERNAL with a fixed text (the traceback stays in this process's log)."""
+    if isinstance(exc, HostAbort):
+        return exc
+    if isinstance(exc, ModelIPError):
+        return status_for(exc, device)
+    _log.error("%s failed", what, exc_info=exc)
+    return HostAbort.of(R.ERROR_REASON_INTERNAL, "internal error on the host agent")
+
+
 def _answers(method: _Handler) -> _Handler:
     """A unary handler whose every failure is a status with a reason: our errors by
     kind, anything else INTERNAL with a fixed text (the traceback stays in this
@@ -61,14 +73,9 @@ def _answers(method: _Handler) -> _Handler:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except HostAbort as error:
-            await _abort(context, error)
-        except ModelIPError as err:
-            await _abort(context, status_for(err, device if isinstance(device, int) else None))
-        except Exception:
-            _log.exception("%s failed", method.__name__)
-            await _abort(context, HostAbort(grpc.StatusCode.INTERNAL, R.ERROR_REASON_INTERNAL,
-                                            "internal error on the host agent"))
+        except Exception as exc:  # noqa: BLE001 - every failure is answered with a status
+            await _abort(context, failure(exc, device if isinstance(device, int) else None,
+                                          method.__name__))
 
     return handler
 
@@ -87,6 +94,32 @@ class Attestation(_OnHost, runtime_pb2_grpc.RemoteAttestationServicer):  # type:
                                    context: grpc.aio.ServicerContext[Any, Any]
                                    ) -> evidence_pb2.AttestationEvidence:
         return await self.host.attest(request.device, request.request)
+
+    @_answers
+    async def GetAttestationReports(self, request: runtime_pb2.AttestationBatchRequest,  # noqa: N802
+                                    context: grpc.aio.ServicerContext[Any, Any]
+                                    ) -> runtime_pb2.AttestationBatchResponse:
+        if len(request.requests) > MAX_BATCH:
+            raise HostAbort.of(R.ERROR_REASON_FORMAT, f"{len(request.requests)} requests in "
+                               f"one call; at most {MAX_BATCH}")
+        response = runtime_pb2.AttestationBatchResponse()
+        results = [response.results.add() for _ in request.requests]
+
+        async def one(result: runtime_pb2.AttestationResult, asked: runtime_pb2.AttestationRequest
+                      ) -> None:
+            try:
+                evidence = await self.host.attest(asked.device, asked.request)
+                result.evidence = evidence.SerializeToString(deterministic=True)
+            except Exception as exc:  # noqa: BLE001 - each card's failure is its own answer
+                abort = failure(exc, asked.device, "GetAttestationReports")
+                result.error.status = abort.code.value[0]
+                result.error.reason = cast(runtime_pb2.ErrorReason, abort.reason)
+                result.error.message = str(abort)
+
+        async with anyio.create_task_group() as tg:
+            for result, asked in zip(results, request.requests, strict=True):
+                tg.start_soon(one, result, asked)
+        return response
 
 
 class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]

@@ -40,6 +40,7 @@ from orchestrator.errors import (
 from orchestrator.limits import MAX_CARDS_PER_HOST
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.terminal import terminal_safe
+from orchestrator.transport.batch import Coalescer
 from orchestrator.transport.types import (
     DEFAULT_PORT,
     DEVICE_KEY,
@@ -64,6 +65,7 @@ STAGE_CHUNK = 1 << 20
 # cards than a host may have is refused before one object is made per entry.
 CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
+ATTEST_BATCH = 64     # attestations in one batched call (their evidence fits CONTROL_MESSAGE)
 
 
 _DEVICE_STATES = {runtime_pb2.DEVICE_STATE_ONLINE: DeviceState.ONLINE,
@@ -104,8 +106,24 @@ def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPErro
     """The one place where gRPC failures become our exceptions (LeaseLost, raised, if
     the host refused the caller's fencing epoch)."""
     reason, device = _reason_of(err)
-    details = terminal_safe(err.details() or err.code().name)  # host text: bounded, inert
-    code = err.code()
+    return _error(err.code(), reason, err.details() or err.code().name, target, what, device)
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _card_error(error: runtime_pb2.CardError, target: str, what: str, device: int
+                ) -> ModelIPError:
+    """One card's failure inside a batch, as the same call alone would have failed."""
+    code = _STATUS.get(error.status, grpc.StatusCode.UNKNOWN)
+    reason = error.reason if error.reason in runtime_pb2.ErrorReason.values() else \
+        runtime_pb2.ERROR_REASON_UNSPECIFIED
+    return _error(code, reason, error.message or code.name, target, what, device)
+
+
+def _error(code: grpc.StatusCode, reason: int, said: str, target: str, what: str,
+           device: int | None) -> ModelIPError:
+    details = terminal_safe(said)  # host text: bounded, inert
     result: ModelIPError
     if reason in _BY_REASON:
         result = _BY_REASON[reason](f"{target}: {what}: {details}")
@@ -202,6 +220,15 @@ class HostClient:
             "/modelip.v1.RemoteAttestation/GetAttestationReport",
             request_serializer=runtime_pb2.AttestationRequest.SerializeToString,
             response_deserializer=bytes)
+        self._attest_many = self._channel.unary_unary(
+            "/modelip.v1.RemoteAttestation/GetAttestationReports",
+            request_serializer=runtime_pb2.AttestationBatchRequest.SerializeToString,
+            response_deserializer=runtime_pb2.AttestationBatchResponse.FromString)
+        # attestations asked together go in one call (transport/batch.py), while the
+        # host has the batched call (a host without it answers UNIMPLEMENTED once)
+        self._attests: Coalescer[tuple[int, bytes], bytes] = Coalescer(
+            self._attest_together, limit=ATTEST_BATCH)
+        self._batched = True
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
         self._execute = runtime_pb2_grpc.DeviceRuntimeStub(self._bulk).Execute
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -236,12 +263,66 @@ class HostClient:
     # --- attestation --------------------------------------------------------------
 
     async def attest(self, device: int, request: bytes) -> bytes:
-        """The card's evidence for ``request``, as bytes (verify before use!)."""
+        """The card's evidence for ``request``, as bytes (verify before use!). Asked
+        with the other attestations of this turn of the event loop, in one call."""
+        return await self._attests.submit((device, request))
+
+    async def _attest_one(self, device: int, request: bytes) -> bytes:
         evidence: bytes = await self._call(
             f"attest device {device}", self._attest_raw,
             runtime_pb2.AttestationRequest(device=device, request=request),
             self.deadlines.attest, device=device)
         return evidence
+
+    async def _attest_together(self, asked: Sequence[tuple[int, bytes]]
+                               ) -> list[bytes | BaseException]:
+        """Each card's evidence or error, in order: one batched call, or card by card
+        (one card; a host without the batched call; a batch too large to answer)."""
+        if len(asked) > 1 and self._batched:
+            what = f"attest {len(asked)} devices"
+            request = runtime_pb2.AttestationBatchRequest(requests=[
+                runtime_pb2.AttestationRequest(device=d, request=r) for d, r in asked])
+            try:
+                response = await _finish(self._attest_many(
+                    request, timeout=self._allowed(self.deadlines.attest),
+                    metadata=self._metadata))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._batched = False
+                elif err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise _translate(err, self.address, what) from err
+            else:
+                return self._attested(response, asked)
+        answers: list[bytes | BaseException] = [b""] * len(asked)
+
+        async def one(index: int, device: int, nonce: bytes) -> None:
+            try:
+                answers[index] = await self._attest_one(device, nonce)
+            except ModelIPError as error:
+                answers[index] = error
+
+        async with anyio.create_task_group() as tg:
+            for index, (device, nonce) in enumerate(asked):
+                tg.start_soon(one, index, device, nonce)
+        return answers
+
+    def _attested(self, response: runtime_pb2.AttestationBatchResponse,
+                  asked: Sequence[tuple[int, bytes]]) -> list[bytes | BaseException]:
+        if len(response.results) != len(asked):
+            raise ProtocolViolation(f"host {self.address}", f"answered {len(asked)} "
+                                    f"attestations with {len(response.results)} results")
+        answers: list[bytes | BaseException] = []
+        for (device, _), result in zip(asked, response.results, strict=True):
+            which = result.WhichOneof("result")
+            if which == "evidence":
+                answers.append(result.evidence)
+            elif which == "error":
+                answers.append(_card_error(result.error, self.address,
+                                           f"attest device {device}", device))
+            else:
+                answers.append(ProtocolViolation(f"host {self.address}", f"answered the "
+                                                 f"attestation of device {device} with nothing"))
+        return answers
 
     # --- devices --------------------------------------------------------------------
 

@@ -67,6 +67,36 @@ class AttestationRequest(_message.Message):
     request: bytes
     def __init__(self, device: _Optional[int] = ..., request: _Optional[bytes] = ...) -> None: ...
 
+class AttestationBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[AttestationRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[AttestationRequest, _Mapping]]] = ...) -> None: ...
+
+class CardError(_message.Message):
+    __slots__ = ("status", "reason", "message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    reason: ErrorReason
+    message: str
+    def __init__(self, status: _Optional[int] = ..., reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AttestationResult(_message.Message):
+    __slots__ = ("evidence", "error")
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    evidence: bytes
+    error: CardError
+    def __init__(self, evidence: _Optional[bytes] = ..., error: _Optional[_Union[CardError, _Mapping]] = ...) -> None: ...
+
+class AttestationBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AttestationResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AttestationResult, _Mapping]]] = ...) -> None: ...
+
 class DeviceRef(_message.Message):
     __slots__ = ("device",)
     DEVICE_FIELD_NUMBER: _ClassVar[int]

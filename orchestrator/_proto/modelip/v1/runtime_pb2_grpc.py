@@ -40,6 +40,11 @@ class RemoteAttestationStub:
                 request_serializer=modelip_dot_v1_dot_runtime__pb2.AttestationRequest.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_evidence__pb2.AttestationEvidence.FromString,
                 _registered_method=True)
+        self.GetAttestationReports = channel.unary_unary(
+                '/modelip.v1.RemoteAttestation/GetAttestationReports',
+                request_serializer=modelip_dot_v1_dot_runtime__pb2.AttestationBatchRequest.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_runtime__pb2.AttestationBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RemoteAttestationServicer:
@@ -52,6 +57,15 @@ class RemoteAttestationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAttestationReports(self, request, context):
+        """Many cards of this host in one call (at most 256 requests): each request its
+        own nonce, each answer its own evidence or error, in the order asked. A host
+        without it answers UNIMPLEMENTED and the caller asks card by card.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RemoteAttestationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_RemoteAttestationServicer_to_server(servicer, server):
                     servicer.GetAttestationReport,
                     request_deserializer=modelip_dot_v1_dot_runtime__pb2.AttestationRequest.FromString,
                     response_serializer=modelip_dot_v1_dot_evidence__pb2.AttestationEvidence.SerializeToString,
+            ),
+            'GetAttestationReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttestationReports,
+                    request_deserializer=modelip_dot_v1_dot_runtime__pb2.AttestationBatchRequest.FromString,
+                    response_serializer=modelip_dot_v1_dot_runtime__pb2.AttestationBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class RemoteAttestation:
             '/modelip.v1.RemoteAttestation/GetAttestationReport',
             modelip_dot_v1_dot_runtime__pb2.AttestationRequest.SerializeToString,
             modelip_dot_v1_dot_evidence__pb2.AttestationEvidence.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttestationReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.RemoteAttestation/GetAttestationReports',
+            modelip_dot_v1_dot_runtime__pb2.AttestationBatchRequest.SerializeToString,
+            modelip_dot_v1_dot_runtime__pb2.AttestationBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
