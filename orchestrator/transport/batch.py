@@ -32,9 +32,11 @@ class _Batch(Generic[Asked, Answer]):
 
 
 class Coalescer(Generic[Asked, Answer]):
-    def __init__(self, send: Send[Asked, Answer], *, limit: int) -> None:
+    def __init__(self, send: Send[Asked, Answer], *, limit: int, window: float = 0.0
+                 ) -> None:
         self._send = send
         self.limit = limit
+        self.window = window    # seconds a batch stays open for others to join
         self._open: _Batch[Asked, Answer] | None = None
         self.calls = 0          # batches sent (a caller alone is a batch of one)
 
@@ -62,7 +64,7 @@ class Coalescer(Generic[Asked, Answer]):
 
     async def _lead(self, batch: _Batch[Asked, Answer]) -> None:
         try:
-            await anyio.lowlevel.checkpoint()  # a turn of the loop: who asks in it joins
+            await anyio.sleep(self.window)  # who asks meanwhile joins (0: this turn)
             if self._open is batch:
                 self._open = None
             self.calls += 1

@@ -66,6 +66,7 @@ STAGE_CHUNK = 1 << 20
 CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 ATTEST_BATCH = 64     # attestations in one batched call (their evidence fits CONTROL_MESSAGE)
+BATCH_WINDOW = 0.005  # seconds a batch waits for others to join it
 
 
 _DEVICE_STATES = {runtime_pb2.DEVICE_STATE_ONLINE: DeviceState.ONLINE,
@@ -227,7 +228,7 @@ class HostClient:
         # attestations asked together go in one call (transport/batch.py), while the
         # host has the batched call (a host without it answers UNIMPLEMENTED once)
         self._attests: Coalescer[tuple[int, bytes], bytes] = Coalescer(
-            self._attest_together, limit=ATTEST_BATCH)
+            self._attest_together, limit=ATTEST_BATCH, window=BATCH_WINDOW)
         self._batched = True
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
         self._execute = runtime_pb2_grpc.DeviceRuntimeStub(self._bulk).Execute
@@ -245,6 +246,11 @@ class HostClient:
     async def close(self) -> None:
         await self._channel.close()
         await self._bulk.close()
+
+    @property
+    def attest_calls(self) -> int:
+        """Calls made for attestations (a batch is one call)."""
+        return self._attests.calls
 
     def _allowed(self, deadline: float) -> float:
         return deadline if self.gate is None else min(deadline, self.gate())
