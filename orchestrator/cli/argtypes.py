@@ -47,6 +47,8 @@ port = _checked("port", _integer, lambda v: 0 <= v <= 65535,
                 "a port is 0-65535 (0: any free port)")
 device = _checked("device", _integer, lambda v: 0 <= v <= MAX_DEVICE,
                   f"a device number is 0 to {MAX_DEVICE}")
+revision = _checked("revision", _integer, lambda v: 0 <= v < 1 << 63,
+                    "a revision is a whole number, 0 or more")
 positive_int = _checked("positive_int", _integer, lambda v: v >= 1,
                         "must be 1 or more")
 non_negative = _checked("non_negative", _number, lambda v: v >= 0,

@@ -24,7 +24,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
                       replace_fleet: bool = False,
-                      live: bool = True, store_word: bool = False
+                      live: bool = True, store_word: bool = False, api: str | None = None
                       ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
@@ -133,6 +133,11 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     if not metrics_port:  # 0: any free port, so say which
                         print(f"modelip: metrics on http://127.0.0.1:{bound}/metrics",
                               file=sys.stderr)
+                if api is not None:
+                    from orchestrator.api.server import serve_api
+
+                    bound = await tg.start(serve_api, api, engine.store, engine.changed)
+                    print(f"modelip: control API on {bound}", file=sys.stderr)
                 if dashboard is not None:
                     tg.start_soon(_tick, dashboard)
                 if app is not None:
@@ -232,7 +237,7 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None =
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
         interactive=interactive, retry_rollout=args.retry_rollout, live=live,
         replace_fleet=args.replace_fleet,
-        store_word=args.store_word))
+        store_word=args.store_word, api=args.api))
     return code
 
 
@@ -288,6 +293,9 @@ def register(sub: Any) -> None:
                             "terminal; when stdout is not one: a plain line per event)")
         p.add_argument("--metrics-port", type=argtypes.port,
                        help="serve Prometheus metrics here")
+        p.add_argument("--api", metavar="ADDR",
+                       help="serve the control API (list, watch with revisions; "
+                            "docs/api.md) on this loopback address, e.g. 127.0.0.1:62480")
         p.add_argument("--retry-quarantined", action="store_true",
                        help="try cards the journal quarantined again (an operator decision)")
         p.add_argument("--retry-rollout", action="store_true",

@@ -185,11 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
-    from orchestrator.cli import agent, cards, fleet, hosts, rollouts, status
+    from orchestrator.cli import agent, api, cards, fleet, hosts, rollouts, status
 
     cards.register(sub)
     hosts.register(sub)
     agent.register(sub)
+    api.register(sub)
     fleet.register(sub)
     status.register(sub)
     rollouts.register(sub)
@@ -213,6 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.metrics_port = args.store = None
     args.retry_quarantined = args.retry_rollout = args.plain = args.store_word = False
     args.replace_fleet = False
+    args.api = None
     plan = None if args.plan else load_demo_plan()
     return fleet.watch_plan(args, plan)
 

@@ -139,7 +139,10 @@ class LeaseLedger:
                                    f"this modelip knows ({len(POSTGRES_MIGRATIONS)}): "
                                    "upgrade modelip")
         for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
-            for statement in filter(str.strip, script.split(";")):
+            # a script is statements split at ";", or a tuple of them (a function body
+            # has its own semicolons)
+            statements = script if isinstance(script, tuple) else script.split(";")
+            for statement in filter(str.strip, statements):
                 await conn.execute(statement.encode())
             await conn.execute("INSERT INTO modelip_schema VALUES (%s)", (number,))
 

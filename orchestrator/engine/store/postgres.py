@@ -17,6 +17,7 @@ from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.leases import LIVE_OWNER, Conn, LeaseLedger
 from orchestrator.engine.store.protocol import (
     CardRecord,
+    ChangeRecord,
     HostRecord,
     LoadRecord,
     LoadSent,
@@ -126,12 +127,7 @@ class PostgresStore(LeaseLedger):
             await self.finish_load(*concludes)
 
         async def write(conn: Conn) -> int:
-            await conn.execute(
-                "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
-                "boot_counter, session_id, reason, replica, epoch) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
-                 t.boot_counter, t.session_id, t.reason, self.replica, epoch))
+            # the card's row first: the history row's trigger reads it (revisions)
             await conn.execute(
                 "UPDATE cards SET card_id = %s, state = %s, boot_counter = %s, "
                 "session_id = %s, program_id = %s, attempts = %s, reason = %s, updated = %s, "
@@ -140,6 +136,12 @@ class PostgresStore(LeaseLedger):
                 (t.card_id, t.state.value, t.boot_counter, t.session_id, t.program_id,
                  t.attempts, t.reason, t.at, good.card_id, good.session_id, good.program_id,
                  good.partition, self.replica, t.host, t.device))
+            await conn.execute(
+                "INSERT INTO transitions (ts, host, device, card_id, from_state, to_state, "
+                "boot_counter, session_id, reason, replica, epoch) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
+                 t.boot_counter, t.session_id, t.reason, self.replica, epoch))
             if load is None:
                 return 0
             row = await (await conn.execute(
@@ -215,6 +217,21 @@ class PostgresStore(LeaseLedger):
         rows = await self._rows("SELECT ts, host, device, from_state, to_state, reason FROM "
                                 "transitions ORDER BY id DESC LIMIT %s", (limit,))
         return [TransitionRecord(*row) for row in rows][::-1]
+
+    async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
+        rows = await self._rows("SELECT revision, ts, kind, body FROM changes WHERE "
+                                "revision > %s ORDER BY revision LIMIT %s", (after, limit))
+        return [ChangeRecord.of(row) for row in rows]
+
+    async def revisions(self) -> tuple[int, int]:
+        rows = await self._rows("SELECT coalesce(min(revision), 0), coalesce(max(revision), 0) "
+                                "FROM changes")
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def trim_changes(self, keep: int, seconds: float) -> None:
+        await self._rows("DELETE FROM changes WHERE revision < (SELECT max(revision) FROM "
+                         "changes) AND (revision <= (SELECT max(revision) FROM changes) - %s "
+                         "OR ts < %s) RETURNING 1", (keep, time.time() - seconds))
 
     async def card_transitions(self, host: str, device: int, limit: int = 50
                                ) -> list[TransitionRecord]:

@@ -11,6 +11,7 @@ No MEK, key or plaintext is ever stored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -86,6 +87,25 @@ class TransitionRecord:
         _inert(self, "host", "previous", "state", "reason")
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One journaled change (docs/api.md): its revision, and the state of its object
+    (a card, a host, a rollout step) at that revision."""
+
+    revision: int
+    ts: float
+    kind: str                   # "card", "host" or "rollout"
+    body: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...]) -> ChangeRecord:
+        revision, ts, kind, body = row
+        values = json.loads(body)
+        return cls(int(revision), float(ts), str(kind), {
+            key: terminal_safe(value, 1000) if isinstance(value, str) else value
+            for key, value in values.items()})
+
+
 def _inert(record: object, *names: str) -> None:
     """A shared store has other writers: what a record shows cannot drive a terminal
     (terminal.py). Applied as a record is built, so every view reads it so."""
@@ -119,6 +139,13 @@ class Store(Protocol):
     async def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
     async def card_transitions(self, host: str, device: int, limit: int = 50
                                ) -> list[TransitionRecord]: ...
+    async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
+        """The changes with revisions above ``after``, oldest first (at most ``limit``)."""
+    async def revisions(self) -> tuple[int, int]:
+        """(the oldest revision kept, the newest given); (0, 0) before the first."""
+    async def trim_changes(self, keep: int, seconds: float) -> None:
+        """Forget the changes beyond the newest ``keep`` or older than ``seconds``
+        (never the newest one)."""
 
 
 def card_record(row: tuple[Any, ...]) -> CardRecord:

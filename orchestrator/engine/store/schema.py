@@ -85,6 +85,31 @@ SQLITE_MIGRATIONS = (
         id INTEGER PRIMARY KEY, rollout INTEGER NOT NULL, ts REAL NOT NULL,
         wave INTEGER NOT NULL, phase TEXT NOT NULL, what TEXT NOT NULL);
     """,
+    # Revisions (docs/api.md): every journaled change gets the next revision, with the
+    # state of its object at that revision, written by the statement that journals it.
+    (
+        """CREATE TABLE changes (
+            revision INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
+            kind TEXT NOT NULL, body TEXT NOT NULL)""",
+        """CREATE TRIGGER transitions_change AFTER INSERT ON transitions BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'card', json_object(
+                'host', NEW.host, 'device', NEW.device, 'card_id', NEW.card_id,
+                'state', NEW.to_state, 'previous', NEW.from_state,
+                'boot_counter', NEW.boot_counter, 'session_id', NEW.session_id,
+                'program_id', NEW.program_id, 'reason', NEW.reason,
+                'attempts', NEW.attempts));
+        END""",
+        """CREATE TRIGGER host_transitions_change AFTER INSERT ON host_transitions BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'host', json_object(
+                'host', NEW.host, 'state', NEW.to_state, 'previous', NEW.from_state,
+                'reason', NEW.reason));
+        END""",
+        """CREATE TRIGGER rollout_history_change AFTER INSERT ON rollout_history BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'rollout', json_object(
+                'rollout', NEW.rollout, 'wave', NEW.wave, 'phase', NEW.phase,
+                'what', NEW.what));
+        END""",
+    ),
 )
 
 
@@ -144,6 +169,37 @@ POSTGRES_MIGRATIONS = (
         id INTEGER PRIMARY KEY CHECK (id = 1), digest TEXT NOT NULL, what TEXT NOT NULL,
         replica TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL);
     """,
+    # Revisions (docs/api.md). Replicas write at once: a change takes a transaction-wide
+    # advisory lock first, so revisions commit in their order and a watcher reading
+    # "after N" never misses one committed later with a smaller number. A card's
+    # program and attempts come from its row, which record_card updates first.
+    (
+        """CREATE TABLE changes (
+        revision BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL,
+        body TEXT NOT NULL)""",
+        """CREATE FUNCTION modelip_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(7302458);
+        IF TG_TABLE_NAME = 'transitions' THEN
+            INSERT INTO changes (ts, kind, body) SELECT NEW.ts, 'card', json_build_object(
+                'host', NEW.host, 'device', NEW.device, 'card_id', NEW.card_id,
+                'state', NEW.to_state, 'previous', NEW.from_state,
+                'boot_counter', NEW.boot_counter, 'session_id', NEW.session_id,
+                'program_id', c.program_id, 'reason', NEW.reason,
+                'attempts', c.attempts)::text
+            FROM cards c WHERE c.host = NEW.host AND c.device = NEW.device;
+        ELSE
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'host', json_build_object(
+                'host', NEW.host, 'state', NEW.to_state, 'previous', NEW.from_state,
+                'reason', NEW.reason)::text);
+        END IF;
+        RETURN NULL;
+    END $$""",
+        """CREATE TRIGGER transitions_change AFTER INSERT ON transitions
+        FOR EACH ROW EXECUTE FUNCTION modelip_change()""",
+        """CREATE TRIGGER host_transitions_change AFTER INSERT ON host_transitions
+        FOR EACH ROW EXECUTE FUNCTION modelip_change()""",
+    ),
 )
 
 

@@ -22,6 +22,7 @@ import anyio.lowlevel
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.protocol import (
     CardRecord,
+    ChangeRecord,
     HostRecord,
     LoadRecord,
     LoadSent,
@@ -169,6 +170,22 @@ class SQLiteStore:
         rows = self._read("SELECT ts, host, device, from_state, to_state, reason FROM "
                           "transitions ORDER BY id DESC LIMIT ?", (limit,))
         return [TransitionRecord(*row) for row in rows][::-1]
+
+    async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
+        rows = self._read("SELECT revision, ts, kind, body FROM changes WHERE revision > ? "
+                          "ORDER BY revision LIMIT ?", (after, limit))
+        return [ChangeRecord.of(row) for row in rows]
+
+    async def revisions(self) -> tuple[int, int]:
+        oldest = self._read("SELECT coalesce(min(revision), 0) FROM changes").fetchone()[0]
+        newest = self._read("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE "
+                            "name = 'changes'").fetchone()[0]
+        return int(oldest), int(newest)
+
+    async def trim_changes(self, keep: int, seconds: float) -> None:
+        self._write("DELETE FROM changes WHERE revision < (SELECT max(revision) FROM "
+                    "changes) AND (revision <= (SELECT max(revision) FROM changes) - ? "
+                    "OR ts < ?)", (keep, time.time() - seconds))
 
     async def card_transitions(self, host: str, device: int, limit: int = 50
                                ) -> list[TransitionRecord]:
