@@ -214,6 +214,12 @@ class CardOffline(ModelIPError):  # noqa: N818 - a state, named as the host repo
     exit_code = 4
 
 
+class PermissionDenied(ModelIPError):  # noqa: N818 - as gRPC names it
+    """The caller's role does not allow what it asked (the control API's roles)."""
+
+    exit_code = 3
+
+
 class DeviceOffline(TransportError):
     """The card is rebooting; try again after it is back online."""
 

@@ -17,6 +17,7 @@ from orchestrator.api.server import OLDEST_KEY, serve_api
 from orchestrator.app import open_engine
 from orchestrator.engine.engine import Engine
 from orchestrator.errors import UsageError
+from orchestrator.plan.api import ApiSpec
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
 from tests.test_engine import wait_until, write_plan
@@ -32,7 +33,8 @@ async def serving(tmp_path: Path) -> AsyncIterator[tuple[Engine, str]]:
     async with open_engine(plan) as engine, anyio.create_task_group() as tg:
         await tg.start(lambda task_status: engine.run(keep_serving=True,
                                                       task_status=task_status))
-        address = await tg.start(serve_api, "127.0.0.1:0", engine.store, engine.changed)
+        address = await tg.start(serve_api, ApiSpec(listen="127.0.0.1:0"), engine.store,
+                                 engine.changed)
         with anyio.fail_after(60):
             await engine.deployed.wait()
         yield engine, address
@@ -116,4 +118,4 @@ async def test_the_cli_lists_and_replays(tmp_path: Path) -> None:
 
 async def test_the_api_listens_on_loopback_only(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="loopback only"):
-        await serve_api("0.0.0.0:0", None)  # type: ignore[arg-type]
+        await serve_api(ApiSpec(listen="0.0.0.0:0"), None)  # type: ignore[arg-type]

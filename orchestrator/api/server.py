@@ -1,26 +1,38 @@
 """The control API's server (protos/modelip/v1/control.proto, docs/api.md): the fleet
-listed at a revision, and every change after a revision, read from the store.
+listed at a revision, every change after a revision, read from the store; and
+operators' commands, by role.
 
 What it serves comes from the store alone (the journal, or the shared PostgreSQL
 store), so every replica of a shared fleet serves the same revisions. It waits for
 changes on the engine's word that something moved (``changed``), or polls.
+
+Who asks: with ``api.tls``, the name on the caller's client certificate (issued by
+``api.tls.client_ca``; its subject CN, else a SAN) and the role ``api.roles`` gives
+it (a certificate the plan names nowhere is a viewer); without TLS the API is on
+loopback and a caller is "loopback", an operator (as anyone who can write the
+journal is).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import grpc
 from anyio.abc import TaskStatus
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
+from orchestrator.engine.rollout.ledger import RolloutLedger
+from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import ChangeRecord, Store
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import UsageError
+from orchestrator.plan.api import ROLES, ApiSpec
 from orchestrator.plan.paths import is_loopback
 
 C = control_pb2.Change
@@ -32,6 +44,16 @@ KEEP_SECONDS = 3600.0     # ...and whatever is younger than an hour
 TRIM_EVERY = 60.0
 PAGE = 500                # changes read at once
 _log = logging.getLogger("modelip.api")
+
+
+RANK = {role: rank for rank, role in enumerate(ROLES)}
+
+
+async def refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
+                 said: str) -> NoReturn:
+    """End the call with ``code`` (grpc's abort raises; said here for the reader)."""
+    await context.abort(code, said)
+    raise AssertionError(said)
 
 
 def change_message(change: ChangeRecord) -> control_pb2.Change:
@@ -48,16 +70,47 @@ def change_message(change: ChangeRecord) -> control_pb2.Change:
         return C(revision=change.revision, type=C.HOST, ts=change.ts, host=control_pb2.Host(
             host=body["host"], state=body["state"], previous=body["previous"],
             reason=body["reason"]))
+    if change.kind == "command":
+        return C(revision=change.revision, type=C.COMMAND, ts=change.ts,
+                 command=control_pb2.Command(who=body["who"], role=body["role"],
+                                             command=body["command"],
+                                             outcome=body["outcome"]))
     return C(revision=change.revision, type=C.ROLLOUT, ts=change.ts,
              rollout=control_pb2.RolloutStep(rollout=body["rollout"], wave=body["wave"],
                                              phase=body["phase"], what=body["what"]))
 
 
 class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
-    def __init__(self, store: Store, changed: Callable[[], Awaitable[None]] | None = None
-                 ) -> None:
+    def __init__(self, store: Store, changed: Callable[[], Awaitable[None]] | None = None,
+                 *, spec: ApiSpec | None = None) -> None:
         self.store = store
         self.changed = changed
+        self.spec = spec or ApiSpec()
+
+    def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+        """(who, role) of the call's caller."""
+        if self.spec.tls is None:
+            return "loopback", "operator"
+        auth = context.auth_context()
+        names = [n.decode(errors="replace") for n in
+                 (*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name",
+                                                               ()))]
+        for name in names:
+            if name in self.spec.roles:
+                return name, self.spec.roles[name]
+        return (names[0] if names else "?"), "viewer"
+
+    async def allowed(self, context: grpc.aio.ServicerContext[Any, Any], needs: str,
+                      command: str | None = None) -> tuple[str, str]:
+        """The caller, if its role is ``needs`` or above; else PERMISSION_DENIED (a
+        refused command journaled)."""
+        who, role = self.caller(context)
+        if RANK[role] >= RANK[needs]:
+            return who, role
+        if command is not None:
+            await self.store.record_command(who, role, command, f"refused: needs {needs}")
+        await refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                     f"{who} is {role}; {command or 'this'} needs {needs}")
 
     async def _listing(self) -> tuple[int, list[control_pb2.Host], list[control_pb2.Card]]:
         # the revision first: the listing is at it or (a shared store's other writers)
@@ -74,12 +127,14 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
 
     async def List(self, request: control_pb2.ListRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext[Any, Any]) -> control_pb2.ListResponse:
+        await self.allowed(context, "viewer")
         revision, hosts, cards = await self._listing()
         return control_pb2.ListResponse(revision=revision, hosts=hosts, cards=cards)
 
     async def Watch(self, request: control_pb2.WatchRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext[Any, Any]
                     ) -> AsyncIterator[control_pb2.Change]:
+        await self.allowed(context, "viewer")
         oldest, newest = await self.store.revisions()
         if request.HasField("since"):
             last = request.since
@@ -110,6 +165,32 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
             await self._wait()
             await self._check_kept(last, (await self.store.revisions())[0], context)
 
+    async def RolloutCommand(self, request: control_pb2.RolloutCommandRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext[Any, Any]
+                             ) -> control_pb2.CommandResponse:
+        action = {request.PAUSE: "pause", request.RESUME: "resume",
+                  request.UNDO: "undo"}.get(request.action)
+        if action is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "action: one of PAUSE, RESUME, UNDO")
+        command = f"rollout {action}"
+        who, role = await self.allowed(context, "operator", command)
+        journal = self.store
+        if not isinstance(journal, SQLiteStore):
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "rollouts are driven on "
+                         "the embedded journal, not with a shared store (docs/rollouts.md)")
+        try:
+            done = await request_rollout(RolloutLedger(journal), str(action),
+                                         f"{who} ({role}, control API)")
+        except UsageError as err:
+            await self.store.record_command(who, role, command, f"refused: {err}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            raise
+        await self.store.record_command(who, role, command,
+                                        "done" if done.written else "already so")
+        return control_pb2.CommandResponse(said=done.said, rollout=done.rollout,
+                                           written=done.written)
+
     async def _check_kept(self, last: int, oldest: int,
                           context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if oldest and last + 1 < oldest:
@@ -127,24 +208,37 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
                 await anyio.sleep_forever()
 
 
-async def serve_api(address: str, store: Store,
+async def serve_api(spec: ApiSpec, store: Store,
                     changed: Callable[[], Awaitable[None]] | None = None, *,
                     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve the control API on ``address`` (loopback only: it has no TLS yet) until
-    cancelled; reports the address bound; trims the history kept meanwhile."""
-    if not is_loopback(address):
-        raise UsageError(f"--api {address}: the control API listens on loopback only "
-                         "(127.0.0.1:PORT) until it has mutual TLS (docs/api.md)")
+    """Serve the control API as ``spec`` says until cancelled (mutual TLS with
+    ``spec.tls``; without it, loopback only); reports the address bound; trims the
+    history kept meanwhile."""
+    address = spec.listen
+    if spec.tls is None and not is_loopback(address):
+        raise UsageError(f"api {address}: without api.tls (cert, key, client_ca) the control "
+                         "API listens on loopback only (docs/api.md)")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(store, changed), server)
+    control_pb2_grpc.add_ControlServicer_to_server(
+        ControlService(store, changed, spec=spec), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        if spec.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, grpc.ssl_server_credentials(
+                [(spec.tls.key.read_bytes(), spec.tls.cert.read_bytes())],
+                root_certificates=spec.tls.client_ca.read_bytes(),
+                require_client_auth=True))
     except RuntimeError:
         port = 0
     if port == 0:
-        raise UsageError(f"--api {address}: cannot listen there (the port is in use, or it "
+        raise UsageError(f"api {address}: cannot listen there (the port is in use, or it "
                          "is not an address of this machine)")
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -1,5 +1,6 @@
 """The control API's clients (docs/api.md): ``modelip events --api ADDR`` (watch from a
-revision) and ``modelip fleet --api ADDR`` (list)."""
+revision), ``modelip fleet --api ADDR`` (list) and ``modelip rollout pause|resume|undo
+--api ADDR`` (commands); mutual TLS with --tls-ca/--tls-cert/--tls-key."""
 
 from __future__ import annotations
 
@@ -8,17 +9,36 @@ import json
 from typing import Any
 
 from orchestrator.cli import argtypes
-from orchestrator.errors import UnreachableError, UsageError
+from orchestrator.errors import PermissionDenied, UnreachableError, UsageError
 
 
-def _failure(err: Any, address: str) -> Exception:
+def channel(args: argparse.Namespace) -> Any:
+    """A channel to the API: plaintext on loopback, TLS with --tls-ca (mutual with
+    --tls-cert and --tls-key)."""
+    import grpc
+
+    if args.tls_ca is None and args.tls_cert is None:
+        return grpc.aio.insecure_channel(args.api)
+    from orchestrator.transport.types import TLSClientConfig
+
+    tls = TLSClientConfig.from_paths(args.tls_ca, args.tls_cert, args.tls_key)
+    return grpc.aio.secure_channel(args.api, grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem))
+
+
+def failure(err: Any, address: str, what: str) -> Exception:
     """A failed API call as one line and its exit code."""
     import grpc
 
+    from orchestrator.terminal import terminal_safe
+
     code = err.code()
-    said = err.details() or code.name
-    if code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT):
-        return UsageError(f"--since: {said}")
+    said = terminal_safe(err.details() or code.name, 500)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"{address}: {said}")
+    if code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION):
+        return UsageError(f"{what}: {said}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnreachableError(address, "the control API does not answer (is a `modelip "
                                 "deploy` or `watch` with --api running there?)")
@@ -68,9 +88,9 @@ async def _events(args: argparse.Namespace) -> int:
 
     request = control_pb2.WatchRequest() if args.since is None else \
         control_pb2.WatchRequest(since=args.since)
-    async with grpc.aio.insecure_channel(args.api) as channel:
+    async with channel(args) as chan:
         try:
-            async for change in control_pb2_grpc.ControlStub(channel).Watch(request):
+            async for change in control_pb2_grpc.ControlStub(chan).Watch(request):
                 bookmark = change.type == control_pb2.Change.BOOKMARK
                 if args.json:
                     print(_json(change), flush=True)
@@ -79,7 +99,7 @@ async def _events(args: argparse.Namespace) -> int:
                 if bookmark and not args.follow:
                     return 0  # caught up
         except grpc.aio.AioRpcError as err:
-            raise _failure(err, args.api) from None
+            raise failure(err, args.api, "--since") from None
     return 0
 
 
@@ -95,12 +115,12 @@ async def _fleet(args: argparse.Namespace) -> int:
     from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
     from orchestrator.terminal import terminal_safe
 
-    async with grpc.aio.insecure_channel(args.api) as channel:
+    async with channel(args) as chan:
         try:
-            listing = await control_pb2_grpc.ControlStub(channel).List(
+            listing = await control_pb2_grpc.ControlStub(chan).List(
                 control_pb2.ListRequest(), timeout=10)
         except grpc.aio.AioRpcError as err:
-            raise _failure(err, args.api) from None
+            raise failure(err, args.api, "fleet") from None
     if args.json:
         print(_json(listing))
         return 0
@@ -115,12 +135,38 @@ async def _fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+async def rollout_command(args: argparse.Namespace, action: str) -> int:
+    """``modelip rollout ACTION --api ADDR``: the command, in the caller's name."""
+    import grpc
+
+    from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
+
+    request = control_pb2.RolloutCommandRequest(action=action.upper())
+    async with channel(args) as chan:
+        try:
+            answer = await control_pb2_grpc.ControlStub(chan).RolloutCommand(request,
+                                                                            timeout=10)
+        except grpc.aio.AioRpcError as err:
+            raise failure(err, args.api, f"rollout {action}") from None
+    print(answer.said + ("; the orchestrator serving this API carries it out within a "
+                         "second" if answer.written else ""))
+    return 0
+
+
+def add_api_flags(p: Any, *, required: bool = True) -> None:
+    p.add_argument("--api", required=required, metavar="ADDR",
+                   help="where a `deploy`/`watch` serves the control API, e.g. "
+                        "127.0.0.1:62480")
+    p.add_argument("--tls-ca", metavar="PEM", help="verify the API's server with this CA")
+    p.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mTLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="this client's key (mTLS)")
+
+
 def register(sub: Any) -> None:
     """Add events and fleet to the main parser."""
     p = sub.add_parser("events", help="the fleet's changes from the control API, from a "
                                       "revision (docs/api.md)")
-    p.add_argument("--api", required=True, metavar="ADDR",
-                   help="where a `deploy`/`watch --api` serves it, e.g. 127.0.0.1:62480")
+    add_api_flags(p)
     p.add_argument("--since", type=argtypes.revision, metavar="REV",
                    help="every change after this revision (default: the fleet as it is, "
                         "then the changes)")
@@ -131,6 +177,6 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_events)
     p = sub.add_parser("fleet", help="the fleet's hosts and cards at one revision, from the "
                                      "control API")
-    p.add_argument("--api", required=True, metavar="ADDR")
+    add_api_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_fleet)

@@ -15,6 +15,7 @@ from orchestrator.cli import argtypes
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
+    from orchestrator.plan.api import ApiSpec
     from orchestrator.plan.model import Plan
 
 
@@ -24,7 +25,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
                       replace_fleet: bool = False,
-                      live: bool = True, store_word: bool = False, api: str | None = None
+                      live: bool = True, store_word: bool = False, api: ApiSpec | None = None
                       ) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
@@ -237,8 +238,17 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None =
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
         interactive=interactive, retry_rollout=args.retry_rollout, live=live,
         replace_fleet=args.replace_fleet,
-        store_word=args.store_word, api=args.api))
+        store_word=args.store_word, api=_api(plan, args.api)))
     return code
+
+
+def _api(plan: Plan, listen: str | None) -> ApiSpec | None:
+    """The control API to serve: the plan's ``api:``, at ``--api``'s address if given."""
+    if listen is None:
+        return plan.api
+    from orchestrator.plan.api import ApiSpec
+
+    return dataclasses.replace(plan.api or ApiSpec(), listen=listen)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

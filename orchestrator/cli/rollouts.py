@@ -22,12 +22,19 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from orchestrator.app import existing_journal
     from orchestrator.plan.model import Plan
 
+    action = args.rollout_command
+    if (args.plan is None) == (getattr(args, "api", None) is None):
+        raise UsageError(f"rollout {action}: give the plan, or --api ADDR"
+                         if action != "status" else "rollout status: give the plan")
+    if args.plan is None:
+        from orchestrator.cli.api import rollout_command
+
+        return anyio.run(rollout_command, args, action)
     plan = Plan.load(args.plan)
     if plan.shared:
         from orchestrator.plan.model import ROLLOUT_NOT_SHARED
 
         raise UsageError(f"{plan.source}: {ROLLOUT_NOT_SHARED}")
-    action = args.rollout_command
     with existing_journal(plan, read_only=action == "status") as journal:
         if action == "status":
             view = anyio.run(_status, journal)
@@ -105,35 +112,23 @@ def _print_status(view: dict[str, Any]) -> None:
 
 
 async def _request(journal: Any, plan: Any, action: str) -> int:
-    from orchestrator.engine.rollout.ledger import Phase, RolloutLedger
+    from orchestrator.engine.rollout.ledger import RolloutLedger
+    from orchestrator.engine.rollout.requests import request
 
-    ledger = RolloutLedger(journal)
-    record = await ledger.active()
-    if record is None:
-        last = await ledger.latest()
-        said = f" (the last one was {last.phase.value})" if last else ""
-        raise UsageError(f"{plan.source}: no rollout in progress{said}")
-    if action == "undo":
-        if record.phase is Phase.COMMITTING:
-            raise UsageError(f"{plan.source}: rollout {record.id} is committing: cards are "
-                             "taking on the raised rollback floor, there is no way back")
-        if record.phase is Phase.ROLLING_BACK or record.undo:
-            print(f"rollout {record.id}: already rolling back")
-            return 0
-        await ledger.request(record, undo=True, what="undo requested (modelip rollout undo)")
-    elif (action == "pause") == record.paused:
-        print(f"rollout {record.id}: already {'paused' if record.paused else 'running'}")
+    try:
+        done = await request(RolloutLedger(journal), action, f"modelip rollout {action}")
+    except UsageError as err:
+        raise UsageError(f"{plan.source}: {err}") from None
+    if not done.written:
+        print(done.said)
         return 0
-    else:
-        await ledger.request(record, paused=action == "pause",
-                             what=f"{action} requested (modelip rollout {action})")
     pid = _orchestrator_pid(plan.state_dir)
     if pid:
-        print(f"rollout {record.id}: {action} requested; the orchestrator running this plan "
-              f"(pid {pid}) carries it out within a second")
+        print(f"{done.said}; the orchestrator running this plan (pid {pid}) carries it out "
+              "within a second")
     else:
-        print(f"rollout {record.id}: {action} requested; no orchestrator runs this plan now: "
-              f"`modelip deploy {plan.source}` carries it out")
+        print(f"{done.said}; no orchestrator runs this plan now: `modelip deploy "
+              f"{plan.source}` carries it out")
     return 0
 
 
@@ -158,7 +153,13 @@ def register(sub: Any) -> None:
                        ("resume", "carry on after a pause"),
                        ("undo", "roll every switched group back to the previous version")):
         p = actions.add_parser(name, help=text)
-        p.add_argument("plan")
+        p.add_argument("plan", nargs="?" if name != "status" else None,
+                       help="the plan (its journal, on this machine)" if name != "status"
+                       else None)
         if name == "status":
             p.add_argument("--json", action="store_true", help="everything, for scripts")
+        else:
+            from orchestrator.cli.api import add_api_flags
+
+            add_api_flags(p, required=False)
         p.set_defaults(handler=cmd_rollout)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import PlanError
+from orchestrator.plan.api import ApiSpec, read_api
 from orchestrator.plan.reader import (
     Node,
     Problem,
@@ -59,6 +60,7 @@ class Plan:
     store: str = ""               # "" the embedded SQLite journal; postgresql://... shared
     replicas: ReplicaSpec = ReplicaSpec()
     rollout: RolloutSpec | None = None   # None: a new version replaces the old at once
+    api: ApiSpec | None = None    # the control API (docs/api.md); None: not served
 
     @property
     def shared(self) -> bool:
@@ -165,9 +167,13 @@ class Plan:
         if (reader := top.child("rollout")) is not None:
             rollout = read_rollout(reader,
                                    lambda r, key: plan_path(base, r.get(key, str), r, key))
+        api = None
+        if (reader := top.child("api")) is not None:
+            api = read_api(reader, lambda r, key: plan_path(
+                base, r.get(key, str, required=True), r, key))
         top.done()
         plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
-                   retry, rekey, timeouts, state_dir, store, replicas, rollout)
+                   retry, rekey, timeouts, state_dir, store, replicas, rollout, api)
         if store and emulated is not None:
             raise Problem(fleet.node.line, "fleet.emulated",
                            "replicas share real hosts: an embedded emulated fleet is one "

@@ -218,6 +218,12 @@ class PostgresStore(LeaseLedger):
                                 "transitions ORDER BY id DESC LIMIT %s", (limit,))
         return [TransitionRecord(*row) for row in rows][::-1]
 
+    async def record_command(self, who: str, role: str, command: str, outcome: str
+                             ) -> None:
+        await self._rows("INSERT INTO commands (ts, who, role, command, outcome) VALUES "
+                         "(%s, %s, %s, %s, %s) RETURNING id",
+                         (time.time(), who, role, command, outcome))
+
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         rows = await self._rows("SELECT revision, ts, kind, body FROM changes WHERE "
                                 "revision > %s ORDER BY revision LIMIT %s", (after, limit))

@@ -139,6 +139,9 @@ class Store(Protocol):
     async def transitions(self, limit: int = 50) -> list[TransitionRecord]: ...
     async def card_transitions(self, host: str, device: int, limit: int = 50
                                ) -> list[TransitionRecord]: ...
+    async def record_command(self, who: str, role: str, command: str, outcome: str
+                             ) -> None:
+        """A command through the control API, done or refused, with who asked."""
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         """The changes with revisions above ``after``, oldest first (at most ``limit``)."""
     async def revisions(self) -> tuple[int, int]:

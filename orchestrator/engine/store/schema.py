@@ -110,6 +110,17 @@ SQLITE_MIGRATIONS = (
                 'what', NEW.what));
         END""",
     ),
+    # Commands through the control API (docs/api.md), allowed or refused, with who asked.
+    (
+        """CREATE TABLE commands (
+            id INTEGER PRIMARY KEY, ts REAL NOT NULL, who TEXT NOT NULL, role TEXT NOT NULL,
+            command TEXT NOT NULL, outcome TEXT NOT NULL)""",
+        """CREATE TRIGGER commands_change AFTER INSERT ON commands BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'command', json_object(
+                'who', NEW.who, 'role', NEW.role, 'command', NEW.command,
+                'outcome', NEW.outcome));
+        END""",
+    ),
 )
 
 
@@ -199,6 +210,22 @@ POSTGRES_MIGRATIONS = (
         FOR EACH ROW EXECUTE FUNCTION modelip_change()""",
         """CREATE TRIGGER host_transitions_change AFTER INSERT ON host_transitions
         FOR EACH ROW EXECUTE FUNCTION modelip_change()""",
+    ),
+    # Commands through the control API (docs/api.md), allowed or refused, with who asked.
+    (
+        """CREATE TABLE commands (
+            id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, who TEXT NOT NULL,
+            role TEXT NOT NULL, command TEXT NOT NULL, outcome TEXT NOT NULL)""",
+        """CREATE FUNCTION modelip_command_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(7302458);
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'command', json_build_object(
+                'who', NEW.who, 'role', NEW.role, 'command', NEW.command,
+                'outcome', NEW.outcome)::text);
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER commands_change AFTER INSERT ON commands
+            FOR EACH ROW EXECUTE FUNCTION modelip_command_change()""",
     ),
 )
 

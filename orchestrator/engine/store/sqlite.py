@@ -171,6 +171,11 @@ class SQLiteStore:
                           "transitions ORDER BY id DESC LIMIT ?", (limit,))
         return [TransitionRecord(*row) for row in rows][::-1]
 
+    async def record_command(self, who: str, role: str, command: str, outcome: str
+                             ) -> None:
+        self._write("INSERT INTO commands (ts, who, role, command, outcome) VALUES "
+                    "(?, ?, ?, ?, ?)", (time.time(), who, role, command, outcome))
+
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         rows = self._read("SELECT revision, ts, kind, body FROM changes WHERE revision > ? "
                           "ORDER BY revision LIMIT ?", (after, limit))

@@ -7,6 +7,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RolloutCommandRequest(_message.Message):
+    __slots__ = ("action",)
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[RolloutCommandRequest.Action]
+        PAUSE: _ClassVar[RolloutCommandRequest.Action]
+        RESUME: _ClassVar[RolloutCommandRequest.Action]
+        UNDO: _ClassVar[RolloutCommandRequest.Action]
+    ACTION_UNSPECIFIED: RolloutCommandRequest.Action
+    PAUSE: RolloutCommandRequest.Action
+    RESUME: RolloutCommandRequest.Action
+    UNDO: RolloutCommandRequest.Action
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    action: RolloutCommandRequest.Action
+    def __init__(self, action: _Optional[_Union[RolloutCommandRequest.Action, str]] = ...) -> None: ...
+
+class CommandResponse(_message.Message):
+    __slots__ = ("said", "rollout", "written")
+    SAID_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    said: str
+    rollout: int
+    written: bool
+    def __init__(self, said: _Optional[str] = ..., rollout: _Optional[int] = ..., written: _Optional[bool] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("who", "role", "command", "outcome")
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    who: str
+    role: str
+    command: str
+    outcome: str
+    def __init__(self, who: _Optional[str] = ..., role: _Optional[str] = ..., command: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
 class ListRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -76,7 +114,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since: _Optional[int] = ...) -> None: ...
 
 class Change(_message.Message):
-    __slots__ = ("revision", "type", "ts", "card", "host", "rollout")
+    __slots__ = ("revision", "type", "ts", "card", "host", "rollout", "command")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TYPE_UNSPECIFIED: _ClassVar[Change.Type]
@@ -85,22 +123,26 @@ class Change(_message.Message):
         ROLLOUT: _ClassVar[Change.Type]
         BOOKMARK: _ClassVar[Change.Type]
         SNAPSHOT_END: _ClassVar[Change.Type]
+        COMMAND: _ClassVar[Change.Type]
     TYPE_UNSPECIFIED: Change.Type
     CARD: Change.Type
     HOST: Change.Type
     ROLLOUT: Change.Type
     BOOKMARK: Change.Type
     SNAPSHOT_END: Change.Type
+    COMMAND: Change.Type
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TS_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
     revision: int
     type: Change.Type
     ts: float
     card: Card
     host: Host
     rollout: RolloutStep
-    def __init__(self, revision: _Optional[int] = ..., type: _Optional[_Union[Change.Type, str]] = ..., ts: _Optional[float] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., host: _Optional[_Union[Host, _Mapping]] = ..., rollout: _Optional[_Union[RolloutStep, _Mapping]] = ...) -> None: ...
+    command: Command
+    def __init__(self, revision: _Optional[int] = ..., type: _Optional[_Union[Change.Type, str]] = ..., ts: _Optional[float] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., host: _Optional[_Union[Host, _Mapping]] = ..., rollout: _Optional[_Union[RolloutStep, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...

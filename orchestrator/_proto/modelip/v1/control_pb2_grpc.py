@@ -44,6 +44,11 @@ class ControlStub:
                 request_serializer=modelip_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_control__pb2.Change.FromString,
                 _registered_method=True)
+        self.RolloutCommand = channel.unary_unary(
+                '/modelip.v1.Control/RolloutCommand',
+                request_serializer=modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -69,6 +74,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RolloutCommand(self, request, context):
+        """An operator's command (role operator or admin): pause, resume or undo the rollout
+        in progress. Journaled with who asked, done or refused (PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=modelip_dot_v1_dot_control__pb2.WatchRequest.FromString,
                     response_serializer=modelip_dot_v1_dot_control__pb2.Change.SerializeToString,
+            ),
+            'RolloutCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutCommand,
+                    request_deserializer=modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.FromString,
+                    response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +155,33 @@ class Control:
             '/modelip.v1.Control/Watch',
             modelip_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
             modelip_dot_v1_dot_control__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.Control/RolloutCommand',
+            modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.SerializeToString,
+            modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
             options,
             channel_credentials,
             insecure,
