@@ -3,6 +3,7 @@ revision with every change exactly once, history kept and its end, the CLI."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +17,9 @@ from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
 from orchestrator.api.server import OLDEST_KEY, serve_api
 from orchestrator.app import open_engine
 from orchestrator.engine.engine import Engine
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import UsageError
-from orchestrator.plan.api import ApiSpec
+from orchestrator.plan.api import ApiSpec, ApiTLS
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
 from tests.test_engine import wait_until, write_plan
@@ -119,3 +121,121 @@ async def test_the_cli_lists_and_replays(tmp_path: Path) -> None:
 async def test_the_api_listens_on_loopback_only(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="loopback only"):
         await serve_api(ApiSpec(listen="0.0.0.0:0"), None)  # type: ignore[arg-type]
+
+
+# --- who may do what ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[str, SQLiteStore, dict[str, Path]]]:
+    """The API over a journal with a rollout in progress, mutual TLS, roles: "dash" a
+    viewer, "ci-bot" an operator. Yields its address, the journal, the PEM files."""
+    from orchestrator.engine.rollout.ledger import RolloutLedger
+    from tests.test_tls import _cert, _cert_pem, _pem
+
+    ca, other = _cert("ops ca", None, ca=True), _cert("other ca", None, ca=True)
+    server = _cert("api", ca, ip="127.0.0.1")
+    files = {"ca.pem": _cert_pem(ca[1]), "api.pem": _cert_pem(server[1]),
+             "api.key": _pem(server[0])}
+    for name, issuer in (("dash", ca), ("ci-bot", ca), ("stranger", ca), ("intruder", other)):
+        key, cert = _cert(name, issuer)
+        files[f"{name}.pem"], files[f"{name}.key"] = _cert_pem(cert), _pem(key)
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(data)
+    spec = ApiSpec("127.0.0.1:0", ApiTLS(paths["api.pem"], paths["api.key"], paths["ca.pem"]),
+                   {"dash": "viewer", "ci-bot": "operator"})
+    with SQLiteStore(tmp_path / "journal.sqlite") as journal:
+        await RolloutLedger(journal).start("p1", "p2c", "p2", [1, 2], "started")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(serve_api, spec, journal, None)
+            yield address, journal, paths
+            tg.cancel_scope.cancel()
+
+
+def _as(paths: dict[str, Path], name: str) -> list[str]:
+    return ["--tls-ca", str(paths["ca.pem"]), "--tls-cert", str(paths[f"{name}.pem"]),
+            "--tls-key", str(paths[f"{name}.key"])]
+
+
+async def test_a_viewer_may_watch_but_not_command_and_is_journaled(tmp_path: Path) -> None:
+    from orchestrator.engine.rollout.ledger import RolloutLedger
+
+    async with secured(tmp_path) as (address, journal, paths):
+        listed = await anyio.run_process([*MODELIP, "fleet", "--api", address,
+                                          *_as(paths, "dash")], check=False)
+        assert listed.returncode == 0, listed.stderr
+        for viewer in ("dash", "stranger"):   # named a viewer, or named nowhere
+            run = await anyio.run_process([*MODELIP, "rollout", "pause", "--api", address,
+                                           *_as(paths, viewer)], check=False)
+            err = run.stderr.decode()
+            assert run.returncode == 3 and len(err.splitlines()) == 1, err
+            assert f"{viewer} is viewer; rollout pause needs operator" in err
+        assert not (await RolloutLedger(journal).active()).paused  # type: ignore[union-attr]
+        refused = [c.body for c in await journal.changes(0) if c.kind == "command"]
+        assert [(c["who"], c["outcome"]) for c in refused] == [
+            ("dash", "refused: needs operator"), ("stranger", "refused: needs operator")]
+
+
+async def test_an_operator_pauses_the_rollout_in_its_own_name(tmp_path: Path) -> None:
+    from orchestrator.engine.rollout.ledger import RolloutLedger
+
+    async with secured(tmp_path) as (address, journal, paths):
+        run = await anyio.run_process([*MODELIP, "rollout", "pause", "--api", address,
+                                       *_as(paths, "ci-bot")], check=False)
+        assert run.returncode == 0 and b"pause requested" in run.stdout, run.stderr
+        ledger = RolloutLedger(journal)
+        record = await ledger.active()
+        assert record is not None and record.paused
+        history = [h.what for h in await ledger.history(record.id)]
+        assert history[-1] == "pause requested by ci-bot (operator, control API)"
+        again = await anyio.run_process([*MODELIP, "rollout", "pause", "--api", address,
+                                         *_as(paths, "ci-bot")], check=False)
+        assert b"already paused" in again.stdout
+        done = [(c.body["who"], c.body["outcome"]) for c in await journal.changes(0)
+                if c.kind == "command"]
+        assert done == [("ci-bot", "done"), ("ci-bot", "already so")]
+
+
+async def test_a_certificate_from_another_ca_is_refused_at_the_handshake(tmp_path: Path
+                                                                        ) -> None:
+    async with secured(tmp_path) as (address, _, paths):
+        run = await anyio.run_process([*MODELIP, "fleet", "--api", address,
+                                       *_as(paths, "intruder")], check=False)
+        assert run.returncode == 4, run.stderr
+        plain = await anyio.run_process([*MODELIP, "fleet", "--api", address], check=False)
+        assert plain.returncode == 4   # no TLS at all: no answer either
+
+
+@pytest.mark.parametrize(("api", "expected"), [
+    ("api: {listen: 0.0.0.0:62480}", "api.listen: 0.0.0.0:62480 is not loopback: give api.tls"),
+    ("api: {tls: {cert: bad.pem, key: bad.pem, client_ca: bad.pem}}",
+     "api.tls.cert: bad.pem: not a PEM certificate"),
+    ("api: {roles: {operator: [ci-bot]}}", "api.roles: roles name certificates: give api.tls"),
+    ("api: {listen: nowhere}", "api.listen: must be ADDRESS:PORT"),
+    ("api: {rols: {}}", "api.rols: is not a known key: did you mean 'roles'?"),
+])
+def test_a_bad_api_section_is_one_line(api: str, expected: str, tmp_path: Path) -> None:
+    from orchestrator.errors import PlanError
+
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    with pytest.raises(PlanError, match=re.escape(expected)):
+        Plan.load(write_plan(tmp_path, extra=api))
+
+
+def test_the_plans_api_section_is_served_by_watch(tmp_path: Path) -> None:
+    """api: in the plan, --api's address over it; the bound address said on stderr."""
+    import subprocess
+
+    plan = write_plan(tmp_path, extra="api: {listen: 127.0.0.1:0}")
+    with subprocess.Popen([*MODELIP, "watch", str(plan), "--json", "--duration", "30"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                          ) as watch:
+        assert watch.stderr is not None
+        said = watch.stderr.readline()
+        address = said.split("control API on ", 1)[1].strip()
+        listed = subprocess.run([*MODELIP, "events", "--api", address], capture_output=True,
+                                text=True, timeout=60, check=True)
+        assert "snapshot end" in listed.stdout
+        watch.terminate()
