@@ -47,7 +47,7 @@ replicas-demo: $(STAMP) postgresql-server
 	scripts/replicas-demo.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator tests bench
+	$(VENV)/bin/ruff check orchestrator tests bench examples
 	$(VENV)/bin/mypy orchestrator
 
 # Regenerates orchestrator/_proto/ from protos/ (a test fails if it is stale).

@@ -239,3 +239,37 @@ def test_the_plans_api_section_is_served_by_watch(tmp_path: Path) -> None:
                                 text=True, timeout=60, check=True)
         assert "snapshot end" in listed.stdout
         watch.terminate()
+
+
+async def test_the_example_reacts_to_resets_and_resumes_after_a_restart(tmp_path: Path
+                                                                       ) -> None:
+    """examples/react_to_resets.py: each reset card's re-key once, across a restart."""
+    example = Path(__file__).parent.parent / "examples" / "react_to_resets.py"
+    state = tmp_path / "resets.rev"
+
+    async with serving(tmp_path) as (engine, address), \
+            HostClient(engine.hosts[0].target.address) as host:
+
+        async def reset_and_see(device: int) -> list[str]:
+            """Run the example while card ``device`` resets and is re-keyed: its lines."""
+            rekeys = engine.stats.rekeys
+            async with await anyio.open_process(
+                    [sys.executable, str(example), "--api", address, "--state", str(state)]
+                    ) as process:
+                assert process.stdout is not None
+                with anyio.fail_after(30):
+                    while not state.exists():  # noqa: ASYNC110 - another process's file
+                        await anyio.sleep(0.05)
+                    await host.reset(device)
+                    await wait_until(engine, lambda: engine.stats.rekeys > rekeys and all(
+                        c.state.value == "SERVING" for c in engine.cards))
+                    said = b""
+                    while f"host0/{device} ".encode() not in said:
+                        said += await process.stdout.receive()
+                process.terminate()
+            return said.decode().splitlines()
+
+        first = await reset_and_see(0)
+        assert len(first) == 1 and first[0].startswith("host0/0 h0-card0 (boot 2) re-keyed")
+        second = await reset_and_see(1)   # started again: from its last revision
+        assert len(second) == 1 and second[0].startswith("host0/1 h0-card1 (boot 2) re-keyed")
