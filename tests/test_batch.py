@@ -147,3 +147,35 @@ async def test_a_failed_call_fails_every_card_of_it() -> None:
         for n in range(3):
             tg.start_soon(ask, n)
     assert len(errors) == 3 and coalescer.calls == 1
+
+
+async def test_a_lost_lease_reaches_every_caller_as_itself() -> None:
+    """The gate forbids the call (the replica's lease on the host is lost): each caller
+    gets LeaseLost, batched or card by card, never wrapped in a group."""
+    from orchestrator.errors import LeaseLost
+
+    def lost() -> float:
+        raise LeaseLost("h", "expired")
+
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=3)) as fleet, \
+            _old_host(fleet.hosts[0]) as old:
+        for address in (fleet.addresses[0], old):
+            async with HostClient(address) as host:
+                await _attest_all(host, range(3))  # the old host: now known to lack it
+                host.gate = lost
+                caught: list[BaseException] = []
+
+                async def one(device: int, client: HostClient = host,
+                              caught: list[BaseException] = caught) -> None:
+                    try:
+                        await client.attest(device, os.urandom(32))
+                    except LeaseLost as error:
+                        caught.append(error)
+
+                async with anyio.create_task_group() as tg:
+                    for device in range(3):
+                        tg.start_soon(one, device)
+                assert len(caught) == 3, address
+                async with anyio.create_task_group() as tg:   # alone, too
+                    tg.start_soon(one, 0)
+                assert len(caught) == 4

@@ -299,12 +299,14 @@ class HostClient:
                     raise _translate(err, self.address, what) from err
             else:
                 return self._attested(response, asked)
+        if len(asked) == 1:  # alone: its failure is the call's (LeaseLost included)
+            return [await self._attest_one(*asked[0])]
         answers: list[bytes | BaseException] = [b""] * len(asked)
 
         async def one(index: int, device: int, nonce: bytes) -> None:
             try:
                 answers[index] = await self._attest_one(device, nonce)
-            except ModelIPError as error:
+            except Exception as error:  # noqa: BLE001 - each card's own (LeaseLost too)
                 answers[index] = error
 
         async with anyio.create_task_group() as tg:
