@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -28,19 +27,17 @@ from typing import Any
 
 import anyio
 import numpy as np
-from anyio.abc import ByteReceiveStream, Process, TaskStatus
+from anyio.abc import ByteReceiveStream, TaskStatus
 from google.protobuf.message import DecodeError
 
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2
 from orchestrator.agent.aborts import CODES, HostAbort
 from orchestrator.agent.backend import Emit
+from orchestrator.agent.process import MAX_ANSWER, MAX_LINE, communicate, inert, kill, log_lines
 from orchestrator.agent.staging import Staged
 
 R = runtime_pb2
 VERSION = 1
-MAX_ANSWER = 4 << 20      # bytes of stdout an operation may answer
-MAX_STDERR = 16 << 10     # bytes of stderr kept for the log
-MAX_LINE = 64 << 10       # bytes of one watch line
 OPERATIONS = ("list", "attest", "load", "execute", "unload", "reset")
 DEFAULT_TIMEOUTS = {"list": 5.0, "attest": 10.0, "load": 120.0, "execute": 60.0,
                     "unload": 10.0, "reset": 30.0}
@@ -65,14 +62,6 @@ class ExecConfig:
 
 class BadAnswer(Exception):
     """What an executable wrote is not the contract's."""
-
-
-def inert(text: bytes | str, limit: int = 300) -> str:
-    """Untrusted text made safe for one log line or error message: printable, bounded."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    cleaned = "".join(c if c.isprintable() else "?" for c in text.strip())
-    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "..."
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -172,7 +161,7 @@ class ExecBackend:
         timeout = self.config.timeouts.get(operation, DEFAULT_TIMEOUTS[operation])
         payload = json.dumps({"version": VERSION, **request}).encode()
         with anyio.move_on_after(timeout) as scope:
-            status, out, err = await _communicate([str(self.config.executable)],
+            status, out, err = await communicate([str(self.config.executable)],
                                                   self._env(operation, device), payload)
         if scope.cancelled_caught:
             raise HostAbort.of(R.ERROR_REASON_INTERNAL, f"card backend: {where}: no answer "
@@ -326,11 +315,11 @@ class ExecBackend:
                     try:
                         assert process.stdout is not None  # noqa: S101 - piped
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(_log_lines, process.stderr, "watch")
+                            tg.start_soon(log_lines, process.stderr, "watch")
                             await self._read_events(process.stdout, emit)
                             status = await process.wait()
                     except BaseException:
-                        _kill(process)
+                        kill(process)
                         raise
                 _log.warning("card backend: watch ended (exit status %s); restarting in "
                              "%g s", status, pause)
@@ -417,59 +406,3 @@ def _refusal(error: Any, where: str, device: int | None, status: int) -> HostAbo
     return HostAbort.of(reason, f"card backend: {where}: {message}", device)
 
 
-async def _log_lines(stream: ByteReceiveStream | None, what: str) -> None:
-    """What an executable says on stderr, line by line, made inert, into the log."""
-    if stream is None:
-        return
-    pending = b""
-    async for chunk in stream:
-        *lines, pending = (pending + chunk).split(b"\n")
-        pending = pending[-MAX_LINE:]
-        for line in lines:
-            if line.strip():
-                _log.info("card backend %s said on stderr: %s", what, inert(line, 2000))
-
-
-def _kill(process: Process) -> None:
-    """The operation's whole process group (its leader not reaped yet: the group's id
-    cannot have been reused)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-async def _communicate(command: list[str], env: dict[str, str], stdin: bytes
-                       ) -> tuple[int, bytes, bytes]:
-    """Run one operation: stdin in, (exit status, stdout up to MAX_ANSWER + 1 bytes,
-    stderr up to MAX_STDERR bytes); its process group killed if cancelled or flooding."""
-    with anyio.CancelScope(shield=True):  # once started, it is ours to kill and reap
-        process = await anyio.open_process(command, env=env, start_new_session=True)
-    out, err = bytearray(), bytearray()
-
-    async def drain(stream: ByteReceiveStream | None, into: bytearray, cap: int) -> None:
-        if stream is None:
-            return
-        async for chunk in stream:
-            if len(into) <= cap:
-                into += chunk[:cap + 1 - len(into)]
-            if len(into) > cap and into is out:
-                _kill(process)  # too much: nothing more is read
-                return
-
-    async with process:
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(drain, process.stdout, out, MAX_ANSWER)
-                tg.start_soon(drain, process.stderr, err, MAX_STDERR)
-                if process.stdin is not None:
-                    try:
-                        await process.stdin.send(stdin)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass  # it did not read its request: its answer says what it thinks
-                    await process.stdin.aclose()
-                status = await process.wait()
-        except BaseException:
-            _kill(process)  # timed out or failed: the whole group, before it is reaped
-            raise
-    return status, bytes(out), bytes(err)

@@ -1,7 +1,7 @@
 """grpc.aio client of a host's remote proxy (docs/protocol.md).
 
 Every call has a deadline. Every gRPC failure becomes one of our exceptions in
-``_translate``, so callers reason in our words: a refused load says whether
+``translate``, so callers reason in our words: a refused load says whether
 the session was stale, the program tampered with, or the policy violated.
 """
 
@@ -21,32 +21,19 @@ from orchestrator._proto.modelip.v1 import runtime_pb2, runtime_pb2_grpc
 from orchestrator.crypto.container import encode_key_slots
 from orchestrator.crypto.wrap import KeySlot
 from orchestrator.errors import (
-    DeadlineError,
-    DeviceOffline,
     FileInputError,
     FormatError,
-    IntegrityError,
-    LeaseLost,
-    ModelIPError,
-    NotFoundError,
-    PolicyError,
-    ProgramNotLoaded,
-    ProgramNotStaged,
     ProtocolViolation,
-    RemoteError,
-    SessionInvalidError,
-    UnreachableError,
 )
 from orchestrator.limits import MAX_CARDS_PER_HOST
 from orchestrator.tensors import from_wire, to_wire
 from orchestrator.terminal import terminal_safe
 from orchestrator.transport.batch import Coalescer
+from orchestrator.transport.failures import card_error, translate
 from orchestrator.transport.types import (
     DEFAULT_PORT,
-    DEVICE_KEY,
     FENCE_KEY,
     MAX_MESSAGE,
-    REASON_KEY,
     Deadlines,
     DeviceEvent,
     DeviceState,
@@ -77,92 +64,6 @@ _EVENT_KINDS = {runtime_pb2.EVENT_KIND_ONLINE: EventKind.ONLINE,
                 runtime_pb2.EVENT_KIND_RESET: EventKind.RESET,
                 runtime_pb2.EVENT_KIND_LOADED: EventKind.LOADED,
                 runtime_pb2.EVENT_KIND_UNLOADED: EventKind.UNLOADED}
-
-
-_BY_REASON: dict[int, type[ModelIPError]] = {
-    runtime_pb2.ERROR_REASON_SESSION_INVALID: SessionInvalidError,
-    runtime_pb2.ERROR_REASON_INTEGRITY: IntegrityError,
-    runtime_pb2.ERROR_REASON_POLICY: PolicyError,
-    runtime_pb2.ERROR_REASON_NOT_LOADED: ProgramNotLoaded,
-    runtime_pb2.ERROR_REASON_UNKNOWN_PROGRAM: ProgramNotStaged,
-}
-
-
-def _reason_of(err: grpc.aio.AioRpcError) -> tuple[int, int | None]:
-    """(ErrorReason, device) from the trailing metadata; unknown values count as none."""
-    reason: int = runtime_pb2.ERROR_REASON_UNSPECIFIED
-    device: int | None = None
-    for key, value in err.trailing_metadata() or ():
-        if key == REASON_KEY:
-            try:
-                reason = runtime_pb2.ErrorReason.Value(str(value))
-            except ValueError:
-                reason = runtime_pb2.ERROR_REASON_UNSPECIFIED
-        elif key == DEVICE_KEY and str(value).isdigit() and len(str(value)) < 10:
-            device = int(str(value))
-    return reason, device
-
-
-def _translate(err: grpc.aio.AioRpcError, target: str, what: str) -> ModelIPError:
-    """The one place where gRPC failures become our exceptions (LeaseLost, raised, if
-    the host refused the caller's fencing epoch)."""
-    reason, device = _reason_of(err)
-    return _error(err.code(), reason, err.details() or err.code().name, target, what, device)
-
-
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _card_error(error: runtime_pb2.CardError, target: str, what: str, device: int
-                ) -> ModelIPError:
-    """One card's failure inside a batch, as the same call alone would have failed."""
-    code = _STATUS.get(error.status, grpc.StatusCode.UNKNOWN)
-    reason = error.reason if error.reason in runtime_pb2.ErrorReason.values() else \
-        runtime_pb2.ERROR_REASON_UNSPECIFIED
-    return _error(code, reason, error.message or code.name, target, what, device)
-
-
-def _error(code: grpc.StatusCode, reason: int, said: str, target: str, what: str,
-           device: int | None) -> ModelIPError:
-    details = terminal_safe(said)  # host text: bounded, inert
-    result: ModelIPError
-    if reason in _BY_REASON:
-        result = _BY_REASON[reason](f"{target}: {what}: {details}")
-    elif reason == runtime_pb2.ERROR_REASON_FENCED:
-        # a newer holder of this host's lease has called it: ours is over
-        raise LeaseLost(target, f"the host refused our fencing epoch ({what}): {details}")
-    elif reason == runtime_pb2.ERROR_REASON_OFFLINE:
-        result = DeviceOffline(target, f"{what}: {details}")
-    elif reason == runtime_pb2.ERROR_REASON_UNKNOWN_DEVICE or code == grpc.StatusCode.NOT_FOUND:
-        result = NotFoundError(f"{target}: {details}")
-    elif reason == runtime_pb2.ERROR_REASON_FORMAT or code == grpc.StatusCode.INVALID_ARGUMENT:
-        result = FormatError(f"{target}: {what}", details)
-    elif code == grpc.StatusCode.UNAVAILABLE:
-        result = UnreachableError(target, f"{what}: host unreachable ({_why_unreachable(details)})")
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        result = DeadlineError(target, f"{what}: no answer within the deadline")
-    else:
-        result = RemoteError(target, f"{what}: {code.name}: {details}")
-    return result.located(host=target, device=device)
-
-
-_UNREACHABLE = (("Connection refused", "connection refused"),
-                ("No route to host", "no route to host"),
-                ("Network is unreachable", "network unreachable"),
-                ("Connection reset", "connection reset"),
-                ("DNS resolution failed", "name not found"),
-                ("Socket closed", "connection closed"),
-                ("handshake", "TLS handshake failed"))
-
-
-def _why_unreachable(details: str) -> str:
-    """gRPC's own words, shortened to the cause ("failed to connect to all addresses;
-    last error: UNKNOWN: ipv4:10.0.0.1:62473: Failed to connect to remote host:
-    Connection refused" says the address twice and the cause once)."""
-    for needle, said in _UNREACHABLE:
-        if needle.lower() in details.lower():
-            return said
-    return details
 
 
 async def _finish(call: Any) -> Any:
@@ -261,7 +162,7 @@ class HostClient:
         try:
             return await _finish(method(request, timeout=deadline, metadata=self._metadata))
         except grpc.aio.AioRpcError as err:
-            error = _translate(err, self.address, what)
+            error = translate(err, self.address, what)
             if error.device is None:
                 error.device = device  # a call about one card: that card
             raise error from err
@@ -296,7 +197,7 @@ class HostClient:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._batched = False
                 elif err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise _translate(err, self.address, what) from err
+                    raise translate(err, self.address, what) from err
             else:
                 return self._attested(response, asked)
         if len(asked) == 1:  # alone: its failure is the call's (LeaseLost included)
@@ -325,7 +226,7 @@ class HostClient:
             if which == "evidence":
                 answers.append(result.evidence)
             elif which == "error":
-                answers.append(_card_error(result.error, self.address,
+                answers.append(card_error(result.error, self.address,
                                            f"attest device {device}", device))
             else:
                 answers.append(ProtocolViolation(f"host {self.address}", f"answered the "
@@ -367,7 +268,7 @@ class HostClient:
                 yield DeviceEvent(event.device, _EVENT_KINDS.get(event.kind, EventKind.UNDEFINED),
                                   event.boot_counter, event.time_ns)
         except grpc.aio.AioRpcError as err:
-            raise _translate(err, self.address, "watch events") from err
+            raise translate(err, self.address, "watch events") from err
         finally:
             call.cancel()
 
@@ -415,7 +316,7 @@ class HostClient:
                 chunks(), timeout=self._allowed(self.deadlines.stage),
                 metadata=self._metadata))
         except grpc.aio.AioRpcError as err:
-            raise _translate(err, self.address, "stage program") from err
+            raise translate(err, self.address, "stage program") from err
         return terminal_safe(response.program_id, 128), bool(response.already_staged)
 
     async def load(self, device: int, program_id: str, *, partition: int = 0,
