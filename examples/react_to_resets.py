@@ -40,20 +40,19 @@ async def watch(api: str, state: Path, since: int | None) -> bool:
         request = control_pb2.WatchRequest() if since is None else \
             control_pb2.WatchRequest(since=since)
         try:
-            async for change in stub.Watch(request):
-                if change.type == C.CARD and change.ts:   # a change (not the snapshot)
-                    card = change.card
-                    key = (card.host, card.device)
-                    if card.previous == BACK and card.state in AWAY:
-                        left[key] = change.ts
-                    elif card.state == BACK and key in left:
-                        print(f"{card.host}/{card.device} {card.card_id} (boot "
-                              f"{card.boot_counter}) re-keyed {change.ts - left.pop(key):.2f} "
-                              f"s after it left serving (revision {change.revision})",
-                              flush=True)
-                if change.type in (C.CARD, C.HOST, C.ROLLOUT, C.COMMAND, C.BOOKMARK,
-                                   C.SNAPSHOT_END):
-                    save(state, change.revision)
+            async for batch in stub.Watch(request):   # changes come in batches
+                for change in batch.changes:
+                    if change.type == C.CARD and change.ts:   # a change (not the snapshot)
+                        card = change.card
+                        key = (card.host, card.device)
+                        if card.previous == BACK and card.state in AWAY:
+                            left[key] = change.ts
+                        elif card.state == BACK and key in left:
+                            print(f"{card.host}/{card.device} {card.card_id} (boot "
+                                  f"{card.boot_counter}) re-keyed {change.ts - left.pop(key):.2f} "
+                                  f"s after it left serving (revision {change.revision})",
+                                  flush=True)
+                save(state, batch.changes[-1].revision)   # done with it: resume after it
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.OUT_OF_RANGE:
                 raise

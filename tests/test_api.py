@@ -48,10 +48,11 @@ async def _until_caught_up(stub: control_pb2_grpc.ControlStub,
     """What a watch sends up to its first bookmark (the backlog, caught up)."""
     got = []
     with anyio.fail_after(20):
-        async for change in stub.Watch(request):
-            got.append(change)
-            if change.type == C.BOOKMARK:
-                return got
+        async for batch in stub.Watch(request):
+            for change in batch.changes:
+                got.append(change)
+                if change.type == C.BOOKMARK:
+                    return got
     raise AssertionError("the watch ended")
 
 

@@ -16,6 +16,7 @@ journal is).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -26,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
+from orchestrator._proto.modelip.v1 import control_pb2
 from orchestrator.engine.rollout.ledger import RolloutLedger
 from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import ChangeRecord, Store
@@ -56,6 +57,19 @@ async def refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     raise AssertionError(said)
 
 
+def entry(message: control_pb2.Change) -> bytes:
+    """``message`` as one entry of a ChangeBatch on the wire (field 1, length-delimited):
+    a batch is its entries one after the other, so each change is serialized once, for
+    every watcher."""
+    body = message.SerializeToString()
+    size, head = len(body), bytearray(b"\x0a")
+    while size > 0x7F:
+        head.append(size & 0x7F | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head) + body
+
+
 def change_message(change: ChangeRecord) -> control_pb2.Change:
     """A journaled change as the API sends it."""
     body = change.body
@@ -80,11 +94,76 @@ def change_message(change: ChangeRecord) -> control_pb2.Change:
                                              phase=body["phase"], what=body["what"]))
 
 
-class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
-    def __init__(self, store: Store, changed: Callable[[], Awaitable[None]] | None = None,
-                 *, spec: ApiSpec | None = None) -> None:
+class ChangeFeed:
+    """The newest changes, read from the store once for every watcher (as an API
+    server's watch cache does): one reader wakes when the engine says something moved
+    (else every LOOK_EVERY), keeps the last ``keep`` changes as messages, and tells
+    the watchers. A watcher behind what it keeps reads the store itself."""
+
+    def __init__(self, store: Store, changed: Callable[[], Awaitable[None]] | None,
+                 keep: int = 10_000) -> None:
         self.store = store
         self.changed = changed
+        self.keep = keep
+        self.recent: deque[tuple[int, bytes]] = deque()   # (revision, its batch entry)
+        self.floor = 0     # every change after this revision is in ``recent``
+        self.newest = 0
+        self._moved = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        _, self.newest = await self.store.revisions()
+        self.floor = self.newest
+        task_status.started()
+        while True:
+            changes = await self.store.changes(self.newest, PAGE)
+            for change in changes:
+                self.recent.append((change.revision, entry(change_message(change))))
+            if len(self.recent) > self.keep:
+                while len(self.recent) > self.keep:
+                    self.floor = self.recent.popleft()[0]
+            if changes:
+                self.newest = changes[-1].revision
+                self._moved.set()
+                self._moved = anyio.Event()
+            if len(changes) < PAGE:
+                await self._wait()
+
+    async def _wait(self) -> None:
+        with anyio.move_on_after(LOOK_EVERY):
+            if self.changed is not None:
+                await self.changed()
+                await anyio.sleep(0.005)  # the moves of the same instant, in one look
+            else:
+                await anyio.sleep_forever()
+
+    def after(self, revision: int) -> tuple[int, bytes] | None:
+        """The batch entries of the changes after ``revision`` and the newest of them
+        (``revision`` if none); None if they are not all held."""
+        if revision < self.floor:
+            return None
+        held: list[bytes] = []
+        newest = revision
+        for number, encoded in reversed(self.recent):
+            if number <= revision:
+                break
+            newest = max(newest, number)
+            held.append(encoded)
+        held.reverse()
+        return newest, b"".join(held)
+
+    async def moved(self) -> None:
+        await self._moved.wait()
+
+
+class ControlService:
+    """The Control service (control.proto); registered by serve_api, which sends
+    Watch's batches as they are already serialized."""
+
+    def __init__(self, store: Store, feed: ChangeFeed, *, spec: ApiSpec | None = None
+                 ) -> None:
+        self.store = store
+        self.feed = feed
         self.spec = spec or ApiSpec()
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
@@ -132,8 +211,8 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
         return control_pb2.ListResponse(revision=revision, hosts=hosts, cards=cards)
 
     async def Watch(self, request: control_pb2.WatchRequest,  # noqa: N802
-                    context: grpc.aio.ServicerContext[Any, Any]
-                    ) -> AsyncIterator[control_pb2.Change]:
+                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        """Serialized ChangeBatch messages (the server sends them as they are)."""
         await self.allowed(context, "viewer")
         oldest, newest = await self.store.revisions()
         if request.HasField("since"):
@@ -145,25 +224,30 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
             await self._check_kept(last, oldest, context)
         else:
             last, hosts, cards = await self._listing()
-            for host in hosts:
-                yield C(revision=last, type=C.HOST, host=host)
-            for card in cards:
-                yield C(revision=last, type=C.CARD, card=card)
-            yield C(revision=last, type=C.SNAPSHOT_END)
+            snapshot = control_pb2.ChangeBatch(changes=[
+                *(C(revision=last, type=C.HOST, host=host) for host in hosts),
+                *(C(revision=last, type=C.CARD, card=card) for card in cards),
+                C(revision=last, type=C.SNAPSHOT_END)])
+            yield snapshot.SerializeToString()
         quiet_since: float | None = None  # None: the backlog is not sent yet
         while True:
-            changes = await self.store.changes(last, PAGE)
-            for change in changes:
-                yield change_message(change)
-                last = change.revision
-            if len(changes) == PAGE:
+            held = self.feed.after(last)
+            if held is None:  # further back than the feed holds: from the store
+                await self._check_kept(last, (await self.store.revisions())[0], context)
+                changes = await self.store.changes(last, PAGE)
+                if changes:
+                    last = changes[-1].revision
+                    yield b"".join(entry(change_message(change)) for change in changes)
                 continue
+            last, ready = held
             now = anyio.current_time()
-            if changes or quiet_since is None or now - quiet_since >= BOOKMARK_EVERY:
-                yield C(revision=last, type=C.BOOKMARK)  # caught up to here
+            if quiet_since is None or now - quiet_since >= BOOKMARK_EVERY:
+                ready += entry(C(revision=last, type=C.BOOKMARK))  # caught up to here
                 quiet_since = now
-            await self._wait()
-            await self._check_kept(last, (await self.store.revisions())[0], context)
+            if ready:
+                yield ready
+            with anyio.move_on_after(BOOKMARK_EVERY - (now - quiet_since)):
+                await self.feed.moved()
 
     async def RolloutCommand(self, request: control_pb2.RolloutCommandRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext[Any, Any]
@@ -199,14 +283,6 @@ class ControlService(control_pb2_grpc.ControlServicer):  # type: ignore[misc]
                                 f"oldest is {oldest}): list again, then watch from there",
                                 trailing_metadata=((OLDEST_KEY, str(oldest)),))
 
-    async def _wait(self) -> None:
-        with anyio.move_on_after(LOOK_EVERY):
-            if self.changed is not None:
-                await self.changed()
-                await anyio.sleep(0.01)  # the moves of the same instant, in one look
-            else:
-                await anyio.sleep_forever()
-
 
 async def serve_api(spec: ApiSpec, store: Store,
                     changed: Callable[[], Awaitable[None]] | None = None, *,
@@ -219,8 +295,20 @@ async def serve_api(spec: ApiSpec, store: Store,
         raise UsageError(f"api {address}: without api.tls (cert, key, client_ca) the control "
                          "API listens on loopback only (docs/api.md)")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    control_pb2_grpc.add_ControlServicer_to_server(
-        ControlService(store, changed, spec=spec), server)
+    feed = ChangeFeed(store, changed)
+    service = ControlService(store, feed, spec=spec)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "modelip.v1.Control", {
+            "List": grpc.unary_unary_rpc_method_handler(
+                service.List, request_deserializer=control_pb2.ListRequest.FromString,
+                response_serializer=control_pb2.ListResponse.SerializeToString),
+            "Watch": grpc.unary_stream_rpc_method_handler(   # already serialized
+                service.Watch, request_deserializer=control_pb2.WatchRequest.FromString,
+                response_serializer=bytes),
+            "RolloutCommand": grpc.unary_unary_rpc_method_handler(
+                service.RolloutCommand,
+                request_deserializer=control_pb2.RolloutCommandRequest.FromString,
+                response_serializer=control_pb2.CommandResponse.SerializeToString)}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -243,13 +331,20 @@ async def serve_api(spec: ApiSpec, store: Store,
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     try:
-        task_status.started(f"{address.rsplit(':', 1)[0]}:{port}")
-        while True:
-            try:
-                await store.trim_changes(KEEP_REVISIONS, KEEP_SECONDS)
-            except Exception as err:  # noqa: BLE001 - trimming waits for the next time
-                _log.warning("cannot trim the history of changes: %s", err)
-            await anyio.sleep(TRIM_EVERY)
+        async with anyio.create_task_group() as tg:
+            await tg.start(feed.run)
+            task_status.started(f"{address.rsplit(':', 1)[0]}:{port}")
+            await _trim(store)
     finally:
         with anyio.CancelScope(shield=True):
             await server.stop(0.5)
+
+
+async def _trim(store: Store) -> None:
+    """Keep the history to its window, every TRIM_EVERY seconds."""
+    while True:
+        try:
+            await store.trim_changes(KEEP_REVISIONS, KEEP_SECONDS)
+        except Exception as err:  # noqa: BLE001 - trimming waits for the next time
+            _log.warning("cannot trim the history of changes: %s", err)
+        await anyio.sleep(TRIM_EVERY)

@@ -90,14 +90,15 @@ async def _events(args: argparse.Namespace) -> int:
         control_pb2.WatchRequest(since=args.since)
     async with channel(args) as chan:
         try:
-            async for change in control_pb2_grpc.ControlStub(chan).Watch(request):
-                bookmark = change.type == control_pb2.Change.BOOKMARK
-                if args.json:
-                    print(_json(change), flush=True)
-                elif not bookmark:
-                    print(_line(change), flush=True)
-                if bookmark and not args.follow:
-                    return 0  # caught up
+            async for batch in control_pb2_grpc.ControlStub(chan).Watch(request):
+                for change in batch.changes:
+                    bookmark = change.type == control_pb2.Change.BOOKMARK
+                    if args.json:
+                        print(_json(change), flush=True)
+                    elif not bookmark:
+                        print(_line(change), flush=True)
+                    if bookmark and not args.follow:
+                        return 0  # caught up
         except grpc.aio.AioRpcError as err:
             raise failure(err, args.api, "--since") from None
     return 0

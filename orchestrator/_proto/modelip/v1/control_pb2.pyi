@@ -113,6 +113,12 @@ class WatchRequest(_message.Message):
     since: int
     def __init__(self, since: _Optional[int] = ...) -> None: ...
 
+class ChangeBatch(_message.Message):
+    __slots__ = ("changes",)
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[Change]
+    def __init__(self, changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ...) -> None: ...
+
 class Change(_message.Message):
     __slots__ = ("revision", "type", "ts", "card", "host", "rollout", "command")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

@@ -42,7 +42,7 @@ class ControlStub:
         self.Watch = channel.unary_stream(
                 '/modelip.v1.Control/Watch',
                 request_serializer=modelip_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
-                response_deserializer=modelip_dot_v1_dot_control__pb2.Change.FromString,
+                response_deserializer=modelip_dot_v1_dot_control__pb2.ChangeBatch.FromString,
                 _registered_method=True)
         self.RolloutCommand = channel.unary_unary(
                 '/modelip.v1.Control/RolloutCommand',
@@ -68,7 +68,8 @@ class ControlServicer:
         more up to this revision": once the backlog is sent, then every few seconds on a
         quiet fleet. `since` older than the history kept: OUT_OF_RANGE, the oldest kept
         revision in the trailing metadata key "modelip-oldest-revision" (never a silent
-        gap); newer than the newest: INVALID_ARGUMENT.
+        gap); newer than the newest: INVALID_ARGUMENT. Changes come in batches: each
+        message carries every change ready when it was sent (at least one), in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +94,7 @@ def add_ControlServicer_to_server(servicer, server):
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
                     request_deserializer=modelip_dot_v1_dot_control__pb2.WatchRequest.FromString,
-                    response_serializer=modelip_dot_v1_dot_control__pb2.Change.SerializeToString,
+                    response_serializer=modelip_dot_v1_dot_control__pb2.ChangeBatch.SerializeToString,
             ),
             'RolloutCommand': grpc.unary_unary_rpc_method_handler(
                     servicer.RolloutCommand,
@@ -154,7 +155,7 @@ class Control:
             target,
             '/modelip.v1.Control/Watch',
             modelip_dot_v1_dot_control__pb2.WatchRequest.SerializeToString,
-            modelip_dot_v1_dot_control__pb2.Change.FromString,
+            modelip_dot_v1_dot_control__pb2.ChangeBatch.FromString,
             options,
             channel_credentials,
             insecure,
