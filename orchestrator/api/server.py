@@ -40,6 +40,7 @@ C = control_pb2.Change
 OLDEST_KEY = "modelip-oldest-revision"
 BOOKMARK_EVERY = 5.0      # seconds of quiet between bookmarks
 LOOK_EVERY = 0.25         # seconds between looks at the store when nothing says it moved
+SETTLE = 0.02             # seconds of moves read and sent at once (one write per watcher)
 KEEP_REVISIONS = 100_000  # history kept: the newest 100,000 revisions...
 KEEP_SECONDS = 3600.0     # ...and whatever is younger than an hour
 TRIM_EVERY = 60.0
@@ -133,7 +134,7 @@ class ChangeFeed:
         with anyio.move_on_after(LOOK_EVERY):
             if self.changed is not None:
                 await self.changed()
-                await anyio.sleep(0.005)  # the moves of the same instant, in one look
+                await anyio.sleep(SETTLE)  # the moves of these milliseconds, in one look
             else:
                 await anyio.sleep_forever()
 
