@@ -231,14 +231,21 @@ class ControlService:
                 C(revision=last, type=C.SNAPSHOT_END)])
             yield snapshot.SerializeToString()
         quiet_since: float | None = None  # None: the backlog is not sent yet
+        backlog = newest   # the first bookmark comes after every change journaled by now
         while True:
             held = self.feed.after(last)
-            if held is None:  # further back than the feed holds: from the store
+            if held is None or (last < backlog and self.feed.newest < backlog):
+                # further back than the feed holds, or ahead of it: from the store
                 await self._check_kept(last, (await self.store.revisions())[0], context)
                 changes = await self.store.changes(last, PAGE)
-                if changes:
-                    last = changes[-1].revision
-                    yield b"".join(entry(change_message(change)) for change in changes)
+                if not changes:  # nothing more there now
+                    backlog = last
+                    if held is None:
+                        with anyio.move_on_after(LOOK_EVERY):
+                            await self.feed.moved()
+                    continue
+                last = changes[-1].revision
+                yield b"".join(entry(change_message(change)) for change in changes)
                 continue
             last, ready = held
             now = anyio.current_time()
