@@ -274,3 +274,21 @@ async def test_the_example_reacts_to_resets_and_resumes_after_a_restart(tmp_path
         assert len(first) == 1 and first[0].startswith("host0/0 h0-card0 (boot 2) re-keyed")
         second = await reset_and_see(1)   # started again: from its last revision
         assert len(second) == 1 and second[0].startswith("host0/1 h0-card1 (boot 2) re-keyed")
+
+
+async def test_the_first_bookmark_comes_after_everything_journaled_before_the_watch(
+        tmp_path: Path) -> None:
+    """The shared reader looks at the store every 0.25 s when no engine says it moved:
+    changes journaled just before a watch are read from the store for it."""
+    with SQLiteStore(tmp_path / "journal.sqlite") as journal:
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(serve_api, ApiSpec("127.0.0.1:0"), journal, None)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = control_pb2_grpc.ControlStub(channel)
+                await anyio.sleep(0.3)
+                for n in range(5):
+                    await journal.record_command("t", "operator", f"c{n}", "done")
+                got = await _until_caught_up(stub, control_pb2.WatchRequest(since=0))
+            tg.cancel_scope.cancel()
+    assert [c.command.command for c in got if c.type == C.COMMAND] == [
+        f"c{n}" for n in range(5)]
