@@ -158,7 +158,7 @@ def journal_per_card(cards: int, devices: int) -> float:
             good: KnownGood | bool = KnownGood(machine.card_id, "01" * 16, "p", 0) \
                 if target is CardState.SERVING else True
             transition = machine.propose(target, "measured", known_good=good)
-            load_id = await store.record_card(
+            load_id, _ = await store.record_card(
                 transition, load=LoadSent("p", 0) if target is CardState.LOADING else None,
                 concludes=(load_id, "ok") if target is CardState.SERVING else None)
             machine.apply(transition)

@@ -3,6 +3,7 @@ revision with every change exactly once, history kept and its end, the CLI."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -292,3 +293,24 @@ async def test_the_first_bookmark_comes_after_everything_journaled_before_the_wa
             tg.cancel_scope.cancel()
     assert [c.command.command for c in got if c.type == C.COMMAND] == [
         f"c{n}" for n in range(5)]
+
+
+async def test_the_json_events_name_the_revisions_the_watch_names(tmp_path: Path) -> None:
+    from orchestrator.engine.events import CardChanged
+
+    async with serving(tmp_path) as (engine, _):
+        moves: list[CardChanged] = []
+        engine.subscribe(lambda e: moves.append(e) if isinstance(e, CardChanged) else None)
+        rekeys = engine.stats.rekeys
+        async with HostClient(engine.hosts[1].target.address) as host:
+            await host.reset(1)
+        await wait_until(engine, lambda: engine.stats.rekeys > rekeys and all(
+            c.state.value == "SERVING" for c in engine.cards))
+        journal = {c.revision: c for c in await engine.store.changes(0, 10_000)}
+        assert len(moves) >= 3
+        for move in moves:   # each event: the change the watch sends under that revision
+            change = journal[move.revision]
+            assert change.kind == "card" and (change.body["host"], change.body["device"],
+                                              change.body["state"]) == (
+                move.host, move.device, move.state)
+        assert json.loads(moves[-1].to_json())["revision"] == moves[-1].revision

@@ -152,6 +152,9 @@ async def test_revisions_of_two_replicas_writing_at_once_are_one_order(database:
         middle = revisions[len(revisions) // 2]
         assert [c.revision for c in await a.changes(middle)] == [
             r for r in revisions if r > middle]
+        recorded = await a.record_card(transition("ha"))   # a move names its revision
+        [change] = await b.changes(recorded.revision - 1, 1)
+        assert (change.revision, change.body["host"]) == (recorded.revision, "ha")
     finally:
         await a.close()
         await b.close()

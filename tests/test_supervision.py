@@ -137,8 +137,8 @@ async def test_moves_of_one_instant_share_a_commit_carry_their_loads_and_outlive
         ids: dict[object, int] = {}
 
         async def send(device: int) -> None:
-            ids[device] = await store.record_card(move(device, S.KEYED, S.LOADING),
-                                                  load=LoadSent("p", device))
+            ids[device] = (await store.record_card(move(device, S.KEYED, S.LOADING),
+                                                   load=LoadSent("p", device))).load_id
 
         async def send_cancelled() -> None:
             with anyio.CancelScope() as scope:

@@ -193,12 +193,12 @@ class CardDriver:
         transition = self.machine.propose(target, reason, known_good=known_good)
         # Written means applied, never half a move: the store's write is shielded, and
         # nothing between its return and the apply can be interrupted.
-        load_id = await self.ctx.store.record_card(transition, load=load, concludes=concludes)
+        recorded = await self.ctx.store.record_card(transition, load=load, concludes=concludes)
         self.machine.apply(transition)
         if target is S.SERVING:   # only ever on a verified report or receipt
             self.verified_since = self._sent
-        self.host.card_moved(transition)
-        return load_id
+        self.host.card_moved(transition, recorded.revision)
+        return recorded.load_id
 
     # --- the task -----------------------------------------------------------------------------
 

@@ -153,9 +153,9 @@ class Engine:
         self._check_settled()
         self._wake_waiters()
 
-    def _card_moved(self, driver: CardDriver, t: CardTransition) -> None:
+    def _card_moved(self, driver: CardDriver, t: CardTransition, revision: int) -> None:
         self._unsettled += (t.previous in SETTLED) - (t.state in SETTLED)
-        self._emit(card_event(driver, t))
+        self._emit(card_event(driver, t, revision))
         self._check_settled()
 
     def _escalate(self, err: StateDirError) -> None:

@@ -79,6 +79,7 @@ class CardChanged(Event):
     session: str          # the session KEY's fingerprint (16 hex digits), "" if none yet
     attempts: int
     session_id: str = ""  # the session id's first 16 hex digits (as status and inspect show)
+    revision: int = 0     # the move's revision in the store (docs/api.md); 0: not journaled
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,6 +92,7 @@ class HostChanged(Event):
     previous: str
     state: str
     reason: str
+    revision: int = 0     # the move's revision in the store (docs/api.md)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -65,7 +65,7 @@ class HostLost(Exception):  # noqa: N818 - a condition, not an error of ours
 
 class HostSupervisor:
     def __init__(self, target: HostTarget, ctx: EngineContext, *, share: int,
-                 on_card_moved: Callable[[CardDriver, CardTransition], None],
+                 on_card_moved: Callable[[CardDriver, CardTransition, int], None],
                  on_card_checked: Callable[[], None],
                  group_serving: Callable[[int], bool], connect: Connect) -> None:
         """``connect`` makes the host's HostAPI (app.py: the gRPC client)."""
@@ -133,8 +133,8 @@ class HostSupervisor:
         """A call to this host failed: probe it now rather than at the next resync."""
         self._probe_now.set()
 
-    def card_moved(self, transition: CardTransition) -> None:
-        self._on_card_moved(self.drivers[transition.device], transition)
+    def card_moved(self, transition: CardTransition, revision: int) -> None:
+        self._on_card_moved(self.drivers[transition.device], transition, revision)
 
     def card_checked(self) -> None:
         self._on_card_checked()
@@ -389,13 +389,14 @@ class HostSupervisor:
 
     async def _move(self, target: HostState, reason: str = "") -> None:
         transition = self.machine.propose(target, reason)
-        await self.ctx.store.record_host(transition, self.target.address)
+        revision = await self.ctx.store.record_host(transition, self.target.address)
         self.machine.apply(transition)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
         self.ctx.emit(HostChanged(host=self.name, address=self.target.address,
                                   previous=transition.previous.value,
-                                  state=transition.state.value, reason=reason))
+                                  state=transition.state.value, reason=reason,
+                                  revision=revision))
 
 
 @asynccontextmanager
@@ -407,13 +408,13 @@ async def _closing(client: HostAPI) -> AsyncIterator[HostAPI]:
             await client.close()
 
 
-def card_event(driver: CardDriver, t: CardTransition) -> CardChanged:
+def card_event(driver: CardDriver, t: CardTransition, revision: int = 0) -> CardChanged:
     m = driver.machine
     return CardChanged(host=m.host, device=m.device, card_id=m.card_id, group=m.group,
                        partition=m.partition, previous=t.previous.value, state=t.state.value,
                        reason=t.reason, boot_counter=m.boot_counter,
                        session=m.session_fingerprint, attempts=m.attempts,
-                       session_id=t.session_id[:16])
+                       session_id=t.session_id[:16], revision=revision)
 
 
 __all__ = ["CardState", "HostSupervisor", "HostTarget", "card_event"]

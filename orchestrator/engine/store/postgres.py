@@ -21,6 +21,7 @@ from orchestrator.engine.store.protocol import (
     HostRecord,
     LoadRecord,
     LoadSent,
+    Recorded,
     TransitionRecord,
     card_record,
 )
@@ -118,7 +119,7 @@ class PostgresStore(LeaseLedger):
         return [card_record(row) for row in rows]
 
     async def record_card(self, t: CardTransition, *, load: LoadSent | None = None,
-                          concludes: tuple[int, str] | None = None) -> int:
+                          concludes: tuple[int, str] | None = None) -> Recorded:
         good = t.known_good or KnownGood("", "", "", -1)
         epoch = self._epoch(t.host)
         if concludes is not None:
@@ -126,7 +127,7 @@ class PostgresStore(LeaseLedger):
             # the lease now, so it is written even if this move is then refused.
             await self.finish_load(*concludes)
 
-        async def write(conn: Conn) -> int:
+        async def write(conn: Conn) -> Recorded:
             # the card's row first: the history row's trigger reads it (revisions)
             await conn.execute(
                 "UPDATE cards SET card_id = %s, state = %s, boot_counter = %s, "
@@ -142,8 +143,9 @@ class PostgresStore(LeaseLedger):
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (t.at, t.host, t.device, t.card_id, t.previous.value, t.state.value,
                  t.boot_counter, t.session_id, t.reason, self.replica, epoch))
+            revision = await _revision(conn)
             if load is None:
-                return 0
+                return Recorded(0, revision)
             row = await (await conn.execute(
                 "INSERT INTO loads (ts, host, device, card_id, session_id, program_id, "
                 "partition, replica, epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -151,11 +153,11 @@ class PostgresStore(LeaseLedger):
                                  load.program_id, load.partition, self.replica,
                                  epoch))).fetchone()
             assert row is not None  # noqa: S101 - RETURNING
-            return int(row[0])
+            return Recorded(int(row[0]), revision)
         return await self._fenced(t.host, write)
 
-    async def record_host(self, t: HostTransition, address: str) -> None:
-        async def write(conn: Conn) -> None:
+    async def record_host(self, t: HostTransition, address: str) -> int:
+        async def write(conn: Conn) -> int:
             await conn.execute(
                 "INSERT INTO host_transitions (ts, host, from_state, to_state, reason, "
                 "replica) VALUES (%s, %s, %s, %s, %s, %s)",
@@ -166,7 +168,8 @@ class PostgresStore(LeaseLedger):
                 "reason = excluded.reason, updated = excluded.updated, "
                 "replica = excluded.replica",
                 (t.host, address, t.state.value, t.reason, t.at, self.replica))
-        await self._fenced(t.host, write)
+            return await _revision(conn)
+        return await self._fenced(t.host, write)
 
     async def hosts(self) -> list[HostRecord]:
         """Every host; ``owner`` only while a live replica holds its lease, and its
@@ -245,3 +248,11 @@ class PostgresStore(LeaseLedger):
                                 "transitions WHERE host = %s AND device = %s "
                                 "ORDER BY id DESC LIMIT %s", (host, device, limit))
         return [TransitionRecord(*row) for row in rows][::-1]
+
+
+async def _revision(conn: Conn) -> int:
+    """The revision the change just written in this transaction got (its trigger drew
+    it from the changes sequence in this session)."""
+    row = await (await conn.execute(
+        "SELECT currval(pg_get_serial_sequence('changes', 'revision'))")).fetchone()
+    return int(row[0]) if row else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.terminal import terminal_safe
@@ -87,6 +87,14 @@ class TransitionRecord:
         _inert(self, "host", "previous", "state", "reason")
 
 
+class Recorded(NamedTuple):
+    """What a card's move was journaled as: the load it announced (0: none) and the
+    revision of the change (docs/api.md)."""
+
+    load_id: int
+    revision: int
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeRecord:
     """One journaled change (docs/api.md): its revision, and the state of its object
@@ -124,12 +132,14 @@ class Store(Protocol):
     async def card(self, host: str, device: int) -> CardRecord | None: ...
     async def cards(self) -> list[CardRecord]: ...
     async def record_card(self, transition: CardTransition, *, load: LoadSent | None = None,
-                          concludes: tuple[int, str] | None = None) -> int:
+                          concludes: tuple[int, str] | None = None) -> Recorded:
         """Written ahead, shielded: once handed in, the move is committed (or this
         raises) even if the caller is being cancelled, so that it can be applied.
         ``load``: the load the move announces, recorded with it; its id is returned
-        (0 without). ``concludes``: (load id, outcome) of the load the move ends."""
-    async def record_host(self, transition: HostTransition, address: str) -> None: ...
+        (0 without). ``concludes``: (load id, outcome) of the load the move ends.
+        Also returned: the move's revision (docs/api.md)."""
+    async def record_host(self, transition: HostTransition, address: str) -> int:
+        """The host's move, journaled; its revision."""
     async def hosts(self) -> list[HostRecord]: ...
     async def finish_load(self, load_id: int, outcome: str) -> None: ...
     async def loads(self) -> list[LoadRecord]: ...

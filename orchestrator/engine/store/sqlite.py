@@ -26,6 +26,7 @@ from orchestrator.engine.store.protocol import (
     HostRecord,
     LoadRecord,
     LoadSent,
+    Recorded,
     TransitionRecord,
     card_record,
 )
@@ -98,7 +99,7 @@ class SQLiteStore:
         return [card_record(row) for row in rows]
 
     async def record_card(self, t: CardTransition, *, load: LoadSent | None = None,
-                          concludes: tuple[int, str] | None = None) -> int:
+                          concludes: tuple[int, str] | None = None) -> Recorded:
         """One row, which a trigger applies to the card's current row (and the load it
         announces or ends); committed with the other moves of the same instant (group
         commit), returned once committed."""
@@ -119,12 +120,12 @@ class SQLiteStore:
                 "partition) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (t.at, t.host, t.device, t.card_id, t.session_id, load.program_id,
                  load.partition)))
-        rowids = await self._group_commit(rows)
-        return rowids[-1] if load is not None else 0
+        written = await self._group_commit(rows)
+        return Recorded(written[-1][0] if load is not None else 0, written[0][1])
 
     # --- hosts --------------------------------------------------------------------
 
-    async def record_host(self, t: HostTransition, address: str) -> None:
+    async def record_host(self, t: HostTransition, address: str) -> int:
         with self._transaction():
             self._db.execute(
                 "INSERT INTO host_transitions (ts, host, from_state, to_state, reason) "
@@ -135,6 +136,7 @@ class SQLiteStore:
                 "address = excluded.address, state = excluded.state, "
                 "reason = excluded.reason, updated = excluded.updated",
                 (t.host, address, t.state.value, t.reason, t.at))
+            return self._revision()
 
     async def hosts(self) -> list[HostRecord]:
         rows = self._read("SELECT host, address, state, reason, updated FROM hosts "
@@ -225,7 +227,14 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StateDirError(self.path, f"cannot read the journal: {_why(exc)}") from None
 
-    async def _group_commit(self, rows: list[tuple[str, tuple[object, ...]]]) -> list[int]:
+    def _revision(self) -> int:
+        """The newest revision given (in the transaction: the change just written)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'"
+                               ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def _group_commit(self, rows: list[tuple[str, tuple[object, ...]]]
+                            ) -> list[tuple[int, int]]:
         """Write-ahead at the price of one commit per event-loop turn, not per row.
 
         The first writer of a turn yields once so the others can join, then commits
@@ -244,20 +253,22 @@ class SQLiteStore:
                 await batch.done.wait()
                 if batch.error is not None:
                     raise batch.error
-                return batch.rowids[mine]
+                return list(zip(batch.rowids[mine], batch.revisions[mine], strict=True))
             try:
                 await anyio.lowlevel.checkpoint()
                 self._batch = None
                 with self._transaction():
-                    batch.rowids = [self._db.execute(statement, values).lastrowid or 0
-                                    for statement, values in batch.rows]
+                    for statement, values in batch.rows:
+                        batch.rowids.append(self._db.execute(statement, values).lastrowid or 0)
+                        batch.revisions.append(self._revision() if statement.startswith(
+                            _CHANGING) else 0)
             except StateDirError as err:
                 batch.error = err
                 raise
             finally:
                 self._batch = None
                 batch.done.set()
-        return batch.rowids[mine]
+        return list(zip(batch.rowids[mine], batch.revisions[mine], strict=True))
 
     def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit): no BEGIN/COMMIT round trips."""
@@ -310,10 +321,15 @@ def _finish_load_row(load_id: int, outcome: str) -> tuple[str, tuple[object, ...
     return "UPDATE loads SET outcome = ? WHERE id = ?", (outcome, load_id)
 
 
+# the statements whose row makes a change (a trigger writes it: schema.py)
+_CHANGING = ("INSERT INTO transitions", "INSERT INTO host_transitions")
+
+
 @dataclass(slots=True)
 class _Batch:
     rows: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     rowids: list[int] = field(default_factory=list)
+    revisions: list[int] = field(default_factory=list)   # the newest after each row
     done: anyio.Event = field(default_factory=anyio.Event)
     error: StateDirError | None = None
 
