@@ -197,7 +197,9 @@ def test_status_reads_the_journal_without_network(tmp_path: Path, emulator: tupl
     rollup = subprocess.run([*MODELIP, "status", str(plan)], capture_output=True, text=True,
                             timeout=60, check=True).stdout
     assert "hosts serving 1/1   groups serving 4/4" in rollup
-    assert f"{address} ●●●●" in rollup and "4/4 serving (as last recorded)" in rollup
+    revision = document["revision"]   # the journal's newest, as the control API names it
+    assert revision >= 4 * 4 and f"4/4 serving (as last recorded, revision {revision})" \
+        in rollup and f"{address} ●●●●" in rollup
     table = subprocess.run([*MODELIP, "status", str(plan), "--cards"], capture_output=True,
                            text=True, timeout=60, check=True).stdout
     rows = [line for line in table.splitlines() if "SERVING" in line]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.cli.fleet import add_store_flags, load_plan
+from orchestrator.errors import ModelIPError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
     from orchestrator.plan.model import Plan
@@ -47,8 +48,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(render(snap, title=f"{plan.source.name}: {view['store']} (as last "
                              "recorded)", width=width, height=height - 2 - len(
                                  view.get("replicas", ()))))
-    print(f"{snap.counts.get('SERVING', 0)}/{rollup['cards']} serving (as last recorded), "
-          f"{rollup['loads']} loads sent")
+    at = f", revision {view['revision']}" if view["revision"] is not None else ""
+    print(f"{snap.counts.get('SERVING', 0)}/{rollup['cards']} serving (as last recorded"
+          f"{at}), {rollup['loads']} loads sent")
     for r in view.get("replicas", []):
         held = sum(h["owner"] == r["name"] for h in view["hosts"])
         print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, holds {held} "
@@ -119,7 +121,12 @@ async def _store_view(store: Any, label: str) -> dict[str, Any]:
               "lease_expires": _iso(h.lease_expires)} for h in host_records]
     cards = [{**dataclasses.asdict(c), "updated": _iso(c.updated)} for c in card_records]
     loads = [dataclasses.asdict(r) for r in await store.loads()]
-    return {"store": label, "hosts": hosts, "cards": cards, "loads": loads,
+    try:
+        _, revision = await store.revisions()
+    except ModelIPError:   # a journal from before revisions, read without changing it
+        revision = None
+    return {"store": label, "revision": revision, "hosts": hosts, "cards": cards,
+            "loads": loads,
             "_records": (card_records, host_records, await store.transitions(12))}
 
 
