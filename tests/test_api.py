@@ -128,18 +128,18 @@ async def test_the_api_listens_on_loopback_only(tmp_path: Path) -> None:
 # --- who may do what ------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def secured(tmp_path: Path) -> AsyncIterator[tuple[str, SQLiteStore, dict[str, Path]]]:
-    """The API over a journal with a rollout in progress, mutual TLS, roles: "dash" a
-    viewer, "ci-bot" an operator. Yields its address, the journal, the PEM files."""
-    from orchestrator.engine.rollout.ledger import RolloutLedger
+def _certificates(tmp_path: Path) -> tuple[ApiSpec, dict[str, Path]]:
+    """Mutual TLS for the API: its CA, its certificate, and clients "dash" (a viewer),
+    "ci-bot" (an operator), "bob" (an admin), "stranger" (named nowhere), "intruder"
+    (another CA's). The spec on a free loopback port, and the PEM files."""
     from tests.test_tls import _cert, _cert_pem, _pem
 
     ca, other = _cert("ops ca", None, ca=True), _cert("other ca", None, ca=True)
     server = _cert("api", ca, ip="127.0.0.1")
     files = {"ca.pem": _cert_pem(ca[1]), "api.pem": _cert_pem(server[1]),
              "api.key": _pem(server[0])}
-    for name, issuer in (("dash", ca), ("ci-bot", ca), ("stranger", ca), ("intruder", other)):
+    for name, issuer in (("dash", ca), ("ci-bot", ca), ("bob", ca), ("stranger", ca),
+                         ("intruder", other)):
         key, cert = _cert(name, issuer)
         files[f"{name}.pem"], files[f"{name}.key"] = _cert_pem(cert), _pem(key)
     paths = {}
@@ -147,7 +147,17 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[str, SQLiteStore, dict[
         paths[name] = tmp_path / name
         paths[name].write_bytes(data)
     spec = ApiSpec("127.0.0.1:0", ApiTLS(paths["api.pem"], paths["api.key"], paths["ca.pem"]),
-                   {"dash": "viewer", "ci-bot": "operator"})
+                   {"dash": "viewer", "ci-bot": "operator", "bob": "admin"})
+    return spec, paths
+
+
+@asynccontextmanager
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[str, SQLiteStore, dict[str, Path]]]:
+    """The API over a journal with a rollout in progress, mutual TLS and roles
+    (_certificates). Yields its address, the journal, the PEM files."""
+    from orchestrator.engine.rollout.ledger import RolloutLedger
+
+    spec, paths = _certificates(tmp_path)
     with SQLiteStore(tmp_path / "journal.sqlite") as journal:
         await RolloutLedger(journal).start("p1", "p2c", "p2", [1, 2], "started")
         async with anyio.create_task_group() as tg:
@@ -314,3 +324,60 @@ async def test_the_json_events_name_the_revisions_the_watch_names(tmp_path: Path
                                               change.body["state"]) == (
                 move.host, move.device, move.state)
         assert json.loads(moves[-1].to_json())["revision"] == moves[-1].revision
+
+
+async def test_an_admin_releases_a_quarantined_card_and_it_serves_again(tmp_path: Path
+                                                                       ) -> None:
+    """A card quarantined for a body the host altered; the host is mended; an admin's
+    release tries it again (an operator's is refused); a serving card is not released."""
+    from orchestrator.app import grpc_host
+    from orchestrator.emulator.adversary import Adversary
+    from orchestrator.emulator.fleet import FleetConfig, run_fleet
+    from orchestrator.engine.host import HostTarget
+    from orchestrator.engine.prepare import obtain_mek, prepare_program
+
+    plan = Plan.load(write_plan(tmp_path, hosts=1, devices=2))
+    mek = obtain_mek(plan)
+    program = prepare_program(plan, mek)
+    spec, paths = _certificates(tmp_path)
+    with SQLiteStore(plan.journal_path) as journal:
+        async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet, \
+                HostClient(fleet.addresses[0]) as client, anyio.create_task_group() as tg:
+            engine = Engine(plan, [HostTarget("host0", fleet.addresses[0], (0, 1))],
+                            [fleet.pki.root], mek, program, journal, connect=grpc_host)
+            tg.start_soon(lambda: engine.run(keep_serving=True))
+            address = await tg.start(lambda task_status: serve_api(
+                spec, journal, engine.changed, release=engine.release,
+                task_status=task_status))
+            with anyio.fail_after(30):
+                await engine.deployed.wait()
+            backend = fleet.hosts[0].backend
+            backend.adversary, backend.adversary_devices = Adversary.TAMPER_BODY, frozenset({1})
+            await client.reset(1)
+            await wait_until(engine, lambda: engine.cards[1].state.value == "QUARANTINED")
+            backend.adversary = Adversary.NONE   # the host mended
+
+            async def release(who: str, device: int) -> tuple[int, str]:
+                run = await anyio.run_process([*MODELIP, "release", "host0", str(device),
+                                               "--api", address, *_as(paths, who)],
+                                              check=False)
+                return run.returncode, (run.stdout + run.stderr).decode()
+
+            code, said = await release("ci-bot", 1)
+            assert code == 3 and "ci-bot is operator; release host0/1 needs admin" in said
+            code, said = await release("bob", 0)
+            assert code == 2 and "host0/0 is SERVING, not quarantined" in said
+            assert engine.cards[1].state.value == "QUARANTINED"
+            code, said = await release("bob", 1)
+            assert code == 0 and "released from quarantine" in said, said
+            await wait_until(engine, lambda: engine.cards[1].state.value == "SERVING")
+            moves = [t.reason for t in await journal.card_transitions("host0", 1)]
+            assert "released from quarantine by bob (admin, control API)" in moves
+            outcomes = [(c.body["who"], c.body["command"], c.body["outcome"])
+                        for c in await journal.changes(0, 10_000) if c.kind == "command"]
+            assert outcomes == [
+                ("ci-bot", "release host0/1", "refused: needs admin"),
+                ("bob", "release host0/0", "refused: card host0/0 is SERVING, not "
+                                           "quarantined"),
+                ("bob", "release host0/1", "done")]
+            tg.cancel_scope.cancel()

@@ -49,6 +49,8 @@ _log = logging.getLogger("modelip.api")
 
 
 RANK = {role: rank for rank, role in enumerate(ROLES)}
+# the engine's release of a quarantined card: (host, device, who) -> what was done
+Release = Callable[[str, int, str], str]
 
 
 async def refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
@@ -161,11 +163,12 @@ class ControlService:
     """The Control service (control.proto); registered by serve_api, which sends
     Watch's batches as they are already serialized."""
 
-    def __init__(self, store: Store, feed: ChangeFeed, *, spec: ApiSpec | None = None
-                 ) -> None:
+    def __init__(self, store: Store, feed: ChangeFeed, *, spec: ApiSpec | None = None,
+                 release: Release | None = None) -> None:
         self.store = store
         self.feed = feed
         self.spec = spec or ApiSpec()
+        self.release = release
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
         """(who, role) of the call's caller."""
@@ -283,6 +286,22 @@ class ControlService:
         return control_pb2.CommandResponse(said=done.said, rollout=done.rollout,
                                            written=done.written)
 
+    async def ReleaseCard(self, request: control_pb2.CardRef,  # noqa: N802
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> control_pb2.CommandResponse:
+        command = f"release {request.host[:200]}/{request.device}"
+        who, role = await self.allowed(context, "admin", command)
+        if self.release is None:
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "no engine runs behind this API")
+        try:
+            said = self.release(request.host, request.device, f"{who} ({role}, control API)")
+        except UsageError as err:
+            await self.store.record_command(who, role, command, f"refused: {err}")
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        await self.store.record_command(who, role, command, "done")
+        return control_pb2.CommandResponse(said=said, written=True)
+
     async def _check_kept(self, last: int, oldest: int,
                           context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if oldest and last + 1 < oldest:
@@ -294,6 +313,7 @@ class ControlService:
 
 async def serve_api(spec: ApiSpec, store: Store,
                     changed: Callable[[], Awaitable[None]] | None = None, *,
+                    release: Release | None = None,
                     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve the control API as ``spec`` says until cancelled (mutual TLS with
     ``spec.tls``; without it, loopback only); reports the address bound; trims the
@@ -304,7 +324,7 @@ async def serve_api(spec: ApiSpec, store: Store,
                          "API listens on loopback only (docs/api.md)")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     feed = ChangeFeed(store, changed)
-    service = ControlService(store, feed, spec=spec)
+    service = ControlService(store, feed, spec=spec, release=release)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "modelip.v1.Control", {
             "List": grpc.unary_unary_rpc_method_handler(
@@ -316,6 +336,9 @@ async def serve_api(spec: ApiSpec, store: Store,
             "RolloutCommand": grpc.unary_unary_rpc_method_handler(
                 service.RolloutCommand,
                 request_deserializer=control_pb2.RolloutCommandRequest.FromString,
+                response_serializer=control_pb2.CommandResponse.SerializeToString),
+            "ReleaseCard": grpc.unary_unary_rpc_method_handler(
+                service.ReleaseCard, request_deserializer=control_pb2.CardRef.FromString,
                 response_serializer=control_pb2.CommandResponse.SerializeToString)}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

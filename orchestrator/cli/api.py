@@ -154,6 +154,27 @@ async def rollout_command(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    import anyio
+
+    return anyio.run(_release, args)
+
+
+async def _release(args: argparse.Namespace) -> int:
+    import grpc
+
+    from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
+
+    async with channel(args) as chan:
+        try:
+            answer = await control_pb2_grpc.ControlStub(chan).ReleaseCard(
+                control_pb2.CardRef(host=args.host, device=args.device), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            raise failure(err, args.api, "release") from None
+    print(answer.said)
+    return 0
+
+
 def add_api_flags(p: Any, *, required: bool = True) -> None:
     p.add_argument("--api", required=required, metavar="ADDR",
                    help="where a `deploy`/`watch` serves the control API, e.g. "
@@ -176,6 +197,12 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per change, bookmarks included")
     p.set_defaults(handler=cmd_events)
+    p = sub.add_parser("release", help="try a quarantined card again (an admin's decision, "
+                                       "through the control API)")
+    p.add_argument("host", help="the card's host, as `modelip fleet --api` names it")
+    p.add_argument("device", type=argtypes.device)
+    add_api_flags(p)
+    p.set_defaults(handler=cmd_release)
     p = sub.add_parser("fleet", help="the fleet's hosts and cards at one revision, from the "
                                      "control API")
     add_api_flags(p)

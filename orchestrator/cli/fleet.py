@@ -137,7 +137,9 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                 if api is not None:
                     from orchestrator.api.server import serve_api
 
-                    bound = await tg.start(serve_api, api, engine.store, engine.changed)
+                    bound = await tg.start(lambda task_status: serve_api(
+                        api, engine.store, engine.changed, release=engine.release,
+                        task_status=task_status))
                     print(f"modelip: control API on {bound}", file=sys.stderr)
                 if dashboard is not None:
                     tg.start_soon(_tick, dashboard)

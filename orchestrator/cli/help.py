@@ -40,6 +40,8 @@ EXAMPLES = {
     "card show": "modelip card show card0.json card1.json --json",
     "events": "modelip events --api 127.0.0.1:62480 --since 1200 --follow --json",
     "fleet": "modelip fleet --api 127.0.0.1:62480",
+    "release": "modelip release host0 3 --api ops.example:62480 --tls-ca ca.pem --tls-cert "
+               "bob.pem --tls-key bob.key",
     "host-agent": "modelip host-agent --config /etc/modelip/agent.yaml --log-json",
     "emulate": "modelip emulate --hosts 2 --devices-per-host 4 --reset-rate 0.01",
     "attest": "modelip attest --ip 127.0.0.1 -d 0 -o pub0.dat --trust-root "

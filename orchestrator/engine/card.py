@@ -76,6 +76,8 @@ class CardDriver:
         self.parked = False           # waiting for its next check (SERVING, nothing to do)
         self.returned = False         # its task has ended
         self._stopping = False
+        self._release = anyio.Event()  # an operator released the card from quarantine
+        self._released_by = ""
 
     def reset(self) -> None:
         """A fresh start (the host was taken over): nothing known but the store's word."""
@@ -173,8 +175,14 @@ class CardDriver:
         """The run is ending: take no new work. A driver waiting for its next check
         returns now, by itself; one in the middle of work finishes it first."""
         self._stopping = True
+        self._release.set()
         if self.parked:
             self.inbox.ring()
+
+    def release(self, who: str) -> None:
+        """An operator's decision: try the quarantined card again (docs/api.md)."""
+        self._released_by = who
+        self._release.set()
 
     def condemn(self, verdict: VerificationError) -> None:
         """A security verdict found outside the driver (at Execute): quarantine."""
@@ -228,12 +236,31 @@ class CardDriver:
     async def _drive(self) -> None:
         m = self.machine
         previous = self.resumed
+        trigger = Trigger.START
         if previous is not None and previous.state == S.QUARANTINED.value \
                 and not self.ctx.retry_quarantined:
             m.card_id = previous.card_id
             await self.move(S.QUARANTINED, f"still quarantined: {previous.reason}")
-            return
-        trigger = Trigger.START
+        while True:
+            if m.state is not S.QUARANTINED:
+                await self._bring_to_settle(trigger)
+            if m.state is not S.QUARANTINED or not await self._released():
+                return
+            trigger = Trigger.START
+
+    async def _released(self) -> bool:
+        """Until an operator releases the quarantined card (then PENDING, True) or the
+        run ends (False)."""
+        await self._release.wait()
+        self._release = anyio.Event()
+        if self._stopping:
+            return False
+        self._verdict = None
+        await self.move(S.PENDING, f"released from quarantine by {self._released_by}")
+        return True
+
+    async def _bring_to_settle(self, trigger: Trigger) -> None:
+        m = self.machine
         while m.state not in FINAL and not self._stopping:
             if not self.host.up:
                 await self._while_host_down()

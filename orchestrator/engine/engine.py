@@ -46,6 +46,7 @@ from orchestrator.errors import (
     ProgramNotLoaded,
     SessionInvalidError,
     StateDirError,
+    UsageError,
 )
 from orchestrator.plan.model import Plan
 
@@ -132,6 +133,24 @@ class Engine:
         return [driver.machine for driver in self.drivers]
 
     # --- events -----------------------------------------------------------------------
+
+    def release(self, host: str, device: int, who: str) -> str:
+        """An operator's release of a quarantined card (docs/api.md): it is tried again
+        from the start. UsageError if this engine drives no such card or it is not
+        quarantined."""
+        supervisor = next((h for h in self.hosts if h.name == host), None)
+        driver = supervisor.drivers.get(device) if supervisor is not None else None
+        if supervisor is None or driver is None:
+            raise UsageError(f"card {host}/{device}: not a card of this fleet")
+        if driver.machine.state is not S.QUARANTINED:
+            raise UsageError(f"card {host}/{device} is {driver.machine.state.value}, not "
+                             "quarantined")
+        if supervisor.fenced or (self.replica is not None and
+                                 supervisor.owner != self.replica.name):
+            raise UsageError(f"card {host}/{device}: its host is driven by another replica "
+                             f"({supervisor.owner or 'none now'}): ask that one")
+        driver.release(who)
+        return f"card {host}/{device} released from quarantine: it is tried again"
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)

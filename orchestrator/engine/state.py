@@ -47,7 +47,7 @@ CARD_MOVES: dict[CardState, frozenset[CardState]] = {
     S.RETRY_WAIT: frozenset({S.ATTESTING, S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
                              S.PENDING}),
     S.DISCONNECTED: frozenset({S.ATTESTING, S.FAILED, S.PENDING}),
-    S.QUARANTINED: frozenset(),
+    S.QUARANTINED: frozenset({S.PENDING}),   # an operator's release only (docs/api.md)
     S.FAILED: frozenset(),
 }
 FINAL = frozenset({S.QUARANTINED, S.FAILED})

@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CardRef(_message.Message):
+    __slots__ = ("host", "device")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    device: int
+    def __init__(self, host: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
+
 class RolloutCommandRequest(_message.Message):
     __slots__ = ("action",)
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

@@ -49,6 +49,11 @@ class ControlStub:
                 request_serializer=modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
                 _registered_method=True)
+        self.ReleaseCard = channel.unary_unary(
+                '/modelip.v1.Control/ReleaseCard',
+                request_serializer=modelip_dot_v1_dot_control__pb2.CardRef.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -83,6 +88,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseCard(self, request, context):
+        """An admin's command: release a quarantined card (it is tried again from the
+        start). Answered by the replica driving its host; journaled with who asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +112,11 @@ def add_ControlServicer_to_server(servicer, server):
             'RolloutCommand': grpc.unary_unary_rpc_method_handler(
                     servicer.RolloutCommand,
                     request_deserializer=modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.FromString,
+                    response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
+            ),
+            'ReleaseCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseCard,
+                    request_deserializer=modelip_dot_v1_dot_control__pb2.CardRef.FromString,
                     response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
             ),
     }
@@ -182,6 +200,33 @@ class Control:
             target,
             '/modelip.v1.Control/RolloutCommand',
             modelip_dot_v1_dot_control__pb2.RolloutCommandRequest.SerializeToString,
+            modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.Control/ReleaseCard',
+            modelip_dot_v1_dot_control__pb2.CardRef.SerializeToString,
             modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
             options,
             channel_credentials,
