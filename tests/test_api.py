@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -381,3 +382,29 @@ async def test_an_admin_releases_a_quarantined_card_and_it_serves_again(tmp_path
                                            "quarantined"),
                 ("bob", "release host0/1", "done")]
             tg.cancel_scope.cancel()
+
+
+async def test_the_shared_reader_waits_out_a_store_that_fails(tmp_path: Path) -> None:
+    """A store that cannot be read for a while (a database restart, for replicas): the
+    API's reader says so in the log and reads again; the process does not end."""
+    from orchestrator.api.server import ChangeFeed
+    from orchestrator.errors import StoreUnavailable
+
+    class Away(SQLiteStore):   # a staged fault: the first reads fail
+        failures = 2
+
+        async def changes(self, after: int, limit: int = 1000) -> list[Any]:
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("store", "the database does not answer")
+            return await super().changes(after, limit)
+
+    with Away(tmp_path / "journal.sqlite") as journal:
+        feed = ChangeFeed(journal, None)
+        async with anyio.create_task_group() as tg:
+            await tg.start(feed.run)
+            await journal.record_command("t", "operator", "c", "done")
+            with anyio.fail_after(5):
+                await feed.moved()
+            tg.cancel_scope.cancel()
+    assert journal.failures == 0 and feed.newest >= 1

@@ -32,7 +32,7 @@ from orchestrator.engine.rollout.ledger import RolloutLedger
 from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import ChangeRecord, Store
 from orchestrator.engine.store.sqlite import SQLiteStore
-from orchestrator.errors import UsageError
+from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.plan.api import ROLES, ApiSpec
 from orchestrator.plan.paths import is_loopback
 
@@ -119,7 +119,12 @@ class ChangeFeed:
         self.floor = self.newest
         task_status.started()
         while True:
-            changes = await self.store.changes(self.newest, PAGE)
+            try:
+                changes = await self.store.changes(self.newest, PAGE)
+            except ModelIPError as err:  # the store is away (replicas wait it out): again
+                _log.warning("control API: cannot read the changes: %s", err)
+                await anyio.sleep(LOOK_EVERY)
+                continue
             for change in changes:
                 self.recent.append((change.revision, entry(change_message(change))))
             if len(self.recent) > self.keep:
