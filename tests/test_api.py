@@ -408,3 +408,23 @@ async def test_the_shared_reader_waits_out_a_store_that_fails(tmp_path: Path) ->
                 await feed.moved()
             tg.cancel_scope.cancel()
     assert journal.failures == 0 and feed.newest >= 1
+
+
+async def test_a_store_that_fails_a_call_is_unavailable_said_in_one_line(tmp_path: Path
+                                                                        ) -> None:
+    from orchestrator.errors import StoreUnavailable
+
+    class Away(SQLiteStore):   # a staged fault: the cards cannot be read
+        async def cards(self) -> list[Any]:
+            raise StoreUnavailable("postgresql://db/fleet", "the database does not answer")
+
+    with Away(tmp_path / "journal.sqlite") as journal:
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(serve_api, ApiSpec("127.0.0.1:0"), journal, None)
+            for command in (["fleet"], ["events"]):
+                run = await anyio.run_process([*MODELIP, *command, "--api", address],
+                                              check=False)
+                err = run.stderr.decode()
+                assert run.returncode == 4 and len(err.splitlines()) == 1, err
+                assert "control API: the store: " in err and "does not answer" in err
+            tg.cancel_scope.cancel()

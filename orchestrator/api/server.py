@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import anyio
 import grpc
@@ -333,17 +333,20 @@ async def serve_api(spec: ApiSpec, store: Store,
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "modelip.v1.Control", {
             "List": grpc.unary_unary_rpc_method_handler(
-                service.List, request_deserializer=control_pb2.ListRequest.FromString,
+                _answered(service.List),
+                request_deserializer=control_pb2.ListRequest.FromString,
                 response_serializer=control_pb2.ListResponse.SerializeToString),
             "Watch": grpc.unary_stream_rpc_method_handler(   # already serialized
-                service.Watch, request_deserializer=control_pb2.WatchRequest.FromString,
+                _streamed(service.Watch),
+                request_deserializer=control_pb2.WatchRequest.FromString,
                 response_serializer=bytes),
             "RolloutCommand": grpc.unary_unary_rpc_method_handler(
-                service.RolloutCommand,
+                _answered(service.RolloutCommand),
                 request_deserializer=control_pb2.RolloutCommandRequest.FromString,
                 response_serializer=control_pb2.CommandResponse.SerializeToString),
             "ReleaseCard": grpc.unary_unary_rpc_method_handler(
-                service.ReleaseCard, request_deserializer=control_pb2.CardRef.FromString,
+                _answered(service.ReleaseCard),
+                request_deserializer=control_pb2.CardRef.FromString,
                 response_serializer=control_pb2.CommandResponse.SerializeToString)}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -374,6 +377,33 @@ async def serve_api(spec: ApiSpec, store: Store,
     finally:
         with anyio.CancelScope(shield=True):
             await server.stop(0.5)
+
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+def _answered(method: Callable[[Any, Context], Awaitable[Any]]
+              ) -> Callable[[Any, Context], Awaitable[Any]]:
+    """A call that the store fails (away, unreadable) answers UNAVAILABLE saying why,
+    in one line, not gRPC's UNKNOWN with a Python class name."""
+    async def answer(request: Any, context: Context) -> Any:
+        try:
+            return await method(request, context)
+        except ModelIPError as err:
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"the store: {err}")
+    return answer
+
+
+def _streamed(method: Callable[[Any, Context], AsyncIterator[bytes]]
+              ) -> Callable[[Any, Context], AsyncIterator[bytes]]:
+    """As _answered, for a stream."""
+    async def stream(request: Any, context: Context) -> AsyncIterator[bytes]:
+        try:
+            async for message in method(request, context):
+                yield message
+        except ModelIPError as err:
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"the store: {err}")
+    return stream
 
 
 async def _trim(store: Store) -> None:

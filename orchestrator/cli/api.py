@@ -39,6 +39,8 @@ def failure(err: Any, address: str, what: str) -> Exception:
     if code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.FAILED_PRECONDITION):
         return UsageError(f"{what}: {said}")
+    if code == grpc.StatusCode.UNAVAILABLE and said.startswith("the store:"):
+        return UnreachableError(address, f"control API: {said}")  # it answered: its store not
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnreachableError(address, "the control API does not answer (is a `modelip "
                                 "deploy` or `watch` with --api running there?)")
