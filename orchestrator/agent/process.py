@@ -11,6 +11,8 @@ import signal
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
+from orchestrator.terminal import terminal_safe
+
 MAX_ANSWER = 4 << 20      # bytes of stdout an operation may answer
 MAX_STDERR = 16 << 10     # bytes of stderr kept for the log
 MAX_LINE = 64 << 10       # bytes of one line an executable writes
@@ -18,11 +20,12 @@ _log = logging.getLogger("modelip.agent")
 
 
 def inert(text: bytes | str, limit: int = 300) -> str:
-    """Untrusted text made safe for one log line or error message: printable, bounded."""
+    """Untrusted text made safe for one log line or error message: decoded, control
+    characters escaped (terminal.py), bounded."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    cleaned = "".join(c if c.isprintable() else "?" for c in text.strip())
-    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "..."
+    text = text.strip()
+    return terminal_safe(text, limit) + ("..." if len(text) > limit else "")
 
 
 async def log_lines(stream: ByteReceiveStream | None, what: str) -> None:
