@@ -13,17 +13,15 @@ from orchestrator.errors import PermissionDenied, UnreachableError, UsageError
 
 
 def channel(args: argparse.Namespace) -> Any:
-    """A channel to the API: plaintext on loopback, TLS with --tls-ca (mutual with
-    --tls-cert and --tls-key)."""
-    import grpc
+    """A channel to the API (the hosts' kind: transport/client.py): plaintext on
+    loopback, TLS with --tls-ca (mutual with --tls-cert and --tls-key); a listing of a
+    large fleet comes in one message, so answers may be as large as the hosts' bulk."""
+    from orchestrator.transport.client import open_channel
+    from orchestrator.transport.types import MAX_MESSAGE, TLSClientConfig
 
-    if args.tls_ca is None and args.tls_cert is None:
-        return grpc.aio.insecure_channel(args.api)
-    from orchestrator.transport.types import TLSClientConfig
-
-    tls = TLSClientConfig.from_paths(args.tls_ca, args.tls_cert, args.tls_key)
-    return grpc.aio.secure_channel(args.api, grpc.ssl_channel_credentials(
-        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem))
+    tls = None if args.tls_ca is None and args.tls_cert is None else \
+        TLSClientConfig.from_paths(args.tls_ca, args.tls_cert, args.tls_key)
+    return open_channel(args.api, tls, receive=MAX_MESSAGE)
 
 
 def failure(err: Any, address: str, what: str) -> Exception:

@@ -85,7 +85,10 @@ async def _finish(call: Any) -> Any:
     return await call  # complete: the response, or its AioRpcError
 
 
-def _channel(address: str, tls: TLSClientConfig | None, *, receive: int) -> grpc.aio.Channel:
+def open_channel(address: str, tls: TLSClientConfig | None, *, receive: int
+                 ) -> grpc.aio.Channel:
+    """A channel to ``address`` (TLS with ``tls``) whose answers are capped at ``receive``
+    bytes; no retries (a caller decides)."""
     options = [("grpc.max_receive_message_length", receive),
                ("grpc.max_send_message_length", MAX_MESSAGE),
                ("grpc.enable_retries", 0)]
@@ -114,8 +117,8 @@ class HostClient:
             address = f"{address}:{DEFAULT_PORT}"
         self.address = address
         self.deadlines = deadlines or Deadlines()
-        self._channel = _channel(address, tls, receive=CONTROL_MESSAGE)
-        self._bulk = _channel(address, tls, receive=MAX_MESSAGE)
+        self._channel = open_channel(address, tls, receive=CONTROL_MESSAGE)
+        self._bulk = open_channel(address, tls, receive=MAX_MESSAGE)
         # The evidence stays bytes here: it is parsed once, by its verifier (no parse
         # and re-serialize in between).
         self._attest_raw = self._channel.unary_unary(
