@@ -33,7 +33,7 @@ from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import ChangeRecord, Store
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import ModelIPError, UsageError
-from orchestrator.plan.api import ROLES, ApiSpec
+from orchestrator.plan.api import ROLES, ApiSpec, History
 from orchestrator.plan.paths import is_loopback
 
 C = control_pb2.Change
@@ -41,8 +41,6 @@ OLDEST_KEY = "modelip-oldest-revision"
 BOOKMARK_EVERY = 5.0      # seconds of quiet between bookmarks
 LOOK_EVERY = 0.25         # seconds between looks at the store when nothing says it moved
 SETTLE = 0.02             # seconds of moves read and sent at once (one write per watcher)
-KEEP_REVISIONS = 100_000  # history kept: the newest 100,000 revisions...
-KEEP_SECONDS = 3600.0     # ...and whatever is younger than an hour
 TRIM_EVERY = 60.0
 PAGE = 500                # changes read at once
 _log = logging.getLogger("modelip.api")
@@ -51,6 +49,8 @@ _log = logging.getLogger("modelip.api")
 RANK = {role: rank for rank, role in enumerate(ROLES)}
 # the engine's release of a quarantined card: (host, device, who) -> what was done
 Release = Callable[[str, int, str], str]
+# the engine's look at the store's cordons after one changed
+Cordoned = Callable[[], Awaitable[None]]
 
 
 async def refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
@@ -86,7 +86,7 @@ def change_message(change: ChangeRecord) -> control_pb2.Change:
     if change.kind == "host":
         return C(revision=change.revision, type=C.HOST, ts=change.ts, host=control_pb2.Host(
             host=body["host"], state=body["state"], previous=body["previous"],
-            reason=body["reason"]))
+            reason=body["reason"], cordoned_by=body.get("cordoned_by", "")))
     if change.kind == "command":
         return C(revision=change.revision, type=C.COMMAND, ts=change.ts,
                  command=control_pb2.Command(who=body["who"], role=body["role"],
@@ -169,11 +169,12 @@ class ControlService:
     Watch's batches as they are already serialized."""
 
     def __init__(self, store: Store, feed: ChangeFeed, *, spec: ApiSpec | None = None,
-                 release: Release | None = None) -> None:
+                 release: Release | None = None, cordoned: Cordoned | None = None) -> None:
         self.store = store
         self.feed = feed
         self.spec = spec or ApiSpec()
         self.release = release
+        self.cordoned = cordoned
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
         """(who, role) of the call's caller."""
@@ -204,7 +205,9 @@ class ControlService:
         # the revision first: the listing is at it or (a shared store's other writers)
         # shortly after it; what is after it is sent again as a change, never lost
         _, revision = await self.store.revisions()
-        hosts = [control_pb2.Host(host=h.host, state=h.state, reason=h.reason)
+        cordons = await self.store.cordons()
+        hosts = [control_pb2.Host(host=h.host, state=h.state, reason=h.reason,
+                                  cordoned_by=cordons.get(h.host, ""))
                  for h in await self.store.hosts()]
         cards = [control_pb2.Card(host=c.host, device=c.device, card_id=c.card_id,
                                   state=c.state, boot_counter=c.boot_counter,
@@ -269,10 +272,10 @@ class ControlService:
                              context: grpc.aio.ServicerContext[Any, Any]
                              ) -> control_pb2.CommandResponse:
         action = {request.PAUSE: "pause", request.RESUME: "resume",
-                  request.UNDO: "undo"}.get(request.action)
+                  request.UNDO: "undo", request.APPROVE: "approve"}.get(request.action)
         if action is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "action: one of PAUSE, RESUME, UNDO")
+                                "action: one of PAUSE, RESUME, UNDO, APPROVE")
         command = f"rollout {action}"
         who, role = await self.allowed(context, "operator", command)
         journal = self.store
@@ -307,6 +310,39 @@ class ControlService:
         await self.store.record_command(who, role, command, "done")
         return control_pb2.CommandResponse(said=said, written=True)
 
+    async def CordonHost(self, request: control_pb2.HostRef,  # noqa: N802
+                         context: grpc.aio.ServicerContext[Any, Any]
+                         ) -> control_pb2.CommandResponse:
+        return await self._cordon(request.host, context, cordon=True)
+
+    async def UncordonHost(self, request: control_pb2.HostRef,  # noqa: N802
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> control_pb2.CommandResponse:
+        return await self._cordon(request.host, context, cordon=False)
+
+    async def _cordon(self, host: str, context: grpc.aio.ServicerContext[Any, Any], *,
+                      cordon: bool) -> control_pb2.CommandResponse:
+        action = "cordon" if cordon else "uncordon"
+        command = f"{action} {host[:200]}"
+        who, role = await self.allowed(context, "operator", command)
+        known = {h.host for h in await self.store.hosts()} or \
+            {c.host for c in await self.store.cards()}
+        if host not in known:
+            await self.store.record_command(who, role, command, "refused: no such host")
+            await refuse(context, grpc.StatusCode.NOT_FOUND,
+                         f"host {host[:200]!r} is not a host of this fleet")
+        written = await self.store.set_cordon(host, f"{who} ({role})" if cordon else None)
+        await self.store.record_command(who, role, command,
+                                        "done" if written else "already so")
+        if self.cordoned is not None:
+            await self.cordoned()
+        said = (f"host {host} cordoned: none of its cards is keyed or loaded until it is "
+                "uncordoned; its serving cards serve until they reset") if cordon else \
+            f"host {host} uncordoned: its cards that wait are keyed again"
+        if not written:
+            said = f"host {host} is {'already cordoned' if cordon else 'not cordoned'}"
+        return control_pb2.CommandResponse(said=said, written=written)
+
     async def _check_kept(self, last: int, oldest: int,
                           context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if oldest and last + 1 < oldest:
@@ -318,7 +354,7 @@ class ControlService:
 
 async def serve_api(spec: ApiSpec, store: Store,
                     changed: Callable[[], Awaitable[None]] | None = None, *,
-                    release: Release | None = None,
+                    release: Release | None = None, cordoned: Cordoned | None = None,
                     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve the control API as ``spec`` says until cancelled (mutual TLS with
     ``spec.tls``; without it, loopback only); reports the address bound; trims the
@@ -329,7 +365,7 @@ async def serve_api(spec: ApiSpec, store: Store,
                          "API listens on loopback only (docs/api.md)")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     feed = ChangeFeed(store, changed)
-    service = ControlService(store, feed, spec=spec, release=release)
+    service = ControlService(store, feed, spec=spec, release=release, cordoned=cordoned)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "modelip.v1.Control", {
             "List": grpc.unary_unary_rpc_method_handler(
@@ -347,7 +383,12 @@ async def serve_api(spec: ApiSpec, store: Store,
             "ReleaseCard": grpc.unary_unary_rpc_method_handler(
                 _answered(service.ReleaseCard),
                 request_deserializer=control_pb2.CardRef.FromString,
-                response_serializer=control_pb2.CommandResponse.SerializeToString)}),))
+                response_serializer=control_pb2.CommandResponse.SerializeToString),
+            **{name: grpc.unary_unary_rpc_method_handler(
+                _answered(method), request_deserializer=control_pb2.HostRef.FromString,
+                response_serializer=control_pb2.CommandResponse.SerializeToString)
+               for name, method in (("CordonHost", service.CordonHost),
+                                    ("UncordonHost", service.UncordonHost))}}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -373,7 +414,7 @@ async def serve_api(spec: ApiSpec, store: Store,
         async with anyio.create_task_group() as tg:
             await tg.start(feed.run)
             task_status.started(f"{address.rsplit(':', 1)[0]}:{port}")
-            await _trim(store)
+            await _trim(store, spec.history)
     finally:
         with anyio.CancelScope(shield=True):
             await server.stop(0.5)
@@ -406,11 +447,11 @@ def _streamed(method: Callable[[Any, Context], AsyncIterator[bytes]]
     return stream
 
 
-async def _trim(store: Store) -> None:
-    """Keep the history to its window, every TRIM_EVERY seconds."""
+async def _trim(store: Store, history: History) -> None:
+    """Keep the history to its window (``api.history``), every TRIM_EVERY seconds."""
     while True:
         try:
-            await store.trim_changes(KEEP_REVISIONS, KEEP_SECONDS)
+            await store.trim_changes(history.revisions, history.seconds)
         except Exception as err:  # noqa: BLE001 - trimming waits for the next time
             _log.warning("cannot trim the history of changes: %s", err)
         await anyio.sleep(TRIM_EVERY)

@@ -1,6 +1,7 @@
 """The control API's clients (docs/api.md): ``modelip events --api ADDR`` (watch from a
-revision), ``modelip fleet --api ADDR`` (list) and ``modelip rollout pause|resume|undo
---api ADDR`` (commands); mutual TLS with --tls-ca/--tls-cert/--tls-key."""
+revision), ``modelip fleet --api ADDR`` (list) and the commands (``modelip rollout
+pause|resume|undo|approve --api ADDR``, ``cordon``, ``uncordon``, ``release``); mutual
+TLS with --tls-ca/--tls-cert/--tls-key."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def failure(err: Any, address: str, what: str) -> Exception:
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(f"{address}: {said}")
     if code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.FAILED_PRECONDITION):
+                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
         return UsageError(f"{what}: {said}")
     if code == grpc.StatusCode.UNAVAILABLE and said.startswith("the store:"):
         return UnreachableError(address, f"control API: {said}")  # it answered: its store not
@@ -59,7 +60,8 @@ def _line(change: Any) -> str:
         h = change.host
         was = f" (was {h.previous})" if h.previous else ""
         text = f"{change.revision:>8}  host {h.host} {h.state}{was}" + \
-            (f": {h.reason}" if h.reason else "")
+            (f": {h.reason}" if h.reason else "") + \
+            (f" [cordoned by {h.cordoned_by}]" if h.cordoned_by else "")
     elif change.type == C.ROLLOUT:
         r = change.rollout
         text = f"{change.revision:>8}  rollout {r.rollout} wave {r.wave + 1} {r.phase}: {r.what}"
@@ -129,7 +131,9 @@ async def _fleet(args: argparse.Namespace) -> int:
           f"cards, {sum(c.state == 'SERVING' for c in listing.cards)} serving")
     for h in listing.hosts:
         print(terminal_safe(f"  host {h.host} {h.state}" + (f": {h.reason}" if h.reason
-                                                              else ""), 500))
+                                                              else "") +
+                            (f" [cordoned by {h.cordoned_by}]" if h.cordoned_by else ""),
+                            500))
     for c in listing.cards:
         print(terminal_safe(f"  card {c.host}/{c.device} {c.card_id} {c.state} boot "
                             f"{c.boot_counter}" + (f": {c.reason}" if c.reason else ""), 500))
@@ -154,23 +158,30 @@ async def rollout_command(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
-def cmd_release(args: argparse.Namespace) -> int:
+def cmd_command(args: argparse.Namespace) -> int:
+    """``modelip release|cordon|uncordon ... --api ADDR``."""
     import anyio
 
-    return anyio.run(_release, args)
+    return anyio.run(_command, args)
 
 
-async def _release(args: argparse.Namespace) -> int:
+async def _command(args: argparse.Namespace) -> int:
     import grpc
 
     from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
 
+    name = args.api_command
     async with channel(args) as chan:
+        stub = control_pb2_grpc.ControlStub(chan)
+        call, request = (
+            (stub.ReleaseCard, control_pb2.CardRef(host=args.host, device=args.device))
+            if name == "release" else
+            (stub.CordonHost if name == "cordon" else stub.UncordonHost,
+             control_pb2.HostRef(host=args.host)))
         try:
-            answer = await control_pb2_grpc.ControlStub(chan).ReleaseCard(
-                control_pb2.CardRef(host=args.host, device=args.device), timeout=10)
+            answer = await call(request, timeout=10)
         except grpc.aio.AioRpcError as err:
-            raise failure(err, args.api, "release") from None
+            raise failure(err, args.api, name) from None
     print(answer.said)
     return 0
 
@@ -202,7 +213,15 @@ def register(sub: Any) -> None:
     p.add_argument("host", help="the card's host, as `modelip fleet --api` names it")
     p.add_argument("device", type=argtypes.device)
     add_api_flags(p)
-    p.set_defaults(handler=cmd_release)
+    p.set_defaults(handler=cmd_command, api_command="release")
+    for name, text in (
+            ("cordon", "key and load no card of a host until uncordoned (its serving cards "
+                       "serve until they reset), through the control API"),
+            ("uncordon", "key the cards of a cordoned host again, through the control API")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("host", help="as `modelip fleet --api` names it")
+        add_api_flags(p)
+        p.set_defaults(handler=cmd_command, api_command=name)
     p = sub.add_parser("fleet", help="the fleet's hosts and cards at one revision, from the "
                                      "control API")
     add_api_flags(p)

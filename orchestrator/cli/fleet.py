@@ -139,7 +139,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
 
                     bound = await tg.start(lambda task_status: serve_api(
                         api, engine.store, engine.changed, release=engine.release,
-                        task_status=task_status))
+                        cordoned=engine.cordons_changed, task_status=task_status))
                     print(f"modelip: control API on {bound}", file=sys.stderr)
                 if dashboard is not None:
                     tg.start_soon(_tick, dashboard)

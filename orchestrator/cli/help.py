@@ -42,6 +42,8 @@ EXAMPLES = {
     "fleet": "modelip fleet --api 127.0.0.1:62480",
     "release": "modelip release host0 3 --api ops.example:62480 --tls-ca ca.pem --tls-cert "
                "bob.pem --tls-key bob.key",
+    "cordon": "modelip cordon host0 --api 127.0.0.1:62480",
+    "uncordon": "modelip uncordon host0 --api 127.0.0.1:62480",
     "host-agent": "modelip host-agent --config /etc/modelip/agent.yaml --log-json",
     "emulate": "modelip emulate --hosts 2 --devices-per-host 4 --reset-rate 0.01",
     "attest": "modelip attest --ip 127.0.0.1 -d 0 -o pub0.dat --trust-root "
@@ -60,6 +62,7 @@ EXAMPLES = {
     "rollout pause": "modelip rollout pause plans/rollout-v2.yaml",
     "rollout resume": "modelip rollout resume plans/rollout-v2.yaml",
     "rollout undo": "modelip rollout undo plans/rollout-v2.yaml",
+    "rollout approve": "modelip rollout approve --api 127.0.0.1:62480",
     "demo": "modelip demo --duration 20",
 }
 

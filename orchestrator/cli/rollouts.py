@@ -1,4 +1,4 @@
-"""modelip rollout status | pause | resume | undo PLAN (docs/rollouts.md).
+"""modelip rollout status | pause | resume | undo | approve PLAN (docs/rollouts.md).
 
 Requests are written into the plan's journal; the orchestrator running the plan
 (deploy or watch) carries them out within a second, or the next one does.
@@ -70,6 +70,9 @@ async def _status(journal: Any) -> dict[str, Any]:
     view["rollout"] = {
         "id": record.id, "phase": record.phase.value, "wave": record.wave + 1,
         "waves": list(record.waves), "paused": record.paused, "undo_requested": record.undo,
+        "approval_waves": [w + 1 for w in record.manual], "approved_through": record.approved + 1,
+        "awaits_approval": record.phase.value in ("switching", "gating") and any(
+            w >= record.wave and w > record.approved for w in record.manual),
         "verdict": record.verdict, "started": iso_time(record.started),
         "ended": iso_time(record.ended) if record.ended else None,
         "from": {"program": record.from_program, "version": versions[record.from_program]},
@@ -95,6 +98,9 @@ def _print_status(view: dict[str, Any]) -> None:
                                        f"{view['fleet_program'][:16]})" if version else ""))
         return
     flags = " (paused)" if r["paused"] else ""
+    waiting = [w for w in r["approval_waves"] if w > r["approved_through"]]
+    flags += f" (wave {waiting[0]} waits for `modelip rollout approve`)" if \
+        r["awaits_approval"] and waiting else ""
     flags += " (undo requested)" if r["undo_requested"] and r["phase"] in (
         "switching", "gating") else ""
     print(f"rollout {r['id']}: version {r['from']['version']} -> {r['to']['version']}, "
@@ -146,12 +152,14 @@ def _orchestrator_pid(state_dir: Path) -> int | None:
 
 def register(sub: Any) -> None:
     rollout = sub.add_parser("rollout", help="a rollout of a new model version: status, "
-                             "pause, resume, undo (docs/rollouts.md)")
+                             "pause, resume, undo, approve (docs/rollouts.md)")
     actions = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
     for name, text in (("status", "where the rollout stands, wave by wave"),
                        ("pause", "switch no more groups until resumed"),
                        ("resume", "carry on after a pause"),
-                       ("undo", "roll every switched group back to the previous version")):
+                       ("undo", "roll every switched group back to the previous version"),
+                       ("approve", "let the next wave that waits for an approval (a step "
+                                   "with approval: manual) be switched")):
         p = actions.add_parser(name, help=text)
         p.add_argument("plan", nargs="?" if name != "status" else None,
                        help="the plan (its journal, on this machine)" if name != "status"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -394,13 +395,21 @@ class CardDriver:
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
                         keying.adopt(m, report)
+                        cordoned = False
                         if keying.holds(report, self.program, m.partition):
                             await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
                                       known_good=keying.verified_good(
                                           report, self.program, m.partition))
-                        else:
+                        elif self.host.cordoned_by is None:
                             await self._wrap_and_load(report)
+                        else:
+                            cordoned = True
+                if cordoned:  # no key for it until its host is uncordoned
+                    if not await self._held_by_cordon():
+                        return
+                    report, attempt, offline_since = None, 0, 0.0
+                    continue
                 self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
                 return
             except Exception as err:
@@ -413,6 +422,20 @@ class CardDriver:
                     offline_since = offline_since or time.monotonic()
                 if not await self._after_failure(failure, err, attempt, offline_since):
                     return
+
+    async def _held_by_cordon(self) -> bool:
+        """The card needs a key and its host is cordoned (docs/api.md "Cordon"): CORDONED
+        until the host is uncordoned (True: try again), goes down or the run ends."""
+        await self.move(S.CORDONED, f"host {self.host.name} cordoned by "
+                        f"{self.host.cordoned_by}: not keyed until it is uncordoned")
+        while self.host.cordoned_by is not None and self.host.up and not self._stopping:
+            async with anyio.create_task_group() as tg:
+                async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
+                    tg.cancel_scope.cancel()
+                tg.start_soon(first, self.host.changed)
+                tg.start_soon(first, self._release.wait)   # set by stop()
+        return self.host.cordoned_by is None and self.host.up and not self._stopping
 
     async def _after_failure(self, failure: Failure, err: Exception, attempt: int,
                              offline_since: float) -> bool:

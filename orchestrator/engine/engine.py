@@ -152,6 +152,13 @@ class Engine:
         driver.release(who)
         return f"card {host}/{device} released from quarantine: it is tried again"
 
+    async def cordons_changed(self) -> None:
+        """The store's cordons (docs/api.md "Cordon"), applied to the hosts: at the
+        start, after a cordon through this engine's API, and (replicas) every cycle."""
+        cordons = await self.ctx.store.cordons()
+        for host in self.hosts:
+            host.cordon(cordons.get(host.name))
+
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
 
@@ -275,6 +282,7 @@ class Engine:
         _spare_the_collector()
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
+            await self.cordons_changed()
             if self.rollout is not None:
                 await self.rollout.place()
                 tg.start_soon(self.rollout.run)

@@ -93,6 +93,7 @@ class HostSupervisor:
         self._lease: HostLease | None = None
         self._lease_lost: LeaseLost | None = None
         self._owner = ""   # the replica driving this host (shared stores)
+        self._cordoned_by: str | None = None
 
     def __repr__(self) -> str:
         return f"HostSupervisor({self.name}, {self.machine.state.value})"
@@ -111,6 +112,17 @@ class HostSupervisor:
     @property
     def down(self) -> bool:
         return self.machine.state in (H.UNREACHABLE, H.REFUSING, H.FAILED)
+
+    @property
+    def cordoned_by(self) -> str | None:
+        return self._cordoned_by
+
+    def cordon(self, who: str | None) -> None:
+        """An operator cordoned the host (``who``) or uncordoned it (None), as the store
+        says (docs/api.md "Cordon"): its cards that wait on it look again."""
+        if who != self._cordoned_by:
+            self._cordoned_by = who
+            self._wake()
 
     def describe(self) -> str:
         state = self.machine.state.value.lower()
@@ -383,6 +395,10 @@ class HostSupervisor:
         if count & (count - 1) == 0:  # 1, 2, 4, 8...: visible, never a flood
             self.ctx.emit(ProtocolViolation(host=self.name, what=what, count=count))
 
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
     def _interrupt_cards(self) -> None:
         for driver in self.drivers.values():
             driver.host_lost()
@@ -391,8 +407,7 @@ class HostSupervisor:
         transition = self.machine.propose(target, reason)
         revision = await self.ctx.store.record_host(transition, self.target.address)
         self.machine.apply(transition)
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._wake()
         self.ctx.emit(HostChanged(host=self.name, address=self.target.address,
                                   previous=transition.previous.value,
                                   state=transition.state.value, reason=reason,

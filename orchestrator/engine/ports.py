@@ -52,6 +52,11 @@ class CardHost(Protocol):
         """This replica lost the host: not one more call or write about its cards."""
         ...
 
+    @property
+    def cordoned_by(self) -> str | None:
+        """Who cordoned the host (docs/api.md "Cordon"): no card of it is keyed."""
+        ...
+
     def describe(self) -> str: ...
 
     async def changed(self) -> None:

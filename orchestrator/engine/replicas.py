@@ -102,6 +102,9 @@ class Replica:
                 for claimed in await self.store.claim(free, share - len(held)):
                     self._start(claimed)
             await self._mirror()
+            cordons = await self.store.cordons()
+            for name, host in self.hosts.items():
+                host.cordon(cordons.get(name))
             if not self.reachable:
                 self.reachable = True
                 self.ctx.emit(StoreStatus(replica=self.name, reachable=True))

@@ -25,6 +25,7 @@ class CardState(enum.Enum):
     REKEYING = "REKEYING"
     RETRY_WAIT = "RETRY_WAIT"
     DISCONNECTED = "DISCONNECTED"  # its host does not answer: not serving, as far as we know
+    CORDONED = "CORDONED"          # needs a key, its host is cordoned: none until uncordoned
     QUARANTINED = "QUARANTINED"    # a security verdict: never retried automatically
     FAILED = "FAILED"              # gave up (attempts exhausted, non-retryable, internal error)
 
@@ -36,14 +37,16 @@ S = CardState
 CARD_MOVES: dict[CardState, frozenset[CardState]] = {
     S.PENDING: frozenset({S.ATTESTING, S.DISCONNECTED, S.QUARANTINED, S.FAILED}),
     S.ATTESTING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED,
-                            S.FAILED, S.PENDING}),
+                            S.FAILED, S.PENDING, S.CORDONED}),
     S.KEYED: frozenset({S.LOADING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
                         S.PENDING}),
     S.LOADING: frozenset({S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
                           S.PENDING}),
     S.SERVING: frozenset({S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.PENDING}),
     S.REKEYING: frozenset({S.KEYED, S.SERVING, S.RETRY_WAIT, S.DISCONNECTED, S.QUARANTINED,
-                           S.FAILED, S.PENDING}),
+                           S.FAILED, S.PENDING, S.CORDONED}),
+    S.CORDONED: frozenset({S.ATTESTING, S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
+                           S.PENDING}),   # uncordoned: tried again
     S.RETRY_WAIT: frozenset({S.ATTESTING, S.REKEYING, S.DISCONNECTED, S.QUARANTINED, S.FAILED,
                              S.PENDING}),
     S.DISCONNECTED: frozenset({S.ATTESTING, S.FAILED, S.PENDING}),
@@ -53,7 +56,7 @@ CARD_MOVES: dict[CardState, frozenset[CardState]] = {
 FINAL = frozenset({S.QUARANTINED, S.FAILED})
 # Settled: nothing more will happen without an outside change (a reset, the host
 # coming back). A deployment is over when every card has settled.
-SETTLED = frozenset({S.SERVING, S.DISCONNECTED, *FINAL})
+SETTLED = frozenset({S.SERVING, S.DISCONNECTED, S.CORDONED, *FINAL})
 # In flight: a driver is working on the card (interrupted, it is rolled back to PENDING).
 IN_FLIGHT = frozenset(S) - SETTLED - {S.PENDING}
 

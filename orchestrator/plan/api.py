@@ -22,11 +22,21 @@ class ApiTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class History:
+    """The changes kept for watchers to resume from: the newest ``revisions`` and
+    whatever is younger than ``seconds`` (docs/api.md)."""
+
+    revisions: int = 100_000
+    seconds: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class ApiSpec:
     listen: str = DEFAULT_LISTEN
     tls: ApiTLS | None = None
     # a caller's certificate subject CN or SAN -> its role
     roles: Mapping[str, str] = field(default_factory=dict)
+    history: History = History()
 
 
 def _pem_certificates(path: Path) -> str | None:
@@ -69,5 +79,14 @@ def read_api(reader: Reader, file: Callable[[Reader, str], Path]) -> ApiSpec:
         if tls is None:
             raise Problem(reader.items["roles"][1], "api.roles",
                           "roles name certificates: give api.tls too")
+    history = History()
+    if (section := reader.child("history")) is not None:
+        history = History(
+            section.get("revisions", int, history.revisions, check=lambda v: None if
+                        1 <= v <= 1 << 40 else "must be from 1 to 2^40 revisions"),
+            float(section.get("seconds", (int, float), history.seconds, check=lambda v:
+                              None if 1 <= v <= 366 * 86400 else
+                              "must be from 1 second to 366 days")))
+        section.done()
     reader.done()
-    return ApiSpec(listen, tls, roles)
+    return ApiSpec(listen, tls, roles, history)

@@ -11,17 +11,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.plan.reader import Problem, Reader, non_negative, positive
+from orchestrator.plan.reader import Node, Problem, Reader, non_negative, positive
 
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """A wave's end, cumulative: a share of the groups ("25%") or a count (4)."""
+    """A wave's end, cumulative: a share of the groups ("25%") or a count (4);
+    ``manual``: the wave is not switched until an operator approves it."""
 
     value: float
     percent: bool
+    manual: bool = False
 
     def groups(self, total: int) -> int:
         if self.percent:
@@ -66,29 +68,23 @@ class RolloutSpec:
                 waves.append(end)
         return waves
 
+    def manual_waves(self, total: int) -> list[int]:
+        """The waves (0-based, as ``waves`` numbers them) an operator must approve
+        before they are switched: those a step marked ``approval: manual`` ends."""
+        waves = self.waves(total)
+        ends = {step.groups(total) for step in self.steps if step.manual}
+        return [index for index, end in enumerate(waves) if end in ends]
+
 
 def read_rollout(reader: Reader, path_of: Callable[[Reader, str], Path]) -> RolloutSpec:
     """``path_of(reader, key)``: the plan's file named at ``key`` (relative to the plan)."""
     canary = reader.get("canary", int, 1, check=non_negative)
     steps: list[Step] = []
     for index, (node, line) in enumerate(reader.nodes("steps")):
-        name = f"rollout.steps[{index}]"
-        value = node.value
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise Problem(line, name, "must be a share like \"25%\" or a count of groups")
-        if isinstance(value, int):
-            if value < 1:
-                raise Problem(line, name, "a count of groups must be at least 1")
-            step = Step(value, False)
-        else:
-            match = _PERCENT.fullmatch(value.strip())
-            if match is None or not 0 < float(match.group(1)) <= 100:
-                raise Problem(line, name, "must be a share between 0% and 100% (\"25%\") "
-                              "or a count of groups")
-            step = Step(float(match.group(1)), True)
+        step = _step(node, line, f"rollout.steps[{index}]")
         if steps and steps[-1].percent == step.percent and step.value <= steps[-1].value:
-            raise Problem(line, name, f"must be larger than the step before ({steps[-1]}): "
-                          "steps are cumulative")
+            raise Problem(line, f"rollout.steps[{index}]", f"must be larger than the step "
+                          f"before ({steps[-1]}): steps are cumulative")
         steps.append(step)
     max_unavailable = reader.get("max_unavailable", int, 1, check=positive)
     pause = float(reader.get("pause", (int, float), 0.0, check=non_negative))
@@ -99,6 +95,33 @@ def read_rollout(reader: Reader, path_of: Callable[[Reader, str], Path]) -> Roll
     reader.done()
     return RolloutSpec(canary, tuple(steps) or ALL_AT_ONCE, max_unavailable, pause, soak,
                        smoke)
+
+
+def _step(node: Node, line: int, name: str) -> Step:
+    """A step: "25%", 4, or {groups: "50%", approval: manual}."""
+    manual = False
+    value = node.value
+    if isinstance(value, dict):
+        reader = Reader(node, name)
+        manual = reader.get("approval", str, "auto", check=lambda v: None if v in (
+            "auto", "manual") else "must be manual (wait for `modelip rollout approve`) or "
+            "auto") == "manual"
+        value_node, line = reader.items["groups"] if reader.has("groups") else (node, line)
+        reader.get("groups", (int, str), required=True)
+        reader.done()
+        name, value = f"{name}.groups", value_node.value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise Problem(line, name, "must be a share like \"25%\" or a count of groups (or "
+                      "{groups: ..., approval: manual})")
+    if isinstance(value, int):
+        if value < 1:
+            raise Problem(line, name, "a count of groups must be at least 1")
+        return Step(value, False, manual)
+    match = _PERCENT.fullmatch(value.strip())
+    if match is None or not 0 < float(match.group(1)) <= 100:
+        raise Problem(line, name, "must be a share between 0% and 100% (\"25%\") or a "
+                      "count of groups")
+    return Step(float(match.group(1)), True, manual)
 
 
 def _tolerance(reader: Reader, key: str, default: float) -> float:

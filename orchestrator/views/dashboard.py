@@ -47,6 +47,7 @@ GLYPHS = {C.SERVING.value: ("●", "green"), C.PENDING.value: ("·", "dim"),
           C.ATTESTING.value: ("◐", "cyan"), C.KEYED.value: ("◐", "cyan"),
           C.LOADING.value: ("◑", "cyan"), C.REKEYING.value: ("◐", "magenta"),
           C.RETRY_WAIT.value: ("◌", "yellow"), C.DISCONNECTED.value: ("○", "red"),
+          C.CORDONED.value: ("⊘", "yellow"),
           C.QUARANTINED.value: ("✖", "bold red"), C.FAILED.value: ("✗", "red")}
 HOST_STYLES = {H.UP.value: "green", H.CONNECTING.value: "yellow",
                H.UNREACHABLE.value: "bold red", H.REFUSING.value: "bold red",
@@ -216,7 +217,7 @@ def _attention(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]],
             severity = 2
         elif card.state not in SETTLED and card.in_state > STUCK:
             severity = 3
-        elif card.state == "RETRY_WAIT":
+        elif card.state in ("RETRY_WAIT", "CORDONED"):
             severity = 4
         else:
             continue

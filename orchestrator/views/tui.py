@@ -25,8 +25,8 @@ from orchestrator.engine.snapshot import Snapshot
 from orchestrator.engine.store.protocol import TransitionRecord
 from orchestrator.views.dashboard import Filter, render
 
-STATES = ("", "QUARANTINED", "FAILED", "DISCONNECTED", "RETRY_WAIT", "REKEYING", "ATTESTING",
-          "PENDING", "SERVING")
+STATES = ("", "QUARANTINED", "FAILED", "DISCONNECTED", "CORDONED", "RETRY_WAIT", "REKEYING",
+          "ATTESTING", "PENDING", "SERVING")
 History = Callable[[str, int], Awaitable[list[TransitionRecord]]]
 
 

@@ -128,6 +128,8 @@ class Rollout:
             if phase in (Phase.SWITCHING, Phase.GATING) and self.record.undo:
                 await self._advance(Phase.ROLLING_BACK, "undone by the operator",
                                     verdict="undone by the operator (modelip rollout undo)")
+            elif phase is Phase.SWITCHING and self.record.awaits_approval(wave):
+                await self._hold(wave)
             elif phase is Phase.SWITCHING:
                 failed = await self._converge(judge=True)
                 if failed:
@@ -144,7 +146,7 @@ class Rollout:
                     continue
                 elif wave < last:
                     self._announce(passed)
-                    await self._between_waves()
+                    await self._hold(wave + 1, self.spec.pause)
                     if not self.record.undo:
                         await self._advance(Phase.SWITCHING, f"{passed}; wave {wave + 2} of "
                                             f"{last + 1}", wave=wave + 1)
@@ -284,13 +286,25 @@ class Rollout:
         return smoke_verdict(outputs, self.smoke_expect, rtol=smoke.rtol, atol=smoke.atol,
                              group=group)
 
-    async def _between_waves(self) -> None:
-        ends = time.monotonic() + self.spec.pause
-        while not self.record.undo and (self.record.paused or time.monotonic() < ends):
+    async def _hold(self, wave: int, pause: float = 0.0) -> None:
+        """Before switching ``wave``: the plan's pause, an operator's pause, and the
+        approval the wave waits for (an ``approval: manual`` step); an undo ends it."""
+        ends = time.monotonic() + pause
+        told = False
+        while not self.record.undo and (self.record.paused or time.monotonic() < ends
+                                        or self.record.awaits_approval(wave)):
             left = ends - time.monotonic()
-            self.note = "paused by the operator" if self.record.paused else \
-                f"next wave in {left:.0f} s"
-            await anyio.sleep(min(_LOOK, max(0.01, left)) if not self.record.paused else _LOOK)
+            if self.record.paused:
+                self.note = "paused by the operator"
+            elif left > 0:
+                self.note = f"next wave in {left:.0f} s"
+            else:
+                self.note = f"wave {wave + 1} waits for an approval (modelip rollout approve)"
+                if not told:
+                    self._announce(self.note)
+                    told = True
+            await anyio.sleep(min(_LOOK, max(0.01, left)) if left > 0 and not
+                              self.record.paused else _LOOK)
             await self._refresh()
 
     async def _wait(self, most: float = _LOOK) -> None:
@@ -303,7 +317,7 @@ class Rollout:
     # --- journal and announcements ----------------------------------------------------
 
     async def _refresh(self) -> None:
-        """The operator's requests (pause, resume, undo) arrive through the journal,
+        """The operator's requests (pause, resume, undo, approve) arrive through the journal,
         read at most every _LOOK seconds (the loops wake at every card move)."""
         if time.monotonic() - self._looked < _LOOK:
             return
@@ -315,6 +329,8 @@ class Rollout:
                            else "resumed by the operator")
         if self.record.undo and not before.undo:
             self._announce("undo requested by the operator")
+        if self.record.approved != before.approved:
+            self._announce(f"wave {self.record.approved + 1} approved by the operator")
 
     async def _advance(self, phase: Phase, what: str, *, wave: int | None = None,
                        verdict: str | None = None) -> None:

@@ -72,10 +72,16 @@ class RolloutRecord:
     paused: bool
     undo: bool
     verdict: str
+    manual: tuple[int, ...] = ()  # the waves that wait for an operator's approval
+    approved: int = -1            # the last of them approved
 
     @property
     def groups(self) -> int:
         return self.waves[-1]
+
+    def awaits_approval(self, wave: int) -> bool:
+        """Wave ``wave`` (0-based) is not to be switched yet: it waits for an approval."""
+        return wave in self.manual and self.approved < wave
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +93,7 @@ class HistoryRecord:
 
 
 _COLUMNS = ("id, started, updated, ended, from_program, candidate, to_program, waves, wave, "
-            "phase, paused, undo, verdict")
+            "phase, paused, undo, verdict, manual, approved")
 
 
 def _rollout(row: tuple[object, ...]) -> RolloutRecord:
@@ -95,6 +101,7 @@ def _rollout(row: tuple[object, ...]) -> RolloutRecord:
     values[7] = tuple(json.loads(str(values[7])))
     values[9] = Phase(values[9])
     values[10], values[11] = bool(values[10]), bool(values[11])
+    values[13] = tuple(json.loads(str(values[13])))
     return RolloutRecord(*values)  # type: ignore[arg-type]
 
 
@@ -153,14 +160,16 @@ class RolloutLedger:
         return _rollout(row)
 
     async def start(self, from_program: str, candidate: str, to_program: str,
-                    waves: list[int], what: str) -> RolloutRecord:
+                    waves: list[int], what: str, manual: list[int] | None = None
+                    ) -> RolloutRecord:
+        """A new rollout; ``manual``: the waves that wait for an operator's approval."""
         now = time.time()
         with self.store.transaction() as execute:
             cursor = execute(
                 "INSERT INTO rollouts (started, updated, from_program, candidate, to_program, "
-                "waves, wave, phase) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                "waves, wave, phase, manual) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (now, now, from_program, candidate, to_program, json.dumps(waves),
-                 Phase.SWITCHING.value))
+                 Phase.SWITCHING.value, json.dumps(manual or [])))
             rollout_id = int(cursor.lastrowid or 0)
             self._history(execute, rollout_id, 0, Phase.SWITCHING, what, now)
         return await self.get(rollout_id)
@@ -183,14 +192,17 @@ class RolloutLedger:
         return await self.get(rollout.id)
 
     async def request(self, rollout: RolloutRecord, *, paused: bool | None = None,
-                      undo: bool = False, what: str) -> None:
-        """An operator's request (pause, resume, undo), for the engine to carry out."""
+                      undo: bool = False, approved: int | None = None, what: str) -> None:
+        """An operator's request (pause, resume, undo, approve a wave), for the engine
+        to carry out."""
         now = time.time()
         with self.store.transaction() as execute:
             execute(
-                "UPDATE rollouts SET paused = ?, undo = ?, updated = ? WHERE id = ?",
-                (rollout.paused if paused is None else paused, rollout.undo or undo, now,
-                 rollout.id))
+                "UPDATE rollouts SET paused = ?, undo = ?, approved = ?, updated = ? "
+                "WHERE id = ?",
+                (rollout.paused if paused is None else paused, rollout.undo or undo,
+                 rollout.approved if approved is None else max(approved, rollout.approved),
+                 now, rollout.id))
             self._history(execute, rollout.id, rollout.wave, rollout.phase, what, now)
 
     async def history(self, rollout_id: int) -> list[HistoryRecord]:

@@ -1,4 +1,4 @@
-"""An operator's request to a running rollout (pause, resume, undo), written into the
+"""An operator's request to a running rollout (pause, resume, undo, approve), written into the
 journal for the orchestrator running the plan to carry out (docs/rollouts.md): from
 `modelip rollout` on the plan's machine, or through the control API (docs/api.md)."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.engine.rollout.ledger import Phase, RolloutLedger
+from orchestrator.engine.rollout.ledger import Phase, RolloutLedger, RolloutRecord
 from orchestrator.errors import UsageError
 
-ACTIONS = ("pause", "resume", "undo")
+ACTIONS = ("pause", "resume", "undo", "approve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,8 @@ async def request(ledger: RolloutLedger, action: str, who: str) -> Requested:
         if record.phase is Phase.ROLLING_BACK or record.undo:
             return Requested(record.id, False, f"rollout {record.id}: already rolling back")
         await ledger.request(record, undo=True, what=f"undo requested by {who}")
+    elif action == "approve":
+        return await _approve(ledger, record, who)
     elif (action == "pause") == record.paused:
         return Requested(record.id, False, f"rollout {record.id}: already "
                          f"{'paused' if record.paused else 'running'}")
@@ -41,3 +43,20 @@ async def request(ledger: RolloutLedger, action: str, who: str) -> Requested:
         await ledger.request(record, paused=action == "pause",
                              what=f"{action} requested by {who}")
     return Requested(record.id, True, f"rollout {record.id}: {action} requested")
+
+
+async def _approve(ledger: RolloutLedger, record: RolloutRecord, who: str) -> Requested:
+    """Approve the next wave that waits for an approval (docs/rollouts.md "Approvals"):
+    the wave being gated's successor, or the one being switched if it still waits."""
+    if record.phase not in (Phase.SWITCHING, Phase.GATING) or record.undo:
+        raise UsageError(f"rollout {record.id} is {record.phase.value}"
+                         f"{' (undo requested)' if record.undo else ''}: no wave to approve")
+    waiting = [w for w in record.manual if w > record.approved and w >= record.wave]
+    if not waiting:
+        raise UsageError(f"rollout {record.id}: no wave waits for an approval (its steps "
+                         "have no `approval: manual`, or they are approved)")
+    wave = waiting[0]
+    await ledger.request(record, approved=wave,
+                         what=f"wave {wave + 1} approved by {who}")
+    return Requested(record.id, True, f"rollout {record.id}: wave {wave + 1} of "
+                     f"{len(record.waves)} approved")

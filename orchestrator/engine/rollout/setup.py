@@ -105,10 +105,13 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
     fresh = record is None
     if record is None:
         waves = plan.rollout.waves(groups)
+        manual = plan.rollout.manual_waves(groups)
+        approvals = f"; wave(s) {', '.join(str(w + 1) for w in manual)} wait for an " \
+            "approval" if manual else ""
         record = await ledger.start(
             old.program_id, candidate.program_id, final.program_id, waves,
             f"version {old.version} -> {final.version}: {len(waves)} wave(s) ending at "
-            f"{', '.join(map(str, waves))} of {groups} groups")
+            f"{', '.join(map(str, waves))} of {groups} groups{approvals}", manual)
     elif record.groups != groups:
         raise UsageError(f"{plan.source}: the fleet has {groups} MDP groups, the rollout in "
                          f"progress was planned for {record.groups}: `modelip rollout undo` "

@@ -227,6 +227,17 @@ class PostgresStore(LeaseLedger):
                          "(%s, %s, %s, %s, %s) RETURNING id",
                          (time.time(), who, role, command, outcome))
 
+    async def cordons(self) -> dict[str, str]:
+        return {str(host): str(who) for host, who in await self._rows(
+            "SELECT host, who FROM cordons")}
+
+    async def set_cordon(self, host: str, who: str | None) -> bool:
+        if who is None:
+            return bool(await self._rows("DELETE FROM cordons WHERE host = %s RETURNING 1",
+                                         (host,)))
+        return bool(await self._rows("INSERT INTO cordons VALUES (%s, %s, %s) ON CONFLICT "
+                                     "DO NOTHING RETURNING 1", (host, who, time.time())))
+
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         rows = await self._rows("SELECT revision, ts, kind, body FROM changes WHERE "
                                 "revision > %s ORDER BY revision LIMIT %s", (after, limit))

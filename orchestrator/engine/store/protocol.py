@@ -152,6 +152,11 @@ class Store(Protocol):
     async def record_command(self, who: str, role: str, command: str, outcome: str
                              ) -> None:
         """A command through the control API, done or refused, with who asked."""
+    async def cordons(self) -> dict[str, str]:
+        """The hosts an operator cordoned (docs/api.md "Cordon"), and who did."""
+    async def set_cordon(self, host: str, who: str | None) -> bool:
+        """Cordon ``host`` in ``who``'s name (None: uncordon it); False if it was so
+        already (nothing written)."""
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         """The changes with revisions above ``after``, oldest first (at most ``limit``)."""
     async def revisions(self) -> tuple[int, int]:

@@ -121,6 +121,38 @@ SQLITE_MIGRATIONS = (
                 'outcome', NEW.outcome));
         END""",
     ),
+    # Rollout steps an operator approves (docs/rollouts.md "Approvals"): the waves that
+    # wait for one, and the last wave approved.
+    (
+        "ALTER TABLE rollouts ADD COLUMN manual TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE rollouts ADD COLUMN approved INTEGER NOT NULL DEFAULT -1",
+    ),
+    # Cordoned hosts (docs/api.md "Cordon"): an operator's word, kept for every replica
+    # and the next run; a host's change carries who cordoned it.
+    (
+        """CREATE TABLE cordons (
+            host TEXT PRIMARY KEY, who TEXT NOT NULL, ts REAL NOT NULL)""",
+        "DROP TRIGGER host_transitions_change",
+        """CREATE TRIGGER host_transitions_change AFTER INSERT ON host_transitions BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'host', json_object(
+                'host', NEW.host, 'state', NEW.to_state, 'previous', NEW.from_state,
+                'reason', NEW.reason, 'cordoned_by',
+                coalesce((SELECT who FROM cordons WHERE host = NEW.host), '')));
+        END""",
+        """CREATE TRIGGER cordons_cordon AFTER INSERT ON cordons BEGIN
+            INSERT INTO changes (ts, kind, body) SELECT NEW.ts, 'host', json_object(
+                'host', NEW.host, 'state', coalesce(h.state, 'CONNECTING'), 'previous', '',
+                'reason', 'cordoned by ' || NEW.who, 'cordoned_by', NEW.who)
+            FROM (SELECT 1) LEFT JOIN hosts h ON h.host = NEW.host;
+        END""",
+        """CREATE TRIGGER cordons_uncordon AFTER DELETE ON cordons BEGIN
+            INSERT INTO changes (ts, kind, body) SELECT
+                (julianday('now') - 2440587.5) * 86400.0, 'host', json_object(
+                'host', OLD.host, 'state', coalesce(h.state, 'CONNECTING'), 'previous', '',
+                'reason', 'uncordoned', 'cordoned_by', '')
+            FROM (SELECT 1) LEFT JOIN hosts h ON h.host = OLD.host;
+        END""",
+    ),
 )
 
 
@@ -226,6 +258,49 @@ POSTGRES_MIGRATIONS = (
         END $$""",
         """CREATE TRIGGER commands_change AFTER INSERT ON commands
             FOR EACH ROW EXECUTE FUNCTION modelip_command_change()""",
+    ),
+    # Cordoned hosts (docs/api.md "Cordon"), as in the embedded journal.
+    (
+        """CREATE TABLE cordons (
+            host TEXT PRIMARY KEY, who TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
+        """CREATE OR REPLACE FUNCTION modelip_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(7302458);
+        IF TG_TABLE_NAME = 'transitions' THEN
+            INSERT INTO changes (ts, kind, body) SELECT NEW.ts, 'card', json_build_object(
+                'host', NEW.host, 'device', NEW.device, 'card_id', NEW.card_id,
+                'state', NEW.to_state, 'previous', NEW.from_state,
+                'boot_counter', NEW.boot_counter, 'session_id', NEW.session_id,
+                'program_id', c.program_id, 'reason', NEW.reason,
+                'attempts', c.attempts)::text
+            FROM cards c WHERE c.host = NEW.host AND c.device = NEW.device;
+        ELSE
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'host', json_build_object(
+                'host', NEW.host, 'state', NEW.to_state, 'previous', NEW.from_state,
+                'reason', NEW.reason, 'cordoned_by',
+                coalesce((SELECT who FROM cordons WHERE host = NEW.host), ''))::text);
+        END IF;
+        RETURN NULL;
+    END $$""",
+        """CREATE FUNCTION modelip_cordon_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        subject cordons%ROWTYPE;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(7302458);
+        IF TG_OP = 'INSERT' THEN subject := NEW; ELSE subject := OLD; END IF;
+        INSERT INTO changes (ts, kind, body) VALUES (
+            extract(epoch FROM clock_timestamp()), 'host', json_build_object(
+            'host', subject.host,
+            'state', coalesce((SELECT state FROM hosts WHERE host = subject.host),
+                              'CONNECTING'),
+            'previous', '',
+            'reason', CASE WHEN TG_OP = 'INSERT' THEN 'cordoned by ' || subject.who
+                      ELSE 'uncordoned' END,
+            'cordoned_by', CASE WHEN TG_OP = 'INSERT' THEN subject.who ELSE '' END)::text);
+        RETURN NULL;
+    END $$""",
+        """CREATE TRIGGER cordons_change AFTER INSERT OR DELETE ON cordons
+            FOR EACH ROW EXECUTE FUNCTION modelip_cordon_change()""",
     ),
 )
 

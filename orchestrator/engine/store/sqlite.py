@@ -178,6 +178,16 @@ class SQLiteStore:
         self._write("INSERT INTO commands (ts, who, role, command, outcome) VALUES "
                     "(?, ?, ?, ?, ?)", (time.time(), who, role, command, outcome))
 
+    async def cordons(self) -> dict[str, str]:
+        return {str(host): str(who) for host, who in self._read("SELECT host, who FROM "
+                                                                "cordons")}
+
+    async def set_cordon(self, host: str, who: str | None) -> bool:
+        if who is None:
+            return self._write("DELETE FROM cordons WHERE host = ?", (host,)).rowcount > 0
+        return self._write("INSERT INTO cordons VALUES (?, ?, ?) ON CONFLICT (host) DO "
+                           "NOTHING", (host, who, time.time())).rowcount > 0
+
     async def changes(self, after: int, limit: int = 1000) -> list[ChangeRecord]:
         rows = self._read("SELECT revision, ts, kind, body FROM changes WHERE revision > ? "
                           "ORDER BY revision LIMIT ?", (after, limit))

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HostRef(_message.Message):
+    __slots__ = ("host",)
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    def __init__(self, host: _Optional[str] = ...) -> None: ...
+
 class CardRef(_message.Message):
     __slots__ = ("host", "device")
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -23,10 +29,12 @@ class RolloutCommandRequest(_message.Message):
         PAUSE: _ClassVar[RolloutCommandRequest.Action]
         RESUME: _ClassVar[RolloutCommandRequest.Action]
         UNDO: _ClassVar[RolloutCommandRequest.Action]
+        APPROVE: _ClassVar[RolloutCommandRequest.Action]
     ACTION_UNSPECIFIED: RolloutCommandRequest.Action
     PAUSE: RolloutCommandRequest.Action
     RESUME: RolloutCommandRequest.Action
     UNDO: RolloutCommandRequest.Action
+    APPROVE: RolloutCommandRequest.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
     action: RolloutCommandRequest.Action
     def __init__(self, action: _Optional[_Union[RolloutCommandRequest.Action, str]] = ...) -> None: ...
@@ -82,16 +90,18 @@ class Card(_message.Message):
     def __init__(self, host: _Optional[str] = ..., device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[str] = ..., boot_counter: _Optional[int] = ..., session_id: _Optional[str] = ..., program_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempts: _Optional[int] = ..., previous: _Optional[str] = ...) -> None: ...
 
 class Host(_message.Message):
-    __slots__ = ("host", "state", "reason", "previous")
+    __slots__ = ("host", "state", "reason", "previous", "cordoned_by")
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_BY_FIELD_NUMBER: _ClassVar[int]
     host: str
     state: str
     reason: str
     previous: str
-    def __init__(self, host: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., previous: _Optional[str] = ...) -> None: ...
+    cordoned_by: str
+    def __init__(self, host: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., previous: _Optional[str] = ..., cordoned_by: _Optional[str] = ...) -> None: ...
 
 class RolloutStep(_message.Message):
     __slots__ = ("rollout", "wave", "phase", "what")

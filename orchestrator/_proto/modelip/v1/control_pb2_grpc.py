@@ -54,6 +54,16 @@ class ControlStub:
                 request_serializer=modelip_dot_v1_dot_control__pb2.CardRef.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
                 _registered_method=True)
+        self.CordonHost = channel.unary_unary(
+                '/modelip.v1.Control/CordonHost',
+                request_serializer=modelip_dot_v1_dot_control__pb2.HostRef.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+                _registered_method=True)
+        self.UncordonHost = channel.unary_unary(
+                '/modelip.v1.Control/UncordonHost',
+                request_serializer=modelip_dot_v1_dot_control__pb2.HostRef.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -96,6 +106,22 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonHost(self, request, context):
+        """An operator's command: cordon a host (no card of it is keyed or loaded from now
+        on: a card that needs a key waits CORDONED; its serving cards keep serving until
+        they reset), or uncordon it (those cards are keyed again). Kept in the store, so
+        every replica and the next run honour it; journaled with who asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +143,16 @@ def add_ControlServicer_to_server(servicer, server):
             'ReleaseCard': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseCard,
                     request_deserializer=modelip_dot_v1_dot_control__pb2.CardRef.FromString,
+                    response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
+            ),
+            'CordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonHost,
+                    request_deserializer=modelip_dot_v1_dot_control__pb2.HostRef.FromString,
+                    response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
+            ),
+            'UncordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonHost,
+                    request_deserializer=modelip_dot_v1_dot_control__pb2.HostRef.FromString,
                     response_serializer=modelip_dot_v1_dot_control__pb2.CommandResponse.SerializeToString,
             ),
     }
@@ -227,6 +263,60 @@ class Control:
             target,
             '/modelip.v1.Control/ReleaseCard',
             modelip_dot_v1_dot_control__pb2.CardRef.SerializeToString,
+            modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.Control/CordonHost',
+            modelip_dot_v1_dot_control__pb2.HostRef.SerializeToString,
+            modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.Control/UncordonHost',
+            modelip_dot_v1_dot_control__pb2.HostRef.SerializeToString,
             modelip_dot_v1_dot_control__pb2.CommandResponse.FromString,
             options,
             channel_credentials,
