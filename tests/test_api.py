@@ -387,7 +387,7 @@ async def test_an_admin_releases_a_quarantined_card_and_it_serves_again(tmp_path
 async def test_the_shared_reader_waits_out_a_store_that_fails(tmp_path: Path) -> None:
     """A store that cannot be read for a while (a database restart, for replicas): the
     API's reader says so in the log and reads again; the process does not end."""
-    from orchestrator.api.server import ChangeFeed
+    from orchestrator.api.feed import ChangeFeed
     from orchestrator.errors import StoreUnavailable
 
     class Away(SQLiteStore):   # a staged fault: the first reads fail

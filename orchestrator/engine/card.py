@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,19 +19,17 @@ from anyio.abc import TaskStatus
 
 from orchestrator.crypto.evidence import VerifiedReport
 from orchestrator.engine import keying
+from orchestrator.engine.bringup import BringUp
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.decide import (
     CHECK_SAW,
     Act,
-    Failure,
-    Next,
     Seen,
-    after_failure,
     classify,
     decide_serving,
     listing_says,
 )
-from orchestrator.engine.events import HintDisproved, Rekeyed
+from orchestrator.engine.events import HintDisproved
 from orchestrator.engine.inbox import Inbox, is_stale
 from orchestrator.engine.state import (
     FINAL,
@@ -59,7 +56,7 @@ if TYPE_CHECKING:
 S = CardState
 
 
-class CardDriver:
+class CardDriver(BringUp):
     def __init__(self, machine: CardMachine, host: CardHost, ctx: EngineContext
                  ) -> None:
         self.machine = machine
@@ -372,144 +369,6 @@ class CardDriver:
         if seen is Seen.FOREIGN:
             self.ctx.stats.verification_failures["ProgramSubstituted"] += 1
         return seen, report, said
-
-    async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
-        """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
-        m = self.machine
-        rekey = m.state is S.REKEYING
-        first = S.REKEYING if rekey else S.ATTESTING
-        timeouts = self.ctx.plan.timeouts
-        attempt = 0
-        offline_since = 0.0
-        while True:
-            attempt += 1
-            m.attempts = attempt
-            try:
-                with anyio.fail_after(timeouts.card):
-                    async with self.host.admit(m.group):
-                        if m.state is not first and not offline_since:
-                            await self.move(first, f"{trigger.value}, attempt {attempt}")
-                        if report is None:
-                            self._sent = time.monotonic()
-                            report = await keying.attest(self.ctx, self.host.client, m)
-                        if m.state is not first:  # a rebooting card answers again
-                            await self.move(first, f"{trigger.value}: the card is back")
-                        keying.adopt(m, report)
-                        cordoned = False
-                        if keying.holds(report, self.program, m.partition):
-                            await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
-                                      "holds the program, verified, not reloaded",
-                                      known_good=keying.verified_good(
-                                          report, self.program, m.partition))
-                        elif self.host.cordoned_by is None:
-                            await self._wrap_and_load(report)
-                        else:
-                            cordoned = True
-                if cordoned:  # no key for it until its host is uncordoned
-                    if not await self._held_by_cordon():
-                        return
-                    report, attempt, offline_since = None, 0, 0.0
-                    continue
-                self._served(counted=trigger not in (Trigger.START, Trigger.SWITCH))
-                return
-            except Exception as err:
-                failure = classify(err)
-                if failure is None:
-                    raise
-                report = None
-                if failure is Failure.OFFLINE:  # rebooting: waiting for it is not an attempt
-                    attempt -= 1
-                    offline_since = offline_since or time.monotonic()
-                if not await self._after_failure(failure, err, attempt, offline_since):
-                    return
-
-    async def _held_by_cordon(self) -> bool:
-        """The card needs a key and its host is cordoned (docs/api.md "Cordon"): CORDONED
-        until the host is uncordoned (True: try again), goes down or the run ends."""
-        await self.move(S.CORDONED, f"host {self.host.name} cordoned by "
-                        f"{self.host.cordoned_by}: not keyed until it is uncordoned")
-        while self.host.cordoned_by is not None and self.host.up and not self._stopping:
-            async with anyio.create_task_group() as tg:
-                async def first(wait: Callable[[], Awaitable[object]]) -> None:
-                    await wait()
-                    tg.cancel_scope.cancel()
-                tg.start_soon(first, self.host.changed)
-                tg.start_soon(first, self._release.wait)   # set by stop()
-        return self.host.cordoned_by is None and self.host.up and not self._stopping
-
-    async def _after_failure(self, failure: Failure, err: Exception, attempt: int,
-                             offline_since: float) -> bool:
-        """Apply what ``after_failure`` decides; False: the bring-up has ended."""
-        m = self.machine
-        retry, limit = self.ctx.plan.retry, self.ctx.plan.timeouts.card
-        message = str(err) or "timed out"
-        if failure is Failure.TRANSIENT:
-            self.host.suspect()
-        elif failure is Failure.REFUTED:
-            self.ctx.stats.verification_failures[type(err).__name__] += 1
-        step = after_failure(failure, attempt=attempt, attempts=retry.attempts, limit=limit,
-                             offline_for=time.monotonic() - offline_since if offline_since
-                             else 0.0)
-        if step is Next.QUARANTINE:
-            await self.move(S.QUARANTINED, message)
-        elif step is Next.FAIL:
-            await self.move(S.FAILED, message if failure is Failure.INVALID else
-                            f"offline for more than {limit:g} s: {message}"
-                            if failure is Failure.OFFLINE else
-                            f"gave up after {attempt} attempts: {message}")
-        elif step is Next.WAIT_ONLINE:
-            # A forged hint would have found it answering: probe again soon; an
-            # ONLINE hint ends the pause early. Bounded by timeouts.card.
-            if m.state is not S.RETRY_WAIT:
-                await self.move(S.RETRY_WAIT, "the card is rebooting")
-            await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
-        elif step is Next.RESTAGE:
-            await self.host.restage()  # the host lost the body: never final
-        else:
-            await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
-            await anyio.sleep(self.ctx.backoff(attempt))
-        return step not in (Next.QUARANTINE, Next.FAIL)
-
-    def _served(self, *, counted: bool) -> None:
-        """Just moved to SERVING: if something had gone wrong, that was an outage."""
-        m = self.machine
-        outage = self.inbox.since_first_sign()
-        if outage is not None and counted:
-            self.ctx.stats.outages.append(outage)
-            self.ctx.stats.rekeyed_at.append(time.monotonic())
-            self.ctx.stats.rekeys += 1
-            self.rekeys += 1
-            self.ctx.emit(Rekeyed(host=m.host, device=m.device, group=m.group,
-                                  outage_ms=round(outage * 1e3, 2),
-                                  group_serving=self.host.group_serving(m.group)))
-
-    async def _wrap_and_load(self, report: VerifiedReport) -> None:
-        m = self.machine
-        program = self.program   # read once: a rollout may switch the group meanwhile
-        slot = keying.slot_for(self.ctx, report, program, m.partition)
-        same_session = m.known_good is not None \
-            and m.known_good.session_id == report.session_id.hex()
-        await self.move(S.KEYED, f"MEK wrapped to session {report.session_fingerprint}",
-                  known_good=True if same_session else None)
-        load_id = await self.move(S.LOADING, load=LoadSent(program.program_id, m.partition))
-        outcome = "interrupted"
-        try:
-            self._sent = time.monotonic()
-            result = await self.host.client.load(
-                m.device, program.program_id, partition=m.partition, key_slots=[slot])
-            self.ctx.stats.loads += 1
-            outcome = "refused receipt"
-            receipt = keying.receipt_of(result, report, program, m.partition, slot, m.name)
-        except BaseException as exc:
-            if isinstance(exc, ModelIPError) and outcome == "interrupted":
-                outcome = "failed"
-            with anyio.CancelScope(shield=True):
-                await self.ctx.store.finish_load(load_id, outcome)
-            raise
-        await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
-                  f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
-                  known_good=keying.verified_good(report, program, m.partition),
-                  concludes=(load_id, "ok"))
 
     async def _roll_back(self) -> None:
         """Stopped mid-flight: unload a half-done load, leave the store consistent."""
