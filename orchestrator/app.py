@@ -154,7 +154,8 @@ def _replica(shared: PostgresStore | None, fleet: str) -> MakeReplica | None:
         return None
     from orchestrator.engine.replicas import Replica
 
-    return lambda hosts, ctx, recount: Replica(hosts, ctx, recount, shared, fleet=fleet)
+    return lambda hosts, ctx, recount, rollout: Replica(hosts, ctx, recount, shared,
+                                                        fleet=fleet, rollout=rollout)
 
 
 def fleet_identity(plan: Plan, program: PreparedProgram) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from orchestrator.crypto.mek import MEK
 from orchestrator.emulator.card import CardConfig, EmulatedCard
 from orchestrator.emulator.pki import VendorPKI
 from orchestrator.qpc.build import pack_files, pack_mdp
+from tests.pg import PostgresServer
 
 # A few shapes every round-trip test runs through: one segment, many, an empty
 # one, one spanning several 1 KiB chunks (chunk size is lowered in those tests).
@@ -103,3 +104,31 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# --- a PostgreSQL server for the replicas' tests (tests/pg.py), one per session ------------
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def database(postgres: PostgresServer) -> str:
+    """A fresh database of the session's server (started again if a test stopped it)."""
+    postgres.start() if not _answers(postgres) else None
+    return postgres.new_database()
+
+
+def _answers(server: PostgresServer) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(server.url("postgres"), connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False

@@ -45,29 +45,6 @@ TTL = 2.0
 HOSTS = 6
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def database(postgres: PostgresServer) -> str:
-    postgres.start() if not _answers(postgres) else None
-    return postgres.new_database()
-
-
-def _answers(server: PostgresServer) -> bool:
-    try:
-        with psycopg.connect(server.url("postgres"), connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
 def rows(url: str, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql.encode(), args).fetchall()

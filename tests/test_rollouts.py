@@ -366,7 +366,7 @@ def test_the_smoke_verdict_names_the_output_and_how_far_it_is() -> None:
     assert "no output 'z'" in (smoke_verdict({"y": y}, {"z": y}, rtol=1, atol=0, group=0) or "")
 
 
-def test_rollout_commands_refuse_without_a_journal_or_with_a_shared_store(
+def test_rollout_commands_refuse_without_a_journal_and_name_an_unreachable_store(
         tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(tiny_mlp().SerializeToString())
     plan = tmp_path / "p.yaml"
@@ -378,10 +378,10 @@ def test_rollout_commands_refuse_without_a_journal_or_with_a_shared_store(
     assert len(result.stderr.strip().splitlines()) == 1
     plan.write_text("model: {onnx: m.onnx}\nmek: {generate: true}\n"
                     "fleet: {hosts: [{address: '127.0.0.1:1', devices: [0]}]}\n"
-                    "trust: {roots: [m.onnx]}\nstore: 'postgresql:///x?host=/run/db'\n"
-                    "rollout: {canary: 1}\n")
-    result = subprocess.run([*MODELIP, "deploy", str(plan)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 2 and result.stderr.strip().endswith(
-        "p.yaml:6: rollout: a rollout is driven by one orchestrator on the embedded journal; "
-        "not yet with a shared store (docs/rollouts.md)")
+                    "trust: {roots: [m.onnx]}\nstore: 'postgresql:///x?host=/run/nodb'\n"
+                    "rollout: {canary: 1}\n")   # with replicas, a rollout is the store's
+    for action in ("status", "pause"):
+        result = subprocess.run([*MODELIP, "rollout", action, str(plan)], capture_output=True,
+                                text=True, timeout=60, check=False)
+        [line] = result.stderr.strip().splitlines()
+        assert result.returncode == 5 and "cannot connect" in line, result.stderr

@@ -28,10 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto.modelip.v1 import control_pb2
 from orchestrator.api.feed import LOOK_EVERY, PAGE, C, ChangeFeed, change_message, entry
-from orchestrator.engine.rollout.ledger import RolloutLedger
+from orchestrator.engine.rollout.ledgers import ledger_for
 from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import Store
-from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import ModelIPError, UsageError
 from orchestrator.plan.api import ROLES, ApiSpec, History
 from orchestrator.plan.paths import is_loopback
@@ -170,12 +169,8 @@ class ControlService:
                                 "action: one of PAUSE, RESUME, UNDO, APPROVE")
         command = f"rollout {action}"
         who, role = await self.allowed(context, "operator", command)
-        journal = self.store
-        if not isinstance(journal, SQLiteStore):
-            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "rollouts are driven on "
-                         "the embedded journal, not with a shared store (docs/rollouts.md)")
         try:
-            done = await request_rollout(RolloutLedger(journal), str(action),
+            done = await request_rollout(ledger_for(self.store), str(action),
                                          f"{who} ({role}, control API)")
         except UsageError as err:
             await self.store.record_command(who, role, command, f"refused: {err}")

@@ -20,7 +20,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     import anyio
 
     from orchestrator.app import existing_journal
-    from orchestrator.plan.model import Plan
+    from orchestrator.cli.fleet import load_plan
 
     action = args.rollout_command
     if (args.plan is None) == (getattr(args, "api", None) is None):
@@ -30,27 +30,37 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         from orchestrator.cli.api import rollout_command
 
         return anyio.run(rollout_command, args, action)
-    plan = Plan.load(args.plan)
-    if plan.shared:
-        from orchestrator.plan.model import ROLLOUT_NOT_SHARED
-
-        raise UsageError(f"{plan.source}: {ROLLOUT_NOT_SHARED}")
+    plan = load_plan(args, quiet=True)
+    if plan.shared:   # the replicas' store: whoever leads the rollout carries it out
+        return anyio.run(_on_shared_store, plan, action, args)
     with existing_journal(plan, read_only=action == "status") as journal:
         if action == "status":
-            view = anyio.run(_status, journal)
-            if args.json:
-                print(json.dumps(view, indent=2))
-            else:
-                _print_status(view)
-            return 0
+            return _show(anyio.run(_status, journal), args)
         return anyio.run(_request, journal, plan, action)
+
+
+async def _on_shared_store(plan: Any, action: str, args: argparse.Namespace) -> int:
+    from orchestrator.app import shared_store
+
+    async with shared_store(plan, f"operator-{os.getpid()}", migrate=False) as store:
+        if action == "status":
+            return _show(await _status(store), args)
+        return await _request(store, plan, action)
+
+
+def _show(view: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        _print_status(view)
+    return 0
 
 
 async def _status(journal: Any) -> dict[str, Any]:
     from orchestrator.engine.events import iso_time
-    from orchestrator.engine.rollout.ledger import RolloutLedger
+    from orchestrator.engine.rollout.ledgers import ledger_for
 
-    ledger = RolloutLedger(journal)
+    ledger = ledger_for(journal)
     current = await ledger.fleet_program()
     serving = await ledger.program(current) if current else None
     view: dict[str, Any] = {
@@ -118,15 +128,19 @@ def _print_status(view: dict[str, Any]) -> None:
 
 
 async def _request(journal: Any, plan: Any, action: str) -> int:
-    from orchestrator.engine.rollout.ledger import RolloutLedger
+    from orchestrator.engine.rollout.ledgers import ledger_for
     from orchestrator.engine.rollout.requests import request
 
     try:
-        done = await request(RolloutLedger(journal), action, f"modelip rollout {action}")
+        done = await request(ledger_for(journal), action, f"modelip rollout {action}")
     except UsageError as err:
         raise UsageError(f"{plan.source}: {err}") from None
     if not done.written:
         print(done.said)
+        return 0
+    if plan.shared:
+        print(f"{done.said}; the replica leading the rollout carries it out within a "
+              "second (or the next one to lead)")
         return 0
     pid = _orchestrator_pid(plan.state_dir)
     if pid:
@@ -151,6 +165,8 @@ def _orchestrator_pid(state_dir: Path) -> int | None:
 
 
 def register(sub: Any) -> None:
+    from orchestrator.cli.fleet import add_store_flags
+
     rollout = sub.add_parser("rollout", help="a rollout of a new model version: status, "
                              "pause, resume, undo, approve (docs/rollouts.md)")
     actions = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
@@ -164,6 +180,7 @@ def register(sub: Any) -> None:
         p.add_argument("plan", nargs="?" if name != "status" else None,
                        help="the plan (its journal, on this machine)" if name != "status"
                        else None)
+        add_store_flags(p, replica=False)
         if name == "status":
             p.add_argument("--json", action="store_true", help="everything, for scripts")
         else:

@@ -96,6 +96,7 @@ class CardDriver(BringUp):
             m.since = time.monotonic()
         m.reason, m.card_id, m.boot_counter = record.reason, record.card_id, record.boot_counter
         m.attempts = record.attempts
+        m.known_good = record.known_good   # what it serves (a rollout's leader judges by it)
         if record.session_id != m.session_id.hex():
             m.session_id = bytes.fromhex(record.session_id)
             m.session_fingerprint = ""  # the journal keeps the id, not the key

@@ -52,9 +52,10 @@ from orchestrator.plan.model import Plan
 
 S = CardState
 # How app.py hands the engine a replica (engine/replicas.py): built from the hosts'
-# supervisors, the context and the engine's recount.
-MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], None]],
-                       ReplicaPart]
+# supervisors, the context, the engine's recount and its rollout (if any: a replica
+# follows it, and leads it while it holds the rollout's lease).
+MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], None],
+                        RolloutPart | None], ReplicaPart]
 
 
 def _spare_the_collector() -> None:
@@ -120,9 +121,9 @@ class Engine:
                     self._by_card[(target.name, device)] = driver
                 group += 1
         self._unsettled = len(self.drivers)
-        self.replica: ReplicaPart | None = (
-            replica(self.hosts, self.ctx, self.recount) if replica else None)
         self.rollout: RolloutPart | None = rollout(self, self.finished) if rollout else None
+        self.replica: ReplicaPart | None = (
+            replica(self.hosts, self.ctx, self.recount, self.rollout) if replica else None)
 
     @property
     def stats(self) -> EngineStats:
@@ -285,7 +286,8 @@ class Engine:
             await self.cordons_changed()
             if self.rollout is not None:
                 await self.rollout.place()
-                tg.start_soon(self.rollout.run)
+                if self.replica is None:   # with replicas, whoever holds its lease leads
+                    tg.start_soon(self.rollout.run)
             if self.replica is not None:
                 await tg.start(self.replica.run)
             else:
@@ -354,6 +356,10 @@ class Engine:
                 raise ProgramNotLoaded("no MDP group is serving")
             drivers = sorted(self.groups[chosen], key=lambda d: d.machine.partition)
             host = drivers[0].host
+            supervisor = next(h for h in self.hosts if h.name == host.name)
+            if self.replica is not None and supervisor.owner != self.replica.name:
+                return await supervisor.execute_unheld(   # another replica drives it
+                    [d.machine.device for d in drivers], inputs)
             try:
                 return await host.client.execute([d.machine.device for d in drivers], inputs)
             except IntegrityError as err:

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -217,12 +218,22 @@ class HostSupervisor:
             with contextlib.suppress(ValueError):
                 driver.mirror(card)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    def _deadlines(self) -> Deadlines:
         plan = self.ctx.plan
-        deadlines = Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
-                              load=plan.timeouts.load)
+        return Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
+                         load=plan.timeouts.load)
+
+    async def execute_unheld(self, devices: list[int], inputs: dict[str, Any]
+                             ) -> dict[str, Any]:
+        """Inference on cards of this host that another replica drives (a rollout's
+        smoke, led from here): a connection of its own and no lease, since execution
+        changes no card (the host does not fence it)."""
+        async with _closing(self._connect(self.target, self._deadlines(), None)) as client:
+            return await client.execute(devices, inputs)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         started = False
-        client = self._connect(self.target, deadlines, self._lease)
+        client = self._connect(self.target, self._deadlines(), self._lease)
         with anyio.CancelScope() as self._running:
             try:
                 async with _closing(client), anyio.create_task_group() as cards:

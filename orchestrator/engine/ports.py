@@ -147,6 +147,18 @@ class RolloutPart(Protocol):
 
     def describe(self) -> str: ...
 
+    @property
+    def ended(self) -> bool: ...
+
+    async def lead(self, replica: str) -> None:
+        """Replicas: lead the rollout from the store's phase and wave until it ends;
+        LeaseLost when the rollout's lease is lost."""
+        ...
+
+    async def follow(self) -> None:
+        """Replicas: the groups' targets and the phase as the store says."""
+        ...
+
 
 class ReplicaPart(Protocol):
     """This replica's share of a fleet shared through PostgreSQL (engine/replicas.py):

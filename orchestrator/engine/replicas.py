@@ -27,9 +27,10 @@ from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import LeaseChanged, StoreStatus
 from orchestrator.engine.host import HostSupervisor
 from orchestrator.engine.hostapi import HostLease
+from orchestrator.engine.ports import RolloutPart
 from orchestrator.engine.store.leases import Claimed
 from orchestrator.engine.store.postgres import PostgresStore
-from orchestrator.engine.store.protocol import CardRecord
+from orchestrator.engine.store.protocol import ROLLOUT_LEASE, CardRecord
 from orchestrator.errors import FleetReplaced, LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 
@@ -39,11 +40,15 @@ class Replica:
     changed other than by a transition (taken over, shown from the store)."""
 
     def __init__(self, hosts: Sequence[HostSupervisor], ctx: EngineContext,
-                 recount: Callable[[], None], store: PostgresStore, *, fleet: str = ""
-                 ) -> None:
+                 recount: Callable[[], None], store: PostgresStore, *, fleet: str = "",
+                 rollout: RolloutPart | None = None) -> None:
         """``fleet``: the digest of this replica's plan, the store's fleet's when it
-        started; if another replica replaces it on purpose, this one stops."""
+        started; if another replica replaces it on purpose, this one stops.
+        ``rollout``: the rollout in progress, which every replica follows and the
+        holder of the rollout's lease leads (docs/replicas.md "Rollouts")."""
         self.fleet = fleet
+        self.rollout = rollout
+        self._leading: anyio.CancelScope | None = None
         self.ctx = ctx
         self.recount = recount
         self.store = store
@@ -83,7 +88,8 @@ class Replica:
     async def _cycle(self) -> None:
         names = sorted(self.hosts)
         try:
-            self.alive = await self.store.heartbeat(names)
+            self.alive = await self.store.heartbeat(
+                names + ([ROLLOUT_LEASE] if self.rollout is not None else []))
             await self._same_fleet()
             if not self.reachable:   # back: the others get one lease TTL to come back too
                 self._grace_until = time.monotonic() + self.store.lease_ttl
@@ -105,6 +111,7 @@ class Replica:
             cordons = await self.store.cordons()
             for name, host in self.hosts.items():
                 host.cordon(cordons.get(name))
+            await self._rollout_cycle()
             if not self.reachable:
                 self.reachable = True
                 self.ctx.emit(StoreStatus(replica=self.name, reachable=True))
@@ -164,7 +171,13 @@ class Replica:
             self.recount()
 
     def _drop(self, name: str, lost: LeaseLost) -> None:
-        """Fenced: stop at once, without a call to the host's cards."""
+        """Fenced: stop at once, without a call to the host's cards (the rollout's
+        lease: stop leading it, without one more write)."""
+        if name == ROLLOUT_LEASE:
+            if self._leading is not None:
+                self._leading.cancel()
+                self._announce(name, "lost", reason=str(lost))
+            return
         if name in self.running:
             self.hosts[name].fence(lost)
 
@@ -192,6 +205,37 @@ class Replica:
                 raise LeaseLost(name, "expired here" if fence else "not held")
             return left
         return remaining
+
+    # --- the rollout (docs/replicas.md "Rollouts") ----------------------------------------
+
+    async def _rollout_cycle(self) -> None:
+        """Follow the rollout as the store says; lead it if its lease is free."""
+        if self.rollout is None:
+            return
+        await self.rollout.follow()
+        if self._leading is None and not self.rollout.ended:
+            for claimed in await self.store.claim([ROLLOUT_LEASE], 1):
+                self._leading = anyio.CancelScope()
+                self.epochs[ROLLOUT_LEASE] = claimed.epoch
+                self._announce(ROLLOUT_LEASE, "took over" if claimed.previous_owner not in
+                               ("", self.name) else "claimed", epoch=claimed.epoch,
+                               previous_owner=claimed.previous_owner)
+                assert self._tg is not None  # noqa: S101 - started inside run()
+                self._tg.start_soon(self._lead, self.rollout, self._leading)
+
+    async def _lead(self, rollout: RolloutPart, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                await rollout.lead(self.name)
+        except LeaseLost as lost:   # a fenced write refused: another leads now
+            self.store.fences.pop(ROLLOUT_LEASE, None)
+            self._announce(ROLLOUT_LEASE, "lost", reason=str(lost))
+        finally:
+            self._leading = None
+            if rollout.ended and ROLLOUT_LEASE in self.store.fences:
+                with anyio.CancelScope(shield=True), contextlib.suppress(StoreUnavailable):
+                    await self.store.release(ROLLOUT_LEASE)
+                    self._announce(ROLLOUT_LEASE, "handed back", reason="the rollout ended")
 
     # --- what others drive -------------------------------------------------------------
 

@@ -36,9 +36,6 @@ from orchestrator.plan.specs import (
 )
 from orchestrator.plan.storeurl import store_url_problem, store_url_warning
 
-ROLLOUT_NOT_SHARED = ("a rollout is driven by one orchestrator on the embedded journal; "
-                      "not yet with a shared store (docs/rollouts.md)")
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -178,8 +175,6 @@ class Plan:
             raise Problem(fleet.node.line, "fleet.emulated",
                            "replicas share real hosts: an embedded emulated fleet is one "
                            "process's own (run `modelip emulate` and list its hosts)")
-        if store and rollout is not None:
-            raise Problem(top.items["rollout"][1], "rollout", ROLLOUT_NOT_SHARED)
         plan._check_groups(fleet)
         return plan
 

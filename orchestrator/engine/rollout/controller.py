@@ -33,7 +33,8 @@ from orchestrator.engine.rollout.setup import RolloutSetup
 from orchestrator.engine.rollout.smoke import smoke_verdict
 from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
-from orchestrator.errors import ModelIPError, StateDirError
+from orchestrator.engine.store.protocol import ROLLOUT_LEASE
+from orchestrator.errors import InvalidTransition, LeaseLost, ModelIPError, StateDirError
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import Fleet
@@ -58,6 +59,7 @@ class Rollout:
         fleet.ctx.offer(self.old, self.candidate, self.final)
         self.order = sorted(fleet.groups)
         self.note = ""
+        self.leading = False  # replicas: this one leads the rollout now
         self._looked = 0.0   # monotonic time of the last read of the journal
         self._opening = "started" if setup.fresh else (
             f"held: {self.record.verdict} (`modelip deploy --retry-rollout` tries again)"
@@ -94,7 +96,12 @@ class Rollout:
         Whatever else must change is then switched at the pace of the rollout."""
         records = {(r.host, r.device): r for r in await self.fleet.ctx.store.cards()}
         known = {self.old.program_id, self.candidate.program_id, self.final.program_id}
+        targets = await self.ledger.targets(self.record.id)   # a leader's (replicas)
         for position, group in enumerate(self.order):
+            if targets.get(group) in known:
+                for member in self.fleet.groups[group]:
+                    member.place(targets[group])
+                continue
             held = set()
             for member in self.fleet.groups[group]:
                 record = records.get((member.machine.host, member.machine.device))
@@ -109,18 +116,67 @@ class Rollout:
     # --- the task ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self.fleet.deployed.wait()  # every card looked at once: start from truth
+        self._announce(self._opening)
+        await self._carry_out()
+
+    async def _carry_out(self) -> None:
         try:
-            await self.fleet.deployed.wait()  # every card looked at once: start from truth
-            self._announce(self._opening)
             await self._drive()
             await self._converge(judge=False)  # ended: hold the fleet where the verdict put it
             self.note = ""
         except StateDirError as err:
             self.fleet.ctx.escalate(err)
             return
+        except LeaseLost:
+            raise   # a replica's leadership ended: another carries on from the store
         except Exception as exc:  # a bug: the fleet keeps serving what each group runs  # noqa: BLE001
             self.note = "stopped: " + self.fleet.ctx.internal_error("rollout", exc)
         self.done.set()
+
+    # --- with replicas (docs/replicas.md "Rollouts") ------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        return self.record.phase.ended
+
+    async def lead(self, replica: str) -> None:
+        """Lead the rollout from the store's phase and wave (this replica holds the
+        rollout's lease) until it ends; LeaseLost when the lease is lost, or another
+        leader moved it meanwhile (every write of a leader is fenced by the lease)."""
+        self.leading = True
+        try:
+            self.record = await self.ledger.get(self.record.id)
+            if self.ended:
+                self.done.set()
+                return
+            await self._follow_targets()
+            await self.fleet.deployed.wait()
+            self._announce(f"led by replica {replica} from the store's phase and wave")
+            try:
+                await self._carry_out()
+            except InvalidTransition as err:
+                raise LeaseLost(ROLLOUT_LEASE, f"another leader moved it: {err}") from None
+        finally:
+            self.leading = False
+
+    async def follow(self) -> None:
+        """The store's word on the rollout, for a replica that may not lead it: each
+        group's target as the leader set it, the phase (for the views), and its end."""
+        await self._follow_targets()
+        if not self.leading:
+            record = await self.ledger.get(self.record.id)
+            if record != self.record:
+                self.record = record
+                self.note = "led by another replica"
+        if self.ended and self.fleet.deployed.is_set():
+            self.done.set()
+
+    async def _follow_targets(self) -> None:
+        for group, program_id in (await self.ledger.targets(self.record.id)).items():
+            if group in self.fleet.groups and program_id in self.fleet.ctx.programs:
+                for member in self.fleet.groups[group]:
+                    member.retarget(program_id)
 
     async def _drive(self) -> None:
         while not self.record.phase.ended:
@@ -216,14 +272,16 @@ class Rollout:
                     down = not self.fleet.group_serving(group)
                     if not down and out >= self.spec.max_unavailable:
                         continue
-                    self._switch(group, want)
+                    await self._switch(group, want)
                     out += not down
                     if not self._host_down(group):
                         waited[group] = now
             self.note = self._waiting_note(todo, waited)
             await self._wait()
 
-    def _switch(self, group: int, program_id: str) -> None:
+    async def _switch(self, group: int, program_id: str) -> None:
+        # written first (replicas: under the rollout's lease), then done
+        await self.ledger.set_target(self.record.id, group, program_id)
         for member in self.fleet.groups[group]:
             member.retarget(program_id)
         program = self.fleet.ctx.programs[program_id]

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import InvalidTransition
@@ -92,11 +93,11 @@ class HistoryRecord:
     what: str
 
 
-_COLUMNS = ("id, started, updated, ended, from_program, candidate, to_program, waves, wave, "
+ROLLOUT_COLUMNS = ("id, started, updated, ended, from_program, candidate, to_program, waves, wave, "
             "phase, paused, undo, verdict, manual, approved")
 
 
-def _rollout(row: tuple[object, ...]) -> RolloutRecord:
+def rollout_record(row: tuple[object, ...]) -> RolloutRecord:
     values = list(row)
     values[7] = tuple(json.loads(str(values[7])))
     values[9] = Phase(values[9])
@@ -105,8 +106,42 @@ def _rollout(row: tuple[object, ...]) -> RolloutRecord:
     return RolloutRecord(*values)  # type: ignore[arg-type]
 
 
+class Ledger(Protocol):
+    """Where rollouts are recorded: the embedded journal (RolloutLedger) or the shared
+    store (rollout/shared.py SharedLedger, whose leader's writes are fenced by the
+    rollout's lease)."""
+
+    async def record_program(self, program: ProgramRecord) -> None: ...
+    async def program(self, program_id: str) -> ProgramRecord | None: ...
+    async def fleet_program(self) -> str | None: ...
+    async def set_fleet_program(self, program_id: str) -> None:
+        """The leader's: the fleet serves this program now (a commit)."""
+    async def offer_fleet_program(self, program_id: str, *, replace: bool = False) -> None:
+        """The fleet's program, unless one is recorded already (``replace``: anyway: a
+        new version without a rollout replaces the old at once)."""
+    async def active(self) -> RolloutRecord | None: ...
+    async def latest(self, from_program: str | None = None, to_program: str | None = None
+                     ) -> RolloutRecord | None: ...
+    async def get(self, rollout_id: int) -> RolloutRecord: ...
+    async def start(self, from_program: str, candidate: str, to_program: str,
+                    waves: list[int], what: str, manual: list[int] | None = None
+                    ) -> RolloutRecord:
+        """A new rollout; the one in progress instead, if another started it first."""
+    async def advance(self, rollout: RolloutRecord, phase: Phase, what: str, *,
+                      wave: int | None = None, verdict: str | None = None
+                      ) -> RolloutRecord: ...
+    async def request(self, rollout: RolloutRecord, *, paused: bool | None = None,
+                      undo: bool = False, approved: int | None = None, what: str) -> None: ...
+    async def history(self, rollout_id: int) -> list[HistoryRecord]: ...
+    async def targets(self, rollout_id: int) -> dict[int, str]:
+        """The groups the leader switched and the program each is to run."""
+    async def set_target(self, rollout_id: int, group: int, program_id: str) -> None:
+        """The leader's: ``group`` is to run ``program_id``, for every replica."""
+
+
 class RolloutLedger:
-    """Rollout records in the embedded journal (same file, same write-ahead rules)."""
+    """Rollout records in the embedded journal (same file, same write-ahead rules).
+    One process drives every group, so the groups' targets live in its drivers."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
@@ -135,29 +170,42 @@ class RolloutLedger:
                           "UPDATE SET program_id = excluded.program_id, ts = excluded.ts",
                           (program_id, time.time()))
 
+    async def offer_fleet_program(self, program_id: str, *, replace: bool = False) -> None:
+        if replace:
+            await self.set_fleet_program(program_id)
+        else:
+            self.store.execute("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) "
+                               "DO NOTHING", (program_id, time.time()))
+
+    async def targets(self, rollout_id: int) -> dict[int, str]:
+        return {}
+
+    async def set_target(self, rollout_id: int, group: int, program_id: str) -> None:
+        return None
+
     # --- rollouts ----------------------------------------------------------------------
 
     async def active(self) -> RolloutRecord | None:
-        row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
+        row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
                                "ORDER BY id DESC LIMIT 1").fetchone()
-        return None if row is None else _rollout(row)
+        return None if row is None else rollout_record(row)
 
     async def latest(self, from_program: str | None = None, to_program: str | None = None
                      ) -> RolloutRecord | None:
         """The newest rollout (of ``from_program`` to ``to_program`` if given)."""
         if from_program is None:
-            row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
+            row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
                                    "LIMIT 1").fetchone()
         else:
-            row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
+            row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
                                    "AND to_program = ? ORDER BY id DESC LIMIT 1",
                                    (from_program, to_program)).fetchone()
-        return None if row is None else _rollout(row)
+        return None if row is None else rollout_record(row)
 
     async def get(self, rollout_id: int) -> RolloutRecord:
-        row = self.store.query(f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant columns
+        row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant columns
                                (rollout_id,)).fetchone()
-        return _rollout(row)
+        return rollout_record(row)
 
     async def start(self, from_program: str, candidate: str, to_program: str,
                     waves: list[int], what: str, manual: list[int] | None = None

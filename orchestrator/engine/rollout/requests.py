@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.engine.rollout.ledger import Phase, RolloutLedger, RolloutRecord
+from orchestrator.engine.rollout.ledger import Ledger, Phase, RolloutRecord
 from orchestrator.errors import UsageError
 
 ACTIONS = ("pause", "resume", "undo", "approve")
@@ -19,7 +19,7 @@ class Requested:
     said: str
 
 
-async def request(ledger: RolloutLedger, action: str, who: str) -> Requested:
+async def request(ledger: Ledger, action: str, who: str) -> Requested:
     """Write ``action`` for the rollout in progress, in ``who``'s name. UsageError if
     there is none, or if it cannot be done (an undo while committing)."""
     record = await ledger.active()
@@ -45,7 +45,7 @@ async def request(ledger: RolloutLedger, action: str, who: str) -> Requested:
     return Requested(record.id, True, f"rollout {record.id}: {action} requested")
 
 
-async def _approve(ledger: RolloutLedger, record: RolloutRecord, who: str) -> Requested:
+async def _approve(ledger: Ledger, record: RolloutRecord, who: str) -> Requested:
     """Approve the next wave that waits for an approval (docs/rollouts.md "Approvals"):
     the wave being gated's successor, or the one being switched if it still waits."""
     if record.phase not in (Phase.SWITCHING, Phase.GATING) or record.undo:

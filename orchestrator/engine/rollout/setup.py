@@ -17,11 +17,11 @@ import anyio
 
 from orchestrator.arrays import read_arrays
 from orchestrator.engine.prepare import PreparedProgram, describe_body, file_digest
-from orchestrator.engine.rollout.ledger import Phase, ProgramRecord, RolloutLedger, RolloutRecord
+from orchestrator.engine.rollout.ledger import Ledger, Phase, ProgramRecord, RolloutRecord
+from orchestrator.engine.rollout.ledgers import ledger_for
 from orchestrator.engine.store.protocol import Store
-from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import FormatError, UsageError, WrongMEKError
-from orchestrator.plan.model import ROLLOUT_NOT_SHARED, Plan
+from orchestrator.plan.model import Plan
 from orchestrator.plan.rollout import RolloutSpec
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class RolloutSetup:
-    ledger: RolloutLedger
+    ledger: Ledger
     record: RolloutRecord
     spec: RolloutSpec
     old: PreparedProgram
@@ -56,15 +56,11 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
     UsageError: a rollout of another version is in progress; the previous version's
     body is gone or under another MEK; the plan's version is below the fleet's floor.
     """
-    if not isinstance(store, SQLiteStore):
-        if plan.rollout is not None:
-            raise UsageError(f"{plan.source}: rollout: {ROLLOUT_NOT_SHARED}")
-        return None
-    ledger = RolloutLedger(store)
+    ledger = ledger_for(store)
     await ledger.record_program(program_record(final))
     current = await ledger.fleet_program()
     if current is None:
-        await ledger.set_fleet_program(final.program_id)
+        await ledger.offer_fleet_program(final.program_id)
     record = await ledger.active()
     if record is not None and record.to_program != final.program_id:
         was = await ledger.program(record.from_program)
@@ -83,7 +79,7 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
                              f"rollback floor the fleet's cards hold ({serving.floor}, from "
                              f"version {serving.version}): they would refuse it")
         if plan.rollout is None:  # replaced at once (docs/rollouts.md: no rollout: section)
-            await ledger.set_fleet_program(final.program_id)
+            await ledger.offer_fleet_program(final.program_id, replace=True)
             return None
         record = await ledger.latest(current, final.program_id)
         if record is not None and (retry or record.phase is not Phase.ROLLED_BACK):
@@ -129,7 +125,7 @@ def _group_count(plan: Plan) -> int:
     return cards // plan.group_size
 
 
-async def _recorded(plan: Plan, ledger: RolloutLedger, program_id: str | None, mek: MEK,
+async def _recorded(plan: Plan, ledger: Ledger, program_id: str | None, mek: MEK,
                     role: str) -> PreparedProgram:
     """A program the journal recorded (its body in the cache), checked again."""
     record = await ledger.program(program_id) if program_id else None

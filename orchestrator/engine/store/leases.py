@@ -203,6 +203,16 @@ class LeaseLedger:
             return await (await conn.execute(sql.encode(), args)).fetchall()
         return await self._unfenced(read)
 
+    async def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement (its rows), retried while the database is away."""
+        return await self._rows(sql, args)
+
+    async def transact(self, work: Callable[[Conn], Awaitable[T]], *,
+                       lease: str | None = None) -> T:
+        """One transaction; with ``lease`` committed only under this replica's hold on
+        that lease (LeaseLost otherwise: nothing written)."""
+        return await (self._fenced(lease, work) if lease else self._unfenced(work))
+
     # --- leases -------------------------------------------------------------------------
 
     async def heartbeat(self, hosts: list[str]) -> int:

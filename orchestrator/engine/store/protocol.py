@@ -123,6 +123,13 @@ def _inert(record: object, *names: str) -> None:
             object.__setattr__(record, name, terminal_safe(value, 1000))
 
 
+# The lease of a rollout's leader with replicas (docs/replicas.md "Rollouts"): a row
+# of the shared store's ``leases`` like a host's, claimed, renewed and fenced the same
+# way. No host has this name (hosts are named by their addresses, which never start
+# with a colon).
+ROLLOUT_LEASE = ":rollout"
+
+
 class Store(Protocol):
     """The engine's memory. Implementations raise StateDirError when they cannot
     keep a promise (write-ahead: a failed write means the move did not happen)."""

@@ -302,6 +302,49 @@ POSTGRES_MIGRATIONS = (
         """CREATE TRIGGER cordons_change AFTER INSERT OR DELETE ON cordons
             FOR EACH ROW EXECUTE FUNCTION modelip_cordon_change()""",
     ),
+    # Rollouts with a shared store (docs/replicas.md "Rollouts"): as the embedded
+    # journal's, with each replica's path to a program's body, the groups' targets the
+    # leader set, and at most one rollout in progress.
+    (
+        """CREATE TABLE programs (
+            program_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, version BIGINT NOT NULL,
+            floor BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE program_bodies (
+            program_id TEXT NOT NULL, replica TEXT NOT NULL, body TEXT NOT NULL,
+            PRIMARY KEY (program_id, replica))""",
+        """CREATE TABLE fleet_program (
+            id INTEGER PRIMARY KEY CHECK (id = 1), program_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE rollouts (
+            id BIGSERIAL PRIMARY KEY, started DOUBLE PRECISION NOT NULL,
+            updated DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION,
+            from_program TEXT NOT NULL, candidate TEXT NOT NULL, to_program TEXT NOT NULL,
+            waves TEXT NOT NULL, wave INTEGER NOT NULL, phase TEXT NOT NULL,
+            paused BOOLEAN NOT NULL DEFAULT false, undo BOOLEAN NOT NULL DEFAULT false,
+            verdict TEXT NOT NULL DEFAULT '', manual TEXT NOT NULL DEFAULT '[]',
+            approved INTEGER NOT NULL DEFAULT -1)""",
+        "CREATE UNIQUE INDEX one_rollout_in_progress ON rollouts ((true)) WHERE ended IS NULL",
+        """CREATE TABLE rollout_history (
+            id BIGSERIAL PRIMARY KEY, rollout BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+            wave INTEGER NOT NULL, phase TEXT NOT NULL, what TEXT NOT NULL,
+            replica TEXT NOT NULL DEFAULT '')""",
+        # every target a leader set (the newest per group counts): who, under which epoch
+        """CREATE TABLE group_targets (
+            id BIGSERIAL PRIMARY KEY, grp INTEGER NOT NULL, program_id TEXT NOT NULL,
+            rollout BIGINT NOT NULL, replica TEXT NOT NULL, epoch BIGINT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX group_targets_by_group ON group_targets (rollout, grp, id)",
+        """CREATE FUNCTION modelip_rollout_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(7302458);
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'rollout', json_build_object(
+                'rollout', NEW.rollout, 'wave', NEW.wave, 'phase', NEW.phase,
+                'what', NEW.what)::text);
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER rollout_history_change AFTER INSERT ON rollout_history
+            FOR EACH ROW EXECUTE FUNCTION modelip_rollout_change()""",
+    ),
 )
 
 
