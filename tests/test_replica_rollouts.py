@@ -166,6 +166,9 @@ def test_a_killed_leader_is_replaced_at_the_wave_it_was_gating(
     killed = time.time()
     took = wait_for("b leads", lambda: leads(b), 30)
     print(f"the rollout's leader replaced {took:.2f} s after SIGKILL (lease TTL {TTL} s)")
+    said = subprocess.run([*MODELIP, "rollout", "status", str(v2), "--store", database],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "led by replica b" in said or ended(database), said
     check_the_end(database, fleet[1], "committed")
     after = [(w, p) for w, p, _, who, ts in history(database) if ts > killed]
     assert after and after[0] == (2, "switching"), after   # went on from wave 2's gate

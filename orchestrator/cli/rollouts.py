@@ -83,7 +83,8 @@ async def _status(journal: Any) -> dict[str, Any]:
         "approval_waves": [w + 1 for w in record.manual], "approved_through": record.approved + 1,
         "awaits_approval": record.phase.value in ("switching", "gating") and any(
             w >= record.wave and w > record.approved for w in record.manual),
-        "verdict": record.verdict, "started": iso_time(record.started),
+        "verdict": record.verdict, "leader": await ledger.leader(),
+        "started": iso_time(record.started),
         "ended": iso_time(record.ended) if record.ended else None,
         "from": {"program": record.from_program, "version": versions[record.from_program]},
         "candidate": {"program": record.candidate, "version": versions[record.candidate]},
@@ -120,6 +121,8 @@ def _print_status(view: dict[str, Any]) -> None:
     print(f"groups (as last recorded): {g['new']} on version {r['to']['version']}, {g['old']} "
           f"on version {r['from']['version']}{other}, of {g['total']}")
     print(f"waves end at {', '.join(map(str, r['waves']))} groups")
+    if r["leader"]:
+        print(f"led by replica {r['leader']}")
     if r["verdict"]:
         print(f"verdict: {r['verdict']}")
     for h in r["history"]:

@@ -137,6 +137,8 @@ class Ledger(Protocol):
         """The groups the leader switched and the program each is to run."""
     async def set_target(self, rollout_id: int, group: int, program_id: str) -> None:
         """The leader's: ``group`` is to run ``program_id``, for every replica."""
+    async def leader(self) -> str:
+        """The replica leading the rollout now ("": none, or one process)."""
 
 
 class RolloutLedger:
@@ -182,6 +184,9 @@ class RolloutLedger:
 
     async def set_target(self, rollout_id: int, group: int, program_id: str) -> None:
         return None
+
+    async def leader(self) -> str:
+        return ""
 
     # --- rollouts ----------------------------------------------------------------------
 

@@ -180,6 +180,11 @@ class SharedLedger:
                 (group, program_id, rollout_id, self.store.replica, epoch, time.time()))
         await self.store.transact(write, lease=ROLLOUT_LEASE)
 
+    async def leader(self) -> str:
+        rows = await self.store.query("SELECT owner FROM leases WHERE host = %s AND "
+                                      "expires > now()", (ROLLOUT_LEASE,))
+        return str(rows[0][0]) if rows else ""
+
     # --- reading -------------------------------------------------------------------------
 
     async def _one(self, where: str, args: tuple[Any, ...] = ()) -> RolloutRecord | None:

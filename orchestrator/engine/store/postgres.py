@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.leases import LIVE_OWNER, Conn, LeaseLedger
 from orchestrator.engine.store.protocol import (
+    ROLLOUT_LEASE,
     CardRecord,
     ChangeRecord,
     HostRecord,
@@ -181,8 +182,9 @@ class PostgresStore(LeaseLedger):
             f"CASE WHEN {held} THEN l.owner ELSE '' END, "
             f"CASE WHEN {held} THEN extract(epoch FROM least(l.expires, now() + "
             "make_interval(secs => %s))) END "
-            "FROM leases l LEFT JOIN hosts h ON h.host = l.host ORDER BY l.host",
-            (self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl))
+            "FROM leases l LEFT JOIN hosts h ON h.host = l.host WHERE l.host <> %s "
+            "ORDER BY l.host", (self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl,
+                                self.lease_ttl, ROLLOUT_LEASE))
         return [HostRecord(host, address, state, reason, float(updated), owner,
                            None if expires is None else float(expires))
                 for host, address, state, reason, updated, owner, expires in rows]
