@@ -119,6 +119,8 @@ def check_the_end(database: str, addresses: list[str], phase: str) -> None:
              90)
     said = [p for _, p, *_ in history(database)]
     assert said.count(phase) == 1, said
+    waves = [(w, p) for w, p, *_ in history(database) if p in ("switching", "gating")]
+    assert len(waves) == len(set(waves)), waves    # no wave switched or gated twice
     last: dict[tuple[str, int, str], str] = {}   # no card loaded with what it holds
     for host, device, session, program in rows(
             database, "SELECT host, device, session_id, program_id FROM loads WHERE outcome "
@@ -151,8 +153,6 @@ def test_a_rollout_across_two_replicas_survives_its_leader_stopped_past_its_leas
     assert not [h for h in history(database) if h[3] == "a" and h[4] > stopped]
     assert {h[3] for h in history(database) if h[4] > woke} <= {"b"}
     assert any(e["action"] == "lost" for e in a.events("lease") if e["host"] == ":rollout")
-    waves = [(w, p) for w, p, *_ in history(database) if p in ("switching", "gating")]
-    assert len(waves) == len(set(waves)), waves    # no wave switched or gated twice
 
 
 def test_a_killed_leader_is_replaced_at_the_wave_it_was_gating(
@@ -172,8 +172,6 @@ def test_a_killed_leader_is_replaced_at_the_wave_it_was_gating(
     check_the_end(database, fleet[1], "committed")
     after = [(w, p) for w, p, _, who, ts in history(database) if ts > killed]
     assert after and after[0] == (2, "switching"), after   # went on from wave 2's gate
-    waves = [(w, p) for w, p, *_ in history(database) if p in ("switching", "gating")]
-    assert len(waves) == len(set(waves)), waves
 
 
 def test_an_undo_while_the_leader_is_stopped_is_carried_out_by_the_next(
