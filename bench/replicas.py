@@ -9,9 +9,10 @@ A throwaway PostgreSQL server (the distribution's, unix socket) and a fresh
 attested, keyed and loaded). For 1, 2 and 3 `modelip watch` replicas started
 together: cards brought to serving per second, from the first lease claimed to
 the last card SERVING in the store. Then, with 2 and 3 replicas, one is killed
-(SIGKILL) and the time until every card of its hosts is confirmed by a
-survivor is printed beside the lease TTL (the floor: a dead replica's lease
-must expire first; target: within 1.3x). Beside them: each replica's CPU per
+(SIGKILL), and printed beside the lease TTL (the floor: a dead replica's lease
+must expire first): the time until the survivors hold every one of its hosts
+(target: within 1.3x), and until every card of them is confirmed by a survivor
+(a fresh attestation each: bounded by attestations per second). Beside them: each replica's CPU per
 card it brought up (user + system, from /proc), the database's statements per
 card until every card served (pg_stat_statements), and its load at steady state
 (statements per second per 1,000 cards, over --steady seconds of a serving fleet
@@ -110,7 +111,7 @@ def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
                 break
             time.sleep(0.02)
         result: dict[str, float | None] = {
-            "rate": rate, "takeover": None,
+            "rate": rate, "takeover": None, "claimed": None,
             "cpu": max(cpu_seconds(p.pid) for p in started) / (cards / replicas),
             "statements": statements(url) / cards}
         # every replica holds its share (nothing moves any more): the steady load
@@ -130,6 +131,10 @@ def round_of(server: PostgresServer, work: Path, replicas: int, cards: int
         killed = time.monotonic()
         victim.wait()
         while True:
+            if result["claimed"] is None and held and held <= {h for (h,) in query(
+                    url, "SELECT host FROM leases WHERE owner NOT IN ('', 'r0') "
+                    "AND expires > now()")}:
+                result["claimed"] = time.monotonic() - killed
             rows = query(url, "SELECT host, replica, state FROM cards")
             if held and all(r != "r0" and s == "SERVING" for h, r, s in rows if h in held):
                 result["takeover"] = time.monotonic() - killed
@@ -164,15 +169,24 @@ def main() -> None:
     print(f"{ARGS.hosts} hosts x {ARGS.devices_per_host} cards ({cards}), lease TTL "
           f"{ARGS.ttl:g} s, emulated hosts in their own process, one PostgreSQL")
     print(f"{'replicas':>8}  {'cards/s':>8}  {'vs 1':>6}  {'CPU/card':>9}  "
-          f"{'stmts/card':>10}  {'steady stmts/s/1k cards':>23}  {'takeover':>9}  "
-          f"{'vs TTL':>6}")
+          f"{'stmts/card':>10}  {'steady stmts/s/1k cards':>23}  {'hosts taken':>11}  "
+          f"{'vs TTL':>6}  {'cards confirmed':>15}  {'vs TTL':>6}")
+
+    def seconds(value: object) -> tuple[str, str]:
+        if value is None:
+            return "-", "-"
+        return f"{value:.2f} s", f"{float(value) / ARGS.ttl:.2f}x"  # type: ignore[arg-type]
     for replicas, r in results.items():
-        rate, takeover = r["rate"] or 0.0, r["takeover"]
-        took = f"{takeover:.2f} s" if takeover is not None else "-"
-        ratio = f"{takeover / ARGS.ttl:.2f}x" if takeover is not None else "-"
+        rate = r["rate"] or 0.0
+        claimed, claimed_ratio = seconds(r["claimed"])
+        took, ratio = seconds(r["takeover"])
         print(f"{replicas:>8}  {rate:>8.1f}  {rate / base:>5.2f}x  "
               f"{(r['cpu'] or 0) * 1e3:>7.2f}ms  {r['statements'] or 0:>10.1f}  "
-              f"{r['steady'] or 0:>23.1f}  {took:>9}  {ratio:>6}")
+              f"{r['steady'] or 0:>23.1f}  {claimed:>11}  {claimed_ratio:>6}  {took:>15}  "
+              f"{ratio:>6}")
+    print("hosts taken: until the survivors hold every host of the killed replica (target "
+          "1.3x the TTL); cards confirmed: until every card of them is SERVING, attested "
+          "by a survivor")
     print("CPU/card: the busiest replica's CPU seconds over the cards of its share, from "
           "its start to every card serving (start-up included)")
 
