@@ -19,6 +19,12 @@ of spread), drawn with the seed. Printed:
 Target (docs/deployments.md): both placements under 1 s of CPU here. The reference
 printed beside them is the CPU time of checking the result (each card once, every
 group on one host, within its constraint): the cost of merely reading the answer.
+
+End to end (``--rounds`` times each, alternately, in this process): the embedded
+emulated fleet of 8 hosts x 4 cards brought to serving by one plan with one model
+on all 32 cards, and by one with 3 deployments (3 MEKs, 3 programs) on the same
+32 cards; the seconds from start to every card settled, and their ratio (target:
+at most 1.2x).
 """
 
 from __future__ import annotations
@@ -75,6 +81,47 @@ def cpu(work: object, rounds: int) -> tuple[float, float, float, object]:
     return statistics.median(times), min(times), max(times), result
 
 
+def end_to_end(rounds: int) -> None:
+    import tempfile
+
+    import anyio
+
+    from orchestrator.app import open_engine
+    from orchestrator.plan.model import Plan
+    from tests.models import tiny_mlp
+
+    work = Path(tempfile.mkdtemp(prefix="modelip-placement-"))
+    for seed in range(3):
+        (work / f"m{seed}.onnx").write_bytes(tiny_mlp(seed=seed).SerializeToString())
+    fleet = "fleet: {emulated: {hosts: 8, devices_per_host: 4}}\n"
+    one = work / "one.yaml"
+    one.write_text(f"model: {{onnx: m0.onnx}}\nmek: {{generate: true}}\n{fleet}"
+                   "state_dir: one\n")
+    three = work / "three.yaml"
+    three.write_text("deployments:\n" + "".join(
+        f"  - {{name: d{i}, model: {{onnx: m{i}.onnx}}, mek: {{generate: true}}, "
+        f"groups: {n}}}\n" for i, n in enumerate((12, 10, 10))) + fleet +
+        "state_dir: three\n")
+
+    async def settle(path: Path, state: str) -> float:
+        import shutil
+
+        shutil.rmtree(work / state, ignore_errors=True)   # fresh cards, fresh journal
+        async with open_engine(Plan.load(path)) as engine:
+            await engine.run()
+            assert engine.summary().exit_code == 0
+            return engine.stats.deployed_after
+
+    times: dict[str, list[float]] = {"one": [], "three": []}
+    for _ in range(rounds):
+        times["one"].append(anyio.run(settle, one, "one"))
+        times["three"].append(anyio.run(settle, three, "three"))
+    a, b = statistics.median(times["one"]), statistics.median(times["three"])
+    print(f"end to end, 32 emulated cards: one model {a * 1e3:.0f} ms, 3 deployments "
+          f"{b * 1e3:.0f} ms to serving (medians of {rounds}): {b / a:.2f}x; target <= 1.2x: "
+          f"{'met' if b / a <= 1.2 else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deployments", type=int, default=500)
@@ -125,6 +172,7 @@ def main() -> None:
         worst = max(worst, excess)
     print(f"spread: {even} of {len(spread)} spread deployments have no host with more of "
           f"their groups than needed; worst excess {worst} group(s)")
+    end_to_end(args.rounds)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from cryptography import x509
 
 from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.chain import load_roots_file
-from orchestrator.engine.engine import Engine, MakeReplica
+from orchestrator.engine.engine import Deployment, Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease
 from orchestrator.engine.ports import MakeRollout
@@ -36,6 +37,7 @@ from orchestrator.engine.rollout.setup import RolloutSetup, arrange
 from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock
 from orchestrator.errors import FileInputError, StateDirError, UsageError
+from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
 from orchestrator.transport.types import Deadlines, TLSClientConfig
@@ -127,6 +129,11 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
     """
     replica = replica or default_replica_name()
     with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
+        if plan.deployments:
+            async with _with_deployments(plan, connect or grpc_host,
+                                         retry_quarantined=retry_quarantined) as engine:
+                yield engine
+            return
         mek = _in_state_dir(plan, lambda: obtain_mek(plan))
         try:
             async with _open_store(plan, replica) as (store, shared):
@@ -146,6 +153,52 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                                  retry_quarantined=retry_quarantined,
                                  replica=_replica(shared, fleet), rollout=_rollout(rollout))
         finally:
+            mek.wipe()
+
+
+def _mek_of(plan: Plan) -> MEK:
+    return _in_state_dir(plan, lambda: obtain_mek(plan))
+
+
+def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
+    """The plan as one deployment's: its model and MEK, its own state subdirectory (its
+    generated MEK, its cache), so no two deployments ever share a key."""
+    return dataclasses.replace(plan, model=deployment.model, mek=deployment.mek,
+                               group_size=deployment.model.partitions, deployments=(),
+                               state_dir=plan.state_dir / "deployments" / deployment.name)
+
+
+@asynccontextmanager
+async def _with_deployments(plan: Plan, connect: Connect, *, retry_quarantined: bool
+                            ) -> AsyncIterator[Engine]:
+    """An Engine for a plan with deployments (docs/deployments.md): each deployment's MEK
+    and program, its groups placed on the fleet (kept where the journal says they were,
+    as long as they still fit), every MEK wiped at the end."""
+    from orchestrator.engine.placement import place
+    from orchestrator.plan.deployments import inventory
+
+    meks: list[MEK] = []
+    try:
+        prepared = []
+        for spec in plan.deployments:
+            sub = deployment_plan(plan, spec)
+            meks.append(_mek_of(sub))
+            prepared.append((spec, await _prepare(sub, meks[-1], None), meks[-1]))
+        with SQLiteStore(plan.journal_path) as journal:
+            placed = place(inventory(plan.hosts, plan.emulated),
+                           [spec.need for spec in plan.deployments],
+                           await journal.placements())
+            await journal.record_placements(placed.groups)
+            deployments = [Deployment(spec.name, program, mek, tuple(placed.groups[spec.name]),
+                                      placed.pending.get(spec.name, ""))
+                           for spec, program, mek in prepared]
+            async with fleet_for(plan) as (hosts, roots):
+                _in_state_dir(plan, lambda: private_tree(plan.state_dir))
+                yield Engine(plan, hosts, roots, meks[0], prepared[0][1], journal,
+                             connect=connect, retry_quarantined=retry_quarantined,
+                             deployments=deployments)
+    finally:
+        for mek in meks:
             mek.wipe()
 
 
@@ -278,7 +331,7 @@ STATE_MARK_TEXT = b"modelip state directory: modelip keeps it owner-only (docs/p
 # mark, is an earlier version's (before the mark existed)
 # (and the temporary file of one being written atomically: another process, say a
 # second replica sharing the directory, may be writing the mark right now)
-_STATE_FILES = (r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki"
+_STATE_FILES = (r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki|deployments"
                 r"|engine\.log|lock(-.+)?|" + re.escape(STATE_MARK) + ")")
 STATE_NAMES = re.compile(rf"{_STATE_FILES}|\.{_STATE_FILES}\..+\.tmp")
 

@@ -25,8 +25,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
                       replace_fleet: bool = False,
-                      live: bool = True, store_word: bool = False, api: ApiSpec | None = None
-                      ) -> tuple[int, dict[str, Any] | None]:
+                      live: bool = True, store_word: bool = False, api: ApiSpec | None = None,
+                      deployment: str | None = None) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
 
     A run ends when the deployment is over (deploy, run), when ``duration``
@@ -55,7 +55,8 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
 
             if (warning := exposure_warning(plan.mek.file)) is not None:
                 print(warning, file=sys.stderr)
-        names = engine.program.model_inputs
+        names = (engine.deployments[deployment].program if deployment
+                 else engine.program).model_inputs
         if inputs is not None and set(inputs) == {""} and len(names) == 1:
             inputs = {names[0]: inputs[""]}
         dashboard = None
@@ -116,7 +117,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     with anyio.move_on_after(deadline - anyio.current_time()):
                         await the_end.wait()
                     if inputs is not None and engine.finished.is_set():
-                        outputs = await engine.execute(inputs)
+                        outputs = await engine.execute(inputs, deployment=deployment)
                     await stop_app()   # we close the view now, not the user
 
                 async def run_engine() -> None:
@@ -183,6 +184,8 @@ def _print_summary(summary: Any, out: Any) -> None:
               "(--store-word counts them)", file=out)
     if summary.rollout:
         print(summary.rollout, file=out)
+    for deployment in summary.deployments:
+        print(deployment.line(), file=out)
     for card in summary.not_serving:
         named = f" ({card.card_id})" if card.card_id else ""
         print(f"{card.state} {card.card}{named}: {card.reason}", file=out)
@@ -260,18 +263,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.cli.hosts import read_inputs, write_outputs
 
     plan = load_plan(args)
+    deployment = _deployment(plan, args.deployment)
     inputs = read_inputs(args.input)
     if args.output:  # before the fleet is brought up
         refuse_existing([args.output], overwrite=args.force)
     code, outputs = anyio.run(lambda: orchestrate(plan, keep_serving=False, duration=None,
                                                   json_events=bool(args.json), inputs=inputs,
-                                                  replica=_replica(args)))
+                                                  replica=_replica(args),
+                                                  deployment=deployment))
     if outputs is None:
         return code or 4
     write_outputs(args.output, outputs, overwrite=args.force)
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {list(value.shape)}")
     return 0
+
+
+def _deployment(plan: Plan, name: str | None) -> str | None:
+    """The deployment ``run`` asks (docs/deployments.md): named, or the plan's only one."""
+    names = [d.name for d in plan.deployments]
+    if name is None and len(names) > 1:
+        raise UsageError(f"run: {plan.source} has {len(names)} deployments: give "
+                         f"--deployment NAME (one of {', '.join(names)})")
+    if name is not None and name not in names:
+        raise UsageError(f"--deployment {name!r}: not a deployment of {plan.source}" +
+                         (f" (one of {', '.join(names)})" if names else
+                          " (it has one top-level model)"))
+    return name or (names[0] if names else None)
 
 
 _REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -330,6 +348,8 @@ def register(sub: Any) -> None:
     p.add_argument("--input", required=True, metavar="x.npy|x.npz")
     p.add_argument("--output", metavar="y.npy|y.npz")
     p.add_argument("--json", action="store_true", help="JSON-lines events on stderr")
+    p.add_argument("--deployment", metavar="NAME",
+                   help="the deployment to run (a plan with deployments: docs/deployments.md)")
     argtypes.add_force_flag(p)
     add_store_flags(p)
     p.set_defaults(handler=cmd_run)

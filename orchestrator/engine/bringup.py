@@ -76,16 +76,25 @@ class BringUp:
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
                         keying.adopt(m, report)
-                        cordoned = False
+                        cordoned = handed_over = False
                         if keying.holds(report, self.program, m.partition):
                             await self.move(S.SERVING, "confirmed by a fresh attestation: the card "
                                       "holds the program, verified, not reloaded",
                                       known_good=keying.verified_good(
                                           report, self.program, m.partition))
-                        elif self.host.cordoned_by is None:
-                            await self._wrap_and_load(report)
-                        else:
+                        elif self.host.cordoned_by is not None:
                             cordoned = True
+                        elif other := keying.other_domain(self.ctx, report, self.program):
+                            await self.move(S.RETRY_WAIT, f"handover: the card holds {other}, "
+                                            "sealed under another deployment's MEK: reset "
+                                            "before this deployment's key", known_good=None)
+                            await self.host.client.reset(m.device)
+                            handed_over = True
+                        else:
+                            await self._wrap_and_load(report)
+                if handed_over:   # attested again once it is back, in a new session
+                    report, offline_since = None, time.monotonic()
+                    continue
                 if cordoned:  # no key for it until its host is uncordoned
                     if not await self._held_by_cordon():
                         return

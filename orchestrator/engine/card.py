@@ -63,6 +63,7 @@ class CardDriver(BringUp):
         self.host = host
         self.ctx = ctx
         self.resumed: CardRecord | None = None
+        self.deployment = ""          # its deployment's name (docs/deployments.md)
         self.last_event = ""
         self.rekeys = 0
         self.reconciled = 0           # how many times the driver has looked at its card

@@ -85,11 +85,18 @@ class EngineContext:
     # plan's, and during a rollout the version it replaces (docs/rollouts.md).
     programs: dict[str, PreparedProgram] = field(init=False)
     digests: frozenset[bytes] = field(init=False)   # their encryption info digests
+    # With deployments (docs/deployments.md): each deployment's program and its own MEK;
+    # a card's key slot is wrapped with the MEK of the program it is to run, only.
+    keys: dict[str, MEK] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.policy = policy_from_plan(self.plan)
         self.programs = {}
         self.offer(self.program)
+
+    def key_for(self, program_id: str) -> MEK:
+        """The MEK ``program_id`` is sealed under: its deployment's, else the plan's."""
+        return self.keys.get(program_id, self.mek)
 
     def offer(self, *programs: PreparedProgram) -> None:
         """Make ``programs`` known (staged on every host, loadable by every driver)."""

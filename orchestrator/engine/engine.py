@@ -16,6 +16,7 @@ import gc
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -25,9 +26,16 @@ from cryptography import x509
 from orchestrator.crypto.mek import MEK
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext, EngineStats, percentile
-from orchestrator.engine.events import CardOutcome, Deployed, Event, Summary
+from orchestrator.engine.events import (
+    CardOutcome,
+    Deployed,
+    DeploymentOutcome,
+    Event,
+    Summary,
+)
 from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
 from orchestrator.engine.hostapi import Connect
+from orchestrator.engine.placement import Group
 from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
@@ -58,6 +66,18 @@ MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], No
                         RolloutPart | None], ReplicaPart]
 
 
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A deployment as the engine runs it: its program, its MEK (its key domain alone)
+    and the MDP groups placed for it (engine/placement.py)."""
+
+    name: str
+    program: PreparedProgram
+    mek: MEK
+    groups: tuple[Group, ...]
+    short: str = ""     # why it has fewer groups than it asks, if it does
+
+
 def _spare_the_collector() -> None:
     """What exists when the run starts (the plan, the programs, the tree of drivers,
     every module) lives as long as the run: frozen out of the cycle collector's
@@ -78,12 +98,14 @@ class Engine:
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
                  store: Store, *, connect: Connect, retry_quarantined: bool = False,
-                 replica: MakeReplica | None = None, rollout: MakeRollout | None = None
-                 ) -> None:
+                 replica: MakeReplica | None = None, rollout: MakeRollout | None = None,
+                 deployments: Sequence[Deployment] = ()) -> None:
         """``replica``: the store is shared by replicas: drive only the hosts this
         replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
         another version of the model; replace it (engine/rollout/). Both are built
-        here, from the ports the engine offers them (engine/ports.py)."""
+        here, from the ports the engine offers them (engine/ports.py).
+        ``deployments``: several models on the fleet, each driven on the groups placed
+        for it with its own program and MEK (docs/deployments.md)."""
         self.plan = plan
         self.program = program
         self.store = store
@@ -100,6 +122,24 @@ class Engine:
         self.drivers: list[CardDriver] = []
         self.groups: dict[int, list[CardDriver]] = {}
         self._by_card: dict[tuple[str, int], CardDriver] = {}
+        self.deployments = {d.name: d for d in deployments}
+        for d in deployments:
+            self.ctx.keys[d.program.program_id] = d.mek
+            self.ctx.offer(d.program)
+        # the MDP groups of each host: the plan's cards in groups of its model's partitions,
+        # or (deployments) the groups placed there, each with its deployment's program
+        layout: dict[str, list[tuple[tuple[int, ...], str, str]]] = {}
+        if deployments:
+            for d in deployments:
+                for placed in d.groups:
+                    layout.setdefault(placed.host, []).append(
+                        (placed.devices, d.program.program_id, d.name))
+        else:
+            for target in hosts:
+                devices = sorted(target.devices)
+                layout[target.name] = [(tuple(devices[start:start + plan.group_size]),
+                                        program.program_id, "")
+                                       for start in range(0, len(devices), plan.group_size)]
         total = sum(len(target.devices) for target in hosts) or 1
         group = 0
         for target in hosts:
@@ -109,12 +149,11 @@ class Engine:
                                   on_card_checked=self._wake_waiters,
                                   group_serving=self.group_serving, connect=connect)
             self.hosts.append(host)
-            devices = sorted(target.devices)
-            for start in range(0, len(devices), plan.group_size):
-                for partition, device in enumerate(devices[start:start + plan.group_size]):
-                    machine = CardMachine(target.name, device, group, partition,
-                                          program.program_id)
+            for cards, program_id, deployment in sorted(layout.get(target.name, [])):
+                for partition, device in enumerate(cards):
+                    machine = CardMachine(target.name, device, group, partition, program_id)
                     driver = CardDriver(machine, host, self.ctx)
+                    driver.deployment = deployment
                     host.drivers[device] = driver
                     self.drivers.append(driver)
                     self.groups.setdefault(group, []).append(driver)
@@ -266,7 +305,18 @@ class Engine:
                        rollout=self.rollout.describe() if self.rollout else "",
                        in_flight_at_end=busy, finished_at_end=finished,
                        wind_down_seconds=round(seconds, 3),
-                       store_word=len(self.cards) - judged)
+                       store_word=len(self.cards) - judged,
+                       deployments=self.deployment_outcomes())
+
+    def deployment_outcomes(self) -> tuple[DeploymentOutcome, ...]:
+        """Each deployment's groups serving, placed, wanted (docs/deployments.md)."""
+        serving: Counter[str] = Counter()
+        for group, drivers in self.groups.items():
+            serving[drivers[0].deployment] += self.group_serving(group)
+        wanted = {d.name: d.groups for d in self.plan.deployments}
+        return tuple(DeploymentOutcome(d.name, d.program.version, serving[d.name],
+                                       len(d.groups), wanted.get(d.name, len(d.groups)),
+                                       d.short) for d in self.deployments.values())
 
     # --- running ------------------------------------------------------------------------
 
@@ -342,15 +392,16 @@ class Engine:
 
     # --- inference ------------------------------------------------------------------------
 
-    async def execute(self, inputs: dict[str, Any], *, group: int | None = None
-                      ) -> dict[str, Any]:
+    async def execute(self, inputs: dict[str, Any], *, group: int | None = None,
+                      deployment: str | None = None) -> dict[str, Any]:
         """Run inference on a serving group (re-keying it first if a card lost its session).
 
         An integrity failure found at execution quarantines the card it names (the
         whole group if it names none) and is raised.
         """
         for attempt in range(2):
-            serving = [g for g in self.groups if self.group_serving(g)]
+            serving = [g for g, drivers in self.groups.items() if self.group_serving(g)
+                       and deployment in (None, drivers[0].deployment)]
             chosen = group if group is not None else (serving[0] if serving else None)
             if chosen is None or not self.group_serving(chosen):
                 raise ProgramNotLoaded("no MDP group is serving")

@@ -80,6 +80,7 @@ class CardChanged(Event):
     attempts: int
     session_id: str = ""  # the session id's first 16 hex digits (as status and inspect show)
     revision: int = 0     # the move's revision in the store (docs/api.md); 0: not journaled
+    deployment: str = ""  # the card's deployment (docs/deployments.md); "": the plan's model
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,6 +218,21 @@ class CardOutcome:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class DeploymentOutcome:
+    name: str
+    version: int
+    groups_serving: int
+    groups_placed: int
+    groups_wanted: int
+    short: str = ""
+
+    def line(self) -> str:
+        short = f" (short: {self.short})" if self.short else ""
+        return (f"deployment {self.name} (version {self.version}): {self.groups_serving}/"
+                f"{self.groups_placed} groups serving, {self.groups_wanted} wanted{short}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Summary(Event):
     """The last line of a run: what the exit code says, card by card where it is not 0."""
@@ -239,6 +255,9 @@ class Summary(Event):
     # replicas: cards other live replicas hold, known here only by the store's word and
     # not counted in ``serving``/``cards`` nor the exit code (unless --store-word)
     store_word: int = 0
+    # with deployments (docs/deployments.md): each one's groups serving, placed, wanted,
+    # and why it is short of them
+    deployments: tuple[DeploymentOutcome, ...] = ()
 
     def wind_down(self) -> str:
         """``finished 2 re-keys in 0.4 s`` (and what did not finish), or ""."""

@@ -312,8 +312,13 @@ class HostSupervisor:
 
     async def _stage(self) -> None:
         """Every program a card of this host may be told to run (a rollout: both
-        versions), content addressed: what the host has is not sent again."""
-        for program in list(self.ctx.programs.values()):
+        versions; deployments: those of the groups placed here only), content
+        addressed: what the host has is not sent again."""
+        programs = list(self.ctx.programs.values())
+        if self.ctx.keys:
+            placed = {driver.machine.program_id for driver in self.drivers.values()}
+            programs = [p for p in programs if p.program_id in placed]
+        for program in programs:
             _, already = await self.client.stage(program.body, program_id=program.program_id)
             await self.ctx.store.record_stage(self.name, program.program_id)
             self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
@@ -440,7 +445,8 @@ def card_event(driver: CardDriver, t: CardTransition, revision: int = 0) -> Card
                        partition=m.partition, previous=t.previous.value, state=t.state.value,
                        reason=t.reason, boot_counter=m.boot_counter,
                        session=m.session_fingerprint, attempts=m.attempts,
-                       session_id=t.session_id[:16], revision=revision)
+                       session_id=t.session_id[:16], revision=revision,
+                       deployment=driver.deployment)
 
 
 __all__ = ["CardState", "HostSupervisor", "HostTarget", "card_event"]

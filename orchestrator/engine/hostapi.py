@@ -64,6 +64,10 @@ class HostAPI(Protocol):
 
     async def unload(self, device: int) -> None: ...
 
+    async def reset(self, device: int) -> None:
+        """Reset the card: its session (and every slot wrapped to it) is gone."""
+        ...
+
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]
                       ) -> dict[str, Any]: ...
 

@@ -61,6 +61,24 @@ def seen_in(report: VerifiedReport, machine: CardMachine, program: PreparedProgr
                           "(its own signed report)")
 
 
+def other_domain(ctx: EngineContext, report: VerifiedReport, program: PreparedProgram
+                 ) -> str | None:
+    """With deployments (docs/deployments.md "Handover"): what the card holds, if it is
+    sealed under another MEK than ``program`` (another deployment's, or one this run
+    does not know); the card is then reset before ``program``'s key is wrapped to its
+    session, so no slot of the other key domain can ever open on it again."""
+    if not ctx.keys or report.loaded is None:
+        return None
+    mine = ctx.key_for(program.program_id)
+    for known in ctx.programs.values():
+        if known.info_digest == report.loaded.info_digest:
+            if ctx.key_for(known.program_id) is mine:
+                return None
+            return f"{known.model_id or 'a model'} version {known.version} (program " \
+                   f"{known.program_id[:16]})"
+    return report.loaded.describe()
+
+
 def adopt(machine: CardMachine, report: VerifiedReport) -> None:
     """The card, as its verified report says it is now."""
     machine.card_id = report.card_id
@@ -77,7 +95,7 @@ def verified_good(report: VerifiedReport, program: PreparedProgram, partition: i
 def slot_for(ctx: EngineContext, report: VerifiedReport, program: PreparedProgram,
              partition: int) -> KeySlot:
     """The MEK wrapped to the reported session, for ``program`` as ``partition``."""
-    return wrap_mek(ctx.mek, slot=partition, card_id=report.card_id,
+    return wrap_mek(ctx.key_for(program.program_id), slot=partition, card_id=report.card_id,
                     session_id=report.session_id, kem=report.kem,
                     public_key=report.session_public_key, program=program.info_digest)
 
@@ -90,4 +108,5 @@ def receipt_of(result: LoadResult, report: VerifiedReport, program: PreparedProg
                                source=source, key_slot=key_slot_digest(slot))
 
 
-__all__ = ["adopt", "attest", "holds", "receipt_of", "seen_in", "slot_for", "verified_good"]
+__all__ = ["adopt", "attest", "holds", "other_domain", "receipt_of", "seen_in", "slot_for",
+           "verified_good"]

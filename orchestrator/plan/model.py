@@ -12,6 +12,7 @@ from pathlib import Path
 
 from orchestrator.errors import PlanError
 from orchestrator.plan.api import ApiSpec, read_api
+from orchestrator.plan.deployments import DeploymentSpec, check_fit, inventory, read_deployments
 from orchestrator.plan.reader import (
     Node,
     Problem,
@@ -36,6 +37,18 @@ from orchestrator.plan.specs import (
 )
 from orchestrator.plan.storeurl import store_url_problem, store_url_warning
 
+_NOT_WITH_DEPLOYMENTS = {
+    "model": "with deployments: each deployment has its model (deployments[i].model)",
+    "mek": "with deployments: each deployment has its MEK (deployments[i].mek), its own key "
+           "domain",
+    "groups": "with deployments: each deployment says how many groups it runs "
+              "(deployments[i].groups); a group's size is its model's partitions",
+    "rollout": "with deployments: a rollout per deployment is not built yet "
+               "(docs/deployments.md)",
+    "store": "with deployments: replicas sharing a store are not built yet "
+             "(docs/deployments.md)",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -58,6 +71,10 @@ class Plan:
     replicas: ReplicaSpec = ReplicaSpec()
     rollout: RolloutSpec | None = None   # None: a new version replaces the old at once
     api: ApiSpec | None = None    # the control API (docs/api.md); None: not served
+    # Several models on the fleet (docs/deployments.md); () for a plan with one top-level
+    # model. With deployments, ``model``, ``mek`` and ``group_size`` are the first one's
+    # (the engine reads each deployment's own).
+    deployments: tuple[DeploymentSpec, ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -97,8 +114,15 @@ class Plan:
     def from_dict(cls, node: Node, source: Path) -> Plan:
         base = source.resolve().parent
         top = Reader(node, "")
-        model = read_model(top.child("model", required=True), base)  # type: ignore[arg-type]
-        mek = read_mek(top.child("mek", required=True), base)  # type: ignore[arg-type]
+        deployments = read_deployments(top, base)
+        if deployments:
+            for key in ("model", "mek", "groups", "rollout", "store"):
+                if top.has(key):
+                    raise Problem(top.items[key][1], key, _NOT_WITH_DEPLOYMENTS[key])
+            model, mek = deployments[0].model, deployments[0].mek
+        else:
+            model = read_model(top.child("model", required=True), base)  # type: ignore[arg-type]
+            mek = read_mek(top.child("mek", required=True), base)  # type: ignore[arg-type]
         fleet = top.child("fleet", required=True)
         assert fleet is not None  # noqa: S101 - required above
         hosts, emulated = read_fleet(fleet, base)
@@ -170,12 +194,16 @@ class Plan:
                 base, r.get(key, str, required=True), r, key))
         top.done()
         plan = cls(source, model, mek, hosts, emulated, roots, policy, group_size, concurrency,
-                   retry, rekey, timeouts, state_dir, store, replicas, rollout, api)
+                   retry, rekey, timeouts, state_dir, store, replicas, rollout, api,
+                   deployments)
         if store and emulated is not None:
             raise Problem(fleet.node.line, "fleet.emulated",
                            "replicas share real hosts: an embedded emulated fleet is one "
                            "process's own (run `modelip emulate` and list its hosts)")
-        plan._check_groups(fleet)
+        if deployments:
+            check_fit(deployments, inventory(hosts, emulated))
+        else:
+            plan._check_groups(fleet)
         return plan
 
     def _check_groups(self, fleet: Reader) -> None:

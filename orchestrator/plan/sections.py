@@ -162,7 +162,12 @@ def read_fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], Emulat
             raise Problem(node.line, f"fleet.hosts[{index}]",
                            f"{address} is not loopback: give tls: {{ca: ...}} (or "
                            "insecure: true to send gRPC in plaintext across the network)")
-        hosts.append(HostSpec(address, devices, tls, insecure))
+        labels: dict[str, str] = {}
+        if (label_reader := host.child("labels")) is not None:
+            for key in list(label_reader.items):
+                labels[key] = label_reader.get(key, str)
+            label_reader.done()
+        hosts.append(HostSpec(address, devices, tls, insecure, labels))
         host.done()
     emulated = None
     if emulated_reader is not None:

@@ -44,6 +44,7 @@ class HostSpec:
     devices: tuple[int, ...]
     tls: TLSSpec | None
     insecure: bool = False  # plaintext gRPC to a host that is not loopback, on purpose
+    labels: Mapping[str, str] = field(default_factory=dict)   # for deployments' placement
 
     @property
     def loopback(self) -> bool:

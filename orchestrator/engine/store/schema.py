@@ -153,6 +153,13 @@ SQLITE_MIGRATIONS = (
             FROM (SELECT 1) LEFT JOIN hosts h ON h.host = OLD.host;
         END""",
     ),
+    # Where each deployment's MDP groups are placed (docs/deployments.md): kept, so that
+    # what is placed stays where it is from one run to the next.
+    """
+    CREATE TABLE placements (
+        host TEXT NOT NULL, devices TEXT NOT NULL, deployment TEXT NOT NULL,
+        ts REAL NOT NULL, PRIMARY KEY (host, devices));
+    """,
 )
 
 

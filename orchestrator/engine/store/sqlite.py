@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 
+from orchestrator.engine.placement import Group
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.protocol import (
     CardRecord,
@@ -177,6 +179,23 @@ class SQLiteStore:
                              ) -> None:
         self._write("INSERT INTO commands (ts, who, role, command, outcome) VALUES "
                     "(?, ?, ?, ?, ?)", (time.time(), who, role, command, outcome))
+
+    async def placements(self) -> dict[str, list[Group]]:
+        """Where each deployment's groups were placed (docs/deployments.md)."""
+        placed: dict[str, list[Group]] = {}
+        for host, devices, deployment in self._read("SELECT host, devices, deployment FROM "
+                                                    "placements ORDER BY host, devices"):
+            placed.setdefault(str(deployment), []).append(
+                Group(str(host), tuple(int(d) for d in json.loads(devices))))
+        return placed
+
+    async def record_placements(self, placed: Mapping[str, Sequence[Group]]) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.execute("DELETE FROM placements")
+            self._db.executemany("INSERT INTO placements VALUES (?, ?, ?, ?)", [
+                (g.host, json.dumps(list(g.devices)), name, now)
+                for name, groups in placed.items() for g in groups])
 
     async def cordons(self) -> dict[str, str]:
         return {str(host): str(who) for host, who in self._read("SELECT host, who FROM "

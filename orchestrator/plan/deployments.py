@@ -1,0 +1,96 @@
+"""A plan's ``deployments:`` (docs/deployments.md): several models on one fleet, each its
+own key domain (its own MEK), its MDP groups placed on the fleet's cards."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.engine.placement import HostSlots, Need, place
+from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_HOSTS
+from orchestrator.plan.reader import Problem, Reader
+from orchestrator.plan.sections import read_mek, read_model
+from orchestrator.plan.specs import EmulatedSpec, HostSpec, MEKSpec, ModelSpec
+
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_GROUPS = MAX_HOSTS * MAX_CARDS_PER_HOST
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """One deployment: its model, its MEK (a key domain of its own), how many MDP groups
+    it runs (each of ``model.partitions`` cards on one host), on which hosts (names or
+    ``key=value`` labels; none: any), spread across hosts or packed."""
+
+    name: str
+    model: ModelSpec
+    mek: MEKSpec
+    groups: int
+    hosts: tuple[str, ...] = ()
+    spread: bool = True
+    line: int = 0
+
+    @property
+    def need(self) -> Need:
+        return Need(self.name, self.groups, self.model.partitions, self.hosts, self.spread)
+
+
+def _groups(value: int) -> str | None:
+    return None if 1 <= value <= MAX_GROUPS else f"must be from 1 to {MAX_GROUPS}"
+
+
+def _name(value: str) -> str | None:
+    return None if _NAME.fullmatch(value) else (
+        "must be 1-63 lowercase letters, digits and dashes, starting and ending with a "
+        "letter or digit")
+
+
+def read_deployments(top: Reader, base: Path) -> tuple[DeploymentSpec, ...]:
+    deployments: list[DeploymentSpec] = []
+    seen: dict[str, int] = {}
+    nodes = top.nodes("deployments")
+    if not nodes and top.has("deployments"):
+        raise Problem(top.items["deployments"][1], "deployments", "must list at least one")
+    for index, (node, line) in enumerate(nodes):
+        reader = Reader(node, f"deployments[{index}]")
+        name = reader.get("name", str, required=True, check=_name)
+        if name in seen:
+            raise Problem(reader.items["name"][1], f"deployments[{index}].name",
+                          f"{name!r} is already deployments[{seen[name]}]: one name each")
+        seen[name] = index
+        model = read_model(reader.child("model", required=True), base)  # type: ignore[arg-type]
+        mek = read_mek(reader.child("mek", required=True), base)  # type: ignore[arg-type]
+        groups = reader.get("groups", int, 1, check=_groups)
+        hosts = reader.list_of("hosts", str)
+        spread = reader.get("spread", bool, True)
+        reader.done()
+        deployments.append(DeploymentSpec(name, model, mek, groups, hosts, spread, line))
+    return tuple(deployments)
+
+
+def inventory(hosts: Sequence[HostSpec], emulated: EmulatedSpec | None) -> list[HostSlots]:
+    """Every card of the plan's fleet, by host name (a real host's is its address; the
+    embedded fleet's are host0, host1, ...)."""
+    if emulated is not None:
+        return [HostSlots(f"host{i}", tuple(range(emulated.devices_per_host)))
+                for i in range(emulated.hosts)]
+    return [HostSlots(h.address, tuple(sorted(h.devices)), h.labels) for h in hosts]
+
+
+def check_fit(deployments: Sequence[DeploymentSpec], slots: Sequence[HostSlots]) -> None:
+    """Refuse (Problem at the deployment's line) a constraint that names no host, and a
+    deployment that cannot fit even on the whole fleet with every card usable."""
+    for index, d in enumerate(deployments):
+        for selector in d.hosts:
+            if not any(s.matches((selector,)) for s in slots):
+                raise Problem(d.line, f"deployments[{index}].hosts",
+                              f"{selector!r} names no host of the fleet (a host's address or "
+                              "name, or key=value of its labels)")
+    placed = place(slots, [d.need for d in deployments])
+    for index, d in enumerate(deployments):
+        if d.name in placed.pending:
+            raise Problem(d.line, f"deployments[{index}]",
+                          f"{d.name} can never fit: {placed.pending[d.name]} (with every "
+                          "card of the fleet usable, beside the other deployments)")
