@@ -29,13 +29,14 @@ from orchestrator.engine.decide import (
     decide_serving,
     listing_says,
 )
-from orchestrator.engine.events import HintDisproved
+from orchestrator.engine.events import CardChanged, HintDisproved
 from orchestrator.engine.inbox import Inbox, is_stale
 from orchestrator.engine.state import (
     FINAL,
     IN_FLIGHT,
     CardMachine,
     CardState,
+    CardTransition,
     KnownGood,
     Trigger,
 )
@@ -109,6 +110,16 @@ class CardDriver(BringUp):
 
     def __repr__(self) -> str:
         return f"CardDriver({self.machine!r})"
+
+    def event(self, t: CardTransition, revision: int = 0) -> CardChanged:
+        """The move ``t`` of this card, as the engine announces it."""
+        m = self.machine
+        return CardChanged(host=m.host, device=m.device, card_id=m.card_id, group=m.group,
+                           partition=m.partition, previous=t.previous.value,
+                           state=t.state.value, reason=t.reason, boot_counter=m.boot_counter,
+                           session=m.session_fingerprint, attempts=m.attempts,
+                           session_id=t.session_id[:16], revision=revision,
+                           deployment=self.deployment)
 
     @property
     def program(self) -> PreparedProgram:

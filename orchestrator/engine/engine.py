@@ -33,7 +33,7 @@ from orchestrator.engine.events import (
     Event,
     Summary,
 )
-from orchestrator.engine.host import HostSupervisor, HostTarget, card_event
+from orchestrator.engine.host import HostSupervisor, HostTarget
 from orchestrator.engine.hostapi import Connect
 from orchestrator.engine.placement import Group
 from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
@@ -221,7 +221,7 @@ class Engine:
 
     def _card_moved(self, driver: CardDriver, t: CardTransition, revision: int) -> None:
         self._unsettled += (t.previous in SETTLED) - (t.state in SETTLED)
-        self._emit(card_event(driver, t, revision))
+        self._emit(driver.event(t, revision))
         self._check_settled()
 
     def _escalate(self, err: StateDirError) -> None:

@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from orchestrator.engine.admission import RECOVER, ROUTINE, PriorityLimiter
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
-from orchestrator.engine.events import CardChanged, HostChanged, ProtocolViolation, Staged
+from orchestrator.engine.events import HostChanged, ProtocolViolation, Staged
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
 from orchestrator.engine.state import (
     CardState,
@@ -439,14 +439,4 @@ async def _closing(client: HostAPI) -> AsyncIterator[HostAPI]:
             await client.close()
 
 
-def card_event(driver: CardDriver, t: CardTransition, revision: int = 0) -> CardChanged:
-    m = driver.machine
-    return CardChanged(host=m.host, device=m.device, card_id=m.card_id, group=m.group,
-                       partition=m.partition, previous=t.previous.value, state=t.state.value,
-                       reason=t.reason, boot_counter=m.boot_counter,
-                       session=m.session_fingerprint, attempts=m.attempts,
-                       session_id=t.session_id[:16], revision=revision,
-                       deployment=driver.deployment)
-
-
-__all__ = ["CardState", "HostSupervisor", "HostTarget", "card_event"]
+__all__ = ["CardState", "HostSupervisor", "HostTarget"]

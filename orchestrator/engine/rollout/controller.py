@@ -28,13 +28,13 @@ import anyio
 
 from orchestrator.engine.events import RolloutChanged
 from orchestrator.engine.prepare import PreparedProgram
+from orchestrator.engine.rollout.leadership import Leadership
 from orchestrator.engine.rollout.ledger import Phase
 from orchestrator.engine.rollout.setup import RolloutSetup
 from orchestrator.engine.rollout.smoke import smoke_verdict
 from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
-from orchestrator.engine.store.protocol import ROLLOUT_LEASE
-from orchestrator.errors import InvalidTransition, LeaseLost, ModelIPError, StateDirError
+from orchestrator.errors import LeaseLost, ModelIPError, StateDirError
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import Fleet
@@ -44,7 +44,7 @@ _LOOK = 0.5      # seconds between looks at the journal for an operator's reques
 _SETTLE = 0.02   # after a wake, let the moves of the same instant land before looking
 
 
-class Rollout:
+class Rollout(Leadership):
     """Drives one rollout inside the fleet (engine/ports.py ``RolloutPart``; started by
     Engine.run); sets ``done`` when it has ended."""
 
@@ -133,50 +133,6 @@ class Rollout:
         except Exception as exc:  # a bug: the fleet keeps serving what each group runs  # noqa: BLE001
             self.note = "stopped: " + self.fleet.ctx.internal_error("rollout", exc)
         self.done.set()
-
-    # --- with replicas (docs/replicas.md "Rollouts") ------------------------------------
-
-    @property
-    def ended(self) -> bool:
-        return self.record.phase.ended
-
-    async def lead(self, replica: str) -> None:
-        """Lead the rollout from the store's phase and wave (this replica holds the
-        rollout's lease) until it ends; LeaseLost when the lease is lost, or another
-        leader moved it meanwhile (every write of a leader is fenced by the lease)."""
-        self.leading = True
-        try:
-            self.record = await self.ledger.get(self.record.id)
-            if self.ended:
-                self.done.set()
-                return
-            await self._follow_targets()
-            await self.fleet.deployed.wait()
-            self._announce(f"led by replica {replica} from the store's phase and wave")
-            try:
-                await self._carry_out()
-            except InvalidTransition as err:
-                raise LeaseLost(ROLLOUT_LEASE, f"another leader moved it: {err}") from None
-        finally:
-            self.leading = False
-
-    async def follow(self) -> None:
-        """The store's word on the rollout, for a replica that may not lead it: each
-        group's target as the leader set it, the phase (for the views), and its end."""
-        await self._follow_targets()
-        if not self.leading:
-            record = await self.ledger.get(self.record.id)
-            if record != self.record:
-                self.record = record
-                self.note = "led by another replica"
-        if self.ended and self.fleet.deployed.is_set():
-            self.done.set()
-
-    async def _follow_targets(self) -> None:
-        for group, program_id in (await self.ledger.targets(self.record.id)).items():
-            if group in self.fleet.groups and program_id in self.fleet.ctx.programs:
-                for member in self.fleet.groups[group]:
-                    member.retarget(program_id)
 
     async def _drive(self) -> None:
         while not self.record.phase.ended:
