@@ -245,3 +245,27 @@ async def test_a_leader_whose_lease_lapsed_writes_nothing(database: str) -> None
     finally:
         await a.close()
         await b.close()
+
+
+def test_a_rollout_waits_out_a_database_restart(
+        replicas: Callable[..., Replica], database: str, postgres: Any,
+        fleet: tuple[Path, list[str]]) -> None:
+    """The database goes away while the canary is gated, longer than a lease: the
+    leader's leases lapse, it stops leading without ending (the replicas wait the store
+    out, as they do for their hosts), and when the store is back a replica leads the
+    rollout on to its end, once."""
+    v2 = version_2(fleet[0], database)
+    a, b = start_two(replicas, v2, database)
+    wait_for("b holds its share", lambda: owners(database).get("b", 0) == 3, 60)
+    wait_for("the canary is gated", lambda: reached(database, 0, "gating"), 120)
+    assert not ended(database)   # the store goes away while the rollout is led
+    postgres.stop()
+    try:
+        wait_for("both replicas saw the store go", lambda: all(
+            any(not e["reachable"] for e in r.events("store")) for r in (a, b)), 30)
+        time.sleep(2 * TTL)
+    finally:
+        postgres.start()
+    check_the_end(database, fleet[1], "committed")
+    assert a.process.poll() is None and b.process.poll() is None   # waited, did not end
+    assert any(e["action"] == "lost" for e in a.events("lease") if e["host"] == ":rollout")

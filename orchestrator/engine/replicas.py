@@ -227,9 +227,13 @@ class Replica:
         try:
             with scope:
                 await rollout.lead(self.name)
-        except LeaseLost as lost:   # a fenced write refused: another leads now
+        except (LeaseLost, StoreUnavailable) as lost:   # another leads now, or will
             self.store.fences.pop(ROLLOUT_LEASE, None)
             self._announce(ROLLOUT_LEASE, "lost", reason=str(lost))
+        except Exception as exc:  # a bug: logged; this replica leads no more  # noqa: BLE001
+            self.store.fences.pop(ROLLOUT_LEASE, None)
+            self._announce(ROLLOUT_LEASE, "lost", reason=self.ctx.internal_error(
+                f"replica {self.name} leading the rollout", exc))
         finally:
             self._leading = None
             if rollout.ended and ROLLOUT_LEASE in self.store.fences:

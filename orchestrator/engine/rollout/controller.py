@@ -34,7 +34,7 @@ from orchestrator.engine.rollout.setup import RolloutSetup
 from orchestrator.engine.rollout.smoke import smoke_verdict
 from orchestrator.engine.snapshot import RolloutView
 from orchestrator.engine.state import CardState
-from orchestrator.errors import LeaseLost, ModelIPError, StateDirError
+from orchestrator.errors import LeaseLost, ModelIPError, StateDirError, StoreUnavailable
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import Fleet
@@ -125,11 +125,11 @@ class Rollout(Leadership):
             await self._drive()
             await self._converge(judge=False)  # ended: hold the fleet where the verdict put it
             self.note = ""
+        except (LeaseLost, StoreUnavailable):
+            raise   # a replica's leadership ended: another carries on from the store
         except StateDirError as err:
             self.fleet.ctx.escalate(err)
             return
-        except LeaseLost:
-            raise   # a replica's leadership ended: another carries on from the store
         except Exception as exc:  # a bug: the fleet keeps serving what each group runs  # noqa: BLE001
             self.note = "stopped: " + self.fleet.ctx.internal_error("rollout", exc)
         self.done.set()
