@@ -5,7 +5,9 @@ plan that cannot work refused in one line."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from orchestrator.errors import PlanError
 from orchestrator.plan.model import Plan
 from tests.models import tiny_mlp
 
+MODELIP = [sys.executable, "-m", "orchestrator"]
 SQUEEZENET = "package:onnx/backend/test/data/light/light_squeezenet.onnx"
 
 
@@ -98,6 +101,19 @@ async def test_three_deployments_serve_each_on_its_groups_under_its_own_mek(
         assert len(meks) == 3   # three key domains
         events = [e for e in engine._events if getattr(e, "KIND", "") == "card"]  # noqa: SLF001
         assert all(e.deployment in programs for e in events)
+        from orchestrator.views.metrics import render_metrics
+
+        text = render_metrics(engine.snapshot(), engine.stats)
+        assert 'modelip_deployment_groups_serving{deployment="vision"} 1.0' in text
+        assert 'modelip_deployment_cards{deployment="alpha",state="SERVING"} 2.0' in text
+        # the journal's view, by deployment (no host called)
+        status = await anyio.run_process([*MODELIP, "status", str(plan), "--json",
+                                          "--deployment", "vision"], check=True)
+        view = json.loads(status.stdout)
+        assert view["deployments"] == [{"name": "vision", "groups_wanted": 1,
+                                        "groups_placed": 1, "groups_serving": 1, "cards": 2}]
+        assert {(c["host"], c["device"]) for c in view["cards"]} == by_deployment["vision"]
+        assert {c["deployment"] for c in view["cards"]} == {"vision"}
         # the next run keeps every group where it was
         placed = {(d.machine.host, d.machine.device): d.deployment for d in engine.drivers}
         again = await deploy(plan)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.cli.fleet import add_store_flags, load_plan
-from orchestrator.errors import ModelIPError
+from orchestrator.errors import ModelIPError, UsageError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
     from orchestrator.plan.model import Plan
@@ -29,7 +29,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.views.stored import stored_snapshot
 
     plan = load_plan(args, quiet=True)
-    view = anyio.run(_read_status, plan)
+    if args.deployment is not None and args.deployment not in {d.name for d in
+                                                               plan.deployments}:
+        raise UsageError(f"--deployment {args.deployment!r}: not a deployment of "
+                         f"{plan.source}")
+    view = anyio.run(_read_status, plan, args.deployment)
     snap = stored_snapshot(*view.pop("_records"), now=time.time())
     rollup = view["rollup"] = {
         "cards": len(snap.cards), "by_state": snap.counts,
@@ -51,6 +55,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     at = f", revision {view['revision']}" if view["revision"] is not None else ""
     print(f"{snap.counts.get('SERVING', 0)}/{rollup['cards']} serving (as last recorded"
           f"{at}), {rollup['loads']} loads sent")
+    for d in view.get("deployments", []):
+        print(f"deployment {d['name']}: {d['groups_serving']}/{d['groups_placed']} groups "
+              f"serving, {d['groups_wanted']} wanted ({d['cards']} cards)")
     for r in view.get("replicas", []):
         held = sum(h["owner"] == r["name"] for h in view["hosts"])
         print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, holds {held} "
@@ -70,13 +77,16 @@ def _card_table(plan: Plan, view: dict[str, Any], table_of: Any, console: Any) -
                 row[3:3] = [h["owner"] or "-", (h["lease_expires"] or "-")[11:19]]
             table.add_row(*row)
         console.print(table)
+    deployments = bool(plan.deployments)
     table = table_of(f"{plan.source.name}: {view['store']}",
-                     ["host", "card", "card id", "group", "part", "state", "boot", "session",
-                      "reason"])
+                     ["host", "card", "card id", "group", "part", *(["deployment"] if
+                                                                    deployments else []),
+                      "state", "boot", "session", "reason"])
     for c in view["cards"]:
         table.add_row(c["host"], str(c["device"]), c["card_id"], str(c["group"]),
-                      str(c["partition"]), c["state"], str(c["boot_counter"]),
-                      c["session_id"][:16], c["reason"][:60])
+                      str(c["partition"]), *([c["deployment"]] if deployments else []),
+                      c["state"], str(c["boot_counter"]), c["session_id"][:16],
+                      c["reason"][:60])
     console.print(table)
 
 
@@ -99,8 +109,9 @@ def _tables() -> tuple[Any, Callable[[str, list[str]], Any]]:
     return console, table_of
 
 
-async def _read_status(plan: Plan) -> dict[str, Any]:
-    """What the store says, as plain values (times ISO 8601, UTC)."""
+async def _read_status(plan: Plan, deployment: str | None = None) -> dict[str, Any]:
+    """What the store says, as plain values (times ISO 8601, UTC); with deployments,
+    each card's and each deployment's groups (``deployment``: that one's cards only)."""
     from orchestrator.app import existing_journal, shared_store
 
     if plan.shared:
@@ -111,7 +122,33 @@ async def _read_status(plan: Plan) -> dict[str, Any]:
                  "heartbeat": _iso(r.heartbeat)} for r in await store.replicas()]
             return view
     with existing_journal(plan, read_only=True) as journal:
-        return await _store_view(journal, f"journal {plan.journal_path}")
+        view = await _store_view(journal, f"journal {plan.journal_path}")
+        if plan.deployments:
+            _by_deployment(view, plan, await journal.placements(), deployment)
+        return view
+
+
+def _by_deployment(view: dict[str, Any], plan: Plan, placed: dict[str, Any],
+                   only: str | None) -> None:
+    """Each card's deployment (as placed), each deployment's groups serving (every card
+    of the group SERVING); with ``only``, that deployment's cards alone."""
+    of = {(g.host, device): name for name, groups in placed.items() for g in groups
+          for device in g.devices}
+    states = {(c["host"], c["device"]): c["state"] for c in view["cards"]}
+    for card in view["cards"]:
+        card["deployment"] = of.get((card["host"], card["device"]), "")
+    view["deployments"] = [{
+        "name": d.name, "groups_wanted": d.groups,
+        "groups_placed": len(placed.get(d.name, [])),
+        "groups_serving": sum(all(states.get((g.host, device)) == "SERVING"
+                                  for device in g.devices) for g in placed.get(d.name, [])),
+        "cards": sum(len(g.devices) for g in placed.get(d.name, []))}
+        for d in plan.deployments if only in (None, d.name)]
+    if only is not None:
+        view["cards"] = [c for c in view["cards"] if c["deployment"] == only]
+        cards, hosts, moves = view["_records"]
+        view["_records"] = ([c for c in cards if of.get((c.host, c.device)) == only], hosts,
+                            [t for t in moves if of.get((t.host, t.device)) == only])
 
 
 async def _store_view(store: Any, label: str) -> dict[str, Any]:
@@ -141,5 +178,7 @@ def register(sub: Any) -> None:
     p.add_argument("plan")
     p.add_argument("--json", action="store_true", help="everything, for scripts")
     p.add_argument("--cards", action="store_true", help="one line per card (and per host)")
+    p.add_argument("--deployment", metavar="NAME",
+                   help="that deployment's cards only (a plan with deployments)")
     add_store_flags(p, replica=False)
     p.set_defaults(handler=cmd_status)

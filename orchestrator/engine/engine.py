@@ -248,7 +248,7 @@ class Engine:
         cards = tuple(
             CardView(m.host, m.device, m.card_id, m.group, m.partition, m.state.value,
                      m.session_fingerprint, m.boot_counter, m.attempts, d.last_event,
-                     m.reason, now - m.since)
+                     m.reason, now - m.since, d.deployment)
             for d in self.drivers for m in (d.machine,))
         hosts = tuple(
             HostView(h.name, h.target.address, h.machine.state.value, h.machine.reason,

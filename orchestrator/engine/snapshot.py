@@ -22,6 +22,7 @@ class CardView:
     last_event: str
     reason: str
     in_state: float
+    deployment: str = ""   # docs/deployments.md; "": the plan's one model
 
 
 @dataclass(frozen=True, slots=True)

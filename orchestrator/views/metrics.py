@@ -100,10 +100,33 @@ class _SnapshotCollector(Collector):
         if stats.deployed_after is not None:
             yield GaugeMetricFamily("modelip_deploy_seconds", "Seconds until every card "
                                     "first settled.", value=round(stats.deployed_after, 3))
+        if any(card.deployment for card in snapshot.cards):
+            yield from _deployment_metrics(snapshot)
         if snapshot.replica:
             yield from _replica_metrics(snapshot, stats)
         if snapshot.rollout is not None:
             yield from _rollout_metrics(snapshot.rollout)
+
+
+def _deployment_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Each deployment's cards per state and groups serving (docs/deployments.md)."""
+    cards = GaugeMetricFamily("modelip_deployment_cards", "Cards of each deployment per "
+                              "state.", labels=["deployment", "state"])
+    per_state = Counter((card.deployment, card.state) for card in snapshot.cards)
+    groups: dict[tuple[str, int], bool] = {}
+    for card in snapshot.cards:
+        key = (card.deployment, card.group)
+        groups[key] = groups.get(key, True) and card.state == CardState.SERVING.value
+    names = sorted({card.deployment for card in snapshot.cards})
+    for name in names:
+        for state in CardState:
+            cards.add_metric([name, state.value], per_state[(name, state.value)])
+    yield cards
+    serving = GaugeMetricFamily("modelip_deployment_groups_serving", "MDP groups of each "
+                                "deployment with every card serving.", labels=["deployment"])
+    for name in names:
+        serving.add_metric([name], sum(ok for (d, _), ok in groups.items() if d == name))
+    yield serving
 
 
 def _rollout_metrics(r: RolloutView) -> Iterator[Metric]:
