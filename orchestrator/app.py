@@ -36,7 +36,13 @@ from orchestrator.engine.prepare import (
 from orchestrator.engine.rollout.setup import RolloutSetup, arrange
 from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock
-from orchestrator.errors import FileInputError, StateDirError, UsageError
+from orchestrator.errors import (
+    CustodyError,
+    FileInputError,
+    MEKError,
+    StateDirError,
+    UsageError,
+)
 from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
@@ -180,11 +186,20 @@ async def _with_deployments(plan: Plan, connect: Connect, *, retry_quarantined: 
     meks: list[MEK] = []
     try:
         prepared = []
+        unserved: dict[str, str] = {}
         for spec in plan.deployments:
             sub = deployment_plan(plan, spec)
-            meks.append(_mek_of(sub))
+            try:
+                meks.append(_mek_of(sub))
+            except (CustodyError, MEKError) as err:   # this deployment fails alone
+                if len(unserved) + 1 == len(plan.deployments):
+                    raise   # none has its key: nothing to run
+                unserved[spec.name] = f"its key custody failed: {err}"
+                continue
             prepared.append((spec, await _prepare(sub, meks[-1], None), meks[-1]))
         with SQLiteStore(plan.journal_path) as journal:
+            # every deployment keeps its place, one without its key too (its groups are
+            # left alone: not driven, not given to another)
             placed = place(inventory(plan.hosts, plan.emulated),
                            [spec.need for spec in plan.deployments],
                            await journal.placements())
@@ -196,7 +211,7 @@ async def _with_deployments(plan: Plan, connect: Connect, *, retry_quarantined: 
                 _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                 yield Engine(plan, hosts, roots, meks[0], prepared[0][1], journal,
                              connect=connect, retry_quarantined=retry_quarantined,
-                             deployments=deployments)
+                             deployments=deployments, unserved=unserved)
     finally:
         for mek in meks:
             mek.wipe()

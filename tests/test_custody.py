@@ -294,3 +294,44 @@ def test_a_pkcs11_module_outside_the_system_libraries_is_not_loaded(tmp_path: Pa
                             capture_output=True, text=True, timeout=60, check=False)
     assert mark.exists(), listed.stderr        # the operator's list: it is opened
     assert listed.returncode == 3 and "cannot load the PKCS#11 module" in listed.stderr
+
+
+async def test_a_deployment_whose_key_custody_fails_fails_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deployments on one fleet, one of them sealed under the token: with a wrong
+    PIN its custody fails at start; it serves nothing (saying why), its groups are kept
+    for it (not driven, not given away), the other serves, and the run says the fleet
+    is short (exit 4)."""
+    import anyio
+
+    from orchestrator.app import open_engine
+    from tests.models import tiny_mlp
+
+    assert run("generate-mek", "-o", tmp_path / "mek.sealed", *flags()) == 0
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"""deployments:
+  - name: open
+    model: {{onnx: tiny.onnx}}
+    mek: {{generate: true}}
+    groups: 2
+  - name: sealed
+    model: {{onnx: tiny.onnx, id: sealed}}
+    mek: {{sealed: mek.sealed, pkcs11: {{module: {MODULE}, token: modelip, kek: kek}}}}
+    groups: 2
+fleet: {{emulated: {{hosts: 2, devices_per_host: 2}}}}
+state_dir: state
+""")
+    monkeypatch.setenv("MODELIP_PKCS11_PIN", "not-the-pin")
+    async with open_engine(Plan.load(path)) as engine:
+        with anyio.fail_after(60):
+            await engine.run()
+        summary = engine.summary()
+        placements = await engine.store.placements()
+    outcomes = {d.name: d for d in summary.deployments}
+    assert (outcomes["open"].groups_serving, outcomes["open"].groups_wanted) == (2, 2)
+    assert outcomes["sealed"].groups_serving == 0
+    assert "its key custody failed" in outcomes["sealed"].short
+    assert len(placements["sealed"]) == 2   # kept for it
+    assert {d.deployment for d in engine.drivers} == {"open"}
+    assert summary.exit_code == 4 and summary.serving == summary.cards == 2

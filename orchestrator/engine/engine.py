@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +99,15 @@ class Engine:
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
                  store: Store, *, connect: Connect, retry_quarantined: bool = False,
                  replica: MakeReplica | None = None, rollout: MakeRollout | None = None,
-                 deployments: Sequence[Deployment] = ()) -> None:
+                 deployments: Sequence[Deployment] = (),
+                 unserved: Mapping[str, str] | None = None) -> None:
         """``replica``: the store is shared by replicas: drive only the hosts this
         replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
         another version of the model; replace it (engine/rollout/). Both are built
         here, from the ports the engine offers them (engine/ports.py).
         ``deployments``: several models on the fleet, each driven on the groups placed
-        for it with its own program and MEK (docs/deployments.md)."""
+        for it with its own program and MEK (docs/deployments.md); ``unserved``: those
+        that cannot run (their key custody failed), with why."""
         self.plan = plan
         self.program = program
         self.store = store
@@ -123,6 +125,7 @@ class Engine:
         self.groups: dict[int, list[CardDriver]] = {}
         self._by_card: dict[tuple[str, int], CardDriver] = {}
         self.deployments = {d.name: d for d in deployments}
+        self.unserved = dict(unserved or {})
         for d in deployments:
             self.ctx.keys[d.program.program_id] = d.mek
             self.ctx.offer(d.program)
@@ -290,7 +293,8 @@ class Engine:
             return 3, not_serving
         if self.rollout is not None and self.rollout.rolled_back:
             return ROLLED_BACK_EXIT, not_serving
-        return (4 if not_serving else 0), not_serving
+        short = any(d.groups_serving < d.groups_wanted for d in self.deployment_outcomes())
+        return (4 if not_serving or short else 0), not_serving
 
     def summary(self, *, store_word: bool = False) -> Summary:
         code, not_serving = self.outcome(store_word=store_word)
@@ -313,10 +317,15 @@ class Engine:
         serving: Counter[str] = Counter()
         for group, drivers in self.groups.items():
             serving[drivers[0].deployment] += self.group_serving(group)
-        wanted = {d.name: d.groups for d in self.plan.deployments}
-        return tuple(DeploymentOutcome(d.name, d.program.version, serving[d.name],
-                                       len(d.groups), wanted.get(d.name, len(d.groups)),
-                                       d.short) for d in self.deployments.values())
+        outcomes = []
+        for spec in self.plan.deployments:
+            if spec.name in self.unserved:
+                outcomes.append(DeploymentOutcome(spec.name, spec.model.version, 0, 0,
+                                                  spec.groups, self.unserved[spec.name]))
+            elif (d := self.deployments.get(spec.name)) is not None:
+                outcomes.append(DeploymentOutcome(d.name, d.program.version, serving[d.name],
+                                                  len(d.groups), spec.groups, d.short))
+        return tuple(outcomes)
 
     # --- running ------------------------------------------------------------------------
 
