@@ -8,8 +8,10 @@ runs the orchestrator in another. For each number of watchers (streams opened by
 this script), every card is reset at once and the orchestrator brings every card
 back. Printed per round: the orchestrator's CPU seconds for the storm (its own
 process, from before the resets to every card serving again) against the round
-without watchers, and, with watchers, the delay from a change's journal time to a
-watcher receiving it (p50, p99, max, over every change every watcher received).
+without watchers, the CPU seconds of the control API's process (the orchestrator
+serves the API from a process of its own: docs/api.md "Where it runs"), and, with
+watchers, the delay from a change's journal time to a watcher receiving it (p50,
+p99, max, over every change every watcher received).
 
 Targets (docs/api.md, issue "an API for automation"): p99 <= 50 ms; 100 watchers
 cost the engine at most 10% more CPU.
@@ -44,6 +46,16 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def api_process(pid: int) -> int:
+    """The control API's process, a child of the orchestrator's (orchestrator/api/apart.py)."""
+    for _ in range(100):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if "orchestrator.api" in Path(f"/proc/{child}/cmdline").read_text():
+                return int(child)
+        time.sleep(0.1)
+    raise SystemExit("the orchestrator runs no control API process")
+
+
 async def listing(stub: Any) -> list[tuple[str, int, str, int]]:
     from orchestrator._proto.modelip.v1 import control_pb2
 
@@ -51,9 +63,10 @@ async def listing(stub: Any) -> list[tuple[str, int, str, int]]:
     return [(c.host, c.device, c.state, c.boot_counter) for c in answer.cards]
 
 
-async def storm_round(api: str, addresses: list[str], devices: int, watchers: int, pid: int
-                      ) -> tuple[float, list[float]]:
-    """Reset every card with ``watchers`` streams open; (orchestrator CPU s, delays)."""
+async def storm_round(api: str, addresses: list[str], devices: int, watchers: int,
+                      pids: tuple[int, int]) -> tuple[float, float, list[float], int]:
+    """Reset every card with ``watchers`` streams open; (orchestrator CPU s, the API
+    process's CPU s, delays, messages the watchers received)."""
     import anyio
     import grpc
 
@@ -67,23 +80,28 @@ async def storm_round(api: str, addresses: list[str], devices: int, watchers: in
         since = (await stub.List(control_pb2.ListRequest())).revision
         caught_up = anyio.Semaphore(0)
 
+        # each batch kept as it came, with the time it came: parsed after the round,
+        # so a hundred watchers' parsing does not delay the next arrival
+        watch = channel.unary_stream("/modelip.v1.Control/Watch",
+                                     request_serializer=control_pb2.WatchRequest.SerializeToString,
+                                     response_deserializer=None)
+        arrived: list[tuple[float, bytes]] = []
+
         async def one() -> None:
             first = True
-            async for batch in stub.Watch(control_pb2.WatchRequest(since=since)):
-                now = time.time()
-                for change in batch.changes:
-                    if change.type == control_pb2.Change.BOOKMARK and first:
-                        first = False
-                        caught_up.release()
-                    elif change.ts:
-                        delays.append(now - change.ts)
+            async for raw in watch(control_pb2.WatchRequest(since=since)):
+                arrived.append((time.time(), raw))
+                if first and control_pb2.ChangeBatch.FromString(raw).changes[-1].type == \
+                        control_pb2.Change.BOOKMARK:
+                    first = False
+                    caught_up.release()
 
         async with anyio.create_task_group() as tg:
             for _ in range(watchers):
                 tg.start_soon(one)
             for _ in range(watchers):
                 await caught_up.acquire()
-            started = process_cpu(pid)
+            started = [process_cpu(pid) for pid in pids]
             clients = [HostClient(address) for address in addresses]
             async with anyio.create_task_group() as resets:
                 for client in clients:
@@ -94,10 +112,13 @@ async def storm_round(api: str, addresses: list[str], devices: int, watchers: in
             while not all(state == "SERVING" and boot > before[(h, d)]  # noqa: ASYNC110 - polled
                           for h, d, state, boot in await listing(stub)):
                 await anyio.sleep(0.1)
-            spent = process_cpu(pid) - started
+            spent = [process_cpu(pid) - before for pid, before in zip(pids, started, strict=True)]
             await anyio.sleep(1.0)   # the last changes reach the watchers
             tg.cancel_scope.cancel()
-    return spent, delays
+    for now, raw in arrived:
+        delays.extend(now - change.ts for change in control_pb2.ChangeBatch.FromString(raw).changes
+                      if change.ts)
+    return spent[0], spent[1], delays, len(arrived)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -133,17 +154,20 @@ def main() -> None:
                 if json.loads(line).get("event") == "deployed":
                     break
             threading_drain(orchestrator)
+            pids = (orchestrator.pid, api_process(orchestrator.pid))
             print(f"{args.cards} cards ({hosts} hosts x {args.devices_per_host}), every card "
                   "reset at once, per round:")
             base = None
             for watchers in (int(n) for n in args.watchers.split(",")):
-                spent, delays = anyio.run(storm_round, api, addresses, args.devices_per_host,
-                                          watchers, orchestrator.pid)
+                spent, serving, delays, messages = anyio.run(storm_round, api, addresses,
+                                                   args.devices_per_host, watchers, pids)
                 base = spent if base is None else base
                 said = (f"  {watchers:>3} watchers: orchestrator CPU {spent:.2f} s "
-                        f"({spent / base:.2f}x the first round)")
+                        f"({spent / base:.2f}x the first round), the API's process "
+                        f"{serving:.2f} s")
                 if delays:
-                    said += (f"; {len(delays)} changes received, delay p50 "
+                    said += (f"; {len(delays)} changes received in {messages} messages, "
+                             f"delay p50 "
                              f"{percentile(delays, 0.5) * 1e3:.1f} ms, p99 "
                              f"{percentile(delays, 0.99) * 1e3:.1f} ms, max "
                              f"{max(delays) * 1e3:.1f} ms")

@@ -284,15 +284,11 @@ async def shared_store(plan: Plan, replica: str, *, migrate: bool = True
                        ) -> AsyncIterator[PostgresStore]:
     """The plan's shared store, open as ``replica`` (its schema made or migrated unless
     not ``migrate``: then StoreUnavailable if there is none), closed at the end."""
-    from orchestrator.engine.store.postgres import PostgresStore
+    from orchestrator.engine.store.postgres import opened
 
-    store = PostgresStore(plan.store, replica, lease_ttl=plan.replicas.lease_ttl)
-    await store.open(migrate=migrate)
-    try:
+    async with opened(plan.store, replica, lease_ttl=plan.replicas.lease_ttl,
+                      migrate=migrate) as store:
         yield store
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.close()
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
+from orchestrator.api.apart import serve_api_apart
 from orchestrator.api.server import OLDEST_KEY, serve_api
 from orchestrator.app import open_engine
 from orchestrator.engine.engine import Engine
@@ -347,8 +348,10 @@ async def test_an_admin_releases_a_quarantined_card_and_it_serves_again(tmp_path
             engine = Engine(plan, [HostTarget("host0", fleet.addresses[0], (0, 1))],
                             [fleet.pki.root], mek, program, journal, connect=grpc_host)
             tg.start_soon(lambda: engine.run(keep_serving=True))
-            address = await tg.start(lambda task_status: serve_api(
-                spec, journal, engine.changed, release=engine.release,
+            # the API in its own process, as `watch --api` runs it (mutual TLS there;
+            # the release reaches the engine over the process's pipe)
+            address = await tg.start(lambda task_status: serve_api_apart(
+                spec, journal, release=engine.release, cordoned=engine.cordons_changed,
                 task_status=task_status))
             with anyio.fail_after(30):
                 await engine.deployed.wait()

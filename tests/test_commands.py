@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
-from orchestrator.api.server import serve_api
+from orchestrator.api.apart import serve_api_apart
 from orchestrator.engine.engine import Engine
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import PlanError
@@ -123,8 +123,10 @@ async def test_a_cordoned_hosts_cards_are_keyed_by_nobody_until_it_is_uncordoned
             async with anyio.create_task_group() as tg:
                 engine = engine_on(journal)
                 tg.start_soon(lambda: engine.run(keep_serving=True))
-                address = await tg.start(lambda task_status: serve_api(
-                    ApiSpec(listen="127.0.0.1:0"), journal, engine.changed,
+                # the API in its own process, as `watch --api` runs it: the cordon
+                # reaches the engine over the process's pipe
+                address = await tg.start(lambda task_status: serve_api_apart(
+                    ApiSpec(listen="127.0.0.1:0"), journal, release=engine.release,
                     cordoned=engine.cordons_changed, task_status=task_status))
                 with anyio.fail_after(30):
                     await engine.deployed.wait()

@@ -63,12 +63,14 @@ class ChangeFeed:
     """The newest changes, read from the store once for every watcher (as an API
     server's watch cache does): one reader wakes when the engine says something moved
     (else every LOOK_EVERY), keeps the last ``keep`` changes as messages, and tells
-    the watchers. A watcher behind what it keeps reads the store itself."""
+    the watchers (``look_every``: when the engine runs in another process, the
+    store is all there is to look at). A watcher behind what it keeps reads the store itself."""
 
     def __init__(self, store: Store, changed: Callable[[], Awaitable[None]] | None,
-                 keep: int = 10_000) -> None:
+                 keep: int = 10_000, look_every: float = LOOK_EVERY) -> None:
         self.store = store
         self.changed = changed
+        self.look_every = look_every
         self.keep = keep
         self.recent: deque[tuple[int, bytes]] = deque()   # (revision, its batch entry)
         self.floor = 0     # every change after this revision is in ``recent``
@@ -85,7 +87,7 @@ class ChangeFeed:
                 changes = await self.store.changes(self.newest, PAGE)
             except ModelIPError as err:  # the store is away (replicas wait it out): again
                 _log.warning("control API: cannot read the changes: %s", err)
-                await anyio.sleep(LOOK_EVERY)
+                await anyio.sleep(max(self.look_every, LOOK_EVERY))
                 continue
             for change in changes:
                 self.recent.append((change.revision, entry(change_message(change))))
@@ -100,7 +102,7 @@ class ChangeFeed:
                 await self._wait()
 
     async def _wait(self) -> None:
-        with anyio.move_on_after(LOOK_EVERY):
+        with anyio.move_on_after(self.look_every):
             if self.changed is not None:
                 await self.changed()
                 await anyio.sleep(SETTLE)  # the moves of these milliseconds, in one look

@@ -43,7 +43,7 @@ _log = logging.getLogger("modelip.api")
 
 RANK = {role: rank for rank, role in enumerate(ROLES)}
 # the engine's release of a quarantined card: (host, device, who) -> what was done
-Release = Callable[[str, int, str], str]
+Release = Callable[[str, int, str], "str | Awaitable[str]"]
 # the engine's look at the store's cordons after one changed
 Cordoned = Callable[[], Awaitable[None]]
 
@@ -143,7 +143,7 @@ class ControlService:
                 if not changes:  # nothing more there now
                     backlog = last
                     if held is None:
-                        with anyio.move_on_after(LOOK_EVERY):
+                        with anyio.move_on_after(self.feed.look_every):
                             await self.feed.moved()
                     continue
                 last = changes[-1].revision
@@ -191,6 +191,8 @@ class ControlService:
                          "no engine runs behind this API")
         try:
             said = self.release(request.host, request.device, f"{who} ({role}, control API)")
+            if not isinstance(said, str):   # asked of an engine in another process
+                said = await said
         except UsageError as err:
             await self.store.record_command(who, role, command, f"refused: {err}")
             await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
@@ -242,16 +244,18 @@ class ControlService:
 async def serve_api(spec: ApiSpec, store: Store,
                     changed: Callable[[], Awaitable[None]] | None = None, *,
                     release: Release | None = None, cordoned: Cordoned | None = None,
+                    look_every: float = LOOK_EVERY,
                     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve the control API as ``spec`` says until cancelled (mutual TLS with
     ``spec.tls``; without it, loopback only); reports the address bound; trims the
-    history kept meanwhile."""
+    history kept meanwhile. Changes are read from the store when ``changed`` returns
+    (the engine's word that something moved), and every ``look_every`` seconds."""
     address = spec.listen
     if spec.tls is None and not is_loopback(address):
         raise UsageError(f"api {address}: without api.tls (cert, key, client_ca) the control "
                          "API listens on loopback only (docs/api.md)")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    feed = ChangeFeed(store, changed)
+    feed = ChangeFeed(store, changed, look_every=look_every)
     service = ControlService(store, feed, spec=spec, release=release, cordoned=cordoned)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "modelip.v1.Control", {

@@ -136,10 +136,10 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                         print(f"modelip: metrics on http://127.0.0.1:{bound}/metrics",
                               file=sys.stderr)
                 if api is not None:
-                    from orchestrator.api.server import serve_api
+                    from orchestrator.api.apart import serve_api_apart
 
-                    bound = await tg.start(lambda task_status: serve_api(
-                        api, engine.store, engine.changed, release=engine.release,
+                    bound = await tg.start(lambda task_status: serve_api_apart(
+                        api, engine.store, release=engine.release,
                         cordoned=engine.cordons_changed, task_status=task_status))
                     print(f"modelip: control API on {bound}", file=sys.stderr)
                 if dashboard is not None:

@@ -10,8 +10,11 @@ No MEK, key or plaintext is ever written here.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import anyio
 
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.leases import LIVE_OWNER, Conn, LeaseLedger
@@ -269,3 +272,17 @@ async def _revision(conn: Conn) -> int:
     row = await (await conn.execute(
         "SELECT currval(pg_get_serial_sequence('changes', 'revision'))")).fetchone()
     return int(row[0]) if row else 0
+
+
+@asynccontextmanager
+async def opened(url: str, replica: str, *, lease_ttl: float, migrate: bool = True
+                 ) -> AsyncIterator[PostgresStore]:
+    """The shared store at ``url``, open as ``replica`` (its schema made or migrated
+    unless not ``migrate``: then StoreUnavailable if there is none), closed at the end."""
+    store = PostgresStore(url, replica, lease_ttl=lease_ttl)
+    await store.open(migrate=migrate)
+    try:
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
