@@ -8,6 +8,7 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -109,19 +110,29 @@ def default_replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def grpc_host(target: HostTarget, deadlines: Deadlines, lease: HostLease | None) -> HostAPI:
+def grpc_host(target: HostTarget, deadlines: Deadlines, lease: HostLease | None, *,
+              claim: tuple[str, bool] | None = None) -> HostAPI:
     """The HostAPI of a real (or emulated) host: the gRPC client of its proxy (with a
-    replica's lease: its gate, and its fencing token on every call)."""
+    replica's lease: its gate, and its fencing token on every call; with ``claim``:
+    the fleet's identity, and whether it takes cards over, on every call)."""
     return HostClient(target.address, tls=target.tls, deadlines=deadlines,
                       gate=lease.remaining if lease else None,
-                      fence=(lease.epoch, lease.holder) if lease else None)
+                      fence=(lease.epoch, lease.holder) if lease else None, claim=claim)
+
+
+async def claiming(store: Store, connect: Connect | None, take_over: bool) -> Connect:
+    """How the engine reaches hosts: ``connect`` as given, or gRPC naming this fleet's
+    identity to the hosts (docs/protocol.md "Claims")."""
+    if connect is not None:
+        return connect
+    return functools.partial(grpc_host, claim=(await store.fleet_identity(), take_over))
 
 
 @asynccontextmanager
 async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                       replica: str | None = None, retry_rollout: bool = False,
-                      replace_fleet: bool = False, connect: Connect | None = None
-                      ) -> AsyncIterator[Engine]:
+                      replace_fleet: bool = False, connect: Connect | None = None,
+                      take_over: bool = False) -> AsyncIterator[Engine]:
     """The plan's MEK, prepared program, store and fleet, as an Engine ready to run.
 
     Holds the state directory's lock for the whole block (a second orchestrator on
@@ -132,11 +143,13 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
     plan's ``rollout:`` says (docs/rollouts.md; ``retry_rollout``: again, after a
     rollback of the same version). A shared store holds one fleet: a plan that
     differs from the one recorded is refused (UsageError) unless ``replace_fleet``.
+    Hosts are told the fleet's identity with every call (``connect`` not given); a
+    card another fleet holds is refused, or taken over with ``take_over``.
     """
     replica = replica or default_replica_name()
     with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
         if plan.deployments:
-            async with _with_deployments(plan, connect or grpc_host,
+            async with _with_deployments(plan, connect, take_over=take_over,
                                          retry_quarantined=retry_quarantined) as engine:
                 yield engine
             return
@@ -155,7 +168,7 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                     # everything is in place: the journal's WAL, the caches, the PKI
                     _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
-                                 connect=connect or grpc_host,
+                                 connect=await claiming(store, connect, take_over),
                                  retry_quarantined=retry_quarantined,
                                  replica=_replica(shared, fleet), rollout=_rollout(rollout))
         finally:
@@ -175,8 +188,8 @@ def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
 
 
 @asynccontextmanager
-async def _with_deployments(plan: Plan, connect: Connect, *, retry_quarantined: bool
-                            ) -> AsyncIterator[Engine]:
+async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: bool,
+                            retry_quarantined: bool) -> AsyncIterator[Engine]:
     """An Engine for a plan with deployments (docs/deployments.md): each deployment's MEK
     and program, its groups placed on the fleet (kept where the journal says they were,
     as long as they still fit), every MEK wiped at the end."""
@@ -210,8 +223,9 @@ async def _with_deployments(plan: Plan, connect: Connect, *, retry_quarantined: 
             async with fleet_for(plan) as (hosts, roots):
                 _in_state_dir(plan, lambda: private_tree(plan.state_dir))
                 yield Engine(plan, hosts, roots, meks[0], prepared[0][1], journal,
-                             connect=connect, retry_quarantined=retry_quarantined,
-                             deployments=deployments, unserved=unserved)
+                             connect=await claiming(journal, connect, take_over),
+                             retry_quarantined=retry_quarantined, deployments=deployments,
+                             unserved=unserved)
     finally:
         for mek in meks:
             mek.wipe()

@@ -60,6 +60,11 @@ class MEKError(InputError):
     """A model encryption key file is not a 128-bit key."""
 
 
+class ClaimedError(InputError):
+    """The host says another fleet holds the card (docs/protocol.md "Claims"): no
+    retry changes that; `deploy|watch --take-over` takes it on purpose."""
+
+
 class FormatError(InputError):
     """A container, evidence or wrapped-MEK file is malformed."""
 

@@ -335,3 +335,32 @@ state_dir: state
     assert len(placements["sealed"]) == 2   # kept for it
     assert {d.deployment for d in engine.drivers} == {"open"}
     assert summary.exit_code == 4 and summary.serving == summary.cards == 2
+
+
+def test_a_deployment_sealed_under_a_missing_token_is_refused_before_anything_starts(
+        tmp_path: Path) -> None:
+    """One line with the plan's file:line, exit 2, no state directory made."""
+    from tests.models import tiny_mlp
+
+    assert run("generate-mek", "-o", tmp_path / "mek.sealed", *flags()) == 0
+    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"""deployments:
+  - name: open
+    model: {{onnx: tiny.onnx}}
+    mek: {{generate: true}}
+  - name: sealed
+    model: {{onnx: tiny.onnx, id: sealed}}
+    mek:
+      sealed: mek.sealed
+      pkcs11: {{module: {MODULE}, token: not-there, kek: kek}}
+fleet: {{emulated: {{hosts: 1, devices_per_host: 2}}}}
+state_dir: state
+""")
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "deploy", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"modelip: error: {path}:9: deployments[1].mek.pkcs11: no PKCS#11 token labelled "
+        f"'not-there' in {MODULE}"], done.stderr
+    assert not (tmp_path / "state").exists()

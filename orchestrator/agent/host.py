@@ -1,7 +1,8 @@
 """The host agent: one host's side of runtime.proto over a card backend.
 
 Everything a host does that is not "being a card" (docs/host-agent.md): the staging
-store, the fan-out of card events to every watcher, fencing (agent/fencing.py), the
+store, the fan-out of card events to every watcher, fencing (agent/fencing.py), which
+fleet holds each card (agent/claims.py), the
 counts HostStats reports, and the first sanity checks on what a backend answers. The
 backend is trusted with nothing that matters (the orchestrator verifies the cards'
 signatures), but a backend that answers with another card's evidence is named here,
@@ -23,6 +24,7 @@ from google.protobuf.message import DecodeError
 from orchestrator._proto.modelip.v1 import evidence_pb2, runtime_pb2
 from orchestrator.agent.aborts import HostAbort
 from orchestrator.agent.backend import CardBackend
+from orchestrator.agent.claims import ClaimKeeper
 from orchestrator.agent.fencing import FenceKeeper
 from orchestrator.agent.staging import Staging
 
@@ -48,6 +50,7 @@ class HostAgent(Generic[B]):
         self.staging = staging if staging is not None else Staging()
         self.stats = HostStats()
         self.fences = FenceKeeper(name)
+        self.claims = ClaimKeeper(name)
         self.address = ""
         self._card_ids: dict[int, str] = {}   # as the backend last listed them
         self._watchers: set[MemoryObjectSendStream[runtime_pb2.DeviceEvent]] = set()
@@ -96,6 +99,8 @@ class HostAgent(Generic[B]):
     async def devices(self) -> Sequence[runtime_pb2.DeviceInfo]:
         listed = await self.backend.devices()
         self._card_ids = {info.device: info.card_id for info in listed}
+        for info in listed:
+            info.claimed_by = self.claims.holder(info.device)
         return listed
 
     async def attest(self, device: int, request: bytes) -> evidence_pb2.AttestationEvidence:

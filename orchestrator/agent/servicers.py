@@ -140,8 +140,10 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.ResetDeviceResponse:
+        claim = self.host.claims.admit(context.invocation_metadata(), request.device)
         await self.host.reset(request.device)
-        return runtime_pb2.ResetDeviceResponse()
+        return runtime_pb2.ResetDeviceResponse(
+            taken_from=self.host.claims.settle(claim, "ResetDevice"))
 
     @_answers
     async def StageProgram(self, request_iterator: AsyncIterator[runtime_pb2.StageChunk],  # noqa: N802
@@ -154,8 +156,11 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.LoadProgramResponse:
         slots = request.key_slots if request.HasField("key_slots") else None
-        return await self.host.load(request.device, request.program_id, request.partition,
-                                    slots)
+        claim = self.host.claims.admit(context.invocation_metadata(), request.device)
+        answer = await self.host.load(request.device, request.program_id, request.partition,
+                                      slots)
+        answer.taken_from = self.host.claims.settle(claim, "LoadProgram")
+        return answer
 
     @_answers
     async def Execute(self, request: runtime_pb2.ExecuteRequest,  # noqa: N802
@@ -166,7 +171,9 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     @_answers
     async def Unload(self, request: runtime_pb2.DeviceRef,  # noqa: N802
                      context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.UnloadResponse:
+        claim = self.host.claims.admit(context.invocation_metadata(), request.device)
         await self.host.unload(request.device)
+        self.host.claims.settle(claim, "Unload")
         return runtime_pb2.UnloadResponse()
 
     @_answers
@@ -177,7 +184,9 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
         return runtime_pb2.HostStatsResponse(stage_count=stats.stage_count,
                                              load_count=stats.load_count,
                                              staged_programs=len(self.host.staging),
-                                             fenced_refusals=self.host.fences.refusals)
+                                             fenced_refusals=self.host.fences.refusals,
+                                             claimed_refusals=self.host.claims.refusals,
+                                             takeovers=self.host.claims.takeovers)
 
 
 @dataclass(frozen=True, slots=True)

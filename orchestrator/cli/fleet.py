@@ -24,7 +24,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                       inputs: dict[str, Any] | None = None,
                       retry_quarantined: bool = False, replica: str | None = None,
                       interactive: bool = False, retry_rollout: bool = False,
-                      replace_fleet: bool = False,
+                      replace_fleet: bool = False, take_over: bool = False,
                       live: bool = True, store_word: bool = False, api: ApiSpec | None = None,
                       deployment: str | None = None) -> tuple[int, dict[str, Any] | None]:
     """Run the plan; returns (exit code, inference outputs if ``inputs``).
@@ -49,7 +49,7 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
     out = sys.stderr if inputs is not None else sys.stdout
     async with open_engine(plan, retry_quarantined=retry_quarantined,
                            replica=replica, retry_rollout=retry_rollout,
-                           replace_fleet=replace_fleet) as engine:
+                           replace_fleet=replace_fleet, take_over=take_over) as engine:
         if plan.mek.file is not None:  # said once the MEK is known to be one
             from orchestrator.crypto.mek import exposure_warning
 
@@ -242,7 +242,7 @@ def _deploy(args: argparse.Namespace, *, keep_serving: bool, plan: Plan | None =
         json_events=bool(args.json), metrics_port=args.metrics_port,
         retry_quarantined=args.retry_quarantined, replica=_replica(args),
         interactive=interactive, retry_rollout=args.retry_rollout, live=live,
-        replace_fleet=args.replace_fleet,
+        replace_fleet=args.replace_fleet, take_over=args.take_over,
         store_word=args.store_word, api=_api(plan, args.api)))
     return code
 
@@ -334,6 +334,9 @@ def register(sub: Any) -> None:
         p.add_argument("--replace-fleet", action="store_true",
                        help="with a shared store: make this plan the fleet's, on purpose "
                             "(the replicas running another plan stop; docs/replicas.md)")
+        p.add_argument("--take-over", action="store_true",
+                       help="load cards another fleet holds (docs/protocol.md \"Claims\"), "
+                            "on purpose; without it such a card is refused and named")
         p.add_argument("--store-word", action="store_true",
                        help="with replicas, count the cards other live replicas hold by the "
                             "store's word too (default: only what this replica verified)")

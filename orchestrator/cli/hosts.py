@@ -199,8 +199,9 @@ def cmd_device(args: argparse.Namespace) -> int:
     if action == "list":
         for d in result:
             program = f"program {d.program_id[:16]} part {d.partition}" if d.program_id else ""
+            claimed = f" held by {d.claimed_by}" if d.claimed_by else ""
             print(f"device {d.device}: {d.card_id:<14} {d.state.value:<8} boot {d.boot_counter:<4} "
-                  f"session {d.session_id[:16] or '-':<16} {program}".rstrip())
+                  f"session {d.session_id[:16] or '-':<16} {program}".rstrip() + claimed)
     elif action == "load":
         for device, loaded in zip(devices, result, strict=True):
             print(f"device {device}: loaded {', '.join(loaded.segments)}")

@@ -213,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     args.metrics_port = args.store = None
     args.retry_quarantined = args.retry_rollout = args.plain = args.store_word = False
-    args.replace_fleet = False
+    args.replace_fleet = args.take_over = False
     args.api = None
     plan = None if args.plan else load_demo_plan()
     return fleet.watch_plan(args, plan)

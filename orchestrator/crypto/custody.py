@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrator.atomicfile import write_bytes_atomic
 from orchestrator.crypto.mek import MEK, MEK_BYTES, hold_secrets_privately
-from orchestrator.errors import CustodyError, FileInputError, MEKError, UsageError
+from orchestrator.errors import CustodyError, FileInputError, MEKError, ModelIPError, UsageError
 
 SEALED_FORMAT = "modelip-sealed-mek/1"
 MECHANISM = "CKM_AES_GCM"
@@ -70,16 +70,11 @@ def refuse_unlisted_module(module: str) -> None:
                      f"${MODULES_ENV} lists it (it would run as code in this process)")
 
 
-@contextmanager
-def _session(spec: TokenSpec) -> Iterator[Any]:
-    """A logged-in read-write session; CustodyError / UsageError / FileInputError."""
+def _token(spec: TokenSpec) -> Any:
+    """The token ``spec`` names (no login); CustodyError / UsageError / FileInputError."""
     import pkcs11
     from pkcs11 import exceptions as p11
 
-    hold_secrets_privately()  # before the PIN is read: it is a secret too
-    pin = os.environ.get(spec.pin_env)
-    if not pin:
-        raise UsageError(f"the token PIN is read from ${spec.pin_env}, which is not set")
     if not Path(spec.module).is_file():
         raise FileInputError(spec.module, "PKCS#11 module not found")
     refuse_unlisted_module(spec.module)
@@ -88,11 +83,33 @@ def _session(spec: TokenSpec) -> Iterator[Any]:
     except p11.PKCS11Error as err:
         raise CustodyError(f"{spec.module}: cannot load the PKCS#11 module ({err})") from None
     try:
-        token = library.get_token(token_label=spec.token)
+        return library.get_token(token_label=spec.token)
     except p11.NoSuchToken:
         raise CustodyError(f"no PKCS#11 token labelled {spec.token!r} in {spec.module}") from None
     except p11.MultipleObjectsReturned:
         raise CustodyError(f"several tokens are labelled {spec.token!r}") from None
+
+
+def token_missing(spec: TokenSpec) -> str | None:
+    """Why the token ``spec`` names cannot be found, or None: a plan's check before
+    anything starts (no PIN needed; a wrong PIN fails at start, that key alone)."""
+    try:
+        _token(spec)
+    except ModelIPError as err:
+        return str(err)
+    return None
+
+
+@contextmanager
+def _session(spec: TokenSpec) -> Iterator[Any]:
+    """A logged-in read-write session; CustodyError / UsageError / FileInputError."""
+    from pkcs11 import exceptions as p11
+
+    hold_secrets_privately()  # before the PIN is read: it is a secret too
+    pin = os.environ.get(spec.pin_env)
+    if not pin:
+        raise UsageError(f"the token PIN is read from ${spec.pin_env}, which is not set")
+    token = _token(spec)
     try:
         session = token.open(user_pin=pin, rw=True)
         # logged in: the PIN leaves the environment, so no child process inherits it

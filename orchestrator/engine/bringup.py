@@ -196,7 +196,10 @@ class BringUp:
             with anyio.CancelScope(shield=True):
                 await self.ctx.store.finish_load(load_id, outcome)
             raise
+        taken = f"; taken over from fleet {result.taken_from} (--take-over), by the host's " \
+            "word" if result.taken_from else ""
         await self.move(S.SERVING, f"loaded {len(result.segments)} segments, verified by the card "
-                  f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})",
+                  f"(version {receipt.model_version}, rollback floor {receipt.rollback_floor})"
+                  f"{taken}",
                   known_good=keying.verified_good(report, program, m.partition),
                   concludes=(load_id, "ok"))

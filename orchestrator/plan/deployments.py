@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.crypto.custody import token_missing
 from orchestrator.engine.placement import HostSlots, Need, place
 from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_HOSTS
 from orchestrator.plan.reader import Problem, Reader
@@ -61,7 +62,12 @@ def read_deployments(top: Reader, base: Path) -> tuple[DeploymentSpec, ...]:
                           f"{name!r} is already deployments[{seen[name]}]: one name each")
         seen[name] = index
         model = read_model(reader.child("model", required=True), base)  # type: ignore[arg-type]
-        mek = read_mek(reader.child("mek", required=True), base)  # type: ignore[arg-type]
+        mek_reader = reader.child("mek", required=True)
+        mek = read_mek(mek_reader, base)  # type: ignore[arg-type]
+        if mek.pkcs11 is not None and (missing := token_missing(mek.pkcs11)) is not None:
+            # one deployment's key cannot be there: refused before anything starts
+            raise Problem(mek_reader.items["pkcs11"][1],  # type: ignore[union-attr]
+                          f"deployments[{index}].mek.pkcs11", missing)
         groups = reader.get("groups", int, 1, check=_groups)
         hosts = reader.list_of("hosts", str)
         spread = reader.get("spread", bool, True)

@@ -31,9 +31,11 @@ from orchestrator.terminal import terminal_safe
 from orchestrator.transport.batch import Coalescer
 from orchestrator.transport.failures import card_error, translate
 from orchestrator.transport.types import (
+    CLAIM_KEY,
     DEFAULT_PORT,
     FENCE_KEY,
     MAX_MESSAGE,
+    TAKE_OVER_KEY,
     Deadlines,
     DeviceEvent,
     DeviceState,
@@ -105,14 +107,24 @@ class HostClient:
     def __init__(self, address: str, *, tls: TLSClientConfig | None = None,
                  deadlines: Deadlines | None = None,
                  gate: Callable[[], float] | None = None,
-                 fence: tuple[int, str] | None = None) -> None:
+                 fence: tuple[int, str] | None = None,
+                 claim: tuple[str, bool] | None = None) -> None:
         """``gate``, if given, is asked before every call: it returns how many seconds
         the caller may still act (no deadline goes past it) or raises to forbid it.
         ``fence``: (epoch, holder) of the caller's lease on this host, sent with every
         call; the host refuses a change to a card under an epoch older than one it
-        has seen (LeaseLost)."""
+        has seen (LeaseLost). ``claim``: (the fleet's identity, take over): the host
+        refuses a change to a card another fleet holds unless taken over on purpose
+        (docs/protocol.md "Claims")."""
         self.gate = gate
-        self._metadata = ((FENCE_KEY, f"{fence[0]}:{fence[1]}"),) if fence else None
+        metadata: list[tuple[str, str]] = []
+        if fence:
+            metadata.append((FENCE_KEY, f"{fence[0]}:{fence[1]}"))
+        if claim:
+            metadata.append((CLAIM_KEY, claim[0]))
+            if claim[1]:
+                metadata.append((TAKE_OVER_KEY, "1"))
+        self._metadata = tuple(metadata) or None
         if ":" not in address:
             address = f"{address}:{DEFAULT_PORT}"
         self.address = address
@@ -257,7 +269,8 @@ class HostClient:
                              _DEVICE_STATES.get(d.state, DeviceState.UNDEFINED), d.boot_counter,
                              d.session_fingerprint[:32].hex(), terminal_safe(d.program_id, 128),
                              d.partition,
-                             d.program_ready, d.session_id[:64].hex())
+                             d.program_ready, d.session_id[:64].hex(),
+                             terminal_safe(d.claimed_by, 128))
                 for d in response.devices]
 
     async def watch_events(self) -> AsyncIterator[DeviceEvent]:
@@ -290,7 +303,8 @@ class HostClient:
                                     runtime_pb2.HostStatsRequest(), self.deadlines.control)
         return {"stage_count": response.stage_count, "load_count": response.load_count,
                 "staged_programs": response.staged_programs,
-                "fenced_refusals": response.fenced_refusals}
+                "fenced_refusals": response.fenced_refusals,
+                "claimed_refusals": response.claimed_refusals, "takeovers": response.takeovers}
 
     # --- programs -------------------------------------------------------------------
 
@@ -333,7 +347,8 @@ class HostClient:
         response = await self._call(f"load device {device}", self._runtime.LoadProgram,
                                     request, self.deadlines.load, device=device)
         return LoadResult([terminal_safe(name, 255) for name in response.segments[:MAX_SEGMENTS]],
-                          response.receipt, response.receipt_signature)
+                          response.receipt, response.receipt_signature,
+                          terminal_safe(response.taken_from, 128))
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order, on named numpy arrays."""

@@ -8,6 +8,7 @@ import grpc
 
 from orchestrator._proto.modelip.v1 import runtime_pb2
 from orchestrator.errors import (
+    ClaimedError,
     DeadlineError,
     DeviceOffline,
     FormatError,
@@ -80,6 +81,9 @@ def _error(code: grpc.StatusCode, reason: int, said: str, target: str, what: str
     elif reason == runtime_pb2.ERROR_REASON_FENCED:
         # a newer holder of this host's lease has called it: ours is over
         raise LeaseLost(target, f"the host refused our fencing epoch ({what}): {details}")
+    elif reason == runtime_pb2.ERROR_REASON_CLAIMED:
+        result = ClaimedError(f"{target}: {what}: {details} (another fleet holds it: "
+                              "`--take-over` takes it, on purpose)")
     elif reason == runtime_pb2.ERROR_REASON_OFFLINE:
         result = DeviceOffline(target, f"{what}: {details}")
     elif reason == runtime_pb2.ERROR_REASON_UNKNOWN_DEVICE or code == grpc.StatusCode.NOT_FOUND:

@@ -19,6 +19,8 @@ DEFAULT_PORT = 62473
 REASON_KEY = "modelip-reason"   # trailing metadata: the ErrorReason's name
 DEVICE_KEY = "modelip-device"   # trailing metadata: the card concerned
 FENCE_KEY = "modelip-fence"     # request metadata: "EPOCH:HOLDER" (fencing)
+CLAIM_KEY = "modelip-fleet"     # request metadata: the calling fleet's identity (claims)
+TAKE_OVER_KEY = "modelip-take-over"   # "1": take a card another fleet holds, on purpose
 MAX_MESSAGE = 64 << 20          # the largest message either end sends
 
 
@@ -94,6 +96,7 @@ class DeviceStatus:
     partition: int
     program_ready: bool = False
     session_id: str = ""      # hex, as reports, key slots and `inspect` name a session
+    claimed_by: str = ""      # the fleet the host says holds the card (its word)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,7 @@ class LoadResult:
     segments: list[str]
     receipt: bytes
     receipt_signature: bytes
+    taken_from: str = ""      # the fleet the host says it was taken over from (its word)
 
 
 @dataclass(frozen=True, slots=True)

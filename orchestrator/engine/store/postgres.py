@@ -28,6 +28,7 @@ from orchestrator.engine.store.protocol import (
     Recorded,
     TransitionRecord,
     card_record,
+    new_identity,
 )
 from orchestrator.engine.store.schema import CARD_COLUMNS
 from orchestrator.terminal import terminal_safe
@@ -235,6 +236,11 @@ class PostgresStore(LeaseLedger):
     async def cordons(self) -> dict[str, str]:
         return {str(host): str(who) for host, who in await self._rows(
             "SELECT host, who FROM cordons")}
+
+    async def fleet_identity(self) -> str:
+        rows = await self._rows("INSERT INTO identity VALUES (1, %s, %s) ON CONFLICT (id) DO "
+                                "UPDATE SET id = 1 RETURNING fleet", (new_identity(), time.time()))
+        return str(rows[0][0])
 
     async def set_cordon(self, host: str, who: str | None) -> bool:
         if who is None:

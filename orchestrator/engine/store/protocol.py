@@ -12,6 +12,7 @@ No MEK, key or plaintext is ever stored.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -161,6 +162,11 @@ class Store(Protocol):
         """A command through the control API, done or refused, with who asked."""
     async def cordons(self) -> dict[str, str]:
         """The hosts an operator cordoned (docs/api.md "Cordon"), and who did."""
+    async def fleet_identity(self) -> str:
+        """The fleet's identity (made at the first call, then kept): hosts hold claims
+        by it (docs/protocol.md "Claims"); "" if a read-only journal has none yet."""
+        ...
+
     async def set_cordon(self, host: str, who: str | None) -> bool:
         """Cordon ``host`` in ``who``'s name (None: uncordon it); False if it was so
         already (nothing written)."""
@@ -181,3 +187,9 @@ def card_record(row: tuple[Any, ...]) -> CardRecord:
         reason, updated = row[:12]
     return CardRecord(host, device, card_id, group, partition, state, boot, session, program,
                       attempts, reason, updated, good)
+
+
+def new_identity() -> str:
+    """A fleet identity (docs/protocol.md "Claims"): unique, short enough to read in
+    `modelip device list`."""
+    return f"fleet-{secrets.token_hex(6)}"

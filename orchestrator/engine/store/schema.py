@@ -160,6 +160,11 @@ SQLITE_MIGRATIONS = (
         host TEXT NOT NULL, devices TEXT NOT NULL, deployment TEXT NOT NULL,
         ts REAL NOT NULL, PRIMARY KEY (host, devices));
     """,
+    # The fleet's identity, sent to hosts with every call (docs/protocol.md "Claims").
+    """
+    CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), fleet TEXT NOT NULL,
+                           ts REAL NOT NULL);
+    """,
 )
 
 
@@ -352,6 +357,9 @@ POSTGRES_MIGRATIONS = (
         """CREATE TRIGGER rollout_history_change AFTER INSERT ON rollout_history
             FOR EACH ROW EXECUTE FUNCTION modelip_rollout_change()""",
     ),
+    # The fleet's identity, one for every replica (docs/protocol.md "Claims").
+    """CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), fleet TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL)""",
 )
 
 

@@ -31,6 +31,7 @@ from orchestrator.engine.store.protocol import (
     Recorded,
     TransitionRecord,
     card_record,
+    new_identity,
 )
 from orchestrator.engine.store.schema import CARD_COLUMNS, SQLITE_MIGRATIONS
 from orchestrator.errors import StateDirError
@@ -196,6 +197,13 @@ class SQLiteStore:
             self._db.executemany("INSERT INTO placements VALUES (?, ?, ?, ?)", [
                 (g.host, json.dumps(list(g.devices)), name, now)
                 for name, groups in placed.items() for g in groups])
+
+    async def fleet_identity(self) -> str:
+        if not self.read_only:
+            self._write("INSERT INTO identity VALUES (1, ?, ?) ON CONFLICT DO NOTHING",
+                        (new_identity(), time.time()))
+        row = self._read("SELECT fleet FROM identity").fetchone()
+        return str(row[0]) if row else ""
 
     async def cordons(self) -> dict[str, str]:
         return {str(host): str(who) for host, who in self._read("SELECT host, who FROM "

@@ -21,6 +21,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_FORMAT: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_FENCED: _ClassVar[ErrorReason]
+    ERROR_REASON_CLAIMED: _ClassVar[ErrorReason]
 
 class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +49,7 @@ ERROR_REASON_UNKNOWN_PROGRAM: ErrorReason
 ERROR_REASON_FORMAT: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_FENCED: ErrorReason
+ERROR_REASON_CLAIMED: ErrorReason
 DEVICE_STATE_UNSPECIFIED: DeviceState
 DEVICE_STATE_ONLINE: DeviceState
 DEVICE_STATE_OFFLINE: DeviceState
@@ -108,7 +110,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition", "program_ready", "session_id")
+    __slots__ = ("device", "card_id", "state", "boot_counter", "session_fingerprint", "program_id", "partition", "program_ready", "session_id", "claimed_by")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CARD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,7 @@ class DeviceInfo(_message.Message):
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_READY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_BY_FIELD_NUMBER: _ClassVar[int]
     device: int
     card_id: str
     state: DeviceState
@@ -127,7 +130,8 @@ class DeviceInfo(_message.Message):
     partition: int
     program_ready: bool
     session_id: bytes
-    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., program_ready: _Optional[bool] = ..., session_id: _Optional[bytes] = ...) -> None: ...
+    claimed_by: str
+    def __init__(self, device: _Optional[int] = ..., card_id: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., boot_counter: _Optional[int] = ..., session_fingerprint: _Optional[bytes] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., program_ready: _Optional[bool] = ..., session_id: _Optional[bytes] = ..., claimed_by: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
@@ -152,8 +156,10 @@ class DeviceEvent(_message.Message):
     def __init__(self, device: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., boot_counter: _Optional[int] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class ResetDeviceResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("taken_from",)
+    TAKEN_FROM_FIELD_NUMBER: _ClassVar[int]
+    taken_from: str
+    def __init__(self, taken_from: _Optional[str] = ...) -> None: ...
 
 class StageChunk(_message.Message):
     __slots__ = ("program_id", "total_size", "data")
@@ -186,14 +192,16 @@ class LoadProgramRequest(_message.Message):
     def __init__(self, device: _Optional[int] = ..., program_id: _Optional[str] = ..., partition: _Optional[int] = ..., key_slots: _Optional[_Union[_evidence_pb2.KeySlotTable, _Mapping]] = ...) -> None: ...
 
 class LoadProgramResponse(_message.Message):
-    __slots__ = ("segments", "receipt", "receipt_signature")
+    __slots__ = ("segments", "receipt", "receipt_signature", "taken_from")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FROM_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedScalarFieldContainer[str]
     receipt: bytes
     receipt_signature: bytes
-    def __init__(self, segments: _Optional[_Iterable[str]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ...) -> None: ...
+    taken_from: str
+    def __init__(self, segments: _Optional[_Iterable[str]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ..., taken_from: _Optional[str] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
@@ -230,13 +238,17 @@ class HostStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostStatsResponse(_message.Message):
-    __slots__ = ("stage_count", "load_count", "staged_programs", "fenced_refusals")
+    __slots__ = ("stage_count", "load_count", "staged_programs", "fenced_refusals", "claimed_refusals", "takeovers")
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     STAGED_PROGRAMS_FIELD_NUMBER: _ClassVar[int]
     FENCED_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVERS_FIELD_NUMBER: _ClassVar[int]
     stage_count: int
     load_count: int
     staged_programs: int
     fenced_refusals: int
-    def __init__(self, stage_count: _Optional[int] = ..., load_count: _Optional[int] = ..., staged_programs: _Optional[int] = ..., fenced_refusals: _Optional[int] = ...) -> None: ...
+    claimed_refusals: int
+    takeovers: int
+    def __init__(self, stage_count: _Optional[int] = ..., load_count: _Optional[int] = ..., staged_programs: _Optional[int] = ..., fenced_refusals: _Optional[int] = ..., claimed_refusals: _Optional[int] = ..., takeovers: _Optional[int] = ...) -> None: ...
