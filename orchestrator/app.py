@@ -27,6 +27,7 @@ from orchestrator.crypto.chain import load_roots_file
 from orchestrator.engine.engine import Deployment, Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease
+from orchestrator.engine.placement import Group
 from orchestrator.engine.ports import MakeRollout
 from orchestrator.engine.prepare import (
     PreparedProgram,
@@ -194,6 +195,7 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
     and program, its groups placed on the fleet (kept where the journal says they were,
     as long as they still fit), every MEK wiped at the end."""
     from orchestrator.engine.placement import place
+    from orchestrator.engine.replacing import give_up_unplaced
     from orchestrator.plan.deployments import inventory
 
     meks: list[MEK] = []
@@ -220,10 +222,33 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
             deployments = [Deployment(spec.name, program, mek, tuple(placed.groups[spec.name]),
                                       placed.pending.get(spec.name, ""))
                            for spec, program, mek in prepared]
+            from orchestrator.apply import spec_record
+            from orchestrator.engine.store.applies import Applies
+
+            Applies(journal.path).record_running(
+                {spec.name: spec_record(spec) for spec in plan.deployments})
+
+            async def prepare(new: Plan, spec: DeploymentSpec, groups: tuple[Group, ...],
+                              short: str) -> Deployment:
+                """A deployment added while running (`modelip apply`): its own MEK (wiped
+                with the others at the end) and program."""
+                sub = deployment_plan(new, spec)
+                meks.append(_mek_of(sub))
+                return Deployment(spec.name, await _prepare(sub, meks[-1], None), meks[-1],
+                                  groups, short)
+
+            connecting = await claiming(journal, connect, take_over)
             async with fleet_for(plan) as (hosts, roots):
                 _in_state_dir(plan, lambda: private_tree(plan.state_dir))
+                # what the plan no longer places (changed while nothing ran): given up
+                await give_up_unplaced(
+                    journal, hosts, {(g.host, device) for groups in placed.groups.values()
+                                     for g in groups for device in g.devices},
+                    connecting, Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
+                                          load=plan.timeouts.load),
+                    why="given up at the start: the plan places no deployment on it now")
                 yield Engine(plan, hosts, roots, meks[0], prepared[0][1], journal,
-                             connect=await claiming(journal, connect, take_over),
+                             prepare_deployment=prepare, connect=connecting,
                              retry_quarantined=retry_quarantined, deployments=deployments,
                              unserved=unserved)
     finally:

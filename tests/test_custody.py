@@ -296,15 +296,8 @@ def test_a_pkcs11_module_outside_the_system_libraries_is_not_loaded(tmp_path: Pa
     assert listed.returncode == 3 and "cannot load the PKCS#11 module" in listed.stderr
 
 
-async def test_a_deployment_whose_key_custody_fails_fails_alone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two deployments on one fleet, one of them sealed under the token: with a wrong
-    PIN its custody fails at start; it serves nothing (saying why), its groups are kept
-    for it (not driven, not given away), the other serves, and the run says the fleet
-    is short (exit 4)."""
-    import anyio
-
-    from orchestrator.app import open_engine
+def _two_deployments(tmp_path: Path, token: str) -> Path:
+    """A plan of two deployments on one fleet, the second sealed under ``token``."""
     from tests.models import tiny_mlp
 
     assert run("generate-mek", "-o", tmp_path / "mek.sealed", *flags()) == 0
@@ -317,11 +310,25 @@ async def test_a_deployment_whose_key_custody_fails_fails_alone(
     groups: 2
   - name: sealed
     model: {{onnx: tiny.onnx, id: sealed}}
-    mek: {{sealed: mek.sealed, pkcs11: {{module: {MODULE}, token: modelip, kek: kek}}}}
+    mek: {{sealed: mek.sealed, pkcs11: {{module: {MODULE}, token: {token}, kek: kek}}}}
     groups: 2
 fleet: {{emulated: {{hosts: 2, devices_per_host: 2}}}}
 state_dir: state
 """)
+    return path
+
+
+async def test_a_deployment_whose_key_custody_fails_fails_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deployments on one fleet, one of them sealed under the token: with a wrong
+    PIN its custody fails at start; it serves nothing (saying why), its groups are kept
+    for it (not driven, not given away), the other serves, and the run says the fleet
+    is short (exit 4)."""
+    import anyio
+
+    from orchestrator.app import open_engine
+
+    path = _two_deployments(tmp_path, "modelip")
     monkeypatch.setenv("MODELIP_PKCS11_PIN", "not-the-pin")
     async with open_engine(Plan.load(path)) as engine:
         with anyio.fail_after(60):
@@ -340,27 +347,11 @@ state_dir: state
 def test_a_deployment_sealed_under_a_missing_token_is_refused_before_anything_starts(
         tmp_path: Path) -> None:
     """One line with the plan's file:line, exit 2, no state directory made."""
-    from tests.models import tiny_mlp
-
-    assert run("generate-mek", "-o", tmp_path / "mek.sealed", *flags()) == 0
-    (tmp_path / "tiny.onnx").write_bytes(tiny_mlp().SerializeToString())
-    path = tmp_path / "plan.yaml"
-    path.write_text(f"""deployments:
-  - name: open
-    model: {{onnx: tiny.onnx}}
-    mek: {{generate: true}}
-  - name: sealed
-    model: {{onnx: tiny.onnx, id: sealed}}
-    mek:
-      sealed: mek.sealed
-      pkcs11: {{module: {MODULE}, token: not-there, kek: kek}}
-fleet: {{emulated: {{hosts: 1, devices_per_host: 2}}}}
-state_dir: state
-""")
+    path = _two_deployments(tmp_path, "not-there")
     done = subprocess.run([sys.executable, "-m", "orchestrator", "deploy", str(path)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"modelip: error: {path}:9: deployments[1].mek.pkcs11: no PKCS#11 token labelled "
+        f"modelip: error: {path}:8: deployments[1].mek.pkcs11: no PKCS#11 token labelled "
         f"'not-there' in {MODULE}"], done.stderr
     assert not (tmp_path / "state").exists()

@@ -148,6 +148,10 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     tg.start_soon(run_app)
                 if not keep_serving:
                     tg.start_soon(deployment_over)
+                elif plan.deployments and not plan.shared:   # `modelip apply` hands it plans
+                    from orchestrator.apply import follow_applies
+
+                    tg.start_soon(follow_applies, engine)
                 tg.start_soon(run_engine)
         finally:
             if dashboard is not None:

@@ -55,6 +55,7 @@ EXAMPLES = {
     "device unload": "modelip device unload --ip 127.0.0.1 -d 0",
     "device exec": "modelip device exec --ip 127.0.0.1 -d 0 --input x.npz --output y.npz",
     "deploy": "modelip deploy demo.yaml --json",
+    "apply": "modelip apply plans/deployments.yaml --dry-run",
     "watch": "modelip watch demo.yaml --duration 60 --metrics-port 9464",
     "run": "modelip run demo.yaml --input image.npy --output out.npz",
     "status": "modelip status demo.yaml --cards",

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
-    from orchestrator.cli import agent, api, cards, fleet, hosts, rollouts, status
+    from orchestrator.cli import agent, api, applying, cards, fleet, hosts, rollouts, status
 
     cards.register(sub)
     hosts.register(sub)
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.register(sub)
     status.register(sub)
     rollouts.register(sub)
+    applying.register(sub)
 
     p = sub.add_parser("demo", help="watch the demo's emulated fleet for a while (make demo)")
     p.add_argument("--plan", help="another plan (default: the packaged demo plan, its state "

@@ -38,6 +38,7 @@ class BringUp:
     inbox: Inbox
     rekeys: int
     verified_since: float
+    handover_session: bytes
     _sent: float
     _stopping: bool
     _release: anyio.Event
@@ -53,6 +54,17 @@ class BringUp:
 
     async def _pause(self, seconds: float) -> None:
         raise NotImplementedError
+
+    def _other_domain(self, report: VerifiedReport) -> str | None:
+        """Why the card must be reset before this deployment's key is wrapped to it
+        (docs/deployments.md "Handover"), if it must: it holds a program of another key
+        domain, or (given to this deployment while running) its session was keyed for
+        the deployment it left, even if nothing is loaded now."""
+        if other := keying.other_domain(self.ctx, report, self.program):
+            return f"the card holds {other}, sealed under another deployment's MEK"
+        if self.handover_session and report.session_id == self.handover_session:
+            return "its session was keyed for the deployment it left"
+        return None
 
     async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
         """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
@@ -84,10 +96,9 @@ class BringUp:
                                           report, self.program, m.partition))
                         elif self.host.cordoned_by is not None:
                             cordoned = True
-                        elif other := keying.other_domain(self.ctx, report, self.program):
-                            await self.move(S.RETRY_WAIT, f"handover: the card holds {other}, "
-                                            "sealed under another deployment's MEK: reset "
-                                            "before this deployment's key", known_good=None)
+                        elif (other := self._other_domain(report)) is not None:
+                            await self.move(S.RETRY_WAIT, f"handover: {other}: reset before "
+                                            "this deployment's key", known_good=None)
                             await self.host.client.reset(m.device)
                             handed_over = True
                         else:
@@ -153,8 +164,11 @@ class BringUp:
             if m.state is not S.RETRY_WAIT:
                 await self.move(S.RETRY_WAIT, "the card is rebooting")
             await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
-        elif step is Next.RESTAGE:
-            await self.host.restage()  # the host lost the body: never final
+        elif step is Next.RESTAGE:   # the host lacks the body (lost it, or new): never final
+            if m.state is not S.RETRY_WAIT:   # a load refused: tried again from the start
+                await self.move(S.RETRY_WAIT, f"the host lacks the program: sent again "
+                                f"({message})")
+            await self.host.restage()
         else:
             await self.move(S.RETRY_WAIT, f"attempt {attempt} of {retry.attempts}: {message}")
             await anyio.sleep(self.ctx.backoff(attempt))

@@ -65,6 +65,7 @@ class CardDriver(BringUp):
         self.ctx = ctx
         self.resumed: CardRecord | None = None
         self.deployment = ""          # its deployment's name (docs/deployments.md)
+        self.handover_session = b""   # a session keyed for the deployment it left: reset
         self.last_event = ""
         self.rekeys = 0
         self.reconciled = 0           # how many times the driver has looked at its card
@@ -149,6 +150,18 @@ class CardDriver(BringUp):
         if program_id != self.machine.program_id:
             self.machine.program_id = program_id
             self.hint(Trigger.SWITCH)
+
+    def hand_over(self, deployment: str, group: int, partition: int, program_id: str
+                  ) -> None:
+        """Run in another deployment (or group) from now on: a card that changes key
+        domain is reset before its new deployment's key (its current session was keyed
+        for the one it leaves)."""
+        if deployment != self.deployment:
+            self.handover_session = self.machine.session_id
+            self.deployment = deployment
+        self.machine.group, self.machine.partition = group, partition
+        self.machine.program_id = ""   # what it runs now is not what it is to run
+        self.retarget(program_id)
 
     def hint(self, trigger: Trigger) -> None:
         """Something may have changed: look again (a hint, never a fact)."""

@@ -17,7 +17,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -35,6 +34,7 @@ from orchestrator.engine.events import (
 )
 from orchestrator.engine.host import HostSupervisor, HostTarget
 from orchestrator.engine.hostapi import Connect
+from orchestrator.engine.inference import Inference
 from orchestrator.engine.placement import Group
 from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
 from orchestrator.engine.prepare import PreparedProgram
@@ -45,17 +45,14 @@ from orchestrator.engine.state import (
     CardMachine,
     CardState,
     CardTransition,
-    Trigger,
 )
 from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import (
     ROLLED_BACK_EXIT,
-    IntegrityError,
-    ProgramNotLoaded,
-    SessionInvalidError,
     StateDirError,
     UsageError,
 )
+from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
 
 S = CardState
@@ -78,6 +75,11 @@ class Deployment:
     short: str = ""     # why it has fewer groups than it asks, if it does
 
 
+# a deployment added while running: (plan, its spec, its groups, why it is short) -> it
+PrepareDeployment = Callable[[Plan, "DeploymentSpec", tuple[Group, ...], str],
+                             Awaitable[Deployment]]
+
+
 def _spare_the_collector() -> None:
     """What exists when the run starts (the plan, the programs, the tree of drivers,
     every module) lives as long as the run: frozen out of the cycle collector's
@@ -92,7 +94,7 @@ def _spare_the_collector() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-class Engine:
+class Engine(Inference):
     """Deploys one prepared program to a fleet and keeps it serving."""
 
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
@@ -100,14 +102,16 @@ class Engine:
                  store: Store, *, connect: Connect, retry_quarantined: bool = False,
                  replica: MakeReplica | None = None, rollout: MakeRollout | None = None,
                  deployments: Sequence[Deployment] = (),
-                 unserved: Mapping[str, str] | None = None) -> None:
+                 unserved: Mapping[str, str] | None = None,
+                 prepare_deployment: PrepareDeployment | None = None) -> None:
         """``replica``: the store is shared by replicas: drive only the hosts this
         replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
         another version of the model; replace it (engine/rollout/). Both are built
         here, from the ports the engine offers them (engine/ports.py).
         ``deployments``: several models on the fleet, each driven on the groups placed
         for it with its own program and MEK (docs/deployments.md); ``unserved``: those
-        that cannot run (their key custody failed), with why."""
+        that cannot run (their key custody failed), with why; ``prepare_deployment``:
+        how a deployment added while running gets its MEK and program (app.py)."""
         self.plan = plan
         self.program = program
         self.store = store
@@ -123,9 +127,9 @@ class Engine:
         self.hosts: list[HostSupervisor] = []
         self.drivers: list[CardDriver] = []
         self.groups: dict[int, list[CardDriver]] = {}
-        self._by_card: dict[tuple[str, int], CardDriver] = {}
         self.deployments = {d.name: d for d in deployments}
         self.unserved = dict(unserved or {})
+        self.prepare_deployment = prepare_deployment
         for d in deployments:
             self.ctx.keys[d.program.program_id] = d.mek
             self.ctx.offer(d.program)
@@ -160,7 +164,6 @@ class Engine:
                     host.drivers[device] = driver
                     self.drivers.append(driver)
                     self.groups.setdefault(group, []).append(driver)
-                    self._by_card[(target.name, device)] = driver
                 group += 1
         self._unsettled = len(self.drivers)
         self.rollout: RolloutPart | None = rollout(self, self.finished) if rollout else None
@@ -238,6 +241,20 @@ class Engine:
         waiter = anyio.Event()
         self._waiters.append(waiter)
         await waiter.wait()
+
+    def cards_by_name(self) -> dict[tuple[str, int], CardDriver]:
+        return {(d.machine.host, d.machine.device): d for d in self.drivers}
+
+    def reindex(self, plan: Plan, deployments: Sequence[Deployment]) -> None:
+        """The hosts' drivers changed while running (engine/replacing.py): the plan and
+        deployments they now serve, and the engine's views of drivers and groups."""
+        self.plan = plan
+        self.deployments = {d.name: d for d in deployments}
+        self.drivers = [d for host in self.hosts for d in host.drivers.values()]
+        self.groups = {}
+        for driver in sorted(self.drivers, key=lambda d: d.machine.partition):
+            self.groups.setdefault(driver.machine.group, []).append(driver)
+        self._unsettled = sum(d.machine.state not in SETTLED for d in self.drivers)
 
     # --- views ------------------------------------------------------------------------
 
@@ -399,49 +416,6 @@ class Engine:
             failed=counts[S.FAILED], groups_serving=sum(map(self.group_serving, self.groups)),
             groups=len(self.groups)))
 
-    # --- inference ------------------------------------------------------------------------
-
-    async def execute(self, inputs: dict[str, Any], *, group: int | None = None,
-                      deployment: str | None = None) -> dict[str, Any]:
-        """Run inference on a serving group (re-keying it first if a card lost its session).
-
-        An integrity failure found at execution quarantines the card it names (the
-        whole group if it names none) and is raised.
-        """
-        for attempt in range(2):
-            serving = [g for g, drivers in self.groups.items() if self.group_serving(g)
-                       and deployment in (None, drivers[0].deployment)]
-            chosen = group if group is not None else (serving[0] if serving else None)
-            if chosen is None or not self.group_serving(chosen):
-                raise ProgramNotLoaded("no MDP group is serving")
-            drivers = sorted(self.groups[chosen], key=lambda d: d.machine.partition)
-            host = drivers[0].host
-            supervisor = next(h for h in self.hosts if h.name == host.name)
-            if self.replica is not None and supervisor.owner != self.replica.name:
-                return await supervisor.execute_unheld(   # another replica drives it
-                    [d.machine.device for d in drivers], inputs)
-            try:
-                return await host.client.execute([d.machine.device for d in drivers], inputs)
-            except IntegrityError as err:
-                named = [d for d in drivers if d.machine.device == err.device]
-                for driver in named or drivers:
-                    driver.condemn(err)
-                with anyio.fail_after(self.plan.timeouts.rpc):
-                    while not all(d.machine.state is S.QUARANTINED for d in named or drivers):
-                        await self.changed()
-                raise
-            except (SessionInvalidError, ProgramNotLoaded):
-                if attempt:
-                    raise
-                before = {d: d.reconciled for d in drivers}
-                for driver in drivers:
-                    driver.hint(Trigger.REFUSED)
-                with anyio.fail_after(self.plan.timeouts.card):
-                    # until every card has looked again, and the group serves
-                    while not self.group_serving(chosen) or any(
-                            d.reconciled == before[d] for d in drivers):
-                        await self.changed()
-        raise ProgramNotLoaded("no MDP group is serving")
 
 
 __all__ = ["CardView", "Engine", "HostTarget", "HostView", "RolloutView", "Snapshot"]

@@ -19,13 +19,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from orchestrator.engine.admission import RECOVER, ROUTINE, PriorityLimiter
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import HostChanged, ProtocolViolation, Staged
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
+from orchestrator.engine.hostcards import CardsOnHost
 from orchestrator.engine.state import (
     CardState,
     CardTransition,
@@ -64,7 +65,7 @@ class HostLost(Exception):  # noqa: N818 - a condition, not an error of ours
     """Raised inside the supervisor when probes say the host is gone."""
 
 
-class HostSupervisor:
+class HostSupervisor(CardsOnHost):
     def __init__(self, target: HostTarget, ctx: EngineContext, *, share: int,
                  on_card_moved: Callable[[CardDriver, CardTransition, int], None],
                  on_card_checked: Callable[[], None],
@@ -95,6 +96,8 @@ class HostSupervisor:
         self._lease_lost: LeaseLost | None = None
         self._owner = ""   # the replica driving this host (shared stores)
         self._cordoned_by: str | None = None
+        self._cards: TaskGroup | None = None     # the drivers' tasks, while running
+        self._scopes: dict[int, tuple[anyio.CancelScope, anyio.Event]] = {}
 
     def __repr__(self) -> str:
         return f"HostSupervisor({self.name}, {self.machine.state.value})"
@@ -244,7 +247,8 @@ class HostSupervisor:
                         for d in drivers])
                     for driver, record in zip(drivers, records, strict=True):
                         driver.resume(record)
-                        await cards.start(driver.run)
+                        await cards.start(self._drive_card, driver)
+                    self._cards = cards
                     task_status.started()
                     started = True
                     async with anyio.create_task_group() as tg:

@@ -237,6 +237,10 @@ class PostgresStore(LeaseLedger):
         return {str(host): str(who) for host, who in await self._rows(
             "SELECT host, who FROM cordons")}
 
+    async def forget_card(self, host: str, device: int) -> None:
+        await self._rows("DELETE FROM cards WHERE host = %s AND device = %s RETURNING 1",
+                         (host, device))
+
     async def fleet_identity(self) -> str:
         rows = await self._rows("INSERT INTO identity VALUES (1, %s, %s) ON CONFLICT (id) DO "
                                 "UPDATE SET id = 1 RETURNING fleet", (new_identity(), time.time()))

@@ -162,6 +162,11 @@ class Store(Protocol):
         """A command through the control API, done or refused, with who asked."""
     async def cordons(self) -> dict[str, str]:
         """The hosts an operator cordoned (docs/api.md "Cordon"), and who did."""
+    async def forget_card(self, host: str, device: int) -> None:
+        """The card is no longer driven (no deployment holds it): its row goes; its
+        history stays."""
+        ...
+
     async def fleet_identity(self) -> str:
         """The fleet's identity (made at the first call, then kept): hosts hold claims
         by it (docs/protocol.md "Claims"); "" if a read-only journal has none yet."""

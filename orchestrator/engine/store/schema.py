@@ -165,6 +165,15 @@ SQLITE_MIGRATIONS = (
     CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), fleet TEXT NOT NULL,
                            ts REAL NOT NULL);
     """,
+    # The deployments a running fleet serves, as their plan said, and the changed plans
+    # `modelip apply` hands to a running watch (docs/deployments.md "Applying").
+    """
+    CREATE TABLE deployments (name TEXT PRIMARY KEY, spec TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE TABLE applies (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, plan TEXT NOT NULL, digest TEXT NOT NULL,
+        who TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'requested',
+        said TEXT NOT NULL DEFAULT '', done REAL);
+    """,
 )
 
 

@@ -198,6 +198,9 @@ class SQLiteStore:
                 (g.host, json.dumps(list(g.devices)), name, now)
                 for name, groups in placed.items() for g in groups])
 
+    async def forget_card(self, host: str, device: int) -> None:
+        self._write("DELETE FROM cards WHERE host = ? AND device = ?", (host, device))
+
     async def fleet_identity(self) -> str:
         if not self.read_only:
             self._write("INSERT INTO identity VALUES (1, ?, ?) ON CONFLICT DO NOTHING",

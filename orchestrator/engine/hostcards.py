@@ -1,0 +1,89 @@
+"""A host's card drivers as tasks (engine/host.py's HostSupervisor): each in a scope of
+its own, so that one card can be placed, regrouped or given up while the others run
+(docs/deployments.md "Applying"). Apart so each reads alone."""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from orchestrator.engine.card import CardDriver
+from orchestrator.engine.context import EngineContext
+from orchestrator.engine.hostapi import HostAPI
+from orchestrator.engine.state import CardState
+from orchestrator.errors import ModelIPError, ProgramNotLoaded
+
+
+class CardsOnHost:
+    """What HostSupervisor does with its drivers' tasks; the supervisor's state it uses
+    is declared here and set by HostSupervisor."""
+
+    name: str
+    ctx: EngineContext
+    drivers: dict[int, CardDriver]
+    _groups: dict[int, list[CardDriver]]
+    _client: HostAPI | None
+    _cards: TaskGroup | None
+    _scopes: dict[int, tuple[anyio.CancelScope, anyio.Event]]
+
+    @property
+    def down(self) -> bool:
+        raise NotImplementedError
+
+    async def _drive_card(self, driver: CardDriver, *,
+                          task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """One driver's task, in a scope of its own (a card given up is stopped alone)."""
+        done = anyio.Event()
+        with anyio.CancelScope() as scope:
+            self._scopes[driver.machine.device] = (scope, done)
+            try:
+                await driver.run(task_status=task_status)
+            finally:
+                done.set()
+
+    async def add(self, driver: CardDriver) -> None:
+        """A card placed on this host while the engine runs: recorded, then driven."""
+        m = driver.machine
+        record, = await self.ctx.store.ensure_cards(self.name, [(m.device, m.group,
+                                                                  m.partition)])
+        driver.resume(record)
+        self.drivers[m.device] = driver
+        self._groups.clear()   # admission's groups: counted again at the next admit
+        if self._cards is not None:
+            await self._cards.start(self._drive_card, driver)
+
+    async def regroup(self, driver: CardDriver) -> None:
+        """The card's group or partition changed: recorded (its driver already knows)."""
+        m = driver.machine
+        await self.ctx.store.ensure_cards(self.name, [(m.device, m.group, m.partition)])
+        self._groups.clear()
+
+    async def give_up(self, device: int, why: str) -> CardDriver:
+        """Stop driving the card: its driver is stopped, the card unloaded and reset (its
+        session, and every slot ever wrapped to it, gone), the move journaled, and the
+        card forgotten: no deployment holds it now."""
+        driver = self.drivers[device]
+        scope, done = self._scopes.pop(device, (None, None))
+        if scope is not None and done is not None:
+            scope.cancel()
+            await done.wait()
+        said = "unloaded and reset"
+        if self._client is None or self.down:
+            said = "its host does not answer: not unloaded or reset (reset it by hand)"
+        else:
+            try:
+                with anyio.fail_after(self.ctx.plan.timeouts.card):
+                    with contextlib.suppress(ProgramNotLoaded):
+                        await self._client.unload(device)
+                    await self._client.reset(device)
+            except (ModelIPError, TimeoutError) as err:
+                said = f"not unloaded or reset ({err or 'no answer in time'}): reset it by hand"
+        if driver.machine.state not in (CardState.PENDING, CardState.FAILED):
+            await driver.move(CardState.PENDING, f"{why}: {said}; no deployment holds it now",
+                              known_good=None)
+        await self.ctx.store.forget_card(self.name, device)
+        del self.drivers[device]
+        self._groups.clear()
+        return driver

@@ -1,0 +1,123 @@
+"""Placing deployments again while the engine runs (docs/deployments.md "Applying"):
+the changed plan a running watch was handed, carried out card by card.
+
+A card keeps its driver while it stays in a deployment. One that changes deployment
+is handed over: its driver is told its new deployment, group, partition and program,
+and the first thing it does is reset the card (its session was keyed for the
+deployment it leaves), then attest it in its new session and load. A card no
+deployment holds any more is given up: its driver stopped, the card unloaded and
+reset, the move journaled, the card forgotten. A card placed for the first time
+gets a new driver. Nothing else moves: a group that stays where it was is not
+touched."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+
+from orchestrator.engine.card import CardDriver
+from orchestrator.engine.hostapi import Connect, HostTarget
+from orchestrator.engine.placement import Group
+from orchestrator.engine.state import CardMachine, CardState
+from orchestrator.engine.store.protocol import CardRecord, Store
+from orchestrator.errors import ModelIPError, ProgramNotLoaded
+from orchestrator.transport.types import Deadlines
+
+if TYPE_CHECKING:
+    from orchestrator.engine.engine import Deployment, Engine
+    from orchestrator.plan.model import Plan
+
+
+async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[Deployment],
+                              *, why: str) -> list[str]:
+    """Drive ``deployments`` on their groups from now on (``plan`` is the plan they are
+    of; ``why``: said in the history of every card given up). Returns what was done,
+    a line per card that moved."""
+    ctx = engine.ctx
+    for d in deployments:   # every program stays known: a card may still hold it
+        ctx.keys[d.program.program_id] = d.mek
+        ctx.offer(d.program)
+    wanted: dict[tuple[str, int], tuple[Deployment, Group, int]] = {
+        (g.host, device): (d, g, partition)
+        for d in deployments for g in d.groups for partition, device in enumerate(g.devices)}
+    numbers = {Group(ds[0].machine.host, tuple(x.machine.device for x in ds)): n
+               for n, ds in engine.groups.items()}
+    fresh = iter(range(max(engine.groups, default=-1) + 1, 1 << 62))
+    supervisors = {h.name: h for h in engine.hosts}
+    said: list[str] = []
+
+    async def give_up(driver: CardDriver) -> None:
+        m = driver.machine
+        await supervisors[m.host].give_up(m.device, why)
+        said.append(f"{m.host}/{m.device}: given up by {driver.deployment} (unloaded and "
+                    "reset)")
+
+    async with anyio.create_task_group() as tg:
+        for key, leaving in engine.cards_by_name().items():
+            if key not in wanted:
+                tg.start_soon(give_up, leaving)
+    current = engine.cards_by_name()
+    for (host, device), (d, group, partition) in sorted(wanted.items()):
+        number = numbers.get(group)
+        if number is None:
+            number = numbers[group] = next(fresh)
+        driver = current.get((host, device))
+        if driver is None:
+            machine = CardMachine(host, device, number, partition, d.program.program_id)
+            new = CardDriver(machine, supervisors[host], ctx)
+            new.deployment = d.name
+            await supervisors[host].add(new)
+            said.append(f"{host}/{device}: placed for {d.name}")
+        elif (driver.deployment, driver.machine.group, driver.machine.partition,
+              driver.machine.program_id) != (d.name, number, partition, d.program.program_id):
+            left = driver.deployment
+            driver.hand_over(d.name, number, partition, d.program.program_id)
+            await supervisors[host].regroup(driver)
+            said.append(f"{host}/{device}: handed over from {left} to {d.name}" if left != d.name
+                        else f"{host}/{device}: regrouped in {d.name}")
+    engine.reindex(plan, deployments)
+    return said
+
+
+async def give_up_unplaced(store: Store, hosts: Sequence[HostTarget], placed: set[tuple[str, int]],
+                           connect: Connect, deadlines: Deadlines, *, why: str) -> list[str]:
+    """At the start of a run with deployments: the cards the journal knows that no
+    deployment holds now (their deployment was removed or shrunk while nothing ran)
+    are unloaded and reset, the move journaled, the cards forgotten. A host that does
+    not answer keeps its cards as they were: tried again at the next start."""
+    targets = {t.name: t for t in hosts}
+    leaving: dict[str, list[CardRecord]] = {}
+    for record in await store.cards():
+        if (record.host, record.device) not in placed and record.host in targets:
+            leaving.setdefault(record.host, []).append(record)
+    said: list[str] = []
+
+    async def on(host: str, records: list[CardRecord]) -> None:
+        client = connect(targets[host], deadlines, None)
+        try:
+            for record in records:
+                with contextlib.suppress(ProgramNotLoaded):
+                    await client.unload(record.device)
+                await client.reset(record.device)
+                machine = CardMachine(host, record.device, record.group, record.partition,
+                                      record.program_id, card_id=record.card_id,
+                                      state=CardState(record.state))
+                if machine.state not in (CardState.PENDING, CardState.FAILED):
+                    await store.record_card(machine.propose(
+                        CardState.PENDING, f"{why}: unloaded and reset; no deployment holds "
+                        "it now", known_good=None))
+                await store.forget_card(host, record.device)
+                said.append(f"{host}/{record.device}: given up (unloaded and reset)")
+        except ModelIPError:
+            pass    # kept in the journal: given up at the next start
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.close()
+
+    async with anyio.create_task_group() as tg:
+        for host, records in leaving.items():
+            tg.start_soon(on, host, records)
+    return said
