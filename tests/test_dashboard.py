@@ -320,3 +320,22 @@ def test_every_state_of_the_engine_has_its_look() -> None:
     assert set(GLYPHS) == {s.value for s in CardState} == set(ORDER)
     assert set(HOST_STYLES) == {s.value for s in HostState}
     assert SETTLED == {s.value for s in ENGINE_SETTLED}
+
+
+def test_deployments_are_a_line_each_short_ones_first_and_the_rest_counted() -> None:
+    from orchestrator.engine.events import DeploymentOutcome
+
+    whole = [DeploymentOutcome(f"d{i:02d}", 1, 2, 2, 2) for i in range(8)]
+    pending = DeploymentOutcome("zeta", 3, 1, 1, 3, "needs 3 groups of 4 cards; 1 free group "
+                                "of 4 on hosts that match", pending=True)
+    unserved = DeploymentOutcome("omega", 1, 0, 0, 2, "its key custody failed: wrong PIN")
+    text = capture(render(snapshot(deployments=(*whole, pending, unserved)), height=50))
+    lines = [line for line in text.splitlines() if line.startswith("deployment ")]
+    assert lines[0].startswith("deployment omega v1  0/0 groups serving (2 wanted)  NOT "
+                               "SERVED: its key custody failed")
+    assert lines[1].startswith("deployment zeta v3  1/1 groups serving (3 wanted)  PENDING: "
+                               "needs 3 groups of 4 cards")
+    assert len(lines) == 6 and "+4 more deployments, every group serving" in text
+    assert "deployment" not in capture(render(snapshot()))   # one model: no such line
+    assert "(PENDING: needs 3 groups" in pending.line()
+    assert "(short: its key custody failed" in unserved.line()

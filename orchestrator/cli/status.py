@@ -56,8 +56,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{snap.counts.get('SERVING', 0)}/{rollup['cards']} serving (as last recorded"
           f"{at}), {rollup['loads']} loads sent")
     for d in view.get("deployments", []):
+        pending = " PENDING: fewer groups placed than wanted, until cards come back" \
+            if d["groups_placed"] < d["groups_wanted"] else ""
         print(f"deployment {d['name']}: {d['groups_serving']}/{d['groups_placed']} groups "
-              f"serving, {d['groups_wanted']} wanted ({d['cards']} cards)")
+              f"serving, {d['groups_wanted']} wanted ({d['cards']} cards){pending}")
     for r in view.get("replicas", []):
         held = sum(h["owner"] == r["name"] for h in view["hosts"])
         print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, holds {held} "

@@ -286,7 +286,8 @@ class Engine(Inference):
                         *((self.replica.name, self.replica.alive, self.replica.reachable)
                           if self.replica else ("", 0, True)),
                         tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0),
-                        rollout=self.rollout.view() if self.rollout else None)
+                        rollout=self.rollout.view() if self.rollout else None,
+                        deployments=self.deployment_outcomes())
 
     def judged(self, *, store_word: bool = False) -> list[CardMachine]:
         """The cards an exit code counts: every card, or with replicas those this
@@ -341,7 +342,8 @@ class Engine(Inference):
                                                   spec.groups, self.unserved[spec.name]))
             elif (d := self.deployments.get(spec.name)) is not None:
                 outcomes.append(DeploymentOutcome(d.name, d.program.version, serving[d.name],
-                                                  len(d.groups), spec.groups, d.short))
+                                                  len(d.groups), spec.groups, d.short,
+                                                  pending=bool(d.short)))
         return tuple(outcomes)
 
     # --- running ------------------------------------------------------------------------

@@ -226,9 +226,13 @@ class DeploymentOutcome:
     groups_placed: int
     groups_wanted: int
     short: str = ""
+    # PENDING: it gets fewer groups than it asks until cards come back (the reason in
+    # ``short``); not pending but short: it cannot run at all (its key custody failed)
+    pending: bool = False
 
     def line(self) -> str:
-        short = f" (short: {self.short})" if self.short else ""
+        short = f" ({'PENDING' if self.pending else 'short'}: {self.short})" \
+            if self.short else ""
         return (f"deployment {self.name} (version {self.version}): {self.groups_serving}/"
                 f"{self.groups_placed} groups serving, {self.groups_wanted} wanted{short}")
 

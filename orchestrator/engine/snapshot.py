@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.engine.events import Event
+from orchestrator.engine.events import DeploymentOutcome, Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,7 @@ class Snapshot:
     rekey_ages: tuple[float, ...] = ()   # seconds since each re-key of the last minute
     live: bool = True             # False: read back from a store (no engine, no counters)
     rollout: RolloutView | None = None
+    deployments: tuple[DeploymentOutcome, ...] = ()   # docs/deployments.md
 
 
 __all__ = ["CardView", "HostView", "RolloutView", "Snapshot"]

@@ -32,6 +32,7 @@ from rich.text import Text
 
 from orchestrator.engine.events import (
     Deployed,
+    DeploymentOutcome,
     Event,
 )
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
@@ -149,6 +150,33 @@ def _rollup(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], width:
     if snapshot.rollout is not None:
         text.append("\n")
         text.append_text(rollout_line(snapshot.rollout, width))
+    # each deployment a line, those short of what they want first; a thousand do not
+    # take the screen: the rest are counted
+    ordered = sorted(snapshot.deployments,
+                     key=lambda d: (d.groups_serving == d.groups_wanted, d.name))
+    for d in ordered[:DEPLOYMENT_LINES]:
+        text.append("\n")
+        text.append_text(deployment_line(d))
+    if rest := ordered[DEPLOYMENT_LINES:]:
+        short = sum(d.groups_serving < d.groups_wanted for d in rest)
+        text.append(f"\n+{len(rest)} more deployments"
+                    + (f", {short} of them short" if short else ", every group serving"),
+                    style="dim")
+    return text
+
+
+DEPLOYMENT_LINES = 6   # deployments shown one per line in the live view
+
+
+def deployment_line(d: DeploymentOutcome) -> Text:
+    """deployment vision v1  4/4 groups serving (4 wanted)  PENDING: needs ..."""
+    whole = d.groups_serving == d.groups_wanted
+    text = Text.assemble(("deployment ", "bold"), f"{d.name} v{d.version}  ",
+                         (f"{d.groups_serving}/{d.groups_placed}", "bold green" if whole
+                          else "bold yellow"), f" groups serving ({d.groups_wanted} wanted)")
+    if d.short:
+        text.append(f"  {'PENDING' if d.pending else 'NOT SERVED'}: {d.short}",
+                    style="yellow" if d.pending else "red")
     return text
 
 
