@@ -123,3 +123,32 @@ def test_the_real_program_in_a_terminal_shows_the_fleet_and_takes_keys(tmp_path:
     text = "\n".join(screen.display)
     assert "host0 ●●●●  host1 ●●●●  host2 ●●●●  host3 ●●●●" in text
     assert "16/16 cards serving" in text
+
+
+async def test_the_d_key_shows_one_deployments_cards_alone() -> None:
+    """Two deployments on four hosts; `d` and a name: only that deployment's hosts,
+    cards, counts and line; escape: everything again."""
+    import dataclasses
+
+    from orchestrator.engine.events import DeploymentOutcome
+
+    snap = fleet(4, 4, {(1, 0): "FAILED", (2, 1): "QUARANTINED"})
+    cards = tuple(dataclasses.replace(c, deployment="vision" if c.host in ("host0000",
+                                                                           "host0001")
+                                      else "ranking") for c in snap.cards)
+    snap = dataclasses.replace(snap, cards=cards, deployments=(
+        DeploymentOutcome("vision", 1, 3, 4, 4), DeploymentOutcome("ranking", 2, 3, 4, 4)))
+    app = FleetApp(lambda: snap, lambda host, device: None, title="fleet")  # type: ignore[arg-type, return-value]
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.pause()
+        text = shown(app)
+        assert "deployment vision" in text and "deployment ranking" in text
+        await pilot.press("d", *"ranking", "enter")
+        text = shown(app)
+        assert "filter: deployment=ranking" in text
+        assert "host0002" in text and "host0003" in text
+        assert "host0000" not in text and "host0001" not in text
+        assert "deployment ranking" in text and "deployment vision" not in text
+        assert "host0002/1 QUARANTINED" in text and "host0001/0 FAILED" not in text
+        await pilot.press("escape")
+        assert "host0000" in shown(app)

@@ -20,6 +20,7 @@ second (rich.Live); ``views/tui.py`` is the interactive variant.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -69,12 +70,14 @@ class Filter:
 
     host: str = ""      # substring of the host's name
     state: str = ""     # a card state
+    deployment: str = ""   # a deployment's name: its cards alone (docs/deployments.md)
 
     def __bool__(self) -> bool:
-        return bool(self.host or self.state)
+        return bool(self.host or self.state or self.deployment)
 
     def describe(self) -> str:
         said = [f"host~{self.host!r}"] if self.host else []
+        said += [f"deployment={self.deployment}"] if self.deployment else []
         return " ".join(said + ([f"state={self.state}"] if self.state else []))
 
 
@@ -316,6 +319,16 @@ def _grid(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], view: Fi
 def render(snapshot: Snapshot, *, title: str = "modelip", width: int = 160,
            height: int = 50, view: Filter = Filter(), paused: bool = False) -> Group:
     """The whole screen for one snapshot, ``height`` lines at most (pure: no clock, no I/O)."""
+    if view.deployment:   # one deployment's cards, counted and drawn as if alone
+        mine = tuple(c for c in snapshot.cards if c.deployment == view.deployment)
+        held = {c.host for c in mine}
+        snapshot = dataclasses.replace(
+            snapshot, cards=mine, counts=dict(Counter(c.state for c in mine)),
+            hosts=tuple(h for h in snapshot.hosts if h.name in held),
+            deployments=tuple(d for d in snapshot.deployments if d.name == view.deployment),
+            events=tuple(e for e in snapshot.events if getattr(
+                e, "deployment", None) == view.deployment or (
+                    not hasattr(e, "deployment") and getattr(e, "host", None) in held)))
     cards_by_host: dict[str, list[CardView]] = {}
     for card in snapshot.cards:
         cards_by_host.setdefault(card.host, []).append(card)

@@ -12,6 +12,7 @@ event loop; the view redraws from a snapshot at most ``fps`` times a second.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable
 
@@ -67,6 +68,7 @@ class FleetApp(App[None]):
     BINDINGS = [
         Binding("f", "ask('host')", "filter host"),
         Binding("s", "cycle_state", "state filter"),
+        Binding("d", "ask('deployment')", "deployment"),
         Binding("c", "ask('card')", "card history"),
         Binding("p", "pause", "pause"),
         Binding("escape", "clear", "clear"),
@@ -107,9 +109,12 @@ class FleetApp(App[None]):
     def action_ask(self, what: str) -> None:
         self._asking = what
         ask = self.query_one("#ask", Input)
-        ask.placeholder = ("show hosts whose name contains ... (enter: apply, empty: all)"
-                           if what == "host" else "card as host/device, e.g. host3/0")
-        ask.value = self.filter.host if what == "host" else ""
+        ask.placeholder = {
+            "host": "show hosts whose name contains ... (enter: apply, empty: all)",
+            "deployment": "show one deployment's cards: its name (enter: apply, empty: all)",
+        }.get(what, "card as host/device, e.g. host3/0")
+        ask.value = {"host": self.filter.host, "deployment": self.filter.deployment}.get(
+            what, "")
         ask.add_class("asking")
         ask.focus()
 
@@ -118,7 +123,9 @@ class FleetApp(App[None]):
         ask.remove_class("asking")
         value = message.value.strip()
         if self._asking == "host":
-            self.filter = Filter(host=value, state=self.filter.state)
+            self.filter = dataclasses.replace(self.filter, host=value)
+        elif self._asking == "deployment":
+            self.filter = dataclasses.replace(self.filter, deployment=value)
         elif self._asking == "card" and value:
             host, _, device = value.rpartition("/")
             if not host or not device.isdigit():
@@ -131,7 +138,7 @@ class FleetApp(App[None]):
 
     def action_cycle_state(self) -> None:
         following = STATES[(STATES.index(self.filter.state) + 1) % len(STATES)]
-        self.filter = Filter(host=self.filter.host, state=following)
+        self.filter = dataclasses.replace(self.filter, state=following)
         self.redraw(force=True)
 
     def action_pause(self) -> None:
