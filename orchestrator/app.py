@@ -14,7 +14,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -24,7 +24,7 @@ from cryptography import x509
 
 from orchestrator.atomicfile import private_tree, write_bytes_atomic
 from orchestrator.crypto.chain import load_roots_file
-from orchestrator.engine.engine import Deployment, Engine, MakeReplica
+from orchestrator.engine.engine import Deployment, Engine, MakeReplica, PrepareDeployment
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease
 from orchestrator.engine.placement import Group
@@ -151,7 +151,9 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
     with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
         if plan.deployments:
             async with _with_deployments(plan, connect, take_over=take_over,
-                                         retry_quarantined=retry_quarantined) as engine:
+                                         retry_quarantined=retry_quarantined,
+                                         replica=replica, replace_fleet=replace_fleet
+                                         ) as engine:
                 yield engine
             return
         mek = _in_state_dir(plan, lambda: obtain_mek(plan))
@@ -190,70 +192,86 @@ def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
 
 @asynccontextmanager
 async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: bool,
-                            retry_quarantined: bool) -> AsyncIterator[Engine]:
+                            retry_quarantined: bool, replica: str, replace_fleet: bool
+                            ) -> AsyncIterator[Engine]:
     """An Engine for a plan with deployments (docs/deployments.md): each deployment's MEK
-    and program, its groups placed on the fleet (kept where the journal says they were,
-    as long as they still fit), every MEK wiped at the end."""
+    and program, its groups placed on the fleet (kept where the store says they were,
+    as long as they still fit), every MEK wiped at the end. With a shared store every
+    replica places the same (placement is a pure function of the same inputs) and
+    drives the hosts it holds."""
     from orchestrator.engine.placement import place
-    from orchestrator.engine.replacing import give_up_unplaced
     from orchestrator.plan.deployments import inventory
 
     meks: list[MEK] = []
     try:
-        prepared = []
-        unserved: dict[str, str] = {}
-        for spec in plan.deployments:
-            sub = deployment_plan(plan, spec)
-            try:
-                meks.append(_mek_of(sub))
-            except (CustodyError, MEKError) as err:   # this deployment fails alone
-                if len(unserved) + 1 == len(plan.deployments):
-                    raise   # none has its key: nothing to run
-                unserved[spec.name] = f"its key custody failed: {err}"
-                continue
-            prepared.append((spec, await _prepare(sub, meks[-1], None), meks[-1]))
-        with SQLiteStore(plan.journal_path) as journal:
+        async with _open_store(plan, replica) as (store, shared):
+            prepared = []
+            unserved: dict[str, str] = {}
+            for spec in plan.deployments:
+                sub = deployment_plan(plan, spec)
+                try:
+                    meks.append(_mek_of(sub))
+                except (CustodyError, MEKError) as err:   # this deployment fails alone
+                    if len(unserved) + 1 == len(plan.deployments):
+                        raise   # none has its key: nothing to run
+                    unserved[spec.name] = f"its key custody failed: {err}"
+                    continue
+                prepared.append((spec, await _prepare(sub, meks[-1], shared), meks[-1]))
+            fleet = await _agree_on_fleet(plan, [p for _, p, _ in prepared], shared,
+                                          replace=replace_fleet)
             # every deployment keeps its place, one without its key too (its groups are
             # left alone: not driven, not given to another)
             placed = place(inventory(plan.hosts, plan.emulated),
-                           [spec.need for spec in plan.deployments],
-                           await journal.placements())
-            await journal.record_placements(placed.groups)
+                           [spec.need for spec in plan.deployments], await store.placements())
+            await store.record_placements(placed.groups)
             deployments = [Deployment(spec.name, program, mek, tuple(placed.groups[spec.name]),
                                       placed.pending.get(spec.name, ""))
                            for spec, program, mek in prepared]
-            from orchestrator.apply import spec_record
-            from orchestrator.engine.store.applies import Applies
-
-            Applies(journal.path).record_running(
-                {spec.name: spec_record(spec) for spec in plan.deployments})
-
-            async def prepare(new: Plan, spec: DeploymentSpec, groups: tuple[Group, ...],
-                              short: str) -> Deployment:
-                """A deployment added while running (`modelip apply`): its own MEK (wiped
-                with the others at the end) and program."""
-                sub = deployment_plan(new, spec)
-                meks.append(_mek_of(sub))
-                return Deployment(spec.name, await _prepare(sub, meks[-1], None), meks[-1],
-                                  groups, short)
-
-            connecting = await claiming(journal, connect, take_over)
+            prepare = None
+            if shared is None:   # `modelip apply` hands a running watch its changed plans
+                prepare = await _applied_here(plan, store, meks)
+            connecting = await claiming(store, connect, take_over)
             async with fleet_for(plan) as (hosts, roots):
                 _in_state_dir(plan, lambda: private_tree(plan.state_dir))
-                # what the plan no longer places (changed while nothing ran): given up
-                await give_up_unplaced(
-                    journal, hosts, {(g.host, device) for groups in placed.groups.values()
-                                     for g in groups for device in g.devices},
-                    connecting, Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
-                                          load=plan.timeouts.load),
-                    why="given up at the start: the plan places no deployment on it now")
-                yield Engine(plan, hosts, roots, meks[0], prepared[0][1], journal,
+                if shared is None:   # replicas: each host's cards are its holder's to touch
+                    await _give_up_unplaced(plan, store, hosts, placed.groups, connecting)
+                yield Engine(plan, hosts, roots, meks[0], prepared[0][1], store,
                              prepare_deployment=prepare, connect=connecting,
                              retry_quarantined=retry_quarantined, deployments=deployments,
-                             unserved=unserved)
+                             unserved=unserved, replica=_replica(shared, fleet))
     finally:
         for mek in meks:
             mek.wipe()
+
+
+async def _applied_here(plan: Plan, journal: Store, meks: list[MEK]) -> PrepareDeployment:
+    """Record what runs (for `modelip apply`'s diff); how a deployment added while
+    running gets its own MEK (wiped with the others at the end) and program."""
+    from orchestrator.apply import spec_record
+    from orchestrator.engine.store.applies import Applies
+
+    Applies(plan.journal_path).record_running(
+        {spec.name: spec_record(spec) for spec in plan.deployments})
+
+    async def prepare(new: Plan, spec: DeploymentSpec, groups: tuple[Group, ...],
+                      short: str) -> Deployment:
+        sub = deployment_plan(new, spec)
+        meks.append(_mek_of(sub))
+        return Deployment(spec.name, await _prepare(sub, meks[-1], None), meks[-1], groups,
+                          short)
+    return prepare
+
+
+async def _give_up_unplaced(plan: Plan, store: Store, hosts: Sequence[HostTarget],
+                            groups: Mapping[str, Sequence[Group]], connect: Connect) -> None:
+    """What the plan no longer places (it changed while nothing ran): given up."""
+    from orchestrator.engine.replacing import give_up_unplaced
+    await give_up_unplaced(
+        store, hosts, {(g.host, device) for placed in groups.values() for g in placed
+                       for device in g.devices},
+        connect, Deadlines(attest=plan.timeouts.rpc, control=plan.timeouts.rpc,
+                           load=plan.timeouts.load),
+        why="given up at the start: the plan places no deployment on it now")
 
 
 def _replica(shared: PostgresStore | None, fleet: str) -> MakeReplica | None:
@@ -265,24 +283,33 @@ def _replica(shared: PostgresStore | None, fleet: str) -> MakeReplica | None:
                                                         fleet=fleet, rollout=rollout)
 
 
-def fleet_identity(plan: Plan, program: PreparedProgram) -> tuple[str, str]:
+def fleet_identity(plan: Plan, program: PreparedProgram | Sequence[PreparedProgram]
+                   ) -> tuple[str, str]:
     """What every replica of a shared fleet must agree on (docs/replicas.md "One fleet
     per store"): the program (its id is the sealed body's digest: model, version,
     MEK and sealing settings), the hosts and their cards, the MDP groups, the trust
     roots and the policy. (digest, the same in words.)"""
     roots = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in plan.trust_roots)
+    programs = [program] if isinstance(program, PreparedProgram) else list(program)
     document = json.dumps({
-        "program": program.program_id, "group_size": plan.group_size, "roots": roots,
+        "program": programs[0].program_id if len(programs) == 1 else
+        [p.program_id for p in programs], "group_size": plan.group_size, "roots": roots,
         "hosts": sorted([h.address, sorted(h.devices)] for h in plan.hosts),
-        "policy": repr(plan.policy)}, sort_keys=True)
+        "policy": repr(plan.policy),
+        **({"deployments": [[d.name, d.groups, list(d.hosts), d.spread]
+                            for d in plan.deployments]} if plan.deployments else {})},
+        sort_keys=True)
     cards = sum(len(h.devices) for h in plan.hosts)
-    what = (f"model {plan.model.model_id or '-'} version {program.version} (program "
-            f"{program.program_id[:16]}), {len(plan.hosts)} hosts, {cards} cards")
+    what = (f"model {plan.model.model_id or '-'} version {programs[0].version} (program "
+            f"{programs[0].program_id[:16]}), {len(plan.hosts)} hosts, {cards} cards"
+            if len(programs) == 1 else
+            f"{len(programs)} deployments ({', '.join(d.name for d in plan.deployments)}), "
+            f"{len(plan.hosts)} hosts, {cards} cards")
     return hashlib.sha256(document.encode()).hexdigest(), what
 
 
-async def _agree_on_fleet(plan: Plan, program: PreparedProgram, shared: PostgresStore | None,
-                          *, replace: bool) -> str:
+async def _agree_on_fleet(plan: Plan, program: PreparedProgram | Sequence[PreparedProgram],
+                          shared: PostgresStore | None, *, replace: bool) -> str:
     """This plan's fleet digest, once the store agrees it is the fleet's ("" without a
     shared store). UsageError (one line) if the store's fleet runs another plan."""
     if shared is None:

@@ -122,6 +122,8 @@ async def _read_status(plan: Plan, deployment: str | None = None) -> dict[str, A
             view["replicas"] = [
                 {"name": r.name, "alive": r.alive, "started": _iso(r.started),
                  "heartbeat": _iso(r.heartbeat)} for r in await store.replicas()]
+            if plan.deployments:
+                _by_deployment(view, plan, await store.placements(), deployment)
             return view
     with existing_journal(plan, read_only=True) as journal:
         view = await _store_view(journal, f"journal {plan.journal_path}")

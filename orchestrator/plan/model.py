@@ -45,8 +45,6 @@ _NOT_WITH_DEPLOYMENTS = {
               "(deployments[i].groups); a group's size is its model's partitions",
     "rollout": "with deployments: a rollout per deployment is not built yet "
                "(docs/deployments.md)",
-    "store": "with deployments: replicas sharing a store are not built yet "
-             "(docs/deployments.md)",
 }
 
 

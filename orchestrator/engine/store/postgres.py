@@ -9,13 +9,15 @@ No MEK, key or plaintext is ever written here.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
 
+from orchestrator.engine.placement import Group
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.engine.store.leases import LIVE_OWNER, Conn, LeaseLedger
 from orchestrator.engine.store.protocol import (
@@ -236,6 +238,27 @@ class PostgresStore(LeaseLedger):
     async def cordons(self) -> dict[str, str]:
         return {str(host): str(who) for host, who in await self._rows(
             "SELECT host, who FROM cordons")}
+
+    async def placements(self) -> dict[str, list[Group]]:
+        placed: dict[str, list[Group]] = {}
+        for host, devices, deployment in await self._rows(
+                "SELECT host, devices, deployment FROM placements ORDER BY host, devices"):
+            placed.setdefault(str(deployment), []).append(
+                Group(str(host), tuple(int(d) for d in json.loads(devices))))
+        return placed
+
+    async def record_placements(self, placed: Mapping[str, Sequence[Group]]) -> None:
+        """Replicas place alike (a pure function of the same plan and the same record):
+        the last to write writes what the first wrote."""
+        now = time.time()
+
+        async def write(conn: Conn) -> None:
+            await conn.execute("DELETE FROM placements")
+            for name, groups in placed.items():
+                for g in groups:
+                    await conn.execute("INSERT INTO placements VALUES (%s, %s, %s, %s)",
+                                       (g.host, json.dumps(list(g.devices)), name, now))
+        await self._unfenced(write)
 
     async def forget_card(self, host: str, device: int) -> None:
         await self._rows("DELETE FROM cards WHERE host = %s AND device = %s RETURNING 1",

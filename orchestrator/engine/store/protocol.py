@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from orchestrator.engine.placement import Group
 from orchestrator.engine.state import CardTransition, HostTransition, KnownGood
 from orchestrator.terminal import terminal_safe
 
@@ -162,6 +163,12 @@ class Store(Protocol):
         """A command through the control API, done or refused, with who asked."""
     async def cordons(self) -> dict[str, str]:
         """The hosts an operator cordoned (docs/api.md "Cordon"), and who did."""
+    async def placements(self) -> dict[str, list[Group]]:
+        """Where each deployment's groups were placed (docs/deployments.md)."""
+        ...
+
+    async def record_placements(self, placed: Mapping[str, Sequence[Group]]) -> None: ...
+
     async def forget_card(self, host: str, device: int) -> None:
         """The card is no longer driven (no deployment holds it): its row goes; its
         history stays."""

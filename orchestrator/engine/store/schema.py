@@ -369,6 +369,10 @@ POSTGRES_MIGRATIONS = (
     # The fleet's identity, one for every replica (docs/protocol.md "Claims").
     """CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), fleet TEXT NOT NULL,
         ts DOUBLE PRECISION NOT NULL)""",
+    # Where each deployment's groups are placed (docs/deployments.md), for every replica.
+    """CREATE TABLE placements (
+        host TEXT NOT NULL, devices TEXT NOT NULL, deployment TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL, PRIMARY KEY (host, devices))""",
 )
 
 

@@ -1,0 +1,112 @@
+"""Deployments with replicas sharing a PostgreSQL store (docs/deployments.md, docs/
+replicas.md): every replica places alike and drives the hosts it holds, whichever
+deployments their cards serve; a replica killed, the other carries its hosts' cards
+of every deployment. Real `modelip watch` processes against a live `modelip emulate`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import psycopg
+
+from orchestrator.crypto.mek import MEK, write_mek
+from orchestrator.transport.client import HostClient
+from tests.test_replicas import (
+    HOSTS,
+    MODELIP,
+    Replica,
+    duplicate_loads,
+    fleet,
+    owners,
+    replicas,
+    rows,
+    wait_for,
+)
+
+__all__ = ["fleet", "replicas"]   # the fixtures, used by name
+
+
+def _plan(plan: Path) -> Path:
+    """The fleet's plan, as two deployments with MEK files of their own."""
+    text = plan.read_text()
+    for name in ("a", "b"):
+        write_mek(plan.parent / f"{name}.bin", MEK.generate())
+    body = text.split("fleet:", 1)[1]
+    path = plan.parent / "deployments.yaml"
+    path.write_text("deployments:\n"
+                    "  - {name: a, model: {onnx: tiny.onnx, id: a}, mek: {file: a.bin}, "
+                    "groups: 4}\n"
+                    "  - {name: b, model: {onnx: tiny.onnx, id: b}, mek: {file: b.bin}, "
+                    "groups: 6}\n"
+                    "fleet:" + body)
+    return path
+
+
+def _serving(url: str) -> dict[tuple[str, int], str]:
+    try:
+        return {(str(h), int(d)): str(p) for h, d, p in rows(
+            url, "SELECT host, device, program_id FROM cards WHERE state = 'SERVING'")}
+    except psycopg.errors.UndefinedTable:   # no replica has made the schema yet
+        return {}
+
+
+def _placed(url: str) -> dict[tuple[str, int], str]:
+    return {(str(h), d): str(n) for h, devices, n in rows(
+        url, "SELECT host, devices, deployment FROM placements") for d in json.loads(devices)}
+
+
+async def _held(addresses: list[str]) -> dict[tuple[str, int], str]:
+    """(address, device) -> the program the host says the card holds."""
+    held = {}
+    for address in addresses:
+        async with HostClient(address) as client:
+            for d in await client.list_devices():
+                held[(address, d.device)] = d.program_id
+    return held
+
+
+def test_replicas_drive_every_deployment_on_the_hosts_they_hold(
+        fleet: tuple[Path, list[str]], replicas: Callable[..., Replica], database: str
+        ) -> None:
+    plan, addresses = fleet
+    deployments = _plan(plan)
+    first = replicas("r1", plan=deployments)
+    second = replicas("r2", plan=deployments)
+
+    def settled() -> bool:
+        for replica in (first, second):
+            assert replica.process.poll() is None, replica.err.read_text()
+        return len(_serving(database)) == 10 and owners(database) == {
+            "r1": HOSTS // 2, "r2": HOSTS // 2}
+    wait_for("both deployments serving, the hosts shared", settled)
+    placed = _placed(database)
+    assert Counter(placed.values()) == {"a": 4, "b": 6}
+    serving = _serving(database)
+    assert set(serving) == set(placed)   # exactly the placed cards, no other
+    programs = {n: {serving[c] for c, m in placed.items() if m == n} for n in ("a", "b")}
+    assert len(programs["a"]) == len(programs["b"]) == 1 and programs["a"] != programs["b"]
+    held = anyio.run(_held, addresses)
+    for card, name in placed.items():   # the hosts' own word: each card its deployment's
+        assert held[card] == next(iter(programs[name])), card
+    both = {e["deployment"] for r in (first, second) for e in r.events("card")}
+    assert both == {"a", "b"}
+    status = subprocess.run([*MODELIP, "status", str(deployments), "--store", database],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "deployment a: 4/4 groups serving, 4 wanted" in status, status
+    assert "deployment b: 6/6 groups serving, 6 wanted" in status, status
+
+    # one replica killed: the other takes its hosts and every card of both serves on
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    loads = {c: p for c, p in held.items() if p}
+    wait_for("the survivor holds every host", lambda: owners(database) == {"r2": HOSTS})
+    wait_for("every placed card serves again", lambda: set(_serving(database)) == set(placed))
+    assert _placed(database) == placed       # nothing re-placed: the same groups
+    assert {c: p for c, p in anyio.run(_held, addresses).items() if p} == loads
+    assert duplicate_loads(database) == []
