@@ -167,6 +167,9 @@ async def follow_applies(engine: Engine) -> None:
             state = APPLIED
         except ModelIPError as err:
             said, state = str(err), REFUSED
+        except Exception as exc:  # a bug: answered and logged, the fleet runs on  # noqa: BLE001
+            said = f"internal error: {engine.ctx.internal_error('apply', exc)}"
+            state = REFUSED
         await anyio.to_thread.run_sync(applies.answer, request.id, state, said)
 
 

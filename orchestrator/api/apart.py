@@ -152,6 +152,8 @@ async def _answer(lines: BufferedByteReceiveStream, to: Any, release: Release,
                 answer["refused"] = "not a request"
         except UsageError as err:
             answer["refused"] = str(err)
+        except (ValueError, TypeError):   # not a request this engine understands
+            answer["refused"] = "malformed request"
         await to.send(json.dumps(answer).encode() + b"\n")
 
 
