@@ -265,7 +265,7 @@ async def _applied_here(plan: Plan, journal: Store, meks: list[MEK]) -> PrepareD
 async def _give_up_unplaced(plan: Plan, store: Store, hosts: Sequence[HostTarget],
                             groups: Mapping[str, Sequence[Group]], connect: Connect) -> None:
     """What the plan no longer places (it changed while nothing ran): given up."""
-    from orchestrator.engine.replacing import give_up_unplaced
+    from orchestrator.engine.strays import give_up_unplaced
     await give_up_unplaced(
         store, hosts, {(g.host, device) for placed in groups.values() for g in placed
                        for device in g.devices},

@@ -32,19 +32,19 @@ from tests.test_replicas import (
 __all__ = ["fleet", "replicas"]   # the fixtures, used by name
 
 
-def _plan(plan: Path) -> Path:
-    """The fleet's plan, as two deployments with MEK files of their own."""
+def _plan(plan: Path, *, only_a: bool = False) -> Path:
+    """The fleet's plan, as two deployments with MEK files of their own (or a alone)."""
     text = plan.read_text()
     for name in ("a", "b"):
-        write_mek(plan.parent / f"{name}.bin", MEK.generate())
+        if not (plan.parent / f"{name}.bin").exists():
+            write_mek(plan.parent / f"{name}.bin", MEK.generate())
     body = text.split("fleet:", 1)[1]
-    path = plan.parent / "deployments.yaml"
+    path = plan.parent / ("only-a.yaml" if only_a else "deployments.yaml")
     path.write_text("deployments:\n"
                     "  - {name: a, model: {onnx: tiny.onnx, id: a}, mek: {file: a.bin}, "
-                    "groups: 4}\n"
+                    "groups: 4}\n" + ("" if only_a else
                     "  - {name: b, model: {onnx: tiny.onnx, id: b}, mek: {file: b.bin}, "
-                    "groups: 6}\n"
-                    "fleet:" + body)
+                    "groups: 6}\n") + "fleet:" + body)
     return path
 
 
@@ -115,3 +115,40 @@ def test_replicas_drive_every_deployment_on_the_hosts_they_hold(
     assert _placed(database) == placed       # nothing re-placed: the same groups
     assert {c: p for c, p in anyio.run(_held, addresses).items() if p} == loads
     assert duplicate_loads(database) == []
+
+
+async def _listing(addresses: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
+    listed = {}
+    for address in addresses:
+        async with HostClient(address) as client:
+            for d in await client.list_devices():
+                listed[(address, d.device)] = (d.boot_counter, d.program_id)
+    return listed
+
+
+def test_a_replica_taking_a_host_gives_up_what_the_plan_no_longer_places(
+        fleet: tuple[Path, list[str]], replicas: Callable[..., Replica], database: str
+        ) -> None:
+    """Deployments a and b run; the replicas stop; one starts with a plan of a alone
+    (the fleet replaced on purpose): b's cards, on every host it takes, are unloaded
+    and reset and leave the store; a's serve on untouched."""
+    plan, addresses = fleet
+    both = replicas("r1", plan=_plan(plan))
+    wait_for("both deployments serving", lambda: len(_serving(database)) == 10)
+    placed = _placed(database)
+    before = anyio.run(_listing, addresses)
+    both.stop()
+    alone = replicas("r2", "--replace-fleet", plan=_plan(plan, only_a=True))
+    wait_for("b's cards gone from the store, a's serving", lambda: set(
+        _serving(database)) == {c for c, n in placed.items() if n == "a"} and len(rows(
+            database, "SELECT 1 FROM cards")) == 4, 90)
+    assert alone.process.poll() is None, alone.err.read_text()
+    after = anyio.run(_listing, addresses)
+    for card, name in placed.items():
+        if name == "a":    # untouched: same boot, same program
+            assert after[card] == before[card], card
+        else:              # b's: reset, nothing loaded
+            assert after[card][0] > before[card][0] and after[card][1] == "", card
+    given_up = rows(database, "SELECT count(*) FROM transitions WHERE reason LIKE "
+                              "'given up when this replica took the host%%'")
+    assert given_up == [(6,)]

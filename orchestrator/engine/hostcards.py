@@ -11,9 +11,11 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
-from orchestrator.engine.hostapi import HostAPI
+from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
 from orchestrator.engine.state import CardState
-from orchestrator.errors import ModelIPError, ProgramNotLoaded
+from orchestrator.engine.strays import give_up_unplaced
+from orchestrator.errors import LeaseLost, ModelIPError, ProgramNotLoaded, StoreUnavailable
+from orchestrator.transport.types import Deadlines
 
 
 class CardsOnHost:
@@ -28,9 +30,30 @@ class CardsOnHost:
     _cards: TaskGroup | None
     _scopes: dict[int, tuple[anyio.CancelScope, anyio.Event]]
 
+    target: HostTarget
+    _connect: Connect
+    _lease: HostLease | None
+
     @property
     def down(self) -> bool:
         raise NotImplementedError
+
+    def _deadlines(self) -> Deadlines:
+        raise NotImplementedError
+
+    async def give_up_strays(self) -> None:
+        """With deployments, when a replica takes this host: the cards of it the store
+        knows that no deployment holds now (the plan changed while they were not
+        driven) are given up under this replica's lease (engine/strays.py). The lease
+        lost or the store away meanwhile: left to the host's run, which says so."""
+        if not self.ctx.keys:
+            return
+        with contextlib.suppress(LeaseLost, StoreUnavailable):
+            await give_up_unplaced(
+                self.ctx.store, [self.target], {(self.name, d) for d in self.drivers},
+                self._connect, self._deadlines(), lease=self._lease,
+                why="given up when this replica took the host: the plan places no "
+                "deployment on it now")
 
     async def _drive_card(self, driver: CardDriver, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

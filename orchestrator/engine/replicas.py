@@ -160,6 +160,7 @@ class Replica:
                     done: anyio.Event) -> None:
         try:
             with scope:
+                await host.give_up_strays()
                 await host.run()
         finally:
             self.running.pop(host.name, None)

@@ -52,6 +52,9 @@ class FleetPlan:
     ts: float
 
 
+_PLACEMENTS_LOCK = 0x6D6F64656C6971   # pg_advisory_xact_lock key: placements written
+
+
 class PostgresStore(LeaseLedger):
     """A Store shared by replicas (engine/store/protocol.py), on the lease ledger."""
 
@@ -249,10 +252,13 @@ class PostgresStore(LeaseLedger):
 
     async def record_placements(self, placed: Mapping[str, Sequence[Group]]) -> None:
         """Replicas place alike (a pure function of the same plan and the same record):
-        the last to write writes what the first wrote."""
+        the last to write writes what the first wrote. Replicas starting at once write
+        one after the other (an advisory lock: each one's delete sees the other's
+        rows)."""
         now = time.time()
 
         async def write(conn: Conn) -> None:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PLACEMENTS_LOCK,))
             await conn.execute("DELETE FROM placements")
             for name, groups in placed.items():
                 for g in groups:
