@@ -19,7 +19,7 @@ from orchestrator.transport.types import Deadlines
 
 async def give_up_unplaced(store: Store, hosts: Sequence[HostTarget], placed: set[tuple[str, int]],
                            connect: Connect, deadlines: Deadlines, *, why: str,
-                           lease: HostLease | None = None) -> list[str]:
+                           lease: HostLease | None = None) -> None:
     """At the start of a run with deployments (with replicas: when a replica takes a
     host, under its ``lease``): the cards the store knows that no deployment holds now
     (their deployment was removed or shrunk while nothing ran) are unloaded and reset,
@@ -30,7 +30,6 @@ async def give_up_unplaced(store: Store, hosts: Sequence[HostTarget], placed: se
     for record in await store.cards():
         if (record.host, record.device) not in placed and record.host in targets:
             leaving.setdefault(record.host, []).append(record)
-    said: list[str] = []
 
     async def on(host: str, records: list[CardRecord]) -> None:
         client = connect(targets[host], deadlines, lease)
@@ -47,7 +46,6 @@ async def give_up_unplaced(store: Store, hosts: Sequence[HostTarget], placed: se
                         CardState.PENDING, f"{why}: unloaded and reset; no deployment holds "
                         "it now", known_good=None))
                 await store.forget_card(host, record.device)
-                said.append(f"{host}/{record.device}: given up (unloaded and reset)")
         except ModelIPError:
             pass    # kept in the journal: given up at the next start
         finally:
@@ -57,4 +55,3 @@ async def give_up_unplaced(store: Store, hosts: Sequence[HostTarget], placed: se
     async with anyio.create_task_group() as tg:
         for host, records in leaving.items():
             tg.start_soon(on, host, records)
-    return said
