@@ -12,17 +12,15 @@ import functools
 import hashlib
 import json
 import os
-import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from cryptography import x509
 
-from orchestrator.atomicfile import private_tree, write_bytes_atomic
+from orchestrator.atomicfile import private_tree
 from orchestrator.crypto.chain import load_roots_file
 from orchestrator.engine.engine import Deployment, Engine, MakeReplica, PrepareDeployment
 from orchestrator.engine.host import HostTarget
@@ -37,16 +35,15 @@ from orchestrator.engine.prepare import (
 )
 from orchestrator.engine.rollout.setup import RolloutSetup, arrange
 from orchestrator.engine.store.protocol import Store
-from orchestrator.engine.store.sqlite import SQLiteStore, StateDirLock
+from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import (
     CustodyError,
-    FileInputError,
     MEKError,
-    StateDirError,
     UsageError,
 )
 from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
+from orchestrator.statedir import in_state_dir, state_lock
 from orchestrator.transport.client import HostClient
 from orchestrator.transport.types import Deadlines, TLSClientConfig
 
@@ -100,7 +97,7 @@ async def fleet_for(plan: Plan) -> AsyncIterator[tuple[list[HostTarget], list[x5
         adversary_hosts=frozenset(emulated.adversary_hosts or ()) or None,
         adversary_devices=frozenset(emulated.adversary_devices or ()) or None,
         seed=emulated.seed)
-    pki = _in_state_dir(plan, lambda: VendorPKI.load_or_create(plan.state_dir / "emulated-pki"))
+    pki = in_state_dir(plan, lambda: VendorPKI.load_or_create(plan.state_dir / "emulated-pki"))
     async with run_fleet(config, pki=pki) as fleet:
         hosts = [HostTarget(host.name, host.address, tuple(range(len(host.backend.cards))))
                  for host in fleet.hosts]
@@ -148,15 +145,15 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
     card another fleet holds is refused, or taken over with ``take_over``.
     """
     replica = replica or default_replica_name()
-    with _state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
+    with state_lock(plan, f"lock-{replica}" if plan.shared else "lock"):
         if plan.deployments:
             async with _with_deployments(plan, connect, take_over=take_over,
                                          retry_quarantined=retry_quarantined,
-                                         replica=replica, replace_fleet=replace_fleet
-                                         ) as engine:
+                                         retry_rollout=retry_rollout, replica=replica,
+                                         replace_fleet=replace_fleet) as engine:
                 yield engine
             return
-        mek = _in_state_dir(plan, lambda: obtain_mek(plan))
+        mek = in_state_dir(plan, lambda: obtain_mek(plan))
         try:
             async with _open_store(plan, replica) as (store, shared):
                 if plan.mek.sealed is not None and plan.mek.pkcs11 is not None:
@@ -165,21 +162,21 @@ async def open_engine(plan: Plan, *, retry_quarantined: bool = False,
                 program = await _prepare(plan, mek, shared)
                 fleet = await _agree_on_fleet(plan, program, shared, replace=replace_fleet)
                 rollout = await arrange(plan, store, mek, program, retry=retry_rollout,
-                                        prepare=lambda p: _in_state_dir(
+                                        prepare=lambda p: in_state_dir(
                                             p, lambda: prepare_program(p, mek)))
                 async with fleet_for(plan) as (hosts, roots):
                     # everything is in place: the journal's WAL, the caches, the PKI
-                    _in_state_dir(plan, lambda: private_tree(plan.state_dir))
+                    in_state_dir(plan, lambda: private_tree(plan.state_dir))
                     yield Engine(plan, hosts, roots, mek, program, store,
                                  connect=await claiming(store, connect, take_over),
                                  retry_quarantined=retry_quarantined,
-                                 replica=_replica(shared, fleet), rollout=_rollout(rollout))
+                                 replica=_replica(shared, fleet), rollouts=_rollouts(rollout))
         finally:
             mek.wipe()
 
 
 def _mek_of(plan: Plan) -> MEK:
-    return _in_state_dir(plan, lambda: obtain_mek(plan))
+    return in_state_dir(plan, lambda: obtain_mek(plan))
 
 
 def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
@@ -187,13 +184,14 @@ def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
     generated MEK, its cache), so no two deployments ever share a key."""
     return dataclasses.replace(plan, model=deployment.model, mek=deployment.mek,
                                group_size=deployment.model.partitions, deployments=(),
+                               rollout=deployment.rollout,
                                state_dir=plan.state_dir / "deployments" / deployment.name)
 
 
 @asynccontextmanager
 async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: bool,
-                            retry_quarantined: bool, replica: str, replace_fleet: bool
-                            ) -> AsyncIterator[Engine]:
+                            retry_quarantined: bool, retry_rollout: bool, replica: str,
+                            replace_fleet: bool) -> AsyncIterator[Engine]:
     """An Engine for a plan with deployments (docs/deployments.md): each deployment's MEK
     and program, its groups placed on the fleet (kept where the store says they were,
     as long as they still fit), every MEK wiped at the end. With a shared store every
@@ -227,18 +225,23 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
             deployments = [Deployment(spec.name, program, mek, tuple(placed.groups[spec.name]),
                                       placed.pending.get(spec.name, ""))
                            for spec, program, mek in prepared]
-            prepare = None
+            prepare, rollouts = None, []
             if shared is None:   # `modelip apply` hands a running watch its changed plans
                 prepare = await _applied_here(plan, store, meks)
+                rollouts = [await _deployment_rollout(plan, store, spec, program, mek,
+                                                      len(placed.groups[spec.name]),
+                                                      retry=retry_rollout)
+                            for spec, program, mek in prepared]
             connecting = await claiming(store, connect, take_over)
             async with fleet_for(plan) as (hosts, roots):
-                _in_state_dir(plan, lambda: private_tree(plan.state_dir))
+                in_state_dir(plan, lambda: private_tree(plan.state_dir))
                 if shared is None:   # replicas: each host's cards are its holder's to touch
                     await _give_up_unplaced(plan, store, hosts, placed.groups, connecting)
                 yield Engine(plan, hosts, roots, meks[0], prepared[0][1], store,
                              prepare_deployment=prepare, connect=connecting,
                              retry_quarantined=retry_quarantined, deployments=deployments,
-                             unserved=unserved, replica=_replica(shared, fleet))
+                             unserved=unserved, replica=_replica(shared, fleet),
+                             rollouts=_rollouts(*rollouts))
     finally:
         for mek in meks:
             mek.wipe()
@@ -326,12 +329,23 @@ async def _agree_on_fleet(plan: Plan, program: PreparedProgram | Sequence[Prepar
     return digest
 
 
-def _rollout(setup: RolloutSetup | None) -> MakeRollout | None:
-    if setup is None:
-        return None
+def _rollouts(*setups: RolloutSetup | None) -> list[MakeRollout]:
     from orchestrator.engine.rollout.controller import Rollout
 
-    return lambda fleet, done: Rollout(fleet, setup, done)
+    def make(setup: RolloutSetup) -> MakeRollout:
+        return lambda fleet, done: Rollout(fleet, setup, done)
+    return [make(setup) for setup in setups if setup is not None]
+
+
+async def _deployment_rollout(plan: Plan, store: Store, spec: DeploymentSpec,
+                              program: PreparedProgram, mek: MEK, groups: int, *,
+                              retry: bool) -> RolloutSetup | None:
+    """The deployment's program recorded as the one it serves (a new version: replaced
+    at once, or by the rollout its ``rollout:`` says, over its placed groups)."""
+    sub = deployment_plan(plan, spec)
+    return await arrange(sub, store, mek, program, retry=retry, deployment=spec.name,
+                         groups=groups, prepare=lambda p: in_state_dir(
+                             p, lambda: prepare_program(p, mek)))
 
 
 @asynccontextmanager
@@ -374,11 +388,11 @@ async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> Prepar
     others check theirs against the record. The store is never asked for a salt: a
     database writer cannot make one salt seal two plaintexts."""
     program = await anyio.to_thread.run_sync(
-        lambda: _in_state_dir(plan, lambda: prepare_program(plan, mek)))
+        lambda: in_state_dir(plan, lambda: prepare_program(plan, mek)))
     if shared is None:
         return program
     _, _, key = await anyio.to_thread.run_sync(
-        lambda: _in_state_dir(plan, lambda: sealing_source(plan, mek)))
+        lambda: in_state_dir(plan, lambda: sealing_source(plan, mek)))
     recorded = await shared.offer_seal(key, program.salt, program.program_id)
     if recorded != (program.salt, program.program_id):
         raise UsageError(f"{plan.source}: this replica's encrypted body (program "
@@ -387,64 +401,3 @@ async def _prepare(plan: Plan, mek: MEK, shared: PostgresStore | None) -> Prepar
                          "settings: another modelip version on a replica, or a store "
                          "written by someone else (docs/security.md)")
     return program
-
-
-@contextmanager
-def _state_lock(plan: Plan, name: str) -> Iterator[None]:
-    if plan.state_dir.exists() and not plan.state_dir.is_dir():
-        raise StateDirError(plan.state_dir, "the plan's state_dir is not a directory")
-    _in_state_dir(plan, lambda: claim_state_dir(plan.state_dir))
-    # owner-only before anything is written into it (the plaintext package cache is)
-    _in_state_dir(plan, lambda: private_tree(plan.state_dir))
-    with StateDirLock(plan.state_dir, name):
-        yield
-
-
-STATE_MARK = ".modelip-state"
-STATE_MARK_TEXT = b"modelip state directory: modelip keeps it owner-only (docs/plans.md)\n"
-
-
-# what modelip writes into a state directory: one that holds nothing else, and no
-# mark, is an earlier version's (before the mark existed)
-# (and the temporary file of one being written atomically: another process, say a
-# second replica sharing the directory, may be writing the mark right now)
-_STATE_FILES = (r"(journal\.sqlite(-wal|-shm|-journal)?|mek\.dat|cache|emulated-pki|deployments"
-                r"|engine\.log|lock(-.+)?|" + re.escape(STATE_MARK) + ")")
-STATE_NAMES = re.compile(rf"{_STATE_FILES}|\.{_STATE_FILES}\..+\.tmp")
-
-
-def claim_state_dir(state_dir: Path) -> None:
-    """The state directory is modelip's own: created by it (and marked so), or empty,
-    or an earlier version's (it holds only what modelip writes). Any other directory
-    is refused before anything in it is touched: a plan naming /srv/www or ~ would
-    otherwise make every file there owner-only. Raises UsageError, OSError."""
-    mark = state_dir / STATE_MARK
-    if mark.is_file():
-        return
-    if state_dir.is_dir() and not all(STATE_NAMES.fullmatch(entry.name)
-                                      for entry in state_dir.iterdir()):
-        raise UsageError(f"state_dir {state_dir}: a directory modelip did not create, and "
-                         "not empty; modelip makes everything in its state directory "
-                         "owner-only: name a new or empty directory")
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        write_bytes_atomic(mark, STATE_MARK_TEXT, mode=0o600, overwrite=True)
-    except FileNotFoundError:
-        # two replicas claiming one new directory at once: one's temporary mark was
-        # seen gone under it once (CI); the directory is claimed if the other's is there
-        if not mark.is_file():
-            raise
-
-
-def _in_state_dir(plan: Plan, work: Callable[[], T]) -> T:
-    """Run ``work``; an OS failure inside the state directory (full, read-only) is a
-    StateDirError, elsewhere a FileInputError naming the file."""
-    try:
-        return work()
-    except OSError as exc:
-        name = exc.filename or plan.state_dir
-        inside = Path(name).resolve().is_relative_to(plan.state_dir.resolve())
-        if inside:
-            raise StateDirError(plan.state_dir, f"cannot write {name}: "
-                                f"{exc.strerror or exc}") from None
-        raise FileInputError(name, exc.strerror or str(exc)) from None

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.app import STATE_MARK, claim_state_dir
 from orchestrator.errors import UsageError
+from orchestrator.statedir import STATE_MARK, claim_state_dir
 from tests.models import tiny_mlp
 
 MODELIP = [sys.executable, "-m", "orchestrator"]

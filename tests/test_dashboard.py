@@ -273,25 +273,35 @@ def test_a_rollout_is_one_line_with_versions_capacity_and_verdict() -> None:
 
     running = RolloutView(1, "gating", 2, 3, 7, 8, 4, 16, 15, 15, False, "", "soak: 4 s left")
     for width, height in SIZES:
-        lines = screen(dataclasses.replace(fleet(16, 1), rollout=running), width, height)
+        lines = screen(dataclasses.replace(fleet(16, 1), rollouts=(running,)), width, height)
         assert len(lines) <= height and all(len(line) <= width for line in lines)
         line = next(line for line in lines if line.startswith("rollout "))
         assert "7 -> 8: wave 2/3 gating  capacity 15/16 (floor 15)  v8 4 | v7 12" in line
-    wide = screen(snapshot(rollout=running), 220, 50)
+    wide = screen(snapshot(rollouts=(running,)), 220, 50)
     assert any(line.endswith("soak: 4 s left") for line in wide)
     failed = RolloutView(1, "rolled back", 1, 3, 7, 8, 0, 16, 16, 15, False,
                          "smoke on group 0: output 'y' differs", "")
-    assert "rolled back" in capture(render(snapshot(rollout=failed)))
-    assert "output 'y' differs" in capture(render(snapshot(rollout=failed)))
+    assert "rolled back" in capture(render(snapshot(rollouts=(failed,))))
+    assert "output 'y' differs" in capture(render(snapshot(rollouts=(failed,))))
     assert "rollout" not in capture(render(snapshot()))
     families = {f.name: f for f in text_string_to_metric_families(
-        render_metrics(snapshot(rollout=running), EngineStats()))}
+        render_metrics(snapshot(rollouts=(running,)), EngineStats()))}
     assert families["modelip_rollout_wave"].samples[0].value == 2
     groups = {s.labels["side"]: (s.labels["version"], s.value)
               for s in families["modelip_rollout_groups"].samples}
     assert groups == {"new": ("8", 4), "old": ("7", 12)}
     phase = {s.labels["phase"]: s.value for s in families["modelip_rollout_phase"].samples}
     assert phase["gating"] == 1 and sum(phase.values()) == 1
+    # with deployments: a line and a labelled series per deployment's rollout
+    vision = dataclasses.replace(running, deployment="vision", phase="switching")
+    both = screen(snapshot(rollouts=(failed, vision)), 220, 50)
+    assert any("rollout vision version 7 -> 8: wave 2/3 switching" in line for line in both)
+    assert sum(line.startswith("rollout ") for line in both) == 2
+    families = {f.name: f for f in text_string_to_metric_families(
+        render_metrics(snapshot(rollouts=(failed, vision)), EngineStats()))}
+    phases = {(s.labels["deployment"], s.labels["phase"]): s.value
+              for s in families["modelip_rollout_phase"].samples if s.value}
+    assert phases == {("", "rolled back"): 1, ("vision", "switching"): 1}
 
 
 def test_a_down_host_shows_how_long_it_has_been_down_and_keeps_its_verdicts() -> None:

@@ -180,7 +180,13 @@ async def test_a_card_handed_to_another_deployment_is_reset_before_its_key(
     ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true}}\n"
      "model: {onnx: tiny.onnx}\n", "model: with deployments: each deployment has its model"),
     ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true}}\nrollout: {canary: 1}\n",
-     "rollout: with deployments: a rollout per deployment is not built yet"),
+     "rollout: with deployments: each deployment has its rollout (deployments[i].rollout)"),
+    ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true},\n"
+     "     rollout: {steps: [50%, 25%]}}\n",
+     "deployments[0].rollout.steps[1]: must be larger than the step before (50%)"),
+    ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true},\n"
+     "     rollout: {max_unavailable: 0}}\n",
+     "deployments[0].rollout.max_unavailable: must be"),
 ])
 def test_a_plan_that_cannot_work_is_one_line(deployments: str, expected: str,
                                              tmp_path: Path) -> None:

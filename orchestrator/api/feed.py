@@ -56,7 +56,8 @@ def change_message(change: ChangeRecord) -> control_pb2.Change:
                                              outcome=body["outcome"]))
     return C(revision=change.revision, type=C.ROLLOUT, ts=change.ts,
              rollout=control_pb2.RolloutStep(rollout=body["rollout"], wave=body["wave"],
-                                             phase=body["phase"], what=body["what"]))
+                                             phase=body["phase"], what=body["what"],
+                                             deployment=body.get("deployment", "")))
 
 
 class ChangeFeed:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto.modelip.v1 import control_pb2
 from orchestrator.api.feed import LOOK_EVERY, PAGE, C, ChangeFeed, change_message, entry
-from orchestrator.engine.rollout.ledgers import ledger_for
+from orchestrator.engine.rollout.ledgers import requested_ledger
 from orchestrator.engine.rollout.requests import request as request_rollout
 from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import ModelIPError, UsageError
@@ -170,8 +170,9 @@ class ControlService:
         command = f"rollout {action}"
         who, role = await self.allowed(context, "operator", command)
         try:
-            done = await request_rollout(ledger_for(self.store), str(action),
-                                         f"{who} ({role}, control API)")
+            done = await request_rollout(
+                await requested_ledger(self.store, request.deployment or None), str(action),
+                f"{who} ({role}, control API)")
         except UsageError as err:
             await self.store.record_command(who, role, command, f"refused: {err}")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))

@@ -64,7 +64,9 @@ def _line(change: Any) -> str:
             (f" [cordoned by {h.cordoned_by}]" if h.cordoned_by else "")
     elif change.type == C.ROLLOUT:
         r = change.rollout
-        text = f"{change.revision:>8}  rollout {r.rollout} wave {r.wave + 1} {r.phase}: {r.what}"
+        whose = f" ({r.deployment})" if r.deployment else ""
+        text = (f"{change.revision:>8}  rollout {r.rollout}{whose} wave {r.wave + 1} "
+                f"{r.phase}: {r.what}")
     else:
         text = f"{change.revision:>8}  {C.Type.Name(change.type).lower().replace('_', ' ')}"
     return terminal_safe(text, 2000)
@@ -146,7 +148,8 @@ async def rollout_command(args: argparse.Namespace, action: str) -> int:
 
     from orchestrator._proto.modelip.v1 import control_pb2, control_pb2_grpc
 
-    request = control_pb2.RolloutCommandRequest(action=action.upper())
+    request = control_pb2.RolloutCommandRequest(action=action.upper(),
+                                                deployment=args.deployment or "")
     async with channel(args) as chan:
         try:
             answer = await control_pb2_grpc.ControlStub(chan).RolloutCommand(request,

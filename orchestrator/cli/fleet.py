@@ -289,11 +289,17 @@ def _deployment(plan: Plan, name: str | None) -> str | None:
     if name is None and len(names) > 1:
         raise UsageError(f"run: {plan.source} has {len(names)} deployments: give "
                          f"--deployment NAME (one of {', '.join(names)})")
+    check_deployment(plan, name)
+    return name or (names[0] if names else None)
+
+
+def check_deployment(plan: Plan, name: str | None) -> None:
+    """UsageError unless ``name`` (if given) is one of the plan's deployments."""
+    names = [d.name for d in plan.deployments]
     if name is not None and name not in names:
         raise UsageError(f"--deployment {name!r}: not a deployment of {plan.source}" +
                          (f" (one of {', '.join(names)})" if names else
                           " (it has one top-level model)"))
-    return name or (names[0] if names else None)
 
 
 _REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -20,7 +20,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     import anyio
 
     from orchestrator.app import existing_journal
-    from orchestrator.cli.fleet import load_plan
+    from orchestrator.cli.fleet import check_deployment, load_plan
 
     action = args.rollout_command
     if (args.plan is None) == (getattr(args, "api", None) is None):
@@ -31,12 +31,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
         return anyio.run(rollout_command, args, action)
     plan = load_plan(args, quiet=True)
+    check_deployment(plan, args.deployment)
     if plan.shared:   # the replicas' store: whoever leads the rollout carries it out
         return anyio.run(_on_shared_store, plan, action, args)
     with existing_journal(plan, read_only=action == "status") as journal:
         if action == "status":
-            return _show(anyio.run(_status, journal), args)
-        return anyio.run(_request, journal, plan, action)
+            return _show(anyio.run(_statuses, journal, plan, args.deployment), args)
+        return anyio.run(_request, journal, plan, action, args.deployment)
 
 
 async def _on_shared_store(plan: Any, action: str, args: argparse.Namespace) -> int:
@@ -44,8 +45,8 @@ async def _on_shared_store(plan: Any, action: str, args: argparse.Namespace) -> 
 
     async with shared_store(plan, f"operator-{os.getpid()}", migrate=False) as store:
         if action == "status":
-            return _show(await _status(store), args)
-        return await _request(store, plan, action)
+            return _show(await _statuses(store, plan, args.deployment), args)
+        return await _request(store, plan, action, args.deployment)
 
 
 def _show(view: dict[str, Any], args: argparse.Namespace) -> int:
@@ -56,24 +57,39 @@ def _show(view: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(journal: Any) -> dict[str, Any]:
+async def _statuses(journal: Any, plan: Any, name: str | None) -> dict[str, Any]:
+    """The fleet's rollout; with deployments, the named one's, or each one's."""
+    if not plan.deployments:
+        return await _status(journal)
+    views = [await _status(journal, d.name) for d in plan.deployments
+             if name in (None, d.name)]
+    return views[0] if name else {"deployments": views}
+
+
+async def _status(journal: Any, deployment: str = "") -> dict[str, Any]:
     from orchestrator.engine.events import iso_time
     from orchestrator.engine.rollout.ledgers import ledger_for
 
-    ledger = ledger_for(journal)
+    ledger = ledger_for(journal, deployment)
     current = await ledger.fleet_program()
     serving = await ledger.program(current) if current else None
-    view: dict[str, Any] = {
-        "fleet_program": current, "fleet_version": serving.version if serving else None,
-        "rollout": None}
+    version = serving.version if serving else None
+    view: dict[str, Any] = {"deployment": deployment, "program": current,
+                            "version": version} if deployment else {
+        "fleet_program": current, "fleet_version": version}
+    view["rollout"] = None
     record = await ledger.latest()
     if record is None:
         return view
     versions = {pid: (p.version if p else None) for pid in
                 (record.from_program, record.candidate, record.to_program)
                 for p in [await ledger.program(pid)]}
+    mine = {(g.host, device) for g in (await journal.placements()).get(deployment, ())
+            for device in g.devices} if deployment else None
     groups: dict[int, set[str]] = {}
     for card in await journal.cards():
+        if mine is not None and (card.host, card.device) not in mine:
+            continue
         good = card.known_good.program_id if card.known_good else ""
         groups.setdefault(card.group, set()).add(good)
     by_program = Counter(next(iter(held)) if len(held) == 1 else "" for held in groups.values())
@@ -102,11 +118,18 @@ async def _status(journal: Any) -> dict[str, Any]:
 
 
 def _print_status(view: dict[str, Any]) -> None:
+    for each in view.get("deployments", ()):
+        print(f"deployment {each['deployment']}:")
+        _print_status(each)
+    if "deployments" in view:
+        return
     r = view["rollout"]
     if r is None:
-        version = view["fleet_version"]
-        print("no rollout recorded" + (f"; the fleet serves version {version} (program "
-                                       f"{view['fleet_program'][:16]})" if version else ""))
+        whose = f"deployment {view['deployment']}" if "deployment" in view else "the fleet"
+        version = view.get("version", view.get("fleet_version"))
+        program = view.get("program", view.get("fleet_program")) or ""
+        print("no rollout recorded" + (f"; {whose} serves version {version} (program "
+                                       f"{program[:16]})" if version else ""))
         return
     flags = " (paused)" if r["paused"] else ""
     waiting = [w for w in r["approval_waves"] if w > r["approved_through"]]
@@ -130,12 +153,13 @@ def _print_status(view: dict[str, Any]) -> None:
               f"{h['what']}")
 
 
-async def _request(journal: Any, plan: Any, action: str) -> int:
-    from orchestrator.engine.rollout.ledgers import ledger_for
+async def _request(journal: Any, plan: Any, action: str, deployment: str | None) -> int:
+    from orchestrator.engine.rollout.ledgers import requested_ledger
     from orchestrator.engine.rollout.requests import request
 
     try:
-        done = await request(ledger_for(journal), action, f"modelip rollout {action}")
+        done = await request(await requested_ledger(journal, deployment), action,
+                             f"modelip rollout {action}")
     except UsageError as err:
         raise UsageError(f"{plan.source}: {err}") from None
     if not done.written:
@@ -184,6 +208,9 @@ def register(sub: Any) -> None:
                        help="the plan (its journal, on this machine)" if name != "status"
                        else None)
         add_store_flags(p, replica=False)
+        p.add_argument("--deployment", metavar="NAME",
+                       help="with deployments: whose rollout (default: every one's for "
+                            "status; the only one in progress for a request)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="everything, for scripts")
         else:

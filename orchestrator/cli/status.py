@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.cli.fleet import add_store_flags, load_plan
-from orchestrator.errors import ModelIPError, UsageError
+from orchestrator.cli.fleet import add_store_flags, check_deployment, load_plan
+from orchestrator.errors import ModelIPError
 
 if TYPE_CHECKING:  # imported where used: `modelip --help` and the file commands stay quick
     from orchestrator.plan.model import Plan
@@ -29,10 +29,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.views.stored import stored_snapshot
 
     plan = load_plan(args, quiet=True)
-    if args.deployment is not None and args.deployment not in {d.name for d in
-                                                               plan.deployments}:
-        raise UsageError(f"--deployment {args.deployment!r}: not a deployment of "
-                         f"{plan.source}")
+    check_deployment(plan, args.deployment)
     view = anyio.run(_read_status, plan, args.deployment)
     snap = stored_snapshot(*view.pop("_records"), now=time.time())
     rollup = view["rollup"] = {

@@ -100,13 +100,14 @@ class Engine(Inference):
     def __init__(self, plan: Plan, hosts: Sequence[HostTarget],
                  roots: Sequence[x509.Certificate], mek: MEK, program: PreparedProgram,
                  store: Store, *, connect: Connect, retry_quarantined: bool = False,
-                 replica: MakeReplica | None = None, rollout: MakeRollout | None = None,
+                 replica: MakeReplica | None = None, rollouts: Sequence[MakeRollout] = (),
                  deployments: Sequence[Deployment] = (),
                  unserved: Mapping[str, str] | None = None,
                  prepare_deployment: PrepareDeployment | None = None) -> None:
         """``replica``: the store is shared by replicas: drive only the hosts this
-        replica holds leases on (engine/replicas.py). ``rollout``: the fleet serves
-        another version of the model; replace it (engine/rollout/). Both are built
+        replica holds leases on (engine/replicas.py). ``rollouts``: the fleet (or each
+        of these deployments) serves another version of the model; replace it
+        (engine/rollout/; with replicas, one: the fleet's). Both are built
         here, from the ports the engine offers them (engine/ports.py).
         ``deployments``: several models on the fleet, each driven on the groups placed
         for it with its own program and MEK (docs/deployments.md); ``unserved``: those
@@ -118,7 +119,7 @@ class Engine(Inference):
         self.ctx = EngineContext(plan, store, program, mek, list(roots), self._emit,
                                  self._escalate, retry_quarantined=retry_quarantined)
         self.deployed = anyio.Event()
-        self.finished = anyio.Event()   # deployed, and the rollout (if any) has ended
+        self.finished = anyio.Event()   # deployed, and the rollouts (if any) have ended
         self.fatal: StateDirError | None = None
         self._listeners: list[Callable[[Event], None]] = []
         self._events: deque[Event] = deque(maxlen=12)
@@ -166,7 +167,9 @@ class Engine(Inference):
                     self.groups.setdefault(group, []).append(driver)
                 group += 1
         self._unsettled = len(self.drivers)
-        self.rollout: RolloutPart | None = rollout(self, self.finished) if rollout else None
+        self._rollouts_done = [anyio.Event() for _ in rollouts]
+        self.rollouts: list[RolloutPart] = [
+            make(self, done) for make, done in zip(rollouts, self._rollouts_done, strict=True)]
         self.replica: ReplicaPart | None = (
             replica(self.hosts, self.ctx, self.recount, self.rollout) if replica else None)
 
@@ -286,7 +289,7 @@ class Engine(Inference):
                         *((self.replica.name, self.replica.alive, self.replica.reachable)
                           if self.replica else ("", 0, True)),
                         tuple(now - t for t in self.stats.rekeyed_at if now - t <= 60.0),
-                        rollout=self.rollout.view() if self.rollout else None,
+                        rollouts=tuple(r.view() for r in self.rollouts),
                         deployments=self.deployment_outcomes())
 
     def judged(self, *, store_word: bool = False) -> list[CardMachine]:
@@ -309,7 +312,7 @@ class Engine(Inference):
         not_serving = [c for c in cards if c.state is not S.SERVING]
         if any(c.state is S.QUARANTINED for c in not_serving):
             return 3, not_serving
-        if self.rollout is not None and self.rollout.rolled_back:
+        if any(r.rolled_back for r in self.rollouts):
             return ROLLED_BACK_EXIT, not_serving
         short = any(d.groups_serving < d.groups_wanted for d in self.deployment_outcomes())
         return (4 if not_serving or short else 0), not_serving
@@ -324,7 +327,7 @@ class Engine(Inference):
                        not_serving=tuple(CardOutcome(c.name, c.card_id, c.state.value,
                                                      c.reason) for c in not_serving),
                        error=str(self.fatal) if self.fatal else "",
-                       rollout=self.rollout.describe() if self.rollout else "",
+                       rollout="\n".join(r.describe() for r in self.rollouts),
                        in_flight_at_end=busy, finished_at_end=finished,
                        wind_down_seconds=round(seconds, 3),
                        store_word=len(self.cards) - judged,
@@ -362,10 +365,12 @@ class Engine(Inference):
         async with anyio.create_task_group() as tg:
             self._root = tg.cancel_scope
             await self.cordons_changed()
-            if self.rollout is not None:
-                await self.rollout.place()
+            for rollout in self.rollouts:
+                await rollout.place()
                 if self.replica is None:   # with replicas, whoever holds its lease leads
-                    tg.start_soon(self.rollout.run)
+                    tg.start_soon(rollout.run)
+            if self.rollouts:
+                tg.start_soon(self._finish_after_rollouts)
             if self.replica is not None:
                 await tg.start(self.replica.run)
             else:
@@ -402,6 +407,17 @@ class Engine(Inference):
             finished = sum(d.machine.state is S.SERVING for d in busy)
             self.stats.wound_down = (len(busy), finished, time.monotonic() - started)
 
+    @property
+    def rollout(self) -> RolloutPart | None:
+        """The fleet's rollout (the first, with deployments)."""
+        return self.rollouts[0] if self.rollouts else None
+
+    async def _finish_after_rollouts(self) -> None:
+        for done in self._rollouts_done:
+            await done.wait()
+        await self.deployed.wait()
+        self.finished.set()
+
     def _check_settled(self) -> None:
         """Every card settled for the first time: announce it (called where the count
         changes, not by a task woken at every event)."""
@@ -410,7 +426,7 @@ class Engine(Inference):
         self.stats.deployed_after = time.monotonic() - self.stats.started
         counts = Counter(c.state for c in self.cards)
         self.deployed.set()
-        if self.rollout is None:
+        if not self.rollouts:
             self.finished.set()
         self._emit(Deployed(
             seconds=round(self.stats.deployed_after, 3), serving=counts[S.SERVING],

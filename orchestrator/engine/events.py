@@ -194,6 +194,7 @@ class RolloutChanged(Event):
     paused: bool
     what: str             # what happened, in words
     verdict: str = ""
+    deployment: str = ""  # whose version it replaces ("": the fleet's one model)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -83,6 +83,8 @@ class CardHost(Protocol):
 class Member(Protocol):
     """A card of an MDP group, as the rollout controller sees it."""
 
+    deployment: str   # the deployment its group serves ("": the fleet's one model)
+
     @property
     def machine(self) -> CardMachine:
         """Read only: the driver alone moves it."""

@@ -56,6 +56,7 @@ class RolloutView:
     paused: bool
     verdict: str
     note: str             # what it waits for now
+    deployment: str = ""  # whose version it replaces ("": the fleet's one model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,13 @@ class Snapshot:
     store_reachable: bool = True
     rekey_ages: tuple[float, ...] = ()   # seconds since each re-key of the last minute
     live: bool = True             # False: read back from a store (no engine, no counters)
-    rollout: RolloutView | None = None
+    rollouts: tuple[RolloutView, ...] = ()   # the fleet's, or each deployment's
     deployments: tuple[DeploymentOutcome, ...] = ()   # docs/deployments.md
+
+    @property
+    def rollout(self) -> RolloutView | None:
+        """The first rollout (the fleet's one, when it has one model)."""
+        return self.rollouts[0] if self.rollouts else None
 
 
 __all__ = ["CardView", "HostView", "RolloutView", "Snapshot"]

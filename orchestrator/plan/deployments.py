@@ -12,7 +12,8 @@ from orchestrator.crypto.custody import token_missing
 from orchestrator.engine.placement import HostSlots, Need, place
 from orchestrator.limits import MAX_CARDS_PER_HOST, MAX_HOSTS
 from orchestrator.plan.reader import Problem, Reader
-from orchestrator.plan.sections import read_mek, read_model
+from orchestrator.plan.rollout import RolloutSpec, read_rollout
+from orchestrator.plan.sections import plan_path, read_mek, read_model
 from orchestrator.plan.specs import EmulatedSpec, HostSpec, MEKSpec, ModelSpec
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -23,7 +24,8 @@ MAX_GROUPS = MAX_HOSTS * MAX_CARDS_PER_HOST
 class DeploymentSpec:
     """One deployment: its model, its MEK (a key domain of its own), how many MDP groups
     it runs (each of ``model.partitions`` cards on one host), on which hosts (names or
-    ``key=value`` labels; none: any), spread across hosts or packed."""
+    ``key=value`` labels; none: any), spread across hosts or packed, and how a new
+    version of its model replaces the one it serves (``rollout``; None: at once)."""
 
     name: str
     model: ModelSpec
@@ -32,6 +34,7 @@ class DeploymentSpec:
     hosts: tuple[str, ...] = ()
     spread: bool = True
     line: int = 0
+    rollout: RolloutSpec | None = None
 
     @property
     def need(self) -> Need:
@@ -71,8 +74,13 @@ def read_deployments(top: Reader, base: Path) -> tuple[DeploymentSpec, ...]:
         groups = reader.get("groups", int, 1, check=_groups)
         hosts = reader.list_of("hosts", str)
         spread = reader.get("spread", bool, True)
+        rollout = None
+        if (rollout_reader := reader.child("rollout")) is not None:
+            rollout = read_rollout(rollout_reader, lambda r, key: plan_path(
+                base, r.get(key, str), r, key))
         reader.done()
-        deployments.append(DeploymentSpec(name, model, mek, groups, hosts, spread, line))
+        deployments.append(DeploymentSpec(name, model, mek, groups, hosts, spread, line,
+                                          rollout))
     return tuple(deployments)
 
 

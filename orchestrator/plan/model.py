@@ -43,8 +43,7 @@ _NOT_WITH_DEPLOYMENTS = {
            "domain",
     "groups": "with deployments: each deployment says how many groups it runs "
               "(deployments[i].groups); a group's size is its model's partitions",
-    "rollout": "with deployments: a rollout per deployment is not built yet "
-               "(docs/deployments.md)",
+    "rollout": "with deployments: each deployment has its rollout (deployments[i].rollout)",
 }
 
 
@@ -114,7 +113,7 @@ class Plan:
         top = Reader(node, "")
         deployments = read_deployments(top, base)
         if deployments:
-            for key in ("model", "mek", "groups", "rollout", "store"):
+            for key in _NOT_WITH_DEPLOYMENTS:
                 if top.has(key):
                     raise Problem(top.items[key][1], key, _NOT_WITH_DEPLOYMENTS[key])
             model, mek = deployments[0].model, deployments[0].mek
@@ -200,6 +199,12 @@ class Plan:
                            "process's own (run `modelip emulate` and list its hosts)")
         if deployments:
             check_fit(deployments, inventory(hosts, emulated))
+            rolled = [i for i, d in enumerate(deployments) if d.rollout is not None]
+            if store and rolled:
+                raise Problem(deployments[rolled[0]].line, f"deployments[{rolled[0]}].rollout",
+                              "a deployment's rollout with a shared store is not built yet "
+                              "(docs/deployments.md): without rollout:, a new version "
+                              "replaces the deployment's at once")
         else:
             plan._check_groups(fleet)
         return plan

@@ -81,10 +81,10 @@ def read_rollout(reader: Reader, path_of: Callable[[Reader, str], Path]) -> Roll
     canary = reader.get("canary", int, 1, check=non_negative)
     steps: list[Step] = []
     for index, (node, line) in enumerate(reader.nodes("steps")):
-        step = _step(node, line, f"rollout.steps[{index}]")
+        step = _step(node, line, reader.field_name(f"steps[{index}]"))
         if steps and steps[-1].percent == step.percent and step.value <= steps[-1].value:
-            raise Problem(line, f"rollout.steps[{index}]", f"must be larger than the step "
-                          f"before ({steps[-1]}): steps are cumulative")
+            raise Problem(line, reader.field_name(f"steps[{index}]"), f"must be larger than "
+                          f"the step before ({steps[-1]}): steps are cumulative")
         steps.append(step)
     max_unavailable = reader.get("max_unavailable", int, 1, check=positive)
     pause = float(reader.get("pause", (int, float), 0.0, check=non_negative))
@@ -144,9 +144,9 @@ def _smoke(reader: Reader, path_of: Callable[[Reader, str], Path]) -> SmokeSpec:
     rtol, atol = _tolerance(reader, "rtol", 1e-3), _tolerance(reader, "atol", 0.0)
     reader.done()
     if (check is None) == (expected is None):
-        raise Problem(reader.node.line, "rollout.smoke",
+        raise Problem(reader.node.line, reader.path,
                       "give exactly one of expect (expected outputs, .npy/.npz) or check: finite")
     if expected is not None and given is None:
-        raise Problem(reader.node.line, "rollout.smoke.input",
+        raise Problem(reader.node.line, reader.field_name("input"),
                       "is required with expect (the input the expected outputs answer)")
     return SmokeSpec(given, expected, rtol, atol)

@@ -150,9 +150,9 @@ def _rollup(snapshot: Snapshot, cards_by_host: dict[str, list[CardView]], width:
                     f"{snapshot.replicas_alive} replicas alive, store ")
         text.append(*(("reachable", "green") if snapshot.store_reachable
                       else ("UNREACHABLE", "red")))
-    if snapshot.rollout is not None:
+    for rollout in snapshot.rollouts:
         text.append("\n")
-        text.append_text(rollout_line(snapshot.rollout, width))
+        text.append_text(rollout_line(rollout, width))
     # each deployment a line, those short of what they want first; a thousand do not
     # take the screen: the rest are counted
     ordered = sorted(snapshot.deployments,
@@ -190,6 +190,7 @@ def rollout_line(r: RolloutView, width: int) -> Text:
         r.phase, "yellow")
     wide = width >= 100
     text = Text.assemble(("rollout ", "bold"),
+                         f"{r.deployment} " if r.deployment else "",
                          f"{'version ' if wide else ''}{r.from_version} -> {r.to_version}: ",
                          (f"wave {r.wave}/{r.waves} {r.phase}", style))
     if r.paused:

@@ -51,7 +51,8 @@ def event_line(event: Event) -> str:
             said = "answers again" if event.reachable else f"unreachable: {event.reason}"
             return f"{stamp} store {said}"
         case RolloutChanged():
-            return (f"{stamp} rollout {event.from_version} -> {event.to_version} wave "
+            whose = f" {event.deployment}" if event.deployment else ""
+            return (f"{stamp} rollout{whose} {event.from_version} -> {event.to_version} wave "
                     f"{event.wave}/{event.waves} {event.phase}: {event.what}")
         case Deployed():
             return (f"{stamp} settled in {event.seconds} s: {event.serving} serving, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import anyio
 from anyio.abc import SocketStream, TaskStatus
@@ -104,8 +104,8 @@ class _SnapshotCollector(Collector):
             yield from _deployment_metrics(snapshot)
         if snapshot.replica:
             yield from _replica_metrics(snapshot, stats)
-        if snapshot.rollout is not None:
-            yield from _rollout_metrics(snapshot.rollout)
+        if snapshot.rollouts:
+            yield from _rollout_metrics(snapshot.rollouts)
 
 
 def _deployment_metrics(snapshot: Snapshot) -> Iterator[Metric]:
@@ -129,23 +129,28 @@ def _deployment_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     yield serving
 
 
-def _rollout_metrics(r: RolloutView) -> Iterator[Metric]:
-    """Where a rollout stands (docs/rollouts.md): wave, groups per version, capacity."""
-    yield GaugeMetricFamily("modelip_rollout_wave",
-                            "The wave being switched or gated (1-based).", value=r.wave)
-    yield GaugeMetricFamily("modelip_rollout_waves", "Waves of the rollout.", value=r.waves)
-    groups = GaugeMetricFamily("modelip_rollout_groups", "MDP groups to run each version.",
-                               labels=["side", "version"])
-    groups.add_metric(["new", str(r.to_version)], r.groups_new)
-    groups.add_metric(["old", str(r.from_version)], r.groups - r.groups_new)
-    yield groups
-    yield GaugeMetricFamily("modelip_rollout_capacity_floor",
-                            "Groups serving the rollout never goes below.", value=r.floor)
-    phase = GaugeMetricFamily("modelip_rollout_phase", "1 for the phase the rollout is in.",
-                              labels=["phase"])
-    for each in Phase:
-        phase.add_metric([each.value], int(r.phase == each.value))
-    yield phase
+def _rollout_metrics(rollouts: Sequence[RolloutView]) -> Iterator[Metric]:
+    """Where each rollout stands (docs/rollouts.md): wave, groups per version, capacity;
+    labelled by deployment ("" : the fleet's one model)."""
+    def gauge(name: str, text: str, *labels: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, text, labels=["deployment", *labels])
+
+    wave = gauge("modelip_rollout_wave", "The wave being switched or gated (1-based).")
+    waves = gauge("modelip_rollout_waves", "Waves of the rollout.")
+    groups = gauge("modelip_rollout_groups", "MDP groups to run each version.", "side",
+                   "version")
+    floor = gauge("modelip_rollout_capacity_floor",
+                  "Groups serving the rollout never goes below.")
+    phase = gauge("modelip_rollout_phase", "1 for the phase the rollout is in.", "phase")
+    for r in rollouts:
+        wave.add_metric([r.deployment], r.wave)
+        waves.add_metric([r.deployment], r.waves)
+        groups.add_metric([r.deployment, "new", str(r.to_version)], r.groups_new)
+        groups.add_metric([r.deployment, "old", str(r.from_version)], r.groups - r.groups_new)
+        floor.add_metric([r.deployment], r.floor)
+        for each in Phase:
+            phase.add_metric([r.deployment, each.value], int(r.phase == each.value))
+    yield from (wave, waves, groups, floor, phase)
 
 
 def _replica_metrics(snapshot: Snapshot, stats: EngineStats) -> Iterator[Metric]:

@@ -56,8 +56,14 @@ class Rollout(Leadership):
         self.spec = setup.spec
         self.old, self.candidate, self.final = setup.old, setup.candidate, setup.final
         self.smoke_inputs, self.smoke_expect = setup.smoke_inputs, setup.smoke_expect
+        self.deployment = setup.deployment
         fleet.ctx.offer(self.old, self.candidate, self.final)
-        self.order = sorted(fleet.groups)
+        if setup.mek is not None:   # a deployment's versions: each sealed under its MEK
+            fleet.ctx.keys.update(dict.fromkeys(
+                (self.old.program_id, self.candidate.program_id, self.final.program_id),
+                setup.mek))
+        self.order = sorted(group for group, members in fleet.groups.items()
+                            if members[0].deployment == self.deployment)
         self.note = ""
         self.leading = False  # replicas: this one leads the rollout now
         self._looked = 0.0   # monotonic time of the last read of the journal
@@ -358,7 +364,8 @@ class Rollout(Leadership):
             rollout=view.id, phase=view.phase, wave=view.wave, waves=view.waves,
             from_version=view.from_version, to_version=view.to_version,
             groups_new=view.groups_new, groups=view.groups, serving=view.serving,
-            floor=view.floor, paused=view.paused, what=what, verdict=view.verdict))
+            floor=view.floor, paused=view.paused, what=what, verdict=view.verdict,
+            deployment=self.deployment))
 
     def view(self) -> RolloutView:
         record = self.record
@@ -368,12 +375,13 @@ class Rollout(Leadership):
             self.old.version, self.final.version,
             sum(self.target(g) in new for g in self.order), len(self.order),
             sum(map(self.fleet.group_serving, self.order)), self.floor, record.paused,
-            record.verdict, self.note)
+            record.verdict, self.note, self.deployment)
 
     def describe(self) -> str:
         """One line for the summary."""
         r, v = self.record, self.view()
-        head = f"rollout {r.id} of version {v.from_version} -> {v.to_version}"
+        head = f"rollout {r.id} of {f'deployment {self.deployment} ' if self.deployment else ''}" \
+            f"version {v.from_version} -> {v.to_version}"
         if r.phase is Phase.COMMITTED:
             return f"{head}: committed ({v.waves} waves)"
         if r.phase is Phase.ROLLED_BACK:

@@ -141,12 +141,25 @@ class Ledger(Protocol):
         """The replica leading the rollout now ("": none, or one process)."""
 
 
+_OFFER_FLEET_PROGRAM = "INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO NOTHING"
+_REPLACE_FLEET_PROGRAM = ("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
+                          "SET program_id = excluded.program_id, ts = excluded.ts")
+_OFFER_DEPLOYMENT_PROGRAM = ("INSERT INTO deployment_programs VALUES (?, ?, ?) ON "
+                             "CONFLICT(deployment) DO NOTHING")
+_REPLACE_DEPLOYMENT_PROGRAM = ("INSERT INTO deployment_programs VALUES (?, ?, ?) ON "
+                               "CONFLICT(deployment) DO UPDATE SET program_id = "
+                               "excluded.program_id, ts = excluded.ts")
+
+
 class RolloutLedger:
     """Rollout records in the embedded journal (same file, same write-ahead rules).
-    One process drives every group, so the groups' targets live in its drivers."""
+    One process drives every group, so the groups' targets live in its drivers.
+    ``deployment``: the rollouts of that deployment of the fleet, and the program it
+    serves ("": the fleet's one model)."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: SQLiteStore, deployment: str = "") -> None:
         self.store = store
+        self.deployment = deployment
 
     # --- programs ----------------------------------------------------------------------
 
@@ -163,21 +176,26 @@ class RolloutLedger:
         return None if row is None else ProgramRecord(*row)
 
     async def fleet_program(self) -> str | None:
-        """The program the whole fleet is meant to serve (None: never recorded)."""
-        row = self.store.query("SELECT program_id FROM fleet_program").fetchone()
+        """The program the whole fleet (or the deployment) is meant to serve (None:
+        never recorded)."""
+        if self.deployment:
+            row = self.store.query("SELECT program_id FROM deployment_programs WHERE "
+                                   "deployment = ?", (self.deployment,)).fetchone()
+        else:
+            row = self.store.query("SELECT program_id FROM fleet_program").fetchone()
         return None if row is None else str(row[0])
 
     async def set_fleet_program(self, program_id: str) -> None:
-        self.store.execute("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) DO "
-                          "UPDATE SET program_id = excluded.program_id, ts = excluded.ts",
-                          (program_id, time.time()))
+        await self.offer_fleet_program(program_id, replace=True)
 
     async def offer_fleet_program(self, program_id: str, *, replace: bool = False) -> None:
-        if replace:
-            await self.set_fleet_program(program_id)
+        if self.deployment:
+            self.store.execute(_REPLACE_DEPLOYMENT_PROGRAM if replace else
+                               _OFFER_DEPLOYMENT_PROGRAM,
+                               (self.deployment, program_id, time.time()))
         else:
-            self.store.execute("INSERT INTO fleet_program VALUES (1, ?, ?) ON CONFLICT(id) "
-                               "DO NOTHING", (program_id, time.time()))
+            self.store.execute(_REPLACE_FLEET_PROGRAM if replace else _OFFER_FLEET_PROGRAM,
+                               (program_id, time.time()))
 
     async def targets(self, rollout_id: int) -> dict[int, str]:
         return {}
@@ -192,19 +210,22 @@ class RolloutLedger:
 
     async def active(self) -> RolloutRecord | None:
         row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE ended IS NULL "  # noqa: S608 - constant columns
-                               "ORDER BY id DESC LIMIT 1").fetchone()
+                               "AND deployment = ? ORDER BY id DESC LIMIT 1",
+                               (self.deployment,)).fetchone()
         return None if row is None else rollout_record(row)
 
     async def latest(self, from_program: str | None = None, to_program: str | None = None
                      ) -> RolloutRecord | None:
         """The newest rollout (of ``from_program`` to ``to_program`` if given)."""
         if from_program is None:
-            row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC "  # noqa: S608 - constant columns
-                                   "LIMIT 1").fetchone()
+            row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE "  # noqa: S608 - constant columns
+                                   "deployment = ? ORDER BY id DESC LIMIT 1",
+                                   (self.deployment,)).fetchone()
         else:
             row = self.store.query(f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE from_program = ? "  # noqa: S608 - constant columns
-                                   "AND to_program = ? ORDER BY id DESC LIMIT 1",
-                                   (from_program, to_program)).fetchone()
+                                   "AND to_program = ? AND deployment = ? ORDER BY id DESC "
+                                   "LIMIT 1", (from_program, to_program, self.deployment)
+                                   ).fetchone()
         return None if row is None else rollout_record(row)
 
     async def get(self, rollout_id: int) -> RolloutRecord:
@@ -220,9 +241,9 @@ class RolloutLedger:
         with self.store.transaction() as execute:
             cursor = execute(
                 "INSERT INTO rollouts (started, updated, from_program, candidate, to_program, "
-                "waves, wave, phase, manual) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                "waves, wave, phase, manual, deployment) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 (now, now, from_program, candidate, to_program, json.dumps(waves),
-                 Phase.SWITCHING.value, json.dumps(manual or [])))
+                 Phase.SWITCHING.value, json.dumps(manual or []), self.deployment))
             rollout_id = int(cursor.lastrowid or 0)
             self._history(execute, rollout_id, 0, Phase.SWITCHING, what, now)
         return await self.get(rollout_id)

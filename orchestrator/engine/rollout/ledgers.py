@@ -5,11 +5,31 @@ from __future__ import annotations
 from orchestrator.engine.rollout.ledger import Ledger, RolloutLedger
 from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore
+from orchestrator.errors import UsageError
 
 
-def ledger_for(store: Store) -> Ledger:
+async def requested_ledger(store: Store, deployment: str | None) -> Ledger:
+    """The rollout an operator's request is for: the named deployment's, else the one
+    rollout in progress (the fleet's, or its only deployment's with one). UsageError if
+    several deployments have one and none is named."""
+    if deployment is None and isinstance(store, SQLiteStore):
+        active = [str(name) for (name,) in store.query(
+            "SELECT DISTINCT deployment FROM rollouts WHERE ended IS NULL ORDER BY 1")]
+        if len(active) > 1:
+            raise UsageError(f"rollouts are in progress in deployments {', '.join(active)}: "
+                             "name one (--deployment NAME)")
+        deployment = active[0] if active else ""
+    return ledger_for(store, deployment or "")
+
+
+def ledger_for(store: Store, deployment: str = "") -> Ledger:
+    """``deployment``: that deployment's rollouts ("": the fleet's one model). UsageError
+    for a deployment's with a shared store (not built: docs/deployments.md)."""
     if isinstance(store, SQLiteStore):
-        return RolloutLedger(store)
+        return RolloutLedger(store, deployment)
+    if deployment:
+        raise UsageError(f"deployment {deployment}: a deployment's rollout with a shared "
+                         "store is not built yet (docs/deployments.md)")
     from orchestrator.engine.rollout.shared import SharedLedger
     from orchestrator.engine.store.postgres import PostgresStore
 

@@ -39,6 +39,8 @@ class RolloutSetup:
     smoke_inputs: dict[str, Any]
     smoke_expect: dict[str, Any] | None
     fresh: bool           # started by this run (not resumed from the journal)
+    deployment: str = ""  # the deployment it replaces the version of ("": the fleet's)
+    mek: MEK | None = None  # the deployment's MEK (None: the plan's)
 
 
 def program_record(program: PreparedProgram) -> ProgramRecord:
@@ -47,16 +49,19 @@ def program_record(program: PreparedProgram) -> ProgramRecord:
 
 
 async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
-                  retry: bool, prepare: Callable[[Plan], PreparedProgram]
-                  ) -> RolloutSetup | None:
+                  retry: bool, prepare: Callable[[Plan], PreparedProgram],
+                  deployment: str = "", groups: int | None = None) -> RolloutSetup | None:
     """The rollout this run carries out, if the fleet serves another version (or one
     is in progress, or was rolled back); None: every group runs the plan's program.
 
     ``prepare(plan)`` seals a plan's model (the candidate: the old floor kept).
+    ``deployment``: the rollout of that deployment alone (``plan`` is its own, app.py
+    deployment_plan), over its ``groups``.
     UsageError: a rollout of another version is in progress; the previous version's
     body is gone or under another MEK; the plan's version is below the fleet's floor.
     """
-    ledger = ledger_for(store)
+    ledger = ledger_for(store, deployment)
+    source = f"{plan.source}: deployment {deployment}" if deployment else str(plan.source)
     await ledger.record_program(program_record(final))
     current = await ledger.fleet_program()
     if current is None:
@@ -66,7 +71,7 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
         was = await ledger.program(record.from_program)
         will = await ledger.program(record.to_program)
         raise UsageError(
-            f"{plan.source}: a rollout from version {was.version if was else '?'} to version "
+            f"{source}: a rollout from version {was.version if was else '?'} to version "
             f"{will.version if will else '?'} is in progress (wave {record.wave + 1} of "
             f"{len(record.waves)}, {record.phase.value}): deploy that version's plan to finish "
             "it, or `modelip rollout undo` it first")
@@ -75,7 +80,7 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
             return None
         serving = await ledger.program(current)
         if serving is not None and final.version < serving.floor:
-            raise UsageError(f"{plan.source}: model.version {final.version} is below the "
+            raise UsageError(f"{source}: model.version {final.version} is below the "
                              f"rollback floor the fleet's cards hold ({serving.floor}, from "
                              f"version {serving.version}): they would refuse it")
         if plan.rollout is None:  # replaced at once (docs/rollouts.md: no rollout: section)
@@ -85,19 +90,20 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
         if record is not None and (retry or record.phase is not Phase.ROLLED_BACK):
             record = None   # tried again (--retry-rollout), or an old rollout's record
     if plan.rollout is None:
-        raise UsageError(f"{plan.source}: a rollout of this version is in progress: the "
+        raise UsageError(f"{source}: a rollout of this version is in progress: the "
                          "plan needs its rollout: section to carry it on")
-    old = await _recorded(plan, ledger, record.from_program if record else current, mek,
-                          "the previous version")
+    old = await _recorded(plan, source, ledger, record.from_program if record else current,
+                          mek, "the previous version")
     if record is not None:  # resumed or held: exactly the bodies it started with
-        candidate = await _recorded(plan, ledger, record.candidate, mek, "the candidate")
+        candidate = await _recorded(plan, source, ledger, record.candidate, mek,
+                                    "the candidate")
     else:
         candidate = final
         if final.floor > old.version:  # keep the way back open until commit
             candidate = await anyio.to_thread.run_sync(prepare, dataclasses.replace(
                 plan, model=dataclasses.replace(plan.model, rollback_floor=old.version)))
         await ledger.record_program(program_record(candidate))
-    groups = _group_count(plan)
+    groups = _group_count(plan) if groups is None else groups
     fresh = record is None
     if record is None:
         waves = plan.rollout.waves(groups)
@@ -109,12 +115,12 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
             f"version {old.version} -> {final.version}: {len(waves)} wave(s) ending at "
             f"{', '.join(map(str, waves))} of {groups} groups{approvals}", manual)
     elif record.groups != groups:
-        raise UsageError(f"{plan.source}: the fleet has {groups} MDP groups, the rollout in "
+        raise UsageError(f"{source}: the fleet has {groups} MDP groups, the rollout in "
                          f"progress was planned for {record.groups}: `modelip rollout undo` "
                          "it, or restore the fleet")
     inputs, expect = _smoke_arrays(plan.rollout, final)
     return RolloutSetup(ledger, record, plan.rollout, old, candidate, final, inputs, expect,
-                        fresh)
+                        fresh, deployment, mek if deployment else None)
 
 
 def _group_count(plan: Plan) -> int:
@@ -125,16 +131,16 @@ def _group_count(plan: Plan) -> int:
     return cards // plan.group_size
 
 
-async def _recorded(plan: Plan, ledger: Ledger, program_id: str | None, mek: MEK,
-                    role: str) -> PreparedProgram:
+async def _recorded(plan: Plan, source: str, ledger: Ledger, program_id: str | None,
+                    mek: MEK, role: str) -> PreparedProgram:
     """A program the journal recorded (its body in the cache), checked again."""
     record = await ledger.program(program_id) if program_id else None
     if record is None:
-        raise UsageError(f"{plan.source}: the journal does not say which program the fleet "
+        raise UsageError(f"{source}: the journal does not say which program the fleet "
                          "serves: a rollout needs the previous version (deploy without "
                          "rollout: to replace it at once)")
     body = Path(record.body)
-    where = f"{plan.source}: {role} (version {record.version}, program " \
+    where = f"{source}: {role} (version {record.version}, program " \
             f"{record.program_id[:16]})"
     try:
         if file_digest(body) != record.program_id:

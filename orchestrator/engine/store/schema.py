@@ -174,6 +174,20 @@ SQLITE_MIGRATIONS = (
         who TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'requested',
         said TEXT NOT NULL DEFAULT '', done REAL);
     """,
+    # A rollout per deployment (docs/deployments.md "Rollouts"): each deployment's
+    # program and its rollouts ('' : the fleet's one model); a rollout's change names it.
+    (
+        "ALTER TABLE rollouts ADD COLUMN deployment TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE deployment_programs (
+            deployment TEXT PRIMARY KEY, program_id TEXT NOT NULL, ts REAL NOT NULL)""",
+        "DROP TRIGGER rollout_history_change",
+        """CREATE TRIGGER rollout_history_change AFTER INSERT ON rollout_history BEGIN
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'rollout', json_object(
+                'rollout', NEW.rollout, 'wave', NEW.wave, 'phase', NEW.phase,
+                'what', NEW.what, 'deployment', coalesce(
+                    (SELECT deployment FROM rollouts WHERE id = NEW.rollout), '')));
+        END""",
+    ),
 )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/control.proto\x12\nmodelip.v1\"\x17\n\x07HostRef\x12\x0c\n\x04host\x18\x01 \x01(\t\"\'\n\x07\x43\x61rdRef\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\"\xa1\x01\n\x15RolloutCommandRequest\x12\x38\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32(.modelip.v1.RolloutCommandRequest.Action\"N\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05PAUSE\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\x08\n\x04UNDO\x10\x03\x12\x0b\n\x07\x41PPROVE\x10\x04\"A\n\x0f\x43ommandResponse\x12\x0c\n\x04said\x18\x01 \x01(\t\x12\x0f\n\x07rollout\x18\x02 \x01(\x04\x12\x0f\n\x07written\x18\x03 \x01(\x08\"F\n\x07\x43ommand\x12\x0b\n\x03who\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\"\r\n\x0bListRequest\"\xb6\x01\n\x04\x43\x61rd\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x14\n\x0c\x62oot_counter\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nprogram_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x10\n\x08previous\x18\n \x01(\t\"Z\n\x04Host\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08previous\x18\x04 \x01(\t\x12\x13\n\x0b\x63ordoned_by\x18\x05 \x01(\t\"I\n\x0bRolloutStep\x12\x0f\n\x07rollout\x18\x01 \x01(\x04\x12\x0c\n\x04wave\x18\x02 \x01(\r\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0c\n\x04what\x18\x04 \x01(\t\"b\n\x0cListResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x1f\n\x05hosts\x18\x02 \x03(\x0b\x32\x10.modelip.v1.Host\x12\x1f\n\x05\x63\x61rds\x18\x03 \x03(\x0b\x32\x10.modelip.v1.Card\",\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_since\"2\n\x0b\x43hangeBatch\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Change\"\xc9\x02\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.modelip.v1.Change.Type\x12\n\n\x02ts\x18\x03 \x01(\x01\x12\x1e\n\x04\x63\x61rd\x18\x04 \x01(\x0b\x32\x10.modelip.v1.Card\x12\x1e\n\x04host\x18\x05 \x01(\x0b\x32\x10.modelip.v1.Host\x12(\n\x07rollout\x18\x06 \x01(\x0b\x32\x17.modelip.v1.RolloutStep\x12$\n\x07\x63ommand\x18\x07 \x01(\x0b\x32\x13.modelip.v1.Command\"j\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x43\x41RD\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\x0b\n\x07ROLLOUT\x10\x03\x12\x0c\n\x08\x42OOKMARK\x10\x04\x12\x10\n\x0cSNAPSHOT_END\x10\x05\x12\x0b\n\x07\x43OMMAND\x10\x06\x32\x97\x03\n\x07\x43ontrol\x12\x39\n\x04List\x12\x17.modelip.v1.ListRequest\x1a\x18.modelip.v1.ListResponse\x12<\n\x05Watch\x12\x18.modelip.v1.WatchRequest\x1a\x17.modelip.v1.ChangeBatch0\x01\x12P\n\x0eRolloutCommand\x12!.modelip.v1.RolloutCommandRequest\x1a\x1b.modelip.v1.CommandResponse\x12?\n\x0bReleaseCard\x12\x13.modelip.v1.CardRef\x1a\x1b.modelip.v1.CommandResponse\x12>\n\nCordonHost\x12\x13.modelip.v1.HostRef\x1a\x1b.modelip.v1.CommandResponse\x12@\n\x0cUncordonHost\x12\x13.modelip.v1.HostRef\x1a\x1b.modelip.v1.CommandResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/control.proto\x12\nmodelip.v1\"\x17\n\x07HostRef\x12\x0c\n\x04host\x18\x01 \x01(\t\"\'\n\x07\x43\x61rdRef\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\"\xb5\x01\n\x15RolloutCommandRequest\x12\x38\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32(.modelip.v1.RolloutCommandRequest.Action\x12\x12\n\ndeployment\x18\x02 \x01(\t\"N\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05PAUSE\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\x08\n\x04UNDO\x10\x03\x12\x0b\n\x07\x41PPROVE\x10\x04\"A\n\x0f\x43ommandResponse\x12\x0c\n\x04said\x18\x01 \x01(\t\x12\x0f\n\x07rollout\x18\x02 \x01(\x04\x12\x0f\n\x07written\x18\x03 \x01(\x08\"F\n\x07\x43ommand\x12\x0b\n\x03who\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\"\r\n\x0bListRequest\"\xb6\x01\n\x04\x43\x61rd\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x14\n\x0c\x62oot_counter\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nprogram_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x10\n\x08previous\x18\n \x01(\t\"Z\n\x04Host\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08previous\x18\x04 \x01(\t\x12\x13\n\x0b\x63ordoned_by\x18\x05 \x01(\t\"]\n\x0bRolloutStep\x12\x0f\n\x07rollout\x18\x01 \x01(\x04\x12\x0c\n\x04wave\x18\x02 \x01(\r\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0c\n\x04what\x18\x04 \x01(\t\x12\x12\n\ndeployment\x18\x05 \x01(\t\"b\n\x0cListResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x1f\n\x05hosts\x18\x02 \x03(\x0b\x32\x10.modelip.v1.Host\x12\x1f\n\x05\x63\x61rds\x18\x03 \x03(\x0b\x32\x10.modelip.v1.Card\",\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_since\"2\n\x0b\x43hangeBatch\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Change\"\xc9\x02\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.modelip.v1.Change.Type\x12\n\n\x02ts\x18\x03 \x01(\x01\x12\x1e\n\x04\x63\x61rd\x18\x04 \x01(\x0b\x32\x10.modelip.v1.Card\x12\x1e\n\x04host\x18\x05 \x01(\x0b\x32\x10.modelip.v1.Host\x12(\n\x07rollout\x18\x06 \x01(\x0b\x32\x17.modelip.v1.RolloutStep\x12$\n\x07\x63ommand\x18\x07 \x01(\x0b\x32\x13.modelip.v1.Command\"j\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x43\x41RD\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\x0b\n\x07ROLLOUT\x10\x03\x12\x0c\n\x08\x42OOKMARK\x10\x04\x12\x10\n\x0cSNAPSHOT_END\x10\x05\x12\x0b\n\x07\x43OMMAND\x10\x06\x32\x97\x03\n\x07\x43ontrol\x12\x39\n\x04List\x12\x17.modelip.v1.ListRequest\x1a\x18.modelip.v1.ListResponse\x12<\n\x05Watch\x12\x18.modelip.v1.WatchRequest\x1a\x17.modelip.v1.ChangeBatch0\x01\x12P\n\x0eRolloutCommand\x12!.modelip.v1.RolloutCommandRequest\x1a\x1b.modelip.v1.CommandResponse\x12?\n\x0bReleaseCard\x12\x13.modelip.v1.CardRef\x1a\x1b.modelip.v1.CommandResponse\x12>\n\nCordonHost\x12\x13.modelip.v1.HostRef\x1a\x1b.modelip.v1.CommandResponse\x12@\n\x0cUncordonHost\x12\x13.modelip.v1.HostRef\x1a\x1b.modelip.v1.CommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CARDREF']._serialized_start=65
   _globals['_CARDREF']._serialized_end=104
   _globals['_ROLLOUTCOMMANDREQUEST']._serialized_start=107
-  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_end=268
-  _globals['_ROLLOUTCOMMANDREQUEST_ACTION']._serialized_start=190
-  _globals['_ROLLOUTCOMMANDREQUEST_ACTION']._serialized_end=268
-  _globals['_COMMANDRESPONSE']._serialized_start=270
-  _globals['_COMMANDRESPONSE']._serialized_end=335
-  _globals['_COMMAND']._serialized_start=337
-  _globals['_COMMAND']._serialized_end=407
-  _globals['_LISTREQUEST']._serialized_start=409
-  _globals['_LISTREQUEST']._serialized_end=422
-  _globals['_CARD']._serialized_start=425
-  _globals['_CARD']._serialized_end=607
-  _globals['_HOST']._serialized_start=609
-  _globals['_HOST']._serialized_end=699
-  _globals['_ROLLOUTSTEP']._serialized_start=701
-  _globals['_ROLLOUTSTEP']._serialized_end=774
-  _globals['_LISTRESPONSE']._serialized_start=776
-  _globals['_LISTRESPONSE']._serialized_end=874
-  _globals['_WATCHREQUEST']._serialized_start=876
-  _globals['_WATCHREQUEST']._serialized_end=920
-  _globals['_CHANGEBATCH']._serialized_start=922
-  _globals['_CHANGEBATCH']._serialized_end=972
-  _globals['_CHANGE']._serialized_start=975
-  _globals['_CHANGE']._serialized_end=1304
-  _globals['_CHANGE_TYPE']._serialized_start=1198
-  _globals['_CHANGE_TYPE']._serialized_end=1304
-  _globals['_CONTROL']._serialized_start=1307
-  _globals['_CONTROL']._serialized_end=1714
+  _globals['_ROLLOUTCOMMANDREQUEST']._serialized_end=288
+  _globals['_ROLLOUTCOMMANDREQUEST_ACTION']._serialized_start=210
+  _globals['_ROLLOUTCOMMANDREQUEST_ACTION']._serialized_end=288
+  _globals['_COMMANDRESPONSE']._serialized_start=290
+  _globals['_COMMANDRESPONSE']._serialized_end=355
+  _globals['_COMMAND']._serialized_start=357
+  _globals['_COMMAND']._serialized_end=427
+  _globals['_LISTREQUEST']._serialized_start=429
+  _globals['_LISTREQUEST']._serialized_end=442
+  _globals['_CARD']._serialized_start=445
+  _globals['_CARD']._serialized_end=627
+  _globals['_HOST']._serialized_start=629
+  _globals['_HOST']._serialized_end=719
+  _globals['_ROLLOUTSTEP']._serialized_start=721
+  _globals['_ROLLOUTSTEP']._serialized_end=814
+  _globals['_LISTRESPONSE']._serialized_start=816
+  _globals['_LISTRESPONSE']._serialized_end=914
+  _globals['_WATCHREQUEST']._serialized_start=916
+  _globals['_WATCHREQUEST']._serialized_end=960
+  _globals['_CHANGEBATCH']._serialized_start=962
+  _globals['_CHANGEBATCH']._serialized_end=1012
+  _globals['_CHANGE']._serialized_start=1015
+  _globals['_CHANGE']._serialized_end=1344
+  _globals['_CHANGE_TYPE']._serialized_start=1238
+  _globals['_CHANGE_TYPE']._serialized_end=1344
+  _globals['_CONTROL']._serialized_start=1347
+  _globals['_CONTROL']._serialized_end=1754
 # @@protoc_insertion_point(module_scope)

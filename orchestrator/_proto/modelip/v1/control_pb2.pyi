@@ -22,7 +22,7 @@ class CardRef(_message.Message):
     def __init__(self, host: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
 
 class RolloutCommandRequest(_message.Message):
-    __slots__ = ("action",)
+    __slots__ = ("action", "deployment")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[RolloutCommandRequest.Action]
@@ -36,8 +36,10 @@ class RolloutCommandRequest(_message.Message):
     UNDO: RolloutCommandRequest.Action
     APPROVE: RolloutCommandRequest.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     action: RolloutCommandRequest.Action
-    def __init__(self, action: _Optional[_Union[RolloutCommandRequest.Action, str]] = ...) -> None: ...
+    deployment: str
+    def __init__(self, action: _Optional[_Union[RolloutCommandRequest.Action, str]] = ..., deployment: _Optional[str] = ...) -> None: ...
 
 class CommandResponse(_message.Message):
     __slots__ = ("said", "rollout", "written")
@@ -104,16 +106,18 @@ class Host(_message.Message):
     def __init__(self, host: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., previous: _Optional[str] = ..., cordoned_by: _Optional[str] = ...) -> None: ...
 
 class RolloutStep(_message.Message):
-    __slots__ = ("rollout", "wave", "phase", "what")
+    __slots__ = ("rollout", "wave", "phase", "what", "deployment")
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     WAVE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WHAT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     rollout: int
     wave: int
     phase: str
     what: str
-    def __init__(self, rollout: _Optional[int] = ..., wave: _Optional[int] = ..., phase: _Optional[str] = ..., what: _Optional[str] = ...) -> None: ...
+    deployment: str
+    def __init__(self, rollout: _Optional[int] = ..., wave: _Optional[int] = ..., phase: _Optional[str] = ..., what: _Optional[str] = ..., deployment: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("revision", "hosts", "cards")
