@@ -7,7 +7,6 @@ may wire in the embedded emulated fleet: the engine never imports the emulator.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -22,7 +21,8 @@ from cryptography import x509
 
 from orchestrator.atomicfile import private_tree
 from orchestrator.crypto.chain import load_roots_file
-from orchestrator.engine.engine import Deployment, Engine, MakeReplica, PrepareDeployment
+from orchestrator.engine.deployment import Deployment, PrepareDeployment
+from orchestrator.engine.engine import Engine, MakeReplica
 from orchestrator.engine.host import HostTarget
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease
 from orchestrator.engine.placement import Group
@@ -179,15 +179,6 @@ def _mek_of(plan: Plan) -> MEK:
     return in_state_dir(plan, lambda: obtain_mek(plan))
 
 
-def deployment_plan(plan: Plan, deployment: DeploymentSpec) -> Plan:
-    """The plan as one deployment's: its model and MEK, its own state subdirectory (its
-    generated MEK, its cache), so no two deployments ever share a key."""
-    return dataclasses.replace(plan, model=deployment.model, mek=deployment.mek,
-                               group_size=deployment.model.partitions, deployments=(),
-                               rollout=deployment.rollout,
-                               state_dir=plan.state_dir / "deployments" / deployment.name)
-
-
 @asynccontextmanager
 async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: bool,
                             retry_quarantined: bool, retry_rollout: bool, replica: str,
@@ -206,7 +197,7 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
             prepared = []
             unserved: dict[str, str] = {}
             for spec in plan.deployments:
-                sub = deployment_plan(plan, spec)
+                sub = plan.of_deployment(spec)
                 try:
                     meks.append(_mek_of(sub))
                 except (CustodyError, MEKError) as err:   # this deployment fails alone
@@ -258,7 +249,7 @@ async def _applied_here(plan: Plan, journal: Store, meks: list[MEK]) -> PrepareD
 
     async def prepare(new: Plan, spec: DeploymentSpec, groups: tuple[Group, ...],
                       short: str) -> Deployment:
-        sub = deployment_plan(new, spec)
+        sub = new.of_deployment(spec)
         meks.append(_mek_of(sub))
         return Deployment(spec.name, await _prepare(sub, meks[-1], None), meks[-1], groups,
                           short)
@@ -330,11 +321,9 @@ async def _agree_on_fleet(plan: Plan, program: PreparedProgram | Sequence[Prepar
 
 
 def _rollouts(*setups: RolloutSetup | None) -> list[MakeRollout]:
-    from orchestrator.engine.rollout.controller import Rollout
+    from orchestrator.engine.rollout.controller import rollout_of
 
-    def make(setup: RolloutSetup) -> MakeRollout:
-        return lambda fleet, done: Rollout(fleet, setup, done)
-    return [make(setup) for setup in setups if setup is not None]
+    return [rollout_of(setup) for setup in setups if setup is not None]
 
 
 async def _deployment_rollout(plan: Plan, store: Store, spec: DeploymentSpec,
@@ -342,7 +331,7 @@ async def _deployment_rollout(plan: Plan, store: Store, spec: DeploymentSpec,
                               retry: bool) -> RolloutSetup | None:
     """The deployment's program recorded as the one it serves (a new version: replaced
     at once, or by the rollout its ``rollout:`` says, over its placed groups)."""
-    sub = deployment_plan(plan, spec)
+    sub = plan.of_deployment(spec)
     return await arrange(sub, store, mek, program, retry=retry, deployment=spec.name,
                          groups=groups, prepare=lambda p: in_state_dir(
                              p, lambda: prepare_program(p, mek)))

@@ -4,10 +4,10 @@ side, which takes a request from the journal and carries it out.
 
 Only deployments change on a running fleet: a deployment added is placed, one
 removed gives up its cards (unloaded and reset), a changed `groups` grows or shrinks
-it, a changed constraint moves what no longer matches. A deployment's model or MEK
-is what it is (a new version goes through a rollout, which deployments do not have
-yet; a new key is a new deployment), and the fleet section is the running watch's:
-a plan that changes them is refused, saying which."""
+it, a changed constraint moves what no longer matches, a changed model goes through
+the deployment's rollout (or replaces the old at once without one). A deployment's
+MEK is what it is (a new key is a new deployment), and the fleet section is the
+running watch's: a plan that changes them is refused, saying which."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from orchestrator.plan.deployments import DeploymentSpec, inventory
 from orchestrator.plan.model import Plan
 
 if TYPE_CHECKING:
-    from orchestrator.engine.engine import Engine, PrepareDeployment
+    from orchestrator.engine.deployment import Deployment, PrepareDeployment
+    from orchestrator.engine.engine import Engine
+    from orchestrator.engine.rollout.setup import RolloutSetup
     from orchestrator.engine.store.sqlite import SQLiteStore
 
 LOOK_EVERY = 0.5     # seconds between a watch's looks at the journal for a request
@@ -62,6 +64,8 @@ class Change:
     short: str            # why it gets fewer groups than it asks, if it does
     new: bool
     removed: bool
+    versions: tuple[int, int] | None = None   # its model changed: from, to
+    rollout: bool = False                     # ... through its rollout (else at once)
 
     def line(self) -> str:
         def where(groups: Sequence[Group]) -> str:
@@ -69,7 +73,8 @@ class Change:
         if self.removed:
             return f"- {self.name}: removed; {self.before} group(s) given up (cards " \
                    f"unloaded and reset): {where(self.given_up)}"
-        mark = "+" if self.new else "~" if self.added or self.given_up else "="
+        mark = "+" if self.new else "~" if self.added or self.given_up or self.versions \
+            else "="
         said = f"{mark} {self.name}: " + ("new, " if self.new else "") + (
             f"{self.before} -> {self.after} groups" if self.before != self.after or self.new
             else f"{self.after} groups")
@@ -77,7 +82,10 @@ class Change:
             said += f"; placed on {where(self.added)}"
         if self.given_up:
             said += f"; given up: {where(self.given_up)}"
-        if not (self.new or self.added or self.given_up):
+        if self.versions:
+            said += f"; model version {self.versions[0]} -> {self.versions[1]} " + (
+                "through its rollout" if self.rollout else "at once (it has no rollout:)")
+        if not (self.new or self.added or self.given_up or self.versions):
             said += ", unchanged"
         return said + (f" (short: {self.short})" if self.short else "")
 
@@ -89,7 +97,8 @@ class PlanChanges:
 
     @property
     def changed(self) -> bool:
-        return any(c.new or c.removed or c.added or c.given_up for c in self.changes)
+        return any(c.new or c.removed or c.added or c.given_up or c.versions
+                   for c in self.changes)
 
     def lines(self) -> list[str]:
         return [c.line() for c in self.changes]
@@ -104,15 +113,14 @@ def plan_changes(plan: Plan, running: Mapping[str, Mapping[str, Any]],
         raise UsageError(f"{plan.source}: apply changes the deployments of a running "
                          "fleet; this plan has none (a plan with `model:` is deployed "
                          "with `modelip deploy`)")
+    versions: dict[str, tuple[int, int]] = {}
     for spec in plan.deployments:
         was = running.get(spec.name)
         if was is None:
             continue
         now = spec_record(spec)
         if now["model"] != was["model"]:
-            raise UsageError(f"deployment {spec.name}: its model changed: a new version goes "
-                             "through a rollout, which deployments do not have yet; not "
-                             "applied (deploy it under another name, or restart)")
+            versions[spec.name] = (int(was["model"]["version"]), spec.model.version)
         if now["mek"] != was["mek"]:
             raise UsageError(f"deployment {spec.name}: its MEK changed: a key domain is a "
                              "deployment; add one under another name and remove this one")
@@ -123,11 +131,15 @@ def plan_changes(plan: Plan, running: Mapping[str, Mapping[str, Any]],
     for spec in plan.deployments:
         before = tuple(placed.get(spec.name, ()))
         after = placement.groups.get(spec.name, ())
-        changes.append(Change(spec.name, len(before), len(after),
-                              tuple(g for g in after if g not in before),
-                              tuple(gone.get(spec.name, ())),
-                              placement.pending.get(spec.name, ""),
-                              new=spec.name not in running, removed=False))
+        change = Change(spec.name, len(before), len(after),
+                        tuple(g for g in after if g not in before),
+                        tuple(gone.get(spec.name, ())), placement.pending.get(spec.name, ""),
+                        new=spec.name not in running, removed=False,
+                        versions=versions.get(spec.name), rollout=spec.rollout is not None)
+        if change.versions and (change.added or change.given_up):
+            raise UsageError(f"deployment {spec.name}: its model and its groups changed "
+                             "at once: apply one change, then the other")
+        changes.append(change)
     wanted = {spec.name for spec in plan.deployments}
     for name in sorted(set(running) - wanted):
         changes.append(Change(name, len(placed.get(name, ())), 0, (),
@@ -186,17 +198,46 @@ async def _apply(engine: Engine, journal: SQLiteStore, applies: Applies, path: P
     same_fleet(engine.plan, plan)
     placed = await journal.placements()
     changes = plan_changes(plan, applies.running(), placed)
-    deployments = []
+    deployments, rollouts = [], []
+    versions = {c.name for c in changes.changes if c.versions}
     for spec in plan.deployments:
         groups = changes.placement.groups.get(spec.name, ())
         short = changes.placement.pending.get(spec.name, "")
         kept = engine.deployments.get(spec.name)
-        deployments.append(dataclasses.replace(kept, groups=tuple(groups), short=short)
-                           if kept is not None else await prepare(plan, spec, groups, short))
+        if kept is not None and spec.name not in versions:
+            deployments.append(dataclasses.replace(kept, groups=tuple(groups), short=short))
+            continue
+        deployments.append(await prepare(plan, spec, groups, short))  # its MEK: the same
+        if kept is not None:
+            rollouts.append(await _new_version(engine, journal, plan, spec, deployments[-1]))
     from orchestrator.engine.replacing import replace_deployments
 
     await journal.record_placements(changes.placement.groups)
-    moved = await replace_deployments(engine, plan, deployments,
-                                      why=f"given up by `modelip apply` ({who})")
+    moved = await replace_deployments(
+        engine, plan, deployments, why=f"given up by `modelip apply` ({who})",
+        rolling=frozenset(setup.deployment for setup in rollouts if setup is not None))
     applies.record_running({spec.name: spec_record(spec) for spec in plan.deployments})
+    from orchestrator.engine.rollout.controller import rollout_of
+
+    for setup in rollouts:
+        if setup is not None:
+            engine.start_rollout(rollout_of(setup))
     return "\n".join([*changes.lines(), *moved])
+
+
+async def _new_version(engine: Engine, journal: SQLiteStore, plan: Plan, spec: DeploymentSpec,
+                       deployment: Deployment) -> RolloutSetup | None:
+    """A kept deployment's new version: its rollout, set up in the journal (None: it has
+    no rollout:, the new version replaces the old at once). UsageError if one of its
+    rollouts runs already."""
+    from orchestrator.engine.prepare import prepare_program
+    from orchestrator.engine.rollout.setup import arrange
+    from orchestrator.statedir import in_state_dir
+
+    if any(r.deployment == spec.name and not r.ended for r in engine.rollouts):
+        raise UsageError(f"deployment {spec.name}: a rollout of it is in progress in this "
+                         "watch: let it end (or `modelip rollout undo` it) first")
+    mek = deployment.mek
+    return await arrange(plan.of_deployment(spec), journal, mek, deployment.program,
+                         retry=False, deployment=spec.name, groups=len(deployment.groups),
+                         prepare=lambda p: in_state_dir(p, lambda: prepare_program(p, mek)))

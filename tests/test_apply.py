@@ -38,9 +38,10 @@ state_dir: state
     return path
 
 
-def _deployment(name: str, groups: int, version: int = 1) -> str:
+def _deployment(name: str, groups: int, version: int = 1, more: str = "",
+                mek: str = "generate: true") -> str:
     return (f"  - {{name: {name}, model: {{onnx: m.onnx, id: {name}, version: {version}}}, "
-            f"mek: {{generate: true}}, groups: {groups}}}\n")
+            f"mek: {{{mek}}}, groups: {groups}{more}}}\n")
 
 
 async def _cards(addresses: list[str]) -> dict[tuple[int, int], tuple[int, str]]:
@@ -131,16 +132,41 @@ def test_a_running_watch_applies_a_changed_plan(tmp_path: Path) -> None:
             assert {c for c, n in card_before.items() if n != card_of.get(c)}, \
                 "the test moved no card"
 
+            # a's new version goes through a's rollout; c is not touched
+            v3 = _plan(tmp_path, "v3", addresses, root, _deployment(
+                "a", 2, version=2, more=", rollout: {canary: 1}") + _deployment("c", 3))
+            dry = _apply(v3, "--dry-run")
+            assert "~ a: 2 groups; model version 1 -> 2 through its rollout" in \
+                dry.stdout.splitlines(), dry.stdout
+            done = _apply(v3)
+            assert done.returncode == 0, done.stdout + done.stderr
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _journal(
+                    tmp_path, "SELECT deployment, phase FROM rollouts") != [("a", "committed")]:
+                time.sleep(0.2)
+            assert _journal(tmp_path, "SELECT deployment, phase, waves FROM rollouts") == [
+                ("a", "committed", "[1, 2]")]
+            a_cards = {c for c, n in card_of.items() if n == "a"}
+            rolled = anyio.run(_cards, addresses)
+            for card, (boot, program) in rolled.items():
+                if card in a_cards:   # the same key domain: switched, not reset
+                    assert boot == after[card][0] and program not in ("", after[card][1])
+                else:
+                    assert (boot, program) == after[card], card
+            assert len({rolled[c][1] for c in a_cards}) == 1
+
             # what a running fleet does not take: one line, exit 2, nothing changed
-            v3 = _plan(tmp_path, "v3", addresses, root,
-                       _deployment("a", 2, version=2) + _deployment("c", 3))
-            refused = _apply(v3)
-            assert refused.returncode == 2 and "deployment a: its model changed" in \
+            (tmp_path / "other.mek").write_bytes(bytes(range(16)))
+            v5 = _plan(tmp_path, "v5", addresses, root, _deployment(
+                "a", 2, version=2, mek="file: other.mek") + _deployment("c", 3))
+            refused = _apply(v5)
+            assert refused.returncode == 2 and "deployment a: its MEK changed" in \
                 refused.stderr, refused.stderr
+            assert anyio.run(_cards, addresses) == rolled
         finally:
             watch.terminate()
             watch.communicate(timeout=60)
-        v4 = _plan(tmp_path, "v4", addresses, root, _deployment("a", 1))
+        v4 = _plan(tmp_path, "v4", addresses, root, _deployment("a", 1, version=2))
         idle = _apply(v4)
         assert idle.returncode == 2 and "no `modelip watch` runs on" in idle.stderr, \
             idle.stderr

@@ -16,15 +16,15 @@ import gc
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from cryptography import x509
 
 from orchestrator.crypto.mek import MEK
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext, EngineStats, percentile
+from orchestrator.engine.deployment import Deployment, PrepareDeployment
 from orchestrator.engine.events import (
     CardOutcome,
     Deployed,
@@ -35,7 +35,6 @@ from orchestrator.engine.events import (
 from orchestrator.engine.host import HostSupervisor, HostTarget
 from orchestrator.engine.hostapi import Connect
 from orchestrator.engine.inference import Inference
-from orchestrator.engine.placement import Group
 from orchestrator.engine.ports import MakeRollout, ReplicaPart, RolloutPart
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.snapshot import CardView, HostView, RolloutView, Snapshot
@@ -52,7 +51,6 @@ from orchestrator.errors import (
     StateDirError,
     UsageError,
 )
-from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
 
 S = CardState
@@ -61,23 +59,6 @@ S = CardState
 # follows it, and leads it while it holds the rollout's lease).
 MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], None],
                         RolloutPart | None], ReplicaPart]
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """A deployment as the engine runs it: its program, its MEK (its key domain alone)
-    and the MDP groups placed for it (engine/placement.py)."""
-
-    name: str
-    program: PreparedProgram
-    mek: MEK
-    groups: tuple[Group, ...]
-    short: str = ""     # why it has fewer groups than it asks, if it does
-
-
-# a deployment added while running: (plan, its spec, its groups, why it is short) -> it
-PrepareDeployment = Callable[[Plan, "DeploymentSpec", tuple[Group, ...], str],
-                             Awaitable[Deployment]]
 
 
 def _spare_the_collector() -> None:
@@ -125,6 +106,7 @@ class Engine(Inference):
         self._events: deque[Event] = deque(maxlen=12)
         self._waiters: list[anyio.Event] = []
         self._root: anyio.CancelScope | None = None
+        self._tasks: TaskGroup | None = None   # the run's, while it runs
         self.hosts: list[HostSupervisor] = []
         self.drivers: list[CardDriver] = []
         self.groups: dict[int, list[CardDriver]] = {}
@@ -363,7 +345,7 @@ class Engine(Inference):
         end = until or (anyio.sleep_forever if keep_serving else self.finished.wait)
         _spare_the_collector()
         async with anyio.create_task_group() as tg:
-            self._root = tg.cancel_scope
+            self._root, self._tasks = tg.cancel_scope, tg
             await self.cordons_changed()
             for rollout in self.rollouts:
                 await rollout.place()
@@ -381,7 +363,7 @@ class Engine(Inference):
             await end()
             await self.wind_down()
             tg.cancel_scope.cancel()
-        self._root = None
+        self._root = self._tasks = None
         if self.fatal is not None:
             raise self.fatal
 
@@ -411,6 +393,17 @@ class Engine(Inference):
     def rollout(self) -> RolloutPart | None:
         """The fleet's rollout (the first, with deployments)."""
         return self.rollouts[0] if self.rollouts else None
+
+    def start_rollout(self, make: MakeRollout) -> RolloutPart:
+        """A rollout begun while the fleet runs (`modelip apply` of a deployment's new
+        version): its groups are switched from what they run now."""
+        assert self._tasks is not None and self.replica is None  # noqa: S101 - one engine, running
+        done = anyio.Event()
+        rollout = make(self, done)
+        self.rollouts.append(rollout)
+        self._rollouts_done.append(done)
+        self._tasks.start_soon(rollout.run)
+        return rollout
 
     async def _finish_after_rollouts(self) -> None:
         for done in self._rollouts_done:

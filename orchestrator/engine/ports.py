@@ -134,6 +134,8 @@ class Fleet(Protocol):
 class RolloutPart(Protocol):
     """A rollout running inside the engine (engine/rollout/)."""
 
+    deployment: str   # whose version it replaces ("": the fleet's one model)
+
     @property
     def rolled_back(self) -> bool: ...
 

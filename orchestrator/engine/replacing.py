@@ -22,15 +22,18 @@ from orchestrator.engine.placement import Group
 from orchestrator.engine.state import CardMachine
 
 if TYPE_CHECKING:
-    from orchestrator.engine.engine import Deployment, Engine
+    from orchestrator.engine.deployment import Deployment
+    from orchestrator.engine.engine import Engine
     from orchestrator.plan.model import Plan
 
 
 async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[Deployment],
-                              *, why: str) -> list[str]:
+                              *, why: str, rolling: frozenset[str] = frozenset()
+                              ) -> list[str]:
     """Drive ``deployments`` on their groups from now on (``plan`` is the plan they are
-    of; ``why``: said in the history of every card given up). Returns what was done,
-    a line per card that moved."""
+    of; ``why``: said in the history of every card given up; ``rolling``: deployments
+    whose cards keep the version they run, a rollout switches them). Returns what was
+    done, a line per card that moved."""
     ctx = engine.ctx
     for d in deployments:   # every program stays known: a card may still hold it
         ctx.keys[d.program.program_id] = d.mek
@@ -60,6 +63,9 @@ async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[
         if number is None:
             number = numbers[group] = next(fresh)
         driver = current.get((host, device))
+        program_id = d.program.program_id
+        if driver is not None and d.name in rolling and driver.deployment == d.name:
+            program_id = driver.machine.program_id
         if driver is None:
             machine = CardMachine(host, device, number, partition, d.program.program_id)
             new = CardDriver(machine, supervisors[host], ctx)
@@ -67,12 +73,13 @@ async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[
             await supervisors[host].add(new)
             said.append(f"{host}/{device}: placed for {d.name}")
         elif (driver.deployment, driver.machine.group, driver.machine.partition,
-              driver.machine.program_id) != (d.name, number, partition, d.program.program_id):
-            left = driver.deployment
-            driver.hand_over(d.name, number, partition, d.program.program_id)
+              driver.machine.program_id) != (d.name, number, partition, program_id):
+            left, was = driver.deployment, driver.machine.group
+            driver.hand_over(d.name, number, partition, program_id)
             await supervisors[host].regroup(driver)
             said.append(f"{host}/{device}: handed over from {left} to {d.name}" if left != d.name
-                        else f"{host}/{device}: regrouped in {d.name}")
+                        else f"{host}/{device}: regrouped in {d.name}" if was != number
+                        else f"{host}/{device}: version {d.program.version} of {d.name}")
     engine.reindex(plan, deployments)
     return said
 

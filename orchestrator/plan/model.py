@@ -7,6 +7,7 @@ docs/plans.md documents every key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,15 @@ class Plan:
         else:
             plan._check_groups(fleet)
         return plan
+
+    def of_deployment(self, deployment: DeploymentSpec) -> Plan:
+        """The plan as one deployment's: its model, MEK and rollout, its own state
+        subdirectory (its generated MEK, its cache), so no two deployments ever share a
+        key."""
+        return dataclasses.replace(
+            self, model=deployment.model, mek=deployment.mek, rollout=deployment.rollout,
+            group_size=deployment.model.partitions, deployments=(),
+            state_dir=self.state_dir / "deployments" / deployment.name)
 
     def _check_groups(self, fleet: Reader) -> None:
         for index, host in enumerate(self.hosts):

@@ -37,7 +37,7 @@ from orchestrator.engine.state import CardState
 from orchestrator.errors import LeaseLost, ModelIPError, StateDirError, StoreUnavailable
 
 if TYPE_CHECKING:
-    from orchestrator.engine.ports import Fleet
+    from orchestrator.engine.ports import Fleet, MakeRollout
 
 S = CardState
 _LOOK = 0.5      # seconds between looks at the journal for an operator's request
@@ -425,4 +425,9 @@ class Rollout(Leadership):
         return f"{len(waited)} group(s) switching"
 
 
-__all__ = ["Rollout", "smoke_verdict"]
+def rollout_of(setup: RolloutSetup) -> MakeRollout:
+    """How the engine makes the rollout ``setup`` describes (engine/ports.py)."""
+    return lambda fleet, done: Rollout(fleet, setup, done)
+
+
+__all__ = ["Rollout", "rollout_of", "smoke_verdict"]

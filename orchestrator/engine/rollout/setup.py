@@ -56,7 +56,7 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
 
     ``prepare(plan)`` seals a plan's model (the candidate: the old floor kept).
     ``deployment``: the rollout of that deployment alone (``plan`` is its own, app.py
-    deployment_plan), over its ``groups``.
+    Plan.of_deployment), over its ``groups``.
     UsageError: a rollout of another version is in progress; the previous version's
     body is gone or under another MEK; the plan's version is below the fleet's floor.
     """
