@@ -216,13 +216,13 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
             deployments = [Deployment(spec.name, program, mek, tuple(placed.groups[spec.name]),
                                       placed.pending.get(spec.name, ""))
                            for spec, program, mek in prepared]
-            prepare, rollouts = None, []
+            prepare = None
             if shared is None:   # `modelip apply` hands a running watch its changed plans
                 prepare = await _applied_here(plan, store, meks)
-                rollouts = [await _deployment_rollout(plan, store, spec, program, mek,
-                                                      len(placed.groups[spec.name]),
-                                                      retry=retry_rollout)
-                            for spec, program, mek in prepared]
+            rollouts = [await _deployment_rollout(plan, store, spec, program, mek,
+                                                  len(placed.groups[spec.name]),
+                                                  retry=retry_rollout)
+                        for spec, program, mek in prepared]
             connecting = await claiming(store, connect, take_over)
             async with fleet_for(plan) as (hosts, roots):
                 in_state_dir(plan, lambda: private_tree(plan.state_dir))
@@ -273,8 +273,8 @@ def _replica(shared: PostgresStore | None, fleet: str) -> MakeReplica | None:
         return None
     from orchestrator.engine.replicas import Replica
 
-    return lambda hosts, ctx, recount, rollout: Replica(hosts, ctx, recount, shared,
-                                                        fleet=fleet, rollout=rollout)
+    return lambda hosts, ctx, recount, rollouts: Replica(hosts, ctx, recount, shared,
+                                                         fleet=fleet, rollouts=rollouts)
 
 
 def fleet_identity(plan: Plan, program: PreparedProgram | Sequence[PreparedProgram]

@@ -200,21 +200,16 @@ def test_a_plan_that_cannot_work_is_one_line(deployments: str, expected: str,
     assert not (tmp_path / "state").exists()   # nothing started
 
 
-def test_deployments_with_a_shared_store_are_read_and_their_rollout_refused(
-        tmp_path: Path) -> None:
-    """A plan with deployments and ``store:`` is read (it once raised KeyError); a
-    deployment's rollout with a shared store is one line (not built)."""
+def test_deployments_with_a_shared_store_and_a_rollout_are_read(tmp_path: Path) -> None:
+    """A plan with deployments and ``store:`` is read (it once raised KeyError), a
+    deployment's rollout with it."""
     (tmp_path / "pki").mkdir()
     (tmp_path / "pki" / "root.pem").write_text("")
     fleet_text = ("fleet:\n  hosts:\n    - {address: 127.0.0.1:1, devices: [0, 1]}\n"
                   "trust: {roots: [pki/root.pem]}\nstore: postgresql:///modelip\n")
     plan = write(tmp_path, None, "  - {name: a, model: {onnx: tiny.onnx}, mek: "
-                 "{file: mek.bin}, groups: 2}\n", fleet_text=fleet_text)
-    (tmp_path / "mek.bin").write_bytes(bytes(16))
-    assert Plan.load(plan).shared
-    plan = write(tmp_path, None, "  - {name: a, model: {onnx: tiny.onnx}, mek: "
                  "{file: mek.bin}, groups: 2, rollout: {canary: 1}}\n", fleet_text=fleet_text)
-    with pytest.raises(PlanError) as caught:
-        Plan.load(plan)
-    assert "plan.yaml:2: deployments[0].rollout: a deployment's rollout with a shared " \
-           "store is not built yet" in str(caught.value)
+    (tmp_path / "mek.bin").write_bytes(bytes(16))
+    loaded = Plan.load(plan)
+    assert loaded.shared and loaded.deployments[0].rollout is not None
+    assert loaded.deployments[0].rollout.canary == 1

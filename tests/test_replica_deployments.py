@@ -32,17 +32,19 @@ from tests.test_replicas import (
 __all__ = ["fleet", "replicas"]   # the fixtures, used by name
 
 
-def _plan(plan: Path, *, only_a: bool = False) -> Path:
-    """The fleet's plan, as two deployments with MEK files of their own (or a alone)."""
+def _plan(plan: Path, *, only_a: bool = False, a_version: int = 1, a_more: str = ""
+          ) -> Path:
+    """The fleet's plan, as two deployments with MEK files of their own (or a alone;
+    ``a_version`` of a's model, ``a_more``: more of a's keys)."""
     text = plan.read_text()
     for name in ("a", "b"):
         if not (plan.parent / f"{name}.bin").exists():
             write_mek(plan.parent / f"{name}.bin", MEK.generate())
     body = text.split("fleet:", 1)[1]
-    path = plan.parent / ("only-a.yaml" if only_a else "deployments.yaml")
+    path = plan.parent / ("only-a.yaml" if only_a else f"deployments-{a_version}.yaml")
     path.write_text("deployments:\n"
-                    "  - {name: a, model: {onnx: tiny.onnx, id: a}, mek: {file: a.bin}, "
-                    "groups: 4}\n" + ("" if only_a else
+                    f"  - {{name: a, model: {{onnx: tiny.onnx, id: a, version: {a_version}}}, "
+                    f"mek: {{file: a.bin}}, groups: 4{a_more}}}\n" + ("" if only_a else
                     "  - {name: b, model: {onnx: tiny.onnx, id: b}, mek: {file: b.bin}, "
                     "groups: 6}\n") + "fleet:" + body)
     return path
@@ -156,3 +158,61 @@ def test_a_replica_taking_a_host_gives_up_what_the_plan_no_longer_places(
     given_up = rows(database, "SELECT count(*) FROM transitions WHERE reason LIKE "
                               "'given up when this replica took the host%%'")
     assert given_up == [(6,)]
+
+
+def test_a_deployments_rollout_is_led_by_one_replica_and_survives_its_leader(
+        fleet: tuple[Path, list[str]], replicas: Callable[..., Replica], database: str
+        ) -> None:
+    """a and b serve on two replicas; both restart with a's version 2 and a rollout:
+    one replica leads it under a's own rollout lease; SIGKILL of that leader while a
+    wave is gated: the other leads on, the rollout commits once, every a card holds
+    the new version by the hosts' word, b's cards are untouched."""
+    plan, addresses = fleet
+    v1 = _plan(plan)
+    first, second = replicas("r1", plan=v1), replicas("r2", plan=v1)
+    wait_for("both deployments serving", lambda: len(_serving(database)) == 10, 90)
+    placed = _placed(database)
+    before = anyio.run(_listing, addresses)
+    first.stop()
+    second.stop()
+    v2 = _plan(plan, a_version=2, a_more=", rollout: {canary: 1, steps: [2], soak: 3}")
+    first = replicas("r3", "--replace-fleet", plan=v2)
+    second = replicas("r4", plan=v2)
+
+    def leader() -> str:
+        held = rows(database, "SELECT owner FROM leases WHERE host = ':rollout:a' AND "
+                              "expires > now()")
+        return str(held[0][0]) if held else ""
+    wait_for("a's rollout gating a wave, led by one replica", lambda: bool(leader()) and bool(
+        rows(database, "SELECT 1 FROM rollouts WHERE deployment = 'a' AND phase = 'gating'")),
+        90)
+    assert rows(database, "SELECT count(*) FROM leases WHERE host = ':rollout'") == [(0,)]
+    killed = {"r3": first, "r4": second}[leader()]
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(timeout=30)
+    wait_for("a's rollout committed", lambda: rows(
+        database, "SELECT deployment, phase FROM rollouts") == [("a", "committed")], 120)
+    survivor = second if killed is first else first
+    assert survivor.process.poll() is None, survivor.err.read_text()
+    assert leader() in ("", survivor.name)
+    commits = rows(database, "SELECT count(*) FROM rollout_history WHERE phase = 'committed'")
+    assert commits == [(1,)]
+    wait_for("every placed card serving", lambda: set(_serving(database)) == set(placed), 60)
+    after = anyio.run(_listing, addresses)
+    a_cards = [c for c, n in placed.items() if n == "a"]
+    assert len({after[c][1] for c in a_cards}) == 1
+    assert {after[c][1] for c in a_cards}.isdisjoint({before[c][1] for c in a_cards})
+    for card, name in placed.items():
+        if name == "b":    # untouched: same boot, same program
+            assert after[card] == before[card], card
+    last: dict[tuple[str, int, str], str] = {}   # no card loaded with what it holds
+    for host, device, session, program in rows(
+            database, "SELECT host, device, session_id, program_id FROM loads WHERE outcome "
+            "IN ('ok', 'sent') ORDER BY id"):
+        assert last.get((host, device, session)) != program, (host, device, program)
+        last[(host, device, session)] = program
+    said = subprocess.run([*MODELIP, "rollout", "status", str(v2), "--store", database,
+                           "--deployment", "a", "--json"], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    view = json.loads(said)
+    assert view["deployment"] == "a" and view["rollout"]["phase"] == "committed"

@@ -55,10 +55,10 @@ from orchestrator.plan.model import Plan
 
 S = CardState
 # How app.py hands the engine a replica (engine/replicas.py): built from the hosts'
-# supervisors, the context, the engine's recount and its rollout (if any: a replica
-# follows it, and leads it while it holds the rollout's lease).
+# supervisors, the context, the engine's recount and its rollouts (a replica follows
+# each, and leads one while it holds that rollout's lease).
 MakeReplica = Callable[[Sequence[HostSupervisor], EngineContext, Callable[[], None],
-                        RolloutPart | None], ReplicaPart]
+                        Sequence[RolloutPart]], ReplicaPart]
 
 
 def _spare_the_collector() -> None:
@@ -88,7 +88,7 @@ class Engine(Inference):
         """``replica``: the store is shared by replicas: drive only the hosts this
         replica holds leases on (engine/replicas.py). ``rollouts``: the fleet (or each
         of these deployments) serves another version of the model; replace it
-        (engine/rollout/; with replicas, one: the fleet's). Both are built
+        (engine/rollout/). Both are built
         here, from the ports the engine offers them (engine/ports.py).
         ``deployments``: several models on the fleet, each driven on the groups placed
         for it with its own program and MEK (docs/deployments.md); ``unserved``: those
@@ -153,7 +153,7 @@ class Engine(Inference):
         self.rollouts: list[RolloutPart] = [
             make(self, done) for make, done in zip(rollouts, self._rollouts_done, strict=True)]
         self.replica: ReplicaPart | None = (
-            replica(self.hosts, self.ctx, self.recount, self.rollout) if replica else None)
+            replica(self.hosts, self.ctx, self.recount, self.rollouts) if replica else None)
 
     @property
     def stats(self) -> EngineStats:

@@ -30,7 +30,7 @@ from orchestrator.engine.hostapi import HostLease
 from orchestrator.engine.ports import RolloutPart
 from orchestrator.engine.store.leases import Claimed
 from orchestrator.engine.store.postgres import PostgresStore
-from orchestrator.engine.store.protocol import ROLLOUT_LEASE, CardRecord
+from orchestrator.engine.store.protocol import CardRecord, is_rollout_lease, rollout_lease
 from orchestrator.errors import FleetReplaced, LeaseLost, ReplicaNameInUse, StoreUnavailable
 
 
@@ -41,14 +41,15 @@ class Replica:
 
     def __init__(self, hosts: Sequence[HostSupervisor], ctx: EngineContext,
                  recount: Callable[[], None], store: PostgresStore, *, fleet: str = "",
-                 rollout: RolloutPart | None = None) -> None:
+                 rollouts: Sequence[RolloutPart] = ()) -> None:
         """``fleet``: the digest of this replica's plan, the store's fleet's when it
         started; if another replica replaces it on purpose, this one stops.
-        ``rollout``: the rollout in progress, which every replica follows and the
-        holder of the rollout's lease leads (docs/replicas.md "Rollouts")."""
+        ``rollouts``: the rollouts in progress (the fleet's, or each deployment's),
+        which every replica follows and the holder of each one's lease leads
+        (docs/replicas.md "Rollouts")."""
         self.fleet = fleet
-        self.rollout = rollout
-        self._leading: anyio.CancelScope | None = None
+        self.rollouts = {rollout_lease(r.deployment): r for r in rollouts}
+        self._leading: dict[str, anyio.CancelScope] = {}   # by the rollout's lease
         self.ctx = ctx
         self.recount = recount
         self.store = store
@@ -88,8 +89,7 @@ class Replica:
     async def _cycle(self) -> None:
         names = sorted(self.hosts)
         try:
-            self.alive = await self.store.heartbeat(
-                names + ([ROLLOUT_LEASE] if self.rollout is not None else []))
+            self.alive = await self.store.heartbeat(names + list(self.rollouts))
             await self._same_fleet()
             if not self.reachable:   # back: the others get one lease TTL to come back too
                 self._grace_until = time.monotonic() + self.store.lease_ttl
@@ -174,9 +174,9 @@ class Replica:
     def _drop(self, name: str, lost: LeaseLost) -> None:
         """Fenced: stop at once, without a call to the host's cards (the rollout's
         lease: stop leading it, without one more write)."""
-        if name == ROLLOUT_LEASE:
-            if self._leading is not None:
-                self._leading.cancel()
+        if is_rollout_lease(name):
+            if (leading := self._leading.get(name)) is not None:
+                leading.cancel()
                 self._announce(name, "lost", reason=str(lost))
             return
         if name in self.running:
@@ -210,37 +210,37 @@ class Replica:
     # --- the rollout (docs/replicas.md "Rollouts") ----------------------------------------
 
     async def _rollout_cycle(self) -> None:
-        """Follow the rollout as the store says; lead it if its lease is free."""
-        if self.rollout is None:
-            return
-        await self.rollout.follow()
-        if self._leading is None and not self.rollout.ended:
-            for claimed in await self.store.claim([ROLLOUT_LEASE], 1):
-                self._leading = anyio.CancelScope()
-                self.epochs[ROLLOUT_LEASE] = claimed.epoch
-                self._announce(ROLLOUT_LEASE, "took over" if claimed.previous_owner not in
+        """Follow each rollout as the store says; lead one whose lease is free."""
+        for lease, rollout in self.rollouts.items():
+            await rollout.follow()
+            if lease in self._leading or rollout.ended:
+                continue
+            for claimed in await self.store.claim([lease], 1):
+                scope = self._leading[lease] = anyio.CancelScope()
+                self.epochs[lease] = claimed.epoch
+                self._announce(lease, "took over" if claimed.previous_owner not in
                                ("", self.name) else "claimed", epoch=claimed.epoch,
                                previous_owner=claimed.previous_owner)
                 assert self._tg is not None  # noqa: S101 - started inside run()
-                self._tg.start_soon(self._lead, self.rollout, self._leading)
+                self._tg.start_soon(self._lead, rollout, lease, scope)
 
-    async def _lead(self, rollout: RolloutPart, scope: anyio.CancelScope) -> None:
+    async def _lead(self, rollout: RolloutPart, lease: str, scope: anyio.CancelScope) -> None:
         try:
             with scope:
                 await rollout.lead(self.name)
         except (LeaseLost, StoreUnavailable) as lost:   # another leads now, or will
-            self.store.fences.pop(ROLLOUT_LEASE, None)
-            self._announce(ROLLOUT_LEASE, "lost", reason=str(lost))
+            self.store.fences.pop(lease, None)
+            self._announce(lease, "lost", reason=str(lost))
         except Exception as exc:  # a bug: logged; this replica leads no more  # noqa: BLE001
-            self.store.fences.pop(ROLLOUT_LEASE, None)
-            self._announce(ROLLOUT_LEASE, "lost", reason=self.ctx.internal_error(
+            self.store.fences.pop(lease, None)
+            self._announce(lease, "lost", reason=self.ctx.internal_error(
                 f"replica {self.name} leading the rollout", exc))
         finally:
-            self._leading = None
-            if rollout.ended and ROLLOUT_LEASE in self.store.fences:
+            self._leading.pop(lease, None)
+            if rollout.ended and lease in self.store.fences:
                 with anyio.CancelScope(shield=True), contextlib.suppress(StoreUnavailable):
-                    await self.store.release(ROLLOUT_LEASE)
-                    self._announce(ROLLOUT_LEASE, "handed back", reason="the rollout ended")
+                    await self.store.release(lease)
+                    self._announce(lease, "handed back", reason="the rollout ended")
 
     # --- what others drive -------------------------------------------------------------
 

@@ -200,12 +200,6 @@ class Plan:
                            "process's own (run `modelip emulate` and list its hosts)")
         if deployments:
             check_fit(deployments, inventory(hosts, emulated))
-            rolled = [i for i, d in enumerate(deployments) if d.rollout is not None]
-            if store and rolled:
-                raise Problem(deployments[rolled[0]].line, f"deployments[{rolled[0]}].rollout",
-                              "a deployment's rollout with a shared store is not built yet "
-                              "(docs/deployments.md): without rollout:, a new version "
-                              "replaces the deployment's at once")
         else:
             plan._check_groups(fleet)
         return plan

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from orchestrator.engine.rollout.ledger import Ledger, RolloutRecord
-from orchestrator.engine.store.protocol import ROLLOUT_LEASE
+from orchestrator.engine.store.protocol import rollout_lease
 from orchestrator.errors import InvalidTransition, LeaseLost
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ class Leadership:
     and set by Rollout."""
 
     fleet: Fleet
+    deployment: str
     ledger: Ledger
     record: RolloutRecord
     done: anyio.Event
@@ -54,7 +55,8 @@ class Leadership:
             try:
                 await self._carry_out()
             except InvalidTransition as err:
-                raise LeaseLost(ROLLOUT_LEASE, f"another leader moved it: {err}") from None
+                raise LeaseLost(rollout_lease(self.deployment),
+                                f"another leader moved it: {err}") from None
         finally:
             self.leading = False
 

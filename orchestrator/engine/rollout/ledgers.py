@@ -7,14 +7,17 @@ from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import UsageError
 
+_IN_PROGRESS = "SELECT DISTINCT deployment FROM rollouts WHERE ended IS NULL ORDER BY 1"
+
 
 async def requested_ledger(store: Store, deployment: str | None) -> Ledger:
     """The rollout an operator's request is for: the named deployment's, else the one
     rollout in progress (the fleet's, or its only deployment's with one). UsageError if
     several deployments have one and none is named."""
-    if deployment is None and isinstance(store, SQLiteStore):
-        active = [str(name) for (name,) in store.query(
-            "SELECT DISTINCT deployment FROM rollouts WHERE ended IS NULL ORDER BY 1")]
+    if deployment is None:
+        rows = store.query(_IN_PROGRESS).fetchall() if isinstance(store, SQLiteStore) else \
+            await store.query(_IN_PROGRESS)  # type: ignore[attr-defined]
+        active = [str(name) for (name,) in rows]
         if len(active) > 1:
             raise UsageError(f"rollouts are in progress in deployments {', '.join(active)}: "
                              "name one (--deployment NAME)")
@@ -23,16 +26,12 @@ async def requested_ledger(store: Store, deployment: str | None) -> Ledger:
 
 
 def ledger_for(store: Store, deployment: str = "") -> Ledger:
-    """``deployment``: that deployment's rollouts ("": the fleet's one model). UsageError
-    for a deployment's with a shared store (not built: docs/deployments.md)."""
+    """``deployment``: that deployment's rollouts ("": the fleet's one model)."""
     if isinstance(store, SQLiteStore):
         return RolloutLedger(store, deployment)
-    if deployment:
-        raise UsageError(f"deployment {deployment}: a deployment's rollout with a shared "
-                         "store is not built yet (docs/deployments.md)")
     from orchestrator.engine.rollout.shared import SharedLedger
     from orchestrator.engine.store.postgres import PostgresStore
 
     if not isinstance(store, PostgresStore):
         raise TypeError(f"no rollout ledger for {type(store).__name__}")
-    return SharedLedger(store)
+    return SharedLedger(store, deployment)

@@ -1,13 +1,14 @@
 """Rollouts in the shared PostgreSQL store (docs/replicas.md "Rollouts"): the same
 records as the embedded journal's (engine/rollout/ledger.py), read by every replica.
 
-One replica leads the rollout under the rollout's lease (``ROLLOUT_LEASE``, a row of
-``leases`` like a host's): its writes (a phase or wave, a group's target, the
-fleet's program at commit) are fenced by that lease, so a leader paused past it
-writes nothing more once another has taken over. Operators' requests (pause,
-resume, undo, approve) are not fenced: anyone allowed to ask may write them, and
-whoever leads next reads them. Each replica keeps its own path to a program's body
-(``program_bodies``): bodies live in each replica's state directory.
+One replica leads the rollout under the rollout's lease (``rollout_lease``, a row of
+``leases`` like a host's; each deployment's rollout has its own): its writes (a
+phase or wave, a group's target, the fleet's program at commit) are fenced by that
+lease, so a leader paused past it writes nothing more once another has taken over.
+Operators' requests (pause, resume, undo, approve) are not fenced: anyone allowed
+to ask may write them, and whoever leads next reads them. Each replica keeps its own
+path to a program's body (``program_bodies``): bodies live in each replica's state
+directory.
 """
 
 from __future__ import annotations
@@ -27,19 +28,28 @@ from orchestrator.engine.rollout.ledger import (
 )
 from orchestrator.engine.store.leases import Conn
 from orchestrator.engine.store.postgres import PostgresStore
-from orchestrator.engine.store.protocol import ROLLOUT_LEASE
+from orchestrator.engine.store.protocol import rollout_lease
 from orchestrator.errors import InvalidTransition
 
 _OFFER_PROGRAM = "INSERT INTO fleet_program VALUES (1, %s, %s) ON CONFLICT (id) DO NOTHING"
 _REPLACE_PROGRAM = ("INSERT INTO fleet_program VALUES (1, %s, %s) ON CONFLICT (id) DO UPDATE "
                     "SET program_id = excluded.program_id, ts = excluded.ts")
+_OFFER_DEPLOYMENT_PROGRAM = ("INSERT INTO deployment_programs VALUES (%s, %s, %s) ON "
+                             "CONFLICT (deployment) DO NOTHING")
+_REPLACE_DEPLOYMENT_PROGRAM = ("INSERT INTO deployment_programs VALUES (%s, %s, %s) ON "
+                               "CONFLICT (deployment) DO UPDATE SET program_id = "
+                               "excluded.program_id, ts = excluded.ts")
 
 
 class SharedLedger:
-    """engine/rollout/ledger.py ``Ledger`` on the shared store."""
+    """engine/rollout/ledger.py ``Ledger`` on the shared store; ``deployment``: that
+    deployment's rollouts and program ("": the fleet's one model), led under its own
+    lease."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, deployment: str = "") -> None:
         self.store = store
+        self.deployment = deployment
+        self.lease = rollout_lease(deployment)
 
     # --- programs ----------------------------------------------------------------------
 
@@ -65,11 +75,15 @@ class SharedLedger:
         return ProgramRecord(*rows[0]) if rows else None
 
     async def fleet_program(self) -> str | None:
-        rows = await self.store.query("SELECT program_id FROM fleet_program")
+        if self.deployment:
+            rows = await self.store.query("SELECT program_id FROM deployment_programs WHERE "
+                                          "deployment = %s", (self.deployment,))
+        else:
+            rows = await self.store.query("SELECT program_id FROM fleet_program")
         return str(rows[0][0]) if rows else None
 
     async def set_fleet_program(self, program_id: str) -> None:
-        await self._fleet_program(program_id, replace=True, lease=ROLLOUT_LEASE)
+        await self._fleet_program(program_id, replace=True, lease=self.lease)
 
     async def offer_fleet_program(self, program_id: str, *, replace: bool = False) -> None:
         await self._fleet_program(program_id, replace=replace, lease=None)
@@ -77,21 +91,29 @@ class SharedLedger:
     async def _fleet_program(self, program_id: str, *, replace: bool, lease: str | None
                              ) -> None:
         async def write(conn: Conn) -> None:
-            await conn.execute(_REPLACE_PROGRAM if replace else _OFFER_PROGRAM,
-                               (program_id, time.time()))
+            if self.deployment:
+                await conn.execute(
+                    _REPLACE_DEPLOYMENT_PROGRAM if replace else _OFFER_DEPLOYMENT_PROGRAM,
+                    (self.deployment, program_id, time.time()))
+            else:
+                await conn.execute(_REPLACE_PROGRAM if replace else _OFFER_PROGRAM,
+                                   (program_id, time.time()))
         await self.store.transact(write, lease=lease)
 
     # --- rollouts ----------------------------------------------------------------------
 
     async def active(self) -> RolloutRecord | None:
-        return await self._one("WHERE ended IS NULL ORDER BY id DESC LIMIT 1")
+        return await self._one("WHERE ended IS NULL AND deployment = %s ORDER BY id DESC "
+                               "LIMIT 1", (self.deployment,))
 
     async def latest(self, from_program: str | None = None, to_program: str | None = None
                      ) -> RolloutRecord | None:
         if from_program is None:
-            return await self._one("ORDER BY id DESC LIMIT 1")
-        return await self._one("WHERE from_program = %s AND to_program = %s ORDER BY id "
-                               "DESC LIMIT 1", (from_program, to_program))
+            return await self._one("WHERE deployment = %s ORDER BY id DESC LIMIT 1",
+                                   (self.deployment,))
+        return await self._one("WHERE from_program = %s AND to_program = %s AND deployment "
+                               "= %s ORDER BY id DESC LIMIT 1",
+                               (from_program, to_program, self.deployment))
 
     async def get(self, rollout_id: int) -> RolloutRecord:
         record = await self._one("WHERE id = %s", (rollout_id,))
@@ -101,17 +123,18 @@ class SharedLedger:
     async def start(self, from_program: str, candidate: str, to_program: str,
                     waves: list[int], what: str, manual: list[int] | None = None
                     ) -> RolloutRecord:
-        """At most one rollout is in progress (a unique index): a replica that starts
-        one at the same time as another gets the other's."""
+        """At most one rollout (of a deployment) is in progress (a unique index): a
+        replica that starts one at the same time as another gets the other's."""
         now = time.time()
 
         async def write(conn: Conn) -> int | None:
             row = await (await conn.execute(
                 "INSERT INTO rollouts (started, updated, from_program, candidate, to_program, "
-                "waves, wave, phase, manual) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, %s) "
-                "ON CONFLICT DO NOTHING RETURNING id",
+                "waves, wave, phase, manual, deployment) VALUES (%s, %s, %s, %s, %s, %s, 0, "
+                "%s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
                 (now, now, from_program, candidate, to_program, json.dumps(waves),
-                 Phase.SWITCHING.value, json.dumps(manual or [])))).fetchone()
+                 Phase.SWITCHING.value, json.dumps(manual or []),
+                 self.deployment))).fetchone()
             if row is None:
                 return None
             await self._history(conn, int(row[0]), 0, Phase.SWITCHING, what, now)
@@ -141,7 +164,7 @@ class SharedLedger:
                 raise InvalidTransition(f"rollout {rollout.id} (moved by another leader)",
                                         rollout.phase.value, phase.value)
             await self._history(conn, rollout.id, wave, phase, what, now)
-        await self.store.transact(write, lease=ROLLOUT_LEASE)
+        await self.store.transact(write, lease=self.lease)
         return await self.get(rollout.id)
 
     async def request(self, rollout: RolloutRecord, *, paused: bool | None = None,
@@ -170,19 +193,19 @@ class SharedLedger:
         return {int(group): str(program) for group, program in rows}
 
     async def set_target(self, rollout_id: int, group: int, program_id: str) -> None:
-        epoch = self.store.fences[ROLLOUT_LEASE].epoch if ROLLOUT_LEASE in \
-            self.store.fences else 0
+        fence = self.store.fences.get(self.lease)
+        epoch = fence.epoch if fence is not None else 0
 
         async def write(conn: Conn) -> None:
             await conn.execute(
                 "INSERT INTO group_targets (grp, program_id, rollout, replica, epoch, ts) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (group, program_id, rollout_id, self.store.replica, epoch, time.time()))
-        await self.store.transact(write, lease=ROLLOUT_LEASE)
+        await self.store.transact(write, lease=self.lease)
 
     async def leader(self) -> str:
         rows = await self.store.query("SELECT owner FROM leases WHERE host = %s AND "
-                                      "expires > now()", (ROLLOUT_LEASE,))
+                                      "expires > now()", (self.lease,))
         return str(rows[0][0]) if rows else ""
 
     # --- reading -------------------------------------------------------------------------

@@ -191,9 +191,10 @@ class PostgresStore(LeaseLedger):
             f"CASE WHEN {held} THEN l.owner ELSE '' END, "
             f"CASE WHEN {held} THEN extract(epoch FROM least(l.expires, now() + "
             "make_interval(secs => %s))) END "
-            "FROM leases l LEFT JOIN hosts h ON h.host = l.host WHERE l.host <> %s "
-            "ORDER BY l.host", (self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl,
-                                self.lease_ttl, ROLLOUT_LEASE))
+            "FROM leases l LEFT JOIN hosts h ON h.host = l.host WHERE l.host <> %s AND "
+            "l.host NOT LIKE %s ORDER BY l.host",
+            (self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl, self.lease_ttl,
+             ROLLOUT_LEASE, ROLLOUT_LEASE + ":%"))
         return [HostRecord(host, address, state, reason, float(updated), owner,
                            None if expires is None else float(expires))
                 for host, address, state, reason, updated, owner, expires in rows]

@@ -128,8 +128,18 @@ def _inert(record: object, *names: str) -> None:
 # The lease of a rollout's leader with replicas (docs/replicas.md "Rollouts"): a row
 # of the shared store's ``leases`` like a host's, claimed, renewed and fenced the same
 # way. No host has this name (hosts are named by their addresses, which never start
-# with a colon).
+# with a colon). With deployments, each deployment's rollout has its own:
+# ":rollout:NAME".
 ROLLOUT_LEASE = ":rollout"
+
+
+def rollout_lease(deployment: str = "") -> str:
+    """The lease of the rollout of ``deployment`` ("": the fleet's one model)."""
+    return f"{ROLLOUT_LEASE}:{deployment}" if deployment else ROLLOUT_LEASE
+
+
+def is_rollout_lease(name: str) -> bool:
+    return name == ROLLOUT_LEASE or name.startswith(ROLLOUT_LEASE + ":")
 
 
 class Store(Protocol):

@@ -387,6 +387,28 @@ POSTGRES_MIGRATIONS = (
     """CREATE TABLE placements (
         host TEXT NOT NULL, devices TEXT NOT NULL, deployment TEXT NOT NULL,
         ts DOUBLE PRECISION NOT NULL, PRIMARY KEY (host, devices))""",
+    # A rollout per deployment (docs/deployments.md "Rollouts"): each deployment's
+    # program, its rollouts (at most one in progress per deployment), each change
+    # naming its deployment.
+    (
+        "ALTER TABLE rollouts ADD COLUMN deployment TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX one_rollout_in_progress",
+        "CREATE UNIQUE INDEX one_rollout_in_progress ON rollouts (deployment) "
+        "WHERE ended IS NULL",
+        """CREATE TABLE deployment_programs (
+            deployment TEXT PRIMARY KEY, program_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL)""",
+        """CREATE OR REPLACE FUNCTION modelip_rollout_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(7302458);
+            INSERT INTO changes (ts, kind, body) VALUES (NEW.ts, 'rollout', json_build_object(
+                'rollout', NEW.rollout, 'wave', NEW.wave, 'phase', NEW.phase,
+                'what', NEW.what, 'deployment', coalesce(
+                    (SELECT deployment FROM rollouts WHERE id = NEW.rollout), ''))::text);
+            RETURN NULL;
+        END $$""",
+    ),
 )
 
 
