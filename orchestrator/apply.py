@@ -196,6 +196,12 @@ async def _apply(engine: Engine, journal: SQLiteStore, applies: Applies, path: P
                          ) from None
     plan = Plan.load(path)
     same_fleet(engine.plan, plan)
+    async with engine.placing:   # not while failover places (engine/failover.py)
+        return await _replace(engine, journal, applies, plan, who, prepare)
+
+
+async def _replace(engine: Engine, journal: SQLiteStore, applies: Applies, plan: Plan,
+                   who: str, prepare: PrepareDeployment) -> str:
     placed = await journal.placements()
     changes = plan_changes(plan, applies.running(), placed)
     deployments, rollouts = [], []

@@ -14,16 +14,20 @@ MODELIP = [sys.executable, "-m", "orchestrator"]
 
 
 @contextmanager
-def emulate(directory: Path, *, hosts: int = 1, devices: int = 4
-            ) -> Iterator[tuple[list[str], Path]]:
+def emulate(directory: Path, *, hosts: int = 1, devices: int = 4,
+            pids: list[int] | None = None) -> Iterator[tuple[list[str], Path]]:
     """`modelip emulate` on free loopback ports: yields its hosts' addresses and the
-    vendor root to trust; stopped with SIGINT at the end."""
+    vendor root to trust (``pids``: its pid appended, to stage faults); stopped with
+    SIGINT at the end."""
+    directory.mkdir(parents=True, exist_ok=True)
     log = directory / "emulate.log"
     with open(log, "w") as out:
         process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(hosts),
                                     "--devices-per-host", str(devices), "--base-port", "0",
                                     "--pki-dir", str(directory / "pki"), "--reboot-time", "0.05"],
                                    stdout=out, stderr=subprocess.STDOUT)
+    if pids is not None:
+        pids.append(process.pid)
     try:
         for _ in range(200):
             if "READY" in log.read_text():
@@ -35,5 +39,6 @@ def emulate(directory: Path, *, hosts: int = 1, devices: int = 4
                      for line in text.splitlines() if "listening on" in line]
         yield addresses, directory / "pki" / "root.pem"
     finally:
+        process.send_signal(signal.SIGCONT)   # a test may have stopped it
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)

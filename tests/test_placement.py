@@ -140,3 +140,23 @@ def test_every_placement_keeps_its_invariants_and_stays_put(
         again = place(inventory, needs, result.groups)
         assert again.groups == result.groups                  # a fixed point
         current = dict(result.groups)
+
+
+def test_failover_moves_a_down_hosts_group_only_where_it_can_go() -> None:
+    from orchestrator.engine.failover import failover_placement
+
+    slots = [HostSlots("h0", (0, 1)), HostSlots("h1", (0, 1)), HostSlots("h2", (0,))]
+    needs = [Need("a", 2, 1, (), True), Need("b", 1, 2, (), True)]
+    placed = {"a": [Group("h0", (0,)), Group("h2", (0,))], "b": [Group("h1", (0, 1))]}
+    # h2 down: a's group there goes to the free card of h0; b is not touched
+    moved = failover_placement(slots, {"h2"}, needs, placed)
+    assert sorted(moved.groups["a"]) == [Group("h0", (0,)), Group("h0", (1,))]
+    assert moved.groups["b"] == (Group("h1", (0, 1)),) and not moved.pending
+    # h1 down: b's group of two cards fits nowhere else: it stays, nothing is short
+    kept = failover_placement(slots, {"h1"}, needs, placed)
+    assert kept.groups["b"] == (Group("h1", (0, 1)),) and not kept.pending
+    assert sorted(kept.groups["a"]) == sorted(placed["a"])
+    # nothing down: the same placement
+    same = failover_placement(slots, set(), needs, placed)
+    assert {n: sorted(g) for n, g in same.groups.items()} == \
+        {n: sorted(g) for n, g in placed.items()}

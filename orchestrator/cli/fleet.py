@@ -150,8 +150,11 @@ async def orchestrate(plan: Plan, *, keep_serving: bool, duration: float | None,
                     tg.start_soon(deployment_over)
                 elif plan.deployments and not plan.shared:   # `modelip apply` hands it plans
                     from orchestrator.apply import follow_applies
+                    from orchestrator.engine.failover import fail_over
 
                     tg.start_soon(follow_applies, engine)
+                    if plan.timeouts.failover:   # groups of a host down too long move
+                        tg.start_soon(fail_over, engine)
                 tg.start_soon(run_engine)
         finally:
             if dashboard is not None:

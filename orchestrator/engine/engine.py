@@ -107,6 +107,7 @@ class Engine(Inference):
         self._waiters: list[anyio.Event] = []
         self._root: anyio.CancelScope | None = None
         self._tasks: TaskGroup | None = None   # the run's, while it runs
+        self.placing = anyio.Lock()   # deployments placed again: one change at a time
         self.hosts: list[HostSupervisor] = []
         self.drivers: list[CardDriver] = []
         self.groups: dict[int, list[CardDriver]] = {}

@@ -176,6 +176,19 @@ class InternalError(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Placed(Event):
+    """A deployment's groups placed again while the fleet runs (docs/deployments.md
+    "Failover"): a host down longer than ``timeouts.failover`` had its groups placed
+    on other cards, or cards came back for a deployment short of groups."""
+
+    KIND: ClassVar[str] = "placement"
+    deployment: str
+    added: tuple[str, ...]      # "host [devices]" of each group placed now
+    removed: tuple[str, ...]    # of each group it no longer runs
+    why: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RolloutChanged(Event):
     """A rollout moved (docs/rollouts.md): a wave began, passed or failed, a group was
     switched, an operator's request was carried out, the verdict."""

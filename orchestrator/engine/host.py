@@ -26,7 +26,7 @@ from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
 from orchestrator.engine.events import HostChanged, ProtocolViolation, Staged
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
-from orchestrator.engine.hostcards import CardsOnHost
+from orchestrator.engine.hostcards import BACK_AFTER_OUTAGE, CardsOnHost
 from orchestrator.engine.state import (
     CardState,
     CardTransition,
@@ -292,6 +292,8 @@ class HostSupervisor(CardsOnHost):
                 async with self._stage_lock:
                     self._accept(await self.client.list_devices(deadline=self._probe_deadline))
                     await self._stage()
+                if was_up:   # back after an outage: what was placed elsewhere is given up
+                    await self.give_up_strays(BACK_AFTER_OUTAGE)
                 failures = 0
                 was_up = True
                 await self._move(H.UP)

@@ -17,6 +17,10 @@ from orchestrator.engine.strays import give_up_unplaced
 from orchestrator.errors import LeaseLost, ModelIPError, ProgramNotLoaded, StoreUnavailable
 from orchestrator.transport.types import Deadlines
 
+# why a card is given up when its host answers again (engine/host.py)
+BACK_AFTER_OUTAGE = ("given up when its host answered again: its group was placed "
+                     "elsewhere while the host was down")
+
 
 class CardsOnHost:
     """What HostSupervisor does with its drivers' tasks; the supervisor's state it uses
@@ -41,19 +45,20 @@ class CardsOnHost:
     def _deadlines(self) -> Deadlines:
         raise NotImplementedError
 
-    async def give_up_strays(self) -> None:
-        """With deployments, when a replica takes this host: the cards of it the store
-        knows that no deployment holds now (the plan changed while they were not
-        driven) are given up under this replica's lease (engine/strays.py). The lease
-        lost or the store away meanwhile: left to the host's run, which says so."""
+    async def give_up_strays(self, why: str = "given up when this replica took the host: "
+                             "the plan places no deployment on it now") -> None:
+        """With deployments, when a replica takes this host, or the host answers again
+        after an outage: the cards of it the store knows that no deployment holds now
+        (the plan changed, or their groups were placed elsewhere, while they were not
+        driven) are given up, under this replica's lease if any (engine/strays.py).
+        The lease lost or the store away meanwhile: left to the host's run, which says
+        so."""
         if not self.ctx.keys:
             return
         with contextlib.suppress(LeaseLost, StoreUnavailable):
             await give_up_unplaced(
                 self.ctx.store, [self.target], {(self.name, d) for d in self.drivers},
-                self._connect, self._deadlines(), lease=self._lease,
-                why="given up when this replica took the host: the plan places no "
-                "deployment on it now")
+                self._connect, self._deadlines(), lease=self._lease, why=why)
 
     async def _drive_card(self, driver: CardDriver, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -86,27 +91,34 @@ class CardsOnHost:
     async def give_up(self, device: int, why: str) -> CardDriver:
         """Stop driving the card: its driver is stopped, the card unloaded and reset (its
         session, and every slot ever wrapped to it, gone), the move journaled, and the
-        card forgotten: no deployment holds it now."""
+        card forgotten: no deployment holds it now. Its host down: the card stays in the
+        journal, given up when the host answers again (give_up_strays)."""
         driver = self.drivers[device]
         scope, done = self._scopes.pop(device, (None, None))
         if scope is not None and done is not None:
             scope.cancel()
             await done.wait()
         said = "unloaded and reset"
-        if self._client is None or self.down:
-            said = "its host does not answer: not unloaded or reset (reset it by hand)"
+        client = None if self.down else self._client
+        answers = client is not None
+        if client is None:   # kept in the journal: given up when its host answers again
+            said = "its host does not answer: unloaded and reset when it answers again"
         else:
             try:
                 with anyio.fail_after(self.ctx.plan.timeouts.card):
                     with contextlib.suppress(ProgramNotLoaded):
-                        await self._client.unload(device)
-                    await self._client.reset(device)
+                        await client.unload(device)
+                    await client.reset(device)
             except (ModelIPError, TimeoutError) as err:
                 said = f"not unloaded or reset ({err or 'no answer in time'}): reset it by hand"
-        if driver.machine.state not in (CardState.PENDING, CardState.FAILED):
-            await driver.move(CardState.PENDING, f"{why}: {said}; no deployment holds it now",
-                              known_good=None)
-        await self.ctx.store.forget_card(self.name, device)
+        if not answers:   # DISCONNECTED until the host answers: given up then
+            if driver.machine.state not in (CardState.DISCONNECTED, CardState.FAILED):
+                await driver.move(CardState.DISCONNECTED, f"{why}: {said}")
+        else:
+            if driver.machine.state not in (CardState.PENDING, CardState.FAILED):
+                await driver.move(CardState.PENDING, f"{why}: {said}; no deployment holds "
+                                  "it now", known_good=None)
+            await self.ctx.store.forget_card(self.name, device)
         del self.drivers[device]
         self._groups.clear()
         return driver

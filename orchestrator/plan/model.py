@@ -171,7 +171,8 @@ class Plan:
             timeouts = TimeoutSpec(
                 float(reader.get("rpc", (int, float), 10.0, check=positive)),
                 float(reader.get("load", (int, float), 120.0, check=positive)),
-                float(reader.get("card", (int, float), 300.0, check=positive)))
+                float(reader.get("card", (int, float), 300.0, check=positive)),
+                float(reader.get("failover", (int, float), 60.0, check=non_negative)))
             reader.done()
         state_dir = plan_path(base, top.get("state_dir", str, f"state/{source.stem}"), top,
                           "state_dir", must_exist=False)

@@ -100,6 +100,9 @@ class TimeoutSpec:
     rpc: float = 10.0
     load: float = 120.0
     card: float = 300.0           # outer limit for one card's attest-wrap-load
+    # deployments: seconds a host is down before its groups are placed elsewhere
+    # (docs/deployments.md "Failover"); 0: never
+    failover: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from orchestrator.engine.events import (
     HostChanged,
     InternalError,
     LeaseChanged,
+    Placed,
     ProtocolViolation,
     Rekeyed,
     RolloutChanged,
@@ -50,6 +51,11 @@ def event_line(event: Event) -> str:
         case StoreStatus():
             said = "answers again" if event.reachable else f"unreachable: {event.reason}"
             return f"{stamp} store {said}"
+        case Placed():
+            moved = "; ".join(filter(None, (
+                f"placed on {', '.join(event.added)}" if event.added else "",
+                f"no longer on {', '.join(event.removed)}" if event.removed else "")))
+            return f"{stamp} deployment {event.deployment}: {moved} ({event.why})"
         case RolloutChanged():
             whose = f" {event.deployment}" if event.deployment else ""
             return (f"{stamp} rollout{whose} {event.from_version} -> {event.to_version} wave "
