@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -42,3 +43,17 @@ def emulate(directory: Path, *, hosts: int = 1, devices: int = 4,
         process.send_signal(signal.SIGCONT)   # a test may have stopped it
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
+
+
+def watching(plan: Path, cwd: Path) -> subprocess.Popen[str]:
+    """`modelip watch PLAN --json` in ``cwd``, returned once every card has settled (its
+    `deployed` event read; the rest of its output is the caller's)."""
+    watch = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"], cwd=cwd,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert watch.stdout is not None
+    for line in watch.stdout:
+        if json.loads(line)["event"] == "deployed":
+            return watch
+    watch.wait(timeout=30)
+    said = watch.stderr.read() if watch.stderr else ""
+    raise AssertionError(f"the watch ended before settling: {said}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 
 from orchestrator.transport.client import HostClient
-from tests.emulate import emulate
+from tests.emulate import emulate, watching
 from tests.models import tiny_mlp
 
 MODELIP = [sys.executable, "-m", "orchestrator"]
@@ -68,13 +68,8 @@ def test_a_running_watch_applies_a_changed_plan(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(tiny_mlp(seed=1).SerializeToString())
     with emulate(tmp_path, hosts=2, devices=4) as (addresses, root):
         v1 = _plan(tmp_path, "v1", addresses, root, _deployment("a", 3) + _deployment("b", 2))
-        watch = subprocess.Popen([*MODELIP, "watch", str(v1), "--json"], cwd=tmp_path,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watch = watching(v1, tmp_path)
         try:
-            assert watch.stdout is not None
-            for line in watch.stdout:
-                if json.loads(line)["event"] == "deployed":
-                    break
             before = anyio.run(_cards, addresses)
             placed_before = {(str(h), tuple(json.loads(str(d)))): str(n) for h, d, n in
                              _journal(tmp_path, "SELECT host, devices, deployment FROM "

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import anyio
 
 from orchestrator.transport.client import HostClient
-from tests.emulate import MODELIP, emulate
+from tests.emulate import emulate, watching
 from tests.models import tiny_mlp
 
 
@@ -72,13 +71,8 @@ rekey: {{check_interval: 0.5, min_interval: 0.1, probe_timeout: 1}}
 timeouts: {{rpc: 2, failover: 2}}
 state_dir: state
 """)
-        watch = subprocess.Popen([*MODELIP, "watch", str(plan), "--json"], cwd=tmp_path,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watch = watching(plan, tmp_path)
         try:
-            assert watch.stdout is not None
-            for line in watch.stdout:
-                if json.loads(line)["event"] == "deployed":
-                    break
             before = _placed(tmp_path)
             a_cards = sorted(c for c, n in before.items() if n == "a")
             assert len(a_cards) == 2 and len({h for h, _ in a_cards}) == 2   # spread

@@ -26,6 +26,7 @@ from tests.test_replicas import (
     Replica,
     fleet,
     owners,
+    reloads,
     replicas,
     rows,
     serving,
@@ -122,12 +123,7 @@ def check_the_end(database: str, addresses: list[str], phase: str) -> None:
     waves = [(w, p) for w, p, what, *_ in history(database) if p in ("switching", "gating")
              and " requested by " not in what]   # an operator's request names the phase too
     assert len(waves) == len(set(waves)), waves    # no wave switched or gated twice
-    last: dict[tuple[str, int, str], str] = {}   # no card loaded with what it holds
-    for host, device, session, program in rows(
-            database, "SELECT host, device, session_id, program_id FROM loads WHERE outcome "
-            "IN ('ok', 'sent') ORDER BY id"):
-        assert last.get((host, device, session)) != program, (host, device, program)
-        last[(host, device, session)] = program
+    assert reloads(database) == []   # no card loaded with what it held
     loads, refused = anyio.run(host_counts, addresses)
     assert loads == rows(database, "SELECT count(*) FROM loads")[0][0]
     print(f"host-side fenced refusals: {refused}")
@@ -194,7 +190,9 @@ def test_an_undo_while_the_leader_is_stopped_is_carried_out_by_the_next(
     status = subprocess.run([*MODELIP, "rollout", "status", str(v2), "--store", database],
                             capture_output=True, text=True, timeout=60, check=True).stdout
     assert "rolled back" in status and "undo requested by modelip rollout undo" in status
-    assert serving(database) == 12
+    # the stopped replica's cards are switched back by whoever holds their hosts now
+    # (after its lease lapsed): a moment after the verdict, on a loaded machine
+    wait_for("every card serving the old version", lambda: serving(database) == 12, 60)
 
 
 async def test_a_leader_whose_lease_lapsed_writes_nothing(database: str) -> None:

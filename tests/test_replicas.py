@@ -383,6 +383,18 @@ def settle(url: str, *started: Replica) -> None:
     wait_for("settled", settled)
 
 
+def reloads(url: str) -> list[tuple[str, int, str]]:
+    """Any card loaded with the program it already held in that session (by anyone)."""
+    found, last = [], {}
+    for host, device, session, program in rows(
+            url, "SELECT host, device, session_id, program_id FROM loads WHERE outcome "
+            "IN ('ok', 'sent') ORDER BY id"):
+        if last.get((host, device, session)) == program:
+            found.append((host, device, program))
+        last[(host, device, session)] = program
+    return found
+
+
 def duplicate_loads(url: str) -> list[tuple[Any, ...]]:
     """Any card loaded twice for the same session (by anyone)."""
     return rows(url, "SELECT host, device, session_id, string_agg(replica, ',') FROM loads "
