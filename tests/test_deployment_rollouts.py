@@ -110,6 +110,10 @@ async def test_one_deployment_rolls_out_over_its_groups_and_the_other_is_untouch
         view = json.loads(said.stdout)
         assert view["deployment"] == "alpha" and view["rollout"]["phase"] == "rolled back"
         assert view["version"] == 2
+        status = (await anyio.run_process([*MODELIP, "status", str(bad)])).stdout.decode()
+        assert "deployment alpha (version 2): 4/4 groups serving, 4 wanted (4 cards); " \
+            "rollout 2 of version 2 -> 3: rolled back, wave 1 of 2" in status, status
+        assert "deployment beta (version 1): 4/4 groups serving" in status, status
 
 
 def fleet_card(fleet: EmulatedFleet, at: tuple[str, int]) -> Any:

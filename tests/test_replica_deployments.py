@@ -106,8 +106,8 @@ def test_replicas_drive_every_deployment_on_the_hosts_they_hold(
     assert both == {"a", "b"}
     status = subprocess.run([*MODELIP, "status", str(deployments), "--store", database],
                             capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "deployment a: 4/4 groups serving, 4 wanted" in status, status
-    assert "deployment b: 6/6 groups serving, 6 wanted" in status, status
+    assert "deployment a (version 1): 4/4 groups serving, 4 wanted" in status, status
+    assert "deployment b (version 1): 6/6 groups serving, 6 wanted" in status, status
 
     # one replica killed: the other takes its hosts and every card of both serves on
     first.process.send_signal(signal.SIGKILL)

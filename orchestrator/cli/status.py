@@ -55,8 +55,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     for d in view.get("deployments", []):
         pending = " PENDING: fewer groups placed than wanted, until cards come back" \
             if d["groups_placed"] < d["groups_wanted"] else ""
-        print(f"deployment {d['name']}: {d['groups_serving']}/{d['groups_placed']} groups "
-              f"serving, {d['groups_wanted']} wanted ({d['cards']} cards){pending}")
+        version = f" (version {d['version']})" if d.get("version") is not None else ""
+        r = d.get("rollout")
+        rollout = f"; rollout {r['id']} of version {r['from_version']} -> " \
+            f"{r['to_version']}: {r['phase']}, wave {r['wave']} of {r['waves']}" if r else ""
+        print(f"deployment {d['name']}{version}: {d['groups_serving']}/{d['groups_placed']} "
+              f"groups serving, {d['groups_wanted']} wanted ({d['cards']} cards)"
+              f"{pending}{rollout}")
     for r in view.get("replicas", []):
         held = sum(h["owner"] == r["name"] for h in view["hosts"])
         print(f"replica {r['name']}: {'alive' if r['alive'] else 'gone'}, holds {held} "
@@ -121,12 +126,38 @@ async def _read_status(plan: Plan, deployment: str | None = None) -> dict[str, A
                  "heartbeat": _iso(r.heartbeat)} for r in await store.replicas()]
             if plan.deployments:
                 _by_deployment(view, plan, await store.placements(), deployment)
+                await _versions(view, store)
             return view
     with existing_journal(plan, read_only=True) as journal:
         view = await _store_view(journal, f"journal {plan.journal_path}")
         if plan.deployments:
             _by_deployment(view, plan, await journal.placements(), deployment)
+            await _versions(view, journal)
         return view
+
+
+async def _versions(view: dict[str, Any], store: Any) -> None:
+    """Each deployment's version and its last rollout, as the store records them (a
+    journal from before rollouts per deployment: none)."""
+    from orchestrator.engine.rollout.ledgers import ledger_for
+
+    for d in view["deployments"]:
+        d["version"], d["rollout"] = None, None
+        ledger = ledger_for(store, d["name"])
+        try:
+            current = await ledger.fleet_program()
+            record = await ledger.latest()
+            serving = await ledger.program(current) if current else None
+            d["version"] = serving.version if serving else None
+            if record is not None:
+                was, will = (await ledger.program(record.from_program),
+                             await ledger.program(record.to_program))
+                d["rollout"] = {"id": record.id, "phase": record.phase.value,
+                                "wave": record.wave + 1, "waves": len(record.waves),
+                                "from_version": was.version if was else None,
+                                "to_version": will.version if will else None}
+        except ModelIPError:
+            continue
 
 
 def _by_deployment(view: dict[str, Any], plan: Plan, placed: dict[str, Any],
