@@ -227,7 +227,7 @@ async def _replace(engine: Engine, journal: SQLiteStore, applies: Applies, plan:
 
     for setup in rollouts:
         if setup is not None:
-            engine.start_rollout(rollout_of(setup))
+            await engine.start_rollout(rollout_of(setup))
     return "\n".join([*changes.lines(), *moved])
 
 

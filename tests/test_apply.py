@@ -149,6 +149,8 @@ def test_a_running_watch_applies_a_changed_plan(tmp_path: Path) -> None:
                 else:
                     assert (boot, program) == after[card], card
             assert len({rolled[c][1] for c in a_cards}) == 1
+            assert _journal(tmp_path, "SELECT count(*) FROM transitions WHERE reason LIKE "
+                                      "'%lacks the program%'") == [(0,)]   # staged first
 
             # what a running fleet does not take: one line, exit 2, nothing changed
             (tmp_path / "other.mek").write_bytes(bytes(range(16)))

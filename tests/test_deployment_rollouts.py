@@ -77,6 +77,8 @@ async def test_one_deployment_rolls_out_over_its_groups_and_the_other_is_untouch
         [rollout] = second.rollouts
         assert rollout.deployment == "alpha" and rollout.record.phase is Phase.COMMITTED
         assert rollout.record.waves == (1, 2, 4)
+        # every version was staged on the hosts before a card was switched to it
+        assert not [r for r in second.reasons if "lacks the program" in r]
         final = second.deployments["alpha"].program.program_id
         held = card_programs(fleet)
         assert {held[c] for c in alpha_cards} == {final}    # by the hosts' own record

@@ -96,6 +96,8 @@ state_dir: state
                     {c: n for c, n in before.items() if n == "b"}     # b not touched
                 held = anyio.run(_listing, addresses, gone[0])
                 assert held[moved][1] == a_program    # by the host's own listing
+                assert _journal(tmp_path, "SELECT count(*) FROM transitions WHERE reason "
+                                          "LIKE '%lacks the program%'") == [(0,)]  # staged first
             finally:
                 os.kill(pid, signal.SIGCONT)
             # back: the card it left is unloaded and reset, the group stays where it went

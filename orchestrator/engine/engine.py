@@ -12,6 +12,7 @@ and ``run`` raises that StateDirError.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections import Counter, deque
@@ -48,6 +49,7 @@ from orchestrator.engine.state import (
 from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import (
     ROLLED_BACK_EXIT,
+    ModelIPError,
     StateDirError,
     UsageError,
 )
@@ -395,12 +397,17 @@ class Engine(Inference):
         """The fleet's rollout (the first, with deployments)."""
         return self.rollouts[0] if self.rollouts else None
 
-    def start_rollout(self, make: MakeRollout) -> RolloutPart:
+    async def start_rollout(self, make: MakeRollout) -> RolloutPart:
         """A rollout begun while the fleet runs (`modelip apply` of a deployment's new
-        version): its groups are switched from what they run now."""
+        version): its versions staged on the hosts of its groups, then its groups
+        switched from what they run now."""
         assert self._tasks is not None and self.replica is None  # noqa: S101 - one engine, running
         done = anyio.Event()
         rollout = make(self, done)
+        for host in self.hosts:
+            if any(d.deployment == rollout.deployment for d in host.drivers.values()):
+                with contextlib.suppress(ModelIPError):   # else staged when a load needs it
+                    await host.restage()
         self.rollouts.append(rollout)
         self._rollouts_done.append(done)
         self._tasks.start_soon(rollout.run)

@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from orchestrator.engine.admission import RECOVER, ROUTINE, PriorityLimiter
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
-from orchestrator.engine.events import HostChanged, ProtocolViolation, Staged
+from orchestrator.engine.events import HostChanged, ProtocolViolation
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
 from orchestrator.engine.hostcards import BACK_AFTER_OUTAGE, CardsOnHost
 from orchestrator.engine.state import (
@@ -154,12 +154,6 @@ class HostSupervisor(CardsOnHost):
 
     def card_checked(self) -> None:
         self._on_card_checked()
-
-    async def restage(self) -> None:
-        """The host says it lacks the body: send it again (content addressed: cheap if
-        another card's driver already did)."""
-        async with self._stage_lock:
-            await self._stage()
 
     # --- the task ---------------------------------------------------------------------------
 
@@ -315,20 +309,6 @@ class HostSupervisor(CardsOnHost):
     @property
     def _probe_deadline(self) -> float:
         return min(self.ctx.plan.timeouts.rpc, self.ctx.plan.rekey.probe_timeout)
-
-    async def _stage(self) -> None:
-        """Every program a card of this host may be told to run (a rollout: both
-        versions; deployments: those of the groups placed here only), content
-        addressed: what the host has is not sent again."""
-        programs = list(self.ctx.programs.values())
-        if self.ctx.keys:
-            placed = {driver.machine.program_id for driver in self.drivers.values()}
-            programs = [p for p in programs if p.program_id in placed]
-        for program in programs:
-            _, already = await self.client.stage(program.body, program_id=program.program_id)
-            await self.ctx.store.record_stage(self.name, program.program_id)
-            self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
-                                 already_staged=already))
 
     async def _resync_until_lost(self) -> None:
         """Level-triggered resync: every resync_interval (sooner when a driver suspects

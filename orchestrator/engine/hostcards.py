@@ -5,13 +5,16 @@ its own, so that one card can be placed, regrouped or given up while the others 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.context import EngineContext
+from orchestrator.engine.events import Staged
 from orchestrator.engine.hostapi import Connect, HostAPI, HostLease, HostTarget
+from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.state import CardState
 from orchestrator.engine.strays import give_up_unplaced
 from orchestrator.errors import LeaseLost, ModelIPError, ProgramNotLoaded, StoreUnavailable
@@ -37,10 +40,43 @@ class CardsOnHost:
     target: HostTarget
     _connect: Connect
     _lease: HostLease | None
+    _stage_lock: anyio.Lock
 
     @property
     def down(self) -> bool:
         raise NotImplementedError
+
+    @property
+    def client(self) -> HostAPI:
+        raise NotImplementedError
+
+    # --- the programs it holds ------------------------------------------------------------
+
+    async def _stage(self, programs: Sequence[PreparedProgram] | None = None) -> None:
+        """Every program a card of this host may be told to run (a rollout: every
+        version; deployments: those of the deployments placed here only, their
+        rollouts' versions too), or ``programs``; content addressed: what the host has
+        is not sent again."""
+        if programs is None:
+            programs = list(self.ctx.programs.values())
+            if self.ctx.keys:   # a deployment's programs: those sealed under its MEK
+                placed = {id(self.ctx.key_for(d.machine.program_id))
+                          for d in self.drivers.values()}
+                programs = [p for p in programs if id(self.ctx.key_for(p.program_id)) in placed]
+        for program in programs:
+            _, already = await self.client.stage(program.body, program_id=program.program_id)
+            await self.ctx.store.record_stage(self.name, program.program_id)
+            self.ctx.emit(Staged(host=self.name, program_id=program.program_id[:16],
+                                 already_staged=already))
+
+    async def restage(self, programs: Sequence[PreparedProgram] | None = None) -> None:
+        """The host says it lacks the body, or (``programs``) a change places them here:
+        send them (content addressed: cheap if another card's driver already did). Its
+        host down: left to its next connection, which stages what its cards run."""
+        if programs is not None and (self.down or self._client is None):
+            return
+        async with self._stage_lock:
+            await self._stage(programs)
 
     def _deadlines(self) -> Deadlines:
         raise NotImplementedError

@@ -12,6 +12,7 @@ touched."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,11 +20,14 @@ import anyio
 
 from orchestrator.engine.card import CardDriver
 from orchestrator.engine.placement import Group
+from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.state import CardMachine
+from orchestrator.errors import ModelIPError
 
 if TYPE_CHECKING:
     from orchestrator.engine.deployment import Deployment
     from orchestrator.engine.engine import Engine
+    from orchestrator.engine.host import HostSupervisor
     from orchestrator.plan.model import Plan
 
 
@@ -58,6 +62,15 @@ async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[
             if key not in wanted:
                 tg.start_soon(give_up, leaving)
     current = engine.cards_by_name()
+    # a program new on a host is staged there before a card is told to run it
+    unstaged: dict[str, dict[str, PreparedProgram]] = {}
+    for (host, _), (d, _, _) in wanted.items():
+        if d.program.program_id not in {x.machine.program_id for x in
+                                        supervisors[host].drivers.values()}:
+            unstaged.setdefault(host, {})[d.program.program_id] = d.program
+    async with anyio.create_task_group() as tg:
+        for host, programs in unstaged.items():
+            tg.start_soon(_stage, supervisors[host], list(programs.values()))
     for (host, device), (d, group, partition) in sorted(wanted.items()):
         number = numbers.get(group)
         if number is None:
@@ -82,4 +95,9 @@ async def replace_deployments(engine: Engine, plan: Plan, deployments: Sequence[
                         else f"{host}/{device}: version {d.program.version} of {d.name}")
     engine.reindex(plan, deployments)
     return said
+
+
+async def _stage(host: HostSupervisor, programs: list[PreparedProgram]) -> None:
+    with contextlib.suppress(ModelIPError):   # else staged when a load needs it
+        await host.restage(programs)
 
