@@ -111,7 +111,8 @@ async def test_three_deployments_serve_each_on_its_groups_under_its_own_mek(
                                           "--deployment", "vision"], check=True)
         view = json.loads(status.stdout)
         assert view["deployments"] == [{"name": "vision", "groups_wanted": 1,
-                                        "groups_placed": 1, "groups_serving": 1, "cards": 2}]
+                                        "groups_placed": 1, "groups_serving": 1, "cards": 2,
+                                        "version": 1, "rollout": None}]
         assert {(c["host"], c["device"]) for c in view["cards"]} == by_deployment["vision"]
         assert {c["deployment"] for c in view["cards"]} == {"vision"}
         # the next run keeps every group where it was

@@ -176,17 +176,21 @@ def test_a_deployments_rollout_is_led_by_one_replica_and_survives_its_leader(
     before = anyio.run(_listing, addresses)
     first.stop()
     second.stop()
-    v2 = _plan(plan, a_version=2, a_more=", rollout: {canary: 1, steps: [2], soak: 3}")
+    v2 = _plan(plan, a_version=2, a_more=", rollout: {canary: 1, steps: [2], soak: 5}")
     first = replicas("r3", "--replace-fleet", plan=v2)
+    # the second joins once the first has made version 2's plan the fleet's
+    wait_for("r3 holds hosts", lambda: owners(database).get("r3", 0) > 0, 60)
     second = replicas("r4", plan=v2)
 
     def leader() -> str:
         held = rows(database, "SELECT owner FROM leases WHERE host = ':rollout:a' AND "
                               "expires > now()")
         return str(held[0][0]) if held else ""
-    wait_for("a's rollout gating a wave, led by one replica", lambda: bool(leader()) and bool(
-        rows(database, "SELECT 1 FROM rollouts WHERE deployment = 'a' AND phase = 'gating'")),
+    wait_for("both replicas hold hosts, a's rollout gating a wave, led by one", lambda: (
+        owners(database).get("r4", 0) > 0 and bool(leader()) and bool(rows(
+            database, "SELECT 1 FROM rollouts WHERE deployment = 'a' AND phase = 'gating'"))),
         90)
+    assert second.process.poll() is None, second.err.read_text()
     assert rows(database, "SELECT count(*) FROM leases WHERE host = ':rollout'") == [(0,)]
     killed = {"r3": first, "r4": second}[leader()]
     killed.process.send_signal(signal.SIGKILL)
