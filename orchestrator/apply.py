@@ -47,7 +47,7 @@ def spec_record(spec: DeploymentSpec) -> dict[str, Any]:
             value if isinstance(value, int | bool | float) or value is None else str(value)
 
     return {"model": plain(spec.model), "mek": plain(spec.mek), "groups": spec.groups,
-            "hosts": list(spec.hosts), "spread": spec.spread}
+            "hosts": list(spec.hosts), "spread": spec.spread, "policy": plain(spec.policy)}
 
 
 def digest(path: Path) -> str:
@@ -66,6 +66,7 @@ class Change:
     removed: bool
     versions: tuple[int, int] | None = None   # its model changed: from, to
     rollout: bool = False                     # ... through its rollout (else at once)
+    policy: bool = False                      # its trust policy changed
 
     def line(self) -> str:
         def where(groups: Sequence[Group]) -> str:
@@ -73,8 +74,8 @@ class Change:
         if self.removed:
             return f"- {self.name}: removed; {self.before} group(s) given up (cards " \
                    f"unloaded and reset): {where(self.given_up)}"
-        mark = "+" if self.new else "~" if self.added or self.given_up or self.versions \
-            else "="
+        changed = self.added or self.given_up or self.versions or self.policy
+        mark = "+" if self.new else "~" if changed else "="
         said = f"{mark} {self.name}: " + ("new, " if self.new else "") + (
             f"{self.before} -> {self.after} groups" if self.before != self.after or self.new
             else f"{self.after} groups")
@@ -85,7 +86,9 @@ class Change:
         if self.versions:
             said += f"; model version {self.versions[0]} -> {self.versions[1]} " + (
                 "through its rollout" if self.rollout else "at once (it has no rollout:)")
-        if not (self.new or self.added or self.given_up or self.versions):
+        if self.policy:
+            said += "; its trust policy changed (asked at each card's next attestation)"
+        if not (self.new or changed):
             said += ", unchanged"
         return said + (f" (short: {self.short})" if self.short else "")
 
@@ -97,7 +100,7 @@ class PlanChanges:
 
     @property
     def changed(self) -> bool:
-        return any(c.new or c.removed or c.added or c.given_up or c.versions
+        return any(c.new or c.removed or c.added or c.given_up or c.versions or c.policy
                    for c in self.changes)
 
     def lines(self) -> list[str]:
@@ -114,6 +117,7 @@ def plan_changes(plan: Plan, running: Mapping[str, Mapping[str, Any]],
                          "fleet; this plan has none (a plan with `model:` is deployed "
                          "with `modelip deploy`)")
     versions: dict[str, tuple[int, int]] = {}
+    policies: set[str] = set()
     for spec in plan.deployments:
         was = running.get(spec.name)
         if was is None:
@@ -121,6 +125,8 @@ def plan_changes(plan: Plan, running: Mapping[str, Mapping[str, Any]],
         now = spec_record(spec)
         if now["model"] != was["model"]:
             versions[spec.name] = (int(was["model"]["version"]), spec.model.version)
+        if now["policy"] != was.get("policy"):
+            policies.add(spec.name)
         if now["mek"] != was["mek"]:
             raise UsageError(f"deployment {spec.name}: its MEK changed: a key domain is a "
                              "deployment; add one under another name and remove this one")
@@ -135,7 +141,8 @@ def plan_changes(plan: Plan, running: Mapping[str, Mapping[str, Any]],
                         tuple(g for g in after if g not in before),
                         tuple(gone.get(spec.name, ())), placement.pending.get(spec.name, ""),
                         new=spec.name not in running, removed=False,
-                        versions=versions.get(spec.name), rollout=spec.rollout is not None)
+                        versions=versions.get(spec.name), rollout=spec.rollout is not None,
+                        policy=spec.name in policies)
         if change.versions and (change.added or change.given_up):
             raise UsageError(f"deployment {spec.name}: its model and its groups changed "
                              "at once: apply one change, then the other")

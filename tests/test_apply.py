@@ -152,6 +152,13 @@ def test_a_running_watch_applies_a_changed_plan(tmp_path: Path) -> None:
             assert _journal(tmp_path, "SELECT count(*) FROM transitions WHERE reason LIKE "
                                       "'%lacks the program%'") == [(0,)]   # staged first
 
+            # a's own trust policy added: said by the diff
+            v6 = _plan(tmp_path, "v6", addresses, root, _deployment(
+                "a", 2, version=2, more=", rollout: {canary: 1}, trust: {policy: "
+                "{max_age: 60}}") + _deployment("c", 3))
+            dry = _apply(v6, "--dry-run")
+            assert "~ a: 2 groups; its trust policy changed (asked at each card's next " \
+                "attestation)" in dry.stdout.splitlines(), dry.stdout
             # what a running fleet does not take: one line, exit 2, nothing changed
             (tmp_path / "other.mek").write_bytes(bytes(range(16)))
             v5 = _plan(tmp_path, "v5", addresses, root, _deployment(

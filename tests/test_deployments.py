@@ -188,6 +188,13 @@ async def test_a_card_handed_to_another_deployment_is_reset_before_its_key(
     ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true},\n"
      "     rollout: {max_unavailable: 0}}\n",
      "deployments[0].rollout.max_unavailable: must be"),
+    ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true},\n"
+     "     trust: {policy: {firmware: ['2.0']}}}\ntrust: {policy: {firmware: ['1.2.0']}}\n",
+     "plan.yaml:2: deployments[0].trust.policy.firmware: none of ['2.0'] is allowed by the "
+     "fleet's trust.policy.firmware (['1.2.0'])"),
+    ("  - {name: a, model: {onnx: tiny.onnx}, mek: {generate: true},\n"
+     "     trust: {policy: {min_firmware: x}}}\n",
+     "deployments[0].trust.policy.min_firmware"),
 ])
 def test_a_plan_that_cannot_work_is_one_line(deployments: str, expected: str,
                                              tmp_path: Path) -> None:
@@ -214,3 +221,32 @@ def test_deployments_with_a_shared_store_and_a_rollout_are_read(tmp_path: Path) 
     loaded = Plan.load(plan)
     assert loaded.shared and loaded.deployments[0].rollout is not None
     assert loaded.deployments[0].rollout.canary == 1
+
+
+async def test_a_deployments_own_trust_policy_is_asked_of_its_cards_alone(
+        tmp_path: Path) -> None:
+    """One card has old firmware (0.9.0), which the fleet's policy accepts: the
+    deployment whose own policy asks for 1.0 and up quarantines it, the other
+    deployment's cards serve."""
+    plan = write(tmp_path, None, """\
+  - {name: a-strict, model: {onnx: tiny.onnx, id: s}, mek: {generate: true}, groups: 1,
+     trust: {policy: {min_firmware: "1.0"}}}
+  - {name: b-lax, model: {onnx: other.onnx, id: l}, mek: {generate: true}, groups: 3}
+""", fleet_text="fleet: {emulated: {hosts: 1, devices_per_host: 4, "
+                "old_firmware_cards: ['0/0']}}\n")
+    engine = await deploy(plan)
+    states = {(d.deployment, d.machine.device): d.machine for d in engine.drivers}
+    strict = states[("a-strict", 0)]        # placed first (by name): card 0, the old one
+    assert strict.state.value == "QUARANTINED" and "0.9.0" in strict.reason, strict.reason
+    assert {m.state.value for (name, _), m in states.items() if name == "b-lax"} == {"SERVING"}
+    assert engine.summary().exit_code == 3
+    # the same card under the lax deployment's policy (the fleet's) serves
+    import shutil
+
+    shutil.rmtree(tmp_path / "state")     # a fresh fleet (the embedded one is new anyway)
+    swapped = write(tmp_path, None, """\
+  - {name: a-lax, model: {onnx: other.onnx, id: l}, mek: {generate: true}, groups: 4}
+""", name="lax.yaml", fleet_text="fleet: {emulated: {hosts: 1, devices_per_host: 4, "
+                                  "old_firmware_cards: ['0/0']}}\n")
+    lax = await deploy(swapped)
+    assert lax.summary().exit_code == 0

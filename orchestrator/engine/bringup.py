@@ -39,6 +39,7 @@ class BringUp:
     rekeys: int
     verified_since: float
     handover_session: bytes
+    deployment: str
     _sent: float
     _stopping: bool
     _release: anyio.Event
@@ -84,7 +85,8 @@ class BringUp:
                             await self.move(first, f"{trigger.value}, attempt {attempt}")
                         if report is None:
                             self._sent = time.monotonic()
-                            report = await keying.attest(self.ctx, self.host.client, m)
+                            report = await keying.attest(self.ctx, self.host.client, m,
+                                                         self.deployment)
                         if m.state is not first:  # a rebooting card answers again
                             await self.move(first, f"{trigger.value}: the card is back")
                         keying.adopt(m, report)

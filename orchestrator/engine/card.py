@@ -379,7 +379,8 @@ class CardDriver(BringUp):
         try:
             async with self.host.admit(m.group, routine=routine):
                 self._sent = time.monotonic()
-                report = await keying.attest(self.ctx, self.host.client, self.machine)
+                report = await keying.attest(self.ctx, self.host.client, self.machine,
+                                             self.deployment)
         except Exception as err:
             failure = classify(err)
             if failure is None or failure not in CHECK_SAW:

@@ -25,6 +25,7 @@ from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import StateDirError
 from orchestrator.plan.model import Plan
+from orchestrator.plan.specs import PolicySpec
 
 _jitter = random.Random()  # noqa: S311 - retry timing, not security
 
@@ -56,16 +57,21 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def policy_from_plan(plan: Plan) -> TrustPolicy:
+def policy_of(spec: PolicySpec) -> TrustPolicy:
     return TrustPolicy(
-        allowed_firmware=frozenset(plan.policy.firmware),
-        min_firmware=plan.policy.min_firmware,
+        allowed_firmware=frozenset(spec.firmware),
+        min_firmware=spec.min_firmware,
         allowed_measurements={name: frozenset(bytes.fromhex(v) for v in values)
-                              for name, values in plan.policy.measurements.items()},
-        card_allowlist=frozenset(plan.policy.cards),
-        allowed_kems=frozenset(Kem.parse(k) for k in plan.policy.kems),
-        max_age=plan.policy.max_age,
+                              for name, values in spec.measurements.items()},
+        card_allowlist=frozenset(spec.cards),
+        allowed_kems=frozenset(Kem.parse(k) for k in spec.kems),
+        max_age=spec.max_age,
     )
+
+
+def deployment_policies(plan: Plan) -> dict[str, TrustPolicy]:
+    """The deployments with a trust policy of their own (the fleet's, tightened)."""
+    return {d.name: policy_of(d.policy) for d in plan.deployments if d.policy is not None}
 
 
 @dataclass
@@ -81,6 +87,7 @@ class EngineContext:
     stats: EngineStats = field(default_factory=EngineStats)
     chains: ChainCache = field(default_factory=ChainCache)   # each card's chain verified once
     policy: TrustPolicy = field(init=False)
+    policies: dict[str, TrustPolicy] = field(init=False)   # by deployment, if its own
     # Every program a card may be told to run (by id; hosts stage them all): the
     # plan's, and during a rollout the version it replaces (docs/rollouts.md).
     programs: dict[str, PreparedProgram] = field(init=False)
@@ -90,9 +97,14 @@ class EngineContext:
     keys: dict[str, MEK] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.policy = policy_from_plan(self.plan)
+        self.policy = policy_of(self.plan.policy)
+        self.policies = deployment_policies(self.plan)
         self.programs = {}
         self.offer(self.program)
+
+    def policy_for(self, deployment: str) -> TrustPolicy:
+        """What a card of ``deployment`` must satisfy: its own policy, else the fleet's."""
+        return self.policies.get(deployment, self.policy)
 
     def key_for(self, program_id: str) -> MEK:
         """The MEK ``program_id`` is sealed under: its deployment's, else the plan's."""

@@ -24,7 +24,12 @@ from cryptography import x509
 
 from orchestrator.crypto.mek import MEK
 from orchestrator.engine.card import CardDriver
-from orchestrator.engine.context import EngineContext, EngineStats, percentile
+from orchestrator.engine.context import (
+    EngineContext,
+    EngineStats,
+    deployment_policies,
+    percentile,
+)
 from orchestrator.engine.deployment import Deployment, PrepareDeployment
 from orchestrator.engine.events import (
     CardOutcome,
@@ -238,6 +243,7 @@ class Engine(Inference):
         deployments they now serve, and the engine's views of drivers and groups."""
         self.plan = plan
         self.deployments = {d.name: d for d in deployments}
+        self.ctx.policies = deployment_policies(plan)
         self.drivers = [d for host in self.hosts for d in host.drivers.values()]
         self.groups = {}
         for driver in sorted(self.drivers, key=lambda d: d.machine.partition):

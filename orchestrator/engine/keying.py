@@ -23,14 +23,17 @@ if TYPE_CHECKING:
     from orchestrator.transport.types import LoadResult
 
 
-async def attest(ctx: EngineContext, client: HostAPI, machine: CardMachine) -> VerifiedReport:
-    """The card's evidence for a fresh request, verified. Malformed evidence from a host
-    is an attestation failure (AttestationError), not bad input."""
+async def attest(ctx: EngineContext, client: HostAPI, machine: CardMachine,
+                 deployment: str = "") -> VerifiedReport:
+    """The card's evidence for a fresh request, verified (against ``deployment``'s trust
+    policy). Malformed evidence from a host is an attestation failure
+    (AttestationError), not bad input."""
     request = os.urandom(32)
     evidence = await client.attest(machine.device, request)
     ctx.stats.attestations += 1
     try:
-        return verify_evidence(evidence, roots=ctx.roots, policy=ctx.policy, request=request,
+        return verify_evidence(evidence, roots=ctx.roots, policy=ctx.policy_for(deployment),
+                               request=request,
                                source=machine.name, cache=ctx.chains)
     except InputError as err:
         raise AttestationError(str(err)).located(host=machine.host,

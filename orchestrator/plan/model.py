@@ -13,7 +13,13 @@ from pathlib import Path
 
 from orchestrator.errors import PlanError
 from orchestrator.plan.api import ApiSpec, read_api
-from orchestrator.plan.deployments import DeploymentSpec, check_fit, inventory, read_deployments
+from orchestrator.plan.deployments import (
+    DeploymentSpec,
+    check_fit,
+    inventory,
+    read_deployments,
+    tightened,
+)
 from orchestrator.plan.reader import (
     Node,
     Problem,
@@ -137,6 +143,7 @@ class Plan:
         if emulated is None and not roots:
             raise Problem(fleet.node.line, "trust.roots",
                            "real hosts need at least one vendor root certificate")
+        deployments = tightened(deployments, policy)
         group_size = model.partitions
         groups = top.child("groups")
         if groups is not None:

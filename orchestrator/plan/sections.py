@@ -88,7 +88,8 @@ def read_model(reader: Reader, base: Path) -> ModelSpec:
         version=version,
         rollback_floor=reader.get("rollback_floor", int, version, check=version_number),
         expires=expiry,
-        min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
+        min_firmware=str(reader.get("min_firmware", (str, int, float), "",
+                                    check=_dotted_version)),
     )
     reader.done()
     return spec
@@ -195,6 +196,16 @@ def read_fleet(reader: Reader, base: Path) -> tuple[tuple[HostSpec, ...], Emulat
     return tuple(hosts), emulated
 
 
+def _dotted_version(value: object) -> str | None:
+    from orchestrator.crypto.evidence import parse_version
+
+    try:
+        parse_version(str(value))
+    except FormatError:
+        return f"{str(value)!r} is not a version of dotted numbers (\"1.2\")"
+    return None
+
+
 def read_policy(reader: Reader) -> PolicySpec:
     measurements: dict[str, tuple[str, ...]] = {}
     if (m := reader.child("measurements")) is not None:
@@ -212,7 +223,8 @@ def read_policy(reader: Reader) -> PolicySpec:
                            f"unknown KEM {kem!r} (P256, MLKEM768_X25519 or hybrid)") from None
     spec = PolicySpec(
         firmware=tuple(str(v) for v in reader.list_of("firmware", str)),
-        min_firmware=str(reader.get("min_firmware", (str, int, float), "")),
+        min_firmware=str(reader.get("min_firmware", (str, int, float), "",
+                                    check=_dotted_version)),
         measurements=measurements,
         cards=reader.list_of("cards", str),
         kems=kems,
