@@ -398,11 +398,6 @@ class Engine(Inference):
             finished = sum(d.machine.state is S.SERVING for d in busy)
             self.stats.wound_down = (len(busy), finished, time.monotonic() - started)
 
-    @property
-    def rollout(self) -> RolloutPart | None:
-        """The fleet's rollout (the first, with deployments)."""
-        return self.rollouts[0] if self.rollouts else None
-
     async def start_rollout(self, make: MakeRollout) -> RolloutPart:
         """A rollout begun while the fleet runs (`modelip apply` of a deployment's new
         version): its versions staged on the hosts of its groups, then its groups

@@ -83,10 +83,5 @@ class Snapshot:
     rollouts: tuple[RolloutView, ...] = ()   # the fleet's, or each deployment's
     deployments: tuple[DeploymentOutcome, ...] = ()   # docs/deployments.md
 
-    @property
-    def rollout(self) -> RolloutView | None:
-        """The first rollout (the fleet's one, when it has one model)."""
-        return self.rollouts[0] if self.rollouts else None
-
 
 __all__ = ["CardView", "HostView", "RolloutView", "Snapshot"]
