@@ -33,7 +33,7 @@ from orchestrator.engine.prepare import (
     prepare_program,
     sealing_source,
 )
-from orchestrator.engine.rollout.setup import RolloutSetup, arrange
+from orchestrator.engine.rollout.setup import RolloutSetup, arrange, arrange_deployment
 from orchestrator.engine.store.protocol import Store
 from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.errors import (
@@ -219,9 +219,9 @@ async def _with_deployments(plan: Plan, connect: Connect | None, *, take_over: b
             prepare = None
             if shared is None:   # `modelip apply` hands a running watch its changed plans
                 prepare = await _applied_here(plan, store, meks)
-            rollouts = [await _deployment_rollout(plan, store, spec, program, mek,
-                                                  len(placed.groups[spec.name]),
-                                                  retry=retry_rollout)
+            rollouts = [await arrange_deployment(plan, store, spec, program, mek,
+                                                 len(placed.groups[spec.name]),
+                                                 retry=retry_rollout)
                         for spec, program, mek in prepared]
             connecting = await claiming(store, connect, take_over)
             async with fleet_for(plan) as (hosts, roots):
@@ -324,17 +324,6 @@ def _rollouts(*setups: RolloutSetup | None) -> list[MakeRollout]:
     from orchestrator.engine.rollout.controller import rollout_of
 
     return [rollout_of(setup) for setup in setups if setup is not None]
-
-
-async def _deployment_rollout(plan: Plan, store: Store, spec: DeploymentSpec,
-                              program: PreparedProgram, mek: MEK, groups: int, *,
-                              retry: bool) -> RolloutSetup | None:
-    """The deployment's program recorded as the one it serves (a new version: replaced
-    at once, or by the rollout its ``rollout:`` says, over its placed groups)."""
-    sub = plan.of_deployment(spec)
-    return await arrange(sub, store, mek, program, retry=retry, deployment=spec.name,
-                         groups=groups, prepare=lambda p: in_state_dir(
-                             p, lambda: prepare_program(p, mek)))
 
 
 @asynccontextmanager

@@ -243,14 +243,10 @@ async def _new_version(engine: Engine, journal: SQLiteStore, plan: Plan, spec: D
     """A kept deployment's new version: its rollout, set up in the journal (None: it has
     no rollout:, the new version replaces the old at once). UsageError if one of its
     rollouts runs already."""
-    from orchestrator.engine.prepare import prepare_program
-    from orchestrator.engine.rollout.setup import arrange
-    from orchestrator.statedir import in_state_dir
+    from orchestrator.engine.rollout.setup import arrange_deployment
 
     if any(r.deployment == spec.name and not r.ended for r in engine.rollouts):
         raise UsageError(f"deployment {spec.name}: a rollout of it is in progress in this "
                          "watch: let it end (or `modelip rollout undo` it) first")
-    mek = deployment.mek
-    return await arrange(plan.of_deployment(spec), journal, mek, deployment.program,
-                         retry=False, deployment=spec.name, groups=len(deployment.groups),
-                         prepare=lambda p: in_state_dir(p, lambda: prepare_program(p, mek)))
+    return await arrange_deployment(plan, journal, spec, deployment.program, deployment.mek,
+                                    len(deployment.groups), retry=False)

@@ -21,6 +21,7 @@ from orchestrator.engine.rollout.ledger import Ledger, Phase, ProgramRecord, Rol
 from orchestrator.engine.rollout.ledgers import ledger_for
 from orchestrator.engine.store.protocol import Store
 from orchestrator.errors import FormatError, UsageError, WrongMEKError
+from orchestrator.plan.deployments import DeploymentSpec
 from orchestrator.plan.model import Plan
 from orchestrator.plan.rollout import RolloutSpec
 
@@ -123,6 +124,20 @@ async def arrange(plan: Plan, store: Store, mek: MEK, final: PreparedProgram, *,
                         fresh, deployment, mek if deployment else None)
 
 
+async def arrange_deployment(plan: Plan, store: Store, spec: DeploymentSpec,
+                             program: PreparedProgram, mek: MEK, groups: int, *,
+                             retry: bool) -> RolloutSetup | None:
+    """``arrange`` for one deployment of ``plan`` (its ``program``, under its ``mek``,
+    over its ``groups``): its program recorded as the one it serves, a new version
+    replaced at once or by the rollout its ``rollout:`` says."""
+    from orchestrator.engine.prepare import prepare_program
+    from orchestrator.statedir import in_state_dir
+
+    return await arrange(plan.of_deployment(spec), store, mek, program, retry=retry,
+                         deployment=spec.name, groups=groups, prepare=lambda p: in_state_dir(
+                             p, lambda: prepare_program(p, mek)))
+
+
 def _group_count(plan: Plan) -> int:
     if plan.emulated is not None:
         cards = plan.emulated.hosts * plan.emulated.devices_per_host
@@ -180,4 +195,4 @@ def _smoke_arrays(spec: RolloutSpec, program: PreparedProgram
     return inputs, (read_arrays(smoke.expect) if smoke.expect is not None else None)
 
 
-__all__ = ["RolloutSetup", "arrange", "program_record"]
+__all__ = ["RolloutSetup", "arrange", "arrange_deployment", "program_record"]
