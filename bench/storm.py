@@ -60,8 +60,8 @@ def storm_child(plan_path: Path) -> None:
     async def run() -> None:
         async with open_engine(Plan.load(plan_path)) as engine, \
                 anyio.create_task_group() as tg:
-            def calls() -> int:  # attestation calls (a batch is one)
-                return sum(getattr(h.client, "attest_calls", 0) for h in engine.hosts)
+            def calls(kind: str = "attest") -> int:  # calls made (a batch is one)
+                return sum(getattr(h.client, f"{kind}_calls", 0) for h in engine.hosts)
 
             start, wall = cpu(), time.perf_counter()
             await tg.start(lambda task_status: engine.run(keep_serving=True,
@@ -70,12 +70,14 @@ def storm_child(plan_path: Path) -> None:
             cards = len(engine.cards)
             first = {"cpu": cpu() - start, "wall": time.perf_counter() - wall, "cards": cards,
                      "attestations": engine.stats.attestations, "attest_calls": calls(),
+                     "load_calls": calls("load"),
                      "serving": sum(c.state is CardState.SERVING for c in engine.cards)}
             print(json.dumps(first), flush=True)
             disproved: Counter[str] = Counter()
             engine.subscribe(lambda event: disproved.update(
                 [event.trigger] if event.KIND == "hint_disproved" else []))
-            base = {"attestations": engine.stats.attestations, "cpu": cpu(), "calls": calls()}
+            base = {"attestations": engine.stats.attestations, "cpu": cpu(), "calls": calls(),
+                    "load_calls": calls("load")}
             while not (engine.stats.rekeys >= cards and all(
                     c.state is CardState.SERVING for c in engine.cards)):
                 with anyio.move_on_after(0.05):
@@ -85,6 +87,7 @@ def storm_child(plan_path: Path) -> None:
                 "rekeys": engine.stats.rekeys,
                 "attestations": engine.stats.attestations - base["attestations"],
                 "attest_calls": calls() - base["calls"],
+                "load_calls": calls("load") - base["load_calls"],
                 "stale_hints": engine.stats.stale_hints,
                 "disproved": dict(disproved),
                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
@@ -199,7 +202,8 @@ def main() -> None:
               f"{args.devices_per_host}):")
         print(f"  first deploy: {first['wall']:.2f} s, CPU {per_deploy * 1e3:.2f} ms per card "
               f"= {per_deploy / first_floor:.1f}x its floor (chains verified)")
-        print(f"    {first['attestations']} attestations in {first['attest_calls']} calls")
+        print(f"    {first['attestations']} attestations in {first['attest_calls']} calls, "
+              f"{size} loads in {first['load_calls']}")
         print(f"  storm: all serving {r['back_after']:.2f} s after the last reset "
               f"({r['back_after'] / first['wall']:.2f}x the first deploy's time)")
         print(f"  CPU {per_card * 1e3:.2f} ms per re-keyed card = {per_card / floor:.1f}x "
@@ -209,7 +213,9 @@ def main() -> None:
               f"{after['stale_hints']}, hints disproved {sum(after['disproved'].values())} "
               f"(by trigger: {after['disproved'] or 'none'})")
         print(f"  attestation calls {after['attest_calls']} (batched: "
-              f"{after['attestations'] / max(after['attest_calls'], 1):.1f} per call)")
+              f"{after['attestations'] / max(after['attest_calls'], 1):.1f} per call), "
+              f"load calls {after['load_calls']} ({r['loads'] / max(after['load_calls'], 1):.1f} "
+              "per call)")
         print(f"  peak RSS {after['rss'] / 2**20:.0f} MiB")
 
 

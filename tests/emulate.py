@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,16 +16,18 @@ MODELIP = [sys.executable, "-m", "orchestrator"]
 
 @contextmanager
 def emulate(directory: Path, *, hosts: int = 1, devices: int = 4,
-            pids: list[int] | None = None) -> Iterator[tuple[list[str], Path]]:
+            pids: list[int] | None = None, extra: Sequence[str] = ()
+            ) -> Iterator[tuple[list[str], Path]]:
     """`modelip emulate` on free loopback ports: yields its hosts' addresses and the
-    vendor root to trust (``pids``: its pid appended, to stage faults); stopped with
-    SIGINT at the end."""
+    vendor root to trust (``pids``: its pid appended, to stage faults; ``extra``: more
+    of its flags); stopped with SIGINT at the end."""
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "emulate.log"
     with open(log, "w") as out:
         process = subprocess.Popen([*MODELIP, "emulate", "--hosts", str(hosts),
                                     "--devices-per-host", str(devices), "--base-port", "0",
-                                    "--pki-dir", str(directory / "pki"), "--reboot-time", "0.05"],
+                                    "--pki-dir", str(directory / "pki"), "--reboot-time", "0.05",
+                                    *extra],
                                    stdout=out, stderr=subprocess.STDOUT)
     if pids is not None:
         pids.append(process.pid)

@@ -1,23 +1,28 @@
-"""Batched attestation (docs/protocol.md "Batches"): what is asked together goes in one
-call, each card keeps its own nonce, evidence and error; a host without the batched
-call is asked card by card."""
+"""Batched attestations and loads (docs/protocol.md "Batches"): what is asked together
+goes in one call, each card keeps its own nonce, evidence, key slot, receipt and error;
+a host without the batched call is asked card by card."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
+import pytest
 
-from orchestrator._proto.modelip.v1 import runtime_pb2_grpc
+from orchestrator._proto.modelip.v1 import runtime_pb2, runtime_pb2_grpc
 from orchestrator.agent.servicers import Attestation, Runtime
-from orchestrator.crypto.evidence import TrustPolicy, verify_evidence
+from orchestrator.crypto.evidence import TrustPolicy, verify_evidence, verify_load_receipt
 from orchestrator.emulator.fleet import FleetConfig, run_fleet
-from orchestrator.errors import NotFoundError
+from orchestrator.errors import LeaseLost, ModelIPError, NotFoundError
 from orchestrator.transport.batch import Coalescer
 from orchestrator.transport.client import ATTEST_BATCH, HostClient
+from orchestrator.transport.types import LoadResult
+from tests.test_emulated_hosts import Deployment, deploy, info_digest, slot_digest
 
 
 async def _attest_all(host: HostClient, devices: Sequence[int]
@@ -69,11 +74,29 @@ class _OldAttestation(Attestation):
     GetAttestationReports = runtime_pb2_grpc.RemoteAttestationServicer.GetAttestationReports
 
 
+class _OldRuntime(Runtime):
+    """A host from before the batched load: it answers UNIMPLEMENTED."""
+
+    LoadPrograms = runtime_pb2_grpc.DeviceRuntimeServicer.LoadPrograms
+
+
+class _VerboseRuntime(Runtime):
+    """A host whose batched load answers are larger than the control channel takes
+    (thousands of long segment names per card); alone, each answer fits."""
+
+    async def LoadPrograms(self, request: Any, context: Any) -> Any:  # noqa: N802
+        response = await super().LoadPrograms(request, context)
+        for result in response.results:
+            result.loaded.segments.extend([f"{n:04d}" + "s" * 200 for n in range(2000)])
+        return response
+
+
 @asynccontextmanager
-async def _old_host(agent: object) -> AsyncIterator[str]:
+async def _old_host(agent: object, runtime: type[Runtime] = _OldRuntime
+                    ) -> AsyncIterator[str]:
     server = grpc.aio.server()
     runtime_pb2_grpc.add_RemoteAttestationServicer_to_server(_OldAttestation(agent), server)
-    runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(Runtime(agent), server)
+    runtime_pb2_grpc.add_DeviceRuntimeServicer_to_server(runtime(agent), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -91,7 +114,7 @@ async def test_a_host_without_the_batched_call_is_asked_card_by_card() -> None:
             assert isinstance(evidence, bytes)
             verify_evidence(evidence, roots=[fleet.pki.root], policy=TrustPolicy(),
                             request=nonce)
-        assert host._batched is False  # noqa: SLF001 - asked once, then card by card
+        assert "attest" in host._card_by_card  # noqa: SLF001 - asked once, then card by card
         await _attest_all(host, range(4))
 
 
@@ -152,8 +175,6 @@ async def test_a_failed_call_fails_every_card_of_it() -> None:
 async def test_a_lost_lease_reaches_every_caller_as_itself() -> None:
     """The gate forbids the call (the replica's lease on the host is lost): each caller
     gets LeaseLost, batched or card by card, never wrapped in a group."""
-    from orchestrator.errors import LeaseLost
-
     def lost() -> float:
         raise LeaseLost("h", "expired")
 
@@ -179,3 +200,121 @@ async def test_a_lost_lease_reaches_every_caller_as_itself() -> None:
                 async with anyio.create_task_group() as tg:   # alone, too
                     tg.start_soon(one, 0)
                 assert len(caught) == 4
+
+
+# --- loads ----------------------------------------------------------------------------
+
+async def _load_all(host: HostClient, d: Deployment, devices: Sequence[int],
+                    program_id: str | None = None) -> dict[int, LoadResult | ModelIPError]:
+    """Every device loaded at once (as card drivers do): its receipt or its error."""
+    answers: dict[int, LoadResult | ModelIPError] = {}
+
+    async def one(index: int, device: int) -> None:
+        try:
+            answers[index] = await host.load(device, program_id or d.program_id)
+        except ModelIPError as error:
+            answers[index] = error
+
+    async with anyio.create_task_group() as tg:
+        for index, device in enumerate(devices):
+            tg.start_soon(one, index, device)
+    return answers
+
+
+def _check_receipts(d: Deployment, answers: dict[int, LoadResult | ModelIPError],
+                    devices: Sequence[int]) -> None:
+    """Each card's receipt, verified against that card's own report and key slot."""
+    for index, device in enumerate(devices):
+        result = answers[index]
+        assert isinstance(result, LoadResult), result
+        report = d.reports[device]
+        receipt = verify_load_receipt(result.receipt, result.receipt_signature, report=report,
+                                      program_info_digest=info_digest(d.program), partition=0,
+                                      source="test", key_slot=slot_digest(d.program,
+                                                                           report.card_id))
+        assert receipt.card_id == report.card_id
+
+
+async def test_loads_asked_together_go_in_one_call_each_its_own_receipt(tmp_path: Path
+                                                                        ) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=6)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(4))   # cards 4 and 5: no slot
+        devices = [0, 1, 2, 3, 99, 4]
+        answers = await _load_all(host, d, devices)
+        assert host.load_calls == 1
+        _check_receipts(d, answers, devices[:4])
+        unknown, slotless = answers[4], answers[5]
+        assert isinstance(unknown, NotFoundError) and unknown.device == 99
+        assert isinstance(slotless, ModelIPError) and slotless.device == 4
+        assert (await host.stats())["load_count"] == 6   # each request once (two refused)
+        listed = {c.device: c for c in await host.list_devices()}
+        assert {listed[n].state.value for n in range(4)} == {"LOADED"}
+        assert listed[4].state.value == "ONLINE"
+
+
+async def test_a_host_without_the_batched_load_is_loaded_card_by_card(tmp_path: Path
+                                                                     ) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=4)) as fleet, \
+            _old_host(fleet.hosts[0]) as address, HostClient(address) as host:
+        d = await deploy(tmp_path, host, fleet, range(4))
+        answers = await _load_all(host, d, range(4))
+        _check_receipts(d, answers, range(4))
+        assert "load" in host._card_by_card  # noqa: SLF001 - asked once, then card by card
+        assert (await host.stats())["load_count"] == 4   # UNIMPLEMENTED loaded nothing
+
+
+async def test_a_batched_load_answer_too_large_goes_card_by_card_from_then_on(
+        tmp_path: Path) -> None:
+    """The batch was loaded, but its answer exceeds the control channel's cap: the
+    cards are loaded again one by one (each answer fits), and this host's loads go
+    card by card from then on (docs/protocol.md "Batches": the price is one load more
+    per card of that batch)."""
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=4)) as fleet, \
+            _old_host(fleet.hosts[0], _VerboseRuntime) as address, \
+            HostClient(address) as host:
+        d = await deploy(tmp_path, host, fleet, range(4))
+        _check_receipts(d, await _load_all(host, d, range(4)), range(4))
+        assert "load" in host._card_by_card  # noqa: SLF001
+        assert (await host.stats())["load_count"] == 8
+        _check_receipts(d, await _load_all(host, d, range(4)), range(4))
+        assert (await host.stats())["load_count"] == 12   # no batch tried again
+
+
+async def test_a_batched_load_under_an_older_fencing_epoch_is_every_cards_lease_lost(
+        tmp_path: Path) -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=3)) as fleet, \
+            HostClient(fleet.addresses[0], fence=(1, "a")) as old, \
+            HostClient(fleet.addresses[0], fence=(2, "b")) as new:
+        d = await deploy(tmp_path, old, fleet, range(3))
+        assert await new.list_devices()   # the host has now seen epoch 2
+        caught: list[BaseException] = []
+
+        async def one(device: int) -> None:
+            try:
+                await old.load(device, d.program_id)
+            except LeaseLost as error:
+                caught.append(error)
+
+        async with anyio.create_task_group() as tg:
+            for device in range(3):
+                tg.start_soon(one, device)
+        assert len(caught) == 3 and old.load_calls == 1
+        assert (await new.stats())["load_count"] == 0
+        assert {c.state.value for c in await new.list_devices()} == {"ONLINE"}
+
+
+async def test_a_batch_of_more_than_the_host_takes_is_refused_as_malformed() -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet:
+        channel = grpc.aio.insecure_channel(fleet.addresses[0])
+        stub = runtime_pb2_grpc.DeviceRuntimeStub(channel)
+        request = runtime_pb2.LoadProgramBatchRequest(requests=[
+            runtime_pb2.LoadProgramRequest(device=0, program_id="ab" * 32)] * 257)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.LoadPrograms(request)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 256" in (raised.value.details() or "")
+        finally:
+            await channel.close()
+        assert fleet.hosts[0].stats.load_count == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +44,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: HostAbort) 
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 # the calls that change a card: fenced (agent/fencing.py)
-_CHANGES = frozenset({"ResetDevice", "StageProgram", "LoadProgram", "Unload"})
+_CHANGES = frozenset({"ResetDevice", "StageProgram", "LoadProgram", "LoadPrograms", "Unload"})
 
 
 def failure(exc: Exception, device: int | None, what: str) -> HostAbort:
@@ -99,27 +99,40 @@ class Attestation(_OnHost, runtime_pb2_grpc.RemoteAttestationServicer):  # type:
     async def GetAttestationReports(self, request: runtime_pb2.AttestationBatchRequest,  # noqa: N802
                                     context: grpc.aio.ServicerContext[Any, Any]
                                     ) -> runtime_pb2.AttestationBatchResponse:
-        if len(request.requests) > MAX_BATCH:
-            raise HostAbort.of(R.ERROR_REASON_FORMAT, f"{len(request.requests)} requests in "
-                               f"one call; at most {MAX_BATCH}")
         response = runtime_pb2.AttestationBatchResponse()
-        results = [response.results.add() for _ in request.requests]
 
-        async def one(result: runtime_pb2.AttestationResult, asked: runtime_pb2.AttestationRequest
-                      ) -> None:
-            try:
-                evidence = await self.host.attest(asked.device, asked.request)
-                result.evidence = evidence.SerializeToString(deterministic=True)
-            except Exception as exc:  # noqa: BLE001 - each card's failure is its own answer
-                abort = failure(exc, asked.device, "GetAttestationReports")
-                result.error.status = abort.code.value[0]
-                result.error.reason = cast(runtime_pb2.ErrorReason, abort.reason)
-                result.error.message = str(abort)
+        async def one(asked: runtime_pb2.AttestationRequest,
+                      result: runtime_pb2.AttestationResult) -> None:
+            evidence = await self.host.attest(asked.device, asked.request)
+            result.evidence = evidence.SerializeToString(deterministic=True)
 
-        async with anyio.create_task_group() as tg:
-            for result, asked in zip(results, request.requests, strict=True):
-                tg.start_soon(one, result, asked)
+        await each_card(request.requests, response.results, one, "GetAttestationReports")
         return response
+
+
+async def each_card(requests: Sequence[Any], results: Any,
+                    one: Callable[[Any, Any], Awaitable[None]], what: str) -> None:
+    """A batched call's cards, at once: ``one(request, result)`` fills each card's
+    result, and a card's failure becomes its own ``CardError`` (what the same
+    request alone would have failed with); the answers in the order asked."""
+    if len(requests) > MAX_BATCH:
+        raise HostAbort.of(R.ERROR_REASON_FORMAT, f"{len(requests)} requests in "
+                           f"one call; at most {MAX_BATCH}")
+    answers = [results.add() for _ in requests]
+
+    async def guarded(asked: Any, result: Any) -> None:
+        try:
+            await one(asked, result)
+        except Exception as exc:  # noqa: BLE001 - each card's failure is its own answer
+            abort = failure(exc, asked.device, what)
+            result.Clear()
+            result.error.status = abort.code.value[0]
+            result.error.reason = cast(runtime_pb2.ErrorReason, abort.reason)
+            result.error.message = str(abort)
+
+    async with anyio.create_task_group() as tg:
+        for asked, result in zip(requests, answers, strict=True):
+            tg.start_soon(guarded, asked, result)
 
 
 class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[misc]
@@ -155,6 +168,25 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     async def LoadProgram(self, request: runtime_pb2.LoadProgramRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> runtime_pb2.LoadProgramResponse:
+        return await self._load(request, context)
+
+    @_answers
+    async def LoadPrograms(self, request: runtime_pb2.LoadProgramBatchRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> runtime_pb2.LoadProgramBatchResponse:
+        response = runtime_pb2.LoadProgramBatchResponse()
+
+        async def one(asked: runtime_pb2.LoadProgramRequest,
+                      result: runtime_pb2.LoadProgramResult) -> None:
+            result.loaded.CopyFrom(await self._load(asked, context))
+
+        await each_card(request.requests, response.results, one, "LoadPrograms")
+        return response
+
+    async def _load(self, request: runtime_pb2.LoadProgramRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]
+                    ) -> runtime_pb2.LoadProgramResponse:
+        """One card's load, its claim checked (docs/protocol.md "Claims")."""
         slots = request.key_slots if request.HasField("key_slots") else None
         claim = self.host.claims.admit(context.invocation_metadata(), request.device)
         answer = await self.host.load(request.device, request.program_id, request.partition,

@@ -95,12 +95,18 @@ class EngineContext:
     # With deployments (docs/deployments.md): each deployment's program and its own MEK;
     # a card's key slot is wrapped with the MEK of the program it is to run, only.
     keys: dict[str, MEK] = field(default_factory=dict)
+    # Groups whose cards go first when a host's cards wait for places (a storm during
+    # a rollout): each running rollout's wave being switched or judged, by deployment.
+    urgent: dict[str, frozenset[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.policy = policy_of(self.plan.policy)
         self.policies = deployment_policies(self.plan)
         self.programs = {}
         self.offer(self.program)
+
+    def is_urgent(self, group: int) -> bool:
+        return any(group in groups for groups in self.urgent.values())
 
     def policy_for(self, deployment: str) -> TrustPolicy:
         """What a card of ``deployment`` must satisfy: its own policy, else the fleet's."""

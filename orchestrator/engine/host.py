@@ -143,7 +143,8 @@ class HostSupervisor(CardsOnHost):
             for driver in self.drivers.values():
                 self._groups.setdefault(driver.machine.group, []).append(driver)
         down = sum(not d.serving for d in self._groups.get(group, ()))
-        return self._places.admit((ROUTINE if routine else RECOVER, down))
+        return self._places.admit((ROUTINE if routine else RECOVER,
+                                   not self.ctx.is_urgent(group), down))
 
     def suspect(self) -> None:
         """A call to this host failed: probe it now rather than at the next resync."""

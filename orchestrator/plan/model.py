@@ -153,7 +153,7 @@ class Plan:
                 raise Problem(groups.node.line, "groups.size",
                                f"must equal model.partitions ({model.partitions}): one card "
                                "per partition")
-        concurrency = top.get("concurrency", int, 64, check=positive)
+        concurrency = top.get("concurrency", int, 1024, check=positive)
         retry = RetrySpec()
         if (reader := top.child("retry")) is not None:
             retry = RetrySpec(reader.get("attempts", int, 5, check=positive),

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import grpc
@@ -56,7 +56,11 @@ CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 ATTEST_BATCH = 64     # attestations in one batched call (their evidence fits CONTROL_MESSAGE)
 BATCH_WINDOW = 0.005  # seconds a batch waits for others to join it
+LOAD_BATCH = 16       # loads in one batched call (their receipts fit CONTROL_MESSAGE)
 
+
+Asked = TypeVar("Asked", runtime_pb2.AttestationRequest, runtime_pb2.LoadProgramRequest)
+Answer = TypeVar("Answer")
 
 _DEVICE_STATES = {runtime_pb2.DEVICE_STATE_ONLINE: DeviceState.ONLINE,
                   runtime_pb2.DEVICE_STATE_OFFLINE: DeviceState.OFFLINE,
@@ -143,9 +147,11 @@ class HostClient:
             response_deserializer=runtime_pb2.AttestationBatchResponse.FromString)
         # attestations asked together go in one call (transport/batch.py), while the
         # host has the batched call (a host without it answers UNIMPLEMENTED once)
-        self._attests: Coalescer[tuple[int, bytes], bytes] = Coalescer(
+        self._attests: Coalescer[runtime_pb2.AttestationRequest, bytes] = Coalescer(
             self._attest_together, limit=ATTEST_BATCH, window=BATCH_WINDOW)
-        self._batched = True
+        self._loads: Coalescer[runtime_pb2.LoadProgramRequest, LoadResult] = Coalescer(
+            self._load_together, limit=LOAD_BATCH)
+        self._card_by_card: set[str] = set()   # batched calls this host lacks
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
         self._execute = runtime_pb2_grpc.DeviceRuntimeStub(self._bulk).Execute
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -168,6 +174,11 @@ class HostClient:
         """Calls made for attestations (a batch is one call)."""
         return self._attests.calls
 
+    @property
+    def load_calls(self) -> int:
+        """Calls made for loads (a batch is one call)."""
+        return self._loads.calls
+
     def _allowed(self, deadline: float) -> float:
         return deadline if self.gate is None else min(deadline, self.gate())
 
@@ -187,65 +198,75 @@ class HostClient:
     async def attest(self, device: int, request: bytes) -> bytes:
         """The card's evidence for ``request``, as bytes (verify before use!). Asked
         with the other attestations of this turn of the event loop, in one call."""
-        return await self._attests.submit((device, request))
+        return await self._attests.submit(
+            runtime_pb2.AttestationRequest(device=device, request=request))
 
-    async def _attest_one(self, device: int, request: bytes) -> bytes:
+    async def _attest_one(self, asked: runtime_pb2.AttestationRequest) -> bytes:
         evidence: bytes = await self._call(
-            f"attest device {device}", self._attest_raw,
-            runtime_pb2.AttestationRequest(device=device, request=request),
-            self.deadlines.attest, device=device)
+            f"attest device {asked.device}", self._attest_raw, asked,
+            self.deadlines.attest, device=asked.device)
         return evidence
 
-    async def _attest_together(self, asked: Sequence[tuple[int, bytes]]
+    async def _attest_together(self, asked: Sequence[runtime_pb2.AttestationRequest]
                                ) -> list[bytes | BaseException]:
-        """Each card's evidence or error, in order: one batched call, or card by card
-        (one card; a host without the batched call; a batch too large to answer)."""
-        if len(asked) > 1 and self._batched:
-            what = f"attest {len(asked)} devices"
-            request = runtime_pb2.AttestationBatchRequest(requests=[
-                runtime_pb2.AttestationRequest(device=d, request=r) for d, r in asked])
-            try:
-                response = await _finish(self._attest_many(
-                    request, timeout=self._allowed(self.deadlines.attest),
-                    metadata=self._metadata))
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    self._batched = False
-                elif err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise translate(err, self.address, what) from err
-            else:
-                return self._attested(response, asked)
-        if len(asked) == 1:  # alone: its failure is the call's (LeaseLost included)
-            return [await self._attest_one(*asked[0])]
-        answers: list[bytes | BaseException] = [b""] * len(asked)
+        return await self._together(
+            "attest", asked, self._attest_one,
+            lambda: self._attest_many(runtime_pb2.AttestationBatchRequest(requests=asked),
+                                      timeout=self._allowed(self.deadlines.attest),
+                                      metadata=self._metadata),
+            lambda result: result.evidence if result.WhichOneof("result") == "evidence"
+            else None)
 
-        async def one(index: int, device: int, nonce: bytes) -> None:
+    async def _together(self, what: str, asked: Sequence[Asked],
+                        one: Callable[[Asked], Awaitable[Answer]], many: Callable[[], Any],
+                        answer: Callable[[Any], Answer | None]) -> list[Answer | BaseException]:
+        """Each card's answer or error, in order: one batched call (``many``; ``answer``
+        takes a card's result, None when it is an error), or card by card (``one``: a
+        card alone; a host without the batched call; an answer larger than the control
+        channel takes, from then on)."""
+        if len(asked) > 1 and what not in self._card_by_card:
             try:
-                answers[index] = await self._attest_one(device, nonce)
+                response = await _finish(many())
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (grpc.StatusCode.UNIMPLEMENTED,
+                                      grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise translate(err, self.address, f"{what} {len(asked)} devices"
+                                    ) from err
+                self._card_by_card.add(what)
+            else:
+                return self._each_answer(what, response, asked, answer)
+        if len(asked) == 1:  # alone: its failure is the call's (LeaseLost included)
+            return [await one(asked[0])]
+        answers: dict[int, Answer | BaseException] = {}
+
+        async def alone(index: int, request: Asked) -> None:
+            try:
+                answers[index] = await one(request)
             except Exception as error:  # noqa: BLE001 - each card's own (LeaseLost too)
                 answers[index] = error
 
         async with anyio.create_task_group() as tg:
-            for index, (device, nonce) in enumerate(asked):
-                tg.start_soon(one, index, device, nonce)
-        return answers
+            for index, request in enumerate(asked):
+                tg.start_soon(alone, index, request)
+        return [answers[index] for index in range(len(asked))]
 
-    def _attested(self, response: runtime_pb2.AttestationBatchResponse,
-                  asked: Sequence[tuple[int, bytes]]) -> list[bytes | BaseException]:
+    def _each_answer(self, what: str, response: Any, asked: Sequence[Asked],
+                     answer: Callable[[Any], Answer | None]) -> list[Answer | BaseException]:
         if len(response.results) != len(asked):
             raise ProtocolViolation(f"host {self.address}", f"answered {len(asked)} "
-                                    f"attestations with {len(response.results)} results")
-        answers: list[bytes | BaseException] = []
-        for (device, _), result in zip(asked, response.results, strict=True):
-            which = result.WhichOneof("result")
-            if which == "evidence":
-                answers.append(result.evidence)
-            elif which == "error":
+                                    f"requests ({what}) with {len(response.results)} results")
+        answers: list[Answer | BaseException] = []
+        for request, result in zip(asked, response.results, strict=True):
+            device = request.device
+            got = answer(result)
+            if got is not None:
+                answers.append(got)
+            elif result.WhichOneof("result") == "error":
                 answers.append(card_error(result.error, self.address,
-                                           f"attest device {device}", device))
+                                          f"{what} device {device}", device))
             else:
                 answers.append(ProtocolViolation(f"host {self.address}", f"answered the "
-                                                 f"attestation of device {device} with nothing"))
+                                                 f"{what} of device {device} with nothing"))
         return answers
 
     # --- devices --------------------------------------------------------------------
@@ -339,16 +360,29 @@ class HostClient:
     async def load(self, device: int, program_id: str, *, partition: int = 0,
                    key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
         """Have the card open its slot, decrypt and verify the program (check the
-        receipt!). Answered once the body is verified in card memory."""
+        receipt!). Answered once the body is verified in card memory. Sent with the
+        other loads of this turn of the event loop, in one call."""
         request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
                                                  partition=partition)
         if key_slots is not None:
             request.key_slots.ParseFromString(encode_key_slots(key_slots))
-        response = await self._call(f"load device {device}", self._runtime.LoadProgram,
-                                    request, self.deadlines.load, device=device)
-        return LoadResult([terminal_safe(name, 255) for name in response.segments[:MAX_SEGMENTS]],
-                          response.receipt, response.receipt_signature,
-                          terminal_safe(response.taken_from, 128))
+        return await self._loads.submit(request)
+
+    async def _load_one(self, request: runtime_pb2.LoadProgramRequest) -> LoadResult:
+        response = await self._call(f"load device {request.device}",
+                                    self._runtime.LoadProgram, request, self.deadlines.load,
+                                    device=request.device)
+        return _loaded(response)
+
+    async def _load_together(self, asked: Sequence[runtime_pb2.LoadProgramRequest]
+                             ) -> list[LoadResult | BaseException]:
+        return await self._together(
+            "load", asked, self._load_one,
+            lambda: self._runtime.LoadPrograms(
+                runtime_pb2.LoadProgramBatchRequest(requests=asked),
+                timeout=self._allowed(self.deadlines.load), metadata=self._metadata),
+            lambda result: _loaded(result.loaded) if result.WhichOneof("result") == "loaded"
+            else None)
 
     async def execute(self, devices: Sequence[int], inputs: dict[str, Any]) -> dict[str, Any]:
         """Run one card, or an MDP group in partition order, on named numpy arrays."""
@@ -361,6 +395,13 @@ class HostClient:
         except FormatError as err:  # the host's answer, not the caller's input
             raise ProtocolViolation(f"host {self.address}",
                                     f"answered execute with a malformed output: {err}") from None
+
+
+def _loaded(response: runtime_pb2.LoadProgramResponse) -> LoadResult:
+    """A card's answer to its load, as the engine takes it (host text made inert)."""
+    return LoadResult([terminal_safe(name, 255) for name in response.segments[:MAX_SEGMENTS]],
+                      response.receipt, response.receipt_signature,
+                      terminal_safe(response.taken_from, 128))
 
 
 def program_digest(path: str | os.PathLike[str]) -> str:

@@ -29,7 +29,7 @@ import anyio
 from orchestrator.engine.events import RolloutChanged
 from orchestrator.engine.prepare import PreparedProgram
 from orchestrator.engine.rollout.leadership import Leadership
-from orchestrator.engine.rollout.ledger import Phase
+from orchestrator.engine.rollout.ledger import Phase, RolloutRecord
 from orchestrator.engine.rollout.setup import RolloutSetup
 from orchestrator.engine.rollout.smoke import smoke_verdict
 from orchestrator.engine.snapshot import RolloutView
@@ -52,18 +52,18 @@ class Rollout(Leadership):
         self.fleet = fleet
         self.done = done
         self.ledger = setup.ledger
+        self.deployment = setup.deployment
+        self.order = sorted(group for group, members in fleet.groups.items()
+                            if members[0].deployment == self.deployment)
         self.record = setup.record
         self.spec = setup.spec
         self.old, self.candidate, self.final = setup.old, setup.candidate, setup.final
         self.smoke_inputs, self.smoke_expect = setup.smoke_inputs, setup.smoke_expect
-        self.deployment = setup.deployment
         fleet.ctx.offer(self.old, self.candidate, self.final)
         if setup.mek is not None:   # a deployment's versions: each sealed under its MEK
             fleet.ctx.keys.update(dict.fromkeys(
                 (self.old.program_id, self.candidate.program_id, self.final.program_id),
                 setup.mek))
-        self.order = sorted(group for group, members in fleet.groups.items()
-                            if members[0].deployment == self.deployment)
         self.note = ""
         self.leading = False  # replicas: this one leads the rollout now
         self._looked = 0.0   # monotonic time of the last read of the journal
@@ -72,6 +72,21 @@ class Rollout(Leadership):
             if self.rolled_back else "resumed from the journal")
 
     # --- what the phase wants -------------------------------------------------------
+
+    @property
+    def record(self) -> RolloutRecord:
+        return self._record
+
+    @record.setter
+    def record(self, record: RolloutRecord) -> None:
+        """Every change of phase or wave (led, followed, or an operator's) also says
+        which groups go first when a host's cards wait for places (docs/engine.md
+        "Admission"): the wave being switched or judged; the canary, at first."""
+        self._record = record
+        active = record.phase is Phase.GATING or (
+            record.phase is Phase.SWITCHING and not record.awaits_approval(record.wave))
+        self.fleet.ctx.urgent[self.deployment] = frozenset(
+            self.wave_groups(record.wave) if active else ())
 
     @property
     def rolled_back(self) -> bool:

@@ -203,6 +203,26 @@ class LoadProgramResponse(_message.Message):
     taken_from: str
     def __init__(self, segments: _Optional[_Iterable[str]] = ..., receipt: _Optional[bytes] = ..., receipt_signature: _Optional[bytes] = ..., taken_from: _Optional[str] = ...) -> None: ...
 
+class LoadProgramBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[LoadProgramRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[LoadProgramRequest, _Mapping]]] = ...) -> None: ...
+
+class LoadProgramResult(_message.Message):
+    __slots__ = ("loaded", "error")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    loaded: LoadProgramResponse
+    error: CardError
+    def __init__(self, loaded: _Optional[_Union[LoadProgramResponse, _Mapping]] = ..., error: _Optional[_Union[CardError, _Mapping]] = ...) -> None: ...
+
+class LoadProgramBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LoadProgramResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[LoadProgramResult, _Mapping]]] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -179,6 +179,11 @@ class DeviceRuntimeStub:
                 request_serializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramRequest.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramResponse.FromString,
                 _registered_method=True)
+        self.LoadPrograms = channel.unary_unary(
+                '/modelip.v1.DeviceRuntime/LoadPrograms',
+                request_serializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchRequest.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchResponse.FromString,
+                _registered_method=True)
         self.Execute = channel.unary_unary(
                 '/modelip.v1.DeviceRuntime/Execute',
                 request_serializer=modelip_dot_v1_dot_runtime__pb2.ExecuteRequest.SerializeToString,
@@ -231,6 +236,16 @@ class DeviceRuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadPrograms(self, request, context):
+        """Many cards' loads in one call (at most 256 requests): each request its own
+        card, partition and key slots, each answer its own receipt or error, in the
+        order asked. A host without it answers UNIMPLEMENTED and the caller loads
+        card by card.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Execute(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -277,6 +292,11 @@ def add_DeviceRuntimeServicer_to_server(servicer, server):
                     servicer.LoadProgram,
                     request_deserializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramRequest.FromString,
                     response_serializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramResponse.SerializeToString,
+            ),
+            'LoadPrograms': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadPrograms,
+                    request_deserializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchRequest.FromString,
+                    response_serializer=modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchResponse.SerializeToString,
             ),
             'Execute': grpc.unary_unary_rpc_method_handler(
                     servicer.Execute,
@@ -429,6 +449,33 @@ class DeviceRuntime:
             '/modelip.v1.DeviceRuntime/LoadProgram',
             modelip_dot_v1_dot_runtime__pb2.LoadProgramRequest.SerializeToString,
             modelip_dot_v1_dot_runtime__pb2.LoadProgramResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadPrograms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelip.v1.DeviceRuntime/LoadPrograms',
+            modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchRequest.SerializeToString,
+            modelip_dot_v1_dot_runtime__pb2.LoadProgramBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
