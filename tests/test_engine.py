@@ -126,6 +126,25 @@ async def test_resets_are_rekeyed_without_reupload_and_others_keep_serving(tmp_p
         assert moved == {(victim.host, victim.device)}  # nobody else was interrupted
 
 
+@pytest.mark.parametrize("events", [True, False])
+async def test_a_rebooting_card_is_asked_less_and_less_often(tmp_path: Path, events: bool
+                                                             ) -> None:
+    """A card reset for 1.5 s: the check that finds it rebooting is not followed by
+    another question at once, a reset or offline hint does not end the wait, and the
+    waits double (50 ms, 100 ms, ...): a handful of questions, not one every 50 ms (30).
+    With every event lost, the periodic check finds the reset and the listing the end."""
+    path = write_plan(tmp_path, devices=2, extra_fleet="" if events else
+                      "    drop_events: 1.0")
+    path.write_text(path.read_text().replace("reboot_time: 0.05", "reboot_time: 1.5"))
+    async with running(Plan.load(path)) as (engine, hosts):
+        victim = engine.drivers[0].machine
+        before = victim.boot_counter
+        await hosts[0].reset(victim.device)
+        await wait_until(engine, lambda: victim.boot_counter > before
+                         and victim.state.value == "SERVING")
+        assert 1 <= engine.stats.found_rebooting <= 7, engine.stats.found_rebooting
+
+
 async def test_reset_during_deploy_still_ends_serving(tmp_path: Path) -> None:
     plan = Plan.load(write_plan(tmp_path, hosts=1, devices=4,
                                 extra_fleet="    attest_latency: 0.05"))

@@ -67,3 +67,38 @@ async def test_a_look_answers_every_hint_before_it() -> None:
     with anyio.move_on_after(0.01):
         assert await inbox.wait(0.01) is False
     assert inbox.take() == (None, 0)
+
+
+REBOOTING = frozenset({Trigger.RESET_HINT, Trigger.OFFLINE_HINT})
+
+
+async def test_a_wait_for_a_rebooting_card_ends_on_news_only() -> None:
+    """Waiting for a rebooting card: a reset or offline hint says what the driver knows
+    (it is not woken, the hint is kept); an online hint, any other hint, or a ring ends
+    the wait; so does one that came before the wait began."""
+    inbox = Inbox()
+    inbox.hint(Trigger.OFFLINE_HINT, stale_from=6)       # before the wait: known too
+    async with anyio.create_task_group() as tg:
+        woken: list[bool] = []
+
+        async def wait() -> None:
+            woken.append(await inbox.wait(5.0, unless=REBOOTING))
+
+        tg.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        inbox.hint(Trigger.RESET_HINT, stale_from=7)
+        await anyio.wait_all_tasks_blocked()
+        assert woken == []                               # still waiting
+        inbox.hint(Trigger.ONLINE_HINT, stale_from=7)
+    assert woken == [True]
+    assert inbox.take() == (Trigger.OFFLINE_HINT, 0)     # every hint kept, first first
+    assert await inbox.wait(0.01, unless=REBOOTING) is False
+    inbox.hint(Trigger.REFUSED)                          # before the wait: news
+    assert await inbox.wait(5.0, unless=REBOOTING) is True
+    inbox.take()
+    inbox.hint(Trigger.RESET_HINT)
+    inbox.ring()                                         # the run ends, say
+    assert await inbox.wait(5.0, unless=REBOOTING) is True
+    inbox.take()
+    inbox.hint(Trigger.RESET_HINT)                       # after a wait: wakes as before
+    assert await inbox.wait(5.0) is True

@@ -19,7 +19,7 @@ from orchestrator.engine.events import Rekeyed
 from orchestrator.engine.inbox import Inbox
 from orchestrator.engine.state import CardMachine, CardState, KnownGood, Trigger
 from orchestrator.engine.store.protocol import LoadSent
-from orchestrator.errors import ModelIPError
+from orchestrator.errors import DeviceOffline, ModelIPError
 
 if TYPE_CHECKING:
     from orchestrator.engine.ports import CardHost
@@ -67,14 +67,20 @@ class BringUp:
             return "its session was keyed for the deployment it left"
         return None
 
-    async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None) -> None:
-        """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried."""
+    async def _bring_up(self, trigger: Trigger, report: VerifiedReport | None, *,
+                        rebooting: bool = False) -> None:
+        """Attest (unless ``report`` is fresh), then confirm or wrap and load; retried.
+        ``rebooting``: a check has just found the card rebooting: wait for it first."""
         m = self.machine
         rekey = m.state is S.REKEYING
         first = S.REKEYING if rekey else S.ATTESTING
         timeouts = self.ctx.plan.timeouts
         attempt = 0
-        offline_since = 0.0
+        offline_since = time.monotonic() if rebooting else 0.0
+        if rebooting and not await self._after_failure(
+                Failure.OFFLINE, DeviceOffline(self.host.name, "the card is rebooting"), 0,
+                offline_since):
+            return
         while True:
             attempt += 1
             m.attempts = attempt
@@ -150,9 +156,9 @@ class BringUp:
             self.host.suspect()
         elif failure is Failure.REFUTED:
             self.ctx.stats.verification_failures[type(err).__name__] += 1
+        offline_for = time.monotonic() - offline_since if offline_since else 0.0
         step = after_failure(failure, attempt=attempt, attempts=retry.attempts, limit=limit,
-                             offline_for=time.monotonic() - offline_since if offline_since
-                             else 0.0)
+                             offline_for=offline_for)
         if step is Next.QUARANTINE:
             await self.move(S.QUARANTINED, message)
         elif step is Next.FAIL:
@@ -161,11 +167,12 @@ class BringUp:
                             if failure is Failure.OFFLINE else
                             f"gave up after {attempt} attempts: {message}")
         elif step is Next.WAIT_ONLINE:
-            # A forged hint would have found it answering: probe again soon; an
-            # ONLINE hint ends the pause early. Bounded by timeouts.card.
+            # A forged hint would have found it answering: probe again soon, then less
+            # often (each pause as long as the card has been rebooting: 50 ms, doubling,
+            # capped); an ONLINE hint ends the pause early. Bounded by timeouts.card.
             if m.state is not S.RETRY_WAIT:
                 await self.move(S.RETRY_WAIT, "the card is rebooting")
-            await self._pause(min(retry.max_backoff, 0.05 * 2 ** min(attempt, 6)))
+            await self._pause(min(retry.max_backoff, max(0.05, offline_for)))
         elif step is Next.RESTAGE:   # the host lacks the body (lost it, or new): never final
             if m.state is not S.RETRY_WAIT:   # a load refused: tried again from the start
                 await self.move(S.RETRY_WAIT, f"the host lacks the program: sent again "

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from orchestrator.engine.prepare import PreparedProgram
 
 S = CardState
+# hints a wait for a rebooting card already knows: they do not end it
+_REBOOTING = frozenset({Trigger.RESET_HINT, Trigger.OFFLINE_HINT})
 
 
 class CardDriver(BringUp):
@@ -173,7 +175,11 @@ class CardDriver(BringUp):
         ``trigger``: look again, unless a verified attestation has since seen boot
         ``stale_from`` or a later one (engine/inbox.py: no work on stale news)."""
         self.last_event = event
-        if trigger is not None:
+        if trigger is None:
+            return
+        if is_stale(stale_from, None, self.machine.boot_counter, self.verified_since):
+            self.ctx.stats.stale_hints += 1   # old already: the driver is not woken for it
+        else:
             self.inbox.hint(trigger, stale_from=stale_from)
 
     def observe(self, status: DeviceStatus, *, answered: float = 0.0) -> None:
@@ -337,8 +343,9 @@ class CardDriver(BringUp):
         return trigger
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep, unless a hint (the card is back online, say) comes first."""
-        await self.inbox.wait(seconds)
+        """Wait for a rebooting card: sleep, unless a hint (the card is back online, say)
+        comes first; a reset or offline hint says it is rebooting, which is known."""
+        await self.inbox.wait(seconds, unless=_REBOOTING)
         self.inbox.take()
 
     # --- reconcile: observe, compare, act --------------------------------------------------
@@ -370,6 +377,9 @@ class CardDriver(BringUp):
                 return
             await self.move(S.REKEYING, f"{trigger.value}: {said}",
                             known_good=None if decision.forget else True)
+            if seen is Seen.OFFLINE:   # just found rebooting: wait for it, do not ask again
+                await self._bring_up(trigger, None, rebooting=True)
+                return
         await self._bring_up(trigger, report)
 
     async def _check(self, *, routine: bool) -> tuple[Seen, VerifiedReport | None, str]:

@@ -41,6 +41,7 @@ class EngineStats:
     rekeyed_at: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # monotonic
     disproved_hints: int = 0
     stale_hints: int = 0      # dropped unread: about a boot older than the verified one
+    found_rebooting: int = 0  # attestations the host answered "the card is rebooting"
     verification_failures: Counter[str] = field(default_factory=Counter)
     protocol_violations: Counter[str] = field(default_factory=Counter)  # by host
     internal_errors: int = 0

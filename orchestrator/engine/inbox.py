@@ -35,6 +35,8 @@ class Inbox:
         self._pending: list[tuple[Trigger, int | None, float | None]] = []
         self.first_sign = 0.0   # monotonic time something first looked wrong; 0 = nothing
         self.looked_at = 0.0    # monotonic time the last look started
+        self._rung = False      # woken with no reason since the last take
+        self._deaf: frozenset[Trigger] = frozenset()   # what does not end the current wait
 
     def hint(self, trigger: Trigger, *, stale_from: int | None = None,
              true_at: float | None = None) -> None:
@@ -46,16 +48,27 @@ class Inbox:
             self.first_sign = time.monotonic()
         if len(self._pending) < _MOST_PENDING or (stale_from is None and true_at is None):
             self._pending.append((trigger, stale_from, true_at))
-        self._wake.set()
+        if trigger not in self._deaf:
+            self._wake.set()
 
     def ring(self) -> None:
         """Wake the driver with no reason to look (the run ends, a verdict, the host)."""
+        self._rung = True
         self._wake.set()
 
-    async def wait(self, seconds: float) -> bool:
-        """Until a hint or a ring, at most ``seconds``; True if woken."""
-        with anyio.move_on_after(seconds):
-            await self._wake.wait()
+    async def wait(self, seconds: float, *, unless: frozenset[Trigger] = frozenset()
+                   ) -> bool:
+        """Until a hint or a ring, at most ``seconds``; True if woken. A hint of a kind
+        in ``unless`` does not end the wait (it says what the caller knows already); it
+        is kept for the next take."""
+        self._deaf = unless
+        try:
+            if unless and not self._rung and all(t in unless for t, _, _ in self._pending):
+                self._wake = anyio.Event()
+            with anyio.move_on_after(seconds):
+                await self._wake.wait()
+        finally:
+            self._deaf = frozenset()
         return self._wake.is_set()
 
     def take(self, verified_boot: int | None = None, verified_since: float = 0.0
@@ -64,7 +77,7 @@ class Inbox:
         hints were stale news: about a boot older than ``verified_boot``, the boot
         counter the last verified answer saw, or true before ``verified_since``, when
         the request of that answer was sent. Emptied."""
-        self._wake = anyio.Event()
+        self._wake, self._rung = anyio.Event(), False
         pending, self._pending = self._pending, []
         fresh = [reason for reason, stale_from, true_at in pending
                  if not is_stale(stale_from, true_at, verified_boot, verified_since)]

@@ -13,7 +13,7 @@ from orchestrator.crypto.evidence import VerifiedReport, verify_evidence, verify
 from orchestrator.crypto.wrap import KeySlot, key_slot_digest, wrap_mek
 from orchestrator.engine.decide import Seen
 from orchestrator.engine.state import CardMachine, KnownGood
-from orchestrator.errors import AttestationError, InputError
+from orchestrator.errors import AttestationError, DeviceOffline, InputError
 
 if TYPE_CHECKING:
     from orchestrator._proto.modelip.v1 import evidence_pb2
@@ -29,7 +29,11 @@ async def attest(ctx: EngineContext, client: HostAPI, machine: CardMachine,
     policy). Malformed evidence from a host is an attestation failure
     (AttestationError), not bad input."""
     request = os.urandom(32)
-    evidence = await client.attest(machine.device, request)
+    try:
+        evidence = await client.attest(machine.device, request)
+    except DeviceOffline:
+        ctx.stats.found_rebooting += 1
+        raise
     ctx.stats.attestations += 1
     try:
         return verify_evidence(evidence, roots=ctx.roots, policy=ctx.policy_for(deployment),
