@@ -7,19 +7,22 @@ flips every card into a new mode), and the orchestrator brings every card back.
 For each size, `modelip emulate` runs the hosts in a process of their own (the
 cards' cryptography is spent there, as on real hosts). A fresh orchestrator
 process deploys the fleet (the first deploy: wall and CPU per card), then keeps
-it serving while this script resets every card through ResetDevice, all at once.
-Printed per size:
+it serving while this script resets every card through ResetDevice, all at once,
+``--rounds`` times (a storm once every card has been serving for a second).
+Printed per size, and per storm:
 
 - seconds from the last reset sent to every card serving again, against the
   first deploy's seconds of the same fleet in the same run;
 - loads per card (the hosts' own count) and attestations per card (answered
-  ones: a card still rebooting answers nothing and is not counted), host events
-  dropped as stale news, hints disproved by an attestation;
+  ones: a card still rebooting answers nothing and is not counted; those answers
+  are counted apart), calls made, host events dropped as stale news, hints
+  disproved by an attestation;
 - the orchestrator's CPU per re-keyed card and per deployed card, against the
-  floor measured in the same process: the cryptography one card needs (one
-  evidence verification, one MEK wrap, one receipt verification: two P-256
-  signature checks and one HPKE wrap; in the first deploy each card's chain is
-  verified too, as bench/fleet.py's floor; in the storm it is known);
+  floor measured in this script right before that storm or deploy (this
+  machine's speed drifts): the cryptography one card needs (one evidence
+  verification, one MEK wrap, one receipt verification: two P-256 signature
+  checks and one HPKE wrap; in the first deploy each card's chain is verified
+  too, as bench/fleet.py's floor; in a storm it is known); the median storm;
 - the orchestrator's peak RSS.
 
 Targets (docs/performance.md, issue "reset storms"): CPU per card <= 5x the floor
@@ -176,6 +179,7 @@ def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
             plan.write_text(FLEET_PLAN.format(root=root, hosts="\n".join(
                 f"    - {{address: \"{a}\", devices: {list(range(devices))}}}"
                 for a in addresses)) + (f"concurrency: {concurrency}\n" if concurrency else ""))
+            first_floor = floor_per_card()   # next to the first deploy
             child = subprocess.Popen([sys.executable, __file__, "--storm-child", str(plan),
                                       "--rounds", str(rounds)], cwd=work,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -187,8 +191,11 @@ def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
             storms = []
             for _ in range(rounds):
                 # every card last looked at more than rekey.min_interval ago (1 s): the
-                # storm is not held back by the per-card rate limit
-                time.sleep(1.2)
+                # storm is not held back by the per-card rate limit; meanwhile the floor,
+                # measured again next to each storm (this machine's speed drifts)
+                started = time.monotonic()
+                floor = floor_per_card(known=True)
+                time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
                 loads_before = host_loads(addresses)
                 child.stdin.write("storm\n")
                 child.stdin.flush()
@@ -198,12 +205,14 @@ def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
                     raise SystemExit("the orchestrator ended before every card was back")
                 after["loads"] = host_loads(addresses) - loads_before
                 after["back_after"] = after["done_at"] - last_reset
+                after["floor"] = floor
                 storms.append(after)
             child.stdin.close()
             child.wait(timeout=120)
         finally:
             emulator.send_signal(signal.SIGINT)
             emulator.wait(timeout=60)
+    first["floor"] = first_floor
     return {"size": size, "first": first, "storms": storms}
 
 
@@ -223,11 +232,6 @@ def main() -> None:
     if args.storm_child:
         storm_child(args.storm_child, args.rounds)
         return
-    floor = floor_per_card(known=True)
-    first_floor = floor_per_card()
-    print(f"floor: {floor * 1e3:.3f} ms of CPU per re-keyed card (chain known: two P-256 "
-          f"checks, one wrap); {first_floor * 1e3:.3f} ms per card seen for the first time "
-          "(its chain verified too)")
     for size in (int(s) for s in args.sizes.split(",")):
         r = storm(size, args.devices_per_host, args.reboot_time, args.concurrency,
                   args.rounds)
@@ -236,28 +240,29 @@ def main() -> None:
         print(f"{size} cards ({size // args.devices_per_host} hosts x "
               f"{args.devices_per_host}):")
         print(f"  first deploy: {first['wall']:.2f} s, CPU {per_deploy * 1e3:.2f} ms per card "
-              f"= {per_deploy / first_floor:.1f}x its floor (chains verified); "
-              f"{first['attestations']} attestations in {first['attest_calls']} calls, "
-              f"{size} loads in {first['load_calls']}")
+              f"= {per_deploy / first['floor']:.1f}x its floor ({first['floor'] * 1e3:.3f} ms: "
+              f"chains verified); {first['attestations']} attestations in "
+              f"{first['attest_calls']} calls, {size} loads in {first['load_calls']}")
         for number, after in enumerate(r["storms"], 1):
             per_card = after["cpu"] / size
+            after["ratio"] = per_card / after["floor"]
             print(f"  storm {number}: all serving {after['back_after']:.2f} s after the last "
                   f"reset ({after['back_after'] / first['wall']:.2f}x the first deploy's "
                   f"time); CPU {per_card * 1e3:.2f} ms per re-keyed card = "
-                  f"{per_card / floor:.1f}x the floor")
+                  f"{after['ratio']:.1f}x the floor ({after['floor'] * 1e3:.3f} ms)")
             print(f"    loads per card {after['loads'] / size:.3f}, attestations per card "
                   f"{after['attestations'] / size:.3f} in {after['attest_calls']} calls, "
                   f"loads in {after['load_calls']} calls; stale hints dropped "
                   f"{after['stale_hints']}, attestations answered 'still rebooting' "
-                  f"{after['rebooting']}, hints "
-                  f"disproved {sum(after['disproved'].values())} "
+                  f"{after['rebooting']}, hints disproved "
+                  f"{sum(after['disproved'].values())} "
                   f"(by trigger: {after['disproved'] or 'none'})")
-        middle = sorted(r["storms"], key=lambda a: a["cpu"])[len(r["storms"]) // 2]
+        middle = sorted(r["storms"], key=lambda a: a["ratio"])[len(r["storms"]) // 2]
         slowest = max(a["back_after"] for a in r["storms"])
-        print(f"  median storm: CPU {middle['cpu'] / size * 1e3:.2f} ms per re-keyed card = "
-              f"{middle['cpu'] / size / floor:.1f}x the floor; the slowest all serving "
-              f"{slowest:.2f} s after its last reset ({slowest / first['wall']:.2f}x the "
-              f"first deploy's time)")
+        print(f"  median storm: CPU {middle['ratio']:.1f}x the floor "
+              f"({middle['cpu'] / size * 1e3:.2f} ms per re-keyed card); the slowest all "
+              f"serving {slowest:.2f} s after its last reset ({slowest / first['wall']:.2f}x "
+              f"the first deploy's time)")
         print(f"  peak RSS {r['storms'][-1]['rss'] / 2**20:.0f} MiB")
 
 

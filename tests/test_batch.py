@@ -318,3 +318,30 @@ async def test_a_batch_of_more_than_the_host_takes_is_refused_as_malformed() -> 
         finally:
             await channel.close()
         assert fleet.hosts[0].stats.load_count == 0
+
+
+async def test_a_batch_stays_open_while_others_keep_joining_at_most_so_long() -> None:
+    """A window (0.3 s here), and another while someone joined in the last one, at most
+    ``most`` windows: a burst goes in one call, a straggler after a quiet window in
+    the next, and a steady stream is cut after ``most`` windows."""
+    sent: list[list[int]] = []
+
+    async def send(asked: Sequence[int]) -> list[int | BaseException]:
+        sent.append(list(asked))
+        return list(asked)
+
+    coalescer: Coalescer[int, int] = Coalescer(send, limit=64, window=0.3, most=3)
+
+    async def ask_at(delay: float, n: int) -> None:
+        await anyio.sleep(delay)
+        assert await coalescer.submit(n) == n
+
+    async with anyio.create_task_group() as tg:
+        for delay, n in [(0.0, 1), (0.1, 2), (0.45, 3), (1.6, 4)]:
+            tg.start_soon(ask_at, delay, n)
+    assert sent == [[1, 2, 3], [4]]
+    sent.clear()
+    async with anyio.create_task_group() as tg:   # one every 0.1 s for 1.5 s
+        for n in range(15):
+            tg.start_soon(ask_at, n * 0.1, n)
+    assert len(sent[0]) in range(8, 11) and sum(sent, []) == list(range(15))

@@ -25,6 +25,7 @@ from orchestrator.engine.store.sqlite import SQLiteStore
 from orchestrator.fileops.encrypt import encrypt_model
 from orchestrator.plan.model import Plan
 from orchestrator.transport.client import HostClient
+from orchestrator.views.metrics import render_metrics
 from tests.models import tiny_mlp
 from tests.test_partition import LIGHT, dummy_input, original_outputs
 
@@ -143,6 +144,8 @@ async def test_a_rebooting_card_is_asked_less_and_less_often(tmp_path: Path, eve
         await wait_until(engine, lambda: victim.boot_counter > before
                          and victim.state.value == "SERVING")
         assert 1 <= engine.stats.found_rebooting <= 7, engine.stats.found_rebooting
+        assert f"modelip_attestations_rebooting_total {engine.stats.found_rebooting:.1f}" \
+            in render_metrics(engine.snapshot(), engine.stats)
 
 
 async def test_reset_during_deploy_still_ends_serving(tmp_path: Path) -> None:

@@ -159,6 +159,21 @@ async def test_moves_of_one_instant_share_a_commit_carry_their_loads_and_outlive
             LoadRecord("h", 1, "ab" * 16, "p", 1, "failed")]
         assert [(c.device, c.state) for c in await store.cards()] == [(0, "SERVING"),
                                                                        (1, "LOADING")]
+        # each move of a shared commit names its own change (the control API's revision)
+        revisions: dict[int, int] = {}
+
+        async def again(device: int, previous: CardState, state: CardState) -> None:
+            revisions[device] = (await store.record_card(move(device, previous, state))
+                                 ).revision
+
+        commits = statements.count("COMMIT")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(again, 0, S.SERVING, S.REKEYING)
+            tg.start_soon(again, 1, S.LOADING, S.RETRY_WAIT)
+        assert statements.count("COMMIT") == commits + 1
+        for device, revision in revisions.items():
+            [change] = await store.changes(revision - 1, 1)
+            assert (change.revision, change.body["device"]) == (revision, device)
 
 
 # --- hostile hosts: their cards, never anyone else's ----------------------------------------

@@ -1,11 +1,11 @@
 """Calls about one card each, sent many to a call (docs/protocol.md "Batches").
 
 Callers ask one thing each (``submit``) and get their own answer or their own error;
-what was asked in the same turn of the event loop (up to ``limit`` things) goes in
-one call. Nothing is merged or shared but the call: each card keeps its own request,
-answer and error. The first caller of a batch sends it; if that caller is cancelled,
-so is the call (nothing is held up by a shield), and the others of its batch ask
-again, in a batch of their own.
+what was asked within a window of the first (up to ``limit`` things; the window
+grows while others keep joining) goes in one call. Nothing is merged or shared but
+the call: each card keeps its own request, answer and error. The first caller of a
+batch sends it; if that caller is cancelled, so is the call (nothing is held up by a
+shield), and the others of its batch ask again, in a batch of their own.
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ class _Batch(Generic[Asked, Answer]):
 
 
 class Coalescer(Generic[Asked, Answer]):
-    def __init__(self, send: Send[Asked, Answer], *, limit: int, window: float = 0.0
-                 ) -> None:
+    def __init__(self, send: Send[Asked, Answer], *, limit: int, window: float = 0.0,
+                 most: int = 1) -> None:
+        """A batch stays open ``window`` seconds (0: the rest of this turn of the event
+        loop) for others to join, and another window while some keep joining, at most
+        ``most`` windows: a burst fills a batch, a lone caller waits one window."""
         self._send = send
         self.limit = limit
-        self.window = window    # seconds a batch stays open for others to join
+        self.window = window
+        self.most = most
         self._open: _Batch[Asked, Answer] | None = None
         self.calls = 0          # batches sent (a caller alone is a batch of one)
 
@@ -64,7 +68,11 @@ class Coalescer(Generic[Asked, Answer]):
 
     async def _lead(self, batch: _Batch[Asked, Answer]) -> None:
         try:
-            await anyio.sleep(self.window)  # who asks meanwhile joins (0: this turn)
+            joined, windows = -1, 0
+            while joined != len(batch.asked) and len(batch.asked) < self.limit \
+                    and windows < self.most:
+                joined, windows = len(batch.asked), windows + 1
+                await anyio.sleep(self.window)  # who asks meanwhile joins (0: this turn)
             if self._open is batch:
                 self._open = None
             self.calls += 1

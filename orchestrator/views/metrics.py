@@ -55,6 +55,8 @@ class _SnapshotCollector(Collector):
                 ("modelip_hints_stale", "Host events dropped as old news: about a boot "
                  "older than the one a verified attestation has since seen.",
                  stats.stale_hints),
+                ("modelip_attestations_rebooting", "Attestations the host answered "
+                 "\"the card is rebooting\".", stats.found_rebooting),
                 ("modelip_internal_errors", "Bugs contained to a card or a host.",
                  stats.internal_errors)):
             yield CounterMetricFamily(name, text, value=value)

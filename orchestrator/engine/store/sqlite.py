@@ -298,10 +298,14 @@ class SQLiteStore:
                 await anyio.lowlevel.checkpoint()
                 self._batch = None
                 with self._transaction():
+                    revision = 0   # of the change the last changing statement made
                     for statement, values in batch.rows:
                         batch.rowids.append(self._db.execute(statement, values).lastrowid or 0)
-                        batch.revisions.append(self._revision() if statement.startswith(
-                            _CHANGING) else 0)
+                        changing = statement.startswith(_CHANGING)
+                        if changing:   # each writes one change (its trigger), and no one
+                            # else can in our transaction: read once, then counted
+                            revision = revision + 1 if revision else self._revision()
+                        batch.revisions.append(revision if changing else 0)
             except StateDirError as err:
                 batch.error = err
                 raise
