@@ -55,8 +55,10 @@ STAGE_CHUNK = 1 << 20
 CONTROL_MESSAGE = (1 << 20) + (64 << 10)
 MAX_SEGMENTS = 4096   # names a load answer may list (a container's table is no larger)
 ATTEST_BATCH = 64     # attestations in one batched call (their evidence fits CONTROL_MESSAGE)
-BATCH_WINDOW = 0.005  # seconds an attestation batch waits for others to join it,
-BATCH_WINDOWS = 4     # and again while some keep joining, at most this many windows
+# Seconds a batch waits for others to join it (attestations, loads), and again while
+# some keep joining, at most BATCH_WINDOWS times: a lone card waits one window, a
+# storm's cards (which come back from their reboots one after another) fill batches.
+ATTEST_WINDOW, LOAD_WINDOW, BATCH_WINDOWS = 0.01, 0.002, 8
 LOAD_BATCH = 16       # loads in one batched call (their receipts fit CONTROL_MESSAGE)
 
 
@@ -149,10 +151,10 @@ class HostClient:
         # attestations asked together go in one call (transport/batch.py), while the
         # host has the batched call (a host without it answers UNIMPLEMENTED once)
         self._attests: Coalescer[runtime_pb2.AttestationRequest, bytes] = Coalescer(
-            self._attest_together, limit=ATTEST_BATCH, window=BATCH_WINDOW,
+            self._attest_together, limit=ATTEST_BATCH, window=ATTEST_WINDOW,
             most=BATCH_WINDOWS)
         self._loads: Coalescer[runtime_pb2.LoadProgramRequest, LoadResult] = Coalescer(
-            self._load_together, limit=LOAD_BATCH, most=BATCH_WINDOWS)
+            self._load_together, limit=LOAD_BATCH, window=LOAD_WINDOW, most=BATCH_WINDOWS)
         self._card_by_card: set[str] = set()   # batched calls this host lacks
         self._runtime = runtime_pb2_grpc.DeviceRuntimeStub(self._channel)
         self._execute = runtime_pb2_grpc.DeviceRuntimeStub(self._bulk).Execute
