@@ -75,9 +75,10 @@ class _OldAttestation(Attestation):
 
 
 class _OldRuntime(Runtime):
-    """A host from before the batched load: it answers UNIMPLEMENTED."""
+    """A host from before the batched load and event stream: UNIMPLEMENTED."""
 
     LoadPrograms = runtime_pb2_grpc.DeviceRuntimeServicer.LoadPrograms
+    WatchEventBatches = runtime_pb2_grpc.DeviceRuntimeServicer.WatchEventBatches
 
 
 class _VerboseRuntime(Runtime):
@@ -345,3 +346,60 @@ async def test_a_batch_stays_open_while_others_keep_joining_at_most_so_long() ->
         for n in range(15):
             tg.start_soon(ask_at, n * 0.1, n)
     assert len(sent[0]) in range(8, 11) and sum(sent, []) == list(range(15))
+
+
+# --- events ---------------------------------------------------------------------------
+
+async def _events_of_resets(host: HostClient, agent: Any, devices: range
+                            ) -> list[tuple[int, str]]:
+    """Reset ``devices`` at once; the (device, kind) of each event the client yields,
+    until every card's ONLINE."""
+    seen: list[tuple[int, str]] = []
+    watchers = len(agent._watchers)  # noqa: SLF001 - others may watch too
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                async for event in host.watch_events():
+                    seen.append((event.device, event.kind.value))
+                    if sum(kind == "ONLINE" for _, kind in seen) == len(devices):
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            while len(agent._watchers) <= watchers:  # noqa: SLF001 - ours is open
+                await agent._watcher_added.wait()  # noqa: SLF001
+            for device in devices:
+                await host.reset(device)
+    return seen
+
+
+async def test_events_come_many_to_a_message_each_card_in_order() -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=4)) as fleet:
+        channel = grpc.aio.insecure_channel(fleet.addresses[0])
+        stub = runtime_pb2_grpc.DeviceRuntimeStub(channel)
+        sizes: list[int] = []
+
+        async def raw() -> None:
+            async for batch in stub.WatchEventBatches(runtime_pb2.WatchEventsRequest()):
+                sizes.append(len(batch.events))
+
+        try:
+            async with anyio.create_task_group() as tg, HostClient(fleet.addresses[0]) as host:
+                tg.start_soon(raw)
+                await fleet.hosts[0].watched()
+                seen = await _events_of_resets(host, fleet.hosts[0], range(4))
+                tg.cancel_scope.cancel()
+        finally:
+            await channel.close()
+        for device in range(4):
+            assert [k for d, k in seen if d == device] == ["RESET", "OFFLINE", "ONLINE"]
+        assert "watch" not in host._card_by_card  # noqa: SLF001
+        assert max(sizes) > 1 and sum(sizes) >= 8   # a reset and its offline: one message
+
+
+async def test_a_host_without_batched_events_is_watched_event_by_event() -> None:
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=2)) as fleet, \
+            _old_host(fleet.hosts[0]) as address, HostClient(address) as host:
+        seen = await _events_of_resets(host, fleet.hosts[0], range(2))
+        for device in range(2):
+            assert [k for d, k in seen if d == device] == ["RESET", "OFFLINE", "ONLINE"]
+        assert "watch" in host._card_by_card  # noqa: SLF001

@@ -212,8 +212,8 @@ async def test_watch_lines_become_events_and_garbage_is_counted(tmp_path: Path) 
     agent = HostAgent("w", backend)
     async with anyio.create_task_group() as tg:
         async def collect() -> None:
-            async for event in agent.events():
-                events.append(event)
+            async for queued in agent.events():
+                events.extend(queued)
                 if len(events) == 2:  # the last line: every line before it was read
                     both.set()
 

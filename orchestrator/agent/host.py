@@ -75,7 +75,9 @@ class HostAgent(Generic[B]):
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
 
-    async def events(self) -> AsyncIterator[runtime_pb2.DeviceEvent]:
+    async def events(self, most: int = 1) -> AsyncIterator[list[runtime_pb2.DeviceEvent]]:
+        """The events of a watcher, in order: each time, what is queued (at most
+        ``most``; at least one)."""
         send, receive = anyio.create_memory_object_stream[runtime_pb2.DeviceEvent](
             WATCH_BUFFER)
         self._watchers.add(send)
@@ -84,7 +86,13 @@ class HostAgent(Generic[B]):
         try:
             async with receive:
                 async for event in receive:
-                    yield event
+                    queued = [event]
+                    while len(queued) < most:
+                        try:
+                            queued.append(receive.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                    yield queued
         finally:
             self._watchers.discard(send)
             send.close()

@@ -146,8 +146,15 @@ class Runtime(_OnHost, runtime_pb2_grpc.DeviceRuntimeServicer):  # type: ignore[
     async def WatchEvents(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> AsyncIterator[runtime_pb2.DeviceEvent]:
-        async for event in self.host.events():
-            yield event
+        async for queued in self.host.events():
+            for event in queued:
+                yield event
+
+    async def WatchEventBatches(self, request: runtime_pb2.WatchEventsRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext[Any, Any]
+                                ) -> AsyncIterator[runtime_pb2.DeviceEventBatch]:
+        async for queued in self.host.events(MAX_BATCH):
+            yield runtime_pb2.DeviceEventBatch(events=queued)
 
     @_answers
     async def ResetDevice(self, request: runtime_pb2.DeviceRef,  # noqa: N802

@@ -302,13 +302,21 @@ class HostClient:
         """Stream host events until the host or the caller ends it (no deadline: a stream)."""
         if self.gate is not None:
             self.gate()
-        call = self._runtime.WatchEvents(runtime_pb2.WatchEventsRequest(),
-                                         metadata=self._metadata)
+        batched = "watch" not in self._card_by_card
+        call = (self._runtime.WatchEventBatches if batched else self._runtime.WatchEvents)(
+            runtime_pb2.WatchEventsRequest(), metadata=self._metadata)
         try:
-            async for event in call:
-                yield DeviceEvent(event.device, _EVENT_KINDS.get(event.kind, EventKind.UNDEFINED),
-                                  event.boot_counter, event.time_ns)
+            async for message in call:
+                for event in message.events if batched else (message,):
+                    yield DeviceEvent(event.device,
+                                      _EVENT_KINDS.get(event.kind, EventKind.UNDEFINED),
+                                      event.boot_counter, event.time_ns)
         except grpc.aio.AioRpcError as err:
+            if batched and err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._card_by_card.add("watch")   # a host without it: event by event
+                async for event in self.watch_events():
+                    yield event
+                return
             raise translate(err, self.address, "watch events") from err
         finally:
             call.cancel()

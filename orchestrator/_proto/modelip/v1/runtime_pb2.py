@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from orchestrator._proto.modelip.v1 import evidence_pb2 as modelip_dot_v1_dot_evidence__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/runtime.proto\x12\nmodelip.v1\x1a\x19modelip/v1/evidence.proto\"5\n\x12\x41ttestationRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07request\x18\x02 \x01(\x0c\"K\n\x17\x41ttestationBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelip.v1.AttestationRequest\"U\n\tCardError\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.modelip.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x11\x41ttestationResult\x12\x12\n\x08\x65vidence\x18\x01 \x01(\x0cH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.modelip.v1.CardErrorH\x00\x42\x08\n\x06result\"J\n\x18\x41ttestationBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.modelip.v1.AttestationResult\"\x1b\n\tDeviceRef\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\"\x14\n\x12ListDevicesRequest\"\xee\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelip.v1.DeviceState\x12\x14\n\x0c\x62oot_counter\x18\x04 \x01(\x04\x12\x1b\n\x13session_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nprogram_id\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\r\x12\x15\n\rprogram_ready\x18\x08 \x01(\x08\x12\x12\n\nsession_id\x18\t \x01(\x0c\x12\x12\n\nclaimed_by\x18\n \x01(\t\">\n\x13ListDevicesResponse\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.modelip.v1.DeviceInfo\"\x14\n\x12WatchEventsRequest\"i\n\x0b\x44\x65viceEvent\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.modelip.v1.EventKind\x12\x14\n\x0c\x62oot_counter\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\")\n\x13ResetDeviceResponse\x12\x12\n\ntaken_from\x18\x01 \x01(\t\"B\n\nStageChunk\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x14StageProgramResponse\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_staged\x18\x02 \x01(\x08\"\x8c\x01\n\x12LoadProgramRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12+\n\tkey_slots\x18\x04 \x01(\x0b\x32\x18.modelip.v1.KeySlotTableJ\x04\x08\x05\x10\x06R\x0cverify_later\"g\n\x13LoadProgramResponse\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x03 \x01(\x0c\x12\x12\n\ntaken_from\x18\x04 \x01(\t\"K\n\x17LoadProgramBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelip.v1.LoadProgramRequest\"x\n\x11LoadProgramResult\x12\x31\n\x06loaded\x18\x01 \x01(\x0b\x32\x1f.modelip.v1.LoadProgramResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.modelip.v1.CardErrorH\x00\x42\x08\n\x06result\"J\n\x18LoadProgramBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.modelip.v1.LoadProgramResult\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"E\n\x0e\x45xecuteRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.modelip.v1.Tensor\"6\n\x0f\x45xecuteResponse\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Tensor\"\x10\n\x0eUnloadResponse\"\x12\n\x10HostStatsRequest\"\x9b\x01\n\x11HostStatsResponse\x12\x13\n\x0bstage_count\x18\x01 \x01(\x04\x12\x12\n\nload_count\x18\x02 \x01(\x04\x12\x17\n\x0fstaged_programs\x18\x03 \x01(\x04\x12\x17\n\x0f\x66\x65nced_refusals\x18\x04 \x01(\x04\x12\x18\n\x10\x63laimed_refusals\x18\x05 \x01(\x04\x12\x11\n\ttakeovers\x18\x06 \x01(\x04*\xe3\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_SESSION_INVALID\x10\x01\x12\x1a\n\x16\x45RROR_REASON_INTEGRITY\x10\x02\x12\x17\n\x13\x45RROR_REASON_POLICY\x10\x03\x12\x1b\n\x17\x45RROR_REASON_NOT_LOADED\x10\x04\x12\x18\n\x14\x45RROR_REASON_OFFLINE\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_UNKNOWN_DEVICE\x10\x06\x12 \n\x1c\x45RROR_REASON_UNKNOWN_PROGRAM\x10\x07\x12\x17\n\x13\x45RROR_REASON_FORMAT\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t\x12\x17\n\x13\x45RROR_REASON_FENCED\x10\n\x12\x18\n\x14\x45RROR_REASON_CLAIMED\x10\x0b*w\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45VICE_STATE_ONLINE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATE_OFFLINE\x10\x02\x12\x17\n\x13\x44\x45VICE_STATE_LOADED\x10\x03*\x9c\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_ONLINE\x10\x01\x12\x16\n\x12\x45VENT_KIND_OFFLINE\x10\x02\x12\x14\n\x10\x45VENT_KIND_RESET\x10\x03\x12\x15\n\x11\x45VENT_KIND_LOADED\x10\x04\x12\x17\n\x13\x45VENT_KIND_UNLOADED\x10\x05\x32\xd0\x01\n\x11RemoteAttestation\x12W\n\x14GetAttestationReport\x12\x1e.modelip.v1.AttestationRequest\x1a\x1f.modelip.v1.AttestationEvidence\x12\x62\n\x15GetAttestationReports\x12#.modelip.v1.AttestationBatchRequest\x1a$.modelip.v1.AttestationBatchResponse2\xb2\x05\n\rDeviceRuntime\x12N\n\x0bListDevices\x12\x1e.modelip.v1.ListDevicesRequest\x1a\x1f.modelip.v1.ListDevicesResponse\x12H\n\x0bWatchEvents\x12\x1e.modelip.v1.WatchEventsRequest\x1a\x17.modelip.v1.DeviceEvent0\x01\x12\x45\n\x0bResetDevice\x12\x15.modelip.v1.DeviceRef\x1a\x1f.modelip.v1.ResetDeviceResponse\x12J\n\x0cStageProgram\x12\x16.modelip.v1.StageChunk\x1a .modelip.v1.StageProgramResponse(\x01\x12N\n\x0bLoadProgram\x12\x1e.modelip.v1.LoadProgramRequest\x1a\x1f.modelip.v1.LoadProgramResponse\x12Y\n\x0cLoadPrograms\x12#.modelip.v1.LoadProgramBatchRequest\x1a$.modelip.v1.LoadProgramBatchResponse\x12\x42\n\x07\x45xecute\x12\x1a.modelip.v1.ExecuteRequest\x1a\x1b.modelip.v1.ExecuteResponse\x12;\n\x06Unload\x12\x15.modelip.v1.DeviceRef\x1a\x1a.modelip.v1.UnloadResponse\x12H\n\tHostStats\x12\x1c.modelip.v1.HostStatsRequest\x1a\x1d.modelip.v1.HostStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelip/v1/runtime.proto\x12\nmodelip.v1\x1a\x19modelip/v1/evidence.proto\"5\n\x12\x41ttestationRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07request\x18\x02 \x01(\x0c\"K\n\x17\x41ttestationBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelip.v1.AttestationRequest\"U\n\tCardError\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.modelip.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x11\x41ttestationResult\x12\x12\n\x08\x65vidence\x18\x01 \x01(\x0cH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.modelip.v1.CardErrorH\x00\x42\x08\n\x06result\"J\n\x18\x41ttestationBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.modelip.v1.AttestationResult\"\x1b\n\tDeviceRef\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\"\x14\n\x12ListDevicesRequest\"\xee\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelip.v1.DeviceState\x12\x14\n\x0c\x62oot_counter\x18\x04 \x01(\x04\x12\x1b\n\x13session_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nprogram_id\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\r\x12\x15\n\rprogram_ready\x18\x08 \x01(\x08\x12\x12\n\nsession_id\x18\t \x01(\x0c\x12\x12\n\nclaimed_by\x18\n \x01(\t\">\n\x13ListDevicesResponse\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.modelip.v1.DeviceInfo\"\x14\n\x12WatchEventsRequest\"i\n\x0b\x44\x65viceEvent\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.modelip.v1.EventKind\x12\x14\n\x0c\x62oot_counter\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\";\n\x10\x44\x65viceEventBatch\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.modelip.v1.DeviceEvent\")\n\x13ResetDeviceResponse\x12\x12\n\ntaken_from\x18\x01 \x01(\t\"B\n\nStageChunk\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x14StageProgramResponse\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_staged\x18\x02 \x01(\x08\"\x8c\x01\n\x12LoadProgramRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12+\n\tkey_slots\x18\x04 \x01(\x0b\x32\x18.modelip.v1.KeySlotTableJ\x04\x08\x05\x10\x06R\x0cverify_later\"g\n\x13LoadProgramResponse\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x19\n\x11receipt_signature\x18\x03 \x01(\x0c\x12\x12\n\ntaken_from\x18\x04 \x01(\t\"K\n\x17LoadProgramBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelip.v1.LoadProgramRequest\"x\n\x11LoadProgramResult\x12\x31\n\x06loaded\x18\x01 \x01(\x0b\x32\x1f.modelip.v1.LoadProgramResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.modelip.v1.CardErrorH\x00\x42\x08\n\x06result\"J\n\x18LoadProgramBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.modelip.v1.LoadProgramResult\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"E\n\x0e\x45xecuteRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.modelip.v1.Tensor\"6\n\x0f\x45xecuteResponse\x12#\n\x07outputs\x18\x01 \x03(\x0b\x32\x12.modelip.v1.Tensor\"\x10\n\x0eUnloadResponse\"\x12\n\x10HostStatsRequest\"\x9b\x01\n\x11HostStatsResponse\x12\x13\n\x0bstage_count\x18\x01 \x01(\x04\x12\x12\n\nload_count\x18\x02 \x01(\x04\x12\x17\n\x0fstaged_programs\x18\x03 \x01(\x04\x12\x17\n\x0f\x66\x65nced_refusals\x18\x04 \x01(\x04\x12\x18\n\x10\x63laimed_refusals\x18\x05 \x01(\x04\x12\x11\n\ttakeovers\x18\x06 \x01(\x04*\xe3\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_SESSION_INVALID\x10\x01\x12\x1a\n\x16\x45RROR_REASON_INTEGRITY\x10\x02\x12\x17\n\x13\x45RROR_REASON_POLICY\x10\x03\x12\x1b\n\x17\x45RROR_REASON_NOT_LOADED\x10\x04\x12\x18\n\x14\x45RROR_REASON_OFFLINE\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_UNKNOWN_DEVICE\x10\x06\x12 \n\x1c\x45RROR_REASON_UNKNOWN_PROGRAM\x10\x07\x12\x17\n\x13\x45RROR_REASON_FORMAT\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t\x12\x17\n\x13\x45RROR_REASON_FENCED\x10\n\x12\x18\n\x14\x45RROR_REASON_CLAIMED\x10\x0b*w\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45VICE_STATE_ONLINE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATE_OFFLINE\x10\x02\x12\x17\n\x13\x44\x45VICE_STATE_LOADED\x10\x03*\x9c\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_ONLINE\x10\x01\x12\x16\n\x12\x45VENT_KIND_OFFLINE\x10\x02\x12\x14\n\x10\x45VENT_KIND_RESET\x10\x03\x12\x15\n\x11\x45VENT_KIND_LOADED\x10\x04\x12\x17\n\x13\x45VENT_KIND_UNLOADED\x10\x05\x32\xd0\x01\n\x11RemoteAttestation\x12W\n\x14GetAttestationReport\x12\x1e.modelip.v1.AttestationRequest\x1a\x1f.modelip.v1.AttestationEvidence\x12\x62\n\x15GetAttestationReports\x12#.modelip.v1.AttestationBatchRequest\x1a$.modelip.v1.AttestationBatchResponse2\x87\x06\n\rDeviceRuntime\x12N\n\x0bListDevices\x12\x1e.modelip.v1.ListDevicesRequest\x1a\x1f.modelip.v1.ListDevicesResponse\x12H\n\x0bWatchEvents\x12\x1e.modelip.v1.WatchEventsRequest\x1a\x17.modelip.v1.DeviceEvent0\x01\x12S\n\x11WatchEventBatches\x12\x1e.modelip.v1.WatchEventsRequest\x1a\x1c.modelip.v1.DeviceEventBatch0\x01\x12\x45\n\x0bResetDevice\x12\x15.modelip.v1.DeviceRef\x1a\x1f.modelip.v1.ResetDeviceResponse\x12J\n\x0cStageProgram\x12\x16.modelip.v1.StageChunk\x1a .modelip.v1.StageProgramResponse(\x01\x12N\n\x0bLoadProgram\x12\x1e.modelip.v1.LoadProgramRequest\x1a\x1f.modelip.v1.LoadProgramResponse\x12Y\n\x0cLoadPrograms\x12#.modelip.v1.LoadProgramBatchRequest\x1a$.modelip.v1.LoadProgramBatchResponse\x12\x42\n\x07\x45xecute\x12\x1a.modelip.v1.ExecuteRequest\x1a\x1b.modelip.v1.ExecuteResponse\x12;\n\x06Unload\x12\x15.modelip.v1.DeviceRef\x1a\x1a.modelip.v1.UnloadResponse\x12H\n\tHostStats\x12\x1c.modelip.v1.HostStatsRequest\x1a\x1d.modelip.v1.HostStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelip.v1.runtime_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORREASON']._serialized_start=2032
-  _globals['_ERRORREASON']._serialized_end=2387
-  _globals['_DEVICESTATE']._serialized_start=2389
-  _globals['_DEVICESTATE']._serialized_end=2508
-  _globals['_EVENTKIND']._serialized_start=2511
-  _globals['_EVENTKIND']._serialized_end=2667
+  _globals['_ERRORREASON']._serialized_start=2093
+  _globals['_ERRORREASON']._serialized_end=2448
+  _globals['_DEVICESTATE']._serialized_start=2450
+  _globals['_DEVICESTATE']._serialized_end=2569
+  _globals['_EVENTKIND']._serialized_start=2572
+  _globals['_EVENTKIND']._serialized_end=2728
   _globals['_ATTESTATIONREQUEST']._serialized_start=67
   _globals['_ATTESTATIONREQUEST']._serialized_end=120
   _globals['_ATTESTATIONBATCHREQUEST']._serialized_start=122
@@ -60,36 +60,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST']._serialized_end=829
   _globals['_DEVICEEVENT']._serialized_start=831
   _globals['_DEVICEEVENT']._serialized_end=936
-  _globals['_RESETDEVICERESPONSE']._serialized_start=938
-  _globals['_RESETDEVICERESPONSE']._serialized_end=979
-  _globals['_STAGECHUNK']._serialized_start=981
-  _globals['_STAGECHUNK']._serialized_end=1047
-  _globals['_STAGEPROGRAMRESPONSE']._serialized_start=1049
-  _globals['_STAGEPROGRAMRESPONSE']._serialized_end=1115
-  _globals['_LOADPROGRAMREQUEST']._serialized_start=1118
-  _globals['_LOADPROGRAMREQUEST']._serialized_end=1258
-  _globals['_LOADPROGRAMRESPONSE']._serialized_start=1260
-  _globals['_LOADPROGRAMRESPONSE']._serialized_end=1363
-  _globals['_LOADPROGRAMBATCHREQUEST']._serialized_start=1365
-  _globals['_LOADPROGRAMBATCHREQUEST']._serialized_end=1440
-  _globals['_LOADPROGRAMRESULT']._serialized_start=1442
-  _globals['_LOADPROGRAMRESULT']._serialized_end=1562
-  _globals['_LOADPROGRAMBATCHRESPONSE']._serialized_start=1564
-  _globals['_LOADPROGRAMBATCHRESPONSE']._serialized_end=1638
-  _globals['_TENSOR']._serialized_start=1640
-  _globals['_TENSOR']._serialized_end=1706
-  _globals['_EXECUTEREQUEST']._serialized_start=1708
-  _globals['_EXECUTEREQUEST']._serialized_end=1777
-  _globals['_EXECUTERESPONSE']._serialized_start=1779
-  _globals['_EXECUTERESPONSE']._serialized_end=1833
-  _globals['_UNLOADRESPONSE']._serialized_start=1835
-  _globals['_UNLOADRESPONSE']._serialized_end=1851
-  _globals['_HOSTSTATSREQUEST']._serialized_start=1853
-  _globals['_HOSTSTATSREQUEST']._serialized_end=1871
-  _globals['_HOSTSTATSRESPONSE']._serialized_start=1874
-  _globals['_HOSTSTATSRESPONSE']._serialized_end=2029
-  _globals['_REMOTEATTESTATION']._serialized_start=2670
-  _globals['_REMOTEATTESTATION']._serialized_end=2878
-  _globals['_DEVICERUNTIME']._serialized_start=2881
-  _globals['_DEVICERUNTIME']._serialized_end=3571
+  _globals['_DEVICEEVENTBATCH']._serialized_start=938
+  _globals['_DEVICEEVENTBATCH']._serialized_end=997
+  _globals['_RESETDEVICERESPONSE']._serialized_start=999
+  _globals['_RESETDEVICERESPONSE']._serialized_end=1040
+  _globals['_STAGECHUNK']._serialized_start=1042
+  _globals['_STAGECHUNK']._serialized_end=1108
+  _globals['_STAGEPROGRAMRESPONSE']._serialized_start=1110
+  _globals['_STAGEPROGRAMRESPONSE']._serialized_end=1176
+  _globals['_LOADPROGRAMREQUEST']._serialized_start=1179
+  _globals['_LOADPROGRAMREQUEST']._serialized_end=1319
+  _globals['_LOADPROGRAMRESPONSE']._serialized_start=1321
+  _globals['_LOADPROGRAMRESPONSE']._serialized_end=1424
+  _globals['_LOADPROGRAMBATCHREQUEST']._serialized_start=1426
+  _globals['_LOADPROGRAMBATCHREQUEST']._serialized_end=1501
+  _globals['_LOADPROGRAMRESULT']._serialized_start=1503
+  _globals['_LOADPROGRAMRESULT']._serialized_end=1623
+  _globals['_LOADPROGRAMBATCHRESPONSE']._serialized_start=1625
+  _globals['_LOADPROGRAMBATCHRESPONSE']._serialized_end=1699
+  _globals['_TENSOR']._serialized_start=1701
+  _globals['_TENSOR']._serialized_end=1767
+  _globals['_EXECUTEREQUEST']._serialized_start=1769
+  _globals['_EXECUTEREQUEST']._serialized_end=1838
+  _globals['_EXECUTERESPONSE']._serialized_start=1840
+  _globals['_EXECUTERESPONSE']._serialized_end=1894
+  _globals['_UNLOADRESPONSE']._serialized_start=1896
+  _globals['_UNLOADRESPONSE']._serialized_end=1912
+  _globals['_HOSTSTATSREQUEST']._serialized_start=1914
+  _globals['_HOSTSTATSREQUEST']._serialized_end=1932
+  _globals['_HOSTSTATSRESPONSE']._serialized_start=1935
+  _globals['_HOSTSTATSRESPONSE']._serialized_end=2090
+  _globals['_REMOTEATTESTATION']._serialized_start=2731
+  _globals['_REMOTEATTESTATION']._serialized_end=2939
+  _globals['_DEVICERUNTIME']._serialized_start=2942
+  _globals['_DEVICERUNTIME']._serialized_end=3717
 # @@protoc_insertion_point(module_scope)

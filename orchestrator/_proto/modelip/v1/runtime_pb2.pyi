@@ -155,6 +155,12 @@ class DeviceEvent(_message.Message):
     time_ns: int
     def __init__(self, device: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., boot_counter: _Optional[int] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
+class DeviceEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[DeviceEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[DeviceEvent, _Mapping]]] = ...) -> None: ...
+
 class ResetDeviceResponse(_message.Message):
     __slots__ = ("taken_from",)
     TAKEN_FROM_FIELD_NUMBER: _ClassVar[int]

@@ -164,6 +164,11 @@ class DeviceRuntimeStub:
                 request_serializer=modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=modelip_dot_v1_dot_runtime__pb2.DeviceEvent.FromString,
                 _registered_method=True)
+        self.WatchEventBatches = channel.unary_stream(
+                '/modelip.v1.DeviceRuntime/WatchEventBatches',
+                request_serializer=modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=modelip_dot_v1_dot_runtime__pb2.DeviceEventBatch.FromString,
+                _registered_method=True)
         self.ResetDevice = channel.unary_unary(
                 '/modelip.v1.DeviceRuntime/ResetDevice',
                 request_serializer=modelip_dot_v1_dot_runtime__pb2.DeviceRef.SerializeToString,
@@ -212,6 +217,15 @@ class DeviceRuntimeServicer:
 
     def WatchEvents(self, request, context):
         """Server stream of card events; hints only, never facts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEventBatches(self, request, context):
+        """The same events, many to a message: whatever the host has queued when it sends
+        (at most 256, in order). A host without it answers UNIMPLEMENTED and the caller
+        watches WatchEvents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +291,11 @@ def add_DeviceRuntimeServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.FromString,
                     response_serializer=modelip_dot_v1_dot_runtime__pb2.DeviceEvent.SerializeToString,
+            ),
+            'WatchEventBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEventBatches,
+                    request_deserializer=modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.FromString,
+                    response_serializer=modelip_dot_v1_dot_runtime__pb2.DeviceEventBatch.SerializeToString,
             ),
             'ResetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetDevice,
@@ -368,6 +387,33 @@ class DeviceRuntime:
             '/modelip.v1.DeviceRuntime/WatchEvents',
             modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.SerializeToString,
             modelip_dot_v1_dot_runtime__pb2.DeviceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEventBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelip.v1.DeviceRuntime/WatchEventBatches',
+            modelip_dot_v1_dot_runtime__pb2.WatchEventsRequest.SerializeToString,
+            modelip_dot_v1_dot_runtime__pb2.DeviceEventBatch.FromString,
             options,
             channel_credentials,
             insecure,
