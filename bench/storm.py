@@ -2,13 +2,15 @@
 flips every card into a new mode), and the orchestrator brings every card back.
 
     python bench/storm.py [--sizes 1024,4096] [--devices-per-host 64] [--reboot-time 0.2]
-                          [--concurrency N] [--rounds 3]
+                          [--concurrency N] [--rounds 3] [--through-rpc]
 
 For each size, `modelip emulate` runs the hosts in a process of their own (the
 cards' cryptography is spent there, as on real hosts). A fresh orchestrator
 process deploys the fleet (the first deploy: wall and CPU per card), then keeps
-it serving while this script resets every card through ResetDevice, all at once,
-``--rounds`` times (a storm once every card has been serving for a second).
+it serving while every card resets at once, ``--rounds`` times (a storm once
+every card has been serving for a second): a power cut of the emulated hosts
+(SIGUSR1 to `modelip emulate`), or with ``--through-rpc`` ResetDevice calls from
+this script, every card's at once (they take seconds to send: a spread storm).
 Printed per size, and per storm:
 
 - seconds from the last reset sent to every card serving again, against the
@@ -84,13 +86,16 @@ def storm_child(plan_path: Path, rounds: int) -> None:
             def heard(event: Any) -> None:   # called for every event: kept cheap
                 if event.KIND == "hint_disproved":
                     disproved[event.trigger] += 1
-                elif event.KIND == "rekeyed" and engine.stats.rekeys >= cards * storm:
-                    back.set()
+                elif event.KIND == "rekeyed":
+                    returned.append(time.time())
+                    if engine.stats.rekeys >= cards * storm:
+                        back.set()
 
             engine.subscribe(heard)
             for storm in range(1, rounds + 1):
                 await anyio.to_thread.run_sync(sys.stdin.readline)   # the storm begins
                 disproved.clear()
+                returned: list[float] = []
                 back = anyio.Event()
                 base = {"attestations": engine.stats.attestations, "cpu": cpu(),
                         "calls": calls(), "load_calls": calls("load"),
@@ -108,6 +113,8 @@ def storm_child(plan_path: Path, rounds: int) -> None:
                     "load_calls": calls("load") - base["load_calls"],
                     "stale_hints": engine.stats.stale_hints - base["stale_hints"],
                     "rebooting": engine.stats.found_rebooting - base["rebooting"],
+                    "returned": [sorted(returned)[int(q * (len(returned) - 1))]
+                                 for q in (0.5, 0.9, 0.99)],
                     "disproved": dict(disproved),
                     "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
                     flush=True)
@@ -143,9 +150,13 @@ def reset_everything(addresses: list[str], devices: int) -> float:
     import anyio
 
     from orchestrator.transport.client import HostClient
+    from orchestrator.transport.types import Deadlines
 
     async def reset() -> float:
-        clients = [HostClient(address) for address in addresses]
+        # the hosts may take a while to answer 4,096 resets while they attest and load:
+        # each reset may wait a minute
+        clients = [HostClient(address, deadlines=Deadlines(control=60.0))
+                   for address in addresses]
         last = 0.0
 
         async def host(client: HostClient) -> None:
@@ -164,8 +175,25 @@ def reset_everything(addresses: list[str], devices: int) -> float:
     return anyio.run(reset)
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def power_cut(emulator: subprocess.Popen[bytes], log: Path, cuts: int) -> float:
+    """SIGUSR1 to `modelip emulate`: every card resets at once; the time it has said so
+    (the ``cuts``-th time)."""
+    emulator.send_signal(signal.SIGUSR1)
+    while log.read_text().count("power cut:") < cuts:
+        if emulator.poll() is not None:
+            raise SystemExit("modelip emulate ended")
+        time.sleep(0.001)
+    return time.time()
+
+
 def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
-          rounds: int) -> dict[str, Any]:
+          rounds: int, through_rpc: bool) -> dict[str, Any]:
     hosts = size // devices
     with tempfile.TemporaryDirectory(prefix="modelip-storm-") as tmp:
         work = Path(tmp)
@@ -197,12 +225,15 @@ def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
                 floor = floor_per_card(known=True)
                 time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
                 loads_before = host_loads(addresses)
+                hosts_cpu = process_cpu(emulator.pid)
                 child.stdin.write("storm\n")
                 child.stdin.flush()
-                last_reset = reset_everything(addresses, devices)
+                last_reset = reset_everything(addresses, devices) if through_rpc else \
+                    power_cut(emulator, work / "emulate.log", len(storms) + 1)
                 after = json.loads(child.stdout.readline() or "{}")
                 if "done_at" not in after:
                     raise SystemExit("the orchestrator ended before every card was back")
+                after["hosts_cpu"] = process_cpu(emulator.pid) - hosts_cpu
                 after["loads"] = host_loads(addresses) - loads_before
                 after["back_after"] = after["done_at"] - last_reset
                 after["floor"] = floor
@@ -225,6 +256,10 @@ def main() -> None:
                         help="the plan's concurrency (default: the plan's default)")
     parser.add_argument("--rounds", type=int, default=3, help="storms per fleet (the median "
                         "is the result)")
+    parser.add_argument("--through-rpc", action="store_true",
+                        help="reset the cards with ResetDevice calls from this script (a "
+                        "storm spread over the seconds they take to send) instead of a "
+                        "power cut of the emulated hosts (all at once)")
     parser.add_argument("--storm-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -234,7 +269,7 @@ def main() -> None:
         return
     for size in (int(s) for s in args.sizes.split(",")):
         r = storm(size, args.devices_per_host, args.reboot_time, args.concurrency,
-                  args.rounds)
+                  args.rounds, args.through_rpc)
         first = r["first"]
         per_deploy = first["cpu"] / size
         print(f"{size} cards ({size // args.devices_per_host} hosts x "
@@ -250,6 +285,11 @@ def main() -> None:
                   f"reset ({after['back_after'] / first['wall']:.2f}x the first deploy's "
                   f"time); CPU {per_card * 1e3:.2f} ms per re-keyed card = "
                   f"{after['ratio']:.1f}x the floor ({after['floor'] * 1e3:.3f} ms)")
+            p50, p90, p99 = (t - (after["done_at"] - after["back_after"])
+                             for t in after["returned"])
+            print(f"    cards back after {p50:.2f} s (median), {p90:.2f} s (90%), "
+                  f"{p99:.2f} s (99%); the emulated hosts' process used "
+                  f"{after['hosts_cpu']:.2f} s of CPU meanwhile")
             print(f"    loads per card {after['loads'] / size:.3f}, attestations per card "
                   f"{after['attestations'] / size:.3f} in {after['attest_calls']} calls, "
                   f"loads in {after['load_calls']} calls; stale hints dropped "

@@ -180,6 +180,8 @@ def _row(state: DeviceState, boot: int = 5, program: str = "p", partition: int =
     (CardState.SERVING, _row(DeviceState.LOADED, partition=1), (Trigger.RESYNC, 6)),
     (CardState.RETRY_WAIT, _row(DeviceState.ONLINE, boot=6), (Trigger.ONLINE_HINT, 6)),
     (CardState.RETRY_WAIT, _row(DeviceState.OFFLINE), None),              # still rebooting
+    (CardState.REKEYING, _row(DeviceState.ONLINE, boot=6), (Trigger.ONLINE_HINT, 6)),
+    (CardState.REKEYING, _row(DeviceState.OFFLINE), None),
     (CardState.KEYED, _row(DeviceState.ONLINE), None),                    # busy: its own look
     (CardState.QUARANTINED, _row(DeviceState.ONLINE), None),
 ])

@@ -204,3 +204,51 @@ def test_status_reads_the_journal_without_network(tmp_path: Path, emulator: tupl
                            text=True, timeout=60, check=True).stdout
     rows = [line for line in table.splitlines() if "SERVING" in line]
     assert len(rows) == 4 and all(address in row for row in rows)  # one line per card
+
+
+def test_a_power_cut_resets_every_card_and_a_watch_brings_them_all_back(tmp_path: Path
+                                                                        ) -> None:
+    """SIGUSR1 to `modelip emulate` cuts the power (docs/performance.md "Reset storms"):
+    every card of every host resets at once; a running watch re-keys each once, with
+    one load per card."""
+    from tests.emulate import watching
+
+    pids: list[int] = []
+    with emulate(tmp_path / "fleet", hosts=2, devices=4, pids=pids) as (addresses, root):
+        plan = real_plan(tmp_path, addresses[0], root, check_interval=0)
+        plan.write_text(plan.read_text().replace(
+            "      devices: [0, 1, 2, 3]\n",
+            f"      devices: [0, 1, 2, 3]\n    - address: {addresses[1]}\n"
+            "      devices: [0, 1, 2, 3]\n"))
+
+        async def boots() -> dict[tuple[str, int], tuple[int, int]]:
+            from orchestrator.transport.client import HostClient
+
+            seen = {}
+            for address in addresses:
+                async with HostClient(address) as host:
+                    loads = (await host.stats())["load_count"]
+                    for card in await host.list_devices():
+                        seen[(address, card.device)] = (card.boot_counter, loads)
+            return seen
+
+        watch = watching(plan, tmp_path)
+        assert watch.stdout is not None
+        try:
+            before = anyio.run(boots)
+            os.kill(pids[0], signal.SIGUSR1)
+            rekeyed = set()
+            for line in watch.stdout:
+                event = json.loads(line)
+                if event["event"] == "rekeyed":
+                    rekeyed.add((event["host"], event["device"]))
+                    if len(rekeyed) == 8:
+                        break
+            after = anyio.run(boots)
+        finally:
+            watch.send_signal(signal.SIGTERM)
+            watch.communicate(timeout=60)
+        assert "power cut: 8 cards reset" in (tmp_path / "fleet" / "emulate.log").read_text()
+    for card, (boot, loads) in after.items():
+        assert boot == before[card][0] + 1, card     # reset once, by the power cut
+        assert loads == before[card][1] + 4, card    # one load per card of its host

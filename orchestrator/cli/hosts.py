@@ -10,12 +10,17 @@ import io
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.atomicfile import atomic_output, refuse_existing, write_bytes_atomic
 from orchestrator.cli import argtypes
 from orchestrator.errors import FileInputError, UsageError
+
+if TYPE_CHECKING:
+    from orchestrator.agent.host import HostAgent
+    from orchestrator.emulator.backend import EmulatedBackend
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -100,7 +105,10 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             print(f"trust root: {Path(args.pki_dir) / 'root.pem'}")
             if adversary.value != "none":
                 print(f"adversary mode: {adversary.value}")
-            await ready_until_stopped()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(power_cuts, fleet.hosts)
+                await ready_until_stopped()
+                tg.cancel_scope.cancel()
             print("stopping", flush=True)
 
     try:
@@ -108,6 +116,23 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UsageError(f"emulate: cannot listen: {err}") from None
     return 0
+
+
+async def power_cuts(hosts: Sequence[HostAgent[EmulatedBackend]]) -> None:
+    """SIGUSR1: a power cut (a rack loses power): every card of every host resets at
+    once, as ResetDevice resets one (its events, then back after the reboot time)."""
+    import signal
+
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            async with anyio.create_task_group() as tg:
+                for host in hosts:
+                    for device in range(len(host.backend.cards)):
+                        tg.start_soon(host.backend.reset, device)
+            print(f"power cut: {sum(len(h.backend.cards) for h in hosts)} cards reset",
+                  flush=True)
 
 
 # --- attest ---------------------------------------------------------------------------------
@@ -250,7 +275,10 @@ def add_host_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add emulate, attest and device to the main parser."""
-    p = sub.add_parser("emulate", help="run emulated hosts and cards on loopback")
+    p = sub.add_parser("emulate", help="run emulated hosts and cards on loopback",
+                       description="Run emulated hosts and cards on loopback until SIGINT or "
+                       "SIGTERM. SIGUSR1 is a power cut: every card of every host resets at "
+                       "once (back after --reboot-time).")
     p.add_argument("--hosts", type=argtypes.host_count, default=1)
     p.add_argument("--devices-per-host", type=argtypes.cards_per_host, default=4)
     p.add_argument("--base-port", type=argtypes.port, default=62473,

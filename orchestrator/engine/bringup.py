@@ -167,12 +167,13 @@ class BringUp:
                             if failure is Failure.OFFLINE else
                             f"gave up after {attempt} attempts: {message}")
         elif step is Next.WAIT_ONLINE:
-            # A forged hint would have found it answering: probe again soon, then less
-            # often (each pause as long as the card has been rebooting: 50 ms, doubling,
-            # capped); an ONLINE hint ends the pause early. Bounded by timeouts.card.
-            if m.state is not S.RETRY_WAIT:
+            # The card's ONLINE event (or a listing that shows it back) ends the pause;
+            # asking is the fallback for a lost one, and costs its host an answer: first
+            # after 0.25 s, then as long as the card has been rebooting (doubling,
+            # capped). Bounded by timeouts.card.
+            if m.state not in (S.RETRY_WAIT, S.REKEYING):   # a re-key waits as it is
                 await self.move(S.RETRY_WAIT, "the card is rebooting")
-            await self._pause(min(retry.max_backoff, max(0.05, offline_for)))
+            await self._pause(min(retry.max_backoff, max(0.25, offline_for)))
         elif step is Next.RESTAGE:   # the host lacks the body (lost it, or new): never final
             if m.state is not S.RETRY_WAIT:   # a load refused: tried again from the start
                 await self.move(S.RETRY_WAIT, f"the host lacks the program: sent again "

@@ -136,7 +136,8 @@ def listing_says(status: DeviceStatus, machine: CardMachine) -> tuple[Trigger, i
             status.state is not DeviceState.LOADED or status.boot_counter != machine.boot_counter
             or status.program_id != machine.program_id or status.partition != machine.partition):
         return Trigger.RESYNC, status.boot_counter + 1
-    if machine.state is CardState.RETRY_WAIT and status.state is not DeviceState.OFFLINE:
+    if machine.state in (CardState.RETRY_WAIT, CardState.REKEYING) \
+            and status.state is not DeviceState.OFFLINE:
         return Trigger.ONLINE_HINT, status.boot_counter   # ends a wait for a rebooting card
     return None
 
