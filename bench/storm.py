@@ -208,11 +208,13 @@ def storm(size: int, devices: int, reboot_time: float, concurrency: int | None,
                 f"    - {{address: \"{a}\", devices: {list(range(devices))}}}"
                 for a in addresses)) + (f"concurrency: {concurrency}\n" if concurrency else ""))
             first_floor = floor_per_card()   # next to the first deploy
+            hosts_cpu = process_cpu(emulator.pid)
             child = subprocess.Popen([sys.executable, __file__, "--storm-child", str(plan),
                                       "--rounds", str(rounds)], cwd=work,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert child.stdin is not None and child.stdout is not None
             first = json.loads(child.stdout.readline() or "{}")
+            first["hosts_cpu"] = process_cpu(emulator.pid) - hosts_cpu
             if first.get("serving") != size:
                 raise SystemExit(f"the first deploy did not bring {size} cards to serving: "
                                  f"{first}")
@@ -277,7 +279,8 @@ def main() -> None:
         print(f"  first deploy: {first['wall']:.2f} s, CPU {per_deploy * 1e3:.2f} ms per card "
               f"= {per_deploy / first['floor']:.1f}x its floor ({first['floor'] * 1e3:.3f} ms: "
               f"chains verified); {first['attestations']} attestations in "
-              f"{first['attest_calls']} calls, {size} loads in {first['load_calls']}")
+              f"{first['attest_calls']} calls, {size} loads in {first['load_calls']}; the "
+              f"emulated hosts' process used {first['hosts_cpu']:.2f} s of CPU meanwhile")
         for number, after in enumerate(r["storms"], 1):
             per_card = after["cpu"] / size
             after["ratio"] = per_card / after["floor"]

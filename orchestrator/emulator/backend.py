@@ -119,7 +119,9 @@ class EmulatedBackend:
         if device in self._rebooting:
             return
         self._rebooting.add(device)
-        await anyio.to_thread.run_sync(card.power_off)
+        # quick (a small program to zero) on the loop; else in a thread, as a signature
+        if not card.power_off(blocking=False):
+            await anyio.to_thread.run_sync(card.power_off)
         self.emit(device, R.EVENT_KIND_RESET, card.boot_counter)
         self.emit(device, R.EVENT_KIND_OFFLINE, card.boot_counter)
         if self._tg is not None:
@@ -133,7 +135,8 @@ class EmulatedBackend:
             await anyio.sleep(self.faults.reboot_time)
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(card.boot)
+                if not card.boot(blocking=False):
+                    await anyio.to_thread.run_sync(card.boot)
                 self._rebooting.discard(device)
         self.emit(device, R.EVENT_KIND_ONLINE, card.boot_counter)
 

@@ -49,6 +49,9 @@ DEFAULT_FIRMWARE = "1.12.0"
 DEFAULT_SKU = "AIC100-EMU"
 
 
+_QUICK_WIPE = 1 << 20   # bytes of card memory zeroed on the host's loop; more: a thread
+
+
 def _yield_interpreter() -> None:
     time.sleep(0)
 
@@ -128,21 +131,37 @@ class EmulatedCard:
 
     # --- life cycle ---------------------------------------------------------------
 
-    def boot(self) -> None:
-        """Come up with a new session: fresh key pair and id, higher boot counter."""
-        with self._lock:
+    def boot(self, *, blocking: bool = True) -> bool:
+        """Come up with a new session: fresh key pair and id, higher boot counter. False
+        (nothing done) if ``blocking`` is false and the card is busy."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
             self._session = SessionKeyPair.generate(self.config.kem)
             self.session_id = secrets.token_bytes(16)
             self.boot_counter += 1
             self.online = True
+            return True
+        finally:
+            self._lock.release()
 
-    def power_off(self) -> None:
-        """Reset, first half: memory zeroed, session key destroyed, card offline."""
-        with self._lock:
+    def power_off(self, *, blocking: bool = True) -> bool:
+        """Reset, first half: memory zeroed, session key destroyed, card offline. False
+        (nothing done) if ``blocking`` is false and the card is busy or has more than
+        _QUICK_WIPE bytes of program to zero (call it again in a thread)."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            if not blocking and self.program is not None and sum(
+                    len(buffer) for buffer in self.program.segments.values()) > _QUICK_WIPE:
+                return False
             self._wipe_program()
             self._session = None
             self.session_id = b""
             self.online = False
+            return True
+        finally:
+            self._lock.release()
 
     def reset(self) -> None:
         """A reset with no reboot time (files-only mode): power_off then boot."""
