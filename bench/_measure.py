@@ -48,6 +48,7 @@ def start_emulator(work: Path, hosts: int, devices: int, *extra: str
                    ) -> tuple[subprocess.Popen[bytes], list[str], Path]:
     """`modelip emulate` in its own process; (process, host addresses, trust root).
     Stop it with SIGINT."""
+    work.mkdir(parents=True, exist_ok=True)
     log = work / "emulate.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
