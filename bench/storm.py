@@ -290,8 +290,9 @@ def main() -> None:
                   f"{after['ratio']:.1f}x the floor ({after['floor'] * 1e3:.3f} ms)")
             p50, p90, p99 = (t - (after["done_at"] - after["back_after"])
                              for t in after["returned"])
-            print(f"    cards back after {p50:.2f} s (median), {p90:.2f} s (90%), "
-                  f"{p99:.2f} s (99%); the emulated hosts' process used "
+            print(f"    cards back {p50:.2f} s (median), {p90:.2f} s (90%), {p99:.2f} s "
+                  f"(99%) after the last reset (less than 0: before it); the emulated "
+                  f"hosts' process used "
                   f"{after['hosts_cpu']:.2f} s of CPU meanwhile")
             print(f"    loads per card {after['loads'] / size:.3f}, attestations per card "
                   f"{after['attestations'] / size:.3f} in {after['attest_calls']} calls, "
