@@ -102,3 +102,11 @@ async def test_a_wait_for_a_rebooting_card_ends_on_news_only() -> None:
     inbox.take()
     inbox.hint(Trigger.RESET_HINT)                       # after a wait: wakes as before
     assert await inbox.wait(5.0) is True
+
+
+async def test_a_wait_for_a_rebooting_card_ends_on_news_a_flood_left_out() -> None:
+    inbox = Inbox()
+    for boot in range(64):                               # a flood fills what is kept
+        inbox.hint(Trigger.RESET_HINT, stale_from=boot)
+    inbox.hint(Trigger.ONLINE_HINT, stale_from=65)       # left out, but news
+    assert await inbox.wait(5.0, unless=REBOOTING) is True

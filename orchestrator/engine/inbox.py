@@ -36,6 +36,7 @@ class Inbox:
         self.first_sign = 0.0   # monotonic time something first looked wrong; 0 = nothing
         self.looked_at = 0.0    # monotonic time the last look started
         self._rung = False      # woken with no reason since the last take
+        self._overflow: set[Trigger] = set()   # kinds of hints a flood left out
         self._deaf: frozenset[Trigger] = frozenset()   # what does not end the current wait
 
     def hint(self, trigger: Trigger, *, stale_from: int | None = None,
@@ -48,6 +49,8 @@ class Inbox:
             self.first_sign = time.monotonic()
         if len(self._pending) < _MOST_PENDING or (stale_from is None and true_at is None):
             self._pending.append((trigger, stale_from, true_at))
+        else:
+            self._overflow.add(trigger)   # not kept (a flood), but it woke the driver
         if trigger not in self._deaf:
             self._wake.set()
 
@@ -63,7 +66,8 @@ class Inbox:
         is kept for the next take."""
         self._deaf = unless
         try:
-            if unless and not self._rung and all(t in unless for t, _, _ in self._pending):
+            if unless and not self._rung and self._overflow <= unless \
+                    and all(t in unless for t, _, _ in self._pending):
                 self._wake = anyio.Event()
             with anyio.move_on_after(seconds):
                 await self._wake.wait()
@@ -78,6 +82,7 @@ class Inbox:
         counter the last verified answer saw, or true before ``verified_since``, when
         the request of that answer was sent. Emptied."""
         self._wake, self._rung = anyio.Event(), False
+        self._overflow.clear()
         pending, self._pending = self._pending, []
         fresh = [reason for reason, stale_from, true_at in pending
                  if not is_stale(stale_from, true_at, verified_boot, verified_since)]
