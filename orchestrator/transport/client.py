@@ -201,7 +201,7 @@ class HostClient:
 
     async def attest(self, device: int, request: bytes) -> bytes:
         """The card's evidence for ``request``, as bytes (verify before use!). Asked
-        with the other attestations of this turn of the event loop, in one call."""
+        in one call with the other attestations of its batch window (ATTEST_WINDOW)."""
         return await self._attests.submit(
             runtime_pb2.AttestationRequest(device=device, request=request))
 
@@ -372,8 +372,8 @@ class HostClient:
     async def load(self, device: int, program_id: str, *, partition: int = 0,
                    key_slots: Sequence[KeySlot] | None = None) -> LoadResult:
         """Have the card open its slot, decrypt and verify the program (check the
-        receipt!). Answered once the body is verified in card memory. Sent with the
-        other loads of this turn of the event loop, in one call."""
+        receipt!). Answered once the body is verified in card memory. Sent in one call
+        with the other loads of its batch window (LOAD_WINDOW)."""
         request = runtime_pb2.LoadProgramRequest(device=device, program_id=program_id,
                                                  partition=partition)
         if key_slots is not None:
