@@ -357,6 +357,46 @@ async def test_a_load_is_answered_only_once_the_body_is_verified(tmp_path: Path)
         assert (await host.list_devices())[1].state.value == "ONLINE"
 
 
+async def test_a_load_waits_for_a_busy_card_in_a_thread_while_its_host_answers(
+        tmp_path: Path) -> None:
+    """A small program is loaded on the host's loop only if its card is free: a card held
+    by another thread (as a running inference holds it) is loaded in a thread once it is
+    free, and the host answers other calls meanwhile."""
+    import threading
+
+    async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet, \
+            HostClient(fleet.addresses[0]) as host:
+        d = await deploy(tmp_path, host, fleet, range(1))
+        card = fleet.hosts[0].backend.cards[0]
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with card._lock:
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+        try:
+            async with anyio.create_task_group() as tg:
+                results: list[object] = []
+
+                async def load() -> None:
+                    results.append(await host.load(0, d.program_id))
+                tg.start_soon(load)
+                await anyio.sleep(0.2)
+                with anyio.fail_after(5):   # a load waiting on the loop would stall this
+                    listed = await host.list_devices()
+                assert listed[0].card_id == d.reports[0].card_id and results == []
+                release.set()
+        finally:
+            release.set()
+            holder.join()
+        assert len(results) == 1 and card.program is not None \
+            and card.program.program_id == d.program_id
+
+
 async def test_a_relayed_slot_opens_no_other_version_of_the_model(tmp_path: Path) -> None:
     """The host keeps the slot it relayed for v2 and loads v1 (same MEK) with it."""
     async with run_fleet(FleetConfig(hosts=1, devices_per_host=1)) as fleet, \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import secrets
@@ -81,12 +82,17 @@ def hold_secrets_privately() -> None:
     global _private
     if _private or not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     _private = True
 
 
 _PR_SET_DUMPABLE = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, opened once (a card's every load locks a MEK in memory)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _lock_in_memory(buffer: bytearray) -> object | None:
@@ -96,8 +102,7 @@ def _lock_in_memory(buffer: bytearray) -> object | None:
     if not sys.platform.startswith("linux"):
         return None
     pinned = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mlock(ctypes.addressof(pinned), ctypes.c_size_t(len(buffer)))  # -1: not allowed
+    _libc().mlock(ctypes.addressof(pinned), ctypes.c_size_t(len(buffer)))  # -1: not allowed
     return pinned
 
 

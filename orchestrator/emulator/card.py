@@ -221,8 +221,21 @@ class EmulatedCard:
 
     # --- loading --------------------------------------------------------------------
 
+    def try_load(self, container: Container, *, program_id: str, partition: int = 0,
+                 key_slots: list[KeySlot] | None = None) -> list[str] | None:
+        """``load`` holding the card throughout, never waiting for it (a small program,
+        loaded on the host's loop): None, nothing done, if the card is busy."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.load(container, program_id=program_id, partition=partition,
+                             key_slots=key_slots, between_chunks=None)
+        finally:
+            self._lock.release()
+
     def load(self, container: Container, *, program_id: str, partition: int = 0,
-             key_slots: list[KeySlot] | None = None) -> list[str]:
+             key_slots: list[KeySlot] | None = None,
+             between_chunks: Callable[[], None] | None = _yield_interpreter) -> list[str]:
         """Open our key slot, decrypt and verify the whole program into card memory.
 
         ``key_slots`` replaces the container's own slots (the host passes fresh
@@ -258,9 +271,9 @@ class EmulatedCard:
                                   "only partition 0 exists")
         finally:
             mek.wipe()  # the content key stays inside `target`, in card memory
-        # Outside the lock, giving up the interpreter after every chunk: the card
-        # (and the host around it) keep answering while it decrypts.
-        segments = target.decrypt_all(between_chunks=_yield_interpreter)
+        # Outside the lock (unless try_load holds it), giving up the interpreter after
+        # every chunk: the card (and the host around it) keep answering meanwhile.
+        segments = target.decrypt_all(between_chunks=between_chunks)
         with self._lock:
             if self.session_id != session_id or not self.online:  # reset meanwhile
                 for buffer in segments.values():
