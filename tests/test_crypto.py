@@ -92,6 +92,19 @@ def test_mek_file_rules(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kem", list(Kem))
+def test_a_session_key_pair_is_rebuilt_from_its_secret(mek: MEK, kem: Kem) -> None:
+    """A card's persistent store keeps only the secret: the pair rebuilt from it is the
+    same pair (its public key, and it opens what was wrapped to the generated one)."""
+    pair = SessionKeyPair.generate(kem)
+    rebuilt = SessionKeyPair.from_secret(kem, pair.secret)
+    assert rebuilt.public_raw == pair.public_raw
+    slot = wrap_mek(mek, slot=0, card_id="c", session_id=bytes(16), kem=kem,
+                    public_key=pair.public_raw, program=bytes(range(32)))
+    assert unwrap_mek(slot, rebuilt.private, card_id="c", session_id=bytes(16),
+                      program=bytes(range(32))).key == mek.key
+
+
+@pytest.mark.parametrize("kem", list(Kem))
 def test_wrapped_mek_is_bound_to_card_session_slot_and_program(mek: MEK, kem: Kem) -> None:
     pair = SessionKeyPair.generate(kem)
     session = os.urandom(16)

@@ -75,9 +75,11 @@ class SessionKeyPair:
 
     @classmethod
     def generate(cls, kem: Kem) -> SessionKeyPair:
-        if kem is Kem.P256:
-            return cls.from_secret(kem, ec.generate_private_key(ec.SECP256R1())
-                                   .private_numbers().private_value.to_bytes(32, "big"))
+        if kem is Kem.P256:   # (not from_secret: its public key is computed once, here)
+            private = ec.generate_private_key(ec.SECP256R1())
+            return cls(kem, private, private.public_key().public_bytes(
+                Encoding.X962, PublicFormat.UncompressedPoint),
+                private.private_numbers().private_value.to_bytes(32, "big"))
         pq = mlkem.MLKEM768PrivateKey.generate()
         classic = x25519.X25519PrivateKey.generate()
         return cls.from_secret(kem, pq.private_bytes_raw() + classic.private_bytes_raw())
