@@ -246,7 +246,7 @@ class EmulatedCard:
         SessionInvalidError (no slot for this session), IntegrityError
         (tampered, or a slot made for another program), PolicyError (expired,
         firmware, rollback), FormatError (not an encrypted program). Returns
-        the names of the segments loaded.
+        the names of the segments loaded. ``between_chunks`` runs after each chunk.
         """
         with self._lock:
             session = self._require_session()
