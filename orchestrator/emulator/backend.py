@@ -270,8 +270,7 @@ class EmulatedBackend:
                 and self.adversary is Adversary.REPLAY_RECEIPT:
             return replayed  # the card is not asked: it may hold nothing at all
 
-        def container() -> Container:
-            return Container(MemorySource(body), label=f"program {program.program_id[:16]}")
+        container = Container(MemorySource(body), label=f"program {program.program_id[:16]}")
 
         def answer(names: list[str]) -> runtime_pb2.LoadProgramResponse:
             receipt, signature = card.load_receipt()
@@ -279,12 +278,12 @@ class EmulatedBackend:
                                                    receipt_signature=signature)
 
         def load() -> runtime_pb2.LoadProgramResponse:
-            return answer(card.load(container(), program_id=program.program_id,
+            return answer(card.load(container, program_id=program.program_id,
                                     partition=partition, key_slots=slots))
 
         # a small program on the host's loop if the card is free (a thread per load
         # cost a storm's hosts a quarter of their CPU); else in a thread
-        names = card.try_load(container(), program_id=program.program_id,
+        names = card.try_load(container, program_id=program.program_id,
                               partition=partition, key_slots=slots) \
             if len(body) <= _QUICK_LOAD else None
         result = answer(names) if names is not None else \
